@@ -1,0 +1,285 @@
+//! Graph execution on candle tensors, in training or evaluation mode.
+//!
+//! One forward sweep over the topologically ordered nodes. Batch norm followed by its
+//! only consumer ReLU, and a residual add followed by ReLU, run as one fused kernel; the
+//! fused-away intermediate is not materialised (ask for it in `keep` to prevent fusion).
+//! In eval mode every intermediate is dropped as soon as its last consumer ran.
+
+mod plan;
+
+pub use plan::{plan, Fusion};
+
+use crate::graph::ops::{ActivationKind, Op};
+use crate::graph::{Graph, NodeId};
+use crate::kernels::{self, ConvCfg, PoolCfg};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics, running averages updated, dropout active.
+    Train,
+    /// Running statistics, dropout off.
+    Eval,
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Debug)]
+pub struct ForwardOpts<'a> {
+    pub mode: Mode,
+    /// Nodes whose outputs are returned in [`ForwardOut::kept`] (never fused away).
+    pub keep: &'a [NodeId],
+    /// Seed of the dropout masks of this pass.
+    pub seed: u64,
+    /// Whether training mode updates the batch-norm running statistics.
+    pub update_stats: bool,
+}
+
+impl<'a> ForwardOpts<'a> {
+    pub fn new(mode: Mode) -> Self {
+        ForwardOpts {
+            mode,
+            keep: &[],
+            seed: 0,
+            update_stats: true,
+        }
+    }
+}
+
+pub struct ForwardOut {
+    /// The graph outputs, in order.
+    pub outputs: Vec<Tensor>,
+    /// Outputs of the requested `keep` nodes.
+    pub kept: HashMap<NodeId, Tensor>,
+}
+
+/// Forward of a single-output graph: `x` is `[N, ...input shape]`.
+pub fn forward(g: &Graph, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    let mut out = forward_with(g, x, &ForwardOpts::new(mode))?;
+    Ok(out.outputs.swap_remove(0))
+}
+
+/// Forward with options; see [`ForwardOpts`].
+pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<ForwardOut> {
+    let want = g.input_shape();
+    if x.rank() != want.len() + 1 || &x.dims()[1..] != want.as_slice() {
+        bail!(
+            "input has shape {:?}, the model expects [N, {}]",
+            x.dims(),
+            want.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let fusion = plan(g, opts.keep);
+    let mut remaining: Vec<usize> = g.consumers().iter().map(|c| c.len()).collect();
+    for &o in g.outputs.iter().chain(opts.keep) {
+        remaining[o] += 1; // never dropped
+    }
+    let mut vals: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if let Some(src) = fusion.alias[i] {
+            // This ReLU was fused into its producer, whose value is already the output.
+            vals[i] = vals[src].take();
+            continue;
+        }
+        let ins: Vec<&Tensor> = node
+            .inputs
+            .iter()
+            .map(|&j| {
+                vals[j]
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("value of node #{j} missing"))
+            })
+            .collect::<Result<_>>()?;
+        let y = run_node(g, i, &ins, x, opts, fusion.fused_relu[i]).with_context(|| {
+            format!(
+                "forward failed at node '{}' ({})",
+                node.name,
+                node.op.kind()
+            )
+        })?;
+        vals[i] = Some(y);
+        if opts.mode == Mode::Eval {
+            for &j in &node.inputs {
+                remaining[j] -= 1;
+                if remaining[j] == 0 {
+                    vals[j] = None;
+                }
+            }
+        }
+    }
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|&o| {
+            vals[o]
+                .clone()
+                .ok_or_else(|| anyhow!("output #{o} missing"))
+        })
+        .collect::<Result<_>>()?;
+    let kept = opts
+        .keep
+        .iter()
+        .filter_map(|&k| vals[k].clone().map(|v| (k, v)))
+        .collect();
+    Ok(ForwardOut { outputs, kept })
+}
+
+fn run_node(
+    g: &Graph,
+    i: NodeId,
+    ins: &[&Tensor],
+    input: &Tensor,
+    opts: &ForwardOpts,
+    relu: bool,
+) -> Result<Tensor> {
+    let node = &g.nodes[i];
+    let p = |name: &str| -> Result<Tensor> { Ok(g.param(i, name)?.as_tensor().clone()) };
+    Ok(match &node.op {
+        Op::Input(_) => input.clone(),
+        Op::Conv2d(c) => {
+            let cfg = ConvCfg {
+                stride: c.stride,
+                padding: c.padding,
+                dilation: c.dilation,
+                groups: c.groups,
+            };
+            let y = kernels::conv2d(ins[0], &p("weight")?, cfg)?;
+            if c.bias {
+                y.broadcast_add(&p("bias")?.reshape((1, c.out_channels, 1, 1))?)?
+            } else {
+                y
+            }
+        }
+        Op::Linear(l) => {
+            let y = ins[0].matmul(&p("weight")?.t()?)?;
+            if l.bias {
+                y.broadcast_add(&p("bias")?)?
+            } else {
+                y
+            }
+        }
+        Op::BatchNorm(bn) => {
+            let (w, b) = (p("weight")?, p("bias")?);
+            let (rm, rv) = (g.param(i, "running_mean")?, g.param(i, "running_var")?);
+            match opts.mode {
+                Mode::Eval => kernels::batch_norm(ins[0], &w, &b, Some((rm, rv)), bn.eps, relu)?.0,
+                Mode::Train => {
+                    let (y, st) = kernels::batch_norm(ins[0], &w, &b, None, bn.eps, relu)?;
+                    if let (Some(st), true) = (st, opts.update_stats) {
+                        let m = bn.momentum as f32;
+                        let unbias = st.count as f32 / (st.count.max(2) - 1) as f32;
+                        let old_m = rm.as_tensor().to_vec1::<f32>()?;
+                        let old_v = rv.as_tensor().to_vec1::<f32>()?;
+                        let nm: Vec<f32> = old_m
+                            .iter()
+                            .zip(&st.mean)
+                            .map(|(o, b)| (1.0 - m) * o + m * b)
+                            .collect();
+                        let nv: Vec<f32> = old_v
+                            .iter()
+                            .zip(&st.var)
+                            .map(|(o, b)| (1.0 - m) * o + m * b * unbias)
+                            .collect();
+                        let dev = rm.device();
+                        rm.set(&Tensor::from_vec(nm, old_m.len(), dev)?)?;
+                        rv.set(&Tensor::from_vec(nv, old_v.len(), dev)?)?;
+                    }
+                    y
+                }
+            }
+        }
+        Op::Activation(a) => activation(ins[0], a.kind)?,
+        Op::MaxPool(pc) | Op::AvgPool(pc) => {
+            let cfg = PoolCfg {
+                kernel: pc.kernel,
+                stride: pc.stride,
+                padding: pc.padding,
+                ceil_mode: pc.ceil_mode,
+                count_include_pad: pc.count_include_pad,
+            };
+            kernels::pool2d(ins[0], cfg, matches!(node.op, Op::MaxPool(_)))?
+        }
+        Op::GlobalAvgPool(_) => kernels::global_avg_pool(ins[0])?,
+        Op::Flatten(_) => ins[0].flatten_from(1)?,
+        Op::Reshape(r) => {
+            let n = ins[0].dim(0)?;
+            let mut shape = vec![n];
+            shape.extend(r.resolve(ins[0].elem_count() / n.max(1))?);
+            ins[0].reshape(shape)?
+        }
+        Op::Add(_) => {
+            if relu {
+                kernels::add_relu(ins[0], ins[1])?
+            } else {
+                let mut y = ins[0].clone();
+                for t in &ins[1..] {
+                    y = y.broadcast_add(t)?;
+                }
+                y
+            }
+        }
+        Op::Mul(_) => {
+            let mut y = ins[0].clone();
+            for t in &ins[1..] {
+                y = y.broadcast_mul(t)?;
+            }
+            y
+        }
+        Op::Concat(_) => Tensor::cat(ins, 1)?,
+        Op::ChannelPad(cp) => ins[0].pad_with_zeros(1, cp.before, cp.after)?,
+        Op::Dropout(d) => match opts.mode {
+            Mode::Eval => ins[0].clone(),
+            Mode::Train if d.p == 0.0 => ins[0].clone(),
+            Mode::Train => {
+                let mut rng = Pcg64::seed_from_u64(opts.seed ^ ((i as u64 + 1) << 32));
+                let keep = 1.0 - d.p;
+                let mask: Vec<f32> = (0..ins[0].elem_count())
+                    .map(|_| {
+                        if rng.gen::<f32>() < keep {
+                            1.0 / keep
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let m = Tensor::from_vec(mask, ins[0].dims(), ins[0].device())?;
+                ins[0].mul(&m)?
+            }
+        },
+        Op::Softmax(_) => candle_nn::ops::softmax(ins[0], 1)?,
+        Op::Identity(_) => ins[0].clone(),
+    })
+}
+
+/// Element-wise activation on candle ops (these are cheap next to conv and batch norm).
+pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
+    Ok(match kind {
+        ActivationKind::Relu => x.relu()?,
+        ActivationKind::Relu6 => x.clamp(0f32, 6f32)?,
+        ActivationKind::LeakyRelu { slope } => {
+            let s = (x * slope as f64)?;
+            if slope <= 1.0 {
+                x.maximum(&s)?
+            } else {
+                x.minimum(&s)?
+            }
+        }
+        ActivationKind::Gelu => x.gelu_erf()?,
+        ActivationKind::Silu => x.silu()?,
+        ActivationKind::Sigmoid => candle_nn::ops::sigmoid(x)?,
+        ActivationKind::HardSigmoid => ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
+        ActivationKind::HardSwish => x.mul(&((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?,
+        ActivationKind::Tanh => x.tanh()?,
+    })
+}
+
+/// Arg-max class of each row of `[N, K]` logits.
+pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

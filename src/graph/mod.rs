@@ -1,0 +1,254 @@
+//! The graph IR: a DAG of typed operators with named parameters.
+//!
+//! Nodes are stored in topological order (every input of node `i` has an index `< i`),
+//! which every constructor checks, so execution and analyses are single forward sweeps.
+//! Parameters live beside the structure as candle [`Var`]s keyed `"{node}.{param}"`, the
+//! same keys as PyTorch state dicts, so saved weights interoperate.
+
+pub mod builder;
+pub mod cost;
+pub mod init;
+pub mod io;
+pub mod ops;
+pub mod shape;
+
+pub use builder::GraphBuilder;
+pub use ops::{Op, OpSpec, ParamKind, ParamSpec};
+pub use shape::Shape;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+
+/// Index of a node in [`Graph::nodes`].
+pub type NodeId = usize;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<NodeId>,
+}
+
+/// A model: typed nodes in topological order, graph outputs, and parameters.
+#[derive(Debug)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<NodeId>,
+    params: BTreeMap<String, Var>,
+}
+
+/// Full parameter key of a node's parameter.
+pub fn param_key(node: &str, param: &str) -> String {
+    format!("{node}.{param}")
+}
+
+impl Graph {
+    /// Assembles a graph and checks it: topological order, unique names, arity, shapes, and
+    /// that every parameter exists with the shape its op declares.
+    pub fn new(
+        nodes: Vec<Node>,
+        outputs: Vec<NodeId>,
+        params: BTreeMap<String, Var>,
+    ) -> Result<Self> {
+        let g = Graph {
+            nodes,
+            outputs,
+            params,
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Structural and parameter checks; errors name the node or tensor at fault.
+    pub fn validate(&self) -> Result<()> {
+        let mut names = HashSet::new();
+        let mut inputs = 0;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !names.insert(n.name.as_str()) {
+                bail!("duplicate node name '{}'", n.name);
+            }
+            if matches!(n.op, Op::Input(_)) {
+                inputs += 1;
+            }
+            for &j in &n.inputs {
+                if j >= i {
+                    bail!(
+                        "node '{}' reads node #{j}, which is not before it (graph must be topologically ordered)",
+                        n.name
+                    );
+                }
+            }
+            if let Some(a) = n.op.spec().arity() {
+                if n.inputs.len() != a {
+                    bail!(
+                        "node '{}' ({}) takes {a} input(s), has {}",
+                        n.name,
+                        n.op.kind(),
+                        n.inputs.len()
+                    );
+                }
+            } else if n.inputs.is_empty() {
+                bail!("node '{}' ({}) has no inputs", n.name, n.op.kind());
+            }
+        }
+        if inputs != 1 {
+            bail!("a graph needs exactly one Input node, found {inputs}");
+        }
+        if self.outputs.is_empty() {
+            bail!("graph has no outputs");
+        }
+        for &o in &self.outputs {
+            if o >= self.nodes.len() {
+                bail!("graph output #{o} does not exist");
+            }
+        }
+        self.shapes()?;
+        let mut expected = HashSet::new();
+        for n in &self.nodes {
+            for p in n.op.spec().params() {
+                let key = param_key(&n.name, p.name);
+                let v = self
+                    .params
+                    .get(&key)
+                    .ok_or_else(|| anyhow!("missing parameter tensor '{key}'"))?;
+                if v.dims() != p.shape.as_slice() {
+                    bail!(
+                        "parameter '{key}' has shape {:?}, node '{}' needs {:?}",
+                        v.dims(),
+                        n.name,
+                        p.shape
+                    );
+                }
+                expected.insert(key);
+            }
+        }
+        for k in self.params.keys() {
+            if !expected.contains(k) {
+                bail!("parameter tensor '{k}' belongs to no node");
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-sample output shape of every node.
+    pub fn shapes(&self) -> Result<Vec<Shape>> {
+        let mut shapes: Vec<Shape> = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let ins: Vec<&Shape> = n.inputs.iter().map(|&j| &shapes[j]).collect();
+            let s =
+                n.op.spec()
+                    .infer_shape(&ins)
+                    .with_context(|| format!("shape inference failed at node '{}'", n.name))?;
+            shapes.push(s);
+        }
+        Ok(shapes)
+    }
+
+    /// The single Input node.
+    pub fn input_id(&self) -> NodeId {
+        self.nodes
+            .iter()
+            .position(|n| matches!(n.op, Op::Input(_)))
+            .expect("validated graph has an input")
+    }
+
+    /// Per-sample input shape.
+    pub fn input_shape(&self) -> &Shape {
+        match &self.nodes[self.input_id()].op {
+            Op::Input(i) => &i.shape,
+            _ => unreachable!(),
+        }
+    }
+
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// For each node, the nodes that read it.
+    pub fn consumers(&self) -> Vec<Vec<NodeId>> {
+        let mut c = vec![Vec::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &j in &n.inputs {
+                c[j].push(i);
+            }
+        }
+        c
+    }
+
+    /// A node's parameter.
+    pub fn param(&self, node: NodeId, name: &str) -> Result<&Var> {
+        let key = param_key(&self.nodes[node].name, name);
+        self.params
+            .get(&key)
+            .ok_or_else(|| anyhow!("missing parameter '{key}'"))
+    }
+
+    /// All parameters by key.
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    /// Replaces a parameter's values in place (same shape), e.g. loading weights.
+    pub fn set_param(&self, key: &str, value: &Tensor) -> Result<()> {
+        let v = self
+            .params
+            .get(key)
+            .ok_or_else(|| anyhow!("unknown parameter '{key}'"))?;
+        if v.dims() != value.dims() {
+            bail!(
+                "tensor '{key}' has shape {:?}, the graph needs {:?}",
+                value.dims(),
+                v.dims()
+            );
+        }
+        v.set(&value.to_dtype(v.dtype())?.to_device(v.device())?)?;
+        Ok(())
+    }
+
+    /// Trainable parameters in a stable order (key order), with their keys.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            for p in n.op.spec().params() {
+                if p.kind == ParamKind::Trainable {
+                    let k = param_key(&n.name, p.name);
+                    out.push((k.clone(), self.params[&k].clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// An independent copy: new parameter storage, so training one leaves the other alone.
+    pub fn deep_clone(&self) -> Result<Graph> {
+        let mut params = BTreeMap::new();
+        for (k, v) in &self.params {
+            params.insert(k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?);
+        }
+        Ok(Graph {
+            nodes: self.nodes.clone(),
+            outputs: self.outputs.clone(),
+            params,
+        })
+    }
+
+    /// Rebuilds a graph with new structure and parameters (used by surgery).
+    pub fn with_parts(
+        nodes: Vec<Node>,
+        outputs: Vec<NodeId>,
+        params: BTreeMap<String, Tensor>,
+    ) -> Result<Graph> {
+        let mut vars = BTreeMap::new();
+        for (k, t) in params {
+            vars.insert(k, Var::from_tensor(&t)?);
+        }
+        Graph::new(nodes, outputs, vars)
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_params(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}

@@ -1,0 +1,159 @@
+//! Typed operators of the graph IR. Every operator states, through [`OpSpec`], its shape
+//! rule, its parameters, its cost and how its channels couple to those of its inputs; the
+//! pruning engine derives dependency groups from these rules alone.
+
+mod activation;
+mod batchnorm;
+mod conv;
+mod join;
+mod linear;
+mod misc;
+mod pad;
+mod pool;
+mod reshape;
+
+pub use activation::{Activation, ActivationKind};
+pub use batchnorm::BatchNorm;
+pub use conv::Conv2d;
+pub use join::{Add, Concat, Mul};
+pub use linear::Linear;
+pub use misc::{Dropout, Identity, Input, Softmax};
+pub use pad::ChannelPad;
+pub use pool::{GlobalAvgPool, Pool2d};
+pub use reshape::{Flatten, Reshape};
+
+use crate::graph::shape::Shape;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+/// What a parameter is for: trained weights, or statistics that are updated but not trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamKind {
+    /// Trained by the optimizer and counted in the parameter total.
+    Trainable,
+    /// Running statistics (batch norm): saved and sliced, never trained nor counted.
+    Buffer,
+}
+
+/// One named parameter of an operator, e.g. `weight` of shape `[O, I/g, kh, kw]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub kind: ParamKind,
+    /// Axis of this parameter indexed by the op's output channels, if any.
+    pub out_axis: Option<usize>,
+    /// Axis of this parameter indexed by the op's input channels, if any.
+    pub in_axis: Option<usize>,
+}
+
+/// How an operator's channels (axis 0 of the per-sample shape) relate to its inputs'.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Coupling {
+    /// A graph input: its channels are never removed.
+    Source,
+    /// Output channels are independent of input channels (dense conv, linear).
+    Decouple,
+    /// Grouped convolution: channel group `g` of the input feeds group `g` of the output.
+    /// Depthwise (`groups == in == out`) couples input channel `c` with output channel `c`.
+    Grouped { groups: usize },
+    /// Output channel `c` is input channel `c` (batch norm, activations, pooling, dropout).
+    PassThrough,
+    /// All inputs and the output share one channel index space (add, mul). An input with a
+    /// single channel (broadcast) does not take part.
+    Join,
+    /// Output channels are the inputs' channels laid end to end.
+    Concat,
+    /// Input channel `c` becomes the block of output features `[c*inner, (c+1)*inner)`.
+    Flatten { inner: usize },
+    /// Channels cannot be followed through this op: pruning stops at its boundary.
+    Opaque,
+}
+
+/// The rule set every operator implements.
+pub trait OpSpec {
+    /// Short operator name used in tables and errors.
+    fn kind(&self) -> &'static str;
+    /// Output shape from input shapes (per sample), or an error saying what does not fit.
+    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape>;
+    /// Parameters this operator owns.
+    fn params(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+    /// Multiply-accumulates per sample (conv and linear only, the convention of published
+    /// CIFAR/ImageNet figures).
+    fn macs(&self, _inputs: &[&Shape], _output: &Shape) -> u64 {
+        0
+    }
+    /// Channel coupling rule.
+    fn coupling(&self) -> Coupling;
+    /// How many inputs the op takes (`None` = one or more).
+    fn arity(&self) -> Option<usize> {
+        Some(1)
+    }
+}
+
+/// A typed operator: the node payload of the graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op")]
+pub enum Op {
+    Input(Input),
+    Conv2d(Conv2d),
+    Linear(Linear),
+    BatchNorm(BatchNorm),
+    Activation(Activation),
+    MaxPool(Pool2d),
+    AvgPool(Pool2d),
+    GlobalAvgPool(GlobalAvgPool),
+    Flatten(Flatten),
+    Reshape(Reshape),
+    Add(Add),
+    Mul(Mul),
+    Concat(Concat),
+    ChannelPad(ChannelPad),
+    Dropout(Dropout),
+    Softmax(Softmax),
+    Identity(Identity),
+}
+
+impl Op {
+    /// The operator's rules as a trait object.
+    pub fn spec(&self) -> &dyn OpSpec {
+        match self {
+            Op::Input(o) => o,
+            Op::Conv2d(o) => o,
+            Op::Linear(o) => o,
+            Op::BatchNorm(o) => o,
+            Op::Activation(o) => o,
+            Op::MaxPool(o) => o,
+            Op::AvgPool(o) => o,
+            Op::GlobalAvgPool(o) => o,
+            Op::Flatten(o) => o,
+            Op::Reshape(o) => o,
+            Op::Add(o) => o,
+            Op::Mul(o) => o,
+            Op::Concat(o) => o,
+            Op::ChannelPad(o) => o,
+            Op::Dropout(o) => o,
+            Op::Softmax(o) => o,
+            Op::Identity(o) => o,
+        }
+    }
+
+    /// Table name: pooling ops share one struct, so the variant decides.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::MaxPool(_) => "MaxPool",
+            Op::AvgPool(_) => "AvgPool",
+            o => o.spec().kind(),
+        }
+    }
+}
+
+/// Checks the number of inputs and returns a clear error otherwise.
+pub(crate) fn expect_inputs(kind: &str, inputs: &[&Shape], n: usize) -> Result<()> {
+    if inputs.len() != n {
+        anyhow::bail!("{kind} takes {n} input(s), got {}", inputs.len());
+    }
+    Ok(())
+}

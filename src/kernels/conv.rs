@@ -1,0 +1,279 @@
+//! Conv2d as a candle custom op: im2col + GEMM forward, GEMM + col2im input gradient,
+//! pixel-major im2col + GEMM weight gradient; depthwise convolutions use direct loops
+//! (a GEMM with one output row per group would waste the GEMM).
+//!
+//! Parallel over images (each GEMM single-threaded) when the batch has more than one
+//! image; a lone image lets the GEMM use every thread. Reductions across images use a
+//! fixed chunking, so results are deterministic for a given thread count.
+
+use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32};
+use super::depthwise;
+use super::gemm::{sgemm, Mat};
+use super::im2col::{col2im, im2col, im2col_t, Geo};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Stride, padding `[top, left, bottom, right]`, dilation and groups of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConvCfg {
+    pub stride: [usize; 2],
+    pub padding: [usize; 4],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl ConvCfg {
+    /// Resolves the geometry from input `[N, C, H, W]` and weight `[O, C/g, kh, kw]` dims.
+    pub fn geo(&self, x: &[usize], w: &[usize]) -> candle_core::Result<Geo> {
+        if x.len() != 4 || w.len() != 4 {
+            candle_core::bail!("conv2d: expected 4-d input and weight, got {x:?} and {w:?}");
+        }
+        let g = self.groups.max(1);
+        if x[1] != w[1] * g || w[0] % g != 0 {
+            candle_core::bail!("conv2d: input {x:?} does not match weight {w:?} with groups {g}");
+        }
+        let out = |len: usize, k: usize, s: usize, pa: usize, pb: usize, d: usize| {
+            let span = d * (k - 1) + 1;
+            (len + pa + pb)
+                .checked_sub(span)
+                .map(|v| v / s + 1)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("conv2d: kernel {k} larger than input {len}"))
+                })
+        };
+        Ok(Geo {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            o: w[0],
+            kh: w[2],
+            kw: w[3],
+            oh: out(
+                x[2],
+                w[2],
+                self.stride[0],
+                self.padding[0],
+                self.padding[2],
+                self.dilation[0],
+            )?,
+            ow: out(
+                x[3],
+                w[3],
+                self.stride[1],
+                self.padding[1],
+                self.padding[3],
+                self.dilation[1],
+            )?,
+            sh: self.stride[0],
+            sw: self.stride[1],
+            pt: self.padding[0],
+            pl: self.padding[1],
+            dh: self.dilation[0],
+            dw: self.dilation[1],
+            groups: g,
+        })
+    }
+}
+
+/// `y = conv2d(x, w)` (no bias; the executor adds it).
+pub struct Conv2dOp {
+    pub cfg: ConvCfg,
+}
+
+fn is_depthwise(g: &Geo) -> bool {
+    g.groups > 1 && g.cg() == 1 && g.og() == 1
+}
+
+/// Forward on raw slices; `out` is `[N, O, OH, OW]`.
+pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
+    if is_depthwise(g) {
+        return depthwise::forward(g, x, w, out);
+    }
+    let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
+    let img_in = g.c * g.h * g.w;
+    let img_out = g.o * p;
+    let one = |buf: &mut Vec<f32>, n: usize, out_n: &mut [f32], par: bool| {
+        let xn = &x[n * img_in..(n + 1) * img_in];
+        for gi in 0..g.groups {
+            let xg = &xn[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
+            let col: &[f32] = if g.is_pointwise() {
+                xg
+            } else {
+                buf.resize(k * p, 0.0);
+                im2col(g, xg, buf);
+                buf
+            };
+            let wg = &w[gi * og * k..(gi + 1) * og * k];
+            sgemm(
+                og,
+                p,
+                k,
+                &mut out_n[gi * og * p..(gi + 1) * og * p],
+                Mat::rm(wg, k),
+                Mat::rm(col, p),
+                false,
+                par,
+            );
+        }
+    };
+    if g.n == 1 || rayon::current_num_threads() == 1 {
+        let mut buf = Vec::new();
+        for (n, out_n) in out.chunks_mut(img_out).enumerate() {
+            one(&mut buf, n, out_n, true);
+        }
+    } else {
+        out.par_chunks_mut(img_out)
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (n, out_n)| one(buf, n, out_n, false));
+    }
+}
+
+/// Input gradient `[N, C, H, W]` from the output gradient.
+pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+    if is_depthwise(g) {
+        depthwise::backward_input(g, dy, w, &mut dx);
+        return dx;
+    }
+    let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
+    let img_in = g.c * g.h * g.w;
+    let img_out = g.o * p;
+    let one = |buf: &mut Vec<f32>, n: usize, dx_n: &mut [f32], par: bool| {
+        let dyn_ = &dy[n * img_out..(n + 1) * img_out];
+        for gi in 0..g.groups {
+            let wg = &w[gi * og * k..(gi + 1) * og * k];
+            let dyg = &dyn_[gi * og * p..(gi + 1) * og * p];
+            let dxg = &mut dx_n[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
+            if g.is_pointwise() {
+                // dx = W^T dy directly into the image.
+                sgemm(k, p, og, dxg, Mat::rm_t(wg, k), Mat::rm(dyg, p), false, par);
+            } else {
+                buf.resize(k * p, 0.0);
+                sgemm(k, p, og, buf, Mat::rm_t(wg, k), Mat::rm(dyg, p), false, par);
+                col2im(g, buf, dxg);
+            }
+        }
+    };
+    if g.n == 1 || rayon::current_num_threads() == 1 {
+        let mut buf = Vec::new();
+        for (n, dx_n) in dx.chunks_mut(img_in).enumerate() {
+            one(&mut buf, n, dx_n, true);
+        }
+    } else {
+        dx.par_chunks_mut(img_in)
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (n, dx_n)| one(buf, n, dx_n, false));
+    }
+    dx
+}
+
+/// Weight gradient `[O, C/g, kh, kw]`: sum over images of `dY_n · colT_n`.
+pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    if is_depthwise(g) {
+        return depthwise::backward_weight(g, x, dy);
+    }
+    let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
+    let img_in = g.c * g.h * g.w;
+    let img_out = g.o * p;
+    let wlen = g.o * k;
+    let chunks = reduction_chunks(g.n);
+    let per = g.n.div_ceil(chunks);
+    let par_gemm = chunks == 1;
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|ci| {
+            let mut dw = vec![0f32; wlen];
+            let mut col_t = vec![0f32; p * k];
+            for n in ci * per..((ci + 1) * per).min(g.n) {
+                let xn = &x[n * img_in..(n + 1) * img_in];
+                let dyn_ = &dy[n * img_out..(n + 1) * img_out];
+                for gi in 0..g.groups {
+                    let xg = &xn[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
+                    let dyg = &dyn_[gi * og * p..(gi + 1) * og * p];
+                    let dwg = &mut dw[gi * og * k..(gi + 1) * og * k];
+                    if g.is_pointwise() {
+                        // colT is x^T: a strided view, no copy.
+                        sgemm(
+                            og,
+                            k,
+                            p,
+                            dwg,
+                            Mat::rm(dyg, p),
+                            Mat::rm_t(xg, p),
+                            true,
+                            par_gemm,
+                        );
+                    } else {
+                        im2col_t(g, xg, &mut col_t);
+                        sgemm(
+                            og,
+                            k,
+                            p,
+                            dwg,
+                            Mat::rm(dyg, p),
+                            Mat::rm(&col_t, k),
+                            true,
+                            par_gemm,
+                        );
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut it = partials.into_iter();
+    let mut dw = it.next().unwrap_or_else(|| vec![0f32; wlen]);
+    for part in it {
+        dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    dw
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "lopper-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv2d input")?;
+        let w = slice(s2, l2, "conv2d weight")?;
+        let g = self.cfg.geo(l1.dims(), l2.dims())?;
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        conv_forward(&g, x, w, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.cfg.geo(x.dims(), w.dims())?;
+        let dx = if x.track_op() {
+            let v = with_f32(grad, |dy| with_f32(w, |w| conv_backward_input(&g, dy, w)))
+                .and_then(|r| r)
+                .map_err(ce)?;
+            Some(tensor(v, x.dims())?)
+        } else {
+            None // the network input needs no gradient
+        };
+        let dw = if w.track_op() {
+            let v = with_f32(grad, |dy| with_f32(x, |x| conv_backward_weight(&g, x, dy)))
+                .and_then(|r| r)
+                .map_err(ce)?;
+            Some(tensor(v, w.dims())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}

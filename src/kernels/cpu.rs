@@ -1,0 +1,47 @@
+//! Raw access to CPU f32 data of candle tensors and storages, for the custom kernels.
+
+use anyhow::{anyhow, Result};
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor};
+
+/// The contiguous f32 slice of a custom op's input storage.
+pub fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let v = match s {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("{what}: only f32 tensors are supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (copying only if not contiguous).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| anyhow!("tensor not contiguous"))?;
+            Ok(f(&v[a..b]))
+        }
+        _ => Err(anyhow!("expected an f32 CPU tensor")),
+    }
+}
+
+/// A CPU tensor from a vector (no copy).
+pub fn tensor(v: Vec<f32>, dims: &[usize]) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+/// Converts an anyhow error to candle's, for use inside `CustomOp` callbacks.
+pub fn ce(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
+}
+
+/// Number of chunks for deterministic parallel reductions: fixed per thread count, so a
+/// given machine always sums in the same order.
+pub fn reduction_chunks(n: usize) -> usize {
+    rayon::current_num_threads().max(1).min(n.max(1))
+}

@@ -1,0 +1,203 @@
+//! Convolution lowering: im2col (channel-major rows, for the forward GEMM), its transpose
+//! built directly pixel-major (for the weight-gradient GEMM without a transposed operand),
+//! and col2im (scatter-add, for the input gradient).
+
+/// Geometry of one convolution, all sizes resolved.
+#[derive(Clone, Copy, Debug)]
+pub struct Geo {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub groups: usize,
+}
+
+impl Geo {
+    /// Input channels per group.
+    pub fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    /// Output channels per group.
+    pub fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    /// Reduction length of one group's GEMM.
+    pub fn k(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+    /// Output pixels per image.
+    pub fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// True when the input itself is the im2col matrix (1x1, stride 1, no padding).
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.pt == 0
+            && self.pl == 0
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+    /// Range of output columns `ox` whose input column `ox*sw - pl + kx*dw` is inside.
+    #[inline]
+    fn valid_x(&self, kx: usize) -> (usize, usize) {
+        valid_range(self.ow, self.sw, self.pl, kx * self.dw, self.w)
+    }
+    #[inline]
+    fn valid_y(&self, ky: usize) -> (usize, usize) {
+        valid_range(self.oh, self.sh, self.pt, ky * self.dh, self.h)
+    }
+}
+
+/// Output indices `o` in `[lo, hi)` with `0 <= o*s - pad + off < len`.
+#[inline]
+fn valid_range(out: usize, s: usize, pad: usize, off: usize, len: usize) -> (usize, usize) {
+    // o*s + off >= pad  =>  o >= ceil((pad - off) / s)
+    let lo = if off >= pad {
+        0
+    } else {
+        (pad - off).div_ceil(s)
+    };
+    // o*s + off - pad < len  =>  o < (len + pad - off) / s  (ceil)
+    let hi = if len + pad <= off {
+        0
+    } else {
+        (len + pad - off).div_ceil(s)
+    };
+    (lo.min(out), hi.min(out).max(lo.min(out)))
+}
+
+/// `col[K x P]` from one image group `x[cg, h, w]`.
+pub fn im2col(g: &Geo, x: &[f32], col: &mut [f32]) {
+    let p = g.p();
+    let mut row = 0;
+    for c in 0..g.cg() {
+        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (ylo, yhi) = g.valid_y(ky);
+            for kx in 0..g.kw {
+                let (xlo, xhi) = g.valid_x(kx);
+                let dst = &mut col[row * p..(row + 1) * p];
+                for oy in 0..g.oh {
+                    let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+                    if oy < ylo || oy >= yhi {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let iy = oy * g.sh + ky * g.dh - g.pt;
+                    let src = &xc[iy * g.w..(iy + 1) * g.w];
+                    d[..xlo].fill(0.0);
+                    d[xhi..].fill(0.0);
+                    if g.sw == 1 {
+                        let ix0 = xlo + kx * g.dw - g.pl;
+                        d[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
+                    } else {
+                        for ox in xlo..xhi {
+                            d[ox] = src[ox * g.sw + kx * g.dw - g.pl];
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// `colT[P x K]` (pixel-major) from one image group `x[cg, h, w]`.
+pub fn im2col_t(g: &Geo, x: &[f32], col_t: &mut [f32]) {
+    let k = g.k();
+    let khw = g.kh * g.kw;
+    col_t.fill(0.0);
+    for c in 0..g.cg() {
+        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (ylo, yhi) = g.valid_y(ky);
+            for kx in 0..g.kw {
+                let (xlo, xhi) = g.valid_x(kx);
+                let kk = c * khw + ky * g.kw + kx;
+                for oy in ylo..yhi {
+                    let iy = oy * g.sh + ky * g.dh - g.pt;
+                    let src = &xc[iy * g.w..(iy + 1) * g.w];
+                    let base = oy * g.ow;
+                    for ox in xlo..xhi {
+                        col_t[(base + ox) * k + kk] = src[ox * g.sw + kx * g.dw - g.pl];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scatter-adds `col[K x P]` into one image group `dx[cg, h, w]` (which is not cleared).
+pub fn col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
+    let p = g.p();
+    let mut row = 0;
+    for c in 0..g.cg() {
+        let dc = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (ylo, yhi) = g.valid_y(ky);
+            for kx in 0..g.kw {
+                let (xlo, xhi) = g.valid_x(kx);
+                let src = &col[row * p..(row + 1) * p];
+                for oy in ylo..yhi {
+                    let iy = oy * g.sh + ky * g.dh - g.pt;
+                    let d = &mut dc[iy * g.w..(iy + 1) * g.w];
+                    let s = &src[oy * g.ow..(oy + 1) * g.ow];
+                    if g.sw == 1 {
+                        let ix0 = xlo + kx * g.dw - g.pl;
+                        for (a, b) in d[ix0..ix0 + (xhi - xlo)].iter_mut().zip(&s[xlo..xhi]) {
+                            *a += *b;
+                        }
+                    } else {
+                        for ox in xlo..xhi {
+                            d[ox * g.sw + kx * g.dw - g.pl] += s[ox];
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for out in 1..6 {
+            for s in 1..4 {
+                for pad in 0..3 {
+                    for off in 0..4 {
+                        for len in 1..7 {
+                            let (lo, hi) = valid_range(out, s, pad, off, len);
+                            for o in 0..out {
+                                let i = (o * s + off) as i64 - pad as i64;
+                                let inside = i >= 0 && i < len as i64;
+                                assert_eq!(
+                                    inside,
+                                    o >= lo && o < hi,
+                                    "{out} {s} {pad} {off} {len} {o}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Max and average pooling with padding, any kernel/stride, floor or ceil mode, and
+//! correct backward passes (candle 0.11's max-pool backward is 0.25x off for 2x2/2 and
+//! supports neither padding nor kernel != stride).
+
+use super::cpu::{ce, slice, tensor, with_f32};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolCfg {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub padding: [usize; 4],
+    pub ceil_mode: bool,
+    pub count_include_pad: bool,
+}
+
+pub struct PoolOp {
+    pub cfg: PoolCfg,
+    pub max: bool,
+}
+
+struct PGeo {
+    nc: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolCfg {
+    fn geo(&self, dims: &[usize]) -> candle_core::Result<PGeo> {
+        if dims.len() != 4 {
+            candle_core::bail!("pool: expected a 4-d input, got {dims:?}");
+        }
+        let o = |len, k, s, a, b| {
+            crate::graph::shape::window_out(len, k, s, a, b, 1, self.ceil_mode).ok_or_else(|| {
+                candle_core::Error::Msg(format!("pool: kernel {k} too large for {len}"))
+            })
+        };
+        Ok(PGeo {
+            nc: dims[0] * dims[1],
+            h: dims[2],
+            w: dims[3],
+            oh: o(
+                dims[2],
+                self.kernel[0],
+                self.stride[0],
+                self.padding[0],
+                self.padding[2],
+            )?,
+            ow: o(
+                dims[3],
+                self.kernel[1],
+                self.stride[1],
+                self.padding[1],
+                self.padding[3],
+            )?,
+        })
+    }
+
+    /// Input window `[y0, y1) x [x0, x1)` clipped to the image, and the divisor for
+    /// average pooling.
+    #[inline]
+    fn window(&self, g: &PGeo, oy: usize, ox: usize) -> (usize, usize, usize, usize, f32) {
+        let ys = (oy * self.stride[0]) as isize - self.padding[0] as isize;
+        let xs = (ox * self.stride[1]) as isize - self.padding[1] as isize;
+        let ye = ys + self.kernel[0] as isize;
+        let xe = xs + self.kernel[1] as isize;
+        let (y0, y1) = (ys.max(0) as usize, (ye.min(g.h as isize)).max(0) as usize);
+        let (x0, x1) = (xs.max(0) as usize, (xe.min(g.w as isize)).max(0) as usize);
+        let div = if self.count_include_pad {
+            // PyTorch: the window clipped to the padded extent.
+            let ph = (ye.min((g.h + self.padding[2]) as isize) - ys) as f32;
+            let pw = (xe.min((g.w + self.padding[3]) as isize) - xs) as f32;
+            ph * pw
+        } else {
+            ((y1 - y0) * (x1 - x0)) as f32
+        };
+        (y0, y1, x0, x1, div.max(1.0))
+    }
+}
+
+impl CustomOp1 for PoolOp {
+    fn name(&self) -> &'static str {
+        if self.max {
+            "lopper-maxpool"
+        } else {
+            "lopper-avgpool"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "pool input")?;
+        let g = self.cfg.geo(l.dims())?;
+        let (hw, p) = (g.h * g.w, g.oh * g.ow);
+        let mut out = vec![0f32; g.nc * p];
+        out.par_chunks_mut(p).enumerate().for_each(|(i, o)| {
+            let xc = &x[i * hw..(i + 1) * hw];
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let (y0, y1, x0, x1, div) = self.cfg.window(&g, oy, ox);
+                    let v = if self.max {
+                        let mut m = f32::NEG_INFINITY;
+                        for yy in y0..y1 {
+                            for xx in x0..x1 {
+                                m = m.max(xc[yy * g.w + xx]);
+                            }
+                        }
+                        m
+                    } else {
+                        let mut a = 0f32;
+                        for yy in y0..y1 {
+                            for xx in x0..x1 {
+                                a += xc[yy * g.w + xx];
+                            }
+                        }
+                        a / div
+                    };
+                    o[oy * g.ow + ox] = v;
+                }
+            }
+        });
+        let d = l.dims();
+        Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.cfg.geo(x.dims())?;
+        let (hw, p) = (g.h * g.w, g.oh * g.ow);
+        let dx = with_f32(x, |xv| {
+            with_f32(grad, |gv| {
+                let mut dx = vec![0f32; g.nc * hw];
+                dx.par_chunks_mut(hw).enumerate().for_each(|(i, d)| {
+                    let xc = &xv[i * hw..(i + 1) * hw];
+                    let gc = &gv[i * p..(i + 1) * p];
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let (y0, y1, x0, x1, div) = self.cfg.window(&g, oy, ox);
+                            let gy = gc[oy * g.ow + ox];
+                            if self.max {
+                                // The first maximum takes the gradient (PyTorch's choice).
+                                let mut best = (f32::NEG_INFINITY, usize::MAX);
+                                for yy in y0..y1 {
+                                    for xx in x0..x1 {
+                                        let v = xc[yy * g.w + xx];
+                                        if v > best.0 {
+                                            best = (v, yy * g.w + xx);
+                                        }
+                                    }
+                                }
+                                if best.1 != usize::MAX {
+                                    d[best.1] += gy;
+                                }
+                            } else {
+                                let v = gy / div;
+                                for yy in y0..y1 {
+                                    for xx in x0..x1 {
+                                        d[yy * g.w + xx] += v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                dx
+            })
+        })
+        .and_then(|r| r)
+        .map_err(ce)?;
+        Ok(Some(tensor(dx, x.dims())?))
+    }
+}
