@@ -4,6 +4,7 @@
 //! candle custom ops), [`exec`] (forward in train/eval mode), [`train`] (losses, optimizers,
 //! schedules, the training loop), [`data`] (datasets and batching), [`zoo`] (model builders).
 
+pub mod bench;
 pub mod data;
 pub mod exec;
 pub mod graph;

@@ -2,6 +2,8 @@
 //! implementation with central finite differences and (b) candle's own ops in f32 where
 //! candle supports the configuration.
 
+#![allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)]
+
 use candle_core::{Device, Tensor, Var};
 use lopper::kernels::{self, ConvCfg, PoolCfg};
 use rand::{Rng, SeedableRng};

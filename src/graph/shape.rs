@@ -36,7 +36,7 @@ pub fn window_out(
     }
     let num = padded - span;
     let mut out = num / stride + 1;
-    if ceil_mode && num % stride != 0 {
+    if ceil_mode && !num.is_multiple_of(stride) {
         out += 1;
         // PyTorch: the last window must start inside the (left-padded) input.
         if (out - 1) * stride >= len + pad_before {

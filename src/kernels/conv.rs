@@ -29,7 +29,7 @@ impl ConvCfg {
             candle_core::bail!("conv2d: expected 4-d input and weight, got {x:?} and {w:?}");
         }
         let g = self.groups.max(1);
-        if x[1] != w[1] * g || w[0] % g != 0 {
+        if x[1] != w[1] * g || !w[0].is_multiple_of(g) {
             candle_core::bail!("conv2d: input {x:?} does not match weight {w:?} with groups {g}");
         }
         let out = |len: usize, k: usize, s: usize, pa: usize, pb: usize, d: usize| {

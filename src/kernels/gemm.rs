@@ -31,6 +31,7 @@ impl<'a> Mat<'a> {
 
 /// `dst[m x n] (row-major) = (accumulate ? dst : 0) + a[m x k] * b[k x n]`.
 /// `parallel` lets gemm use the rayon pool (for a lone large product).
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
     n: usize,

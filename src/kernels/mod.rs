@@ -128,6 +128,16 @@ pub fn pool2d(x: &Tensor, cfg: PoolCfg, max: bool) -> Result<Tensor> {
     if fast(x) {
         return Ok(x.contiguous()?.apply_op1(pool::PoolOp { cfg, max })?);
     }
+    let (n, c, h, w) = x.dims4()?;
+    let (sh, sw) = (cfg.stride[0], cfg.stride[1]);
+    if cfg.kernel == [1, 1] && cfg.padding == [0; 4] && h % sh == 0 && w % sw == 0 {
+        // Strided subsampling (ResNet option-A shortcut).
+        return Ok(x
+            .reshape((n, c, h / sh, sh, w / sw, sw))?
+            .narrow(3, 0, 1)?
+            .narrow(5, 0, 1)?
+            .reshape((n, c, h / sh, w / sw))?);
+    }
     let plain = cfg.padding == [0; 4] && !cfg.ceil_mode && cfg.kernel == cfg.stride;
     if !plain {
         bail!("reference pooling supports only kernel == stride without padding");

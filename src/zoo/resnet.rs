@@ -51,7 +51,7 @@ fn block(
 }
 
 pub fn resnet_cifar(depth: usize, shape: &[usize], classes: usize, seed: u64) -> Result<Graph> {
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         bail!("CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}");
     }
     let n = (depth - 2) / 6;

@@ -68,7 +68,7 @@ impl OpSpec for Conv2d {
             );
         }
         let g = self.groups;
-        if g == 0 || self.in_channels % g != 0 || self.out_channels % g != 0 {
+        if g == 0 || !self.in_channels.is_multiple_of(g) || !self.out_channels.is_multiple_of(g) {
             bail!(
                 "Conv2d groups {g} must divide in ({}) and out ({}) channels",
                 self.in_channels,

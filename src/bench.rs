@@ -1,0 +1,125 @@
+//! `lopper bench`: step latencies of the reference workloads (ResNet-20 train step b64,
+//! inference b64 and b1; MLP 784-1024-1024-10 train step b128), median over timed steps
+//! after warm-up, and peak RSS per workload. `bench/pytorch_bench.py` runs the same.
+
+use crate::exec::{forward, forward_with, ForwardOpts, Mode};
+use crate::graph::Graph;
+use crate::train::loss::cross_entropy;
+use crate::train::{Optimizer, OptimizerKind};
+use crate::util::{peak_rss_bytes, reset_peak_rss};
+use crate::zoo;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub steps: usize,
+    pub peak_rss_mb: f64,
+}
+
+fn time<F: FnMut() -> Result<()>>(
+    name: &str,
+    warmup: usize,
+    steps: usize,
+    mut f: F,
+) -> Result<BenchRow> {
+    reset_peak_rss();
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(BenchRow {
+        name: name.to_string(),
+        median_ms: t[t.len() / 2],
+        min_ms: t[0],
+        max_ms: t[t.len() - 1],
+        steps,
+        peak_rss_mb: peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+    })
+}
+
+fn train_step(g: &Graph, opt: &mut Optimizer, x: &Tensor, y: &Tensor) -> Result<()> {
+    let logits = forward_with(g, x, &ForwardOpts::new(Mode::Train))?
+        .outputs
+        .swap_remove(0);
+    let loss = cross_entropy(&logits, y, 0.0)?;
+    let grads = loss.backward()?;
+    opt.step(&g.trainable(), &grads, 0.01)
+}
+
+fn data(n: usize, dims: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut d = vec![n];
+    d.extend(dims);
+    let x = Tensor::randn(0f32, 1f32, d, &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..n as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    Ok((x, y))
+}
+
+/// Runs the workloads whose names contain `filter` (all if empty).
+pub fn run(
+    steps: usize,
+    warmup: usize,
+    filter: &str,
+    mut report: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let sgd = || {
+        Optimizer::new(
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
+            5e-4,
+        )
+    };
+    let mut push = |r: BenchRow| {
+        report(&r);
+        rows.push(r);
+    };
+    let want = |n: &str| filter.is_empty() || n.contains(filter);
+    let r20 = zoo::build("resnet20", 0)?;
+    if want("resnet20_train_b64") {
+        let (x, y) = data(64, &[3, 32, 32])?;
+        let mut opt = sgd();
+        push(time("resnet20_train_b64", warmup, steps, || {
+            train_step(&r20, &mut opt, &x, &y)
+        })?);
+    }
+    if want("resnet20_infer_b64") {
+        let (x, _) = data(64, &[3, 32, 32])?;
+        push(time("resnet20_infer_b64", warmup, steps, || {
+            forward(&r20, &x, Mode::Eval).map(|_| ())
+        })?);
+    }
+    if want("resnet20_infer_b1") {
+        let (x, _) = data(1, &[3, 32, 32])?;
+        push(time("resnet20_infer_b1", warmup, steps * 5, || {
+            forward(&r20, &x, Mode::Eval).map(|_| ())
+        })?);
+    }
+    if want("mlp_train_b128") {
+        let mlp = zoo::build("mlp:784-1024-1024-10", 0)?;
+        let (x, y) = data(128, &[784])?;
+        let mut opt = sgd();
+        push(time("mlp_train_b128", warmup, steps, || {
+            train_step(&mlp, &mut opt, &x, &y)
+        })?);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,245 @@
+//! In-memory image classification datasets with cheap views.
+//!
+//! Pixels stay as bytes (`N x C x H x W`, shared behind an `Arc`); a view is a list of
+//! sample indices plus an optional label remapping, so class subsets, sample subsets and
+//! calibration sets cost no copy. Batches are normalised to f32 on the fly.
+
+use super::augment::Augment;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub name: String,
+    pixels: Arc<Vec<u8>>,
+    labels: Arc<Vec<u16>>,
+    /// Sample indices of this view into `pixels`/`labels`.
+    index: Vec<usize>,
+    /// Label remapping of this view (class subsets renumber their classes from 0).
+    remap: Option<Vec<Option<u16>>>,
+    /// Per-sample shape `[C, H, W]`.
+    pub shape: [usize; 3],
+    pub num_classes: usize,
+    /// Value of a full-intensity pixel (255, or 16 for the 8x8 digits).
+    pub max_value: f32,
+    /// Per-channel mean and std of `pixel / max_value`.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Class names, if known.
+    pub classes: Vec<String>,
+}
+
+impl Dataset {
+    /// A dataset over all samples. Mean and std are given (per channel, in `[0, 1]` units).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        pixels: Vec<u8>,
+        labels: Vec<u16>,
+        shape: [usize; 3],
+        max_value: f32,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
+        let per: usize = shape.iter().product();
+        if per == 0 || pixels.len() != labels.len() * per {
+            bail!(
+                "{name}: {} pixel bytes do not make {} samples of {:?}",
+                pixels.len(),
+                labels.len(),
+                shape
+            );
+        }
+        let num_classes = classes
+            .len()
+            .max(labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0));
+        Ok(Dataset {
+            name: name.to_string(),
+            index: (0..labels.len()).collect(),
+            pixels: Arc::new(pixels),
+            labels: Arc::new(labels),
+            remap: None,
+            shape,
+            num_classes,
+            max_value,
+            mean,
+            std,
+            classes,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Label of view sample `i`.
+    pub fn label(&self, i: usize) -> u16 {
+        let l = self.labels[self.index[i]];
+        match &self.remap {
+            Some(m) => m[l as usize].expect("views only hold mapped classes"),
+            None => l,
+        }
+    }
+
+    /// Raw pixel bytes of view sample `i`.
+    pub fn pixels(&self, i: usize) -> &[u8] {
+        let per: usize = self.shape.iter().product();
+        let j = self.index[i];
+        &self.pixels[j * per..(j + 1) * per]
+    }
+
+    /// A view over the given positions of this view.
+    pub fn subset(&self, positions: &[usize]) -> Result<Dataset> {
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.len()) {
+            bail!(
+                "{}: sample {p} out of range (view has {})",
+                self.name,
+                self.len()
+            );
+        }
+        let mut d = self.clone();
+        d.index = positions.iter().map(|&p| self.index[p]).collect();
+        Ok(d)
+    }
+
+    /// `n` samples drawn without replacement with a seed (calibration sets, few-shot sets).
+    pub fn sample(&self, n: usize, seed: u64) -> Result<Dataset> {
+        if n > self.len() {
+            bail!(
+                "{}: asked for {n} samples, the set has only {}",
+                self.name,
+                self.len()
+            );
+        }
+        let mut pos: Vec<usize> = (0..self.len()).collect();
+        pos.shuffle(&mut Pcg64::seed_from_u64(seed));
+        pos.truncate(n);
+        pos.sort_unstable();
+        self.subset(&pos)
+    }
+
+    /// The samples of the listed classes, relabelled `0..classes.len()` in the given order.
+    pub fn class_subset(&self, classes: &[usize]) -> Result<Dataset> {
+        let mut map: Vec<Option<u16>> = vec![None; self.num_classes];
+        for (new, &c) in classes.iter().enumerate() {
+            if c >= self.num_classes {
+                bail!(
+                    "{}: class {c} does not exist ({} classes)",
+                    self.name,
+                    self.num_classes
+                );
+            }
+            map[c] = Some(new as u16);
+        }
+        let pos: Vec<usize> = (0..self.len())
+            .filter(|&i| map[self.label(i) as usize].is_some())
+            .collect();
+        let mut d = self.subset(&pos)?;
+        // Compose with any existing remap: map is over this view's labels.
+        let base: Vec<Option<u16>> = match &self.remap {
+            Some(m) => m.iter().map(|o| o.and_then(|l| map[l as usize])).collect(),
+            None => map,
+        };
+        d.remap = Some(base);
+        d.num_classes = classes.len();
+        d.classes = classes
+            .iter()
+            .map(|&c| {
+                self.classes
+                    .get(c)
+                    .cloned()
+                    .unwrap_or_else(|| c.to_string())
+            })
+            .collect();
+        d.name = format!("{}[classes {:?}]", self.name, classes);
+        Ok(d)
+    }
+
+    /// A batch of view samples as normalised `[B, C, H, W]` f32 plus `[B]` u32 labels.
+    /// Flat inputs (MLPs) reshape the result themselves.
+    pub fn batch(
+        &self,
+        positions: &[usize],
+        augment: Option<(&Augment, &mut Pcg64)>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let [c, h, w] = self.shape;
+        let per = c * h * w;
+        let mut x = vec![0f32; positions.len() * per];
+        let mut y = Vec::with_capacity(positions.len());
+        let scale: Vec<f32> = self
+            .std
+            .iter()
+            .map(|s| 1.0 / (s * self.max_value))
+            .collect();
+        let shift: Vec<f32> = self
+            .mean
+            .iter()
+            .zip(&self.std)
+            .map(|(m, s)| -m / s)
+            .collect();
+        let mut aug = augment;
+        for (b, &p) in positions.iter().enumerate() {
+            let src = self.pixels(p);
+            let dst = &mut x[b * per..(b + 1) * per];
+            for ch in 0..c {
+                let (a, s) = (scale[ch], shift[ch]);
+                for (d, &v) in dst[ch * h * w..(ch + 1) * h * w]
+                    .iter_mut()
+                    .zip(&src[ch * h * w..(ch + 1) * h * w])
+                {
+                    *d = v as f32 * a + s;
+                }
+            }
+            if let Some((aug, rng)) = aug.as_mut() {
+                aug.apply(dst, self.shape, rng);
+            }
+            y.push(self.label(p) as u32);
+        }
+        Ok((
+            Tensor::from_vec(x, (positions.len(), c, h, w), device)?,
+            Tensor::from_vec(y, positions.len(), device)?,
+        ))
+    }
+
+    /// Positions `0..len` in a seeded random order (one epoch).
+    pub fn shuffled(&self, seed: u64) -> Vec<usize> {
+        let mut pos: Vec<usize> = (0..self.len()).collect();
+        pos.shuffle(&mut Pcg64::seed_from_u64(seed));
+        pos
+    }
+
+    /// Per-channel mean and std of the pixels (in `[0, 1]` units) of this view.
+    pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        let [c, h, w] = self.shape;
+        let mut s = vec![0f64; c];
+        let mut sq = vec![0f64; c];
+        for i in 0..self.len() {
+            let px = self.pixels(i);
+            for ch in 0..c {
+                for &v in &px[ch * h * w..(ch + 1) * h * w] {
+                    let v = v as f64 / self.max_value as f64;
+                    s[ch] += v;
+                    sq[ch] += v * v;
+                }
+            }
+        }
+        let n = (self.len() * h * w).max(1) as f64;
+        let mean: Vec<f32> = s.iter().map(|v| (v / n) as f32).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, &m)| ((q / n - (m as f64) * (m as f64)).max(1e-12).sqrt()) as f32)
+            .collect();
+        (mean, std)
+    }
+}

@@ -1,0 +1,309 @@
+//! The training loop. Deterministic for a seed: epoch `e` shuffles with `seed·1000 + e`,
+//! augments and drops out from seeds derived the same way, so a run resumed from an
+//! epoch checkpoint continues exactly as the uninterrupted run would.
+
+use super::checkpoint::{self, Checkpoint};
+use super::loss::{cross_entropy, distillation};
+use super::metrics::topk_correct;
+use super::optim::{Optimizer, OptimizerKind};
+use super::schedule::{lr_at, Schedule};
+use crate::data::{Augment, Dataset};
+use crate::exec::{forward_with, ForwardOpts, Mode};
+use crate::graph::Graph;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub optimizer: OptimizerKind,
+    pub schedule: Schedule,
+    pub warmup_epochs: f64,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    pub crop_pad: usize,
+    pub hflip: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            batch_size: 128,
+            lr: 0.1,
+            weight_decay: 5e-4,
+            optimizer: OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            schedule: Schedule::Cosine { min_lr: 0.0 },
+            warmup_epochs: 0.0,
+            label_smoothing: 0.0,
+            seed: 0,
+            crop_pad: 0,
+            hflip: false,
+        }
+    }
+}
+
+/// A dense model to distil from: loss = (1-alpha)·CE + alpha·KD(T).
+pub struct Teacher<'a> {
+    pub graph: &'a Graph,
+    pub temperature: f64,
+    pub alpha: f64,
+}
+
+#[derive(Default)]
+pub struct TrainOpts<'a> {
+    pub progress: bool,
+    /// Write a checkpoint here after every epoch.
+    pub checkpoint: Option<PathBuf>,
+    pub teacher: Option<Teacher<'a>>,
+    /// Evaluate on this set after every epoch.
+    pub test: Option<&'a Dataset>,
+    /// Stop after this many epochs in this call (for interrupt/resume tests), if set.
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub test_top1: Option<f64>,
+    pub test_top5: Option<f64>,
+    pub seconds: f64,
+    pub samples_per_sec: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainResult {
+    pub history: Vec<EpochLog>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub n: usize,
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub correct: usize,
+}
+
+/// Reshapes a `[B, C, H, W]` batch to the graph's input shape (e.g. flat MLP inputs).
+pub fn fit_input(g: &Graph, x: Tensor) -> Result<Tensor> {
+    let want = g.input_shape();
+    if &x.dims()[1..] == want.as_slice() {
+        return Ok(x);
+    }
+    let per: usize = x.dims()[1..].iter().product();
+    if per != want.iter().product::<usize>() {
+        bail!(
+            "data samples have shape {:?}, the model expects {:?}",
+            &x.dims()[1..],
+            want
+        );
+    }
+    let mut d = vec![x.dim(0)?];
+    d.extend(want);
+    Ok(x.reshape(d)?)
+}
+
+/// Top-1/top-5 accuracy and mean loss in eval mode.
+pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
+    let dev = Device::Cpu;
+    let (mut c1, mut c5, mut loss) = (0usize, 0usize, 0f64);
+    let pos: Vec<usize> = (0..ds.len()).collect();
+    for chunk in pos.chunks(batch.max(1)) {
+        let (x, y) = ds.batch(chunk, None, &dev)?;
+        let logits = crate::exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
+        let l = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
+        loss += l * chunk.len() as f64;
+        let (a, b) = topk_correct(&logits, &y)?;
+        c1 += a;
+        c5 += b;
+    }
+    let n = ds.len().max(1) as f64;
+    Ok(EvalResult {
+        n: ds.len(),
+        loss: loss / n,
+        top1: c1 as f64 / n,
+        top5: c5 as f64 / n,
+        correct: c1,
+    })
+}
+
+/// Trains `g` in place on `train`. With `opts.checkpoint` set and a checkpoint present
+/// there, continues from it (same config required).
+pub fn train(
+    g: &Graph,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    opts: &TrainOpts,
+) -> Result<TrainResult> {
+    if cfg.batch_size == 0 || cfg.epochs == 0 {
+        bail!("epochs and batch size must be positive");
+    }
+    if data.is_empty() {
+        bail!("training set '{}' is empty", data.name);
+    }
+    let dev = Device::Cpu;
+    let params = g.trainable();
+    let mut opt = Optimizer::new(cfg.optimizer.clone(), cfg.weight_decay);
+    let mut history = Vec::new();
+    let mut start_epoch = 0;
+    if let Some(path) = &opts.checkpoint {
+        if path.exists() {
+            let ck = checkpoint::load(path)?;
+            if &ck.config != cfg {
+                bail!(
+                    "{}: checkpoint was written with a different training config",
+                    path.display()
+                );
+            }
+            for (k, t) in ck.graph.params() {
+                g.set_param(k, t.as_tensor()).with_context(|| {
+                    format!("{}: checkpoint does not fit the model", path.display())
+                })?;
+            }
+            opt.load_state(&ck.optimizer, ck.optimizer_steps)?;
+            start_epoch = ck.epochs_done;
+            history = ck.history;
+        }
+    }
+    let steps_per_epoch = data.len().div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
+    let warmup = (cfg.warmup_epochs * steps_per_epoch as f64) as usize;
+    let augment = Augment {
+        crop_pad: cfg.crop_pad,
+        hflip: cfg.hflip,
+    };
+    let aug_on = augment != Augment::default();
+    let t0 = Instant::now();
+    for (ran, epoch) in (start_epoch..cfg.epochs).enumerate() {
+        if opts.stop_after.is_some_and(|s| ran >= s) {
+            break;
+        }
+        let te = Instant::now();
+        let order = data.shuffled(cfg.seed.wrapping_mul(1000).wrapping_add(epoch as u64));
+        let mut rng = Pcg64::seed_from_u64(cfg.seed.wrapping_mul(7919).wrapping_add(epoch as u64));
+        let pb = if opts.progress {
+            ProgressBar::new(steps_per_epoch as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        pb.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = cfg.lr;
+        for (bi, chunk) in order.chunks(cfg.batch_size).enumerate() {
+            let step = epoch * steps_per_epoch + bi;
+            lr = lr_at(cfg.lr, &cfg.schedule, step, total, warmup, steps_per_epoch);
+            let (x, y) = data.batch(
+                chunk,
+                if aug_on {
+                    Some((&augment, &mut rng))
+                } else {
+                    None
+                },
+                &dev,
+            )?;
+            let x = fit_input(g, x)?;
+            let fo = ForwardOpts {
+                seed: cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ..ForwardOpts::new(Mode::Train)
+            };
+            let logits = forward_with(g, &x, &fo)?.outputs.swap_remove(0);
+            let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+            if let Some(t) = &opts.teacher {
+                let tl = crate::exec::forward(t.graph, &x, Mode::Eval)?;
+                loss = ((loss * (1.0 - t.alpha))?
+                    + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
+            }
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
+            }
+            let grads = loss.backward()?;
+            opt.step(&params, &grads, lr)?;
+            let (c1, _) = topk_correct(&logits, &y)?;
+            loss_sum += lv * chunk.len() as f64;
+            correct += c1;
+            seen += chunk.len();
+            pb.inc(1);
+            if bi % 10 == 0 {
+                pb.set_message(format!(
+                    "loss {:.3} acc {:.2}% {:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / te.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        pb.finish_and_clear();
+        let train_secs = te.elapsed().as_secs_f64();
+        let ev = match opts.test {
+            Some(t) => Some(evaluate(g, t, 500)?),
+            None => None,
+        };
+        let log = EpochLog {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_top1: correct as f64 / seen as f64,
+            test_top1: ev.as_ref().map(|e| e.top1),
+            test_top5: ev.as_ref().map(|e| e.top5),
+            seconds: train_secs,
+            samples_per_sec: seen as f64 / train_secs,
+        };
+        if opts.progress {
+            eprintln!(
+                "epoch {}/{}: loss {:.4} train {:.2}%{} lr {:.4} {:.1}s ({:.0} img/s)",
+                log.epoch,
+                cfg.epochs,
+                log.train_loss,
+                100.0 * log.train_top1,
+                log.test_top1
+                    .map(|a| format!(" test {:.2}%", 100.0 * a))
+                    .unwrap_or_default(),
+                lr,
+                log.seconds,
+                log.samples_per_sec
+            );
+        }
+        history.push(log);
+        if let Some(path) = &opts.checkpoint {
+            let (st, steps) = opt.state();
+            checkpoint::save(
+                path,
+                &Checkpoint {
+                    graph: g.deep_clone()?,
+                    optimizer: st,
+                    optimizer_steps: steps,
+                    epochs_done: epoch + 1,
+                    config: cfg.clone(),
+                    history: history.clone(),
+                },
+            )?;
+        }
+    }
+    Ok(TrainResult {
+        history,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
