@@ -130,16 +130,27 @@ pub fn load_weights(g: &Graph, path: &Path) -> Result<()> {
         std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
     let origin = path.display().to_string();
     let (tensors, _) = tensors_from_bytes(&bytes, &origin)?;
-    for k in g.params().keys() {
+    // Check everything before changing anything: a failed load leaves the graph intact.
+    for (k, v) in g.params() {
         let t = tensors
             .get(k)
             .ok_or_else(|| anyhow!("{origin}: tensor '{k}' required by the graph is missing"))?;
-        g.set_param(k, t)
-            .with_context(|| format!("{origin}: wrong tensor"))?;
+        if t.dims() != v.dims() {
+            bail!(
+                "{origin}: tensor '{k}' has shape {:?}, the graph needs {:?}",
+                t.dims(),
+                v.dims()
+            );
+        }
     }
     for k in tensors.keys() {
         if !g.params().contains_key(k) && !k.ends_with("num_batches_tracked") {
             bail!("{origin}: tensor '{k}' matches no parameter of the graph");
+        }
+    }
+    for (k, t) in &tensors {
+        if g.params().contains_key(k) {
+            g.set_param(k, t)?;
         }
     }
     Ok(())

@@ -1,0 +1,118 @@
+//! The binary end to end: main job, inspect, and bad input giving a clear error with a
+//! non-zero exit code (never a panic).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn lopper(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lopper"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        err,
+    )
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lopper-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn demo_runs_and_reports_json() {
+    let (ok, out, err) = lopper(&["demo", "--epochs", "3", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["after"]["top1"].as_f64().unwrap() > 0.5, "{out}");
+}
+
+#[test]
+fn inspect_prints_the_cost_table() {
+    let (ok, out, _) = lopper(&["inspect", "resnet56"]);
+    assert!(ok);
+    assert!(
+        out.contains("125485696") && out.contains("layer3.8.conv2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_model_and_missing_file() {
+    let (ok, _, err) = lopper(&["inspect", "resnet57"]);
+    assert!(!ok && err.contains("6n+2"), "{err}");
+    let (ok, _, err) = lopper(&["inspect", "alexnet"]);
+    assert!(!ok && err.contains("unknown model 'alexnet'"), "{err}");
+    let (ok, _, err) = lopper(&["eval", "missing/model.safetensors"]);
+    assert!(!ok && err.contains("missing/model.safetensors"), "{err}");
+}
+
+#[test]
+fn truncated_and_wrong_magic_idx_name_the_file() {
+    let d = tmpdir("idx");
+    let m = d.join("mnist");
+    std::fs::create_dir_all(&m).unwrap();
+    // Truncated images: header says 10 images of 28x28, data has 100 bytes.
+    let mut img = vec![0u8, 0, 8, 3];
+    for x in [10u32, 28, 28] {
+        img.extend(x.to_be_bytes());
+    }
+    img.extend(vec![0u8; 100]);
+    std::fs::write(m.join("t10k-images-idx3-ubyte.gz"), gz(&img)).unwrap();
+    let mut lab = vec![0u8, 0, 8, 1];
+    lab.extend(10u32.to_be_bytes());
+    lab.extend(vec![0u8; 10]);
+    std::fs::write(m.join("t10k-labels-idx1-ubyte.gz"), gz(&lab)).unwrap();
+    let dd = d.to_str().unwrap();
+    let (ok, _, err) = lopper(&["eval", "lenet5", "--data", "mnist", "--data-dir", dd]);
+    assert!(
+        !ok && err.contains("t10k-images-idx3-ubyte.gz") && err.contains("truncated"),
+        "{err}"
+    );
+    // Wrong magic.
+    img[2] = 0x0d;
+    std::fs::write(m.join("t10k-images-idx3-ubyte.gz"), gz(&img)).unwrap();
+    let (ok, _, err) = lopper(&["eval", "lenet5", "--data", "mnist", "--data-dir", dd]);
+    assert!(
+        !ok && err.contains("t10k-images-idx3-ubyte.gz") && err.contains("0x0d"),
+        "{err}"
+    );
+    // Missing file.
+    let (ok, _, err) = lopper(&[
+        "eval",
+        "lenet5",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        dd,
+    ]);
+    assert!(
+        !ok && err.contains("fashion-mnist") && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn weights_that_do_not_fit_name_the_tensor() {
+    let d = tmpdir("w");
+    let p = d.join("w.safetensors");
+    let g = lopper::zoo::build("mlp:64-20-10", 0).unwrap();
+    lopper::graph::io::save(&g, &p).unwrap();
+    let (ok, _, err) = lopper(&["eval", "mlp:64-32-10", "--weights", p.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("fc1.") && err.contains("w.safetensors"),
+        "{err}"
+    );
+}

@@ -1,0 +1,103 @@
+//! Saved models load back identically; bad files give errors that name the file/tensor.
+
+use candle_core::{Device, Tensor};
+use lopper::exec::{forward, Mode};
+use lopper::graph::io;
+use lopper::zoo;
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lopper-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn save_load_roundtrip_is_identical_for_every_zoo_model() {
+    for name in [
+        "mlp:64-32-10",
+        "lenet5",
+        "resnet20",
+        "mobilenetv2",
+        "vgg11",
+        "digit_cnn",
+    ] {
+        let g = zoo::build(name, 3).unwrap();
+        let p = tmp(&format!("{}.safetensors", name.replace(':', "_")));
+        io::save(&g, &p).unwrap();
+        let h = io::load(&p).unwrap();
+        assert_eq!(g.nodes, h.nodes, "{name} nodes");
+        assert_eq!(g.outputs, h.outputs);
+        for (k, v) in g.params() {
+            let a: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = h.params()[k]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{name} {k}");
+        }
+        let mut dims = vec![2];
+        dims.extend(g.input_shape());
+        let x = Tensor::randn(0f32, 1f32, dims, &Device::Cpu).unwrap();
+        let ya: Vec<f32> = forward(&g, &x, Mode::Eval)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let yb: Vec<f32> = forward(&h, &x, Mode::Eval)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ya, yb, "{name} outputs");
+    }
+}
+
+#[test]
+fn weights_with_wrong_shape_name_the_tensor() {
+    let big = zoo::build("mlp:64-32-10", 0).unwrap();
+    let p = tmp("mlp_big.safetensors");
+    io::save(&big, &p).unwrap();
+    let small = zoo::build("mlp:64-16-10", 0).unwrap();
+    let e = format!("{:#}", io::load_weights(&small, &p).unwrap_err());
+    assert!(
+        e.contains("tensor 'fc1.") && e.contains("mlp_big.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_and_corrupt_files_are_clear_errors() {
+    let e = format!("{:#}", io::load(&tmp("nope.safetensors")).unwrap_err());
+    assert!(e.contains("nope.safetensors"), "{e}");
+    let p = tmp("garbage.safetensors");
+    std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let e = format!("{:#}", io::load(&p).unwrap_err());
+    assert!(e.contains("garbage.safetensors"), "{e}");
+    // Truncated model file.
+    let g = zoo::build("mlp:64-32-10", 0).unwrap();
+    let p = tmp("trunc.safetensors");
+    io::save(&g, &p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = format!("{:#}", io::load(&p).unwrap_err());
+    assert!(e.contains("trunc.safetensors"), "{e}");
+}
+
+#[test]
+fn atomic_save_leaves_no_temp_files() {
+    let g = zoo::build("mlp:8-4-2", 0).unwrap();
+    let dir = tmp("atomic");
+    std::fs::create_dir_all(&dir).unwrap();
+    io::save(&g, &dir.join("m.safetensors")).unwrap();
+    io::save(&g, &dir.join("m.safetensors")).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["m.safetensors".to_string()]);
+}
