@@ -441,6 +441,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    lopper::util::tune_runtime();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

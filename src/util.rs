@@ -46,3 +46,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// Process-wide runtime settings for CPU training; call first thing in `main`.
+///
+/// 1. Keeps freed tensor buffers inside the process (glibc): otherwise every per-step
+///    activation buffer above 128 KiB is a fresh `mmap` whose pages fault in on first
+///    touch and whose `munmap` flushes both cores' TLBs (ResNet-20 b64 train step
+///    ~320 ms -> ~250 ms here).
+/// 2. Shortens how long candle's element-wise worker threads spin after each job
+///    (default 25,000 iterations), which otherwise steals a core from our kernels.
+pub fn tune_runtime() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before heavy allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}

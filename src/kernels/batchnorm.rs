@@ -84,9 +84,7 @@ impl CustomOp3 for BatchNormOp {
                     let (mut sum, mut sq) = (0f64, 0f64);
                     for ni in 0..n {
                         let row = &x[(ni * c + ci) * s..(ni * c + ci + 1) * s];
-                        let (a, b) = row
-                            .iter()
-                            .fold((0f32, 0f32), |(a, b), &v| (a + v, b + v * v));
+                        let (a, b) = lane_sums(row, row);
                         sum += a as f64;
                         sq += b as f64;
                     }
@@ -135,43 +133,47 @@ impl CustomOp3 for BatchNormOp {
         let relu = self.relu;
         let train = self.fixed.is_none();
         let run = |xv: &[f32], g: &[f32], y: &[f32], gm: &[f32]| {
-            // dy after the ReLU mask; per-channel sums of dy and dy * xhat.
+            let rs = s.max(1);
+            // Pass 1: the ReLU-masked output gradient, written where dx will go.
+            let mut dx: Vec<f32> = if relu {
+                g.iter()
+                    .zip(y)
+                    .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
+                    .collect()
+            } else {
+                g.to_vec()
+            };
+            // Per-channel sums of dz and dz*x (8 f32 lanes per row, rows summed in f64).
             let sums: Vec<(f32, f32)> = (0..c)
                 .into_par_iter()
                 .map(|ci| {
                     let (mut sd, mut sdx) = (0f64, 0f64);
                     for ni in 0..n {
-                        let r = (ni * c + ci) * s;
-                        for j in r..r + s {
-                            let d = if relu && y[j] <= 0.0 { 0.0 } else { g[j] };
-                            sd += d as f64;
-                            sdx += (d * (xv[j] - mean[ci])) as f64;
-                        }
+                        let r = (ni * c + ci) * rs;
+                        let (a, b) = lane_sums(&dx[r..r + rs], &xv[r..r + rs]);
+                        sd += a as f64;
+                        sdx += b as f64;
                     }
-                    (sd as f32, (sdx as f32) * inv[ci])
+                    let sdxhat = (sdx - mean[ci] as f64 * sd) as f32 * inv[ci];
+                    (sd as f32, sdxhat)
                 })
                 .collect();
+            // Pass 2: dx in place.
             let m = (n * s) as f32;
-            let mut dx = vec![0f32; xv.len()];
-            dx.par_chunks_mut(s.max(1))
+            dx.par_chunks_mut(rs)
+                .zip(xv.par_chunks(rs))
                 .enumerate()
-                .for_each(|(row, d)| {
+                .for_each(|(row, (d, xr))| {
                     let ci = row % c;
-                    let r = row * s;
                     let k = gm[ci] * inv[ci];
-                    let (sd, sdx) = (sums[ci].0 / m, sums[ci].1 / m);
-                    for j in 0..s {
-                        let gj = if relu && y[r + j] <= 0.0 {
-                            0.0
-                        } else {
-                            g[r + j]
-                        };
-                        d[j] = if train {
-                            let xhat = (xv[r + j] - mean[ci]) * inv[ci];
-                            k * (gj - sd - xhat * sdx)
-                        } else {
-                            k * gj
-                        };
+                    if train {
+                        let (sd, sdx) = (sums[ci].0 / m, sums[ci].1 / m);
+                        let (mu, iv) = (mean[ci], inv[ci]);
+                        for (d, &xv) in d.iter_mut().zip(xr) {
+                            *d = k * (*d - sd - (xv - mu) * iv * sdx);
+                        }
+                    } else {
+                        d.iter_mut().for_each(|d| *d *= k);
                     }
                 });
             let dgamma: Vec<f32> = sums.iter().map(|s| s.1).collect();
@@ -193,4 +195,27 @@ impl CustomOp3 for BatchNormOp {
             Some(tensor(dbeta, &[c])?),
         ))
     }
+}
+
+/// `(sum(a), sum(a * b))` with eight independent accumulators so the loop vectorises.
+#[inline]
+fn lane_sums(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let mut s1 = [0f32; 8];
+    let mut s2 = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            s1[l] += x[l];
+            s2[l] += x[l] * y[l];
+        }
+    }
+    let mut t1: f32 = s1.iter().sum();
+    let mut t2: f32 = s2.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        t1 += x;
+        t2 += x * y;
+    }
+    (t1, t2)
 }

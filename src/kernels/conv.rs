@@ -205,17 +205,31 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
                             par_gemm,
                         );
                     } else {
-                        im2col_t(g, xg, &mut col_t);
-                        sgemm(
-                            og,
-                            k,
-                            p,
-                            dwg,
-                            Mat::rm(dyg, p),
-                            Mat::rm(&col_t, k),
-                            true,
-                            par_gemm,
-                        );
+                        if std::env::var("LOPPER_DW_T").is_ok() {
+                            im2col_t(g, xg, &mut col_t);
+                            sgemm(
+                                og,
+                                k,
+                                p,
+                                dwg,
+                                Mat::rm(dyg, p),
+                                Mat::rm(&col_t, k),
+                                true,
+                                par_gemm,
+                            );
+                        } else {
+                            im2col(g, xg, &mut col_t);
+                            sgemm(
+                                og,
+                                k,
+                                p,
+                                dwg,
+                                Mat::rm(dyg, p),
+                                Mat::rm_t(&col_t, p),
+                                true,
+                                par_gemm,
+                            );
+                        }
                     }
                 }
             }
