@@ -9,7 +9,7 @@
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32};
 use super::depthwise;
 use super::gemm::{sgemm, Mat};
-use super::im2col::{col2im, im2col, im2col_t, Geo};
+use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -180,11 +180,14 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let chunks = reduction_chunks(g.n);
     let per = g.n.div_ceil(chunks);
     let par_gemm = chunks == 1;
+    let khw = g.kh * g.kw;
+    // Partial sums per chunk of images, in (ky, kx, c) order for the non-pointwise case.
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|ci| {
             let mut dw = vec![0f32; wlen];
-            let mut col_t = vec![0f32; p * k];
+            let mut col_t = vec![0f32; if g.is_pointwise() { 0 } else { p * k }];
+            let mut xt = Vec::new();
             for n in ci * per..((ci + 1) * per).min(g.n) {
                 let xn = &x[n * img_in..(n + 1) * img_in];
                 let dyn_ = &dy[n * img_out..(n + 1) * img_out];
@@ -205,33 +208,34 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
                             par_gemm,
                         );
                     } else {
-                        if std::env::var("LOPPER_DW_T").is_ok() {
-                            im2col_t(g, xg, &mut col_t);
-                            sgemm(
-                                og,
-                                k,
-                                p,
-                                dwg,
-                                Mat::rm(dyg, p),
-                                Mat::rm(&col_t, k),
-                                true,
-                                par_gemm,
-                            );
-                        } else {
-                            im2col(g, xg, &mut col_t);
-                            sgemm(
-                                og,
-                                k,
-                                p,
-                                dwg,
-                                Mat::rm(dyg, p),
-                                Mat::rm_t(&col_t, p),
-                                true,
-                                par_gemm,
-                            );
+                        to_channels_last(g, xg, &mut xt);
+                        im2col_t_cl(g, &xt, &mut col_t);
+                        sgemm(
+                            og,
+                            k,
+                            p,
+                            dwg,
+                            Mat::rm(dyg, p),
+                            Mat::rm(&col_t, k),
+                            true,
+                            par_gemm,
+                        );
+                    }
+                }
+            }
+            if !g.is_pointwise() && khw > 1 {
+                // (ky, kx, c) -> (c, ky, kx) per output channel.
+                let mut out = vec![0f32; wlen];
+                for o in 0..g.o {
+                    let src = &dw[o * k..(o + 1) * k];
+                    let dst = &mut out[o * k..(o + 1) * k];
+                    for t in 0..khw {
+                        for c in 0..cg {
+                            dst[c * khw + t] = src[t * cg + c];
                         }
                     }
                 }
+                dw = out;
             }
             dw
         })

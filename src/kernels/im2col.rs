@@ -1,6 +1,6 @@
-//! Convolution lowering: im2col (channel-major rows, for the forward GEMM), its transpose
-//! built directly pixel-major (for the weight-gradient GEMM without a transposed operand),
-//! and col2im (scatter-add, for the input gradient).
+//! Convolution lowering: im2col (channel-major rows, for the forward GEMM), a pixel-major
+//! im2col from a channels-last copy (for the weight-gradient GEMM without a transposed
+//! operand, which measured several times slower), and col2im (for the input gradient).
 
 /// Geometry of one convolution, all sizes resolved.
 #[derive(Clone, Copy, Debug)]
@@ -116,31 +116,6 @@ pub fn im2col(g: &Geo, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// `colT[P x K]` (pixel-major) from one image group `x[cg, h, w]`.
-pub fn im2col_t(g: &Geo, x: &[f32], col_t: &mut [f32]) {
-    let k = g.k();
-    let khw = g.kh * g.kw;
-    col_t.fill(0.0);
-    for c in 0..g.cg() {
-        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ky in 0..g.kh {
-            let (ylo, yhi) = g.valid_y(ky);
-            for kx in 0..g.kw {
-                let (xlo, xhi) = g.valid_x(kx);
-                let kk = c * khw + ky * g.kw + kx;
-                for oy in ylo..yhi {
-                    let iy = oy * g.sh + ky * g.dh - g.pt;
-                    let src = &xc[iy * g.w..(iy + 1) * g.w];
-                    let base = oy * g.ow;
-                    for ox in xlo..xhi {
-                        col_t[(base + ox) * k + kk] = src[ox * g.sw + kx * g.dw - g.pl];
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Scatter-adds `col[K x P]` into one image group `dx[cg, h, w]` (which is not cleared).
 pub fn col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
     let p = g.p();
@@ -195,6 +170,46 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Channels-last copy of one image group: `x[cg, h*w] -> xt[h*w, cg]`.
+pub fn to_channels_last(g: &Geo, x: &[f32], xt: &mut Vec<f32>) {
+    let (cg, hw) = (g.cg(), g.h * g.w);
+    xt.resize(hw * cg, 0.0);
+    // Blocked transpose: 16 pixels at a time keep both sides in cache.
+    for p0 in (0..hw).step_by(16) {
+        let p1 = (p0 + 16).min(hw);
+        for c in 0..cg {
+            let src = &x[c * hw..(c + 1) * hw];
+            for p in p0..p1 {
+                xt[p * cg + c] = src[p];
+            }
+        }
+    }
+}
+
+/// Pixel-major im2col from a channels-last image: `colT[P x K]` with K ordered
+/// `(ky, kx, c)`, so each tap is one contiguous copy of `cg` values.
+pub fn im2col_t_cl(g: &Geo, xt: &[f32], col_t: &mut [f32]) {
+    let (cg, k) = (g.cg(), g.k());
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let row = &mut col_t[(oy * g.ow + ox) * k..(oy * g.ow + ox + 1) * k];
+            for ky in 0..g.kh {
+                let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                for kx in 0..g.kw {
+                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
+                    let dst = &mut row[(ky * g.kw + kx) * cg..(ky * g.kw + kx + 1) * cg];
+                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                        dst.fill(0.0);
+                    } else {
+                        let p = iy as usize * g.w + ix as usize;
+                        dst.copy_from_slice(&xt[p * cg..(p + 1) * cg]);
                     }
                 }
             }
