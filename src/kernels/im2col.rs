@@ -148,35 +148,6 @@ pub fn col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn valid_range_matches_brute_force() {
-        for out in 1..6 {
-            for s in 1..4 {
-                for pad in 0..3 {
-                    for off in 0..4 {
-                        for len in 1..7 {
-                            let (lo, hi) = valid_range(out, s, pad, off, len);
-                            for o in 0..out {
-                                let i = (o * s + off) as i64 - pad as i64;
-                                let inside = i >= 0 && i < len as i64;
-                                assert_eq!(
-                                    inside,
-                                    o >= lo && o < hi,
-                                    "{out} {s} {pad} {off} {len} {o}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Channels-last copy of one image group: `x[cg, h*w] -> xt[h*w, cg]`.
 pub fn to_channels_last(g: &Geo, x: &[f32], xt: &mut Vec<f32>) {
     let (cg, hw) = (g.cg(), g.h * g.w);
@@ -210,6 +181,35 @@ pub fn im2col_t_cl(g: &Geo, xt: &[f32], col_t: &mut [f32]) {
                     } else {
                         let p = iy as usize * g.w + ix as usize;
                         dst.copy_from_slice(&xt[p * cg..(p + 1) * cg]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for out in 1..6 {
+            for s in 1..4 {
+                for pad in 0..3 {
+                    for off in 0..4 {
+                        for len in 1..7 {
+                            let (lo, hi) = valid_range(out, s, pad, off, len);
+                            for o in 0..out {
+                                let i = (o * s + off) as i64 - pad as i64;
+                                let inside = i >= 0 && i < len as i64;
+                                assert_eq!(
+                                    inside,
+                                    o >= lo && o < hi,
+                                    "{out} {s} {pad} {off} {len} {o}"
+                                );
+                            }
+                        }
                     }
                 }
             }
