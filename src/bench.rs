@@ -13,7 +13,15 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
-#[derive(Clone, Debug, Serialize)]
+/// The workloads, in report order.
+pub const WORKLOADS: &[&str] = &[
+    "resnet20_train_b64",
+    "resnet20_infer_b64",
+    "resnet20_infer_b1",
+    "mlp_train_b128",
+];
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct BenchRow {
     pub name: String,
     pub median_ms: f64,
@@ -71,7 +79,7 @@ fn data(n: usize, dims: &[usize]) -> Result<(Tensor, Tensor)> {
     Ok((x, y))
 }
 
-/// Runs the workloads whose names contain `filter` (all if empty).
+/// Runs the workloads whose names contain `filter` (all if empty) in this process.
 pub fn run(
     steps: usize,
     warmup: usize,

@@ -621,3 +621,43 @@ fn add_relu_matches_candle() {
     assert_close(&ours.1[0], &theirs.1[0], 1e-7, "add_relu da");
     assert_close(&ours.1[1], &theirs.1[1], 1e-7, "add_relu db");
 }
+
+#[test]
+fn linear_matches_candle_and_finite_differences() {
+    let mut rng = Pcg64::seed_from_u64(21);
+    let (n, i, o) = (5, 7, 3);
+    let x = rand_vec(&mut rng, n * i);
+    let w = rand_vec(&mut rng, o * i);
+    let b = rand_vec(&mut rng, o);
+    let [ours, theirs] = both_backends(&[(&x, &[n, i]), (&w, &[o, i]), (&b, &[o])], &|t| {
+        kernels::linear(&t[0], &t[1], Some(&t[2])).unwrap()
+    });
+    assert_close(&ours.0, &theirs.0, 1e-5, "linear fwd");
+    for k in 0..3 {
+        assert_close(&ours.1[k], &theirs.1[k], 1e-5, &format!("linear grad {k}"));
+    }
+    let naive = |x: &[f64], w: &[f64]| -> Vec<f64> {
+        let mut y = vec![0.0; n * o];
+        for r in 0..n {
+            for c in 0..o {
+                y[r * o + c] = b[c] + (0..i).map(|k| x[r * i + k] * w[c * i + k]).sum::<f64>();
+            }
+        }
+        y
+    };
+    let dy: Vec<f64> = (0..n * o)
+        .map(|k| ((k as f32 * 0.37).sin()) as f64)
+        .collect();
+    assert_close(
+        &ours.1[0],
+        &fd_grad(&x, &dy, &|xx| naive(xx, &w)),
+        1e-4,
+        "linear dx fd",
+    );
+    assert_close(
+        &ours.1[1],
+        &fd_grad(&w, &dy, &|ww| naive(&x, ww)),
+        1e-4,
+        "linear dw fd",
+    );
+}

@@ -157,12 +157,8 @@ fn run_node(
             }
         }
         Op::Linear(l) => {
-            let y = ins[0].matmul(&p("weight")?.t()?)?;
-            if l.bias {
-                y.broadcast_add(&p("bias")?)?
-            } else {
-                y
-            }
+            let b = if l.bias { Some(p("bias")?) } else { None };
+            kernels::linear(ins[0], &p("weight")?, b.as_ref())?
         }
         Op::BatchNorm(bn) => {
             let (w, b) = (p("weight")?, p("bias")?);

@@ -10,6 +10,7 @@ mod depthwise;
 pub mod eltwise;
 pub mod gemm;
 pub mod im2col;
+pub mod linear;
 pub mod pool;
 
 pub use batchnorm::BatchStats;
@@ -165,4 +166,20 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok(x.flatten_from(2)?
         .mean_keepdim(D::Minus1)?
         .unsqueeze(D::Minus1)?)
+}
+
+/// `x·Wᵀ + b` for `x: [N, in]`, `W: [out, in]`, optional `b: [out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if fast(x) {
+        if let Some(b) = b {
+            return Ok(x
+                .contiguous()?
+                .apply_op3(&w.contiguous()?, b, linear::LinearOp)?);
+        }
+    }
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }

@@ -9,8 +9,12 @@
 use anyhow::{anyhow, bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Elements per parallel work item of an update.
+const CHUNK: usize = 1 << 15;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -60,20 +64,25 @@ impl Optimizer {
                         .entry(key.clone())
                         .or_insert_with(|| (var.dims().to_vec(), vec![vec![0.0; w.len()]]));
                     let buf = &mut st.1[0];
-                    for i in 0..w.len() {
-                        let gi = g[i] + wd * w[i];
-                        let d = if mu != 0.0 {
-                            buf[i] = if fresh { gi } else { mu * buf[i] + gi };
-                            if nesterov {
-                                gi + mu * buf[i]
-                            } else {
-                                buf[i]
+                    w.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(buf.par_chunks_mut(CHUNK))
+                        .for_each(|((w, g), buf)| {
+                            for i in 0..w.len() {
+                                let gi = g[i] + wd * w[i];
+                                let d = if mu != 0.0 {
+                                    buf[i] = if fresh { gi } else { mu * buf[i] + gi };
+                                    if nesterov {
+                                        gi + mu * buf[i]
+                                    } else {
+                                        buf[i]
+                                    }
+                                } else {
+                                    gi
+                                };
+                                w[i] -= lr * d;
                             }
-                        } else {
-                            gi
-                        };
-                        w[i] -= lr * d;
-                    }
+                        });
                 }
                 OptimizerKind::Adamw { beta1, beta2, eps } => {
                     let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
@@ -87,12 +96,17 @@ impl Optimizer {
                     let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
                     let (m, v) = st.1.split_at_mut(1);
                     let (m, v) = (&mut m[0], &mut v[0]);
-                    for i in 0..w.len() {
-                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                        let upd = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                        w[i] = w[i] * (1.0 - lr * wd) - lr * upd;
-                    }
+                    w.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                        .for_each(|((w, g), (m, v))| {
+                            for i in 0..w.len() {
+                                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                                let upd = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                                w[i] = w[i] * (1.0 - lr * wd) - lr * upd;
+                            }
+                        });
                 }
             }
             var.set(&Tensor::from_vec(w, var.dims(), var.device())?)?;
