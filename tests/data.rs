@@ -1,0 +1,108 @@
+//! Dataset readers and views on the real files.
+
+use lopper::data::{self, Split};
+
+#[test]
+fn digits_are_embedded_and_split() {
+    let tr = data::load("digits", Split::Train, None).unwrap();
+    let te = data::load("digits", Split::Test, None).unwrap();
+    assert_eq!(tr.len() + te.len(), 1797);
+    assert_eq!(te.len(), 360);
+    assert_eq!(tr.shape, [1, 8, 8]);
+    assert_eq!(tr.max_value, 16.0);
+    assert!(tr.pixels(0).iter().all(|&p| p <= 16));
+}
+
+#[test]
+fn mnist_and_fashion_mnist_have_the_published_sizes() {
+    for name in ["mnist", "fashion-mnist"] {
+        let tr = data::load(name, Split::Train, None).unwrap();
+        let te = data::load(name, Split::Test, None).unwrap();
+        assert_eq!((tr.len(), te.len()), (60_000, 10_000), "{name}");
+        assert_eq!(tr.num_classes, 10);
+        let counts = (0..te.len()).fold(vec![0; 10], |mut c, i| {
+            c[te.label(i) as usize] += 1;
+            c
+        });
+        assert!(counts.iter().all(|&c| c > 800), "{name} {counts:?}");
+    }
+}
+
+#[test]
+fn class_and_sample_subsets_relabel_and_sample_without_replacement() {
+    let te = data::load("mnist", Split::Test, None).unwrap();
+    let sub = te.class_subset(&[7, 3]).unwrap();
+    assert_eq!(sub.num_classes, 2);
+    let n7 = (0..te.len()).filter(|&i| te.label(i) == 7).count();
+    let n3 = (0..te.len()).filter(|&i| te.label(i) == 3).count();
+    assert_eq!(sub.len(), n7 + n3);
+    assert!((0..sub.len()).all(|i| sub.label(i) < 2));
+    assert_eq!((0..sub.len()).filter(|&i| sub.label(i) == 0).count(), n7);
+    // A class subset of a class subset composes.
+    let only3 = sub.class_subset(&[1]).unwrap();
+    assert_eq!(only3.len(), n3);
+    assert!((0..only3.len()).all(|i| only3.label(i) == 0));
+    let s = te.sample(1000, 5).unwrap();
+    assert_eq!(s.len(), 1000);
+    assert_eq!(
+        te.sample(1000, 5).unwrap().pixels(17),
+        s.pixels(17),
+        "seeded"
+    );
+    let e = te.sample(20_000, 0).unwrap_err().to_string();
+    assert!(e.contains("20000") && e.contains("10000"), "{e}");
+    assert!(te.class_subset(&[10]).is_err());
+}
+
+#[test]
+fn batches_are_normalised_and_augmentation_keeps_shape() {
+    use lopper::data::Augment;
+    use rand::SeedableRng;
+    let te = data::load("mnist", Split::Test, None).unwrap();
+    let (x, y) = te
+        .batch(&[0, 1, 2], None, &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(x.dims(), &[3, 1, 28, 28]);
+    assert_eq!(
+        y.to_vec1::<u32>().unwrap(),
+        vec![te.label(0) as u32, te.label(1) as u32, te.label(2) as u32]
+    );
+    let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let bg = -0.1307 / 0.3081;
+    assert!(
+        v.iter().any(|&p| (p - bg).abs() < 1e-5),
+        "background pixels map to -mean/std"
+    );
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+    let aug = Augment::cifar();
+    let (xa, _) = te
+        .batch(
+            &[0, 1, 2],
+            Some((&aug, &mut rng)),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+    assert_eq!(xa.dims(), x.dims());
+}
+
+#[test]
+fn cifar10_jpeg_test_split_decodes_with_expected_statistics() {
+    let te = data::load("cifar10", Split::Test, None).unwrap();
+    assert_eq!(te.len(), 10_000);
+    assert_eq!(te.shape, [3, 32, 32]);
+    assert_eq!(te.classes[0], "airplane");
+    assert_eq!(te.classes[9], "truck");
+    let counts = (0..te.len()).fold(vec![0; 10], |mut c, i| {
+        c[te.label(i) as usize] += 1;
+        c
+    });
+    assert!(counts.iter().all(|&c| c == 1000), "{counts:?}");
+    let (mean, std) = te.channel_stats();
+    // The shared/data README's train-set figures; the test split is close to them.
+    for (m, want) in mean.iter().zip([0.4913, 0.4821, 0.4465]) {
+        assert!((m - want).abs() < 0.01, "mean {mean:?}");
+    }
+    for (s, want) in std.iter().zip([0.2452, 0.2428, 0.2606]) {
+        assert!((s - want).abs() < 0.01, "std {std:?}");
+    }
+}
