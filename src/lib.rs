@@ -9,6 +9,7 @@ pub mod data;
 pub mod exec;
 pub mod graph;
 pub mod kernels;
+pub mod prune;
 pub mod train;
 pub mod util;
 pub mod zoo;

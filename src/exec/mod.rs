@@ -36,6 +36,9 @@ pub struct ForwardOpts<'a> {
     pub seed: u64,
     /// Whether training mode updates the batch-norm running statistics.
     pub update_stats: bool,
+    /// Multiplies a node's first input by this (broadcast) mask before the node runs:
+    /// how search-time channel masks and masked-equivalence checks enter a forward.
+    pub input_masks: Option<&'a HashMap<NodeId, Tensor>>,
 }
 
 impl<'a> ForwardOpts<'a> {
@@ -45,6 +48,7 @@ impl<'a> ForwardOpts<'a> {
             keep: &[],
             seed: 0,
             update_stats: true,
+            input_masks: None,
         }
     }
 }
@@ -96,6 +100,12 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
                     .ok_or_else(|| anyhow!("value of node #{j} missing"))
             })
             .collect::<Result<_>>()?;
+        let masked;
+        let mut ins = ins;
+        if let Some(m) = opts.input_masks.and_then(|m| m.get(&i)) {
+            masked = ins[0].broadcast_mul(m)?;
+            ins[0] = &masked;
+        }
         let y = run_node(g, i, &ins, x, opts, fusion.fused_relu[i]).with_context(|| {
             format!(
                 "forward failed at node '{}' ({})",

@@ -2,7 +2,7 @@
 //! MACs count convolutions and linear layers only (the convention of published figures).
 
 use super::shape::fmt_shape;
-use super::{Graph, ParamKind};
+use super::{infer_shapes, Graph, Node, ParamKind};
 use anyhow::Result;
 use serde::Serialize;
 
@@ -24,9 +24,15 @@ pub struct CostReport {
 
 /// Computes the cost of every node at the graph's own input shape.
 pub fn cost(g: &Graph) -> Result<CostReport> {
-    let shapes = g.shapes()?;
-    let mut nodes = Vec::with_capacity(g.nodes.len());
-    for (i, n) in g.nodes.iter().enumerate() {
+    cost_of_nodes(&g.nodes)
+}
+
+/// The cost of a graph structure (no weights needed): used to predict the cost of a
+/// pruning plan before any surgery.
+pub fn cost_of_nodes(graph_nodes: &[Node]) -> Result<CostReport> {
+    let shapes = infer_shapes(graph_nodes)?;
+    let mut nodes = Vec::with_capacity(graph_nodes.len());
+    for (i, n) in graph_nodes.iter().enumerate() {
         let spec = n.op.spec();
         let ins: Vec<&Vec<usize>> = n.inputs.iter().map(|&j| &shapes[j]).collect();
         let params: u64 = spec

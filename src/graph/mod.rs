@@ -44,6 +44,23 @@ pub fn param_key(node: &str, param: &str) -> String {
     format!("{node}.{param}")
 }
 
+/// Per-sample output shapes of topologically ordered nodes (structure only, no weights).
+pub fn infer_shapes(nodes: &[Node]) -> Result<Vec<Shape>> {
+    let mut shapes: Vec<Shape> = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        if n.inputs.iter().any(|&j| j >= shapes.len()) {
+            bail!("node '{}' reads a node that is not before it", n.name);
+        }
+        let ins: Vec<&Shape> = n.inputs.iter().map(|&j| &shapes[j]).collect();
+        let s =
+            n.op.spec()
+                .infer_shape(&ins)
+                .with_context(|| format!("shape inference failed at node '{}'", n.name))?;
+        shapes.push(s);
+    }
+    Ok(shapes)
+}
+
 impl Graph {
     /// Assembles a graph and checks it: topological order, unique names, arity, shapes, and
     /// that every parameter exists with the shape its op declares.
@@ -134,16 +151,7 @@ impl Graph {
 
     /// Per-sample output shape of every node.
     pub fn shapes(&self) -> Result<Vec<Shape>> {
-        let mut shapes: Vec<Shape> = Vec::with_capacity(self.nodes.len());
-        for n in &self.nodes {
-            let ins: Vec<&Shape> = n.inputs.iter().map(|&j| &shapes[j]).collect();
-            let s =
-                n.op.spec()
-                    .infer_shape(&ins)
-                    .with_context(|| format!("shape inference failed at node '{}'", n.name))?;
-            shapes.push(s);
-        }
-        Ok(shapes)
+        infer_shapes(&self.nodes)
     }
 
     /// The single Input node.
