@@ -178,8 +178,8 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
     let mut class_of_root: BTreeMap<usize, usize> = BTreeMap::new();
     let mut units: Vec<Unit> = Vec::new();
     let mut unit_of = vec![0usize; off[n]];
-    for node in 0..n {
-        for c in 0..ch[node] {
+    for (node, &width) in ch.iter().enumerate() {
+        for c in 0..width {
             let x = e(node, c);
             let r = uf.find(x);
             let u = *class_of_root.entry(r).or_insert_with(|| {
