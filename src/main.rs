@@ -51,6 +51,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Structured pruning: remove channels by a criterion under a budget, fine-tune, report.
+    Prune(Box<PruneArgs>),
     /// Time the reference workloads (median of N steps after warm-up, peak RSS).
     Bench {
         #[arg(long, default_value_t = 30)]
@@ -88,6 +90,59 @@ struct DataArgs {
     /// Data directory (default: $LOPPER_DATA or ../shared/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Criterion: random, l1, l2, fpgm, bn-scale, taylor, act-mean, apoz.
+    #[arg(long, default_value = "l1")]
+    method: String,
+    /// local (same ratio per group) or global (one ranking).
+    #[arg(long, default_value = "local")]
+    scope: String,
+    /// LAMP-normalise scores for global ranking.
+    #[arg(long)]
+    lamp: bool,
+    /// Remove this fraction of prunable channels.
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    ratio: Option<f64>,
+    /// Keep at most this fraction of the dense MACs (e.g. 0.5).
+    #[arg(long, conflicts_with = "target_params")]
+    target_macs: Option<f64>,
+    /// Keep at most this fraction of the dense parameters.
+    #[arg(long)]
+    target_params: Option<f64>,
+    /// Kept widths are multiples of this.
+    #[arg(long, default_value_t = 1)]
+    round_to: usize,
+    /// Per-layer ratio override NODE=RATIO (repeatable).
+    #[arg(long = "override")]
+    overrides: Vec<String>,
+    /// Samples of the training set for data-driven criteria.
+    #[arg(long, default_value_t = 512)]
+    calib: usize,
+    #[arg(long, default_value_t = 0)]
+    finetune_epochs: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Distil from the dense model while fine-tuning (weight of the KD term).
+    #[arg(long)]
+    distill: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on only this many test samples (faster, less precise).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -358,10 +413,171 @@ fn cmd_demo(epochs: usize, json_out: bool) -> Result<()> {
     Ok(())
 }
 
+fn cmd_prune(a: PruneArgs) -> Result<()> {
+    use lopper::prune::{self, report, Budget, Criterion, PlanConfig, Scope};
+    let criterion = Criterion::parse(&a.method)?;
+    let scope = match a.scope.as_str() {
+        "local" => Scope::Local,
+        "global" => Scope::Global,
+        s => bail!("unknown scope '{s}' (local, global)"),
+    };
+    let budget = match (a.ratio, a.target_macs, a.target_params) {
+        (Some(r), _, _) => Budget::Ratio(r),
+        (_, Some(m), _) => Budget::Macs(m),
+        (_, _, Some(p)) => Budget::Params(p),
+        _ => bail!("give a budget: --ratio, --target-macs or --target-params"),
+    };
+    match budget {
+        Budget::Ratio(r) if !(0.0..1.0).contains(&r) => bail!("--ratio {r} must be in [0, 1)"),
+        Budget::Macs(f) | Budget::Params(f) if !(f > 0.0 && f <= 1.0) => {
+            bail!("target fraction {f} must be in (0, 1]")
+        }
+        _ => {}
+    }
+    let overrides = a
+        .overrides
+        .iter()
+        .map(|o| {
+            let (n, r) = o
+                .split_once('=')
+                .with_context(|| format!("override '{o}' must be NODE=RATIO"))?;
+            Ok((
+                n.to_string(),
+                r.parse::<f64>()
+                    .with_context(|| format!("bad ratio in override '{o}'"))?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let train_ds = load_split(&a.data, Split::Train)?;
+    let mut test_ds = load_split(&a.data, Split::Test)?;
+    if let Some(n) = a.eval_limit {
+        test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
+    }
+    let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let log = |m: String| {
+        if !a.json {
+            eprintln!("{m}");
+        }
+    };
+    let acc_dense = train::evaluate(&dense, &test_ds, 500)?.top1;
+    log(format!("dense: top-1 {}", pct(acc_dense)));
+    let t = Instant::now();
+    let groups = prune::dependency_groups(&dense)?;
+    let stats = if criterion.needs_data() {
+        let calib = train_ds.sample(a.calib.min(train_ds.len()), a.seed)?;
+        Some(prune::collect_stats(&dense, &calib, a.calib, 64)?)
+    } else {
+        None
+    };
+    let cfg = PlanConfig {
+        criterion,
+        scope,
+        budget,
+        round_to: a.round_to.max(1),
+        lamp: a.lamp,
+        overrides,
+        seed: a.seed,
+    };
+    let removal = prune::plan(&dense, &groups, &cfg, stats.as_ref())?;
+    let pruned = prune::remove_units(&dense, &groups, &removal)?;
+    let prune_seconds = t.elapsed().as_secs_f64();
+    let acc_pruned = train::evaluate(&pruned, &test_ds, 500)?.top1;
+    log(format!(
+        "pruned in {prune_seconds:.1}s: top-1 {}",
+        pct(acc_pruned)
+    ));
+    let mut acc_ft = None;
+    let mut ft_secs = 0.0;
+    if a.finetune_epochs > 0 {
+        let tcfg = TrainConfig {
+            epochs: a.finetune_epochs,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            crop_pad: if a.data.data == "cifar10" { 4 } else { 0 },
+            hflip: a.data.data == "cifar10",
+            seed: a.seed,
+            ..Default::default()
+        };
+        let teacher = a.distill.map(|alpha| train::Teacher {
+            graph: &dense,
+            temperature: 4.0,
+            alpha,
+        });
+        let opts = TrainOpts {
+            progress: !a.json,
+            teacher,
+            ..Default::default()
+        };
+        let r = train::train(&pruned, &train_ds, &tcfg, &opts)?;
+        ft_secs = r.seconds;
+        let acc = train::evaluate(&pruned, &test_ds, 500)?.top1;
+        log(format!(
+            "fine-tuned {} epochs in {ft_secs:.1}s: top-1 {}",
+            a.finetune_epochs,
+            pct(acc)
+        ));
+        acc_ft = Some(acc);
+    }
+    let ds = report::snapshot(&dense, 10)?;
+    let ps = report::snapshot(&pruned, 10)?;
+    let rep = report::PruneReport {
+        method: a.method.clone(),
+        scope: a.scope.clone(),
+        budget: format!("{budget:?}"),
+        macs_ratio: ps.macs as f64 / ds.macs as f64,
+        params_ratio: ps.params as f64 / ds.params as f64,
+        dense: ds,
+        pruned: ps,
+        acc_dense: Some(acc_dense),
+        acc_pruned: Some(acc_pruned),
+        acc_finetuned: acc_ft,
+        prune_seconds,
+        finetune_seconds: ft_secs,
+        widths: report::widths(&dense, &pruned),
+    };
+    if let Some(o) = &a.output {
+        io::save(&pruned, o)?;
+        let rp = o.with_extension("report.json");
+        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
+            a.method,
+            a.scope,
+            rep.budget,
+            cost::human(rep.dense.macs),
+            cost::human(rep.pruned.macs),
+            1.0 / rep.macs_ratio,
+            cost::human(rep.dense.params),
+            cost::human(rep.pruned.params),
+            rep.dense.latency_b1_ms,
+            rep.pruned.latency_b1_ms,
+            rep.dense.latency_b64_ms,
+            rep.pruned.latency_b64_ms
+        );
+        println!(
+            "accuracy: dense {} -> pruned {}{}",
+            pct(acc_dense),
+            pct(acc_pruned),
+            acc_ft
+                .map(|x| format!(" -> fine-tuned {}", pct(x)))
+                .unwrap_or_default()
+        );
+        for w in rep.widths.iter().filter(|w| w.before != w.after) {
+            println!("  {:<24} {:>5} -> {:>5}", w.node, w.before, w.after);
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo { epochs, json } => cmd_demo(epochs, json),
         Cmd::Train(a) => cmd_train(a),
+        Cmd::Prune(a) => cmd_prune(*a),
         Cmd::Eval {
             model,
             data: d,

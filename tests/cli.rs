@@ -116,3 +116,37 @@ fn weights_that_do_not_fit_name_the_tensor() {
         "{err}"
     );
 }
+
+#[test]
+fn prune_writes_model_and_report() {
+    let d = tmpdir("prune");
+    let out = d.join("p.safetensors");
+    let (ok, stdout, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "l1",
+        "--target-macs",
+        "0.5",
+        "--finetune-epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.5);
+    assert!(v["acc_finetuned"].as_f64().is_some());
+    assert!(out.exists() && d.join("p.report.json").exists());
+    let (ok, insp, _) = lopper(&["inspect", out.to_str().unwrap()]);
+    assert!(ok && insp.contains("total:"));
+    let (ok, _, err) = lopper(&[
+        "prune", "resnet8", "--data", "digits", "--method", "magic", "--ratio", "0.5",
+    ]);
+    assert!(!ok && err.contains("unknown criterion 'magic'"), "{err}");
+}

@@ -1,8 +1,13 @@
 //! The structural pruning engine: dependency groups derived from each op's coupling rule,
 //! and surgery that returns a physically smaller graph.
 
+pub mod criteria;
 pub mod deps;
+pub mod plan;
+pub mod report;
 pub mod surgery;
 
+pub use criteria::{collect_stats, Criterion, Stats};
 pub use deps::{dependency_groups, Group, Groups, Member, Unit};
+pub use plan::{plan, Budget, PlanConfig, Scope};
 pub use surgery::{consumer_masks, predict_cost, remove_units, Removal};
