@@ -4,6 +4,7 @@
 
 use crate::exec::{forward, forward_with, ForwardOpts, Mode};
 use crate::graph::Graph;
+use crate::prune;
 use crate::train::loss::cross_entropy;
 use crate::train::{Optimizer, OptimizerKind};
 use crate::util::{peak_rss_bytes, reset_peak_rss};
@@ -19,6 +20,9 @@ pub const WORKLOADS: &[&str] = &[
     "resnet20_infer_b64",
     "resnet20_infer_b1",
     "mlp_train_b128",
+    "resnet56_dense_infer_b64",
+    "resnet56_l1half_infer_b64",
+    "resnet56_l1half_r8_infer_b64",
 ];
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -128,6 +132,47 @@ pub fn run(
         push(time("mlp_train_b128", warmup, steps, || {
             train_step(&mlp, &mut opt, &x, &y)
         })?);
+    }
+    if want("resnet56_dense_infer_b64")
+        || want("resnet56_l1half_infer_b64")
+        || want("resnet56_l1half_r8_infer_b64")
+    {
+        let r56 = zoo::build("resnet56", 0)?;
+        let (x, _) = data(64, &[3, 32, 32])?;
+        if want("resnet56_dense_infer_b64") {
+            push(time("resnet56_dense_infer_b64", warmup, steps, || {
+                forward(&r56, &x, Mode::Eval).map(|_| ())
+            })?);
+        }
+        // ResNet-56 with L1 (local) structured pruning to at most 50 % of its MACs, with
+        // free widths and with widths rounded to multiples of 8.
+        for (name, round_to) in [
+            ("resnet56_l1half_infer_b64", 1),
+            ("resnet56_l1half_r8_infer_b64", 8),
+        ] {
+            if !want(name) {
+                continue;
+            }
+            let groups = prune::dependency_groups(&r56)?;
+            let cfg = prune::PlanConfig {
+                criterion: prune::Criterion::L1,
+                scope: prune::Scope::Local,
+                budget: prune::Budget::Macs(0.5),
+                round_to,
+                lamp: false,
+                overrides: vec![],
+                seed: 0,
+            };
+            let removal = prune::plan(&r56, &groups, &cfg, None)?;
+            let small = prune::remove_units(&r56, &groups, &removal)?;
+            let frac = crate::graph::cost::cost(&small)?.total_macs as f64
+                / crate::graph::cost::cost(&r56)?.total_macs as f64;
+            let mut row = time(name, warmup, steps, || {
+                forward(&small, &x, Mode::Eval).map(|_| ())
+            })?;
+            row.name = format!("{name} ({:.1}% MACs)", 100.0 * frac);
+            push(row);
+        }
     }
     Ok(rows)
 }
