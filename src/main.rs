@@ -139,6 +139,15 @@ struct PruneArgs {
     /// Evaluate on only this many test samples (faster, less precise).
     #[arg(long)]
     eval_limit: Option<usize>,
+    /// Iterative pruning in this many steps (1 = one-shot).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Fine-tuning epochs between iterative steps.
+    #[arg(long, default_value_t = 1)]
+    step_epochs: usize,
+    /// Fine-tune on only this many training samples (seeded subset).
+    #[arg(long)]
+    train_limit: Option<usize>,
     #[arg(short, long)]
     output: Option<PathBuf>,
     #[arg(long)]
@@ -448,7 +457,10 @@ fn cmd_prune(a: PruneArgs) -> Result<()> {
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let train_ds = load_split(&a.data, Split::Train)?;
+    let mut train_ds = load_split(&a.data, Split::Train)?;
+    if let Some(n) = a.train_limit {
+        train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+    }
     let mut test_ds = load_split(&a.data, Split::Test)?;
     if let Some(n) = a.eval_limit {
         test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
@@ -461,26 +473,75 @@ fn cmd_prune(a: PruneArgs) -> Result<()> {
     };
     let acc_dense = train::evaluate(&dense, &test_ds, 500)?.top1;
     log(format!("dense: top-1 {}", pct(acc_dense)));
+    // One-shot (steps = 1) or iterative: each step moves the budget a step closer to the
+    // target, relative to the original dense model, with optional fine-tuning between.
     let t = Instant::now();
-    let groups = prune::dependency_groups(&dense)?;
-    let stats = if criterion.needs_data() {
-        let calib = train_ds.sample(a.calib.min(train_ds.len()), a.seed)?;
-        Some(prune::collect_stats(&dense, &calib, a.calib, 64)?)
-    } else {
-        None
-    };
-    let cfg = PlanConfig {
-        criterion,
-        scope,
-        budget,
-        round_to: a.round_to.max(1),
-        lamp: a.lamp,
-        overrides,
-        seed: a.seed,
-    };
-    let removal = prune::plan(&dense, &groups, &cfg, stats.as_ref())?;
-    let pruned = prune::remove_units(&dense, &groups, &removal)?;
-    let prune_seconds = t.elapsed().as_secs_f64();
+    let steps = a.steps.max(1);
+    let dense_cost = cost::cost(&dense)?;
+    let mut current = dense.deep_clone()?;
+    let mut between_secs = 0.0;
+    for step in 1..=steps {
+        let frac = step as f64 / steps as f64;
+        let now = cost::cost(&current)?;
+        let step_budget = match budget {
+            Budget::Ratio(r) => Budget::Ratio(1.0 - (1.0 - r).powf(1.0 / steps as f64)),
+            Budget::Macs(f) => Budget::Macs(
+                ((1.0 - (1.0 - f) * frac) * dense_cost.total_macs as f64 / now.total_macs as f64)
+                    .min(1.0),
+            ),
+            Budget::Params(f) => Budget::Params(
+                ((1.0 - (1.0 - f) * frac) * dense_cost.total_params as f64
+                    / now.total_params as f64)
+                    .min(1.0),
+            ),
+        };
+        let groups = prune::dependency_groups(&current)?;
+        let stats = if criterion.needs_data() {
+            let calib = train_ds.sample(a.calib.min(train_ds.len()), a.seed)?;
+            Some(prune::collect_stats(&current, &calib, a.calib, 64)?)
+        } else {
+            None
+        };
+        let cfg = PlanConfig {
+            criterion,
+            scope,
+            budget: step_budget,
+            round_to: a.round_to.max(1),
+            lamp: a.lamp,
+            overrides: overrides.clone(),
+            seed: a.seed + step as u64,
+        };
+        let removal = prune::plan(&current, &groups, &cfg, stats.as_ref())
+            .with_context(|| format!("pruning step {step}/{steps}"))?;
+        current = prune::remove_units(&current, &groups, &removal)?;
+        if step < steps && a.step_epochs > 0 {
+            let tb = Instant::now();
+            let tcfg = TrainConfig {
+                epochs: a.step_epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                seed: a.seed + step as u64,
+                ..Default::default()
+            };
+            train::train(
+                &current,
+                &train_ds,
+                &tcfg,
+                &TrainOpts {
+                    progress: !a.json,
+                    ..Default::default()
+                },
+            )?;
+            between_secs += tb.elapsed().as_secs_f64();
+            log(format!(
+                "step {step}/{steps}: {} MACs, top-1 {}",
+                cost::human(cost::cost(&current)?.total_macs),
+                pct(train::evaluate(&current, &test_ds, 500)?.top1)
+            ));
+        }
+    }
+    let pruned = current;
+    let prune_seconds = t.elapsed().as_secs_f64() - between_secs;
     let acc_pruned = train::evaluate(&pruned, &test_ds, 500)?.top1;
     log(format!(
         "pruned in {prune_seconds:.1}s: top-1 {}",
