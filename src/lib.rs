@@ -10,6 +10,7 @@ pub mod exec;
 pub mod graph;
 pub mod kernels;
 pub mod prune;
+pub mod svg;
 pub mod train;
 pub mod util;
 pub mod zoo;

@@ -150,3 +150,36 @@ fn prune_writes_model_and_report() {
     ]);
     assert!(!ok && err.contains("unknown criterion 'magic'"), "{err}");
 }
+
+#[test]
+fn sensitivity_writes_a_chart() {
+    let d = tmpdir("sens");
+    let svg = d.join("s.svg");
+    let (ok, out, err) = lopper(&[
+        "sensitivity",
+        "resnet8",
+        "--data",
+        "digits",
+        "--ratios",
+        "0.5",
+        "--eval-limit",
+        "200",
+        "-o",
+        svg.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["rows"].as_array().unwrap().len() >= 3);
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg") && s.contains("polyline"));
+    let (ok, _, err) = lopper(&[
+        "sensitivity",
+        "resnet8",
+        "--data",
+        "digits",
+        "--ratios",
+        "1.2",
+    ]);
+    assert!(!ok && err.contains("[0, 1)"), "{err}");
+}

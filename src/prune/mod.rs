@@ -6,10 +6,12 @@ pub mod deps;
 pub mod depth;
 pub mod plan;
 pub mod report;
+pub mod sensitivity;
 pub mod surgery;
 
 pub use criteria::{collect_stats, Criterion, Stats};
 pub use deps::{dependency_groups, Group, Groups, Member, Unit};
 pub use depth::{remove_blocks, residual_blocks, with_resolution, ResidualBlock};
 pub use plan::{plan, Budget, PlanConfig, Scope};
+pub use sensitivity::{sensitivity, SensitivityRow};
 pub use surgery::{consumer_masks, predict_cost, remove_units, Removal};
