@@ -183,3 +183,28 @@ fn sensitivity_writes_a_chart() {
     ]);
     assert!(!ok && err.contains("[0, 1)"), "{err}");
 }
+
+#[test]
+fn iterative_pruning_meets_the_overall_budget() {
+    let (ok, out, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "l2",
+        "--scope",
+        "global",
+        "--target-macs",
+        "0.4",
+        "--steps",
+        "3",
+        "--step-epochs",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = v["macs_ratio"].as_f64().unwrap();
+    assert!(r <= 0.4 && r > 0.3, "{r}");
+}
