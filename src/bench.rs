@@ -146,6 +146,8 @@ pub fn run(
         }
         // ResNet-56 with L1 (local) structured pruning to at most 50 % of its MACs, with
         // free widths and with widths rounded to multiples of 8.
+        let groups = prune::dependency_groups(&r56)?;
+        let dense_macs = crate::graph::cost::cost(&r56)?.total_macs as f64;
         for (name, round_to) in [
             ("resnet56_l1half_infer_b64", 1),
             ("resnet56_l1half_r8_infer_b64", 8),
@@ -153,7 +155,6 @@ pub fn run(
             if !want(name) {
                 continue;
             }
-            let groups = prune::dependency_groups(&r56)?;
             let cfg = prune::PlanConfig {
                 criterion: prune::Criterion::L1,
                 scope: prune::Scope::Local,
@@ -165,8 +166,7 @@ pub fn run(
             };
             let removal = prune::plan(&r56, &groups, &cfg, None)?;
             let small = prune::remove_units(&r56, &groups, &removal)?;
-            let frac = crate::graph::cost::cost(&small)?.total_macs as f64
-                / crate::graph::cost::cost(&r56)?.total_macs as f64;
+            let frac = crate::graph::cost::cost(&small)?.total_macs as f64 / dense_macs;
             let mut row = time(name, warmup, steps, || {
                 forward(&small, &x, Mode::Eval).map(|_| ())
             })?;

@@ -79,8 +79,11 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
                 .join(", ")
         );
     }
-    let fusion = plan(g, opts.keep);
-    let mut remaining: Vec<usize> = g.consumers().iter().map(|c| c.len()).collect();
+    // One structural pass per forward: consumers and shapes feed fusion planning and the
+    // early release of intermediates.
+    let consumers = g.consumers();
+    let fusion = plan(g, opts.keep, &consumers, &g.shapes()?);
+    let mut remaining: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
     for &o in g.outputs.iter().chain(opts.keep) {
         remaining[o] += 1; // never dropped
     }

@@ -1,7 +1,7 @@
 //! Fusion planning: which nodes run fused with the ReLU that follows them.
 
 use crate::graph::ops::{ActivationKind, Op};
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, NodeId, Shape};
 
 pub struct Fusion {
     /// `fused_relu[i]`: node `i` (BatchNorm or a two-input Add of equal shapes) applies the
@@ -13,9 +13,7 @@ pub struct Fusion {
 
 /// Plans BN+ReLU and Add+ReLU fusion; nodes in `keep` and graph outputs are never fused
 /// away, because their own value must stay observable.
-pub fn plan(g: &Graph, keep: &[NodeId]) -> Fusion {
-    let consumers = g.consumers();
-    let shapes = g.shapes().ok();
+pub fn plan(g: &Graph, keep: &[NodeId], consumers: &[Vec<NodeId>], shapes: &[Shape]) -> Fusion {
     let n = g.nodes.len();
     let mut fused_relu = vec![false; n];
     let mut alias = vec![None; n];
@@ -23,10 +21,7 @@ pub fn plan(g: &Graph, keep: &[NodeId]) -> Fusion {
         let fusable = match &node.op {
             Op::BatchNorm(_) => true,
             Op::Add(_) => {
-                node.inputs.len() == 2
-                    && shapes
-                        .as_ref()
-                        .is_some_and(|s| s[node.inputs[0]] == s[node.inputs[1]])
+                node.inputs.len() == 2 && shapes[node.inputs[0]] == shapes[node.inputs[1]]
             }
             _ => false,
         };

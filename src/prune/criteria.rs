@@ -115,13 +115,11 @@ pub fn collect_stats(g: &Graph, data: &Dataset, samples: usize, batch: usize) ->
         }
         count += chunk.len();
     }
-    for (&node, v) in st.act_mean.iter_mut() {
-        let shape_per = g.shapes()?[node].iter().skip(1).product::<usize>().max(1);
-        v.iter_mut().for_each(|x| *x /= (count * shape_per) as f32);
-    }
-    for (&node, v) in st.apoz.iter_mut() {
-        let shape_per = g.shapes()?[node].iter().skip(1).product::<usize>().max(1);
-        v.iter_mut().for_each(|x| *x /= (count * shape_per) as f32);
+    // Means over samples and spatial positions.
+    let shapes = g.shapes()?;
+    for (node, v) in st.act_mean.iter_mut().chain(st.apoz.iter_mut()) {
+        let per = shapes[*node].iter().skip(1).product::<usize>().max(1);
+        v.iter_mut().for_each(|x| *x /= (count * per) as f32);
     }
     Ok(st)
 }

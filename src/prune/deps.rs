@@ -10,7 +10,7 @@
 //! grouped-but-not-depthwise convs are blocked: their units are never removed.
 //! No names are consulted anywhere.
 
-use crate::graph::ops::{Coupling, Op, ParamKind};
+use crate::graph::ops::{Coupling, Op};
 use crate::graph::shape::numel;
 use crate::graph::{Graph, NodeId};
 use anyhow::Result;
@@ -234,27 +234,18 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
     // consumers of those nodes.
     for (i, node) in g.nodes.iter().enumerate() {
         for p in node.op.spec().params() {
-            if p.kind != ParamKind::Trainable && p.kind != ParamKind::Buffer {
-                continue;
-            }
-            if let Some(axis) = p.out_axis {
-                if ch[i] > 0 {
-                    groups[owner[i][0].0].members.push(Member {
+            // An output axis is indexed by this node's channels, an input axis by its input's.
+            let axes = [
+                (p.out_axis, i),
+                (p.in_axis, node.inputs.first().copied().unwrap_or(i)),
+            ];
+            for (axis, indexed_by) in axes {
+                if let (Some(axis), true) = (axis, ch[indexed_by] > 0) {
+                    groups[owner[indexed_by][0].0].members.push(Member {
                         node: i,
                         param: p.name,
                         axis,
-                        indexed_by: i,
-                    });
-                }
-            }
-            if let Some(axis) = p.in_axis {
-                let src = node.inputs[0];
-                if ch[src] > 0 {
-                    groups[owner[src][0].0].members.push(Member {
-                        node: i,
-                        param: p.name,
-                        axis,
-                        indexed_by: src,
+                        indexed_by,
                     });
                 }
             }
