@@ -9,6 +9,7 @@ pub mod data;
 pub mod exec;
 pub mod graph;
 pub mod kernels;
+pub mod methods;
 pub mod prune;
 pub mod svg;
 pub mod train;

@@ -208,3 +208,64 @@ fn iterative_pruning_meets_the_overall_budget() {
     let r = v["macs_ratio"].as_f64().unwrap();
     assert!(r <= 0.4 && r > 0.3, "{r}");
 }
+
+#[test]
+fn ispasp_prunes_block_by_block_to_a_macs_target() {
+    let (ok, out, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "ispasp",
+        "--target-macs",
+        "0.6",
+        "--calib",
+        "256",
+        "--block-ft-samples",
+        "300",
+        "--finetune-epochs",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = v["macs_ratio"].as_f64().unwrap();
+    assert!(r <= 0.6 && r > 0.45, "{r}");
+    let mods = v["details"]["modules"].as_array().unwrap();
+    assert_eq!(mods.len(), 3, "{out}");
+    for m in mods {
+        assert!(m["seconds"].as_f64().unwrap() > 0.0);
+        assert!(m["kept"].as_u64().unwrap() < m["width"].as_u64().unwrap());
+    }
+    let (ok, _, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "ispasp",
+        "--target-macs",
+        "0.02",
+    ]);
+    assert!(
+        !ok && err.contains("unreachable") && err.contains("% of the dense MACs"),
+        "{err}"
+    );
+    let (ok, _, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "ispasp",
+        "--ratio",
+        "0.5",
+        "--override",
+        "conv1=0.5",
+    ]);
+    assert!(
+        !ok && err.contains("'conv1' is not in a two-layer module"),
+        "{err}"
+    );
+}

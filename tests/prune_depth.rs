@@ -7,9 +7,8 @@ use lopper::prune::{remove_blocks, residual_blocks, with_resolution};
 use lopper::zoo;
 use std::collections::HashMap;
 
-fn vals(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::vals;
 
 #[test]
 fn removing_a_residual_block_equals_zeroing_its_branch() {

@@ -8,6 +8,9 @@ use lopper::graph::cost::cost;
 use lopper::graph::Graph;
 use lopper::prune::{consumer_masks, dependency_groups, predict_cost, remove_units, Removal};
 use lopper::zoo;
+
+mod common;
+use common::{randomise_bn, vals};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 
@@ -63,28 +66,6 @@ fn input(g: &Graph, n: usize, seed: u64) -> Tensor {
     dims.extend(g.input_shape());
     let _ = seed;
     Tensor::randn(0f32, 1f32, dims, &Device::Cpu).unwrap()
-}
-
-fn vals(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// Gives BN layers non-trivial running statistics so masking errors cannot hide.
-fn randomise_bn(g: &Graph, seed: u64) {
-    let mut rng = Pcg64::seed_from_u64(seed);
-    for (k, v) in g.params() {
-        if k.ends_with("running_mean") || k.ends_with(".bias") {
-            let n = v.elem_count();
-            let d: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.5..0.5)).collect();
-            v.set(&Tensor::from_vec(d, v.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        } else if k.ends_with("running_var") {
-            let n = v.elem_count();
-            let d: Vec<f32> = (0..n).map(|_| rng.gen_range(0.5..2.0)).collect();
-            v.set(&Tensor::from_vec(d, v.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
 }
 
 #[test]

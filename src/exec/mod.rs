@@ -143,6 +143,18 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
     Ok(ForwardOut { outputs, kept })
 }
 
+/// Runs one node of `g` on given input values, outside a full forward: how methods
+/// evaluate a layer (or a layer restricted to some input channels) on cached activations.
+/// Training mode uses batch statistics and leaves the running statistics alone.
+pub fn apply_node(g: &Graph, i: NodeId, ins: &[&Tensor], mode: Mode) -> Result<Tensor> {
+    let opts = ForwardOpts {
+        update_stats: false,
+        ..ForwardOpts::new(mode)
+    };
+    run_node(g, i, ins, ins[0], &opts, false)
+        .with_context(|| format!("running node '{}'", g.nodes[i].name))
+}
+
 fn run_node(
     g: &Graph,
     i: NodeId,

@@ -39,6 +39,9 @@ pub struct PruneReport {
     pub prune_seconds: f64,
     pub finetune_seconds: f64,
     pub widths: Vec<LayerWidth>,
+    /// Method-specific detail (e.g. i-SpaSP's per-module selection times).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.

@@ -1,0 +1,422 @@
+//! `lopper prune`: engine pruning with a criterion (one-shot or iterative) or a method
+//! (i-SpaSP), then optional fine-tuning, then the report (cost, latency, accuracy, widths).
+
+use crate::{load_split, pct, resolve_model, DataArgs, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lopper::data::{Dataset, Split};
+use lopper::graph::{cost, io, Graph};
+use lopper::methods::ispasp;
+use lopper::prune::{self, report, Budget, Criterion, PlanConfig, Scope};
+use lopper::train::{self, Schedule, TrainConfig, TrainOpts};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Criterion (random, l1, l2, fpgm, bn-scale, taylor, act-mean, apoz) or method (ispasp).
+    #[arg(long, default_value = "l1")]
+    method: String,
+    /// i-SpaSP: iterations T per module.
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// i-SpaSP: how the pruned branch's batch norm is run: eval (consistent) or code (as the
+    /// official code: batch statistics).
+    #[arg(long, default_value = "eval")]
+    bn_mode: String,
+    /// i-SpaSP: threshold the merged set by activation (the paper) or importance.
+    #[arg(long, default_value = "activation")]
+    threshold: String,
+    /// i-SpaSP: after each module, fine-tune one pass over this many training samples.
+    #[arg(long, default_value_t = 0)]
+    block_ft_samples: usize,
+    /// local (same ratio per group) or global (one ranking).
+    #[arg(long, default_value = "local")]
+    scope: String,
+    /// LAMP-normalise scores for global ranking.
+    #[arg(long)]
+    lamp: bool,
+    /// Remove this fraction of prunable channels.
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    ratio: Option<f64>,
+    /// Keep at most this fraction of the dense MACs (e.g. 0.5).
+    #[arg(long, conflicts_with = "target_params")]
+    target_macs: Option<f64>,
+    /// Keep at most this fraction of the dense parameters.
+    #[arg(long)]
+    target_params: Option<f64>,
+    /// Kept widths are multiples of this.
+    #[arg(long, default_value_t = 1)]
+    round_to: usize,
+    /// Per-layer ratio override NODE=RATIO (repeatable).
+    #[arg(long = "override")]
+    overrides: Vec<String>,
+    /// Samples of the training set for data-driven criteria (default 512; i-SpaSP: 1280
+    /// per module).
+    #[arg(long)]
+    calib: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    finetune_epochs: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Distil from the dense model while fine-tuning (weight of the KD term).
+    #[arg(long)]
+    distill: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Evaluate on only this many test samples (faster, less precise).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Iterative pruning in this many steps (1 = one-shot).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Fine-tuning epochs between iterative steps.
+    #[arg(long, default_value_t = 1)]
+    step_epochs: usize,
+    /// Fine-tune on only this many training samples (seeded subset).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The outcome of the pruning stage, before the final fine-tuning.
+struct Pruned {
+    graph: Graph,
+    /// Time spent choosing and cutting channels (not training).
+    prune_seconds: f64,
+    /// Training done during pruning (between steps, after blocks).
+    train_seconds: f64,
+    /// Method-specific detail for the report.
+    details: Option<serde_json::Value>,
+}
+
+fn parse_budget(a: &PruneArgs) -> Result<Budget> {
+    let budget = match (a.ratio, a.target_macs, a.target_params) {
+        (Some(r), _, _) => Budget::Ratio(r),
+        (_, Some(m), _) => Budget::Macs(m),
+        (_, _, Some(p)) => Budget::Params(p),
+        _ => bail!("give a budget: --ratio, --target-macs or --target-params"),
+    };
+    match budget {
+        Budget::Ratio(r) if !(0.0..1.0).contains(&r) => bail!("--ratio {r} must be in [0, 1)"),
+        Budget::Macs(f) | Budget::Params(f) if !(f > 0.0 && f <= 1.0) => {
+            bail!("target fraction {f} must be in (0, 1]")
+        }
+        _ => {}
+    }
+    Ok(budget)
+}
+
+fn parse_overrides(list: &[String]) -> Result<Vec<(String, f64)>> {
+    list.iter()
+        .map(|o| {
+            let (n, r) = o
+                .split_once('=')
+                .with_context(|| format!("override '{o}' must be NODE=RATIO"))?;
+            Ok((
+                n.to_string(),
+                r.parse::<f64>()
+                    .with_context(|| format!("bad ratio in override '{o}'"))?,
+            ))
+        })
+        .collect()
+}
+
+/// Fine-tuning settings shared by every training pass of `prune` (CIFAR gets crop + flip).
+fn ft_config(a: &PruneArgs, epochs: usize, schedule: Schedule, seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        schedule,
+        crop_pad: if a.data.data == "cifar10" { 4 } else { 0 },
+        hflip: a.data.data == "cifar10",
+        seed,
+        ..Default::default()
+    }
+}
+
+/// A short constant-rate fine-tuning pass used between pruning steps and after blocks.
+fn short_train(a: &PruneArgs, g: &Graph, ds: &Dataset, epochs: usize, seed: u64) -> Result<f64> {
+    let tcfg = ft_config(a, epochs, Schedule::Constant, seed);
+    let opts = TrainOpts {
+        progress: !a.json,
+        ..Default::default()
+    };
+    Ok(train::train(g, ds, &tcfg, &opts)?.seconds)
+}
+
+pub fn cmd_prune(a: PruneArgs) -> Result<()> {
+    let budget = parse_budget(&a)?;
+    let overrides = parse_overrides(&a.overrides)?;
+    let mut train_ds = load_split(&a.data, Split::Train)?;
+    if let Some(n) = a.train_limit {
+        train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+    }
+    let mut test_ds = load_split(&a.data, Split::Test)?;
+    if let Some(n) = a.eval_limit {
+        test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
+    }
+    let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let log = |m: String| {
+        if !a.json {
+            eprintln!("{m}");
+        }
+    };
+    let acc_dense = train::evaluate(&dense, &test_ds, 500)?.top1;
+    log(format!("dense: top-1 {}", pct(acc_dense)));
+    let p = match a.method.as_str() {
+        "ispasp" => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
+        _ => prune_engine(&a, &dense, &train_ds, &test_ds, budget, &overrides, &log)?,
+    };
+    let pruned = p.graph;
+    let prune_seconds = p.prune_seconds;
+    let acc_pruned = train::evaluate(&pruned, &test_ds, 500)?.top1;
+    log(format!(
+        "pruned in {prune_seconds:.1}s: top-1 {}",
+        pct(acc_pruned)
+    ));
+    let mut acc_ft = None;
+    let mut ft_secs = p.train_seconds;
+    if a.finetune_epochs > 0 {
+        let tcfg = ft_config(
+            &a,
+            a.finetune_epochs,
+            Schedule::Cosine { min_lr: 0.0 },
+            a.seed,
+        );
+        let teacher = a.distill.map(|alpha| train::Teacher {
+            graph: &dense,
+            temperature: 4.0,
+            alpha,
+        });
+        let opts = TrainOpts {
+            progress: !a.json,
+            teacher,
+            ..Default::default()
+        };
+        let r = train::train(&pruned, &train_ds, &tcfg, &opts)?;
+        ft_secs += r.seconds;
+        let acc = train::evaluate(&pruned, &test_ds, 500)?.top1;
+        log(format!(
+            "fine-tuned {} epochs in {ft_secs:.1}s: top-1 {}",
+            a.finetune_epochs,
+            pct(acc)
+        ));
+        acc_ft = Some(acc);
+    }
+    let ds = report::snapshot(&dense, 10)?;
+    let ps = report::snapshot(&pruned, 10)?;
+    let rep = report::PruneReport {
+        method: a.method.clone(),
+        scope: a.scope.clone(),
+        budget: format!("{budget:?}"),
+        macs_ratio: ps.macs as f64 / ds.macs as f64,
+        params_ratio: ps.params as f64 / ds.params as f64,
+        dense: ds,
+        pruned: ps,
+        acc_dense: Some(acc_dense),
+        acc_pruned: Some(acc_pruned),
+        acc_finetuned: acc_ft,
+        prune_seconds,
+        finetune_seconds: ft_secs,
+        widths: report::widths(&dense, &pruned),
+        details: p.details,
+    };
+    if let Some(o) = &a.output {
+        io::save(&pruned, o)?;
+        let rp = o.with_extension("report.json");
+        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
+            a.method,
+            a.scope,
+            rep.budget,
+            cost::human(rep.dense.macs),
+            cost::human(rep.pruned.macs),
+            1.0 / rep.macs_ratio,
+            cost::human(rep.dense.params),
+            cost::human(rep.pruned.params),
+            rep.dense.latency_b1_ms,
+            rep.pruned.latency_b1_ms,
+            rep.dense.latency_b64_ms,
+            rep.pruned.latency_b64_ms
+        );
+        println!(
+            "accuracy: dense {} -> pruned {}{}",
+            pct(acc_dense),
+            pct(acc_pruned),
+            acc_ft
+                .map(|x| format!(" -> fine-tuned {}", pct(x)))
+                .unwrap_or_default()
+        );
+        for w in rep.widths.iter().filter(|w| w.before != w.after) {
+            println!("  {:<24} {:>5} -> {:>5}", w.node, w.before, w.after);
+        }
+    }
+    Ok(())
+}
+
+/// Engine pruning: criterion scores, scope and budget planned over the dependency groups.
+fn prune_engine(
+    a: &PruneArgs,
+    dense: &Graph,
+    train_ds: &Dataset,
+    test_ds: &Dataset,
+    budget: Budget,
+    overrides: &[(String, f64)],
+    log: &dyn Fn(String),
+) -> Result<Pruned> {
+    let criterion = Criterion::parse(&a.method)?;
+    let scope = match a.scope.as_str() {
+        "local" => Scope::Local,
+        "global" => Scope::Global,
+        s => bail!("unknown scope '{s}' (local, global)"),
+    };
+    // One-shot (steps = 1) or iterative: each step moves the budget a step closer to the
+    // target, relative to the original dense model, with optional fine-tuning between.
+    let t = Instant::now();
+    let steps = a.steps.max(1);
+    let dense_cost = cost::cost(dense)?;
+    let mut current = dense.deep_clone()?;
+    let mut between_secs = 0.0;
+    for step in 1..=steps {
+        let frac = step as f64 / steps as f64;
+        let now = cost::cost(&current)?;
+        let step_budget = match budget {
+            Budget::Ratio(r) => Budget::Ratio(1.0 - (1.0 - r).powf(1.0 / steps as f64)),
+            Budget::Macs(f) => Budget::Macs(
+                ((1.0 - (1.0 - f) * frac) * dense_cost.total_macs as f64 / now.total_macs as f64)
+                    .min(1.0),
+            ),
+            Budget::Params(f) => Budget::Params(
+                ((1.0 - (1.0 - f) * frac) * dense_cost.total_params as f64
+                    / now.total_params as f64)
+                    .min(1.0),
+            ),
+        };
+        let groups = prune::dependency_groups(&current)?;
+        let stats = if criterion.needs_data() {
+            let n = a.calib.unwrap_or(512);
+            let calib = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+            Some(prune::collect_stats(&current, &calib, n, 64)?)
+        } else {
+            None
+        };
+        let cfg = PlanConfig {
+            criterion,
+            scope,
+            budget: step_budget,
+            round_to: a.round_to.max(1),
+            lamp: a.lamp,
+            overrides: overrides.to_vec(),
+            seed: a.seed + step as u64,
+        };
+        let removal = prune::plan(&current, &groups, &cfg, stats.as_ref())
+            .with_context(|| format!("pruning step {step}/{steps}"))?;
+        current = prune::remove_units(&current, &groups, &removal)?;
+        if step < steps && a.step_epochs > 0 {
+            between_secs +=
+                short_train(a, &current, train_ds, a.step_epochs, a.seed + step as u64)?;
+            log(format!(
+                "step {step}/{steps}: {} MACs, top-1 {}",
+                cost::human(cost::cost(&current)?.total_macs),
+                pct(train::evaluate(&current, test_ds, 500)?.top1)
+            ));
+        }
+    }
+    Ok(Pruned {
+        graph: current,
+        prune_seconds: t.elapsed().as_secs_f64() - between_secs,
+        train_seconds: between_secs,
+        details: None,
+    })
+}
+
+/// i-SpaSP, module by module, with optional block fine-tuning; the budget is a removal
+/// ratio per module or a MACs target met by the largest uniform keep ratio.
+fn prune_ispasp(
+    a: &PruneArgs,
+    dense: &Graph,
+    train_ds: &Dataset,
+    budget: Budget,
+    overrides: &[(String, f64)],
+    log: &dyn Fn(String),
+) -> Result<Pruned> {
+    let select = ispasp::SelectConfig {
+        iterations: a.iterations,
+        threshold: match a.threshold.as_str() {
+            "activation" => ispasp::Threshold::ActivationL1,
+            "importance" => ispasp::Threshold::Importance,
+            t => bail!("unknown --threshold '{t}' (activation, importance)"),
+        },
+        ..Default::default()
+    };
+    let mut cfg = ispasp::IspaspConfig {
+        overrides: overrides
+            .iter()
+            .map(|(n, r)| (n.clone(), 1.0 - r))
+            .collect(),
+        select,
+        samples: a.calib.unwrap_or(1280),
+        bn_mode: match a.bn_mode.as_str() {
+            "eval" => ispasp::BnMode::EvalConsistent,
+            "code" => ispasp::BnMode::CodeFaithful,
+            m => bail!("unknown --bn-mode '{m}' (eval, code)"),
+        },
+        seed: a.seed,
+        ..Default::default()
+    };
+    let modules = ispasp::two_layer_modules(dense, &prune::dependency_groups(dense)?);
+    cfg.keep = match budget {
+        Budget::Ratio(r) => 1.0 - r,
+        Budget::Macs(f) => ispasp::keep_for_macs(dense, &modules, &cfg, f)?,
+        Budget::Params(_) => bail!("i-SpaSP takes --ratio or --target-macs, not --target-params"),
+    };
+    if a.steps > 1 {
+        bail!("i-SpaSP prunes module by module (use --block-ft-samples), not in --steps");
+    }
+    log(format!(
+        "i-SpaSP: {} two-layer modules, keep ratio {:.4}",
+        modules.len(),
+        cfg.keep
+    ));
+    let t = Instant::now();
+    let mut block_secs = 0.0;
+    let (graph, reports) = ispasp::prune(dense, train_ds, &cfg, &mut |g, rep| {
+        log(format!(
+            "  {:<24} {:>5} -> {:>5} in {:.2}s, residual {:.4e} -> {:.4e}",
+            rep.module, rep.width, rep.kept, rep.seconds, rep.residual_start, rep.residual_final
+        ));
+        if a.block_ft_samples > 0 {
+            let sub = train_ds.sample(a.block_ft_samples.min(train_ds.len()), a.seed + 1)?;
+            block_secs += short_train(a, g, &sub, 1, a.seed)?;
+        }
+        Ok(())
+    })?;
+    Ok(Pruned {
+        graph,
+        prune_seconds: t.elapsed().as_secs_f64() - block_secs,
+        train_seconds: block_secs,
+        details: Some(serde_json::json!({
+            "keep": cfg.keep,
+            "iterations": cfg.select.iterations,
+            "samples": cfg.samples,
+            "bn_mode": cfg.bn_mode,
+            "modules": reports,
+        })),
+    })
+}

@@ -1,0 +1,3 @@
+//! Pruning methods built on the structural engine, one module each with its spec's tests.
+
+pub mod ispasp;
