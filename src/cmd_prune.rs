@@ -34,6 +34,15 @@ pub struct PruneArgs {
     /// i-SpaSP: after each module, fine-tune one pass over this many training samples.
     #[arg(long, default_value_t = 0)]
     block_ft_samples: usize,
+    /// DWR: cache of collected (d, w, r, accuracy) points (reused when it matches).
+    #[arg(long)]
+    dwr_cache: Option<PathBuf>,
+    /// DWR: which axes may change: all, depth, width or resolution (baselines).
+    #[arg(long, default_value = "all")]
+    dwr_axes: String,
+    /// DWR: resolution step in pixels for collection and snapping.
+    #[arg(long, default_value_t = 4)]
+    dwr_res_step: usize,
     /// local (same ratio per group) or global (one ranking).
     #[arg(long, default_value = "local")]
     scope: String,
@@ -176,6 +185,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     log(format!("dense: top-1 {}", pct(acc_dense)));
     let p = match a.method.as_str() {
         "ispasp" => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
+        "dwr" => prune_dwr(&a, &dense, &train_ds, &test_ds, budget, &log)?,
         _ => prune_engine(&a, &dense, &train_ds, &test_ds, budget, &overrides, &log)?,
     };
     let pruned = p.graph;
@@ -417,6 +427,105 @@ fn prune_ispasp(
             "samples": cfg.samples,
             "bn_mode": cfg.bn_mode,
             "modules": reports,
+        })),
+    })
+}
+
+/// DWR: collect axis points (step fine-tuning: --step-epochs), fit, solve, snap, build.
+fn prune_dwr(
+    a: &PruneArgs,
+    dense: &Graph,
+    train_ds: &Dataset,
+    test_ds: &Dataset,
+    budget: Budget,
+    log: &dyn Fn(String),
+) -> Result<Pruned> {
+    use lopper::methods::dwr;
+    let Budget::Macs(t) = budget else {
+        bail!("DWR takes --target-macs (a fraction of the dense MACs)");
+    };
+    let axes = match a.dwr_axes.as_str() {
+        "all" => [true; 3],
+        "depth" => [true, false, false],
+        "width" => [false, true, false],
+        "resolution" => [false, false, true],
+        x => bail!("unknown --dwr-axes '{x}' (all, depth, width, resolution)"),
+    };
+    let cfg = dwr::DwrConfig {
+        ft_epochs: a.step_epochs,
+        res_step: a.dwr_res_step,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let order = dwr::depth_order(dense, train_ds, 512)?;
+    let mut train_secs = 0.0;
+    let points = dwr::collect(
+        dense,
+        &order,
+        &cfg,
+        a.dwr_cache.as_deref(),
+        &mut |g, seed| {
+            if cfg.ft_epochs > 0 {
+                train_secs += short_train(a, g, train_ds, cfg.ft_epochs, seed)?;
+            }
+            Ok(())
+        },
+        &|g| Ok(train::evaluate(g, test_ds, 500)?.top1),
+    )?;
+    for p in &points {
+        log(format!(
+            "  {:<10} d {:.3} w {:.3} r {:.3}: top-1 {}",
+            p.axis,
+            p.point.d,
+            p.point.w,
+            p.point.r,
+            pct(p.point.acc)
+        ));
+    }
+    let sol = dwr::solve(dense, &order, &points, &cfg, t)?;
+    let (config, macs, predicted) = if axes == [true; 3] {
+        (sol.config, sol.macs, sol.predicted)
+    } else {
+        dwr::snap(dense, &order, &sol.map, t, cfg.lo, cfg.res_step, axes)?
+    };
+    log(format!(
+        "DWR: predictor degree {} (LOO {:?}); continuous optimum d {:.3} w {:.3} r {:.3} (F {:.4}); \
+         snapped: {} blocks removed, width {:.3}, {} px, {} MACs, predicted top-1 {}",
+        sol.map.degree,
+        sol.loo,
+        sol.optimum.d,
+        sol.optimum.w,
+        sol.optimum.r,
+        sol.optimum.f,
+        config.blocks_removed,
+        config.width,
+        config.px,
+        cost::human(macs),
+        pct(predicted)
+    ));
+    let slope = sol.map.min_slope(cfg.lo, 12);
+    if slope < -1e-6 {
+        log(format!(
+            "warning: the fitted predictor decreases somewhere on the box (slope {slope:.3}): \
+             accuracy rose as the model shrank (is the dense model trained?)"
+        ));
+    }
+    let graph = dwr::build(dense, &order, config)?;
+    Ok(Pruned {
+        graph,
+        prune_seconds: t0.elapsed().as_secs_f64() - train_secs,
+        train_seconds: train_secs,
+        details: Some(serde_json::json!({
+            "axes": a.dwr_axes,
+            "points": points,
+            "map": sol.map,
+            "loo": sol.loo,
+            "optimum": sol.optimum,
+            "config": config,
+            "macs": macs,
+            "predicted": predicted,
+            "depth_order": order,
         })),
     })
 }

@@ -269,3 +269,78 @@ fn ispasp_prunes_block_by_block_to_a_macs_target() {
         "{err}"
     );
 }
+
+#[test]
+fn dwr_collects_fits_snaps_and_reuses_its_cache() {
+    let d = tmpdir("dwr");
+    let cache = d.join("points.json");
+    let args = [
+        "prune",
+        "resnet20",
+        "--data",
+        "digits",
+        "--method",
+        "dwr",
+        "--target-macs",
+        "0.5",
+        "--dwr-res-step",
+        "2",
+        "--step-epochs",
+        "1",
+        "--train-limit",
+        "400",
+        "--eval-limit",
+        "200",
+        "--dwr-cache",
+        cache.to_str().unwrap(),
+        "--json",
+    ];
+    let (ok, out, err) = lopper(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.5);
+    let det = &v["details"];
+    let pts = det["points"].as_array().unwrap();
+    // dense + depth (blocks down to d ≥ 0.3) + width (0.9 … 0.3) + resolution (6, 4 px).
+    assert!(pts.len() >= 1 + 3 + 3 + 2, "{}", pts.len());
+    assert_eq!(pts.iter().filter(|p| p["axis"] == "dense").count(), 1);
+    // Snapped configuration within budget, exact MACs reported.
+    assert!(det["macs"].as_u64().unwrap() as f64 <= 0.5 * v["dense"]["macs"].as_f64().unwrap());
+    assert!(cache.exists());
+    // A rerun reuses every collected point: identical points, no collection training.
+    let (ok, out2, err) = lopper(&args);
+    assert!(ok, "{err}");
+    let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(v2["details"]["points"], det["points"]);
+    assert_eq!(v2["finetune_seconds"].as_f64().unwrap(), 0.0);
+    // An impossible budget names the limit.
+    let (ok, _, err) = lopper(&[
+        "prune",
+        "resnet20",
+        "--data",
+        "digits",
+        "--method",
+        "dwr",
+        "--target-macs",
+        "0.001",
+        "--dwr-res-step",
+        "2",
+        "--step-epochs",
+        "0",
+        "--dwr-cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("below what any configuration"), "{err}");
+    // A model without residual blocks cannot be depth-pruned.
+    let (ok, _, err) = lopper(&[
+        "prune",
+        "mlp:64-32-10",
+        "--data",
+        "digits",
+        "--method",
+        "dwr",
+        "--target-macs",
+        "0.5",
+    ]);
+    assert!(!ok && err.contains("no removable residual block"), "{err}");
+}

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod idx;
 pub mod jpeg_tar;
 mod registry;
+pub mod resize;
 
 pub use augment::Augment;
 pub use dataset::Dataset;

@@ -1,3 +1,4 @@
 //! Pruning methods built on the structural engine, one module each with its spec's tests.
 
+pub mod dwr;
 pub mod ispasp;

@@ -101,11 +101,15 @@ pub struct EvalResult {
     pub correct: usize,
 }
 
-/// Reshapes a `[B, C, H, W]` batch to the graph's input shape (e.g. flat MLP inputs).
+/// Fits a `[B, C, H, W]` batch to the graph's input shape: reshaped for flat inputs (MLPs),
+/// bilinearly resized when only the resolution differs (resolution-pruned models).
 pub fn fit_input(g: &Graph, x: Tensor) -> Result<Tensor> {
     let want = g.input_shape();
     if &x.dims()[1..] == want.as_slice() {
         return Ok(x);
+    }
+    if x.rank() == 4 && want.len() == 3 && x.dim(1)? == want[0] {
+        return crate::data::resize::bilinear(&x, want[1], want[2]);
     }
     let per: usize = x.dims()[1..].iter().product();
     if per != want.iter().product::<usize>() {
