@@ -5,7 +5,7 @@ use crate::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::{Dataset, Split};
-use lopper::graph::{cost, io, Graph};
+use lopper::graph::{cost, Graph};
 use lopper::methods::ispasp;
 use lopper::prune::{self, report, Budget, Criterion, PlanConfig, Scope};
 use lopper::train::{self, Schedule, TrainConfig, TrainOpts};
@@ -167,22 +167,63 @@ fn short_train(a: &PruneArgs, g: &Graph, ds: &Dataset, epochs: usize, seed: u64)
 pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let budget = parse_budget(&a)?;
     let overrides = parse_overrides(&a.overrides)?;
-    let mut train_ds = load_split(&a.data, Split::Train)?;
-    if let Some(n) = a.train_limit {
-        train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+    // `--data none`: data-free pruning (weight criteria, no fine-tuning, no accuracy), e.g.
+    // to shrink an imported ONNX model.
+    let no_data = a.data.data == "none";
+    if no_data {
+        let crit = Criterion::parse(&a.method).ok();
+        if crit.is_none_or(|c| c.needs_data()) || a.finetune_epochs > 0 || a.steps > 1 {
+            bail!(
+                "--data none allows only data-free criteria (random, l1, l2, fpgm, bn-scale), \
+                 one step and no fine-tuning; '{}' needs data",
+                a.method
+            );
+        }
     }
-    let mut test_ds = load_split(&a.data, Split::Test)?;
-    if let Some(n) = a.eval_limit {
-        test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
-    }
-    let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let (train_ds, test_ds) = if no_data {
+        let empty = || {
+            Dataset::new(
+                "none",
+                vec![],
+                vec![],
+                [1, 1, 1],
+                1.0,
+                vec![0.0],
+                vec![1.0],
+                vec![],
+            )
+        };
+        (empty()?, empty()?)
+    } else {
+        let mut train_ds = load_split(&a.data, Split::Train)?;
+        if let Some(n) = a.train_limit {
+            train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+        }
+        let mut test_ds = load_split(&a.data, Split::Test)?;
+        if let Some(n) = a.eval_limit {
+            test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
+        }
+        (train_ds, test_ds)
+    };
+    let dense = resolve_model(
+        &a.model,
+        (!no_data).then_some(&train_ds),
+        a.data.data_dir.as_deref(),
+    )?;
     let log = |m: String| {
         if !a.json {
             eprintln!("{m}");
         }
     };
-    let acc_dense = train::evaluate(&dense, &test_ds, 500)?.top1;
-    log(format!("dense: top-1 {}", pct(acc_dense)));
+    let accuracy = |g: &Graph| -> Result<Option<f64>> {
+        Ok(match no_data {
+            true => None,
+            false => Some(train::evaluate(g, &test_ds, 500)?.top1),
+        })
+    };
+    let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
+    let acc_dense = accuracy(&dense)?;
+    log(format!("dense: top-1 {}", show(acc_dense)));
     let p = match a.method.as_str() {
         "ispasp" => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
         "dwr" => prune_dwr(&a, &dense, &train_ds, &test_ds, budget, &log)?,
@@ -190,10 +231,10 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     };
     let pruned = p.graph;
     let prune_seconds = p.prune_seconds;
-    let acc_pruned = train::evaluate(&pruned, &test_ds, 500)?.top1;
+    let acc_pruned = accuracy(&pruned)?;
     log(format!(
         "pruned in {prune_seconds:.1}s: top-1 {}",
-        pct(acc_pruned)
+        show(acc_pruned)
     ));
     let mut acc_ft = None;
     let mut ft_secs = p.train_seconds;
@@ -234,8 +275,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         params_ratio: ps.params as f64 / ds.params as f64,
         dense: ds,
         pruned: ps,
-        acc_dense: Some(acc_dense),
-        acc_pruned: Some(acc_pruned),
+        acc_dense,
+        acc_pruned,
         acc_finetuned: acc_ft,
         prune_seconds,
         finetune_seconds: ft_secs,
@@ -243,7 +284,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         details: p.details,
     };
     if let Some(o) = &a.output {
-        io::save(&pruned, o)?;
+        crate::save_model(&pruned, o)?;
         let rp = o.with_extension("report.json");
         lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
     }
@@ -267,8 +308,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         );
         println!(
             "accuracy: dense {} -> pruned {}{}",
-            pct(acc_dense),
-            pct(acc_pruned),
+            show(acc_dense),
+            show(acc_pruned),
             acc_ft
                 .map(|x| format!(" -> fine-tuned {}", pct(x)))
                 .unwrap_or_default()

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod graph;
 pub mod kernels;
 pub mod methods;
+pub mod onnx;
 pub mod prune;
 pub mod svg;
 pub mod train;

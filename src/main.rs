@@ -54,6 +54,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a model (eval mode) on raw little-endian f32 inputs `[B, ...input shape]`; writes
+    /// the first output as raw f32 (for comparisons with other runtimes).
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Convert a model between formats: lopper safetensors (.safetensors) and ONNX (.onnx).
+    Convert {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output file; the extension picks the format.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Structured pruning: remove channels by a criterion under a budget, fine-tune, report.
     Prune(Box<PruneArgs>),
     /// Prune each dependency group alone at several ratios; table + SVG chart.
@@ -114,6 +132,10 @@ struct DataArgs {
     /// Data directory (default: $LOPPER_DATA or ../shared/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Input scaling: normalized (per-channel mean/std), unit ([0, 1]) or raw (0..255),
+    /// e.g. raw for models that expect raw pixels such as mnist-8.onnx.
+    #[arg(long, default_value = "normalized")]
+    input_scale: String,
 }
 
 #[derive(Args)]
@@ -182,6 +204,9 @@ fn shared_model(name: &str, dir: Option<&Path>) -> Option<(String, PathBuf)> {
 fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
     let p = Path::new(&m.model);
     if p.is_file() {
+        if p.extension().is_some_and(|e| e == "onnx") {
+            return lopper::onnx::load(p);
+        }
         return io::load(p);
     }
     if m.model.ends_with(".safetensors") || m.model.contains('/') {
@@ -207,8 +232,25 @@ fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> R
     Ok(g)
 }
 
+/// Saves as ONNX for `.onnx` paths, else in lopper's safetensors format (both atomic).
+fn save_model(g: &Graph, path: &Path) -> Result<()> {
+    if path.extension().is_some_and(|e| e == "onnx") {
+        lopper::onnx::save(g, path)
+    } else {
+        io::save(g, path)
+    }
+}
+
 fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
-    data::load(&d.data, split, d.data_dir.as_deref())
+    let mut ds = data::load(&d.data, split, d.data_dir.as_deref())?;
+    let c = ds.shape[0];
+    match d.input_scale.as_str() {
+        "normalized" => {}
+        "unit" => (ds.mean, ds.std) = (vec![0.0; c], vec![1.0; c]),
+        "raw" => (ds.mean, ds.std, ds.max_value) = (vec![0.0; c], vec![1.0; c], 1.0),
+        s => bail!("unknown --input-scale '{s}' (normalized, unit, raw)"),
+    }
+    Ok(ds)
 }
 
 fn parse_schedule(s: &str) -> Result<Schedule> {
@@ -297,7 +339,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let res = train::train(&g, &train_ds, &cfg, &opts)?;
     let ev = train::evaluate(&g, &test_ds, 500)?;
     if let Some(o) = &a.output {
-        io::save(&g, o)?;
+        save_model(&g, o)?;
     }
     let c = cost::cost(&g)?;
     if a.json {
@@ -505,6 +547,45 @@ fn run(cli: Cli) -> Result<()> {
                     secs
                 );
             }
+            Ok(())
+        }
+        Cmd::Forward {
+            model,
+            input,
+            output,
+        } => {
+            let g = resolve_model(&model, None, None)?;
+            let bytes =
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
+            let per: usize = g.input_shape().iter().product();
+            if bytes.len() % 4 != 0 || bytes.is_empty() || (bytes.len() / 4) % per != 0 {
+                bail!(
+                    "{}: {} bytes are not a whole number of f32 samples of shape {:?}",
+                    input.display(),
+                    bytes.len(),
+                    g.input_shape()
+                );
+            }
+            let v: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let mut dims = vec![v.len() / per];
+            dims.extend(g.input_shape());
+            let x = candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?;
+            let y = lopper::exec::forward(&g, &x, lopper::exec::Mode::Eval)?;
+            let out: Vec<u8> = y
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|f| f.to_le_bytes())
+                .collect();
+            lopper::util::atomic_write(&output, &out)
+        }
+        Cmd::Convert { model, output } => {
+            let g = resolve_model(&model, None, None)?;
+            save_model(&g, &output)?;
+            eprintln!("wrote {}", output.display());
             Ok(())
         }
         Cmd::Inspect { model, json: j } => {

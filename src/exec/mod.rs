@@ -216,6 +216,13 @@ fn run_node(
             }
         }
         Op::Activation(a) => activation(ins[0], a.kind)?,
+        Op::ChannelAffine(a) => {
+            let mut shape = vec![1usize; ins[0].rank()];
+            shape[1] = a.channels;
+            ins[0]
+                .broadcast_mul(&p("weight")?.reshape(shape.as_slice())?)?
+                .broadcast_add(&p("bias")?.reshape(shape.as_slice())?)?
+        }
         Op::MaxPool(pc) | Op::AvgPool(pc) => {
             let cfg = PoolCfg {
                 kernel: pc.kernel,

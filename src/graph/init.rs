@@ -45,7 +45,9 @@ impl Init {
                 (Op::Linear(l), "weight") | (Op::Linear(l), "bias") => {
                     self.uniform(n, 1.0 / (l.in_features as f64).sqrt())
                 }
-                (Op::BatchNorm(_), "weight") | (Op::BatchNorm(_), "running_var") => vec![1.0; n],
+                (Op::BatchNorm(_), "weight")
+                | (Op::BatchNorm(_), "running_var")
+                | (Op::ChannelAffine(_), "weight") => vec![1.0; n],
                 _ => vec![0.0; n],
             };
             out.push((

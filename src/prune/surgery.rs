@@ -80,6 +80,7 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                     l.in_features = kin.unwrap_or(l.in_features);
                 }
                 Op::BatchNorm(b) => b.num_features = keep[i].len(),
+                Op::ChannelAffine(a) => a.channels = keep[i].len(),
                 Op::ChannelPad(p) => {
                     let (before, total_in) = (p.before, channels[n.inputs[0]]);
                     p.before = keep[i].iter().filter(|&&c| c < before).count();

@@ -3,6 +3,7 @@
 //! pruning engine derives dependency groups from these rules alone.
 
 mod activation;
+mod affine;
 mod batchnorm;
 mod conv;
 mod join;
@@ -13,6 +14,7 @@ mod pool;
 mod reshape;
 
 pub use activation::{Activation, ActivationKind};
+pub use affine::ChannelAffine;
 pub use batchnorm::BatchNorm;
 pub use conv::Conv2d;
 pub use join::{Add, Concat, Mul};
@@ -111,6 +113,7 @@ pub enum Op {
     Mul(Mul),
     Concat(Concat),
     ChannelPad(ChannelPad),
+    ChannelAffine(ChannelAffine),
     Dropout(Dropout),
     Softmax(Softmax),
     Identity(Identity),
@@ -134,6 +137,7 @@ impl Op {
             Op::Mul(o) => o,
             Op::Concat(o) => o,
             Op::ChannelPad(o) => o,
+            Op::ChannelAffine(o) => o,
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,
             Op::Identity(o) => o,

@@ -1,0 +1,267 @@
+//! Graph IR → ONNX opset 17. Every IR node becomes one ONNX node (or a short fixed
+//! sequence: GELU, SiLU, per-channel affine), named after the IR node, so the pruned
+//! widths are visible in any ONNX viewer. The batch axis is symbolic (`N`).
+
+use super::value::{f32_proto, i64_proto};
+use crate::graph::ops::{ActivationKind, Op};
+use crate::graph::shape::Shape;
+use crate::graph::{param_key, Graph};
+use anyhow::{anyhow, Result};
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
+use onnx_protobuf::type_proto::{self, Tensor as TypeTensor};
+use onnx_protobuf::{
+    AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+fn attr_i(name: &str, v: i64) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INT.into();
+    a.i = v;
+    a
+}
+fn attr_f(name: &str, v: f32) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::FLOAT.into();
+    a.f = v;
+    a
+}
+fn attr_is(name: &str, v: &[usize]) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INTS.into();
+    a.ints = v.iter().map(|&x| x as i64).collect();
+    a
+}
+
+fn value_info(name: &str, shape: &Shape) -> ValueInfoProto {
+    let mut dims = vec![{
+        let mut d = Dimension::new();
+        d.value = Some(dimension::Value::DimParam("N".into()));
+        d
+    }];
+    for &s in shape {
+        let mut d = Dimension::new();
+        d.value = Some(dimension::Value::DimValue(s as i64));
+        dims.push(d);
+    }
+    let mut sh = TensorShapeProto::new();
+    sh.dim = dims;
+    let mut tt = TypeTensor::new();
+    tt.elem_type = 1;
+    tt.shape = Some(sh).into();
+    let mut tp = TypeProto::new();
+    tp.value = Some(type_proto::Value::TensorType(tt));
+    let mut v = ValueInfoProto::new();
+    v.name = name.into();
+    v.type_ = Some(tp).into();
+    v
+}
+
+struct Out {
+    nodes: Vec<NodeProto>,
+    inits: Vec<onnx_protobuf::TensorProto>,
+}
+
+impl Out {
+    fn node(&mut self, op: &str, name: &str, ins: &[&str], out: &str, attrs: Vec<AttributeProto>) {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.name = name.into();
+        n.input = ins.iter().map(|s| s.to_string()).collect();
+        n.output = vec![out.into()];
+        n.attribute = attrs;
+        self.nodes.push(n);
+    }
+    fn init(&mut self, g: &Graph, node: usize, p: &str, dims: Option<&[usize]>) -> Result<String> {
+        let name = param_key(&g.nodes[node].name, p);
+        let t = g.param(node, p)?.as_tensor();
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let d: Vec<usize> = dims
+            .map(|d| d.to_vec())
+            .unwrap_or_else(|| t.dims().to_vec());
+        self.inits.push(f32_proto(&name, &d, &data));
+        Ok(name)
+    }
+}
+
+/// Serialises `g` as an ONNX model (opset 17).
+pub fn export_bytes(g: &Graph) -> Result<Vec<u8>> {
+    let shapes = g.shapes()?;
+    let mut o = Out {
+        nodes: vec![],
+        inits: vec![],
+    };
+    for (i, n) in g.nodes.iter().enumerate() {
+        let name = n.name.as_str();
+        let ins: Vec<&str> = n.inputs.iter().map(|&j| g.nodes[j].name.as_str()).collect();
+        let x = ins.first().copied().unwrap_or("");
+        // Broadcast shape of a per-channel constant against this node's output.
+        let chan = |c: usize| -> Vec<usize> {
+            let mut d = vec![c];
+            d.extend(std::iter::repeat_n(1, shapes[i].len().saturating_sub(1)));
+            d
+        };
+        match &n.op {
+            Op::Input(_) => {}
+            Op::Conv2d(c) => {
+                let w = o.init(g, i, "weight", None)?;
+                let mut inputs = vec![x.to_string(), w];
+                if c.bias {
+                    inputs.push(o.init(g, i, "bias", None)?);
+                }
+                let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                let p = c.padding;
+                o.node(
+                    "Conv",
+                    name,
+                    &refs,
+                    name,
+                    vec![
+                        attr_is("kernel_shape", &c.kernel),
+                        attr_is("strides", &c.stride),
+                        attr_is("pads", &[p[0], p[1], p[2], p[3]]),
+                        attr_is("dilations", &c.dilation),
+                        attr_i("group", c.groups as i64),
+                    ],
+                );
+            }
+            Op::Linear(l) => {
+                let w = o.init(g, i, "weight", None)?;
+                let mut inputs = vec![x.to_string(), w];
+                if l.bias {
+                    inputs.push(o.init(g, i, "bias", None)?);
+                }
+                let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+                o.node("Gemm", name, &refs, name, vec![attr_i("transB", 1)]);
+            }
+            Op::BatchNorm(b) => {
+                let ps: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
+                    .iter()
+                    .map(|p| o.init(g, i, p, None))
+                    .collect::<Result<_>>()?;
+                let mut refs = vec![x];
+                refs.extend(ps.iter().map(|s| s.as_str()));
+                o.node(
+                    "BatchNormalization",
+                    name,
+                    &refs,
+                    name,
+                    vec![
+                        attr_f("epsilon", b.eps as f32),
+                        attr_f("momentum", (1.0 - b.momentum) as f32),
+                    ],
+                );
+            }
+            Op::Activation(a) => match a.kind {
+                ActivationKind::Relu => o.node("Relu", name, &[x], name, vec![]),
+                ActivationKind::Relu6 => {
+                    let (lo, hi) = (format!("{name}.min"), format!("{name}.max"));
+                    o.inits.push(f32_proto(&lo, &[], &[0.0]));
+                    o.inits.push(f32_proto(&hi, &[], &[6.0]));
+                    o.node("Clip", name, &[x, &lo, &hi], name, vec![]);
+                }
+                ActivationKind::LeakyRelu { slope } => {
+                    o.node("LeakyRelu", name, &[x], name, vec![attr_f("alpha", slope)])
+                }
+                ActivationKind::Sigmoid => o.node("Sigmoid", name, &[x], name, vec![]),
+                ActivationKind::Tanh => o.node("Tanh", name, &[x], name, vec![]),
+                ActivationKind::HardSwish => o.node("HardSwish", name, &[x], name, vec![]),
+                ActivationKind::HardSigmoid => o.node(
+                    "HardSigmoid",
+                    name,
+                    &[x],
+                    name,
+                    vec![attr_f("alpha", 1.0 / 6.0), attr_f("beta", 0.5)],
+                ),
+                ActivationKind::Silu => {
+                    let s = format!("{name}.sigmoid");
+                    o.node("Sigmoid", &s, &[x], &s, vec![]);
+                    o.node("Mul", name, &[x, &s], name, vec![]);
+                }
+                ActivationKind::Gelu => {
+                    // x · ½ · (1 + erf(x / √2)) — opset 17 has no Gelu.
+                    let c = |k: &str| format!("{name}.{k}");
+                    o.inits
+                        .push(f32_proto(&c("sqrt2"), &[], &[std::f32::consts::SQRT_2]));
+                    o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
+                    o.inits.push(f32_proto(&c("half"), &[], &[0.5]));
+                    o.node("Div", &c("div"), &[x, &c("sqrt2")], &c("div"), vec![]);
+                    o.node("Erf", &c("erf"), &[&c("div")], &c("erf"), vec![]);
+                    o.node("Add", &c("add"), &[&c("erf"), &c("one")], &c("add"), vec![]);
+                    o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
+                    o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
+                }
+            },
+            Op::MaxPool(p) | Op::AvgPool(p) => {
+                let max = matches!(n.op, Op::MaxPool(_));
+                let mut attrs = vec![
+                    attr_is("kernel_shape", &p.kernel),
+                    attr_is("strides", &p.stride),
+                    attr_is("pads", &p.padding),
+                    attr_i("ceil_mode", p.ceil_mode as i64),
+                ];
+                if !max {
+                    attrs.push(attr_i("count_include_pad", p.count_include_pad as i64));
+                }
+                let op = if max { "MaxPool" } else { "AveragePool" };
+                o.node(op, name, &[x], name, attrs);
+            }
+            Op::GlobalAvgPool(_) => o.node("GlobalAveragePool", name, &[x], name, vec![]),
+            Op::Flatten(_) => o.node("Flatten", name, &[x], name, vec![attr_i("axis", 1)]),
+            Op::Reshape(_) => {
+                let s = format!("{name}.shape");
+                let mut t = vec![0i64];
+                t.extend(shapes[i].iter().map(|&d| d as i64));
+                o.inits.push(i64_proto(&s, &t));
+                o.node("Reshape", name, &[x, &s], name, vec![]);
+            }
+            Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
+            Op::Mul(_) => o.node("Mul", name, &ins, name, vec![]),
+            Op::Concat(_) => o.node("Concat", name, &ins, name, vec![attr_i("axis", 1)]),
+            Op::ChannelPad(p) => {
+                let r = shapes[i].len() + 1;
+                let mut pads = vec![0i64; 2 * r];
+                pads[1] = p.before as i64;
+                pads[1 + r] = p.after as i64;
+                let s = format!("{name}.pads");
+                o.inits.push(i64_proto(&s, &pads));
+                o.node("Pad", name, &[x, &s], name, vec![]);
+            }
+            Op::ChannelAffine(a) => {
+                let d = chan(a.channels);
+                let w = o.init(g, i, "weight", Some(&d))?;
+                let b = o.init(g, i, "bias", Some(&d))?;
+                let m = format!("{name}.scaled");
+                o.node("Mul", &m, &[x, &w], &m, vec![]);
+                o.node("Add", name, &[&m, &b], name, vec![]);
+            }
+            Op::Dropout(_) | Op::Identity(_) => o.node("Identity", name, &[x], name, vec![]),
+            Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
+        }
+    }
+    let input = g.input_id();
+    let mut graph = GraphProto::new();
+    graph.name = "lopper".into();
+    graph.node = o.nodes;
+    graph.initializer = o.inits;
+    graph.input = vec![value_info(&g.nodes[input].name, &shapes[input])];
+    graph.output = g
+        .outputs
+        .iter()
+        .map(|&i| value_info(&g.nodes[i].name, &shapes[i]))
+        .collect();
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    m.producer_name = "lopper".into();
+    m.producer_version = env!("CARGO_PKG_VERSION").into();
+    let mut op = OperatorSetIdProto::new();
+    op.version = 17;
+    m.opset_import = vec![op];
+    m.graph = Some(graph).into();
+    m.write_to_bytes()
+        .map_err(|e| anyhow!("encoding ONNX: {e}"))
+}

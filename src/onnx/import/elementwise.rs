@@ -1,0 +1,210 @@
+//! Arithmetic and activations: Add/Sub/Mul/Div (two tensors, a tensor and a per-channel or
+//! scalar constant, or two constants), Relu, Clip, LeakyRelu, Sigmoid, HardSigmoid,
+//! HardSwish, Tanh, Softmax, Identity, Dropout.
+
+use super::{tensor, Ctx, Value};
+use crate::graph::ops::{
+    Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Mul, Op, Softmax,
+};
+use crate::onnx::attrs::Attrs;
+use crate::onnx::value::Const;
+use anyhow::{bail, Result};
+use onnx_protobuf::NodeProto;
+
+/// Per-channel values of a constant broadcast against a tensor of per-sample `shape`
+/// (channel axis first), or `None` if it varies along other axes.
+fn per_channel(c: &Const, shape: &[usize]) -> Option<Vec<f32>> {
+    let ch = shape[0];
+    if c.numel() == 1 {
+        return Some(vec![c.data[0] as f32; ch]);
+    }
+    // Drop leading 1s beyond the per-sample rank (the batch axis).
+    let mut dims: Vec<usize> = c.dims.clone();
+    while dims.len() > shape.len() && dims[0] == 1 {
+        dims.remove(0);
+    }
+    if dims.len() != shape.len() || dims[0] != ch || dims[1..].iter().any(|&d| d != 1) {
+        return None;
+    }
+    Some(c.f32s())
+}
+
+fn fold(op: &str, a: &Const, b: &Const) -> Result<Const> {
+    let (big, small) = if a.numel() >= b.numel() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    if small.numel() != 1 && small.dims != big.dims {
+        bail!(
+            "folding {op} of constants with shapes {:?} and {:?} is not supported",
+            a.dims,
+            b.dims
+        );
+    }
+    let at = |c: &Const, i: usize| if c.numel() == 1 { c.data[0] } else { c.data[i] };
+    let data = (0..big.numel())
+        .map(|i| {
+            let (x, y) = (at(a, i), at(b, i));
+            match op {
+                "Add" => x + y,
+                "Sub" => x - y,
+                "Mul" => x * y,
+                _ => x / y,
+            }
+        })
+        .collect();
+    Ok(Const {
+        dims: big.dims.clone(),
+        data,
+    })
+}
+
+pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    Attrs::new(n).only(&["axis", "broadcast"])?;
+    let (a, b) = (&n.input[0], &n.input[1]);
+    let op = n.op_type.as_str();
+    match (ctx.konst(a).cloned(), ctx.konst(b).cloned()) {
+        (Some(x), Some(y)) => Ok(Value::Const(fold(op, &x, &y)?)),
+        (None, None) => {
+            let (x, y) = (ctx.node(a)?, ctx.node(b)?);
+            let ir = match op {
+                "Add" => Op::Add(Add {}),
+                "Mul" => Op::Mul(Mul {}),
+                _ => bail!("{op} of two computed tensors is not supported (Add and Mul are)"),
+            };
+            Ok(Value::Node(ctx.add(label, ir, &[x, y], vec![])?))
+        }
+        (xc, _) => {
+            // One side constant. `c op x` is only expressible for commutative ops.
+            let (name, c) = match xc {
+                Some(c) if matches!(op, "Add" | "Mul") => (b, c),
+                Some(_) => bail!("constant {op} tensor (constant on the left) is not supported"),
+                None => (a, ctx.konst(b).cloned().expect("b is constant")),
+            };
+            let x = ctx.node(name)?;
+            let shape = ctx.shape(x).clone();
+            let Some(v) = per_channel(&c, &shape) else {
+                bail!(
+                    "constant of shape {:?} is neither a scalar nor per-channel for a tensor of shape {:?}",
+                    c.dims,
+                    shape
+                );
+            };
+            let ch = shape[0];
+            // A bias add right after a bias-free conv/linear becomes that layer's bias.
+            if op == "Add" && ctx.single_use(name) {
+                let free = match ctx.op_mut(x) {
+                    Op::Conv2d(cv) if !cv.bias => {
+                        cv.bias = true;
+                        true
+                    }
+                    Op::Linear(l) if !l.bias => {
+                        l.bias = true;
+                        true
+                    }
+                    _ => false,
+                };
+                if free {
+                    ctx.set_param(x, "bias", tensor(v, &[ch])?);
+                    return Ok(Value::Node(x));
+                }
+            }
+            let (w, bias): (Vec<f32>, Vec<f32>) = match op {
+                "Add" => (vec![1.0; ch], v),
+                "Sub" => (vec![1.0; ch], v.iter().map(|x| -x).collect()),
+                "Mul" => (v, vec![0.0; ch]),
+                _ => {
+                    if v.contains(&0.0) {
+                        bail!("division by a constant containing zero");
+                    }
+                    (v.iter().map(|x| 1.0 / x).collect(), vec![0.0; ch])
+                }
+            };
+            let params = vec![
+                ("weight", tensor(w, &[ch])?),
+                ("bias", tensor(bias, &[ch])?),
+            ];
+            let ir = Op::ChannelAffine(ChannelAffine { channels: ch });
+            Ok(Value::Node(ctx.add(label, ir, &[x], params)?))
+        }
+    }
+}
+
+/// A constant input of Clip (opset ≥ 11) or its attribute (older opsets).
+fn clip_bound(ctx: &Ctx, n: &NodeProto, i: usize, attr: &str, default: f32) -> Result<f32> {
+    match n.input.get(i).filter(|s| !s.is_empty()) {
+        Some(name) => match ctx.konst(name) {
+            Some(c) if c.numel() == 1 => Ok(c.data[0] as f32),
+            _ => bail!("Clip bound '{name}' must be a scalar constant"),
+        },
+        None => Ok(Attrs::new(n).float(attr, default)),
+    }
+}
+
+pub(super) fn activation(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let kind = match n.op_type.as_str() {
+        "Relu" => ActivationKind::Relu,
+        "Sigmoid" => ActivationKind::Sigmoid,
+        "Tanh" => ActivationKind::Tanh,
+        "HardSwish" => ActivationKind::HardSwish,
+        "LeakyRelu" => {
+            a.only(&["alpha"])?;
+            ActivationKind::LeakyRelu {
+                slope: a.float("alpha", 0.01),
+            }
+        }
+        "HardSigmoid" => {
+            a.only(&["alpha", "beta"])?;
+            let (al, be) = (a.float("alpha", 0.2), a.float("beta", 0.5));
+            if (al - 1.0 / 6.0).abs() > 1e-6 || (be - 0.5).abs() > 1e-6 {
+                bail!("HardSigmoid with alpha {al}, beta {be} is not supported (only PyTorch's 1/6, 0.5)");
+            }
+            ActivationKind::HardSigmoid
+        }
+        _ => {
+            a.only(&["min", "max"])?;
+            let lo = clip_bound(ctx, n, 1, "min", f32::NEG_INFINITY)?;
+            let hi = clip_bound(ctx, n, 2, "max", f32::INFINITY)?;
+            match (lo, hi) {
+                (l, h) if l == 0.0 && h == 6.0 => ActivationKind::Relu6,
+                (l, h) if l == 0.0 && h == f32::INFINITY => ActivationKind::Relu,
+                _ => bail!("Clip to [{lo}, {hi}] is not supported (only [0, 6] and [0, inf))"),
+            }
+        }
+    };
+    let x = ctx.node(&n.input[0])?;
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::Activation(Activation::new(kind)),
+        &[x],
+        vec![],
+    )?))
+}
+
+pub(super) fn unary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let x = ctx.node(&n.input[0])?;
+    let op = match n.op_type.as_str() {
+        "Softmax" => {
+            a.only(&["axis"])?;
+            let rank = ctx.shape(x).len() as i64 + 1;
+            let axis = a.int("axis", if rank == 2 { 1 } else { -1 });
+            if axis != 1 && axis != 1 - rank && !(rank == 2 && axis == -1) {
+                bail!("Softmax over axis {axis} is not supported (only the class axis 1)");
+            }
+            Op::Softmax(Softmax {})
+        }
+        "Dropout" => {
+            a.only(&["ratio", "seed"])?;
+            let p = match n.input.get(1).and_then(|r| ctx.konst(r)) {
+                Some(c) => c.data[0] as f32,
+                None => a.float("ratio", 0.5),
+            };
+            Op::Dropout(Dropout { p })
+        }
+        _ => Op::Identity(Identity {}),
+    };
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}

@@ -1,0 +1,281 @@
+//! ONNX → graph IR. Nodes are converted in file order (ONNX requires topological order);
+//! every tensor name maps to an IR node or to a constant. Constant subgraphs (initialisers,
+//! `Constant`, and the Shape/Gather/Unsqueeze/Concat chains PyTorch emits for flatten) are
+//! folded; bias adds after Conv/Gemm/MatMul are folded into the layer's bias. Each op
+//! family lives in its own file; anything unsupported is an error naming the node.
+
+mod elementwise;
+mod nn;
+mod shape;
+
+use super::value::{from_proto, Const};
+use crate::graph::ops::{Input, Op};
+use crate::graph::shape::Shape;
+use crate::graph::{param_key, Graph, Node, NodeId};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use onnx_protobuf::{Message, ModelProto, NodeProto};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+#[derive(Clone, Debug)]
+pub(super) enum Value {
+    Node(NodeId),
+    Const(Const),
+}
+
+/// Import state: the IR being built and the value of every ONNX tensor name.
+pub(super) struct Ctx {
+    nodes: Vec<Node>,
+    shapes: Vec<Shape>,
+    params: BTreeMap<String, Tensor>,
+    values: HashMap<String, Value>,
+    /// How many ONNX nodes (and graph outputs) read each tensor.
+    uses: HashMap<String, usize>,
+    names: HashSet<String>,
+}
+
+impl Ctx {
+    /// Adds an IR node with its parameters; returns its id.
+    pub(super) fn add(
+        &mut self,
+        name: &str,
+        op: Op,
+        inputs: &[NodeId],
+        params: Vec<(&str, Tensor)>,
+    ) -> Result<NodeId> {
+        let mut unique = if name.is_empty() {
+            format!("{}_{}", op.kind().to_lowercase(), self.nodes.len())
+        } else {
+            name.to_string()
+        };
+        while self.names.contains(&unique) {
+            unique = format!("{unique}_{}", self.nodes.len());
+        }
+        let ins: Vec<&Shape> = inputs.iter().map(|&i| &self.shapes[i]).collect();
+        let shape = op.spec().infer_shape(&ins)?;
+        let declared = op.spec().params();
+        for spec in &declared {
+            let t = params
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .ok_or_else(|| anyhow!("internal: parameter {} not given", spec.name))?;
+            if t.1.dims() != spec.shape.as_slice() {
+                bail!(
+                    "parameter {} has shape {:?}, the op needs {:?}",
+                    spec.name,
+                    t.1.dims(),
+                    spec.shape
+                );
+            }
+            self.params
+                .insert(param_key(&unique, spec.name), t.1.clone());
+        }
+        self.names.insert(unique.clone());
+        self.nodes.push(Node {
+            name: unique,
+            op,
+            inputs: inputs.to_vec(),
+        });
+        self.shapes.push(shape);
+        Ok(self.nodes.len() - 1)
+    }
+
+    pub(super) fn value(&self, name: &str) -> Result<&Value> {
+        self.values
+            .get(name)
+            .ok_or_else(|| anyhow!("input '{name}' is not produced by any earlier node"))
+    }
+    /// The IR node behind a non-constant tensor.
+    pub(super) fn node(&self, name: &str) -> Result<NodeId> {
+        match self.value(name)? {
+            Value::Node(n) => Ok(*n),
+            Value::Const(_) => bail!(
+                "input '{name}' is a constant where a tensor computed from the input is expected"
+            ),
+        }
+    }
+    pub(super) fn konst(&self, name: &str) -> Option<&Const> {
+        match self.values.get(name) {
+            Some(Value::Const(c)) => Some(c),
+            _ => None,
+        }
+    }
+    pub(super) fn shape(&self, n: NodeId) -> &Shape {
+        &self.shapes[n]
+    }
+    pub(super) fn op_mut(&mut self, n: NodeId) -> &mut Op {
+        &mut self.nodes[n].op
+    }
+    pub(super) fn set_param(&mut self, n: NodeId, p: &str, t: Tensor) {
+        let key = param_key(&self.nodes[n].name, p);
+        self.params.insert(key, t);
+    }
+    /// True if the ONNX tensor `name` has exactly one reader.
+    pub(super) fn single_use(&self, name: &str) -> bool {
+        self.uses.get(name).copied().unwrap_or(0) == 1
+    }
+}
+
+pub(super) fn tensor(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
+}
+
+/// Parses ONNX bytes into a graph. `what` names the source in errors.
+pub fn import_bytes(bytes: &[u8], what: &str) -> Result<Graph> {
+    let model = ModelProto::parse_from_bytes(bytes)
+        .map_err(|e| anyhow!("{what}: not a valid ONNX protobuf ({e})"))?;
+    convert(&model).with_context(|| format!("importing {what}"))
+}
+
+fn convert(model: &ModelProto) -> Result<Graph> {
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(0);
+    if !(7..=21).contains(&opset) {
+        bail!("opset {opset} is not supported (7 to 21)");
+    }
+    if model.ir_version < 3 {
+        bail!(
+            "IR version {} is not supported (3 or later)",
+            model.ir_version
+        );
+    }
+    let g = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| anyhow!("the model has no graph"))?;
+    let mut ctx = Ctx {
+        nodes: vec![],
+        shapes: vec![],
+        params: BTreeMap::new(),
+        values: HashMap::new(),
+        uses: HashMap::new(),
+        names: HashSet::new(),
+    };
+    for n in &g.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *ctx.uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    for o in &g.output {
+        *ctx.uses.entry(o.name.clone()).or_default() += 1;
+    }
+    for t in &g.initializer {
+        ctx.values
+            .insert(t.name.clone(), Value::Const(from_proto(t)?));
+    }
+    let inputs: Vec<_> = g
+        .input
+        .iter()
+        .filter(|i| !ctx.values.contains_key(&i.name))
+        .collect();
+    let [input] = inputs[..] else {
+        bail!(
+            "the graph has {} non-constant inputs; lopper supports exactly one",
+            inputs.len()
+        );
+    };
+    let dims = input_dims(input)?;
+    if dims.len() < 2 {
+        bail!(
+            "input '{}' has shape {dims:?}; expected [N, ...]",
+            input.name
+        );
+    }
+    let id = ctx.add(
+        &input.name,
+        Op::Input(Input {
+            shape: dims[1..].to_vec(),
+        }),
+        &[],
+        vec![],
+    )?;
+    ctx.values.insert(input.name.clone(), Value::Node(id));
+    for n in &g.node {
+        let label = if n.name.is_empty() {
+            n.output.first().cloned().unwrap_or_default()
+        } else {
+            n.name.clone()
+        };
+        if !n.domain.is_empty() && n.domain != "ai.onnx" {
+            bail!(
+                "node '{label}' ({}) is in domain '{}', which is not supported",
+                n.op_type,
+                n.domain
+            );
+        }
+        let out = convert_node(&mut ctx, n, &label)
+            .with_context(|| format!("ONNX node '{label}' ({})", n.op_type))?;
+        for (name, v) in n.output.iter().zip(out) {
+            ctx.values.insert(name.clone(), v);
+        }
+    }
+    let outputs = g
+        .output
+        .iter()
+        .map(|o| {
+            ctx.node(&o.name)
+                .with_context(|| format!("graph output '{}'", o.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Graph::with_parts(ctx.nodes, outputs, ctx.params)
+}
+
+fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
+    use onnx_protobuf::tensor_shape_proto::dimension::Value as D;
+    use onnx_protobuf::type_proto::Value as T;
+    let t = v
+        .type_
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+        .ok_or_else(|| anyhow!("input '{}' has no type", v.name))?;
+    let T::TensorType(tt) = t else {
+        bail!("input '{}' is not a tensor", v.name);
+    };
+    let shape = tt
+        .shape
+        .as_ref()
+        .ok_or_else(|| anyhow!("input '{}' has no shape", v.name))?;
+    shape
+        .dim
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match &d.value {
+            Some(D::DimValue(x)) if *x > 0 => Ok(*x as usize),
+            // A symbolic batch dimension is fine; other symbolic dims are not.
+            _ if i == 0 => Ok(1),
+            _ => bail!(
+                "input '{}' has a symbolic dimension {i}; lopper needs fixed sizes",
+                v.name
+            ),
+        })
+        .collect()
+}
+
+const SUPPORTED: &str = "Conv, Gemm, MatMul, Add, Sub, Mul, Div, Relu, Clip, LeakyRelu, Sigmoid, \
+HardSigmoid, HardSwish, Tanh, Softmax, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, \
+Flatten, Reshape, Transpose (layout no-ops), Concat, Pad, Identity, Dropout, Constant, Shape, Gather, \
+Unsqueeze, Squeeze, Cast";
+
+fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>> {
+    let v = match n.op_type.as_str() {
+        "Conv" => nn::conv(ctx, n, label)?,
+        "Gemm" => nn::gemm(ctx, n, label)?,
+        "MatMul" => nn::matmul(ctx, n, label)?,
+        "BatchNormalization" => nn::batch_norm(ctx, n, label)?,
+        "MaxPool" | "AveragePool" => nn::pool(ctx, n, label)?,
+        "GlobalAveragePool" => nn::global_avg_pool(ctx, n, label)?,
+        "Add" | "Sub" | "Mul" | "Div" => elementwise::binary(ctx, n, label)?,
+        "Relu" | "Clip" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh" => {
+            elementwise::activation(ctx, n, label)?
+        }
+        "Softmax" | "Identity" | "Dropout" => elementwise::unary(ctx, n, label)?,
+        "Flatten" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Concat" | "Shape"
+        | "Gather" | "Constant" | "Cast" | "Pad" => shape::convert(ctx, n, label)?,
+        op => bail!("op type '{op}' is not supported (supported: {SUPPORTED})"),
+    };
+    Ok(vec![v])
+}

@@ -1,0 +1,294 @@
+//! Layers with weights and windows: Conv, Gemm, MatMul, BatchNormalization, MaxPool,
+//! AveragePool, GlobalAveragePool.
+
+use super::{tensor, Ctx, Value};
+use crate::graph::ops::{BatchNorm, Conv2d, GlobalAvgPool, Linear, Op, Pool2d};
+use crate::onnx::attrs::Attrs;
+use crate::onnx::value::Const;
+use anyhow::{anyhow, bail, Result};
+use onnx_protobuf::NodeProto;
+
+fn weight<'a>(ctx: &'a Ctx, n: &NodeProto, i: usize, what: &str) -> Result<&'a Const> {
+    let name = n
+        .input
+        .get(i)
+        .ok_or_else(|| anyhow!("missing input {i} ({what})"))?;
+    ctx.konst(name)
+        .ok_or_else(|| anyhow!("{what} '{name}' must be a constant (initialiser)"))
+}
+
+fn two(v: Option<Vec<i64>>, default: usize, what: &str) -> Result<[usize; 2]> {
+    match v.as_deref() {
+        None => Ok([default; 2]),
+        Some([a, b]) if *a >= 0 && *b >= 0 => Ok([*a as usize, *b as usize]),
+        Some(x) => bail!(
+            "{what} {x:?} is not a 2-D spatial attribute (only 2-D convs and pools are supported)"
+        ),
+    }
+}
+
+/// `[top, left, bottom, right]` from `pads` / `auto_pad` for a window op.
+fn padding(
+    a: &Attrs,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dil: [usize; 2],
+) -> Result<[usize; 4]> {
+    let auto = a.string("auto_pad", "NOTSET");
+    match auto.as_str() {
+        "NOTSET" => match a.ints("pads").as_deref() {
+            None => Ok([0; 4]),
+            Some([t, l, b, r]) if [t, l, b, r].iter().all(|&&p| p >= 0) => {
+                Ok([*t as usize, *l as usize, *b as usize, *r as usize])
+            }
+            Some(p) => bail!("pads {p:?} must be 4 non-negative values"),
+        },
+        "VALID" => Ok([0; 4]),
+        "SAME_UPPER" | "SAME_LOWER" => {
+            let mut p = [0usize; 4];
+            for ax in 0..2 {
+                let out = input[ax].div_ceil(stride[ax]);
+                let need = (out - 1) * stride[ax] + (kernel[ax] - 1) * dil[ax] + 1;
+                let total = need.saturating_sub(input[ax]);
+                let small = total / 2;
+                let (begin, end) = if auto == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+                p[ax] = begin;
+                p[ax + 2] = end;
+            }
+            Ok(p)
+        }
+        x => bail!("auto_pad '{x}' is not supported (NOTSET, VALID, SAME_UPPER, SAME_LOWER)"),
+    }
+}
+
+fn spatial(ctx: &Ctx, x: usize) -> Result<[usize; 2]> {
+    match ctx.shape(x)[..] {
+        [_, h, w] => Ok([h, w]),
+        ref s => bail!("expects a CxHxW input, got {s:?}"),
+    }
+}
+
+pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&[
+        "auto_pad",
+        "dilations",
+        "group",
+        "kernel_shape",
+        "pads",
+        "strides",
+    ])?;
+    let x = ctx.node(&n.input[0])?;
+    let w = weight(ctx, n, 1, "weight")?.clone();
+    let [o, ig, kh, kw] = w.dims[..] else {
+        bail!(
+            "weight has shape {:?}; only 2-D convolutions are supported",
+            w.dims
+        );
+    };
+    let groups = a.int("group", 1).max(1) as usize;
+    let stride = two(a.ints("strides"), 1, "strides")?;
+    let dilation = two(a.ints("dilations"), 1, "dilations")?;
+    let kernel = [kh, kw];
+    if let Some(k) = a.ints("kernel_shape") {
+        if k != [kh as i64, kw as i64] {
+            bail!("kernel_shape {k:?} does not match the weight {:?}", w.dims);
+        }
+    }
+    let padding = padding(&a, spatial(ctx, x)?, kernel, stride, dilation)?;
+    let cin = ctx.shape(x)[0];
+    if cin != ig * groups {
+        bail!(
+            "input has {cin} channels, the weight expects {} × {groups} groups",
+            ig
+        );
+    }
+    let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
+    let mut params = vec![("weight", tensor(w.f32s(), &w.dims)?)];
+    if bias {
+        let b = weight(ctx, n, 2, "bias")?;
+        if b.numel() != o {
+            bail!("bias has {} values for {o} output channels", b.numel());
+        }
+        params.push(("bias", tensor(b.f32s(), &[o])?));
+    }
+    let op = Op::Conv2d(Conv2d {
+        in_channels: cin,
+        out_channels: o,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+        bias,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], params)?))
+}
+
+/// `W` of a linear layer `[out, in]` plus optional bias, as a node.
+fn linear(
+    ctx: &mut Ctx,
+    label: &str,
+    x: usize,
+    w: Vec<f32>,
+    (o, i): (usize, usize),
+    bias: Option<Vec<f32>>,
+) -> Result<Value> {
+    if ctx.shape(x)[..] != [i] {
+        bail!(
+            "expects a flat input of {i} features, got {:?} (flatten first)",
+            ctx.shape(x)
+        );
+    }
+    let mut params = vec![("weight", tensor(w, &[o, i])?)];
+    let has_bias = bias.is_some();
+    if let Some(b) = bias {
+        params.push(("bias", tensor(b, &[o])?));
+    }
+    let op = Op::Linear(Linear {
+        in_features: i,
+        out_features: o,
+        bias: has_bias,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], params)?))
+}
+
+fn transpose(w: &[f32], r: usize, c: usize) -> Vec<f32> {
+    (0..c * r).map(|k| w[(k % r) * c + k / r]).collect()
+}
+
+pub(super) fn gemm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["alpha", "beta", "transA", "transB"])?;
+    if a.int("transA", 0) != 0 {
+        bail!("transA = 1 is not supported");
+    }
+    let x = ctx.node(&n.input[0])?;
+    let b = weight(ctx, n, 1, "B")?.clone();
+    let [r, c] = b.dims[..] else {
+        bail!("B has shape {:?}, expected a matrix", b.dims);
+    };
+    let alpha = a.float("alpha", 1.0);
+    let beta = a.float("beta", 1.0);
+    let (w, o, i) = if a.int("transB", 0) != 0 {
+        (b.f32s(), r, c)
+    } else {
+        (transpose(&b.f32s(), r, c), c, r)
+    };
+    let w: Vec<f32> = w.iter().map(|v| v * alpha).collect();
+    let bias = match n.input.get(2).filter(|s| !s.is_empty()) {
+        Some(_) => {
+            let cst = weight(ctx, n, 2, "C")?;
+            let v = match cst.numel() {
+                1 => vec![cst.data[0] as f32; o],
+                k if k == o => cst.f32s(),
+                k => bail!("C has {k} values for {o} outputs"),
+            };
+            Some(v.iter().map(|x| x * beta).collect())
+        }
+        None => None,
+    };
+    linear(ctx, label, x, w, (o, i), bias)
+}
+
+pub(super) fn matmul(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let x = ctx.node(&n.input[0])?;
+    let b = weight(ctx, n, 1, "the second operand")?.clone();
+    let [k, m] = b.dims[..] else {
+        bail!(
+            "only matrix × constant matrix is supported, the constant has shape {:?}",
+            b.dims
+        );
+    };
+    linear(ctx, label, x, transpose(&b.f32s(), k, m), (m, k), None)
+}
+
+pub(super) fn batch_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["epsilon", "momentum", "training_mode", "spatial"])?;
+    if a.int("training_mode", 0) != 0 {
+        bail!("training_mode = 1 is not supported");
+    }
+    let x = ctx.node(&n.input[0])?;
+    let c = ctx.shape(x)[0];
+    let mut params = vec![];
+    for (i, name) in [
+        (1, "weight"),
+        (2, "bias"),
+        (3, "running_mean"),
+        (4, "running_var"),
+    ] {
+        let v = weight(ctx, n, i, name)?;
+        if v.numel() != c {
+            bail!("{name} has {} values for {c} channels", v.numel());
+        }
+        params.push((name, tensor(v.f32s(), &[c])?));
+    }
+    let op = Op::BatchNorm(BatchNorm {
+        num_features: c,
+        eps: a.float("epsilon", 1e-5) as f64,
+        momentum: 1.0 - a.float("momentum", 0.9) as f64,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], params)?))
+}
+
+pub(super) fn pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&[
+        "auto_pad",
+        "ceil_mode",
+        "count_include_pad",
+        "dilations",
+        "kernel_shape",
+        "pads",
+        "storage_order",
+        "strides",
+    ])?;
+    if a.int("storage_order", 0) != 0 {
+        bail!("storage_order = 1 is not supported");
+    }
+    let dil = two(a.ints("dilations"), 1, "dilations")?;
+    if dil != [1, 1] {
+        bail!("dilated pooling is not supported");
+    }
+    let x = ctx.node(&n.input[0])?;
+    let kernel = two(
+        Some(
+            a.ints("kernel_shape")
+                .ok_or_else(|| anyhow!("kernel_shape is required"))?,
+        ),
+        1,
+        "kernel_shape",
+    )?;
+    let stride = two(a.ints("strides"), 1, "strides")?;
+    let padding = padding(&a, spatial(ctx, x)?, kernel, stride, dil)?;
+    let p = Pool2d {
+        kernel,
+        stride,
+        padding,
+        ceil_mode: a.int("ceil_mode", 0) != 0,
+        count_include_pad: a.int("count_include_pad", 0) != 0,
+    };
+    let op = if n.op_type == "MaxPool" {
+        Op::MaxPool(p)
+    } else {
+        Op::AvgPool(p)
+    };
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}
+
+pub(super) fn global_avg_pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    Attrs::new(n).only(&[])?;
+    let x = ctx.node(&n.input[0])?;
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::GlobalAvgPool(GlobalAvgPool {}),
+        &[x],
+        vec![],
+    )?))
+}

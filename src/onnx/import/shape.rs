@@ -1,0 +1,313 @@
+//! Shape manipulation: Flatten, Reshape, Transpose (layout no-ops), Squeeze, Unsqueeze,
+//! Concat, Pad (channel padding), and constant folding of Shape, Gather, Constant, Cast and
+//! of any of these on constants (the Shape→Gather→Unsqueeze→Concat→Reshape flatten chains).
+
+use super::{Ctx, Value};
+use crate::graph::ops::{ChannelPad, Concat, Flatten, Identity, Op, Reshape};
+use crate::graph::shape::numel;
+use crate::onnx::attrs::Attrs;
+use crate::onnx::value::Const;
+use anyhow::{anyhow, bail, Result};
+use onnx_protobuf::NodeProto;
+
+/// Full-rank dims (batch 1) of an input, constant or computed.
+fn dims_of(ctx: &Ctx, name: &str) -> Result<Vec<usize>> {
+    Ok(match ctx.konst(name) {
+        Some(c) => c.dims.clone(),
+        None => {
+            let mut d = vec![1];
+            d.extend(ctx.shape(ctx.node(name)?));
+            d
+        }
+    })
+}
+
+fn axis(a: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    if a < -r || a >= r {
+        bail!("axis {a} is out of range for rank {rank}");
+    }
+    Ok(((a + r) % r) as usize)
+}
+
+/// Axes from the attribute (older opsets) or the second input (opset 13+).
+fn axes_input(ctx: &Ctx, n: &NodeProto) -> Result<Option<Vec<i64>>> {
+    if let Some(a) = Attrs::new(n).ints("axes") {
+        return Ok(Some(a));
+    }
+    match n.input.get(1).filter(|s| !s.is_empty()) {
+        Some(name) => Ok(Some(
+            ctx.konst(name)
+                .ok_or_else(|| anyhow!("axes '{name}' must be constant"))?
+                .ints(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A computed tensor reshaped to full-rank `target` (batch first): Identity, Flatten, or an
+/// (opaque) Reshape.
+fn reshape_node(ctx: &mut Ctx, label: &str, x: usize, target: &[usize]) -> Result<Value> {
+    let shape = ctx.shape(x).clone();
+    if target.first() != Some(&1) || numel(&target[1..]) != numel(&shape) {
+        bail!("reshape of a {shape:?} sample to {target:?} mixes the batch axis in; not supported");
+    }
+    let per = &target[1..];
+    let op = if per == shape.as_slice() {
+        Op::Identity(Identity {})
+    } else if per.len() == 1 {
+        Op::Flatten(Flatten {})
+    } else {
+        Op::Reshape(Reshape {
+            shape: per.iter().map(|&d| d as i64).collect(),
+        })
+    };
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}
+
+pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    let konst = ctx.konst(&input).cloned();
+    match n.op_type.as_str() {
+        "Constant" => {
+            for k in [
+                "value",
+                "value_float",
+                "value_floats",
+                "value_int",
+                "value_ints",
+            ] {
+                if let Some(c) = a.tensor(k)? {
+                    return Ok(Value::Const(c));
+                }
+            }
+            bail!("Constant without a supported value attribute")
+        }
+        "Shape" => {
+            a.only(&["start", "end"])?;
+            let d = dims_of(ctx, &input)?;
+            let r = d.len();
+            let s = axis(a.int("start", 0).clamp(-(r as i64), r as i64 - 1), r)?;
+            let e = match a.int("end", r as i64) {
+                e if e >= r as i64 => r,
+                e => axis(e, r)?,
+            };
+            let v: Vec<i64> = d[s..e.max(s)].iter().map(|&x| x as i64).collect();
+            Ok(Value::Const(Const::vec_i64(&v)))
+        }
+        "Cast" => {
+            a.only(&["to", "saturate"])?;
+            match konst {
+                Some(c) => Ok(Value::Const(c)),
+                None => {
+                    let x = ctx.node(&input)?;
+                    Ok(Value::Node(ctx.add(
+                        label,
+                        Op::Identity(Identity {}),
+                        &[x],
+                        vec![],
+                    )?))
+                }
+            }
+        }
+        "Gather" => {
+            a.only(&["axis"])?;
+            let (Some(data), Some(idx)) = (konst, ctx.konst(&n.input[1]).cloned()) else {
+                bail!("Gather is only supported on constants (shape arithmetic)");
+            };
+            let ax = axis(a.int("axis", 0), data.dims.len().max(1))?;
+            if data.dims.len() != 1 || ax != 0 {
+                bail!("Gather is only supported on 1-D constants");
+            }
+            let len = data.dims[0] as i64;
+            let mut out = vec![];
+            for &i in &idx.ints() {
+                let j = if i < 0 { i + len } else { i };
+                if j < 0 || j >= len {
+                    bail!("Gather index {i} is out of range for length {len}");
+                }
+                out.push(data.data[j as usize]);
+            }
+            Ok(Value::Const(Const {
+                dims: idx.dims.clone(),
+                data: out,
+            }))
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let d = dims_of(ctx, &input)?;
+            let axes = axes_input(ctx, n)?;
+            let new: Vec<usize> = if n.op_type == "Unsqueeze" {
+                let axes = axes.ok_or_else(|| anyhow!("Unsqueeze needs axes"))?;
+                let r = d.len() + axes.len();
+                let mut ax: Vec<usize> = axes.iter().map(|&x| axis(x, r)).collect::<Result<_>>()?;
+                ax.sort_unstable();
+                let mut it = d.iter();
+                (0..r)
+                    .map(|i| {
+                        if ax.contains(&i) {
+                            1
+                        } else {
+                            *it.next().unwrap_or(&1)
+                        }
+                    })
+                    .collect()
+            } else {
+                let ax: Vec<usize> = match axes {
+                    Some(v) => v.iter().map(|&x| axis(x, d.len())).collect::<Result<_>>()?,
+                    None => (0..d.len()).filter(|&i| d[i] == 1 && i > 0).collect(),
+                };
+                d.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !ax.contains(i))
+                    .map(|(_, &v)| v)
+                    .collect()
+            };
+            match konst {
+                Some(c) => Ok(Value::Const(Const {
+                    dims: new,
+                    data: c.data,
+                })),
+                None => {
+                    let x = ctx.node(&input)?;
+                    reshape_node(ctx, label, x, &new)
+                }
+            }
+        }
+        "Concat" => {
+            a.only(&["axis"])?;
+            let consts: Vec<Option<Const>> =
+                n.input.iter().map(|i| ctx.konst(i).cloned()).collect();
+            if consts.iter().all(|c| c.is_some()) {
+                let cs: Vec<Const> = consts.into_iter().flatten().collect();
+                if cs.iter().any(|c| c.dims.len() > 1) {
+                    bail!("Concat of constants is only supported for 1-D constants");
+                }
+                let data: Vec<f64> = cs.iter().flat_map(|c| c.data.clone()).collect();
+                return Ok(Value::Const(Const {
+                    dims: vec![data.len()],
+                    data,
+                }));
+            }
+            let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
+            let rank = ctx.shape(xs[0]).len() + 1;
+            if axis(a.int("axis", 1), rank)? != 1 {
+                bail!("Concat is only supported along the channel axis 1");
+            }
+            Ok(Value::Node(ctx.add(
+                label,
+                Op::Concat(Concat {}),
+                &xs,
+                vec![],
+            )?))
+        }
+        "Flatten" => {
+            a.only(&["axis"])?;
+            let x = ctx.node(&input)?;
+            let rank = ctx.shape(x).len() + 1;
+            if axis(a.int("axis", 1), rank)? != 1 {
+                bail!("Flatten is only supported from axis 1");
+            }
+            let n_el = numel(ctx.shape(x));
+            reshape_node(ctx, label, x, &[1, n_el])
+        }
+        "Reshape" => {
+            a.only(&["allowzero"])?;
+            let target = ctx
+                .konst(&n.input[1])
+                .ok_or_else(|| anyhow!("the target shape must be constant (or foldable)"))?
+                .ints();
+            let d = dims_of(ctx, &input)?;
+            let allow_zero = a.int("allowzero", 0) != 0;
+            let mut t: Vec<i64> = target
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if v == 0 && !allow_zero {
+                        d.get(i).map_or(0, |&x| x as i64)
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let total: usize = d.iter().product();
+            if let Some(p) = t.iter().position(|&v| v == -1) {
+                let known: i64 = t.iter().filter(|&&v| v != -1).product();
+                if known <= 0 || total as i64 % known != 0 {
+                    bail!("cannot reshape {d:?} to {target:?}");
+                }
+                t[p] = total as i64 / known;
+            }
+            if t.iter().any(|&v| v < 0) || t.iter().product::<i64>() != total as i64 {
+                bail!("cannot reshape {d:?} to {target:?}");
+            }
+            let t: Vec<usize> = t.iter().map(|&v| v as usize).collect();
+            match konst {
+                Some(c) => Ok(Value::Const(Const {
+                    dims: t,
+                    data: c.data,
+                })),
+                None => {
+                    let x = ctx.node(&input)?;
+                    reshape_node(ctx, label, x, &t)
+                }
+            }
+        }
+        "Transpose" => {
+            a.only(&["perm"])?;
+            let x = ctx.node(&input)?;
+            let d = dims_of(ctx, &input)?;
+            let perm = a
+                .ints("perm")
+                .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
+            // A layout no-op: the non-unit axes keep their order.
+            let kept: Vec<i64> = perm
+                .iter()
+                .copied()
+                .filter(|&p| d[p as usize] != 1)
+                .collect();
+            if !kept.windows(2).all(|w| w[0] < w[1]) {
+                bail!("Transpose with perm {perm:?} on {d:?} moves data (channel shuffles are not supported); only layout no-ops are");
+            }
+            let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
+            reshape_node(ctx, label, x, &new)
+        }
+        "Pad" => {
+            a.only(&["mode", "pads", "value"])?;
+            if a.string("mode", "constant") != "constant" {
+                bail!("only constant padding is supported");
+            }
+            let pads = match a.ints("pads") {
+                Some(p) => p,
+                None => ctx
+                    .konst(&n.input[1])
+                    .ok_or_else(|| anyhow!("pads must be constant"))?
+                    .ints(),
+            };
+            let value = match n.input.get(2).filter(|s| !s.is_empty()) {
+                Some(v) => ctx.konst(v).map_or(0.0, |c| c.data[0]),
+                None => a.float("value", 0.0) as f64,
+            };
+            let x = ctx.node(&input)?;
+            let r = ctx.shape(x).len() + 1;
+            if pads.len() != 2 * r || value != 0.0 {
+                bail!(
+                    "Pad needs {} zero-valued pads, got {pads:?} (value {value})",
+                    2 * r
+                );
+            }
+            let others = (0..r)
+                .filter(|&i| i != 1)
+                .any(|i| pads[i] != 0 || pads[i + r] != 0);
+            if others || pads[1] < 0 || pads[1 + r] < 0 {
+                bail!("only zero padding of the channel axis is supported, got pads {pads:?}");
+            }
+            let op = Op::ChannelPad(ChannelPad {
+                before: pads[1] as usize,
+                after: pads[1 + r] as usize,
+            });
+            Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+        }
+        op => bail!("internal: {op} routed to shape ops"),
+    }
+}

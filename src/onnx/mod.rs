@@ -1,0 +1,25 @@
+//! ONNX at the edges: import (IR 3+, opsets 7–21) into the graph IR, and export of any IR
+//! graph — pruned or not — to ONNX opset 17 with the same input/output names and shapes.
+//! Protobuf decoding/encoding is the `onnx-protobuf` crate (rust-protobuf generated code
+//! for the ONNX schema); nothing here parses wire bytes by hand.
+
+pub mod attrs;
+pub mod export;
+pub mod import;
+pub mod value;
+
+use crate::graph::Graph;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Imports an `.onnx` file; errors name the file, the node and what is supported.
+pub fn load(path: &Path) -> Result<Graph> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    import::import_bytes(&bytes, &path.display().to_string())
+}
+
+/// Exports `g` to `path` atomically.
+pub fn save(g: &Graph, path: &Path) -> Result<()> {
+    let bytes = export::export_bytes(g)?;
+    crate::util::atomic_write(path, &bytes)
+}
