@@ -6,7 +6,7 @@
 //! image; a lone image lets the GEMM use every thread. Reductions across images use a
 //! fixed chunking, so results are deterministic for a given thread count.
 
-use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32};
+use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::depthwise;
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
@@ -100,9 +100,11 @@ pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
             let col: &[f32] = if g.is_pointwise() {
                 xg
             } else {
-                buf.resize(k * p, 0.0);
-                im2col(g, xg, buf);
-                buf
+                if buf.len() < k * p {
+                    buf.resize(k * p, 0.0);
+                }
+                im2col(g, xg, &mut buf[..k * p]);
+                &buf[..k * p]
             };
             let wg = &w[gi * og * k..(gi + 1) * og * k];
             sgemm(
@@ -118,14 +120,15 @@ pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
         }
     };
     if g.n == 1 || rayon::current_num_threads() == 1 {
-        let mut buf = Vec::new();
-        for (n, out_n) in out.chunks_mut(img_out).enumerate() {
-            one(&mut buf, n, out_n, true);
-        }
+        with_scratch(|buf| {
+            for (n, out_n) in out.chunks_mut(img_out).enumerate() {
+                one(buf, n, out_n, true);
+            }
+        });
     } else {
         out.par_chunks_mut(img_out)
             .enumerate()
-            .for_each_init(Vec::new, |buf, (n, out_n)| one(buf, n, out_n, false));
+            .for_each(|(n, out_n)| with_scratch(|buf| one(buf, n, out_n, false)));
     }
 }
 
@@ -149,21 +152,25 @@ pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 // dx = W^T dy directly into the image.
                 sgemm(k, p, og, dxg, Mat::rm_t(wg, k), Mat::rm(dyg, p), false, par);
             } else {
-                buf.resize(k * p, 0.0);
-                sgemm(k, p, og, buf, Mat::rm_t(wg, k), Mat::rm(dyg, p), false, par);
-                col2im(g, buf, dxg);
+                if buf.len() < k * p {
+                    buf.resize(k * p, 0.0);
+                }
+                let col = &mut buf[..k * p];
+                sgemm(k, p, og, col, Mat::rm_t(wg, k), Mat::rm(dyg, p), false, par);
+                col2im(g, col, dxg);
             }
         }
     };
     if g.n == 1 || rayon::current_num_threads() == 1 {
-        let mut buf = Vec::new();
-        for (n, dx_n) in dx.chunks_mut(img_in).enumerate() {
-            one(&mut buf, n, dx_n, true);
-        }
+        with_scratch(|buf| {
+            for (n, dx_n) in dx.chunks_mut(img_in).enumerate() {
+                one(buf, n, dx_n, true);
+            }
+        });
     } else {
         dx.par_chunks_mut(img_in)
             .enumerate()
-            .for_each_init(Vec::new, |buf, (n, dx_n)| one(buf, n, dx_n, false));
+            .for_each(|(n, dx_n)| with_scratch(|buf| one(buf, n, dx_n, false)));
     }
     dx
 }

@@ -45,3 +45,13 @@ pub fn ce(e: anyhow::Error) -> candle_core::Error {
 pub fn reduction_chunks(n: usize) -> usize {
     rayon::current_num_threads().max(1).min(n.max(1))
 }
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A per-thread scratch buffer (im2col columns) that keeps its allocation across calls, so
+/// a convolution does not allocate and zero-fill a fresh column buffer per image batch.
+pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}

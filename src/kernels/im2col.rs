@@ -114,8 +114,18 @@ fn im2col_same(g: &Geo, x: &[f32], col: &mut [f32]) {
                     dst[q1..yhi * w].fill(0.0);
                     let s0 = (q0 as isize + s) as usize;
                     dst[q0..q1].copy_from_slice(&xc[s0..s0 + (q1 - q0)]);
-                    // Columns that wrapped into the neighbouring row must be zero.
-                    if dx > 0 {
+                    // Columns that wrapped into the neighbouring row must be zero. One
+                    // column (3x3 kernels) is a plain store: a memset call per row cost
+                    // more than the copy on narrow layers.
+                    if dx == 1 {
+                        for oy in ylo..yhi {
+                            dst[oy * w + w - 1] = 0.0;
+                        }
+                    } else if dx == -1 {
+                        for oy in ylo..yhi {
+                            dst[oy * w] = 0.0;
+                        }
+                    } else if dx > 0 {
                         for oy in ylo..yhi {
                             dst[oy * w + w - dx as usize..(oy + 1) * w].fill(0.0);
                         }
