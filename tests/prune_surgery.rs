@@ -26,6 +26,49 @@ const MODELS: &[&str] = &[
 
 /// Concat, squeeze-excitation (broadcast Mul), depthwise conv, flatten->linear: the
 /// couplings the zoo's plain chains do not exercise.
+/// ShuffleNet-style unit: split by channel gathers, a branch, concat, a channel shuffle
+/// (permutation gather) and a per-channel affine — the ops ONNX import produces.
+fn split_shuffle_net() -> Graph {
+    use lopper::graph::ops::{ChannelAffine, ChannelGather, Conv2d, Op};
+    use lopper::graph::GraphBuilder;
+    let mut b = GraphBuilder::new(9);
+    let x = b.input(&[3, 8, 8]).unwrap();
+    let a = b.conv("a", x, Conv2d::new(3, 8, 3, 1, 1)).unwrap();
+    let a = b.bn("a_bn", a).unwrap();
+    let a = b.relu(a).unwrap();
+    let gather = |idx: Vec<usize>| {
+        Op::ChannelGather(ChannelGather {
+            in_channels: 8,
+            indices: idx,
+        })
+    };
+    let left = b.add("left", gather((0..4).collect()), &[a]).unwrap();
+    let right = b.add("right", gather((4..8).collect()), &[a]).unwrap();
+    let r = b.conv("r", right, Conv2d::new(4, 4, 3, 1, 1)).unwrap();
+    let r = b.bn("r_bn", r).unwrap();
+    let r = b.relu(r).unwrap();
+    let cat = b.concat(&[left, r]).unwrap();
+    let shuffled = b
+        .add(
+            "shuffle",
+            gather((0..8).map(|c| (c % 2) * 4 + c / 2).collect()),
+            &[cat],
+        )
+        .unwrap();
+    let aff = b
+        .add(
+            "affine",
+            Op::ChannelAffine(ChannelAffine { channels: 8 }),
+            &[shuffled],
+        )
+        .unwrap();
+    let y = b.conv("c", aff, Conv2d::new(8, 6, 3, 2, 1)).unwrap();
+    let y = b.gap(y).unwrap();
+    let y = b.flatten(y).unwrap();
+    let y = b.linear("fc", y, 6, 10).unwrap();
+    b.finish(&[y]).unwrap()
+}
+
 fn concat_se_net() -> Graph {
     use lopper::graph::ops::{ActivationKind, Conv2d};
     use lopper::graph::GraphBuilder;
@@ -75,6 +118,7 @@ fn removing_nothing_reproduces_the_dense_outputs_exactly() {
         .map(|n| (n.to_string(), zoo::build(n, 1).unwrap()))
         .collect();
     cases.push(("concat_se_net".into(), concat_se_net()));
+    cases.push(("split_shuffle_net".into(), split_shuffle_net()));
     for (name, g) in cases {
         let groups = dependency_groups(&g).unwrap();
         let r = Removal::from_units(&g, &groups, &[]).unwrap();
@@ -97,6 +141,7 @@ fn random_removals_equal_masked_dense_network_and_predicted_cost() {
         .map(|n| (n.to_string(), zoo::build(n, 2).unwrap()))
         .collect();
     cases.push(("concat_se_net".into(), concat_se_net()));
+    cases.push(("split_shuffle_net".into(), split_shuffle_net()));
     for (name, g) in &cases {
         let mut pruned_trials = 0;
         randomise_bn(g, 3);

@@ -216,6 +216,11 @@ fn run_node(
             }
         }
         Op::Activation(a) => activation(ins[0], a.kind)?,
+        Op::ChannelGather(gth) => {
+            let idx: Vec<u32> = gth.indices.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::from_vec(idx, gth.indices.len(), ins[0].device())?;
+            ins[0].index_select(&idx, 1)?
+        }
         Op::ChannelAffine(a) => {
             let mut shape = vec![1usize; ins[0].rank()];
             shape[1] = a.channels;

@@ -239,6 +239,12 @@ pub fn export_bytes(g: &Graph) -> Result<Vec<u8>> {
                 o.node("Mul", &m, &[x, &w], &m, vec![]);
                 o.node("Add", name, &[&m, &b], name, vec![]);
             }
+            Op::ChannelGather(gth) => {
+                let s = format!("{name}.indices");
+                let idx: Vec<i64> = gth.indices.iter().map(|&v| v as i64).collect();
+                o.inits.push(i64_proto(&s, &idx));
+                o.node("Gather", name, &[x, &s], name, vec![attr_i("axis", 1)]);
+            }
             Op::Dropout(_) | Op::Identity(_) => o.node("Identity", name, &[x], name, vec![]),
             Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
         }

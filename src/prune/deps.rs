@@ -159,6 +159,13 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
                     }
                 }
             },
+            Coupling::Gather => {
+                if let Op::ChannelGather(gth) = &node.op {
+                    for (c, &src) in gth.indices.iter().enumerate() {
+                        uf.union(e(ins[0], src), e(i, c));
+                    }
+                }
+            }
             Coupling::Flatten { .. } => {
                 let inner = numel(&shapes[ins[0]]) / ch[ins[0]].max(1);
                 for c in 0..ch[ins[0]] {

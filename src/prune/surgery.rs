@@ -81,6 +81,18 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 }
                 Op::BatchNorm(b) => b.num_features = keep[i].len(),
                 Op::ChannelAffine(a) => a.channels = keep[i].len(),
+                Op::ChannelGather(gth) => {
+                    // Kept outputs read kept inputs (same units); renumber both.
+                    let kin = &keep[n.inputs[0]];
+                    gth.indices = keep[i]
+                        .iter()
+                        .map(|&c| {
+                            kin.binary_search(&gth.indices[c])
+                                .expect("a kept gather output reads a kept input")
+                        })
+                        .collect();
+                    gth.in_channels = kin.len();
+                }
                 Op::ChannelPad(p) => {
                     let (before, total_in) = (p.before, channels[n.inputs[0]]);
                     p.before = keep[i].iter().filter(|&&c| c < before).count();

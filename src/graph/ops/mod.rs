@@ -6,6 +6,7 @@ mod activation;
 mod affine;
 mod batchnorm;
 mod conv;
+mod gather;
 mod join;
 mod linear;
 mod misc;
@@ -17,6 +18,7 @@ pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
 pub use batchnorm::BatchNorm;
 pub use conv::Conv2d;
+pub use gather::ChannelGather;
 pub use join::{Add, Concat, Mul};
 pub use linear::Linear;
 pub use misc::{Dropout, Identity, Input, Softmax};
@@ -66,6 +68,8 @@ pub enum Coupling {
     Join,
     /// Output channels are the inputs' channels laid end to end.
     Concat,
+    /// Output channel `c` is input channel `indices[c]` (channel gather / split / shuffle).
+    Gather,
     /// Input channel `c` becomes the block of output features `[c*inner, (c+1)*inner)`.
     Flatten { inner: usize },
     /// Channels cannot be followed through this op: pruning stops at its boundary.
@@ -114,6 +118,7 @@ pub enum Op {
     Concat(Concat),
     ChannelPad(ChannelPad),
     ChannelAffine(ChannelAffine),
+    ChannelGather(ChannelGather),
     Dropout(Dropout),
     Softmax(Softmax),
     Identity(Identity),
@@ -138,6 +143,7 @@ impl Op {
             Op::Concat(o) => o,
             Op::ChannelPad(o) => o,
             Op::ChannelAffine(o) => o,
+            Op::ChannelGather(o) => o,
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,
             Op::Identity(o) => o,

@@ -106,6 +106,12 @@ impl Ctx {
     pub(super) fn op_mut(&mut self, n: NodeId) -> &mut Op {
         &mut self.nodes[n].op
     }
+    pub(super) fn op(&self, n: NodeId) -> &Op {
+        &self.nodes[n].op
+    }
+    pub(super) fn first_input(&self, n: NodeId) -> NodeId {
+        self.nodes[n].inputs[0]
+    }
     pub(super) fn set_param(&mut self, n: NodeId, p: &str, t: Tensor) {
         let key = param_key(&self.nodes[n].name, p);
         self.params.insert(key, t);
@@ -221,7 +227,40 @@ fn convert(model: &ModelProto) -> Result<Graph> {
                 .with_context(|| format!("graph output '{}'", o.name))
         })
         .collect::<Result<Vec<_>>>()?;
-    Graph::with_parts(ctx.nodes, outputs, ctx.params)
+    prune_dead(ctx, outputs)
+}
+
+/// Drops nodes no output depends on (shape-only branches, folded reshapes) and renumbers.
+fn prune_dead(ctx: Ctx, outputs: Vec<NodeId>) -> Result<Graph> {
+    let n = ctx.nodes.len();
+    let mut live = vec![false; n];
+    live[0] = true; // the input
+    let mut stack = outputs.clone();
+    while let Some(i) = stack.pop() {
+        if !live[i] || i == 0 {
+            live[i] = true;
+            stack.extend(&ctx.nodes[i].inputs);
+        }
+    }
+    let mut new_id = vec![usize::MAX; n];
+    let mut nodes = Vec::new();
+    let mut params = BTreeMap::new();
+    for (i, mut node) in ctx.nodes.into_iter().enumerate() {
+        if !live[i] {
+            continue;
+        }
+        new_id[i] = nodes.len();
+        node.inputs.iter_mut().for_each(|j| *j = new_id[*j]);
+        for spec in node.op.spec().params() {
+            let key = param_key(&node.name, spec.name);
+            if let Some(t) = ctx.params.get(&key) {
+                params.insert(key, t.clone());
+            }
+        }
+        nodes.push(node);
+    }
+    let outputs = outputs.iter().map(|&o| new_id[o]).collect();
+    Graph::with_parts(nodes, outputs, params)
 }
 
 fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
@@ -256,9 +295,9 @@ fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
 }
 
 const SUPPORTED: &str = "Conv, Gemm, MatMul, Add, Sub, Mul, Div, Relu, Clip, LeakyRelu, Sigmoid, \
-HardSigmoid, HardSwish, Tanh, Softmax, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, \
-Flatten, Reshape, Transpose (layout no-ops), Concat, Pad, Identity, Dropout, Constant, Shape, Gather, \
-Unsqueeze, Squeeze, Cast";
+HardSigmoid, HardSwish, Tanh, Softmax, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, ReduceMean (spatial), \
+Flatten, Reshape, Transpose (layout no-ops and channel shuffles), Concat, Split, Slice, Pad, Identity, \
+Dropout, Constant, Shape, Gather, Unsqueeze, Squeeze, Cast";
 
 fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>> {
     let v = match n.op_type.as_str() {
@@ -268,13 +307,15 @@ fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>>
         "BatchNormalization" => nn::batch_norm(ctx, n, label)?,
         "MaxPool" | "AveragePool" => nn::pool(ctx, n, label)?,
         "GlobalAveragePool" => nn::global_avg_pool(ctx, n, label)?,
+        "ReduceMean" => nn::reduce_mean(ctx, n, label)?,
         "Add" | "Sub" | "Mul" | "Div" => elementwise::binary(ctx, n, label)?,
         "Relu" | "Clip" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh" => {
             elementwise::activation(ctx, n, label)?
         }
         "Softmax" | "Identity" | "Dropout" => elementwise::unary(ctx, n, label)?,
+        "Split" => return shape::split(ctx, n, label),
         "Flatten" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Concat" | "Shape"
-        | "Gather" | "Constant" | "Cast" | "Pad" => shape::convert(ctx, n, label)?,
+        | "Gather" | "Constant" | "Cast" | "Pad" | "Slice" => shape::convert(ctx, n, label)?,
         op => bail!("op type '{op}' is not supported (supported: {SUPPORTED})"),
     };
     Ok(vec![v])

@@ -292,3 +292,40 @@ pub(super) fn global_avg_pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Resu
         vec![],
     )?))
 }
+
+/// `ReduceMean` over the spatial axes: global average pooling (then flatten unless
+/// `keepdims`).
+pub(super) fn reduce_mean(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["axes", "keepdims", "noop_with_empty_axes"])?;
+    let x = ctx.node(&n.input[0])?;
+    let axes = match a.ints("axes") {
+        Some(v) => v,
+        None => match n.input.get(1).filter(|s| !s.is_empty()) {
+            Some(name) => ctx
+                .konst(name)
+                .ok_or_else(|| anyhow!("axes '{name}' must be constant"))?
+                .ints(),
+            None => vec![],
+        },
+    };
+    let mut ax: Vec<i64> = axes
+        .iter()
+        .map(|&v| if v < 0 { v + 4 } else { v })
+        .collect();
+    ax.sort_unstable();
+    if ctx.shape(x).len() != 3 || ax != [2, 3] {
+        bail!("ReduceMean is only supported over the spatial axes [2, 3] of an NCHW tensor");
+    }
+    let gap = ctx.add(label, Op::GlobalAvgPool(GlobalAvgPool {}), &[x], vec![])?;
+    if a.int("keepdims", 1) != 0 {
+        return Ok(Value::Node(gap));
+    }
+    let op = Op::Flatten(crate::graph::ops::Flatten {});
+    Ok(Value::Node(ctx.add(
+        &format!("{label}_flatten"),
+        op,
+        &[gap],
+        vec![],
+    )?))
+}

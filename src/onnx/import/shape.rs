@@ -3,7 +3,7 @@
 //! of any of these on constants (the Shape→Gather→Unsqueeze→Concat→Reshape flatten chains).
 
 use super::{Ctx, Value};
-use crate::graph::ops::{ChannelPad, Concat, Flatten, Identity, Op, Reshape};
+use crate::graph::ops::{ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, Reshape};
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
@@ -48,7 +48,16 @@ fn axes_input(ctx: &Ctx, n: &NodeProto) -> Result<Option<Vec<i64>>> {
 /// A computed tensor reshaped to full-rank `target` (batch first): Identity, Flatten, or an
 /// (opaque) Reshape.
 fn reshape_node(ctx: &mut Ctx, label: &str, x: usize, target: &[usize]) -> Result<Value> {
+    // A reshape of a reshape reads the original tensor (the intermediate is dropped by
+    // dead-node elimination), so a round trip through 5-D layouts costs nothing.
+    let x = match ctx.op(x) {
+        Op::Reshape(_) => ctx.first_input(x),
+        _ => x,
+    };
     let shape = ctx.shape(x).clone();
+    if target.len() > 1 && target[1..] == shape[..] {
+        return Ok(Value::Node(x));
+    }
     if target.first() != Some(&1) || numel(&target[1..]) != numel(&shape) {
         bail!("reshape of a {shape:?} sample to {target:?} mixes the batch axis in; not supported");
     }
@@ -113,8 +122,28 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
         }
         "Gather" => {
             a.only(&["axis"])?;
-            let (Some(data), Some(idx)) = (konst, ctx.konst(&n.input[1]).cloned()) else {
-                bail!("Gather is only supported on constants (shape arithmetic)");
+            let Some(idx) = ctx.konst(&n.input[1]).cloned() else {
+                bail!("Gather indices must be constant");
+            };
+            let Some(data) = konst else {
+                let x = ctx.node(&input)?;
+                let rank = ctx.shape(x).len() + 1;
+                if axis(a.int("axis", 0), rank)? != 1 || idx.dims.len() != 1 {
+                    bail!("Gather on a computed tensor is only supported along the channel axis with 1-D indices");
+                }
+                let c = ctx.shape(x)[0] as i64;
+                let indices = idx
+                    .ints()
+                    .iter()
+                    .map(|&i| {
+                        let j = if i < 0 { i + c } else { i };
+                        if j < 0 || j >= c {
+                            bail!("Gather index {i} is out of range for {c} channels");
+                        }
+                        Ok(j as usize)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return gather(ctx, label, x, indices);
             };
             let ax = axis(a.int("axis", 0), data.dims.len().max(1))?;
             if data.dims.len() != 1 || ax != 0 {
@@ -260,6 +289,9 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             let perm = a
                 .ints("perm")
                 .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
+            if let Some(v) = channel_shuffle(ctx, label, x, &d, &perm)? {
+                return Ok(v);
+            }
             // A layout no-op: the non-unit axes keep their order.
             let kept: Vec<i64> = perm
                 .iter()
@@ -267,7 +299,7 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
                 .filter(|&p| d[p as usize] != 1)
                 .collect();
             if !kept.windows(2).all(|w| w[0] < w[1]) {
-                bail!("Transpose with perm {perm:?} on {d:?} moves data (channel shuffles are not supported); only layout no-ops are");
+                bail!("Transpose with perm {perm:?} on {d:?} moves data; only layout no-ops and channel shuffles are supported");
             }
             let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
             reshape_node(ctx, label, x, &new)
@@ -308,6 +340,144 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             });
             Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
         }
+        "Slice" => slice(ctx, n, label, konst),
         op => bail!("internal: {op} routed to shape ops"),
     }
+}
+
+/// A channel gather node.
+fn gather(ctx: &mut Ctx, label: &str, x: usize, indices: Vec<usize>) -> Result<Value> {
+    let op = Op::ChannelGather(ChannelGather {
+        in_channels: ctx.shape(x)[0],
+        indices,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}
+
+/// ShuffleNet's `Reshape [N, g, C/g, H, W] → Transpose (0, 2, 1, 3, 4)`: a channel
+/// permutation of the reshape's input, kept in the transposed 5-D layout so the
+/// following Reshape back to `[N, C, H, W]` folds away.
+fn channel_shuffle(
+    ctx: &mut Ctx,
+    label: &str,
+    x: usize,
+    d: &[usize],
+    perm: &[i64],
+) -> Result<Option<Value>> {
+    if perm != [0, 2, 1, 3, 4] || !matches!(ctx.op(x), Op::Reshape(_)) {
+        return Ok(None);
+    }
+    let src = ctx.first_input(x);
+    let (g, cpg) = (d[1], d[2]);
+    if ctx.shape(src).len() != 3 || ctx.shape(src)[0] != g * cpg {
+        return Ok(None);
+    }
+    let indices = (0..g * cpg).map(|c| (c % g) * cpg + c / g).collect();
+    let Value::Node(sh) = gather(ctx, &format!("{label}_shuffle"), src, indices)? else {
+        unreachable!()
+    };
+    let op = Op::Reshape(Reshape {
+        shape: vec![cpg as i64, g as i64, d[3] as i64, d[4] as i64],
+    });
+    Ok(Some(Value::Node(ctx.add(label, op, &[sh], vec![])?)))
+}
+
+/// `[start, end)` with ONNX clamping rules for one axis of length `len`.
+fn clamp_range(start: i64, end: i64, len: i64) -> (i64, i64) {
+    let fix = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+    (fix(start), fix(end))
+}
+
+fn slice(ctx: &mut Ctx, n: &NodeProto, label: &str, konst: Option<Const>) -> Result<Value> {
+    let a = Attrs::new(n);
+    let get = |i: usize, attr: &str| -> Result<Option<Vec<i64>>> {
+        if let Some(v) = a.ints(attr) {
+            return Ok(Some(v));
+        }
+        match n.input.get(i).filter(|s| !s.is_empty()) {
+            Some(name) => Ok(Some(
+                ctx.konst(name)
+                    .ok_or_else(|| anyhow!("Slice {attr} '{name}' must be constant"))?
+                    .ints(),
+            )),
+            None => Ok(None),
+        }
+    };
+    let starts = get(1, "starts")?.ok_or_else(|| anyhow!("Slice needs starts"))?;
+    let ends = get(2, "ends")?.ok_or_else(|| anyhow!("Slice needs ends"))?;
+    let d = dims_of(ctx, &n.input[0])?;
+    let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
+    if axes.len() != 1 || steps.iter().any(|&s| s <= 0) {
+        bail!("Slice is only supported along one axis with positive steps");
+    }
+    let ax = axis(axes[0], d.len())?;
+    let (s0, e0) = clamp_range(starts[0], ends[0], d[ax] as i64);
+    let picked: Vec<usize> = (s0..e0)
+        .step_by(steps[0] as usize)
+        .map(|v| v as usize)
+        .collect();
+    if picked.is_empty() {
+        bail!("Slice selects nothing");
+    }
+    match konst {
+        Some(c) if c.dims.len() == 1 => Ok(Value::Const(Const {
+            dims: vec![picked.len()],
+            data: picked.iter().map(|&i| c.data[i]).collect(),
+        })),
+        Some(_) => bail!("Slice of multi-dimensional constants is not supported"),
+        None if ax == 1 => {
+            let x = ctx.node(&n.input[0])?;
+            gather(ctx, label, x, picked)
+        }
+        None => bail!("Slice of a computed tensor is only supported along the channel axis"),
+    }
+}
+
+/// Split along the channel axis: one channel gather per output.
+pub(super) fn split(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>> {
+    let a = Attrs::new(n);
+    a.only(&["axis", "split", "num_outputs"])?;
+    let x = ctx.node(&n.input[0])?;
+    let rank = ctx.shape(x).len() + 1;
+    if axis(a.int("axis", 0), rank)? != 1 {
+        bail!("Split is only supported along the channel axis 1");
+    }
+    let c = ctx.shape(x)[0];
+    let k = n.output.len();
+    let sizes: Vec<usize> =
+        match a
+            .ints("split")
+            .or(match n.input.get(1).filter(|s| !s.is_empty()) {
+                Some(name) => Some(
+                    ctx.konst(name)
+                        .ok_or_else(|| anyhow!("split sizes '{name}' must be constant"))?
+                        .ints(),
+                ),
+                None => None,
+            }) {
+            Some(v) => v.iter().map(|&s| s.max(0) as usize).collect(),
+            None => {
+                // Equal parts, the last one smaller (opset 18 rule).
+                let part = c.div_ceil(k.max(1));
+                (0..k)
+                    .map(|i| part.min(c.saturating_sub(i * part)))
+                    .collect()
+            }
+        };
+    if sizes.len() != k || sizes.iter().sum::<usize>() != c || sizes.contains(&0) {
+        bail!("split sizes {sizes:?} do not divide {c} channels into {k} outputs");
+    }
+    let mut start = 0;
+    let mut out = vec![];
+    for (i, &s) in sizes.iter().enumerate() {
+        out.push(gather(
+            ctx,
+            &format!("{label}_{i}"),
+            x,
+            (start..start + s).collect(),
+        )?);
+        start += s;
+    }
+    Ok(out)
 }
