@@ -68,7 +68,7 @@ for k, (axis, col, f) in enumerate([("depth", "#1f77b4", lambda x: F(x, 1, 1)), 
     for p in pts:
         if p["axis"] in (axis, "dense"):
             svg.append(f'<circle cx="{px(p["point"][coord]):.1f}" cy="{py(p["point"]["acc"]):.1f}" r="4" fill="{col}"/>')
-    svg.append(f'<rect x="{W - right + 12}" y="{top + 16 * k}" width="12" height="4" fill="{col}"/><text x="{W - right + 30}" y="{top + 16 * k + 6}">F along {axis} (dots: measured)</text>')
+    svg.append(f'<rect x="{W - right + 12}" y="{top + 16 * k}" width="12" height="4" fill="{col}"/><text x="{W - right + 30}" y="{top + 16 * k + 6}">F along {axis}</text>')
 svg.append("</svg>")
 open("docs/results/dwr_resnet20.svg", "w").write("\n".join(svg) + "\n")
 md = ["# DWR on ResNet-20 / CIFAR-10 JPEG (reduced scale)", "",

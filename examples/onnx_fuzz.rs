@@ -1,7 +1,8 @@
 //! Fuzzes the ONNX importer: random byte edits (overwrite, insert, delete, truncate) of
 //! every seed model; any panic aborts with the offending input saved. Usage:
 //! `cargo run --release --example onnx_fuzz -- [ITERATIONS] [SEED_FILES...]`
-//! (default: 100,000 iterations on ../shared/data/models/mnist-8.onnx).
+//! (default: 100,000 iterations on ../shared/data/models/mnist-8.onnx; RNG seed from
+//! `LOPPER_FUZZ_SEED`, default 0).
 
 use rand::{Rng, SeedableRng};
 use std::panic;
@@ -22,7 +23,11 @@ fn main() {
         .iter()
         .map(|s| std::fs::read(s).expect("seed file"))
         .collect();
-    let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+    let seed = std::env::var("LOPPER_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     let (mut ok, mut err) = (0usize, 0usize);
     let t = std::time::Instant::now();
     panic::set_hook(Box::new(|_| {}));

@@ -661,3 +661,43 @@ fn linear_matches_candle_and_finite_differences() {
         "linear dw fd",
     );
 }
+
+/// Eval mode folds batch norm (and its ReLU) into the preceding conv; asking to keep the
+/// conv outputs disables the folding, so both paths can be compared on a net with
+/// non-trivial BN statistics, biases and depthwise convs.
+#[test]
+fn eval_batch_norm_folding_matches_the_unfolded_forward() {
+    use lopper::exec::{forward, forward_with, ForwardOpts, Mode};
+    use lopper::graph::ops::Op;
+    for spec in ["resnet20@3x16x16", "mobilenetv2@3x16x16", "vgg11"] {
+        let g = lopper::zoo::build(spec, 3).unwrap();
+        let mut rng = Pcg64::seed_from_u64(4);
+        for (k, v) in g.params() {
+            let n = v.elem_count();
+            let d: Vec<f32> = if k.ends_with("running_var") {
+                (0..n).map(|_| rng.gen_range(0.5..2.0)).collect()
+            } else if k.ends_with("running_mean") || k.ends_with(".bias") {
+                (0..n).map(|_| rng.gen_range(-0.5..0.5)).collect()
+            } else if k.contains("bn") && k.ends_with(".weight") {
+                (0..n).map(|_| rng.gen_range(0.5..1.5)).collect()
+            } else {
+                continue;
+            };
+            v.set(&Tensor::from_vec(d, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let convs: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| matches!(g.nodes[i].op, Op::Conv2d(_)))
+            .collect();
+        let mut dims = vec![4];
+        dims.extend(g.input_shape());
+        let x = Tensor::randn(0f32, 1., dims, &Device::Cpu).unwrap();
+        let folded = v32(&forward(&g, &x, Mode::Eval).unwrap());
+        let opts = ForwardOpts {
+            keep: &convs,
+            ..ForwardOpts::new(Mode::Eval)
+        };
+        let plain = v32(&forward_with(&g, &x, &opts).unwrap().outputs[0]);
+        assert_close(&folded, &plain, 1e-4, spec);
+    }
+}

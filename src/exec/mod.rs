@@ -82,7 +82,13 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
     // One structural pass per forward: consumers and shapes feed fusion planning and the
     // early release of intermediates.
     let consumers = g.consumers();
-    let fusion = plan(g, opts.keep, &consumers, &g.shapes()?);
+    let fusion = plan(
+        g,
+        opts.keep,
+        &consumers,
+        &g.shapes()?,
+        opts.mode == Mode::Eval,
+    );
     let mut remaining: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
     for &o in g.outputs.iter().chain(opts.keep) {
         remaining[o] += 1; // never dropped
@@ -109,7 +115,11 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
             masked = ins[0].broadcast_mul(m)?;
             ins[0] = &masked;
         }
-        let y = run_node(g, i, &ins, x, opts, fusion.fused_relu[i]).with_context(|| {
+        let y = match fusion.fold_bn[i] {
+            Some(bn) => conv_folded(g, i, bn, ins[0], fusion.fused_relu[bn]),
+            None => run_node(g, i, &ins, x, opts, fusion.fused_relu[i]),
+        }
+        .with_context(|| {
             format!(
                 "forward failed at node '{}' ({})",
                 node.name,
@@ -141,6 +151,47 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
         .filter_map(|&k| vals[k].clone().map(|v| (k, v)))
         .collect();
     Ok(ForwardOut { outputs, kept })
+}
+
+/// Eval-mode conv `i` with batch norm `bn` folded in: `w' = w·s`, `b' = (b − μ)·s + β`,
+/// `s = γ/√(σ² + ε)`, run with a bias (+ ReLU) epilogue — one pass over the output
+/// instead of three.
+fn conv_folded(g: &Graph, i: NodeId, bn: NodeId, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let (Op::Conv2d(c), Op::BatchNorm(b)) = (&g.nodes[i].op, &g.nodes[bn].op) else {
+        bail!("internal: fold plan names a non-conv/bn pair");
+    };
+    let host = |n: NodeId, p: &str| -> Result<Vec<f32>> {
+        Ok(g.param(n, p)?.as_tensor().flatten_all()?.to_vec1()?)
+    };
+    let (gamma, beta) = (host(bn, "weight")?, host(bn, "bias")?);
+    let (mean, var) = (host(bn, "running_mean")?, host(bn, "running_var")?);
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| g / (v + b.eps as f32).sqrt())
+        .collect();
+    let conv_b = if c.bias {
+        host(i, "bias")?
+    } else {
+        vec![0.0; c.out_channels]
+    };
+    let bias: Vec<f32> = (0..c.out_channels)
+        .map(|o| (conv_b[o] - mean[o]) * scale[o] + beta[o])
+        .collect();
+    let w = g.param(i, "weight")?.as_tensor();
+    let per = w.elem_count() / c.out_channels;
+    let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    wv.chunks_exact_mut(per)
+        .zip(&scale)
+        .for_each(|(row, s)| row.iter_mut().for_each(|v| *v *= s));
+    let w = Tensor::from_vec(wv, w.dims(), w.device())?;
+    let cfg = ConvCfg {
+        stride: c.stride,
+        padding: c.padding,
+        dilation: c.dilation,
+        groups: c.groups,
+    };
+    kernels::conv2d_bias_relu(x, &w, bias, relu, cfg)
 }
 
 /// Runs one node of `g` on given input values, outside a full forward: how methods

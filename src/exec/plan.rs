@@ -1,4 +1,5 @@
-//! Fusion planning: which nodes run fused with the ReLU that follows them.
+//! Fusion planning: which nodes run fused with the ReLU that follows them, and (in eval
+//! mode) which convolutions absorb the batch norm after them.
 
 use crate::graph::ops::{ActivationKind, Op};
 use crate::graph::{Graph, NodeId, Shape};
@@ -7,16 +8,27 @@ pub struct Fusion {
     /// `fused_relu[i]`: node `i` (BatchNorm or a two-input Add of equal shapes) applies the
     /// ReLU of its only consumer.
     pub fused_relu: Vec<bool>,
-    /// `alias[j] = Some(i)`: ReLU node `j` takes node `i`'s (already activated) value.
+    /// `alias[j] = Some(i)`: node `j` (a fused ReLU, or a batch norm folded into a conv)
+    /// takes node `i`'s value.
     pub alias: Vec<Option<NodeId>>,
+    /// `fold_bn[i] = Some(j)`: conv `i` runs with batch norm `j` folded into its weights and
+    /// bias (eval mode only), and with `j`'s fused ReLU if it had one.
+    pub fold_bn: Vec<Option<NodeId>>,
 }
 
 /// Plans BN+ReLU and Add+ReLU fusion; nodes in `keep` and graph outputs are never fused
 /// away, because their own value must stay observable.
-pub fn plan(g: &Graph, keep: &[NodeId], consumers: &[Vec<NodeId>], shapes: &[Shape]) -> Fusion {
+pub fn plan(
+    g: &Graph,
+    keep: &[NodeId],
+    consumers: &[Vec<NodeId>],
+    shapes: &[Shape],
+    eval: bool,
+) -> Fusion {
     let n = g.nodes.len();
     let mut fused_relu = vec![false; n];
     let mut alias = vec![None; n];
+    let mut fold_bn = vec![None; n];
     for (i, node) in g.nodes.iter().enumerate() {
         let fusable = match &node.op {
             Op::BatchNorm(_) => true,
@@ -36,5 +48,25 @@ pub fn plan(g: &Graph, keep: &[NodeId], consumers: &[Vec<NodeId>], shapes: &[Sha
             }
         }
     }
-    Fusion { fused_relu, alias }
+    if eval {
+        for (i, node) in g.nodes.iter().enumerate() {
+            if !matches!(node.op, Op::Conv2d(_))
+                || keep.contains(&i)
+                || g.outputs.contains(&i)
+                || consumers[i].len() != 1
+            {
+                continue;
+            }
+            let j = consumers[i][0];
+            if matches!(g.nodes[j].op, Op::BatchNorm(_)) && shapes[j].len() == 3 {
+                fold_bn[i] = Some(j);
+                alias[j] = Some(i);
+            }
+        }
+    }
+    Fusion {
+        fused_relu,
+        alias,
+        fold_bn,
+    }
 }

@@ -85,10 +85,40 @@ fn is_depthwise(g: &Geo) -> bool {
     g.groups > 1 && g.cg() == 1 && g.og() == 1
 }
 
+/// A per-output-channel bias and optional ReLU applied to the conv output while it is
+/// still in cache (inference with batch norm folded into the weights).
+pub struct Epilogue {
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+impl Epilogue {
+    /// Applies to one image's output `[O, P]`.
+    fn apply(&self, out: &mut [f32], p: usize) {
+        for (row, &b) in out.chunks_exact_mut(p).zip(&self.bias) {
+            if self.relu {
+                row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+            } else {
+                row.iter_mut().for_each(|v| *v += b);
+            }
+        }
+    }
+}
+
 /// Forward on raw slices; `out` is `[N, O, OH, OW]`.
 pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
+    conv_forward_epi(g, x, w, out, None)
+}
+
+/// Forward with an optional epilogue.
+pub fn conv_forward_epi(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32], epi: Option<&Epilogue>) {
     if is_depthwise(g) {
-        return depthwise::forward(g, x, w, out);
+        depthwise::forward(g, x, w, out);
+        if let Some(e) = epi {
+            out.chunks_exact_mut(g.o * g.p())
+                .for_each(|o| e.apply(o, g.p()));
+        }
+        return;
     }
     let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
     let img_in = g.c * g.h * g.w;
@@ -117,6 +147,9 @@ pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
                 false,
                 par,
             );
+        }
+        if let Some(e) = epi {
+            e.apply(out_n, p);
         }
     };
     if g.n == 1 || rayon::current_num_threads() == 1 {
@@ -253,6 +286,41 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
         dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
     dw
+}
+
+/// Inference-only conv with a fused bias (+ ReLU) epilogue: how eval mode runs a conv
+/// whose batch norm was folded into its weights. It has no backward.
+pub struct Conv2dInferOp {
+    pub cfg: ConvCfg,
+    pub epi: Epilogue,
+}
+
+impl CustomOp2 for Conv2dInferOp {
+    fn name(&self) -> &'static str {
+        "lopper-conv2d-infer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv2d input")?;
+        let w = slice(s2, l2, "conv2d weight")?;
+        let g = self.cfg.geo(l1.dims(), l2.dims())?;
+        if self.epi.bias.len() != g.o {
+            candle_core::bail!(
+                "conv2d epilogue has {} biases for {} channels",
+                self.epi.bias.len(),
+                g.o
+            );
+        }
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi));
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
 }
 
 impl CustomOp2 for Conv2dOp {

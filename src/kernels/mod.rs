@@ -61,6 +61,28 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
     Ok(x.conv2d(w, pad, cfg.stride[0], cfg.dilation[0], cfg.groups)?)
 }
 
+/// Inference conv with a per-channel bias and optional ReLU fused into its output pass
+/// (batch norm folded into `w` by the caller). No gradient.
+pub fn conv2d_bias_relu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Vec<f32>,
+    relu: bool,
+    cfg: ConvCfg,
+) -> Result<Tensor> {
+    if fast(x) {
+        let op = conv::Conv2dInferOp {
+            cfg,
+            epi: conv::Epilogue { bias, relu },
+        };
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?);
+    }
+    let n = bias.len();
+    let b = Tensor::from_vec(bias, (1, n, 1, 1), x.device())?;
+    let y = conv2d(x, w, cfg)?.broadcast_add(&b)?;
+    Ok(if relu { y.relu()? } else { y })
+}
+
 /// Batch norm over axis 1 of `[N, C, ...]`, optionally fused with ReLU.
 /// `running = Some((mean, var))` selects eval mode; otherwise batch statistics are used
 /// and returned so the caller can update its running averages.

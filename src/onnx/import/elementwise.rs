@@ -199,7 +199,8 @@ pub(super) fn unary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> 
         "Dropout" => {
             a.only(&["ratio", "seed"])?;
             let p = match n.input.get(1).and_then(|r| ctx.konst(r)) {
-                Some(c) => c.data[0] as f32,
+                Some(c) if c.numel() == 1 => c.data[0] as f32,
+                Some(_) => bail!("Dropout ratio must be a scalar"),
                 None => a.float("ratio", 0.5),
             };
             Op::Dropout(Dropout { p })

@@ -299,7 +299,24 @@ HardSigmoid, HardSwish, Tanh, Softmax, BatchNormalization, MaxPool, AveragePool,
 Flatten, Reshape, Transpose (layout no-ops and channel shuffles), Concat, Split, Slice, Pad, Identity, \
 Dropout, Constant, Shape, Gather, Unsqueeze, Squeeze, Cast";
 
+/// Inputs an op needs at least (optional trailing inputs are checked where used).
+fn min_inputs(op: &str) -> usize {
+    match op {
+        "Constant" => 0,
+        "BatchNormalization" => 5,
+        "Conv" | "Gemm" | "MatMul" | "Add" | "Sub" | "Mul" | "Div" | "Reshape" | "Gather" => 2,
+        _ => 1,
+    }
+}
+
 fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>> {
+    let need = min_inputs(&n.op_type);
+    if n.input.len() < need || n.input.iter().take(need).any(|i| i.is_empty()) {
+        bail!("needs at least {need} inputs, has {:?}", n.input);
+    }
+    if n.output.is_empty() {
+        bail!("has no outputs");
+    }
     let v = match n.op_type.as_str() {
         "Conv" => nn::conv(ctx, n, label)?,
         "Gemm" => nn::gemm(ctx, n, label)?,

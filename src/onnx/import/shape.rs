@@ -97,6 +97,9 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             a.only(&["start", "end"])?;
             let d = dims_of(ctx, &input)?;
             let r = d.len();
+            if r == 0 {
+                return Ok(Value::Const(Const::vec_i64(&[])));
+            }
             let s = axis(a.int("start", 0).clamp(-(r as i64), r as i64 - 1), r)?;
             let e = match a.int("end", r as i64) {
                 e if e >= r as i64 => r,
@@ -289,6 +292,11 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             let perm = a
                 .ints("perm")
                 .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
+            let mut sorted = perm.clone();
+            sorted.sort_unstable();
+            if sorted != (0..d.len() as i64).collect::<Vec<_>>() {
+                bail!("perm {perm:?} is not a permutation of the {} axes", d.len());
+            }
             if let Some(v) = channel_shuffle(ctx, label, x, &d, &perm)? {
                 return Ok(v);
             }
@@ -317,7 +325,10 @@ pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
                     .ints(),
             };
             let value = match n.input.get(2).filter(|s| !s.is_empty()) {
-                Some(v) => ctx.konst(v).map_or(0.0, |c| c.data[0]),
+                Some(v) => ctx
+                    .konst(v)
+                    .and_then(|c| c.data.first().copied())
+                    .unwrap_or(0.0),
                 None => a.float("value", 0.0) as f64,
             };
             let x = ctx.node(&input)?;
@@ -408,7 +419,8 @@ fn slice(ctx: &mut Ctx, n: &NodeProto, label: &str, konst: Option<Const>) -> Res
     let d = dims_of(ctx, &n.input[0])?;
     let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
     let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
-    if axes.len() != 1 || steps.iter().any(|&s| s <= 0) {
+    if axes.len() != 1 || starts.len() != 1 || ends.len() != 1 || steps.len() != 1 || steps[0] <= 0
+    {
         bail!("Slice is only supported along one axis with positive steps");
     }
     let ax = axis(axes[0], d.len())?;
