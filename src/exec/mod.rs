@@ -82,9 +82,14 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
     // One structural pass per forward: consumers and shapes feed fusion planning and the
     // early release of intermediates.
     let consumers = g.consumers();
+    // Nodes with an input mask take no part in fusion (their masked input must be used).
+    let mut pinned = opts.keep.to_vec();
+    if let Some(m) = opts.input_masks {
+        pinned.extend(m.keys());
+    }
     let fusion = plan(
         g,
-        opts.keep,
+        &pinned,
         &consumers,
         &g.shapes()?,
         opts.mode == Mode::Eval,
@@ -115,9 +120,15 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
             masked = ins[0].broadcast_mul(m)?;
             ins[0] = &masked;
         }
-        let y = match fusion.fold_bn[i] {
-            Some(bn) => conv_folded(g, i, bn, ins[0], fusion.fused_relu[bn]),
-            None => run_node(g, i, &ins, x, opts, fusion.fused_relu[i]),
+        let y = match (fusion.fold_bn[i], fusion.fold_add[i]) {
+            (Some(bn), Some((add, other))) => {
+                let r = vals[other]
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("value of node #{other} missing"))?;
+                conv_folded(g, i, bn, ins[0], fusion.fused_relu[add], Some(r))
+            }
+            (Some(bn), None) => conv_folded(g, i, bn, ins[0], fusion.fused_relu[bn], None),
+            _ => run_node(g, i, &ins, x, opts, fusion.fused_relu[i]),
         }
         .with_context(|| {
             format!(
@@ -128,7 +139,9 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
         })?;
         vals[i] = Some(y);
         if opts.mode == Mode::Eval {
-            for &j in &node.inputs {
+            // A fused residual add consumed its shortcut here, on the add's behalf.
+            let fused = fusion.fold_add[i].map(|(_, other)| other);
+            for &j in node.inputs.iter().chain(fused.iter()) {
                 remaining[j] -= 1;
                 if remaining[j] == 0 {
                     vals[j] = None;
@@ -156,7 +169,14 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
 /// Eval-mode conv `i` with batch norm `bn` folded in: `w' = w·s`, `b' = (b − μ)·s + β`,
 /// `s = γ/√(σ² + ε)`, run with a bias (+ ReLU) epilogue — one pass over the output
 /// instead of three.
-fn conv_folded(g: &Graph, i: NodeId, bn: NodeId, x: &Tensor, relu: bool) -> Result<Tensor> {
+fn conv_folded(
+    g: &Graph,
+    i: NodeId,
+    bn: NodeId,
+    x: &Tensor,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let (Op::Conv2d(c), Op::BatchNorm(b)) = (&g.nodes[i].op, &g.nodes[bn].op) else {
         bail!("internal: fold plan names a non-conv/bn pair");
     };
@@ -191,7 +211,7 @@ fn conv_folded(g: &Graph, i: NodeId, bn: NodeId, x: &Tensor, relu: bool) -> Resu
         dilation: c.dilation,
         groups: c.groups,
     };
-    kernels::conv2d_bias_relu(x, &w, bias, relu, cfg)
+    kernels::conv2d_bias_relu(x, &w, bias, relu, residual, cfg)
 }
 
 /// Runs one node of `g` on given input values, outside a full forward: how methods

@@ -93,13 +93,19 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// Applies to one image's output `[O, P]`.
-    fn apply(&self, out: &mut [f32], p: usize) {
-        for (row, &b) in out.chunks_exact_mut(p).zip(&self.bias) {
-            if self.relu {
-                row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
-            } else {
-                row.iter_mut().for_each(|v| *v += b);
+    /// Applies to one image's output `[O, P]`, adding `res` (the same shape) if given.
+    fn apply(&self, out: &mut [f32], p: usize, res: Option<&[f32]>) {
+        for (o, (row, &b)) in out.chunks_exact_mut(p).zip(&self.bias).enumerate() {
+            match (res, self.relu) {
+                (Some(r), relu) => {
+                    let r = &r[o * p..(o + 1) * p];
+                    for (v, &x) in row.iter_mut().zip(r) {
+                        let y = *v + b + x;
+                        *v = if relu { y.max(0.0) } else { y };
+                    }
+                }
+                (None, true) => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+                (None, false) => row.iter_mut().for_each(|v| *v += b),
             }
         }
     }
@@ -107,16 +113,26 @@ impl Epilogue {
 
 /// Forward on raw slices; `out` is `[N, O, OH, OW]`.
 pub fn conv_forward(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32]) {
-    conv_forward_epi(g, x, w, out, None)
+    conv_forward_epi(g, x, w, out, None, None)
 }
 
-/// Forward with an optional epilogue.
-pub fn conv_forward_epi(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32], epi: Option<&Epilogue>) {
+/// Forward with an optional epilogue and residual (`[N, O, OH, OW]`, added before ReLU).
+pub fn conv_forward_epi(
+    g: &Geo,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    epi: Option<&Epilogue>,
+    res: Option<&[f32]>,
+) {
+    let img_out = g.o * g.p();
+    let res_n = |n: usize| res.map(|r| &r[n * img_out..(n + 1) * img_out]);
     if is_depthwise(g) {
         depthwise::forward(g, x, w, out);
         if let Some(e) = epi {
-            out.chunks_exact_mut(g.o * g.p())
-                .for_each(|o| e.apply(o, g.p()));
+            out.chunks_exact_mut(img_out)
+                .enumerate()
+                .for_each(|(n, o)| e.apply(o, g.p(), res_n(n)));
         }
         return;
     }
@@ -149,7 +165,7 @@ pub fn conv_forward_epi(g: &Geo, x: &[f32], w: &[f32], out: &mut [f32], epi: Opt
             );
         }
         if let Some(e) = epi {
-            e.apply(out_n, p);
+            e.apply(out_n, p, res_n(n));
         }
     };
     if g.n == 1 || rayon::current_num_threads() == 1 {
@@ -318,7 +334,41 @@ impl CustomOp2 for Conv2dInferOp {
             );
         }
         let mut out = vec![0f32; g.n * g.o * g.p()];
-        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi));
+        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi), None);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+}
+
+/// [`Conv2dInferOp`] that also adds a residual tensor in the epilogue (a basic block's
+/// `relu(bn(conv(x)) + shortcut)` in one output pass).
+pub struct Conv2dInferResOp(pub Conv2dInferOp);
+
+impl candle_core::CustomOp3 for Conv2dInferResOp {
+    fn name(&self) -> &'static str {
+        "lopper-conv2d-infer-res"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv2d input")?;
+        let w = slice(s2, l2, "conv2d weight")?;
+        let r = slice(s3, l3, "conv2d residual")?;
+        let g = self.0.cfg.geo(l1.dims(), l2.dims())?;
+        if self.0.epi.bias.len() != g.o || l3.dims() != [g.n, g.o, g.oh, g.ow] {
+            candle_core::bail!(
+                "conv2d epilogue does not match the output {:?}",
+                (g.n, g.o, g.oh, g.ow)
+            );
+        }
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        conv_forward_epi(&g, x, w, &mut out, Some(&self.0.epi), Some(r));
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 }

@@ -63,11 +63,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
 
 /// Inference conv with a per-channel bias and optional ReLU fused into its output pass
 /// (batch norm folded into `w` by the caller). No gradient.
+/// With `residual`, it is added before the ReLU (a residual block's add fused in).
 pub fn conv2d_bias_relu(
     x: &Tensor,
     w: &Tensor,
     bias: Vec<f32>,
     relu: bool,
+    residual: Option<&Tensor>,
     cfg: ConvCfg,
 ) -> Result<Tensor> {
     if fast(x) {
@@ -75,11 +77,18 @@ pub fn conv2d_bias_relu(
             cfg,
             epi: conv::Epilogue { bias, relu },
         };
-        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?);
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return Ok(match residual {
+            Some(r) => x.apply_op3(&w, &r.contiguous()?, conv::Conv2dInferResOp(op))?,
+            None => x.apply_op2(&w, op)?,
+        });
     }
     let n = bias.len();
     let b = Tensor::from_vec(bias, (1, n, 1, 1), x.device())?;
-    let y = conv2d(x, w, cfg)?.broadcast_add(&b)?;
+    let mut y = conv2d(x, w, cfg)?.broadcast_add(&b)?;
+    if let Some(r) = residual {
+        y = (y + r)?;
+    }
     Ok(if relu { y.relu()? } else { y })
 }
 
