@@ -311,6 +311,39 @@ pub struct Conv2dInferOp {
     pub epi: Epilogue,
 }
 
+impl Conv2dInferOp {
+    /// The shared forward of the plain and the residual variant.
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        res: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv2d input")?;
+        let w = slice(s2, l2, "conv2d weight")?;
+        let g = self.cfg.geo(l1.dims(), l2.dims())?;
+        let out_dims = [g.n, g.o, g.oh, g.ow];
+        let r = match res {
+            Some((s3, l3)) if l3.dims() == out_dims => Some(slice(s3, l3, "conv2d residual")?),
+            Some((_, l3)) => candle_core::bail!(
+                "conv2d residual {:?} does not match the output {out_dims:?}",
+                l3.dims()
+            ),
+            None => None,
+        };
+        if self.epi.bias.len() != g.o {
+            candle_core::bail!(
+                "conv2d epilogue has {} biases for {} channels",
+                self.epi.bias.len(),
+                g.o
+            );
+        }
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi), r);
+        Ok((CpuStorage::F32(out), Shape::from(out_dims.to_vec())))
+    }
+}
+
 impl CustomOp2 for Conv2dInferOp {
     fn name(&self) -> &'static str {
         "lopper-conv2d-infer"
@@ -323,19 +356,7 @@ impl CustomOp2 for Conv2dInferOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "conv2d input")?;
-        let w = slice(s2, l2, "conv2d weight")?;
-        let g = self.cfg.geo(l1.dims(), l2.dims())?;
-        if self.epi.bias.len() != g.o {
-            candle_core::bail!(
-                "conv2d epilogue has {} biases for {} channels",
-                self.epi.bias.len(),
-                g.o
-            );
-        }
-        let mut out = vec![0f32; g.n * g.o * g.p()];
-        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi), None);
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+        self.run((s1, l1), (s2, l2), None)
     }
 }
 
@@ -357,19 +378,7 @@ impl candle_core::CustomOp3 for Conv2dInferResOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "conv2d input")?;
-        let w = slice(s2, l2, "conv2d weight")?;
-        let r = slice(s3, l3, "conv2d residual")?;
-        let g = self.0.cfg.geo(l1.dims(), l2.dims())?;
-        if self.0.epi.bias.len() != g.o || l3.dims() != [g.n, g.o, g.oh, g.ow] {
-            candle_core::bail!(
-                "conv2d epilogue does not match the output {:?}",
-                (g.n, g.o, g.oh, g.ow)
-            );
-        }
-        let mut out = vec![0f32; g.n * g.o * g.p()];
-        conv_forward_epi(&g, x, w, &mut out, Some(&self.0.epi), Some(r));
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+        self.0.run((s1, l1), (s2, l2), Some((s3, l3)))
     }
 }
 
