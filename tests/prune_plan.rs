@@ -132,3 +132,33 @@ fn data_driven_criteria_run_on_real_data() {
     .to_string();
     assert!(e.contains("needs data"), "{e}");
 }
+
+/// Taylor scores need gradients through an eval-mode pass: the inference-only fusions
+/// (batch norm folded into convs) must not cut them.
+#[test]
+fn collected_gradients_reach_every_conv_weight() {
+    let g = lopper::zoo::build("resnet8@3x8x8", 1).unwrap();
+    let n = 32;
+    let px: Vec<u8> = (0..n * 3 * 64).map(|i| (i * 37 % 251) as u8).collect();
+    let data = lopper::data::Dataset::new(
+        "synthetic",
+        px,
+        (0..n).map(|i| (i % 10) as u16).collect(),
+        [3, 8, 8],
+        255.0,
+        vec![0.5; 3],
+        vec![0.25; 3],
+        (0..10).map(|i| i.to_string()).collect(),
+    )
+    .unwrap();
+    let st = lopper::prune::collect_stats(&g, &data, n, 16).unwrap();
+    for (k, _) in g.params() {
+        if k.contains("conv") && k.ends_with(".weight") {
+            let gr = st
+                .grads
+                .get(k)
+                .unwrap_or_else(|| panic!("no gradient for {k}"));
+            assert!(gr.iter().any(|v| *v != 0.0), "zero gradient for {k}");
+        }
+    }
+}

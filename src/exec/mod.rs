@@ -39,6 +39,9 @@ pub struct ForwardOpts<'a> {
     /// Multiplies a node's first input by this (broadcast) mask before the node runs:
     /// how search-time channel masks and masked-equivalence checks enter a forward.
     pub input_masks: Option<&'a HashMap<NodeId, Tensor>>,
+    /// Gradients will be taken through this eval-mode pass (e.g. Taylor scores): disables
+    /// the inference-only fusions (batch norm folded into convs), which have no backward.
+    pub grad: bool,
 }
 
 impl<'a> ForwardOpts<'a> {
@@ -49,6 +52,7 @@ impl<'a> ForwardOpts<'a> {
             seed: 0,
             update_stats: true,
             input_masks: None,
+            grad: false,
         }
     }
 }
@@ -92,7 +96,7 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
         &pinned,
         &consumers,
         &g.shapes()?,
-        opts.mode == Mode::Eval,
+        opts.mode == Mode::Eval && !opts.grad,
     );
     let mut remaining: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
     for &o in g.outputs.iter().chain(opts.keep) {

@@ -84,6 +84,7 @@ pub fn collect_stats(g: &Graph, data: &Dataset, samples: usize, batch: usize) ->
         let opts = ForwardOpts {
             keep: &acts,
             update_stats: false,
+            grad: true,
             ..ForwardOpts::new(Mode::Eval)
         };
         let out = forward_with(g, &x, &opts)?;

@@ -235,7 +235,8 @@ pub fn train(
             let logits = forward_with(g, &x, &fo)?.outputs.swap_remove(0);
             let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
             if let Some(t) = &opts.teacher {
-                let tl = crate::exec::forward(t.graph, &x, Mode::Eval)?;
+                // The teacher is fixed: no gradient flows into it.
+                let tl = crate::exec::forward(t.graph, &x, Mode::Eval)?.detach();
                 loss = ((loss * (1.0 - t.alpha))?
                     + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
             }
