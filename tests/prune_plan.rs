@@ -152,7 +152,7 @@ fn collected_gradients_reach_every_conv_weight() {
     )
     .unwrap();
     let st = lopper::prune::collect_stats(&g, &data, n, 16).unwrap();
-    for (k, _) in g.params() {
+    for k in g.params().keys() {
         if k.contains("conv") && k.ends_with(".weight") {
             let gr = st
                 .grads
