@@ -2,3 +2,4 @@
 
 pub mod dwr;
 pub mod ispasp;
+pub mod unipts;
