@@ -8,10 +8,13 @@ fn round6(v: f64) -> f64 {
     (v * 1e6).round() / 1e6
 }
 
+/// (genome, sparsity per layer, kept per layer, global sparsity)
+type DecodeCase<'a> = (&'a [f64], [f64; 3], [usize; 3], f64);
+
 #[test]
 fn decoding_matches_the_reference() {
     let sizes = [100, 1000, 10000];
-    let cases: [(&[f64], [f64; 3], [usize; 3], f64); 3] = [
+    let cases: [DecodeCase; 3] = [
         (
             &[0.0, 0.0, 0.0],
             [0.0, 0.765, 0.9315],
