@@ -22,6 +22,7 @@ if [ ! -f runs/resnet20-cifar10-b.safetensors ]; then
     --weight-decay 5e-4 --seed 1 --checkpoint runs/resnet20-cifar10-b.ckpt $resume \
     -o runs/resnet20-cifar10-b.safetensors
 fi
+[ -f runs/resnet20-cifar10-c.safetensors ] && exit 0
 resume=""; [ -f runs/resnet20-cifar10-c.ckpt ] && resume="--resume"
 $L train runs/resnet20-cifar10-b.safetensors --data cifar10 --epochs 30 --batch-size 128 --lr 0.05 \
   --weight-decay 5e-4 --seed 2 --checkpoint runs/resnet20-cifar10-c.ckpt $resume \
