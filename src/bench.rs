@@ -23,7 +23,61 @@ pub const WORKLOADS: &[&str] = &[
     "resnet56_dense_infer_b64",
     "resnet56_l1half_infer_b64",
     "resnet56_l1half_r8_infer_b64",
+    "sparse_resnet20_dense_b1",
+    "sparse_resnet20_dense_b64",
+    "sparse_resnet20_s50_b1",
+    "sparse_resnet20_s50_b64",
+    "sparse_resnet20_s70_b1",
+    "sparse_resnet20_s70_b64",
+    "sparse_resnet20_s90_b1",
+    "sparse_resnet20_s90_b64",
+    "sparse_resnet20_nm24_b1",
+    "sparse_resnet20_nm24_b64",
+    "sparse_mlp_dense_b1",
+    "sparse_mlp_dense_b64",
+    "sparse_mlp_s50_b1",
+    "sparse_mlp_s50_b64",
+    "sparse_mlp_s70_b1",
+    "sparse_mlp_s70_b64",
+    "sparse_mlp_s90_b1",
+    "sparse_mlp_s90_b64",
+    "sparse_mlp_nm24_b1",
+    "sparse_mlp_nm24_b64",
 ];
+
+/// A sparse inference workload: ResNet-20 or MLP 784-1024-1024-10 with every conv/linear
+/// layer magnitude-pruned to the given level (dense, 50/70/90 %, 2:4), eval mode with the
+/// sparse kernels enabled (layers below the density threshold stay dense).
+fn sparse_workload(name: &str, warmup: usize, steps: usize) -> Result<BenchRow> {
+    use crate::methods::pts::uniform_magnitude;
+    use crate::sparse::layers::prunable_layers;
+    use crate::sparse::mask::Pattern;
+    let parts: Vec<&str> = name.split('_').collect();
+    let (model, level, batch) = (parts[1], parts[2], &parts[3][1..]);
+    let (g, dims) = match model {
+        "resnet20" => (zoo::build("resnet20", 0)?, vec![3, 32, 32]),
+        _ => (zoo::build("mlp:784-1024-1024-10", 0)?, vec![784]),
+    };
+    let layers = prunable_layers(&g);
+    match level {
+        "dense" => {}
+        "nm24" => {
+            uniform_magnitude(&g, &layers, 0.5, Pattern::NM { n: 2, m: 4 })?;
+        }
+        l => {
+            let s = l[1..].parse::<f64>()? / 100.0;
+            uniform_magnitude(&g, &layers, s, Pattern::Unstructured)?;
+        }
+    }
+    let packed = g.enable_sparse_kernels()?;
+    let b: usize = batch.parse()?;
+    let (x, _) = data(b, &dims)?;
+    let mut row = time(name, warmup, if b == 1 { steps * 5 } else { steps }, || {
+        forward(&g, &x, Mode::Eval).map(|_| ())
+    })?;
+    row.name = format!("{name} ({packed}/{} sparse)", layers.len());
+    Ok(row)
+}
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct BenchRow {
@@ -105,6 +159,18 @@ pub fn run(
         rows.push(r);
     };
     let want = |n: &str| filter.is_empty() || n.contains(filter);
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| w.starts_with("sparse_") && want(w))
+    {
+        push(sparse_workload(w, warmup, steps)?);
+    }
+    if !WORKLOADS
+        .iter()
+        .any(|w| !w.starts_with("sparse_") && want(w))
+    {
+        return Ok(rows);
+    }
     let r20 = zoo::build("resnet20", 0)?;
     if want("resnet20_train_b64") {
         let (x, y) = data(64, &[3, 32, 32])?;

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod cmd_prune;
+mod cmd_sparsify;
 use cmd_prune::{cmd_prune, PruneArgs};
+use cmd_sparsify::{cmd_sparsify, SparsifyArgs};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +76,9 @@ enum Cmd {
     },
     /// Structured pruning: remove channels by a criterion under a budget, fine-tune, report.
     Prune(Box<PruneArgs>),
+    /// Post-training sparsity from a small calibration set: magnitude, global, wanda, pot,
+    /// unipts (unstructured or N:M); saves the model with compressed sparse weights.
+    Sparsify(Box<SparsifyArgs>),
     /// Prune each dependency group alone at several ratios; table + SVG chart.
     Sensitivity {
         #[command(flatten)]
@@ -431,6 +436,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { epochs, json } => cmd_demo(epochs, json),
         Cmd::Train(a) => cmd_train(a),
         Cmd::Prune(a) => cmd_prune(*a),
+        Cmd::Sparsify(a) => cmd_sparsify(*a),
         Cmd::Sensitivity {
             model,
             data: d,

@@ -344,3 +344,127 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
     ]);
     assert!(!ok && err.contains("no removable residual block"), "{err}");
 }
+
+#[test]
+fn sparsify_runs_each_method_and_rejects_bad_input() {
+    let d = tmpdir("sparsify");
+    // A trained dense start: ResNet-8 on the embedded digits.
+    let dense = d.join("dense.safetensors");
+    let (ok, _, err) = lopper(&[
+        "train",
+        "resnet8",
+        "--data",
+        "digits",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "64",
+        "-o",
+        dense.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let m = dense.to_str().unwrap();
+    for (method, extra) in [
+        ("magnitude", vec![]),
+        ("global", vec![]),
+        ("wanda", vec![]),
+        ("pot", vec!["--pot-iters", "1"]),
+        (
+            "unipts",
+            vec![
+                "--epochs",
+                "1",
+                "--ga-pop",
+                "3",
+                "--ga-gens",
+                "1",
+                "--ga-parents",
+                "2",
+                "--ga-children",
+                "1",
+            ],
+        ),
+    ] {
+        let out = d.join(format!("{method}.safetensors"));
+        let mut args = vec![
+            "sparsify",
+            m,
+            "--data",
+            "digits",
+            "--method",
+            method,
+            "--sparsity",
+            "0.7",
+            "--calib",
+            "256",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let (ok, stdout, err) = lopper(&args);
+        assert!(ok, "{method}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let s = v["sparsity"].as_f64().unwrap();
+        assert!(s > 0.69 && s < 0.8, "{method}: sparsity {s}");
+        assert!(v["sparse_macs"].as_u64().unwrap() < v["dense_macs"].as_u64().unwrap());
+        assert!(out.exists() && d.join(format!("{method}.report.json")).exists());
+        // The saved model evaluates to the reported accuracy.
+        let (ok, ev, err) = lopper(&["eval", out.to_str().unwrap(), "--data", "digits", "--json"]);
+        assert!(ok, "{err}");
+        let e: serde_json::Value = serde_json::from_str(&ev).unwrap();
+        assert!(
+            (e["result"]["top1"].as_f64().unwrap() - v["acc_sparse"].as_f64().unwrap()).abs()
+                < 1e-9,
+            "{method}: {ev}"
+        );
+    }
+    // 2:4 with magnitude.
+    let (ok, stdout, err) = lopper(&[
+        "sparsify",
+        m,
+        "--data",
+        "digits",
+        "--method",
+        "magnitude",
+        "--pattern",
+        "2:4",
+        "--calib",
+        "128",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!((v["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
+    // Bad input.
+    for (args, want) in [
+        (vec!["--sparsity", "1.0"], "outside [0, 1)"),
+        (vec!["--sparsity=-0.2"], "outside [0, 1)"),
+        (vec!["--pattern", "4:4"], "need 0 < N < M"),
+        (vec!["--pattern", "5:4"], "need 0 < N < M"),
+        (
+            vec!["--sparsity", "0.5", "--calib", "100000"],
+            "calibration set of 100000",
+        ),
+        (
+            vec!["--sparsity", "0.5", "--method", "magic"],
+            "unknown sparsity method 'magic'",
+        ),
+        (
+            vec!["--pattern", "2:4", "--method", "pot"],
+            "no N:M variant",
+        ),
+        (vec![], "give --sparsity"),
+    ] {
+        let mut a = vec!["sparsify", m, "--data", "digits"];
+        a.extend(args.iter().copied());
+        if !args.contains(&"--calib") {
+            a.extend(["--calib", "64"]);
+        }
+        let (ok, _, err) = lopper(&a);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

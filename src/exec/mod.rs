@@ -11,7 +11,9 @@ pub use plan::{plan, Fusion};
 
 use crate::graph::ops::{ActivationKind, Op};
 use crate::graph::{Graph, NodeId};
+use crate::kernels::sparse::SparseEpilogue;
 use crate::kernels::{self, ConvCfg, PoolCfg};
+use crate::sparse::SparsePack;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -42,6 +44,22 @@ pub struct ForwardOpts<'a> {
     /// Gradients will be taken through this eval-mode pass (e.g. Taylor scores): disables
     /// the inference-only fusions (batch norm folded into convs), which have no backward.
     pub grad: bool,
+    /// Element masks on conv/linear weights (sparsity): the node runs with `m ⊙ w`.
+    pub weight_masks: Option<&'a HashMap<NodeId, WeightMask>>,
+    /// Overrides every batch norm's running-average momentum in this pass (e.g. `1/(k+1)`
+    /// at batch `k` makes the running statistics a cumulative average).
+    pub bn_momentum: Option<f64>,
+}
+
+/// A weight mask of one conv or linear node.
+#[derive(Clone, Debug)]
+pub struct WeightMask {
+    /// 0/1 mask with the weight's shape.
+    pub mask: Tensor,
+    /// Straight-through (dynamic sparse training, SR-STE): the forward uses `m ⊙ w`, the
+    /// gradient reaches every latent weight unmasked. Otherwise the gradient is masked too,
+    /// so pruned weights stay pruned.
+    pub straight_through: bool,
 }
 
 impl<'a> ForwardOpts<'a> {
@@ -53,6 +71,8 @@ impl<'a> ForwardOpts<'a> {
             update_stats: true,
             input_masks: None,
             grad: false,
+            weight_masks: None,
+            bn_momentum: None,
         }
     }
 }
@@ -98,6 +118,10 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
         &g.shapes()?,
         opts.mode == Mode::Eval && !opts.grad,
     );
+    // Sparse (CSR) kernels for inference only: never under gradients or weight masks.
+    let pack = (opts.mode == Mode::Eval && !opts.grad && opts.weight_masks.is_none())
+        .then(|| g.sparse_pack())
+        .flatten();
     let mut remaining: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
     for &o in g.outputs.iter().chain(opts.keep) {
         remaining[o] += 1; // never dropped
@@ -129,10 +153,14 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
                 let r = vals[other]
                     .as_ref()
                     .ok_or_else(|| anyhow!("value of node #{other} missing"))?;
-                conv_folded(g, i, bn, ins[0], fusion.fused_relu[add], Some(r))
+                let relu = fusion.fused_relu[add];
+                conv_folded(g, i, bn, ins[0], relu, Some(r), opts, pack.as_deref())
             }
-            (Some(bn), None) => conv_folded(g, i, bn, ins[0], fusion.fused_relu[bn], None),
-            _ => run_node(g, i, &ins, x, opts, fusion.fused_relu[i]),
+            (Some(bn), None) => {
+                let relu = fusion.fused_relu[bn];
+                conv_folded(g, i, bn, ins[0], relu, None, opts, pack.as_deref())
+            }
+            _ => run_node(g, i, &ins, x, opts, fusion.fused_relu[i], pack.as_deref()),
         }
         .with_context(|| {
             format!(
@@ -172,7 +200,8 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
 
 /// Eval-mode conv `i` with batch norm `bn` folded in: `w' = w·s`, `b' = (b − μ)·s + β`,
 /// `s = γ/√(σ² + ε)`, run with a bias (+ ReLU) epilogue — one pass over the output
-/// instead of three.
+/// instead of three. A conv with compressed sparse weights applies `s` in its epilogue.
+#[allow(clippy::too_many_arguments)]
 fn conv_folded(
     g: &Graph,
     i: NodeId,
@@ -180,6 +209,8 @@ fn conv_folded(
     x: &Tensor,
     relu: bool,
     residual: Option<&Tensor>,
+    opts: &ForwardOpts,
+    sparse: Option<&SparsePack>,
 ) -> Result<Tensor> {
     let (Op::Conv2d(c), Op::BatchNorm(b)) = (&g.nodes[i].op, &g.nodes[bn].op) else {
         bail!("internal: fold plan names a non-conv/bn pair");
@@ -202,19 +233,28 @@ fn conv_folded(
     let bias: Vec<f32> = (0..c.out_channels)
         .map(|o| (conv_b[o] - mean[o]) * scale[o] + beta[o])
         .collect();
-    let w = g.param(i, "weight")?.as_tensor();
-    let per = w.elem_count() / c.out_channels;
-    let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-    wv.chunks_exact_mut(per)
-        .zip(&scale)
-        .for_each(|(row, s)| row.iter_mut().for_each(|v| *v *= s));
-    let w = Tensor::from_vec(wv, w.dims(), w.device())?;
     let cfg = ConvCfg {
         stride: c.stride,
         padding: c.padding,
         dilation: c.dilation,
         groups: c.groups,
     };
+    if let Some(csr) = sparse.and_then(|p| p.layers.get(&i)) {
+        let w_dims = g.param(i, "weight")?.dims().to_vec();
+        let epi = SparseEpilogue {
+            scale: Some(&scale),
+            bias: Some(&bias),
+            relu,
+        };
+        return kernels::sparse::conv2d(x, csr, &w_dims, cfg, &epi, residual);
+    }
+    let w = &weight(g, i, opts)?;
+    let per = w.elem_count() / c.out_channels;
+    let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    wv.chunks_exact_mut(per)
+        .zip(&scale)
+        .for_each(|(row, s)| row.iter_mut().for_each(|v| *v *= s));
+    let w = Tensor::from_vec(wv, w.dims(), w.device())?;
     kernels::conv2d_bias_relu(x, &w, bias, relu, residual, cfg)
 }
 
@@ -226,8 +266,21 @@ pub fn apply_node(g: &Graph, i: NodeId, ins: &[&Tensor], mode: Mode) -> Result<T
         update_stats: false,
         ..ForwardOpts::new(mode)
     };
-    run_node(g, i, ins, ins[0], &opts, false)
+    run_node(g, i, ins, ins[0], &opts, false, None)
         .with_context(|| format!("running node '{}'", g.nodes[i].name))
+}
+
+/// The weight node `i` runs with: its parameter, masked if the pass carries a mask for it.
+fn weight(g: &Graph, i: NodeId, opts: &ForwardOpts) -> Result<Tensor> {
+    let w = g.param(i, "weight")?.as_tensor();
+    Ok(match opts.weight_masks.and_then(|m| m.get(&i)) {
+        None => w.clone(),
+        Some(m) if m.straight_through => {
+            // w + sg(m⊙w − w): value m⊙w, gradient identity.
+            (w + (w * &m.mask)?.sub(w)?.detach())?
+        }
+        Some(m) => (w * &m.mask)?,
+    })
 }
 
 fn run_node(
@@ -237,8 +290,10 @@ fn run_node(
     input: &Tensor,
     opts: &ForwardOpts,
     relu: bool,
+    sparse: Option<&SparsePack>,
 ) -> Result<Tensor> {
     let node = &g.nodes[i];
+    let csr = sparse.and_then(|p| p.layers.get(&i));
     let p = |name: &str| -> Result<Tensor> { Ok(g.param(i, name)?.as_tensor().clone()) };
     Ok(match &node.op {
         Op::Input(_) => input.clone(),
@@ -249,7 +304,21 @@ fn run_node(
                 dilation: c.dilation,
                 groups: c.groups,
             };
-            let y = kernels::conv2d(ins[0], &p("weight")?, cfg)?;
+            if let Some(csr) = csr {
+                let b = if c.bias {
+                    Some(p("bias")?.to_vec1::<f32>()?)
+                } else {
+                    None
+                };
+                let epi = SparseEpilogue {
+                    scale: None,
+                    bias: b.as_deref(),
+                    relu: false,
+                };
+                let w_dims = g.param(i, "weight")?.dims().to_vec();
+                return kernels::sparse::conv2d(ins[0], csr, &w_dims, cfg, &epi, None);
+            }
+            let y = kernels::conv2d(ins[0], &weight(g, i, opts)?, cfg)?;
             if c.bias {
                 y.broadcast_add(&p("bias")?.reshape((1, c.out_channels, 1, 1))?)?
             } else {
@@ -258,7 +327,11 @@ fn run_node(
         }
         Op::Linear(l) => {
             let b = if l.bias { Some(p("bias")?) } else { None };
-            kernels::linear(ins[0], &p("weight")?, b.as_ref())?
+            if let Some(csr) = csr {
+                let bv = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+                return kernels::sparse::linear(ins[0], csr, bv.as_deref());
+            }
+            kernels::linear(ins[0], &weight(g, i, opts)?, b.as_ref())?
         }
         Op::BatchNorm(bn) => {
             let (w, b) = (p("weight")?, p("bias")?);
@@ -268,7 +341,7 @@ fn run_node(
                 Mode::Train => {
                     let (y, st) = kernels::batch_norm(ins[0], &w, &b, None, bn.eps, relu)?;
                     if let (Some(st), true) = (st, opts.update_stats) {
-                        let m = bn.momentum as f32;
+                        let m = opts.bn_momentum.unwrap_or(bn.momentum) as f32;
                         let unbias = st.count as f32 / (st.count.max(2) - 1) as f32;
                         let old_m = rm.as_tensor().to_vec1::<f32>()?;
                         let old_v = rv.as_tensor().to_vec1::<f32>()?;

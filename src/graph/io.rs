@@ -26,18 +26,24 @@ pub fn tensors_to_bytes(
     tensors: &BTreeMap<String, Tensor>,
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (k, t) in tensors {
-        let v: Vec<f32> = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        bufs.push((k.clone(), t.dims().to_vec(), bytes));
+        // u32 tensors (sparse indices) stay u32; everything else is stored as f32.
+        let (dt, bytes): (Dtype, Vec<u8>) = if t.dtype() == candle_core::DType::U32 {
+            let v: Vec<u32> = t.flatten_all()?.to_vec1()?;
+            (Dtype::U32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        } else {
+            let v: Vec<f32> = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        bufs.push((k.clone(), dt, t.dims().to_vec(), bytes));
     }
     let views: Vec<(String, TensorView)> = bufs
         .iter()
-        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .map(|(k, dt, s, b)| Ok((k.clone(), TensorView::new(*dt, s.clone(), b)?)))
         .collect::<Result<_>>()?;
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
@@ -54,6 +60,17 @@ pub fn tensors_from_bytes(
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
+        if view.dtype() == Dtype::U32 {
+            let v: Vec<u32> = data
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.insert(
+                name.clone(),
+                Tensor::from_vec(v, view.shape().to_vec(), &Device::Cpu)?,
+            );
+            continue;
+        }
         let vals: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
                 .chunks_exact(4)
@@ -73,7 +90,12 @@ pub fn tensors_from_bytes(
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
-/// Saves a model (graph + weights) atomically.
+/// Conv/linear weights with at least this fraction of zeros are stored compressed (CSR:
+/// `{key}.csr_values` f32, `{key}.csr_col_idx` and `{key}.csr_row_ptr` u32, listed in the
+/// `lopper.sparse` metadata); below it, 8 bytes per non-zero would not beat 4 per weight.
+pub const COMPRESS_MIN_SPARSITY: f64 = 0.5;
+
+/// Saves a model (graph + weights) atomically; sparse weights in compressed form.
 pub fn save(g: &Graph, path: &Path) -> Result<()> {
     let graph = serde_json::to_string(&GraphJson {
         nodes: g.nodes.clone(),
@@ -83,12 +105,97 @@ pub fn save(g: &Graph, path: &Path) -> Result<()> {
     meta.insert("lopper.format".into(), "model".into());
     meta.insert("lopper.version".into(), FORMAT_VERSION.into());
     meta.insert("lopper.graph".into(), graph);
-    let tensors: BTreeMap<String, Tensor> = g
+    let mut tensors: BTreeMap<String, Tensor> = g
         .params()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
+    let mut sparse = Vec::new();
+    for l in crate::sparse::layers::prunable_layers(g) {
+        let w = crate::sparse::layers::weight_host(g, &l)?;
+        let zeros = w.iter().filter(|v| **v == 0.0).count();
+        if w.is_empty() || (zeros as f64) < COMPRESS_MIN_SPARSITY * w.len() as f64 {
+            continue;
+        }
+        let csr = crate::sparse::CsrMatrix::from_dense(&w, l.rows, l.row_len)?;
+        let nnz = csr.nnz();
+        let dev = &Device::Cpu;
+        tensors.remove(&l.key);
+        tensors.insert(
+            format!("{}.csr_values", l.key),
+            Tensor::from_vec(csr.values, nnz, dev)?,
+        );
+        tensors.insert(
+            format!("{}.csr_col_idx", l.key),
+            Tensor::from_vec(csr.col_idx, nnz, dev)?,
+        );
+        tensors.insert(
+            format!("{}.csr_row_ptr", l.key),
+            Tensor::from_vec(csr.row_ptr, l.rows + 1, dev)?,
+        );
+        sparse.push(l.key);
+    }
+    if !sparse.is_empty() {
+        meta.insert("lopper.sparse".into(), serde_json::to_string(&sparse)?);
+    }
     atomic_write(path, &tensors_to_bytes(&tensors, meta)?)
+}
+
+/// Rebuilds the dense weights of compressed tensors (listed in `lopper.sparse`), checking
+/// every index so a corrupt file gives an error naming the tensor.
+fn decompress(
+    meta: &HashMap<String, String>,
+    nodes: &[Node],
+    tensors: &mut BTreeMap<String, Tensor>,
+    origin: &str,
+) -> Result<bool> {
+    let Some(list) = meta.get("lopper.sparse") else {
+        return Ok(false);
+    };
+    let keys: Vec<String> = serde_json::from_str(list)
+        .with_context(|| format!("{origin}: lopper.sparse metadata is not a list of names"))?;
+    for key in keys {
+        let node = key.strip_suffix(".weight").unwrap_or(&key);
+        let n = nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| anyhow!("{origin}: sparse tensor '{key}' matches no node"))?;
+        let shape =
+            n.op.spec()
+                .params()
+                .into_iter()
+                .find(|p| p.name == "weight")
+                .map(|p| p.shape)
+                .ok_or_else(|| anyhow!("{origin}: node '{node}' has no weight"))?;
+        let mut take = |suffix: &str| {
+            tensors
+                .remove(&format!("{key}.{suffix}"))
+                .ok_or_else(|| anyhow!("{origin}: tensor '{key}.{suffix}' is missing"))
+        };
+        let values: Vec<f32> = take("csr_values")?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let col_idx: Vec<u32> = take("csr_col_idx")?
+            .to_vec1()
+            .with_context(|| format!("{origin}: tensor '{key}.csr_col_idx' must be u32"))?;
+        let row_ptr: Vec<u32> = take("csr_row_ptr")?
+            .to_vec1()
+            .with_context(|| format!("{origin}: tensor '{key}.csr_row_ptr' must be u32"))?;
+        let rows = shape[0];
+        let cols = shape.iter().skip(1).product::<usize>();
+        let csr = crate::sparse::CsrMatrix {
+            rows,
+            cols,
+            row_ptr,
+            col_idx,
+            values,
+            derived: Default::default(),
+        };
+        csr.validate()
+            .with_context(|| format!("{origin}: compressed tensor '{key}'"))?;
+        tensors.insert(key, Tensor::from_vec(csr.to_dense(), shape, &Device::Cpu)?);
+    }
+    Ok(true)
 }
 
 /// Loads a model written by [`save`].
@@ -119,8 +226,14 @@ pub fn graph_from_parts(
     .with_context(|| format!("{origin}: graph description is invalid"))?;
     // Keep only graph parameters; checkpoints carry optimizer state beside them.
     tensors.retain(|k, _| !k.starts_with("__"));
-    Graph::with_parts(gj.nodes, gj.outputs, tensors)
-        .with_context(|| format!("{origin}: invalid model"))
+    let sparse = decompress(meta, &gj.nodes, &mut tensors, origin)?;
+    let g = Graph::with_parts(gj.nodes, gj.outputs, tensors)
+        .with_context(|| format!("{origin}: invalid model"))?;
+    if sparse {
+        // A model saved sparse runs on the sparse kernels where they are faster.
+        g.enable_sparse_kernels()?;
+    }
+    Ok(g)
 }
 
 /// Loads plain weights (e.g. a PyTorch state dict exported to safetensors) into an existing

@@ -7,6 +7,7 @@
 
 pub mod builder;
 pub mod cost;
+pub mod fold;
 pub mod init;
 pub mod io;
 pub mod ops;
@@ -16,10 +17,12 @@ pub use builder::GraphBuilder;
 pub use ops::{Op, OpSpec, ParamKind, ParamSpec};
 pub use shape::Shape;
 
+use crate::sparse::SparsePack;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 /// Index of a node in [`Graph::nodes`].
 pub type NodeId = usize;
@@ -37,6 +40,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<NodeId>,
     params: BTreeMap<String, Var>,
+    /// Compressed weights for the sparse inference kernels, once enabled
+    /// ([`Graph::enable_sparse_kernels`]); dropped whenever weights may change.
+    sparse: RwLock<Option<Arc<SparsePack>>>,
 }
 
 /// Full parameter key of a node's parameter.
@@ -73,6 +79,7 @@ impl Graph {
             nodes,
             outputs,
             params,
+            sparse: RwLock::new(None),
         };
         g.validate()?;
         Ok(g)
@@ -212,11 +219,22 @@ impl Graph {
             );
         }
         v.set(&value.to_dtype(v.dtype())?.to_device(v.device())?)?;
+        // A compressed copy of this weight is now stale.
+        if let Some(p) = self.sparse_pack() {
+            if p.layers
+                .keys()
+                .any(|&n| param_key(&self.nodes[n].name, "weight") == key)
+            {
+                self.disable_sparse_kernels();
+            }
+        }
         Ok(())
     }
 
-    /// Trainable parameters in a stable order (key order), with their keys.
+    /// Trainable parameters in a stable order (key order), with their keys. Whoever asks
+    /// may change them, so the sparse kernels' compressed copies are dropped.
     pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.disable_sparse_kernels();
         let mut out = Vec::new();
         for n in &self.nodes {
             for p in n.op.spec().params() {
@@ -239,6 +257,7 @@ impl Graph {
             nodes: self.nodes.clone(),
             outputs: self.outputs.clone(),
             params,
+            sparse: RwLock::new(self.sparse_pack()),
         })
     }
 
@@ -253,6 +272,28 @@ impl Graph {
             vars.insert(k, Var::from_tensor(&t)?);
         }
         Graph::new(nodes, outputs, vars)
+    }
+
+    /// Runs the layers whose weights are sparse enough on the sparse (CSR) kernels in
+    /// eval-mode forwards from now on, until a weight changes. Returns how many layers.
+    pub fn enable_sparse_kernels(&self) -> Result<usize> {
+        let pack = SparsePack::build(self, crate::sparse::csr::MAX_SPARSE_DENSITY)?;
+        let n = pack.layers.len();
+        *self.sparse.write().unwrap_or_else(|e| e.into_inner()) = (n > 0).then(|| Arc::new(pack));
+        Ok(n)
+    }
+
+    /// Back to dense kernels everywhere.
+    pub fn disable_sparse_kernels(&self) {
+        *self.sparse.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The compressed weights in use, if enabled.
+    pub fn sparse_pack(&self) -> Option<Arc<SparsePack>> {
+        self.sparse
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Number of trainable scalars.

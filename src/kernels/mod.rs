@@ -12,6 +12,7 @@ pub mod gemm;
 pub mod im2col;
 pub mod linear;
 pub mod pool;
+pub mod sparse;
 
 pub use batchnorm::BatchStats;
 pub use conv::ConvCfg;

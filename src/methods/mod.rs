@@ -2,4 +2,5 @@
 
 pub mod dwr;
 pub mod ispasp;
+pub mod pts;
 pub mod unipts;

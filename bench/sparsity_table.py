@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Builds the post-training sparsity table from runs/sparsity/*.json
+(bench/sparsity_resnet20.sh) into docs/results/sparsity_resnet20.md and .json."""
+import json, os, sys, glob
+
+root = os.path.join(os.path.dirname(__file__), "..")
+src = os.path.join(root, "runs", "sparsity")
+methods = [
+    ("magnitude", "uniform magnitude + BN recalibration"),
+    ("global", "global magnitude + BN recalibration"),
+    ("wanda", "Wanda + BN recalibration"),
+    ("pot", "POT (5 tuning iterations / level)"),
+    ("unipts", "**UniPTS** (search + base decay + DST)"),
+    ("unipts-nosearch", "UniPTS, no search (uniform [P] genome)"),
+    ("unipts-nobasedecay", "UniPTS, no base decay (τ = 8)"),
+    ("unipts-static", "UniPTS, no DST (static mask)"),
+]
+levels = ["0.5", "0.7", "0.8", "0.9"]
+rows, raw = [], {}
+dense = None
+for m, label in methods:
+    cells, times = [], []
+    for s in levels:
+        f = os.path.join(src, f"{m}_{s}.json")
+        if not os.path.exists(f):
+            cells.append("—"); times.append("—"); continue
+        r = json.load(open(f))
+        raw[f"{m}_{s}"] = {k: r[k] for k in ["acc_dense", "acc_sparse", "sparsity", "seconds", "sparse_macs", "dense_macs"]}
+        dense = r["acc_dense"]
+        cells.append(f"{100*r['acc_sparse']:.2f}")
+        times.append(f"{r['seconds']:.0f}")
+    rows.append((label, cells, times))
+out = []
+out.append(f"Dense ResNet-20: {100*dense:.2f} % top-1 on the CIFAR-10 (JPEG q75) test set." if dense else "")
+out.append("")
+out.append("| method | " + " | ".join(f"{int(float(s)*100)} %" for s in levels) + " | wall s (" + "/".join(f"{int(float(s)*100)}" for s in levels) + ") |")
+out.append("|---|" + "---|" * len(levels) + "---|")
+for label, cells, times in rows:
+    out.append(f"| {label} | " + " | ".join(cells) + " | " + " / ".join(times) + " |")
+text = "\n".join(out) + "\n"
+os.makedirs(os.path.join(root, "docs", "results"), exist_ok=True)
+open(os.path.join(root, "docs", "results", "sparsity_resnet20.md"), "w").write(text)
+json.dump(raw, open(os.path.join(root, "docs", "results", "sparsity_resnet20.json"), "w"), indent=1)
+print(text)
