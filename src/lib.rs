@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod methods;
 pub mod onnx;
 pub mod prune;
+pub mod recipe;
 pub mod sparse;
 pub mod svg;
 pub mod train;

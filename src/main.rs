@@ -79,6 +79,19 @@ enum Cmd {
     /// Post-training sparsity from a small calibration set: magnitude, global, wanda, pot,
     /// unipts (unstructured or N:M); saves the model with compressed sparse weights.
     Sparsify(Box<SparsifyArgs>),
+    /// Run a TOML recipe (data, dense model, methods × budgets × seeds), resuming from
+    /// finished steps; writes report.json and a self-contained report.html.
+    Run {
+        recipe: PathBuf,
+        /// Output directory (default runs/<recipe name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Data directory passed to every step (default: $LOPPER_DATA or ../shared/data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Prune each dependency group alone at several ratios; table + SVG chart.
     Sensitivity {
         #[command(flatten)]
@@ -437,6 +450,47 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Prune(a) => cmd_prune(*a),
         Cmd::Sparsify(a) => cmd_sparsify(*a),
+        Cmd::Run {
+            recipe,
+            out,
+            data_dir,
+            json: j,
+        } => {
+            let r = lopper::recipe::load(&recipe)?;
+            let out = match out {
+                Some(o) => o,
+                None => lopper::recipe::run::default_out(&r)?,
+            };
+            let opts = lopper::recipe::run::RunOpts {
+                out: out.clone(),
+                exe: std::env::current_exe()?,
+                data_dir,
+                progress: !j,
+            };
+            let rep = lopper::recipe::run::run(&r, &opts)?;
+            if j {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!(
+                    "{}: {} steps ({} run, {} cached) in {:.0}s; report: {}",
+                    r.name,
+                    rep.steps.len(),
+                    rep.ran.len(),
+                    rep.steps.len() - rep.ran.len(),
+                    rep.seconds,
+                    out.join("report.html").display()
+                );
+                for s in &rep.steps {
+                    println!(
+                        "  {:<36} top-1 {:>7}  MACs {:>7}",
+                        s.step.id,
+                        lopper::recipe::html::step_accuracy(&s.report).map_or("—".into(), pct),
+                        lopper::recipe::html::step_macs(&s.report).map_or("—".into(), pct)
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Sensitivity {
             model,
             data: d,

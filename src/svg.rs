@@ -12,7 +12,8 @@ const PALETTE: &[&str] = &[
     "#bcbd22", "#17becf",
 ];
 
-fn esc(s: &str) -> String {
+/// Escapes text for SVG/HTML.
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -93,6 +94,44 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         let ly = t + 14.0 * i as f64 + 6.0;
         s += &format!("<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{}</text>\n", w - r + 12.0, ly - 4.0, w - r + 30.0, ly + 1.0, esc(&se.name));
     }
+    s + "</svg>\n"
+}
+
+/// A horizontal bar chart of labelled values (wall times, per-layer sparsities).
+pub fn bar_chart(title: &str, x_label: &str, bars: &[(String, f64)]) -> String {
+    let row = 18.0;
+    let (l, r, t, b) = (230.0, 60.0, 40.0, 40.0);
+    let w = 760.0;
+    let h = t + b + row * bars.len().max(1) as f64;
+    let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-12);
+    let px = |v: f64| l + v / max * (w - l - r);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        w / 2.0,
+        esc(title)
+    );
+    for (i, (name, v)) in bars.iter().enumerate() {
+        let y = t + row * i as f64;
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><rect x=\"{l}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
+            l - 6.0,
+            y + 13.0,
+            esc(name),
+            y + 3.0,
+            (px(*v) - l).max(0.5),
+            row - 5.0,
+            PALETTE[0],
+            px(*v) + 4.0,
+            y + 13.0,
+            fmt_tick(*v)
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+        (w + l - r) / 2.0,
+        h - 12.0,
+        esc(x_label)
+    );
     s + "</svg>\n"
 }
 
