@@ -3,4 +3,5 @@
 pub mod dwr;
 pub mod ispasp;
 pub mod pts;
+pub mod stamp;
 pub mod unipts;

@@ -1,0 +1,9 @@
+//! STAMP (Song et al., 2020): set-based task-adaptive meta-pruning. Spec:
+//! `shared/specs/stamp.md` (the paper's text is unavailable; the spec's reference design is
+//! followed). So far: the Beta-Bernoulli (BBDropout) channel gates — Kumaraswamy posterior
+//! mean, reparameterised sample, KL to Beta(α, 1) and its gradients — with the spec's golden
+//! values in `tests/stamp.rs`. The set encoder, mask generator, meta-training and the
+//! target-time pruning are not built yet.
+
+pub mod bbdrop;
+pub mod special;

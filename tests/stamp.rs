@@ -1,0 +1,89 @@
+//! STAMP's Beta-Bernoulli gates against the spec's golden values
+//! (`reference/dwr_golden_output.txt`, first section; α = 1e-4, u = 0.3).
+
+use lopper::methods::stamp::bbdrop::{ab, eval_gate, kl, kl_grad_uc, mean_pi, sample_pi, ALPHA};
+use lopper::methods::stamp::special::{digamma, lgamma, trigamma};
+use rand::{Rng, SeedableRng};
+
+const GOLDEN: [[f64; 7]; 4] = [
+    [
+        2.0, 0.5413, 2.126928, 0.999984, 0.680200, 8.965076, 0.845615,
+    ],
+    [
+        -1.0, 0.5413, 0.313262, 0.999984, 0.238541, 7.049953, 0.320280,
+    ],
+    [0.0, 0.0, 0.693147, 0.693147, 0.509616, 8.139809, 0.756254],
+    [3.0, 2.0, 3.048587, 2.126928, 0.637193, 9.000984, 0.759471],
+];
+
+#[test]
+fn special_functions() {
+    assert!((lgamma(1.0)).abs() < 1e-13 && (lgamma(2.0)).abs() < 1e-13);
+    assert!((lgamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-13);
+    assert!((lgamma(10.0) - 362880f64.ln()).abs() < 1e-11);
+    assert!((digamma(1.0) + 0.577_215_664_901_532_9).abs() < 1e-12);
+    assert!((trigamma(1.0) - std::f64::consts::PI.powi(2) / 6.0).abs() < 1e-12);
+    for x in [0.3, 1.7, 4.2, 11.0] {
+        let h = 1e-5;
+        let d = (lgamma(x + h) - lgamma(x - h)) / (2.0 * h);
+        assert!((d - digamma(x)).abs() < 1e-8, "{x}");
+        let t = (digamma(x + h) - digamma(x - h)) / (2.0 * h);
+        assert!((t - trigamma(x)).abs() < 1e-6, "{x}");
+    }
+}
+
+#[test]
+fn golden_values() {
+    for g in GOLDEN {
+        let (a, b) = ab(g[0], g[1]);
+        assert!(
+            (a - g[2]).abs() < 1e-6 && (b - g[3]).abs() < 1e-6,
+            "{g:?}: {a} {b}"
+        );
+        assert!(
+            (mean_pi(a, b) - g[4]).abs() < 1e-6,
+            "{g:?}: E[pi] {}",
+            mean_pi(a, b)
+        );
+        assert!(
+            (kl(a, b, ALPHA) - g[5]).abs() < 1e-5,
+            "{g:?}: KL {}",
+            kl(a, b, ALPHA)
+        );
+        assert!((sample_pi(a, b, 0.3) - g[6]).abs() < 1e-6, "{g:?}");
+    }
+}
+
+#[test]
+fn monte_carlo_mean_and_kl_gradient() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+    for g in GOLDEN {
+        let (a, b) = ab(g[0], g[1]);
+        let n = 200_000;
+        let m: f64 = (0..n).map(|_| sample_pi(a, b, rng.gen())).sum::<f64>() / n as f64;
+        assert!((m - mean_pi(a, b)).abs() < 3e-3, "{g:?}: MC {m}");
+        let (ga, gb) = kl_grad_uc(g[0], g[1], ALPHA);
+        let h = 1e-6;
+        let f = |x: f64, y: f64| {
+            let (a, b) = ab(x, y);
+            kl(a, b, ALPHA)
+        };
+        let na = (f(g[0] + h, g[1]) - f(g[0] - h, g[1])) / (2.0 * h);
+        let nb = (f(g[0], g[1] + h) - f(g[0], g[1] - h)) / (2.0 * h);
+        assert!(
+            (ga - na).abs() < 1e-5 * (1.0 + na.abs()),
+            "{g:?}: {ga} vs {na}"
+        );
+        assert!(
+            (gb - nb).abs() < 1e-5 * (1.0 + nb.abs()),
+            "{g:?}: {gb} vs {nb}"
+        );
+    }
+}
+
+#[test]
+fn eval_gate_thresholds_the_mean() {
+    assert!((eval_gate(2.0, 0.5413, 1e-3) - 0.680200).abs() < 1e-6);
+    // A gate pushed far toward zero (tiny b → E[π] → 0) is removed.
+    assert_eq!(eval_gate(-10.0, 50.0, 1e-3), 0.0);
+}
