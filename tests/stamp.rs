@@ -88,3 +88,69 @@ fn eval_gate_thresholds_the_mean() {
     // A gate pushed far toward zero (tiny b → E[π] → 0) is removed.
     assert_eq!(eval_gate(-10.0, 50.0, 1e-3), 0.0);
 }
+
+mod set_encoder {
+    use candle_core::{Device, Tensor};
+    use lopper::methods::stamp::set_encoder::{Isab, Mab, Sab, SetEncoder};
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+
+    fn vals(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn encoder_is_permutation_invariant_and_sab_equivariant() {
+        let (enc, _vm) = SetEncoder::init(12, 16, 4, 0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 12), &Device::Cpu).unwrap();
+        let mut perm: Vec<u32> = (0..9).collect();
+        perm.shuffle(&mut rand_pcg::Pcg64::seed_from_u64(1));
+        let idx = Tensor::new(perm.as_slice(), &Device::Cpu).unwrap();
+        let xp = x.index_select(&idx, 1).unwrap();
+        let (a, b) = (
+            vals(&enc.forward(&x).unwrap()),
+            vals(&enc.forward(&xp).unwrap()),
+        );
+        assert_eq!(a.len(), 2 * 16);
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+        // SAB permutes with its input.
+        let s = enc.sab1.forward(&x).unwrap();
+        let sp = enc.sab1.forward(&xp).unwrap();
+        for (p, q) in vals(&s.index_select(&idx, 1).unwrap())
+            .iter()
+            .zip(vals(&sp))
+        {
+            assert!((p - q).abs() < 1e-5);
+        }
+        // Different sets, different embeddings.
+        let y = (x.clone() * 2.0).unwrap();
+        assert!(vals(&enc.forward(&y).unwrap())
+            .iter()
+            .zip(&a)
+            .any(|(p, q)| (p - q).abs() > 1e-3));
+        assert!(enc
+            .forward(&Tensor::zeros((1, 0, 12), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+        assert!(enc
+            .forward(&Tensor::zeros((1, 3, 11), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn isab_is_equivariant_and_heads_must_divide() {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+        assert!(Mab::new(4, 4, 10, 3, vb.pp("bad")).is_err());
+        let isab = Isab::new(5, 8, 2, 3, vb.pp("isab")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 7, 5), &Device::Cpu).unwrap();
+        let idx = Tensor::new(&[6u32, 0, 5, 1, 4, 2, 3], &Device::Cpu).unwrap();
+        let a = isab.forward(&x).unwrap().index_select(&idx, 1).unwrap();
+        let b = isab.forward(&x.index_select(&idx, 1).unwrap()).unwrap();
+        for (p, q) in vals(&a).iter().zip(vals(&b)) {
+            assert!((p - q).abs() < 1e-5);
+        }
+        let _ = Sab(Mab::new(5, 5, 8, 2, vb.pp("s")).unwrap());
+    }
+}

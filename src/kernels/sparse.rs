@@ -245,6 +245,24 @@ impl<'a> Direct<'a> {
     fn pad(&self, g: &Geo, x: &[f32], xp: &mut Vec<f32>) {
         let s = self.s;
         xp.clear();
+        if s == 1 {
+            // Row by row, each element written once (no zero-fill then copy).
+            let w = g.w.min(self.ws.saturating_sub(g.pl));
+            let right = self.ws - g.pl - w;
+            for c in 0..g.c {
+                for yp in 0..self.hs {
+                    match yp.checked_sub(g.pt).filter(|&y| y < g.h) {
+                        Some(y) => {
+                            xp.extend(std::iter::repeat_n(0.0, g.pl));
+                            xp.extend_from_slice(&x[(c * g.h + y) * g.w..][..w]);
+                            xp.extend(std::iter::repeat_n(0.0, right));
+                        }
+                        None => xp.extend(std::iter::repeat_n(0.0, self.ws)),
+                    }
+                }
+            }
+            return;
+        }
         xp.resize(g.c * s * s * self.hs * self.ws, 0.0);
         for c in 0..g.c {
             for y in 0..g.h {

@@ -6,4 +6,5 @@
 //! target-time pruning are not built yet.
 
 pub mod bbdrop;
+pub mod set_encoder;
 pub mod special;
