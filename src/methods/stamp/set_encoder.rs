@@ -29,7 +29,7 @@ impl Mab {
         heads: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if heads == 0 || dim_v % heads != 0 {
+        if heads == 0 || !dim_v.is_multiple_of(heads) {
             bail!("MAB: width {dim_v} is not divisible by {heads} heads");
         }
         Ok(Mab {
