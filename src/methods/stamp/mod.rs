@@ -2,8 +2,9 @@
 //! `shared/specs/stamp.md` (the paper's text is unavailable; the spec's reference design is
 //! followed). So far: the Beta-Bernoulli (BBDropout) channel gates — Kumaraswamy posterior
 //! mean, reparameterised sample, KL to Beta(α, 1) and its gradients — with the spec's golden
-//! values in `tests/stamp.rs`. The set encoder, mask generator, meta-training and the
-//! target-time pruning are not built yet.
+//! values, and the Set Transformer blocks and set encoder with permutation-invariance tests
+//! (`tests/stamp.rs`). The mask generator, meta-training and the target-time pruning are
+//! not built yet.
 
 pub mod bbdrop;
 pub mod set_encoder;
