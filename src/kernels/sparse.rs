@@ -402,7 +402,7 @@ fn store(acc: &[f32], out: &mut [f32], res: Option<&[f32]>, e: &ChanEpi) {
 
 /// Output floats per register tile: 8 AVX-512 accumulators, so each non-zero's overhead
 /// (index, broadcast) is spread over 128 multiply-adds.
-const TILE: usize = 128;
+const TILE: usize = 64;
 
 #[inline(always)]
 fn tiles<const OW: usize, const FMA: bool>(
