@@ -277,7 +277,8 @@ impl Graph {
     /// Runs the layers whose weights are sparse enough on the sparse (CSR) kernels in
     /// eval-mode forwards from now on, until a weight changes. Returns how many layers.
     pub fn enable_sparse_kernels(&self) -> Result<usize> {
-        let pack = SparsePack::build(self, crate::sparse::csr::MAX_SPARSE_DENSITY)?;
+        use crate::sparse::csr::{MAX_CONV_DENSITY, MAX_LINEAR_DENSITY};
+        let pack = SparsePack::build(self, MAX_CONV_DENSITY, MAX_LINEAR_DENSITY)?;
         let n = pack.layers.len();
         *self.sparse.write().unwrap_or_else(|e| e.into_inner()) = (n > 0).then(|| Arc::new(pack));
         Ok(n)
