@@ -283,14 +283,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         widths: report::widths(&dense, &pruned),
         details: p.details,
     };
-    if let Some(o) = &a.output {
-        crate::save_model(&pruned, o)?;
-        let rp = o.with_extension("report.json");
-        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
+    crate::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
+    if !a.json {
         println!(
             "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
             a.method,

@@ -312,14 +312,8 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         layers: rows,
         details,
     };
-    if let Some(o) = &a.output {
-        crate::save_model(&sparse, o)?;
-        let rp = o.with_extension("report.json");
-        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
+    crate::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
+    if !a.json {
         println!(
             "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",
             a.method,

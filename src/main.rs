@@ -259,6 +259,25 @@ fn save_model(g: &Graph, path: &Path) -> Result<()> {
     }
 }
 
+/// Writes a result model and its report beside it (`OUT.report.json`), then prints the
+/// report if `json`. Both files are written atomically.
+fn write_outputs(
+    g: &Graph,
+    output: Option<&Path>,
+    report: &impl serde::Serialize,
+    json: bool,
+) -> Result<()> {
+    if let Some(o) = output {
+        save_model(g, o)?;
+        let rp = o.with_extension("report.json");
+        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(report)?.as_bytes())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
+}
+
 fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
     let mut ds = data::load(&d.data, split, d.data_dir.as_deref())?;
     let c = ds.shape[0];

@@ -81,6 +81,20 @@ fn lopper() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lopper"))
 }
 
+/// `lopper run RECIPE --out OUT --json`, waited for.
+fn run(recipe: &Path, out: &Path) -> std::process::Output {
+    lopper()
+        .args([
+            "run",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap()
+}
+
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -112,30 +126,12 @@ fn a_killed_run_resumes_without_redoing_finished_steps() {
     std::fs::write(&rp, TINY).unwrap();
     // Uninterrupted reference run.
     let full = d.join("full");
-    let o = lopper()
-        .args([
-            "run",
-            rp.to_str().unwrap(),
-            "--out",
-            full.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let o = run(&rp, &full);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let want = results(&full);
     assert_eq!(want.len(), 4);
     // A second run of the same recipe only reads the cache.
-    let o = lopper()
-        .args([
-            "run",
-            rp.to_str().unwrap(),
-            "--out",
-            full.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let o = run(&rp, &full);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ran"].as_array().unwrap().len(), 0);
     // Kill a run once its first step is cached.
@@ -171,16 +167,7 @@ fn a_killed_run_resumes_without_redoing_finished_steps() {
         done_before.len() < 4,
         "the run finished before it was killed"
     );
-    let o = lopper()
-        .args([
-            "run",
-            rp.to_str().unwrap(),
-            "--out",
-            part.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let o = run(&rp, &part);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let ran: Vec<&str> = v["ran"]
@@ -206,16 +193,7 @@ fn a_killed_run_resumes_without_redoing_finished_steps() {
     );
     // Changing one step's settings reruns that step only.
     std::fs::write(&rp, TINY.replace("macs = [0.5, 0.7]", "macs = [0.5, 0.6]")).unwrap();
-    let o = lopper()
-        .args([
-            "run",
-            rp.to_str().unwrap(),
-            "--out",
-            part.to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let o = run(&rp, &part);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ran"], serde_json::json!(["l1-macs0.6-s0"]));
     // The report is self-contained.
@@ -346,16 +324,7 @@ fn shipped_recipes_parse_and_small_variants_run() {
         let small = d.join(p.file_name().unwrap());
         std::fs::write(&small, toml::to_string(&v).unwrap()).unwrap();
         let out = d.join(format!("{}-out", r.name));
-        let o = lopper()
-            .args([
-                "run",
-                small.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ])
-            .output()
-            .unwrap();
+        let o = run(&small, &out);
         assert!(
             o.status.success(),
             "{}: {}",

@@ -10,6 +10,7 @@ use lopper::data::{self, Split};
 use lopper::exec::{forward, forward_with, ForwardOpts, Mode, WeightMask};
 use lopper::graph::fold::fold_batchnorm;
 use lopper::methods::pts::pot::{bias_correction, correct_channel};
+use lopper::methods::pts::uniform_magnitude;
 use lopper::sparse::bn::reset_bn;
 use lopper::sparse::layers::{apply_masks, prunable_layers, sparsity_report, weight_host};
 use lopper::sparse::mask::{global_masks, magnitude_mask, nm_mask, row_masks, Pattern};
@@ -296,18 +297,7 @@ fn pot_bias_correction_restores_the_output_mean_on_the_mean_input() {
     let fp = fold_batchnorm(&dense).unwrap();
     let net = fold_batchnorm(&dense).unwrap();
     let layers = prunable_layers(&net);
-    let masks: Vec<Vec<f32>> = layers
-        .iter()
-        .map(|l| {
-            let a: Vec<f32> = weight_host(&net, l)
-                .unwrap()
-                .iter()
-                .map(|v| v.abs())
-                .collect();
-            magnitude_mask(&a, a.len() * 7 / 10)
-        })
-        .collect();
-    apply_masks(&net, &layers, &masks).unwrap();
+    uniform_magnitude(&net, &layers, 0.7, Pattern::Unstructured).unwrap();
     let ins: Vec<usize> = layers.iter().map(|l| fp.nodes[l.node].inputs[0]).collect();
     let mut keep = ins.clone();
     keep.extend(layers.iter().map(|l| l.node));
@@ -431,18 +421,7 @@ fn csr_roundtrip_and_products_match_dense() {
 fn sparsity_report_counts_zeros() {
     let g = zoo::build("lenet5", 0).unwrap();
     let layers = prunable_layers(&g);
-    let masks: Vec<Vec<f32>> = layers
-        .iter()
-        .map(|l| {
-            let a: Vec<f32> = weight_host(&g, l)
-                .unwrap()
-                .iter()
-                .map(|v| v.abs())
-                .collect();
-            magnitude_mask(&a, a.len() / 2)
-        })
-        .collect();
-    apply_masks(&g, &layers, &masks).unwrap();
+    uniform_magnitude(&g, &layers, 0.5, Pattern::Unstructured).unwrap();
     let (rows, s) = sparsity_report(&g).unwrap();
     assert_eq!(rows.len(), layers.len());
     let n: usize = rows.iter().map(|r| r.numel).sum();
@@ -461,18 +440,7 @@ fn sparse_kernels_match_the_dense_forward() {
         let g = zoo::build(spec, 1).unwrap();
         randomise_bn(&g, 2);
         let layers = prunable_layers(&g);
-        let masks: Vec<Vec<f32>> = layers
-            .iter()
-            .map(|l| {
-                let a: Vec<f32> = weight_host(&g, l)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.abs())
-                    .collect();
-                magnitude_mask(&a, a.len() * 85 / 100)
-            })
-            .collect();
-        apply_masks(&g, &layers, &masks).unwrap();
+        uniform_magnitude(&g, &layers, 0.85, Pattern::Unstructured).unwrap();
         let n: usize = shape.iter().product();
         let x = Tensor::from_vec(random(n, 3), shape.as_slice(), &Device::Cpu).unwrap();
         let dense = vals(&forward(&g, &x, Mode::Eval).unwrap());
@@ -508,18 +476,7 @@ fn sparse_models_are_saved_compressed_and_load_back_identically() {
     let dense_path = dir.join("dense.safetensors");
     io::save(&g, &dense_path).unwrap();
     let layers = prunable_layers(&g);
-    let masks: Vec<Vec<f32>> = layers
-        .iter()
-        .map(|l| {
-            let a: Vec<f32> = weight_host(&g, l)
-                .unwrap()
-                .iter()
-                .map(|v| v.abs())
-                .collect();
-            magnitude_mask(&a, a.len() * 9 / 10)
-        })
-        .collect();
-    apply_masks(&g, &layers, &masks).unwrap();
+    uniform_magnitude(&g, &layers, 0.9, Pattern::Unstructured).unwrap();
     let p = dir.join("sparse.safetensors");
     io::save(&g, &p).unwrap();
     let (ds, ss) = (

@@ -21,6 +21,12 @@ impl Augment {
         }
     }
 
+    /// The argument [`crate::data::Dataset::batch`] takes: `None` when this augmentation is
+    /// a no-op (so no random numbers are drawn), else `self` with the generator.
+    pub fn with_rng<'a>(&'a self, rng: &'a mut Pcg64) -> Option<(&'a Augment, &'a mut Pcg64)> {
+        (*self != Augment::default()).then_some((self, rng))
+    }
+
     /// Augments one `[C, H, W]` image in place.
     pub fn apply(&self, img: &mut [f32], shape: [usize; 3], rng: &mut Pcg64) {
         let [c, h, w] = shape;

@@ -183,15 +183,7 @@ fn decompress(
             .with_context(|| format!("{origin}: tensor '{key}.csr_row_ptr' must be u32"))?;
         let rows = shape[0];
         let cols = shape.iter().skip(1).product::<usize>();
-        let csr = crate::sparse::CsrMatrix {
-            rows,
-            cols,
-            row_ptr,
-            col_idx,
-            values,
-            derived: Default::default(),
-        };
-        csr.validate()
+        let csr = crate::sparse::CsrMatrix::from_parts(rows, cols, row_ptr, col_idx, values)
             .with_context(|| format!("{origin}: compressed tensor '{key}'"))?;
         tensors.insert(key, Tensor::from_vec(csr.to_dense(), shape, &Device::Cpu)?);
     }

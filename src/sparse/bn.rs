@@ -65,17 +65,8 @@ pub fn recalibrate_bn(g: &Graph, data: &Dataset, o: &RecalibOpts) -> Result<()> 
     reset_bn(g)?;
     let mut rng = Pcg64::seed_from_u64(o.seed);
     let order = data.shuffled(o.seed);
-    let aug_on = o.augment != Augment::default();
     for (k, chunk) in order.chunks(o.batch.max(1)).enumerate() {
-        let (x, _) = data.batch(
-            chunk,
-            if aug_on {
-                Some((&o.augment, &mut rng))
-            } else {
-                None
-            },
-            &Device::Cpu,
-        )?;
+        let (x, _) = data.batch(chunk, o.augment.with_rng(&mut rng), &Device::Cpu)?;
         let mut x = fit_input(g, x)?;
         if o.noise > 0.0 {
             let nd = rand_distr::Normal::new(0f32, o.noise as f32)?;

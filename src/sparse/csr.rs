@@ -65,14 +65,27 @@ impl CsrMatrix {
             }
             row_ptr.push(values.len() as u32);
         }
-        Ok(CsrMatrix {
+        CsrMatrix::from_parts(rows, cols, row_ptr, col_idx, values)
+    }
+
+    /// Assembles a matrix from its arrays (e.g. read from a file), checking every invariant.
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        row_ptr: Vec<u32>,
+        col_idx: Vec<u32>,
+        values: Vec<f32>,
+    ) -> Result<CsrMatrix> {
+        let m = CsrMatrix {
             rows,
             cols,
             row_ptr,
             col_idx,
             values,
             derived: Default::default(),
-        })
+        };
+        m.validate()?;
+        Ok(m)
     }
 
     /// Checks the invariants (after reading from a file).

@@ -19,19 +19,10 @@ pub fn accuracy(
     batch: usize,
 ) -> Result<f64> {
     let mut rng = Pcg64::seed_from_u64(seed);
-    let aug_on = *augment != Augment::default();
     let pos: Vec<usize> = (0..data.len()).collect();
     let mut correct = 0usize;
     for chunk in pos.chunks(batch.max(1)) {
-        let (x, y) = data.batch(
-            chunk,
-            if aug_on {
-                Some((augment, &mut rng))
-            } else {
-                None
-            },
-            &Device::Cpu,
-        )?;
+        let (x, y) = data.batch(chunk, augment.with_rng(&mut rng), &Device::Cpu)?;
         let logits = exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
         let pred = exec::argmax(&logits)?;
         let y = y.to_vec1::<u32>()?;

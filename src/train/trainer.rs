@@ -193,7 +193,6 @@ pub fn train(
         crop_pad: cfg.crop_pad,
         hflip: cfg.hflip,
     };
-    let aug_on = augment != Augment::default();
     let t0 = Instant::now();
     for (ran, epoch) in (start_epoch..cfg.epochs).enumerate() {
         if opts.stop_after.is_some_and(|s| ran >= s) {
@@ -218,15 +217,7 @@ pub fn train(
         for (bi, chunk) in order.chunks(cfg.batch_size).enumerate() {
             let step = epoch * steps_per_epoch + bi;
             lr = lr_at(cfg.lr, &cfg.schedule, step, total, warmup, steps_per_epoch);
-            let (x, y) = data.batch(
-                chunk,
-                if aug_on {
-                    Some((&augment, &mut rng))
-                } else {
-                    None
-                },
-                &dev,
-            )?;
+            let (x, y) = data.batch(chunk, augment.with_rng(&mut rng), &dev)?;
             let x = fit_input(g, x)?;
             let fo = ForwardOpts {
                 seed: cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),

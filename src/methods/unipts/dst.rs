@@ -159,7 +159,6 @@ pub fn train(
         crop_pad: cfg.crop_pad,
         hflip: cfg.hflip,
     };
-    let aug_on = augment != Augment::default();
     let mut masks = current_masks(student, layers, budget)?;
     if !cfg.dynamic {
         apply_masks(student, layers, &masks)?;
@@ -203,15 +202,7 @@ pub fn train(
                     ))
                 })
                 .collect::<Result<_>>()?;
-            let (x, _) = data.batch(
-                chunk,
-                if aug_on {
-                    Some((&augment, &mut rng))
-                } else {
-                    None
-                },
-                &dev,
-            )?;
+            let (x, _) = data.batch(chunk, augment.with_rng(&mut rng), &dev)?;
             let x = fit_input(student, x)?;
             let tl = {
                 let o = ForwardOpts {
