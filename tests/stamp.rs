@@ -154,3 +154,103 @@ mod set_encoder {
         let _ = Sab(Mab::new(5, 5, 8, 2, vb.pp("s")).unwrap());
     }
 }
+
+mod gated_equals_pruned {
+    use candle_core::{Device, Tensor};
+    use lopper::exec::{forward, forward_with, ForwardOpts, Mode};
+    use lopper::graph::cost::cost;
+    use lopper::methods::stamp::bbdrop::{eval_gate, THRES};
+    use lopper::methods::stamp::gates::{fold_and_prune, gate_masks, gate_sites};
+    use lopper::prune::dependency_groups;
+    use lopper::zoo;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn nets_without_batch_norm_have_no_gate_sites() {
+        let g = zoo::build("lenet5", 0).unwrap();
+        assert!(gate_sites(&g, &dependency_groups(&g).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn eval_gated_network_equals_the_physically_pruned_one() {
+        for (spec, shape) in [
+            ("resnet8@3x8x8", [3usize, 8, 8]),
+            ("vgg11@3x32x32", [3, 32, 32]),
+        ] {
+            let g = zoo::build(spec, 2).unwrap();
+            let mut rng = rand_pcg::Pcg64::seed_from_u64(3);
+            // Non-trivial BN statistics and affine parameters.
+            for (k, v) in g.params() {
+                let n = v.elem_count();
+                let d: Vec<f32> = if k.ends_with("running_var") {
+                    (0..n).map(|_| rng.gen_range(0.5..2.0)).collect()
+                } else if k.ends_with("running_mean") || k.ends_with("bias") {
+                    (0..n).map(|_| rng.gen_range(-0.5..0.5)).collect()
+                } else {
+                    continue;
+                };
+                v.set(&Tensor::from_vec(d, v.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let groups = dependency_groups(&g).unwrap();
+            let sites = gate_sites(&g, &groups);
+            assert!(!sites.is_empty(), "{spec}: no gateable group");
+            if spec.starts_with("resnet") {
+                // Internal-only: one gated group per basic block (conv1's output).
+                assert_eq!(sites.len(), 3, "{spec}");
+            }
+            // Random gate parameters; about a third of the gates close (E[π] < τ).
+            let z: Vec<Vec<f32>> = sites
+                .iter()
+                .map(|s| {
+                    (0..s.channels)
+                        .map(|c| {
+                            let (a_uc, b_uc) = if c == 0 || rng.gen_bool(0.65) {
+                                (rng.gen_range(-1.0..3.0), rng.gen_range(-1.0..2.0))
+                            } else {
+                                (-10.0, 50.0)
+                            };
+                            eval_gate(a_uc, b_uc, THRES) as f32
+                        })
+                        .collect()
+                })
+                .collect();
+            assert!(z.iter().flatten().any(|v| *v == 0.0));
+            let zt: Vec<Tensor> = z
+                .iter()
+                .map(|v| Tensor::new(v.as_slice(), &Device::Cpu).unwrap())
+                .collect();
+            let masks = gate_masks(&g, &sites, &zt).unwrap();
+            let n: usize = shape.iter().product();
+            let x = Tensor::from_vec(
+                (0..2 * n)
+                    .map(|_| rng.gen_range(-1f32..1.0))
+                    .collect::<Vec<_>>(),
+                [2, shape[0], shape[1], shape[2]].as_slice(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let gated = forward_with(
+                &g,
+                &x,
+                &ForwardOpts {
+                    input_masks: Some(&masks),
+                    ..ForwardOpts::new(Mode::Eval)
+                },
+            )
+            .unwrap()
+            .outputs
+            .remove(0);
+            let pruned = fold_and_prune(&g, &groups, &sites, &z).unwrap();
+            assert!(cost(&pruned).unwrap().total_macs < cost(&g).unwrap().total_macs);
+            let y = forward(&pruned, &x, Mode::Eval).unwrap();
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                gated.flatten_all().unwrap().to_vec1().unwrap(),
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4 * (1.0 + p.abs()), "{spec}: {p} vs {q}");
+            }
+        }
+    }
+}

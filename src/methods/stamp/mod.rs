@@ -3,9 +3,11 @@
 //! followed). So far: the Beta-Bernoulli (BBDropout) channel gates — Kumaraswamy posterior
 //! mean, reparameterised sample, KL to Beta(α, 1) and its gradients — with the spec's golden
 //! values, and the Set Transformer blocks and set encoder with permutation-invariance tests
-//! (`tests/stamp.rs`). The mask generator, meta-training and the target-time pruning are
-//! not built yet.
+//! (`tests/stamp.rs`), and the gate sites on the engine's dependency groups with the
+//! gated ≡ physically pruned invariant ([`gates`]). The mask generator, meta-training and
+//! the target-time pipeline are not built yet.
 
 pub mod bbdrop;
+pub mod gates;
 pub mod set_encoder;
 pub mod special;
