@@ -254,3 +254,87 @@ mod gated_equals_pruned {
         }
     }
 }
+
+mod generator {
+    use candle_core::{Device, Tensor, Var};
+    use lopper::methods::stamp::bbdrop::{ab, kl, kl_grad_uc, mean_pi, ALPHA};
+    use lopper::methods::stamp::generator::{kl_term, rng, sample_gates, Generator, TEMPERATURE};
+
+    #[test]
+    fn initial_generator_reproduces_the_bbdropout_state() {
+        let g = Generator::new(&[4, 6], 8).unwrap();
+        let s = Tensor::new(&[0.3f32, -1.0, 2.0, 0.0, 0.5, 0.1, -0.2, 0.7], &Device::Cpu).unwrap();
+        let p = g.params(&s).unwrap();
+        assert_eq!(p.len(), 2);
+        for (a_uc, b_uc) in &p {
+            for (x, y) in a_uc
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .zip(b_uc.to_vec1::<f32>().unwrap())
+            {
+                let (a, b) = ab(*x as f64, y as f64);
+                assert!((mean_pi(a, b) - 0.680200).abs() < 1e-5);
+            }
+        }
+        assert!(g
+            .params(&Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+        assert_eq!(g.vars().len(), 4);
+    }
+
+    #[test]
+    fn kl_surrogate_has_the_exact_gradient_and_gates_are_differentiable() {
+        let a = Var::new(&[2.0f32, -1.0, 0.0, 3.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[0.5413f32, 0.5413, 0.0, 2.0], &Device::Cpu).unwrap();
+        let (sur, value) = kl_term(a.as_tensor(), b.as_tensor(), ALPHA).unwrap();
+        let want: f64 = [(2.0, 0.5413), (-1.0, 0.5413), (0.0, 0.0), (3.0, 2.0)]
+            .iter()
+            .map(|&(x, y)| {
+                let (p, q) = ab(x, y);
+                kl(p, q, ALPHA)
+            })
+            .sum();
+        assert!((value - want).abs() < 1e-4);
+        let g = sur.backward().unwrap();
+        let ga: Vec<f32> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+        let gb: Vec<f32> = g.get(b.as_tensor()).unwrap().to_vec1().unwrap();
+        for (i, &(x, y)) in [(2.0, 0.5413), (-1.0, 0.5413), (0.0, 0.0), (3.0, 2.0)]
+            .iter()
+            .enumerate()
+        {
+            let (da, db) = kl_grad_uc(x, y, ALPHA);
+            assert!((ga[i] as f64 - da).abs() < 1e-4 * (1.0 + da.abs()));
+            assert!((gb[i] as f64 - db).abs() < 1e-4 * (1.0 + db.abs()));
+        }
+        // Relaxed-Bernoulli gates: [B, C] in (0, 1), gradient reaches the parameters.
+        let z = sample_gates(a.as_tensor(), b.as_tensor(), 5, TEMPERATURE, &mut rng(0)).unwrap();
+        assert_eq!(z.dims(), &[5, 4]);
+        let zv: Vec<f32> = z.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(zv.iter().all(|v| (0.0..=1.0).contains(v)));
+        let gr = z.sum_all().unwrap().backward().unwrap();
+        assert!(gr
+            .get(a.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .any(|v| *v != 0.0));
+        // The batch-mean gate tracks E[π] for a gate with mass away from 0/1.
+        let a2 = Tensor::new(&[2.0f32; 1], &Device::Cpu).unwrap();
+        let b2 = Tensor::new(&[0.5413f32; 1], &Device::Cpu).unwrap();
+        let mut r = rng(1);
+        let mean: f32 = (0..400)
+            .map(|_| {
+                sample_gates(&a2, &b2, 50, TEMPERATURE, &mut r)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .sum::<f32>()
+            / 400.0;
+        assert!((mean - 0.6802).abs() < 0.03, "mean gate {mean}");
+    }
+}

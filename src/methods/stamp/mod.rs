@@ -4,10 +4,12 @@
 //! mean, reparameterised sample, KL to Beta(α, 1) and its gradients — with the spec's golden
 //! values, and the Set Transformer blocks and set encoder with permutation-invariance tests
 //! (`tests/stamp.rs`), and the gate sites on the engine's dependency groups with the
-//! gated ≡ physically pruned invariant ([`gates`]). The mask generator, meta-training and
-//! the target-time pipeline are not built yet.
+//! gated ≡ physically pruned invariant ([`gates`]), and the mask generator with
+//! differentiable gate sampling and the KL surrogate ([`generator`]). Meta-training, the
+//! target-time pipeline, the CLI and the experiments are not built yet.
 
 pub mod bbdrop;
 pub mod gates;
+pub mod generator;
 pub mod set_encoder;
 pub mod special;
