@@ -338,3 +338,70 @@ mod generator {
         assert!((mean - 0.6802).abs() < 0.03, "mean gate {mean}");
     }
 }
+
+mod meta {
+    use lopper::data::{self, Split};
+    use lopper::graph::cost::cost;
+    use lopper::methods::stamp::meta::{sample_set, MetaConfig, Stamp};
+    use lopper::train::{self, TrainConfig, TrainOpts};
+    use lopper::zoo;
+
+    #[test]
+    fn meta_training_runs_and_target_pruning_meets_a_budget() {
+        let tr = data::load("digits", Split::Train, None).unwrap();
+        let g = zoo::build("resnet8@1x8x8#10", 0).unwrap();
+        let cfg = TrainConfig {
+            epochs: 3,
+            batch_size: 64,
+            lr: 0.05,
+            ..Default::default()
+        };
+        train::train(&g, &tr, &cfg, &TrainOpts::default()).unwrap();
+        let reference = tr.class_subset(&[0, 1, 2, 3, 4, 5]).unwrap();
+        let target = tr.class_subset(&[6, 7, 8, 9]).unwrap();
+        let mc = MetaConfig {
+            iterations: 3,
+            tasks: 2,
+            n_way: 3,
+            n_per_class: 5,
+            inner_steps: 2,
+            inner_batch: 32,
+            outer_batch: 32,
+            enc_dim: 16,
+            heads: 2,
+            ..Default::default()
+        };
+        let st = Stamp::new(&g, &mc).unwrap();
+        let before: Vec<f32> = st.generator.c[0].as_tensor().to_vec1().unwrap();
+        let log = st.meta_train(&g, &reference, &mc, |_| {}).unwrap();
+        assert_eq!(log.len(), 3);
+        assert!(log
+            .iter()
+            .all(|l| l.outer_ce.is_finite() && l.kl.is_finite()));
+        let after: Vec<f32> = st.generator.c[0].as_tensor().to_vec1().unwrap();
+        assert_ne!(before, after, "the generator was not updated");
+        // Target-time pruning from a sample set of the unseen classes, under a MACs budget.
+        let set = sample_set(&target, 40, 1).unwrap();
+        let (z1, tau) = st.target_gates(&g, &target, &set, Some(0.7)).unwrap();
+        assert!(tau >= 1e-3);
+        let pruned = st.prune(&g, &target, &set, Some(0.7)).unwrap();
+        assert!(
+            cost(&pruned).unwrap().total_macs as f64 <= 0.7 * cost(&g).unwrap().total_macs as f64
+        );
+        // The set is a set: order does not matter.
+        let mut rev = set.clone();
+        rev.reverse();
+        let (z2, _) = st.target_gates(&g, &target, &rev, Some(0.7)).unwrap();
+        for (a, b) in z1.iter().flatten().zip(z2.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        // Bad input.
+        assert!(sample_set(&target, target.len() + 1, 0).is_err());
+        let bad = MetaConfig {
+            n_way: 7,
+            ..mc.clone()
+        };
+        assert!(st.meta_train(&g, &reference, &bad, |_| {}).is_err());
+        assert!(st.target_gates(&g, &target, &set, Some(1.5)).is_err());
+    }
+}

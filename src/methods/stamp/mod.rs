@@ -5,11 +5,14 @@
 //! values, and the Set Transformer blocks and set encoder with permutation-invariance tests
 //! (`tests/stamp.rs`), and the gate sites on the engine's dependency groups with the
 //! gated ≡ physically pruned invariant ([`gates`]), and the mask generator with
-//! differentiable gate sampling and the KL surrogate ([`generator`]). Meta-training, the
-//! target-time pipeline, the CLI and the experiments are not built yet.
+//! differentiable gate sampling and the KL surrogate ([`generator`]), first-order
+//! meta-training over class-subset tasks and target-time pruning with an optional MACs
+//! budget ([`meta`]). Not built yet: saving a generator, the CLI (`lopper stamp …`), the
+//! target-time adaptation steps, and the two experiments with their baselines.
 
 pub mod bbdrop;
 pub mod gates;
 pub mod generator;
+pub mod meta;
 pub mod set_encoder;
 pub mod special;
