@@ -34,6 +34,12 @@ pub struct PruneArgs {
     /// i-SpaSP: after each module, fine-tune one pass over this many training samples.
     #[arg(long, default_value_t = 0)]
     block_ft_samples: usize,
+    /// STAMP: the meta-trained generator (lopper stamp meta-train).
+    #[arg(long)]
+    generator: Option<PathBuf>,
+    /// STAMP: target samples the set encoder reads.
+    #[arg(long, default_value_t = 100)]
+    set_size: usize,
     /// DWR: cache of collected (d, w, r, accuracy) points (reused when it matches).
     #[arg(long)]
     dwr_cache: Option<PathBuf>,
@@ -227,6 +233,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let p = match a.method.as_str() {
         "ispasp" => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
         "dwr" => prune_dwr(&a, &dense, &train_ds, &test_ds, budget, &log)?,
+        "stamp" => prune_stamp(&a, &dense, &train_ds, budget)?,
         _ => prune_engine(&a, &dense, &train_ds, &test_ds, budget, &overrides, &log)?,
     };
     let pruned = p.graph;
@@ -463,6 +470,47 @@ fn prune_ispasp(
             "bn_mode": cfg.bn_mode,
             "modules": reports,
         })),
+    })
+}
+
+/// STAMP: encode a target sample set, generate gates, threshold them (or meet a MACs
+/// budget), fold into batch norm, remove channels; a new head if the target has other
+/// classes. Fine-tuning is the common `--finetune-epochs` stage.
+fn prune_stamp(a: &PruneArgs, dense: &Graph, train_ds: &Dataset, budget: Budget) -> Result<Pruned> {
+    use lopper::methods::stamp::{head, meta, store};
+    let path = a
+        .generator
+        .as_ref()
+        .context("--method stamp needs --generator G (written by lopper stamp meta-train)")?;
+    let macs = match budget {
+        Budget::Macs(f) => Some(f),
+        Budget::Ratio(0.0) => None,
+        _ => bail!("STAMP takes --target-macs (a fraction of the dense MACs) or --ratio 0 (the generator's own threshold)"),
+    };
+    let (st, _) = store::load(path, dense)?;
+    let t = Instant::now();
+    let set = meta::sample_set(train_ds, a.set_size, a.seed)?;
+    let (z, tau) = st.target_gates(dense, train_ds, &set, macs)?;
+    let pruned = lopper::methods::stamp::gates::fold_and_prune(dense, &st.groups, &st.sites, &z)?;
+    let out_width = pruned.shapes()?[pruned.outputs[0]]
+        .iter()
+        .product::<usize>();
+    let pruned = if out_width != train_ds.num_classes {
+        head::with_head(&pruned, train_ds.num_classes, a.seed)?
+    } else {
+        pruned
+    };
+    let kept: Vec<usize> = z
+        .iter()
+        .map(|v| v.iter().filter(|x| **x != 0.0).count())
+        .collect();
+    Ok(Pruned {
+        graph: pruned,
+        prune_seconds: t.elapsed().as_secs_f64(),
+        train_seconds: 0.0,
+        details: Some(
+            serde_json::json!({"threshold": tau, "kept_per_group": kept, "set_size": a.set_size}),
+        ),
     })
 }
 

@@ -79,6 +79,11 @@ enum Cmd {
     /// Post-training sparsity from a small calibration set: magnitude, global, wanda, pot,
     /// unipts (unstructured or N:M); saves the model with compressed sparse weights.
     Sparsify(Box<SparsifyArgs>),
+    /// STAMP: meta-train the set encoder and mask generator on a reference dataset.
+    Stamp {
+        #[command(subcommand)]
+        cmd: StampCmd,
+    },
     /// Run a TOML recipe (data, dense model, methods × budgets × seeds), resuming from
     /// finished steps; writes report.json and a self-contained report.html.
     Run {
@@ -154,6 +159,40 @@ struct DataArgs {
     /// e.g. raw for models that expect raw pixels such as mnist-8.onnx.
     #[arg(long, default_value = "normalized")]
     input_scale: String,
+    /// Only these classes (comma-separated indices), relabelled 0.. in the given order.
+    #[arg(long)]
+    classes: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum StampCmd {
+    /// Meta-train over class-subset tasks of the reference data (the model is the network
+    /// pretrained on it); writes the generator.
+    MetaTrain {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        #[arg(long, default_value_t = 4)]
+        tasks: usize,
+        #[arg(long, default_value_t = 5)]
+        n_way: usize,
+        #[arg(long, default_value_t = 10)]
+        n_per_class: usize,
+        #[arg(long, default_value_t = 5)]
+        inner_steps: usize,
+        /// Weight of the gates' KL term (sparsity strength).
+        #[arg(long, default_value_t = 1e-4)]
+        gamma: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -286,6 +325,17 @@ fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
         "unit" => (ds.mean, ds.std) = (vec![0.0; c], vec![1.0; c]),
         "raw" => (ds.mean, ds.std, ds.max_value) = (vec![0.0; c], vec![1.0; c], 1.0),
         s => bail!("unknown --input-scale '{s}' (normalized, unit, raw)"),
+    }
+    if let Some(list) = &d.classes {
+        let cls: Vec<usize> = list
+            .split(',')
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .with_context(|| format!("--classes: '{c}' is not a class index"))
+            })
+            .collect::<Result<_>>()?;
+        ds = ds.class_subset(&cls)?;
     }
     Ok(ds)
 }
@@ -469,6 +519,63 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Prune(a) => cmd_prune(*a),
         Cmd::Sparsify(a) => cmd_sparsify(*a),
+        Cmd::Stamp {
+            cmd:
+                StampCmd::MetaTrain {
+                    model,
+                    data: d,
+                    iterations,
+                    tasks,
+                    n_way,
+                    n_per_class,
+                    inner_steps,
+                    gamma,
+                    seed,
+                    output,
+                    json: j,
+                },
+        } => {
+            use lopper::methods::stamp::{meta, store};
+            let ds = load_split(&d, Split::Train)?;
+            let g = resolve_model(&model, Some(&ds), d.data_dir.as_deref())?;
+            let cfg = meta::MetaConfig {
+                iterations,
+                tasks,
+                n_way,
+                n_per_class,
+                inner_steps,
+                gamma,
+                seed,
+                ..Default::default()
+            };
+            let st = meta::Stamp::new(&g, &cfg)?;
+            let t = Instant::now();
+            let hist = st.meta_train(&g, &ds, &cfg, |l| {
+                if !j && (l.iteration % 10 == 0 || l.iteration == 1) {
+                    eprintln!(
+                        "meta-iteration {}/{}: outer CE {:.4}, KL {:.1}, mean E[pi] {:.3}, {:.2}s",
+                        l.iteration, iterations, l.outer_ce, l.kl, l.mean_gate, l.seconds
+                    );
+                }
+            })?;
+            let secs = t.elapsed().as_secs_f64();
+            store::save(&output, &g, &st, &cfg)?;
+            if j {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"seconds": secs, "history": hist, "groups": st.sites.len()})
+                    )?
+                );
+            } else {
+                println!(
+                    "meta-trained {} gated groups in {secs:.1}s; generator: {}",
+                    st.sites.len(),
+                    output.display()
+                );
+            }
+            Ok(())
+        }
         Cmd::Run {
             recipe,
             out,

@@ -468,3 +468,109 @@ fn sparsify_runs_each_method_and_rejects_bad_input() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn stamp_meta_trains_and_prunes_unseen_classes() {
+    let d = tmpdir("stamp");
+    let refm = d.join("ref.safetensors");
+    let (ok, _, err) = lopper(&[
+        "train",
+        "resnet8",
+        "--data",
+        "digits",
+        "--classes",
+        "0,1,2,3,4,5",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "64",
+        "-o",
+        refm.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let gen = d.join("gen.safetensors");
+    let (ok, out, err) = lopper(&[
+        "stamp",
+        "meta-train",
+        refm.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--classes",
+        "0,1,2,3,4,5",
+        "--iterations",
+        "3",
+        "--tasks",
+        "2",
+        "--n-way",
+        "3",
+        "--n-per-class",
+        "5",
+        "--inner-steps",
+        "2",
+        "-o",
+        gen.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["history"].as_array().unwrap().len(), 3);
+    let (ok, out, err) = lopper(&[
+        "prune",
+        refm.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--classes",
+        "6,7,8,9",
+        "--method",
+        "stamp",
+        "--generator",
+        gen.to_str().unwrap(),
+        "--set-size",
+        "40",
+        "--target-macs",
+        "0.6",
+        "--finetune-epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.6, "{out}");
+    assert!(v["acc_finetuned"].as_f64().unwrap() > 0.5, "{out}");
+    // A generator trained for another architecture, a set larger than the data.
+    let (ok, _, err) = lopper(&[
+        "prune",
+        "resnet20@1x8x8",
+        "--data",
+        "digits",
+        "--method",
+        "stamp",
+        "--generator",
+        gen.to_str().unwrap(),
+        "--target-macs",
+        "0.6",
+    ]);
+    assert!(!ok && err.contains("different architecture"), "{err}");
+    let (ok, _, err) = lopper(&[
+        "prune",
+        refm.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--classes",
+        "6,7,8,9",
+        "--method",
+        "stamp",
+        "--generator",
+        gen.to_str().unwrap(),
+        "--set-size",
+        "100000",
+        "--target-macs",
+        "0.6",
+    ]);
+    assert!(!ok && err.contains("sample set of 100000"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -7,12 +7,16 @@
 //! gated ≡ physically pruned invariant ([`gates`]), and the mask generator with
 //! differentiable gate sampling and the KL surrogate ([`generator`]), first-order
 //! meta-training over class-subset tasks and target-time pruning with an optional MACs
-//! budget ([`meta`]). Not built yet: saving a generator, the CLI (`lopper stamp …`), the
-//! target-time adaptation steps, and the two experiments with their baselines.
+//! budget ([`meta`]), generators saved with their architecture fingerprint ([`store`]), a
+//! new head for the target classes ([`head`]); CLI `lopper stamp meta-train` and
+//! `lopper prune --method stamp --generator G`. Not built yet: the target-time adaptation
+//! steps and the two experiments with their baselines.
 
 pub mod bbdrop;
 pub mod gates;
 pub mod generator;
+pub mod head;
 pub mod meta;
 pub mod set_encoder;
 pub mod special;
+pub mod store;
