@@ -34,6 +34,10 @@ pub struct PruneArgs {
     /// i-SpaSP: after each module, fine-tune one pass over this many training samples.
     #[arg(long, default_value_t = 0)]
     block_ft_samples: usize,
+    /// Evaluate on the test set after every fine-tuning epoch (report: finetune_history;
+    /// epoch seconds exclude the evaluation), for accuracy-vs-time curves.
+    #[arg(long)]
+    curve: bool,
     /// STAMP: the meta-trained generator (lopper stamp meta-train).
     #[arg(long)]
     generator: Option<PathBuf>,
@@ -244,6 +248,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         show(acc_pruned)
     ));
     let mut acc_ft = None;
+    let mut curve = None;
     let mut ft_secs = p.train_seconds;
     if a.finetune_epochs > 0 {
         let tcfg = ft_config(
@@ -260,10 +265,14 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         let opts = TrainOpts {
             progress: !a.json,
             teacher,
+            test: a.curve.then_some(&test_ds),
             ..Default::default()
         };
         let r = train::train(&pruned, &train_ds, &tcfg, &opts)?;
         ft_secs += r.seconds;
+        if a.curve {
+            curve = Some(r.history.clone());
+        }
         let acc = train::evaluate(&pruned, &test_ds, 500)?.top1;
         log(format!(
             "fine-tuned {} epochs in {ft_secs:.1}s: top-1 {}",
@@ -289,6 +298,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         finetune_seconds: ft_secs,
         widths: report::widths(&dense, &pruned),
         details: p.details,
+        finetune_history: curve,
     };
     crate::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
     if !a.json {

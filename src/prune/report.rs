@@ -42,6 +42,9 @@ pub struct PruneReport {
     /// Method-specific detail (e.g. i-SpaSP's per-module selection times).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+    /// Per-epoch fine-tuning log with test accuracy (`--curve`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune_history: Option<Vec<crate::train::EpochLog>>,
 }
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.
