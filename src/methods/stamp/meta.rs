@@ -145,6 +145,18 @@ impl Stamp {
         })
     }
 
+    /// The encoder's variables by name, sorted (optimizer order, file order).
+    pub fn encoder_params(&self) -> Result<Vec<(String, Var)>> {
+        let d = self
+            .encoder_vars
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("encoder parameter map poisoned"))?;
+        let mut v: Vec<(String, Var)> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
     /// `(a_uc, b_uc)` per gated group for a sample set of `data`.
     pub fn gate_params(
         &self,
@@ -259,24 +271,14 @@ impl Stamp {
                     .map(|(a, b)| (a.detach(), b.detach()))
                     .collect();
                 for _ in 0..cfg.inner_steps {
-                    let pos: Vec<usize> = tr
-                        .choose_multiple(&mut rng, cfg.inner_batch.min(tr.len()))
-                        .copied()
-                        .collect();
-                    let (x, y) = data.batch(&pos, None, &Device::Cpu)?;
-                    let x = fit_input(&theta, x)?;
+                    let (x, y) = task_batch(&theta, data, tr, cfg.inner_batch, &mut rng)?;
                     let logits = self.gated_logits(&theta, &x, &detached, &mut rng)?;
                     let loss = cross_entropy(&logits, &y, 0.0)?;
                     let grads = loss.backward()?;
                     sgd.step(&tvars, &grads, cfg.inner_lr)?;
                 }
                 // Outer loss on held-out task data, differentiable in the gate parameters.
-                let pos: Vec<usize> = va
-                    .choose_multiple(&mut rng, cfg.outer_batch.min(va.len()))
-                    .copied()
-                    .collect();
-                let (x, y) = data.batch(&pos, None, &Device::Cpu)?;
-                let x = fit_input(&theta, x)?;
+                let (x, y) = task_batch(&theta, data, va, cfg.outer_batch, &mut rng)?;
                 let logits = self.gated_logits(&theta, &x, &params, &mut rng)?;
                 let ce = cross_entropy(&logits, &y, 0.0)?;
                 let mut loss = ce.clone();
@@ -407,6 +409,22 @@ impl Stamp {
         let (z, _) = self.target_gates(g, data, set, macs_budget)?;
         fold_and_prune(g, &self.groups, &self.sites, &z)
     }
+}
+
+/// A random mini-batch of `n` samples from `pool`, fitted to `g`'s input.
+fn task_batch(
+    g: &Graph,
+    data: &Dataset,
+    pool: &[usize],
+    n: usize,
+    rng: &mut Pcg64,
+) -> Result<(Tensor, Tensor)> {
+    let pos: Vec<usize> = pool
+        .choose_multiple(rng, n.min(pool.len()))
+        .copied()
+        .collect();
+    let (x, y) = data.batch(&pos, None, &Device::Cpu)?;
+    Ok((fit_input(g, x)?, y))
 }
 
 /// A random stratified sample set of `n` examples (round-robin over classes).

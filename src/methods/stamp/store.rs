@@ -40,13 +40,7 @@ fn fingerprint(g: &Graph, st: &Stamp, enc_dim: usize, heads: usize) -> Result<Fi
 /// Writes the encoder and generator (atomically).
 pub fn save(path: &Path, g: &Graph, st: &Stamp, cfg: &MetaConfig) -> Result<()> {
     let mut t = BTreeMap::new();
-    for (k, v) in st
-        .encoder_vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("poisoned"))?
-        .iter()
-    {
+    for (k, v) in st.encoder_params()? {
         t.insert(format!("enc.{k}"), v.as_tensor().clone());
     }
     for (k, v) in st.generator.vars() {
@@ -106,14 +100,8 @@ pub fn load(path: &Path, g: &Graph) -> Result<(Stamp, MetaConfig)> {
         v.set(t)?;
         Ok(())
     };
-    for (k, v) in st
-        .encoder_vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow!("poisoned"))?
-        .iter()
-    {
-        set(&format!("enc.{k}"), v)?;
+    for (k, v) in st.encoder_params()? {
+        set(&format!("enc.{k}"), &v)?;
     }
     for (k, v) in st.generator.vars() {
         set(&k, &v)?;
