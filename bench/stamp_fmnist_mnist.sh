@@ -3,7 +3,8 @@
 # 1. pretrain the reference net on Fashion-MNIST; 2. meta-train the generator on it;
 # 3. on MNIST (10,000 training images, full test set), at ≤ 50 % of the MACs: STAMP,
 #    (a) the dense net trained from scratch, (b) L1 pruning of the reference net + training,
-#    (c) random channel pruning of the reference net + training — each trained 3 epochs
+#    (c) random channels of the reference net at STAMP's widths + training (random-widths;
+#    "random" is uniform random pruning at the same MACs) — each trained 3 epochs
 #    with the test accuracy after every epoch (--curve). Outputs in runs/stamp/;
 #    bench/stamp_table.py builds the table and the accuracy-vs-time plot. Resumable.
 set -euo pipefail
@@ -21,3 +22,4 @@ run stamp $REF --method stamp --generator $GEN --target-macs 0.5 "${t[@]}"
 run scratch resnet8@1x28x28 --method l1 --ratio 0 "${t[@]}"
 run l1 $REF --method l1 --target-macs 0.5 "${t[@]}"
 run random $REF --method random --target-macs 0.5 "${t[@]}"
+run random-widths $REF --method stamp --generator $GEN --stamp-random --target-macs 0.5 "${t[@]}"

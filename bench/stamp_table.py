@@ -8,7 +8,8 @@ target = float(os.environ.get("TARGET_ACC", "0.97"))
 rows, series = [], []
 meta = json.load(open(os.path.join(src, "meta.json")))
 for name, label in [("stamp", "STAMP (meta-trained generator)"), ("scratch", "(a) dense, from scratch"),
-                    ("l1", "(b) L1 prune of the reference + training"), ("random", "(c) random channels of the reference + training")]:
+                    ("l1", "(b) L1 prune of the reference + training"), ("random", "random channels (uniform ratio) of the reference + training"),
+                    ("random-widths", "(c) random channels at STAMP's widths + training")]:
     f = os.path.join(src, f"{name}.json")
     if not os.path.exists(f):
         continue
@@ -34,7 +35,7 @@ W, H, l, r, t, b = 760, 440, 70, 250, 40, 55
 xs = [x for _, p in series for x, _ in p]; ys = [y for _, p in series for _, y in p]
 x1 = max(xs) if xs else 1; y0, y1 = min(ys + [0.0]), 1.0
 px = lambda x: l + x / x1 * (W - l - r); py = lambda y: H - b - (y - y0) / (y1 - y0) * (H - t - b)
-pal = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+pal = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
        f'<text x="{(W-r+l)/2}" y="22" text-anchor="middle" font-size="15">MNIST test accuracy vs wall time (pruning + training)</text>',
        f'<line x1="{l}" y1="{H-b}" x2="{W-r}" y2="{H-b}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{H-b}" stroke="black"/>']
@@ -43,7 +44,7 @@ for i in range(6):
     svg.append(f'<text x="{px(xv):.1f}" y="{H-b+16}" text-anchor="middle">{xv:.0f}</text><text x="{l-6}" y="{py(yv)+4:.1f}" text-anchor="end">{100*yv:.0f}</text>')
 svg.append(f'<text x="{(W-r+l)/2}" y="{H-12}" text-anchor="middle">seconds</text><text x="16" y="{(H-b+t)/2}" transform="rotate(-90 16 {(H-b+t)/2})" text-anchor="middle">top-1 %</text>')
 for i, (name, pts) in enumerate(series):
-    c = pal[i % 4]
+    c = pal[i % len(pal)]
     svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
     svg.append(f'<rect x="{W-r+10}" y="{t+16*i}" width="12" height="4" fill="{c}"/><text x="{W-r+28}" y="{t+16*i+6}">{name}</text>')
 svg.append("</svg>")

@@ -41,6 +41,10 @@ pub struct PruneArgs {
     /// STAMP: the meta-trained generator (lopper stamp meta-train).
     #[arg(long)]
     generator: Option<PathBuf>,
+    /// STAMP baseline: keep the generator's widths per group but random channels, gates not
+    /// folded (the baseline (c): random pruning at the same widths).
+    #[arg(long)]
+    stamp_random: bool,
     /// STAMP: target samples the set encoder reads.
     #[arg(long, default_value_t = 100)]
     set_size: usize,
@@ -500,7 +504,21 @@ fn prune_stamp(a: &PruneArgs, dense: &Graph, train_ds: &Dataset, budget: Budget)
     let (st, _) = store::load(path, dense)?;
     let t = Instant::now();
     let set = meta::sample_set(train_ds, a.set_size, a.seed)?;
-    let (z, tau) = st.target_gates(dense, train_ds, &set, macs)?;
+    let (mut z, tau) = st.target_gates(dense, train_ds, &set, macs)?;
+    if a.stamp_random {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(a.seed ^ 0x5EED);
+        for zs in z.iter_mut() {
+            let k = zs.iter().filter(|v| **v != 0.0).count();
+            let mut idx: Vec<usize> = (0..zs.len()).collect();
+            idx.shuffle(&mut rng);
+            zs.iter_mut().for_each(|v| *v = 0.0);
+            for &i in &idx[..k] {
+                zs[i] = 1.0;
+            }
+        }
+    }
     let pruned = lopper::methods::stamp::gates::fold_and_prune(dense, &st.groups, &st.sites, &z)?;
     let out_width = pruned.shapes()?[pruned.outputs[0]]
         .iter()

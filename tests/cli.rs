@@ -541,6 +541,33 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["macs_ratio"].as_f64().unwrap() <= 0.6, "{out}");
     assert!(v["acc_finetuned"].as_f64().unwrap() > 0.5, "{out}");
+    // Baseline (c): the same widths, random channels.
+    let (ok, out2, err) = lopper(&[
+        "prune",
+        refm.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--classes",
+        "6,7,8,9",
+        "--method",
+        "stamp",
+        "--generator",
+        gen.to_str().unwrap(),
+        "--set-size",
+        "40",
+        "--target-macs",
+        "0.6",
+        "--stamp-random",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(
+        r["details"]["kept_per_group"],
+        v["details"]["kept_per_group"]
+    );
+    assert_eq!(r["macs_ratio"], v["macs_ratio"]);
+    assert_ne!(r["acc_pruned"], serde_json::Value::Null);
     // A generator trained for another architecture, a set larger than the data.
     let (ok, _, err) = lopper(&[
         "prune",
