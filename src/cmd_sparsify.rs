@@ -150,10 +150,12 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
             a.method
         );
     }
-    if !["magnitude", "global", "wanda", "pot", "unipts"].contains(&a.method.as_str()) {
+    let known = lopper::recipe::SPARSIFY_METHODS;
+    if !known.contains(&a.method.as_str()) {
         bail!(
-            "unknown sparsity method '{}' (magnitude, global, wanda, pot, unipts)",
-            a.method
+            "unknown sparsity method '{}' ({})",
+            a.method,
+            known.join(", ")
         );
     }
     let train_ds = load_split(&a.data, Split::Train)?;
