@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Table and accuracy-vs-time plot for bench/stamp_fmnist_mnist.sh (runs/stamp/*.json)
-→ docs/results/stamp_fmnist_mnist.{md,svg}."""
-import json, os
+"""Table and accuracy-vs-time plot for bench/stamp_fmnist_mnist.sh (default: runs/stamp →
+docs/results/stamp_fmnist_mnist.{md,svg}) or bench/stamp_cifar.sh
+(`bench/stamp_table.py runs/stamp-cifar stamp_cifar`). TARGET_ACC sets the fixed accuracy."""
+import json, os, sys
 root = os.path.join(os.path.dirname(__file__), "..")
-src = os.path.join(root, "runs", "stamp")
+src = os.path.join(root, sys.argv[1]) if len(sys.argv) > 1 else os.path.join(root, "runs", "stamp")
+name_out = sys.argv[2] if len(sys.argv) > 2 else "stamp_fmnist_mnist"
 target = float(os.environ.get("TARGET_ACC", "0.97"))
 rows, series = [], []
 meta = json.load(open(os.path.join(src, "meta.json")))
@@ -23,13 +25,13 @@ for name, label in [("stamp", "STAMP (meta-trained generator)"), ("scratch", "(a
     rows.append((label, r["macs_ratio"], r["pruned"]["params"], r["acc_pruned"], r["acc_finetuned"], r["prune_seconds"], t, reach))
     series.append((label, pts))
 out = [f"Meta-training: {meta['seconds']:.0f} s ({len(meta['history'])} iterations), not included below.", "",
-       f"| method | MACs (of dense) | params | top-1 before training | top-1 after 3 epochs | prune s | total s | s to {100*target:.0f} % |",
+       f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:.0f} % |",
        "|---|---|---|---|---|---|---|---|"]
 for l, m, p, a0, a1, ps, tt, rc in rows:
     out.append(f"| {l} | {100*m:.1f} % | {p} | {100*(a0 or 0):.2f} | {100*a1:.2f} | {ps:.1f} | {tt:.1f} | {'—' if rc is None else f'{rc:.1f}'} |")
 text = "\n".join(out) + "\n"
 os.makedirs(os.path.join(root, "docs", "results"), exist_ok=True)
-open(os.path.join(root, "docs", "results", "stamp_fmnist_mnist.md"), "w").write(text)
+open(os.path.join(root, "docs", "results", f"{name_out}.md"), "w").write(text)
 # SVG: accuracy vs wall time.
 W, H, l, r, t, b = 760, 440, 70, 250, 40, 55
 xs = [x for _, p in series for x, _ in p]; ys = [y for _, p in series for _, y in p]
@@ -37,7 +39,7 @@ x1 = max(xs) if xs else 1; y0, y1 = min(ys + [0.0]), 1.0
 px = lambda x: l + x / x1 * (W - l - r); py = lambda y: H - b - (y - y0) / (y1 - y0) * (H - t - b)
 pal = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
-       f'<text x="{(W-r+l)/2}" y="22" text-anchor="middle" font-size="15">MNIST test accuracy vs wall time (pruning + training)</text>',
+       f'<text x="{(W-r+l)/2}" y="22" text-anchor="middle" font-size="15">Target test accuracy vs wall time (pruning + training)</text>',
        f'<line x1="{l}" y1="{H-b}" x2="{W-r}" y2="{H-b}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{H-b}" stroke="black"/>']
 for i in range(6):
     xv, yv = x1 * i / 5, y0 + (y1 - y0) * i / 5
@@ -48,5 +50,5 @@ for i, (name, pts) in enumerate(series):
     svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
     svg.append(f'<rect x="{W-r+10}" y="{t+16*i}" width="12" height="4" fill="{c}"/><text x="{W-r+28}" y="{t+16*i+6}">{name}</text>')
 svg.append("</svg>")
-open(os.path.join(root, "docs", "results", "stamp_fmnist_mnist.svg"), "w").write("\n".join(svg))
+open(os.path.join(root, "docs", "results", f"{name_out}.svg"), "w").write("\n".join(svg))
 print(text)
