@@ -45,6 +45,9 @@ pub struct PruneArgs {
     /// folded (the baseline (c): random pruning at the same widths).
     #[arg(long)]
     stamp_random: bool,
+    /// STAMP: target-time adaptation steps (gated SGD on the target before pruning).
+    #[arg(long, default_value_t = 0)]
+    stamp_adapt: usize,
     /// STAMP: target samples the set encoder reads.
     #[arg(long, default_value_t = 100)]
     set_size: usize,
@@ -519,14 +522,31 @@ fn prune_stamp(a: &PruneArgs, dense: &Graph, train_ds: &Dataset, budget: Budget)
             }
         }
     }
-    let pruned = lopper::methods::stamp::gates::fold_and_prune(dense, &st.groups, &st.sites, &z)?;
-    let out_width = pruned.shapes()?[pruned.outputs[0]]
-        .iter()
-        .product::<usize>();
-    let pruned = if out_width != train_ds.num_classes {
-        head::with_head(&pruned, train_ds.num_classes, a.seed)?
+    let out_width = dense.shapes()?[dense.outputs[0]].iter().product::<usize>();
+    let pruned = if a.stamp_adapt > 0 {
+        // Adapt a copy with the target's head through the generated gates, then prune it.
+        let net = head::with_head(dense, train_ds.num_classes, a.seed)?;
+        let params = st.gate_params(dense, train_ds, &set)?;
+        let net = st.adapt(
+            &net,
+            train_ds,
+            &params,
+            a.stamp_adapt,
+            a.lr,
+            a.batch_size,
+            a.seed,
+        )?;
+        let groups = lopper::prune::dependency_groups(&net)?;
+        let sites = lopper::methods::stamp::gates::gate_sites(&net, &groups);
+        lopper::methods::stamp::gates::fold_and_prune(&net, &groups, &sites, &z)?
     } else {
-        pruned
+        let pruned =
+            lopper::methods::stamp::gates::fold_and_prune(dense, &st.groups, &st.sites, &z)?;
+        if out_width != train_ds.num_classes {
+            head::with_head(&pruned, train_ds.num_classes, a.seed)?
+        } else {
+            pruned
+        }
     };
     let kept: Vec<usize> = z
         .iter()
@@ -537,7 +557,7 @@ fn prune_stamp(a: &PruneArgs, dense: &Graph, train_ds: &Dataset, budget: Budget)
         prune_seconds: t.elapsed().as_secs_f64(),
         train_seconds: 0.0,
         details: Some(
-            serde_json::json!({"threshold": tau, "kept_per_group": kept, "set_size": a.set_size}),
+            serde_json::json!({"threshold": tau, "kept_per_group": kept, "set_size": a.set_size, "adapt_steps": a.stamp_adapt}),
         ),
     })
 }

@@ -568,6 +568,37 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     );
     assert_eq!(r["macs_ratio"], v["macs_ratio"]);
     assert_ne!(r["acc_pruned"], serde_json::Value::Null);
+    // Target-time adaptation before pruning: same budget, a trained head to start from.
+    let (ok, out3, err) = lopper(&[
+        "prune",
+        refm.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--classes",
+        "6,7,8,9",
+        "--method",
+        "stamp",
+        "--generator",
+        gen.to_str().unwrap(),
+        "--set-size",
+        "40",
+        "--target-macs",
+        "0.6",
+        "--stamp-adapt",
+        "10",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "32",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r3: serde_json::Value = serde_json::from_str(&out3).unwrap();
+    assert!(r3["macs_ratio"].as_f64().unwrap() <= 0.6);
+    assert!(
+        r3["acc_pruned"].as_f64().unwrap() > v["acc_pruned"].as_f64().unwrap(),
+        "{out3}"
+    );
     // A generator trained for another architecture, a set larger than the data.
     let (ok, _, err) = lopper(&[
         "prune",

@@ -322,6 +322,49 @@ impl Stamp {
         Ok(history)
     }
 
+    /// Target-time adaptation (spec §4.2 step 4): `steps` SGD steps of a copy of `net`
+    /// (pretrained weights, possibly with a new head) on target data through gates sampled
+    /// from the generated distributions, which stay fixed. Returns the adapted copy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adapt(
+        &self,
+        net: &Graph,
+        data: &Dataset,
+        params: &[(Tensor, Tensor)],
+        steps: usize,
+        lr: f64,
+        batch: usize,
+        seed: u64,
+    ) -> Result<Graph> {
+        let theta = net.deep_clone()?;
+        let vars = theta.trainable();
+        let mut sgd = Optimizer::new(
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
+            0.0,
+        );
+        let fixed: Vec<(Tensor, Tensor)> = params
+            .iter()
+            .map(|(a, b)| (a.detach(), b.detach()))
+            .collect();
+        let mut rng = Pcg64::seed_from_u64(seed);
+        let pool: Vec<usize> = (0..data.len()).collect();
+        for _ in 0..steps {
+            let (x, y) = task_batch(&theta, data, &pool, batch, &mut rng)?;
+            let logits = self.gated_logits(&theta, &x, &fixed, &mut rng)?;
+            let loss = cross_entropy(&logits, &y, 0.0)?;
+            let lv = loss.to_scalar::<f32>()?;
+            if !lv.is_finite() {
+                bail!("target adaptation loss became {lv}; lower the learning rate");
+            }
+            let grads = loss.backward()?;
+            sgd.step(&vars, &grads, lr)?;
+        }
+        Ok(theta)
+    }
+
     /// Eval-mode gate values `E[π]·1[E[π] ≥ τ]` per group for a target sample set, with
     /// `τ` = 1e-3 (the reference threshold) or, given a MACs budget (fraction of the dense
     /// MACs), the smallest threshold whose pruned network fits it (spec §4.4, second

@@ -9,8 +9,9 @@
 //! meta-training over class-subset tasks and target-time pruning with an optional MACs
 //! budget ([`meta`]), generators saved with their architecture fingerprint ([`store`]), a
 //! new head for the target classes ([`head`]); CLI `lopper stamp meta-train` and
-//! `lopper prune --method stamp --generator G`. Not built yet: the target-time adaptation
-//! steps and the two experiments with their baselines.
+//! `lopper prune --method stamp --generator G` with optional target-time adaptation
+//! (`--stamp-adapt K`) and the random-at-the-same-widths baseline (`--stamp-random`). Still
+//! to do: the recorded comparisons of both settings (BENCHMARKS §10).
 
 pub mod bbdrop;
 pub mod gates;
