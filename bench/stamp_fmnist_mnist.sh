@@ -14,8 +14,8 @@ O=runs/stamp
 mkdir -p $O
 REF=$O/ref-fmnist.safetensors
 GEN=$O/gen-fmnist.safetensors
-[ -f $REF ] || $L train resnet8@1x28x28 --data fashion-mnist --epochs 3 --lr 0.05 --batch-size 128 --json -o $REF > $O/ref-train.json
-[ -f $GEN ] || $L stamp meta-train $REF --data fashion-mnist --iterations 100 -o $GEN --json > $O/meta.json
+[ -f $REF ] || { $L train resnet8@1x28x28 --data fashion-mnist --epochs 3 --lr 0.05 --batch-size 128 --json -o $REF > $O/ref-train.json.tmp && mv $O/ref-train.json.tmp $O/ref-train.json; }
+[ -f $O/meta.json ] || { $L stamp meta-train $REF --data fashion-mnist --iterations 100 -o $GEN --json > $O/meta.json.tmp && mv $O/meta.json.tmp $O/meta.json; }
 t=(--data mnist --train-limit 10000 --finetune-epochs 3 --lr 0.05 --curve --json)
 run() { local f=$O/$1.json; shift; [ -f "$f" ] || { "$L" prune "$@" > "$f.tmp" && mv "$f.tmp" "$f"; }; }
 run stamp $REF --method stamp --generator $GEN --target-macs 0.5 "${t[@]}"

@@ -186,6 +186,12 @@ enum StampCmd {
         /// Weight of the gates' KL term (sparsity strength).
         #[arg(long, default_value_t = 1e-4)]
         gamma: f64,
+        /// Gated forwards use the pretrained BN running statistics (not batch statistics).
+        #[arg(long)]
+        frozen_bn: bool,
+        /// Ramp the KL weight from 0 over this fraction of the iterations.
+        #[arg(long, default_value_t = 0.0)]
+        kl_warmup: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(short, long)]
@@ -530,6 +536,8 @@ fn run(cli: Cli) -> Result<()> {
                     n_per_class,
                     inner_steps,
                     gamma,
+                    frozen_bn,
+                    kl_warmup,
                     seed,
                     output,
                     json: j,
@@ -545,6 +553,8 @@ fn run(cli: Cli) -> Result<()> {
                 n_per_class,
                 inner_steps,
                 gamma,
+                frozen_bn,
+                kl_warmup,
                 seed,
                 ..Default::default()
             };

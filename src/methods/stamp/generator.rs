@@ -83,7 +83,11 @@ impl Generator {
 /// `softplus` with the reference's clamps: `a = softplus(max(a_uc, −10))`,
 /// `b = softplus(clamp(b_uc, −10, 50))`.
 pub fn ab_tensors(a_uc: &Tensor, b_uc: &Tensor) -> Result<(Tensor, Tensor)> {
-    let sp = |x: &Tensor| -> Result<Tensor> { Ok((x.exp()? + 1.0)?.log()?) };
+    // Stable softplus `max(x, 0) + ln(1 + e^{−|x|})`: the naive `ln(1 + e^x)` overflows
+    // for x > 88 and its gradient becomes inf/inf = NaN (seen in meta-training).
+    let sp = |x: &Tensor| -> Result<Tensor> {
+        Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    };
     Ok((
         sp(&a_uc.maximum(-10f32)?)?,
         sp(&b_uc.clamp(-10f32, 50f32)?)?,
@@ -108,15 +112,27 @@ pub fn sample_gates(
     let inner = (1.0 - (lu / &b)?.exp()?)?.clamp(1e-6f32, 1.0)?;
     let pi = (inner.log()? / &a)?.exp()?.clamp(1e-6f32, 1.0 - 1e-6)?;
     let logit_pi = (pi.log()? - (1.0 - &pi)?.log()?)?;
+    relaxed_bernoulli(&logit_pi, batch, temp, rng)
+}
+
+/// Relaxed-Bernoulli (binary concrete) samples `[batch, C]` for logits `[C]`:
+/// `σ((ℓ + log U − log(1−U)) / t)`, differentiable in `ℓ` (spec §8).
+pub fn relaxed_bernoulli(
+    logit: &Tensor,
+    batch: usize,
+    temp: f64,
+    rng: &mut Pcg64,
+) -> Result<Tensor> {
+    let c = logit.dim(0)?;
     let noise: Vec<f32> = (0..batch * c)
         .map(|_| {
             let v = rng.gen_range(1e-6f32..1.0 - 1e-6);
             v.ln() - (1.0 - v).ln()
         })
         .collect();
-    let noise = Tensor::from_vec(noise, (batch, c), &dev)?;
+    let noise = Tensor::from_vec(noise, (batch, c), logit.device())?;
     Ok(candle_nn::ops::sigmoid(
-        &(noise.broadcast_add(&logit_pi.unsqueeze(0)?)? / temp)?,
+        &(noise.broadcast_add(&logit.unsqueeze(0)?)? / temp)?,
     )?)
 }
 

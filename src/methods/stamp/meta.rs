@@ -49,6 +49,20 @@ pub struct MetaConfig {
     pub lr_encoder: f64,
     pub lr_generator: f64,
     pub seed: u64,
+    /// Ablation (spec §7.12): the generator reads a constant instead of the set embedding,
+    /// so it can only learn one dataset-agnostic mask distribution.
+    #[serde(default)]
+    pub constant_embedding: bool,
+    /// Gated forwards (inner loop, outer loss, target adaptation) use the pretrained
+    /// running statistics instead of batch statistics. With batch statistics a following
+    /// batch norm re-normalises a channel that a gate scales down for the whole batch, so
+    /// the loss barely sees the gate; with frozen statistics the gated forward is the
+    /// pruned network's (what the gates are folded into).
+    #[serde(default)]
+    pub frozen_bn: bool,
+    /// Ramp `γ` linearly from 0 over this fraction of the iterations (0 = off).
+    #[serde(default)]
+    pub kl_warmup: f64,
 }
 
 impl Default for MetaConfig {
@@ -68,6 +82,9 @@ impl Default for MetaConfig {
             lr_encoder: 1e-3,
             lr_generator: 1e-2,
             seed: 0,
+            constant_embedding: false,
+            frozen_bn: false,
+            kl_warmup: 0.0,
         }
     }
 }
@@ -81,6 +98,10 @@ pub struct Stamp {
     pub groups: Groups,
     /// The node whose output (GAP over space) is a sample's feature `e(x)`.
     pub feature_node: NodeId,
+    /// See [`MetaConfig::constant_embedding`].
+    pub constant_embedding: bool,
+    /// See [`MetaConfig::frozen_bn`].
+    pub frozen_bn: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -142,6 +163,8 @@ impl Stamp {
             sites,
             groups,
             feature_node: fnode,
+            constant_embedding: cfg.constant_embedding,
+            frozen_bn: cfg.frozen_bn,
         })
     }
 
@@ -166,6 +189,11 @@ impl Stamp {
     ) -> Result<Vec<(Tensor, Tensor)>> {
         let f = features(g, self.feature_node, data, set)?;
         let s = self.encoder.forward(&f.unsqueeze(0)?)?.squeeze(0)?;
+        let s = if self.constant_embedding {
+            s.zeros_like()?
+        } else {
+            s
+        };
         self.generator.params(&s)
     }
 
@@ -183,10 +211,18 @@ impl Stamp {
             .map(|(a, bb)| sample_gates(a, bb, b, TEMPERATURE, rng))
             .collect::<Result<_>>()?;
         let masks = gate_masks(g, &self.sites, &z)?;
-        let o = ForwardOpts {
-            input_masks: Some(&masks),
-            update_stats: false,
-            ..ForwardOpts::new(Mode::Train)
+        let o = if self.frozen_bn {
+            ForwardOpts {
+                input_masks: Some(&masks),
+                grad: true,
+                ..ForwardOpts::new(Mode::Eval)
+            }
+        } else {
+            ForwardOpts {
+                input_masks: Some(&masks),
+                update_stats: false,
+                ..ForwardOpts::new(Mode::Train)
+            }
         };
         Ok(forward_with(g, x, &o)?.outputs.swap_remove(0))
     }
@@ -238,6 +274,12 @@ impl Stamp {
         let mut history = Vec::new();
         for it in 0..cfg.iterations {
             let t0 = Instant::now();
+            let gamma_t = if cfg.kl_warmup > 0.0 {
+                let ramp = (it + 1) as f64 / (cfg.kl_warmup * cfg.iterations as f64);
+                cfg.gamma * ramp.min(1.0)
+            } else {
+                cfg.gamma
+            };
             let mut outer: Option<Tensor> = None;
             let (mut ce_sum, mut kl_sum, mut mean_gate) = (0.0, 0.0, 0.0);
             for _ in 0..cfg.tasks {
@@ -285,7 +327,7 @@ impl Stamp {
                 let mut gates = (0.0, 0usize);
                 for (a, b) in &params {
                     let (sur, v) = kl_term(a, b, ALPHA)?;
-                    loss = (loss + (sur * cfg.gamma)?)?;
+                    loss = (loss + (sur * gamma_t)?)?;
                     kl_sum += v / cfg.tasks as f64;
                     for (x, y) in a.to_vec1::<f32>()?.iter().zip(b.to_vec1::<f32>()?) {
                         let (p, q) = ab(*x as f64, y as f64);
