@@ -16,19 +16,19 @@ for name, label in [("stamp", "STAMP (meta-trained generator)"), ("scratch", "(a
     if not os.path.exists(f):
         continue
     r = json.load(open(f))
-    t, pts, reach = r["prune_seconds"], [(r["prune_seconds"], r.get("acc_pruned") or 0.0)], None
-    for e in r.get("finetune_history") or []:
+    t, pts, reach, ep = r["prune_seconds"], [(r["prune_seconds"], r.get("acc_pruned") or 0.0)], None, None
+    for i, e in enumerate(r.get("finetune_history") or []):
         t += e["seconds"]
         pts.append((t, e["test_top1"]))
         if reach is None and e["test_top1"] >= target:
-            reach = t
-    rows.append((label, r["macs_ratio"], r["pruned"]["params"], r["acc_pruned"], r["acc_finetuned"], r["prune_seconds"], t, reach))
+            reach, ep = t, i + 1
+    rows.append((label, r["macs_ratio"], r["pruned"]["params"], r["acc_pruned"], r["acc_finetuned"], r["prune_seconds"], t, reach, ep))
     series.append((label, pts))
 out = [f"Meta-training: {meta['seconds']:.0f} s ({len(meta['history'])} iterations), not included below.", "",
-       f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:.0f} % |",
-       "|---|---|---|---|---|---|---|---|"]
-for l, m, p, a0, a1, ps, tt, rc in rows:
-    out.append(f"| {l} | {100*m:.1f} % | {p} | {100*(a0 or 0):.2f} | {100*a1:.2f} | {ps:.1f} | {tt:.1f} | {'—' if rc is None else f'{rc:.1f}'} |")
+       f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:.0f} % | epochs to {100*target:.0f} % |",
+       "|---|---|---|---|---|---|---|---|---|"]
+for l, m, p, a0, a1, ps, tt, rc, ep in rows:
+    out.append(f"| {l} | {100*m:.1f} % | {p} | {100*(a0 or 0):.2f} | {100*a1:.2f} | {ps:.2f} | {tt:.1f} | {'—' if rc is None else f'{rc:.1f}'} | {'—' if ep is None else ep} |")
 text = "\n".join(out) + "\n"
 os.makedirs(os.path.join(root, "docs", "results"), exist_ok=True)
 open(os.path.join(root, "docs", "results", f"{name_out}.md"), "w").write(text)

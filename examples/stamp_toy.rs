@@ -1,5 +1,6 @@
 //! STAMP's meta-learning behaviour on the spec's planted-channel toy (§7.11–7.12):
-//! `cargo run --release --example stamp_toy` (knobs: IT, GAMMA, LRG, LRE, WARM, BATCH_BN=1;
+//! `cargo run --release --example stamp_toy` (knobs: IT, GAMMA, LRG, LRE, WARM, BATCH_BN=1,
+//! NO_CENTER=1;
 //! DBG=1 prints the layer-1 gate means per target). Results are in BENCHMARKS.md §10.
 //!
 //! The "pretrained" network is built by hand so that the channel carrying each input
@@ -107,10 +108,10 @@ fn env(k: &str, d: f64) -> f64 {
 
 fn config(constant_embedding: bool) -> MetaConfig {
     MetaConfig {
-        iterations: env("IT", 600.0) as usize,
+        iterations: env("IT", 1000.0) as usize,
         gamma: env("GAMMA", 0.01),
         lr_generator: env("LRG", 0.01),
-        lr_encoder: env("LRE", 0.01),
+        lr_encoder: env("LRE", 1e-3),
         inner_steps: env("INNER", 1.0) as usize,
         tasks: 4,
         n_way: 4,
@@ -122,6 +123,7 @@ fn config(constant_embedding: bool) -> MetaConfig {
         seed: 3,
         constant_embedding,
         frozen_bn: std::env::var("BATCH_BN").is_err(),
+        center_embedding: std::env::var("NO_CENTER").is_err(),
         kl_warmup: env("WARM", 0.0),
         ..Default::default()
     }
@@ -166,6 +168,9 @@ fn main() {
         let set = sample_set(&target, 40, trial).unwrap();
         let (z, _) = st.target_gates(&g, &target, &set, None).unwrap();
         if std::env::var("DBG").is_ok() {
+            let e: Vec<f32> = st.embedding(&g, &target, &set).unwrap().to_vec1().unwrap();
+            let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+            eprintln!("embedding |s| {n:.3}: {:?}", &e[..6]);
             let pr = st.gate_params(&g, &target, &set).unwrap();
             let (a, b) = (&pr[0].0, &pr[0].1);
             let m: Vec<String> = a

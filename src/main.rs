@@ -186,9 +186,13 @@ enum StampCmd {
         /// Weight of the gates' KL term (sparsity strength).
         #[arg(long, default_value_t = 1e-4)]
         gamma: f64,
-        /// Gated forwards use the pretrained BN running statistics (not batch statistics).
+        /// Gated forwards use the pretrained BN running statistics instead of batch
+        /// statistics (the BBDropout reference).
         #[arg(long)]
         frozen_bn: bool,
+        /// Feed the generator the embedding centred on its running mean and RMS-scaled.
+        #[arg(long)]
+        center_embedding: bool,
         /// Ramp the KL weight from 0 over this fraction of the iterations.
         #[arg(long, default_value_t = 0.0)]
         kl_warmup: f64,
@@ -537,6 +541,7 @@ fn run(cli: Cli) -> Result<()> {
                     inner_steps,
                     gamma,
                     frozen_bn,
+                    center_embedding,
                     kl_warmup,
                     seed,
                     output,
@@ -554,6 +559,7 @@ fn run(cli: Cli) -> Result<()> {
                 inner_steps,
                 gamma,
                 frozen_bn,
+                center_embedding,
                 kl_warmup,
                 seed,
                 ..Default::default()

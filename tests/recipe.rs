@@ -73,6 +73,11 @@ fn bad_recipes_name_the_line_and_key() {
         e.contains("unknown field `epoch`") && e.contains("line 11"),
         "{e}"
     );
+    let e = err(&TINY.replace("name = \"l1\"", "name = \"stamp\""));
+    assert!(
+        e.contains("line 12") && e.contains("needs options = { generator"),
+        "{e}"
+    );
     let e = err("name = [");
     assert!(e.contains("r.toml (line 1)"), "{e}");
 }

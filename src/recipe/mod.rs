@@ -20,6 +20,7 @@ use toml::Spanned;
 /// Structured (channel) pruning methods: `lopper prune --method`.
 pub const PRUNE_METHODS: &[&str] = &[
     "random", "l1", "l2", "fpgm", "bn-scale", "taylor", "act-mean", "apoz", "ispasp", "dwr",
+    "stamp",
 ];
 /// Post-training sparsity methods: `lopper sparsify --method`.
 pub const SPARSIFY_METHODS: &[&str] = &["magnitude", "global", "wanda", "pot", "unipts"];
@@ -190,6 +191,13 @@ pub fn parse(src: &str, origin: &str) -> Result<Recipe> {
                 "{}: sparsity method '{name}' needs key 'sparsity' and no 'macs'",
                 at(m.name.span())
             ),
+        }
+        if name == "stamp" && !m.options.contains_key("generator") {
+            bail!(
+                "{}: method 'stamp' needs options = {{ generator = \"G\" }} (a generator from \
+                 lopper stamp meta-train for this model)",
+                at(m.name.span())
+            );
         }
         for (k, v) in &m.options {
             if !k

@@ -57,12 +57,17 @@ pub struct MetaConfig {
     /// running statistics instead of batch statistics. With batch statistics a following
     /// batch norm re-normalises a channel that a gate scales down for the whole batch, so
     /// the loss barely sees the gate; with frozen statistics the gated forward is the
-    /// pruned network's (what the gates are folded into).
+    /// pruned network's (what the gates are folded into). Off by default (the BBDropout
+    /// reference); it makes the planted-channel toy work, see BENCHMARKS §10.
     #[serde(default)]
     pub frozen_bn: bool,
     /// Ramp `γ` linearly from 0 over this fraction of the iterations (0 = off).
     #[serde(default)]
     pub kl_warmup: f64,
+    /// Subtract the running mean embedding before the generator heads (see
+    /// [`Generator::center`]).
+    #[serde(default)]
+    pub center_embedding: bool,
 }
 
 impl Default for MetaConfig {
@@ -85,6 +90,7 @@ impl Default for MetaConfig {
             constant_embedding: false,
             frozen_bn: false,
             kl_warmup: 0.0,
+            center_embedding: false,
         }
     }
 }
@@ -156,10 +162,12 @@ impl Stamp {
         let d_e = g.shapes()?[fnode][0];
         let (encoder, encoder_vars) = SetEncoder::init(d_e, cfg.enc_dim, cfg.heads, cfg.seed)?;
         let channels: Vec<usize> = sites.iter().map(|s| s.channels).collect();
+        let mut generator = Generator::new(&channels, cfg.enc_dim)?;
+        generator.centered = cfg.center_embedding;
         Ok(Stamp {
             encoder,
             encoder_vars,
-            generator: Generator::new(&channels, cfg.enc_dim)?,
+            generator,
             sites,
             groups,
             feature_node: fnode,
@@ -187,14 +195,19 @@ impl Stamp {
         data: &Dataset,
         set: &[usize],
     ) -> Result<Vec<(Tensor, Tensor)>> {
+        self.generator.params(&self.embedding(g, data, set)?)
+    }
+
+    /// The dataset embedding `s` of a sample set (zeros under the constant-embedding
+    /// ablation).
+    pub fn embedding(&self, g: &Graph, data: &Dataset, set: &[usize]) -> Result<Tensor> {
         let f = features(g, self.feature_node, data, set)?;
         let s = self.encoder.forward(&f.unsqueeze(0)?)?.squeeze(0)?;
-        let s = if self.constant_embedding {
+        Ok(if self.constant_embedding {
             s.zeros_like()?
         } else {
             s
-        };
-        self.generator.params(&s)
+        })
     }
 
     /// Gated forward in training mode with freshly sampled per-example gates.
@@ -297,7 +310,11 @@ impl Stamp {
                 pool.shuffle(&mut rng);
                 let half = pool.len() / 2;
                 let (tr, va) = pool.split_at(half);
-                let params = self.gate_params(g, data, &set)?;
+                let emb = self.embedding(g, data, &set)?;
+                if cfg.center_embedding {
+                    self.generator.track(&emb)?;
+                }
+                let params = self.generator.params(&emb)?;
                 // Inner loop on a copy of the pretrained weights, gates held constant.
                 let theta = g.deep_clone()?;
                 let tvars = theta.trainable();

@@ -46,6 +46,7 @@ pub fn save(path: &Path, g: &Graph, st: &Stamp, cfg: &MetaConfig) -> Result<()> 
     for (k, v) in st.generator.vars() {
         t.insert(k, v.as_tensor().clone());
     }
+    t.insert("gen.center".into(), st.generator.center.as_tensor().clone());
     let mut meta = HashMap::new();
     meta.insert("lopper.format".into(), "stamp-generator".into());
     meta.insert(
@@ -105,6 +106,10 @@ pub fn load(path: &Path, g: &Graph) -> Result<(Stamp, MetaConfig)> {
     }
     for (k, v) in st.generator.vars() {
         set(&k, &v)?;
+    }
+    // Files from before the centring have none: a zero centre is the old behaviour.
+    if tensors.contains_key("gen.center") {
+        set("gen.center", &st.generator.center)?;
     }
     let _: &Generator = &st.generator;
     Ok((st, cfg))
