@@ -348,6 +348,34 @@ mod generator {
         assert_eq!(g.vars().len(), 4);
     }
 
+    /// The centred generator reads only the direction of `s − centre`: scaling it changes
+    /// nothing, and `track` moves the centre toward the embeddings it sees.
+    #[test]
+    fn centred_generator_reads_the_normalised_deviation() {
+        let mut g = Generator::new(&[3], 4).unwrap();
+        g.centered = true;
+        g.w[0]
+            .set(&Tensor::randn(0f32, 1.0, (6, 4), &Device::Cpu).unwrap())
+            .unwrap();
+        let s = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0], &Device::Cpu).unwrap();
+        g.track(&s).unwrap();
+        let c: Vec<f32> = g.center.as_tensor().to_vec1().unwrap();
+        assert_eq!(c, vec![0.1, -0.2, 0.05, 0.3]);
+        let far = ((&s - g.center.as_tensor()).unwrap() * 5.0).unwrap();
+        let far = (far + g.center.as_tensor()).unwrap();
+        let (p, q) = (g.params(&s).unwrap(), g.params(&far).unwrap());
+        let v = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        for (x, y) in v(&p[0].0).iter().zip(v(&q[0].0)) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        // Uncentred, the same two embeddings give different parameters.
+        g.centered = false;
+        assert!(v(&g.params(&s).unwrap()[0].0)
+            .iter()
+            .zip(v(&g.params(&far).unwrap()[0].0))
+            .any(|(x, y)| (x - y).abs() > 1e-2));
+    }
+
     #[test]
     fn kl_surrogate_has_the_exact_gradient_and_gates_are_differentiable() {
         let a = Var::new(&[2.0f32, -1.0, 0.0, 3.0], &Device::Cpu).unwrap();
@@ -516,15 +544,7 @@ mod meta {
         let target = tr.class_subset(&[6, 7, 8, 9]).unwrap();
         let mc = MetaConfig {
             iterations: 3,
-            tasks: 2,
-            n_way: 3,
-            n_per_class: 5,
-            inner_steps: 2,
-            inner_batch: 32,
-            outer_batch: 32,
-            enc_dim: 16,
-            heads: 2,
-            ..Default::default()
+            ..small_config()
         };
         let st = Stamp::new(&g, &mc).unwrap();
         let before: Vec<f32> = st.generator.c[0].as_tensor().to_vec1().unwrap();

@@ -311,7 +311,7 @@ impl Stamp {
                 let half = pool.len() / 2;
                 let (tr, va) = pool.split_at(half);
                 let emb = self.embedding(g, data, &set)?;
-                if cfg.center_embedding {
+                if self.generator.centered {
                     self.generator.track(&emb)?;
                 }
                 let params = self.generator.params(&emb)?;
