@@ -580,3 +580,33 @@ mod meta {
         assert!(st.target_gates(&g, &target, &set, Some(1.5)).is_err());
     }
 }
+
+/// Spec §7.11–7.12 on the planted-channel toy (a short run of examples/stamp_toy.rs): the
+/// meta-trained generator keeps an unseen dataset's informative channels and, pruned to
+/// the same MACs, beats the generator meta-trained with a constant embedding (which can
+/// only learn one dataset-agnostic mask). The spec's drop rate at τ = 1e-3 (> 0.7) and
+/// Jaccard < 0.5 are not reached in this budget (BENCHMARKS §10) and not asserted.
+#[test]
+fn planted_toy_masks_follow_the_dataset() {
+    use lopper::methods::stamp::meta::{MetaConfig, Stamp};
+    use lopper::methods::stamp::toy::{config, evaluate, planted_data, planted_net, PATTERNS};
+    let g = planted_net().unwrap();
+    let reference = planted_data(&(0..PATTERNS).collect::<Vec<_>>(), 60, 1).unwrap();
+    assert!(
+        lopper::sparse::eval::accuracy(&g, &reference, &Default::default(), 0, 256).unwrap() > 0.99,
+        "the hand-built net must solve its task"
+    );
+    let cfg = config(300, 0.01, 3);
+    let st = Stamp::new(&g, &cfg).unwrap();
+    st.meta_train(&g, &reference, &cfg, |_| {}).unwrap();
+    let flat_cfg = MetaConfig {
+        constant_embedding: true,
+        ..cfg.clone()
+    };
+    let flat = Stamp::new(&g, &flat_cfg).unwrap();
+    flat.meta_train(&g, &reference, &flat_cfg, |_| {}).unwrap();
+    let r = evaluate(&g, &st, &flat, 6, 0.3).unwrap();
+    eprintln!("{r:?}");
+    assert!(r.p_keep > 0.9, "{r:?}");
+    assert!(r.acc_stamp > r.acc_flat + 0.3, "{r:?}");
+}

@@ -21,3 +21,4 @@ pub mod meta;
 pub mod set_encoder;
 pub mod special;
 pub mod store;
+pub mod toy;
