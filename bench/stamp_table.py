@@ -9,9 +9,10 @@ name_out = sys.argv[2] if len(sys.argv) > 2 else "stamp_fmnist_mnist"
 target = float(os.environ.get("TARGET_ACC", "0.97"))
 rows, series = [], []
 meta = json.load(open(os.path.join(src, "meta.json")))
-for name, label in [("stamp", "STAMP (meta-trained generator)"), ("scratch", "(a) dense, from scratch"),
-                    ("l1", "(b) L1 prune of the reference + training"), ("random", "random channels (uniform ratio) of the reference + training"),
-                    ("random-widths", "(c) random channels at STAMP's widths + training")]:
+for name, label, short in [("stamp", "STAMP (meta-trained generator)", "STAMP"), ("scratch", "(a) dense, from scratch", "(a) dense, scratch"),
+                    ("l1", "(b) L1 prune of the reference + training", "(b) L1 + training"),
+                    ("random", "random channels (uniform ratio) of the reference + training", "random (uniform)"),
+                    ("random-widths", "(c) random channels at STAMP's widths + training", "(c) random, STAMP widths")]:
     f = os.path.join(src, f"{name}.json")
     if not os.path.exists(f):
         continue
@@ -23,9 +24,9 @@ for name, label in [("stamp", "STAMP (meta-trained generator)"), ("scratch", "(a
         if reach is None and e["test_top1"] >= target:
             reach, ep = t, i + 1
     rows.append((label, r["macs_ratio"], r["pruned"]["params"], r["acc_pruned"], r["acc_finetuned"], r["prune_seconds"], t, reach, ep))
-    series.append((label, pts))
+    series.append((short, pts))
 out = [f"Meta-training: {meta['seconds']:.0f} s ({len(meta['history'])} iterations), not included below.", "",
-       f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:.0f} % | epochs to {100*target:.0f} % |",
+       f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:g} % | epochs to {100*target:g} % |",
        "|---|---|---|---|---|---|---|---|---|"]
 for l, m, p, a0, a1, ps, tt, rc, ep in rows:
     out.append(f"| {l} | {100*m:.1f} % | {p} | {100*(a0 or 0):.2f} | {100*a1:.2f} | {ps:.2f} | {tt:.1f} | {'—' if rc is None else f'{rc:.1f}'} | {'—' if ep is None else ep} |")
@@ -33,9 +34,14 @@ text = "\n".join(out) + "\n"
 os.makedirs(os.path.join(root, "docs", "results"), exist_ok=True)
 open(os.path.join(root, "docs", "results", f"{name_out}.md"), "w").write(text)
 # SVG: accuracy vs wall time.
-W, H, l, r, t, b = 760, 440, 70, 250, 40, 55
-xs = [x for _, p in series for x, _ in p]; ys = [y for _, p in series for _, y in p]
-x1 = max(xs) if xs else 1; y0, y1 = min(ys + [0.0]), 1.0
+W, H, l, r, t, b = 760, 440, 70, 200, 40, 55
+xs = [x for _, p in series for x, _ in p]
+# The y range starts a little under the worst accuracy after one epoch (the untrained
+# points are drawn on the axis) so the differences between methods stay visible.
+trained = [y for _, p in series for _, y in p[1:]]
+x1 = max(xs) if xs else 1
+y0, y1 = max(0.0, (int(min(trained) * 20) / 20.0) if trained else 0.0), 1.0
+series = [(n, [(x, max(y, y0)) for x, y in p]) for n, p in series]
 px = lambda x: l + x / x1 * (W - l - r); py = lambda y: H - b - (y - y0) / (y1 - y0) * (H - t - b)
 pal = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
