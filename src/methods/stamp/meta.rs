@@ -210,7 +210,8 @@ impl Stamp {
         })
     }
 
-    /// Gated forward in training mode with freshly sampled per-example gates.
+    /// Differentiable gated forward with freshly sampled per-example gates (batch-norm
+    /// statistics from the batch, or the pretrained ones under `frozen_bn`).
     fn gated_logits(
         &self,
         g: &Graph,
