@@ -577,6 +577,19 @@ mod meta {
             ..mc.clone()
         };
         assert!(st.meta_train(&g, &reference, &bad, |_| {}).is_err());
+        for bad in [
+            MetaConfig {
+                kl_warmup: 1.5,
+                ..mc.clone()
+            },
+            MetaConfig {
+                gamma: f64::NAN,
+                ..mc.clone()
+            },
+        ] {
+            let e = st.meta_train(&g, &reference, &bad, |_| {}).unwrap_err();
+            assert!(format!("{e}").contains("warm-up"), "{e}");
+        }
         assert!(st.target_gates(&g, &target, &set, Some(1.5)).is_err());
     }
 }

@@ -263,6 +263,13 @@ impl Stamp {
                     .collect()
             })
             .collect();
+        if !(0.0..=1.0).contains(&cfg.kl_warmup) || !(cfg.gamma >= 0.0 && cfg.gamma.is_finite()) {
+            bail!(
+                "KL warm-up {} must be a fraction in [0, 1] and γ {} finite and ≥ 0",
+                cfg.kl_warmup,
+                cfg.gamma
+            );
+        }
         if let Some(c) = by_class.iter().position(|v| v.len() < cfg.n_per_class + 2) {
             bail!("reference class {c} has too few samples for a task");
         }
