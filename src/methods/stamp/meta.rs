@@ -263,7 +263,9 @@ impl Stamp {
                     .collect()
             })
             .collect();
-        if !(0.0..=1.0).contains(&cfg.kl_warmup) || !(cfg.gamma >= 0.0 && cfg.gamma.is_finite()) {
+        let valid =
+            (0.0..=1.0).contains(&cfg.kl_warmup) && cfg.gamma >= 0.0 && cfg.gamma.is_finite();
+        if !valid {
             bail!(
                 "KL warm-up {} must be a fraction in [0, 1] and γ {} finite and ≥ 0",
                 cfg.kl_warmup,
