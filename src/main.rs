@@ -12,6 +12,7 @@ use std::time::Instant;
 
 mod cmd_prune;
 mod cmd_sparsify;
+mod cmd_stamp;
 use cmd_prune::{cmd_prune, PruneArgs};
 use cmd_sparsify::{cmd_sparsify, SparsifyArgs};
 
@@ -168,41 +169,7 @@ struct DataArgs {
 enum StampCmd {
     /// Meta-train over class-subset tasks of the reference data (the model is the network
     /// pretrained on it); writes the generator.
-    MetaTrain {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        data: DataArgs,
-        #[arg(long, default_value_t = 200)]
-        iterations: usize,
-        #[arg(long, default_value_t = 4)]
-        tasks: usize,
-        #[arg(long, default_value_t = 5)]
-        n_way: usize,
-        #[arg(long, default_value_t = 10)]
-        n_per_class: usize,
-        #[arg(long, default_value_t = 5)]
-        inner_steps: usize,
-        /// Weight of the gates' KL term (sparsity strength).
-        #[arg(long, default_value_t = 1e-4)]
-        gamma: f64,
-        /// Gated forwards use the pretrained BN running statistics instead of batch
-        /// statistics (the BBDropout reference).
-        #[arg(long)]
-        frozen_bn: bool,
-        /// Feed the generator the embedding centred on its running mean and RMS-scaled.
-        #[arg(long)]
-        center_embedding: bool,
-        /// Ramp the KL weight from 0 over this fraction of the iterations.
-        #[arg(long, default_value_t = 0.0)]
-        kl_warmup: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    MetaTrain(Box<cmd_stamp::MetaTrainArgs>),
 }
 
 #[derive(Args)]
@@ -530,68 +497,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Prune(a) => cmd_prune(*a),
         Cmd::Sparsify(a) => cmd_sparsify(*a),
         Cmd::Stamp {
-            cmd:
-                StampCmd::MetaTrain {
-                    model,
-                    data: d,
-                    iterations,
-                    tasks,
-                    n_way,
-                    n_per_class,
-                    inner_steps,
-                    gamma,
-                    frozen_bn,
-                    center_embedding,
-                    kl_warmup,
-                    seed,
-                    output,
-                    json: j,
-                },
-        } => {
-            use lopper::methods::stamp::{meta, store};
-            let ds = load_split(&d, Split::Train)?;
-            let g = resolve_model(&model, Some(&ds), d.data_dir.as_deref())?;
-            let cfg = meta::MetaConfig {
-                iterations,
-                tasks,
-                n_way,
-                n_per_class,
-                inner_steps,
-                gamma,
-                frozen_bn,
-                center_embedding,
-                kl_warmup,
-                seed,
-                ..Default::default()
-            };
-            let st = meta::Stamp::new(&g, &cfg)?;
-            let t = Instant::now();
-            let hist = st.meta_train(&g, &ds, &cfg, |l| {
-                if !j && (l.iteration % 10 == 0 || l.iteration == 1) {
-                    eprintln!(
-                        "meta-iteration {}/{}: outer CE {:.4}, KL {:.1}, mean E[pi] {:.3}, {:.2}s",
-                        l.iteration, iterations, l.outer_ce, l.kl, l.mean_gate, l.seconds
-                    );
-                }
-            })?;
-            let secs = t.elapsed().as_secs_f64();
-            store::save(&output, &g, &st, &cfg)?;
-            if j {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"seconds": secs, "history": hist, "groups": st.sites.len()})
-                    )?
-                );
-            } else {
-                println!(
-                    "meta-trained {} gated groups in {secs:.1}s; generator: {}",
-                    st.sites.len(),
-                    output.display()
-                );
-            }
-            Ok(())
-        }
+            cmd: StampCmd::MetaTrain(a),
+        } => cmd_stamp::meta_train(*a),
         Cmd::Run {
             recipe,
             out,

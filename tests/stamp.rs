@@ -455,26 +455,17 @@ mod meta {
     }
 
     fn all_params(st: &Stamp) -> Vec<f32> {
-        let mut v = Vec::new();
-        for (_, p) in st.encoder_params().unwrap() {
-            v.extend(
+        let enc = st.encoder_params().unwrap();
+        enc.into_iter()
+            .chain(st.generator.vars())
+            .flat_map(|(_, p)| {
                 p.as_tensor()
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
-                    .unwrap(),
-            );
-        }
-        for (_, p) in st.generator.vars() {
-            v.extend(
-                p.as_tensor()
-                    .flatten_all()
                     .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
-        }
-        v
+            })
+            .collect()
     }
 
     /// Spec §7.14 (a fixed seed gives identical losses and masks for the first 10
