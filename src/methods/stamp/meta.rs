@@ -326,26 +326,13 @@ impl Stamp {
                 }
                 let params = self.generator.params(&emb)?;
                 // Inner loop on a copy of the pretrained weights, gates held constant.
-                let theta = g.deep_clone()?;
-                let tvars = theta.trainable();
-                let mut sgd = Optimizer::new(
-                    OptimizerKind::Sgd {
-                        momentum: 0.0,
-                        nesterov: false,
-                    },
-                    0.0,
-                );
-                let detached: Vec<(Tensor, Tensor)> = params
-                    .iter()
-                    .map(|(a, b)| (a.detach(), b.detach()))
-                    .collect();
-                for _ in 0..cfg.inner_steps {
-                    let (x, y) = task_batch(&theta, data, tr, cfg.inner_batch, &mut rng)?;
-                    let logits = self.gated_logits(&theta, &x, &detached, &mut rng)?;
-                    let loss = cross_entropy(&logits, &y, 0.0)?;
-                    let grads = loss.backward()?;
-                    sgd.step(&tvars, &grads, cfg.inner_lr)?;
-                }
+                let sgd = GatedSgd {
+                    steps: cfg.inner_steps,
+                    lr: cfg.inner_lr,
+                    momentum: 0.0,
+                    batch: cfg.inner_batch,
+                };
+                let theta = self.gated_sgd(g, data, tr, &params, &sgd, &mut rng)?;
                 // Outer loss on held-out task data, differentiable in the gate parameters.
                 let (x, y) = task_batch(&theta, data, va, cfg.outer_batch, &mut rng)?;
                 let logits = self.gated_logits(&theta, &x, &params, &mut rng)?;
@@ -405,11 +392,33 @@ impl Stamp {
         batch: usize,
         seed: u64,
     ) -> Result<Graph> {
+        let mut rng = Pcg64::seed_from_u64(seed);
+        let pool: Vec<usize> = (0..data.len()).collect();
+        let sgd = GatedSgd {
+            steps,
+            lr,
+            momentum: 0.9,
+            batch,
+        };
+        self.gated_sgd(net, data, &pool, params, &sgd, &mut rng)
+    }
+
+    /// SGD on a copy of `net` through gates sampled from `params` (held constant): the
+    /// meta-training inner loop and target adaptation. Returns the trained copy.
+    fn gated_sgd(
+        &self,
+        net: &Graph,
+        data: &Dataset,
+        pool: &[usize],
+        params: &[(Tensor, Tensor)],
+        o: &GatedSgd,
+        rng: &mut Pcg64,
+    ) -> Result<Graph> {
         let theta = net.deep_clone()?;
         let vars = theta.trainable();
         let mut sgd = Optimizer::new(
             OptimizerKind::Sgd {
-                momentum: 0.9,
+                momentum: o.momentum,
                 nesterov: false,
             },
             0.0,
@@ -418,18 +427,20 @@ impl Stamp {
             .iter()
             .map(|(a, b)| (a.detach(), b.detach()))
             .collect();
-        let mut rng = Pcg64::seed_from_u64(seed);
-        let pool: Vec<usize> = (0..data.len()).collect();
-        for _ in 0..steps {
-            let (x, y) = task_batch(&theta, data, &pool, batch, &mut rng)?;
-            let logits = self.gated_logits(&theta, &x, &fixed, &mut rng)?;
+        for step in 0..o.steps {
+            let (x, y) = task_batch(&theta, data, pool, o.batch, rng)?;
+            let logits = self.gated_logits(&theta, &x, &fixed, rng)?;
             let loss = cross_entropy(&logits, &y, 0.0)?;
             let lv = loss.to_scalar::<f32>()?;
             if !lv.is_finite() {
-                bail!("target adaptation loss became {lv}; lower the learning rate");
+                bail!(
+                    "gated SGD loss became {lv} at step {} (lr {}); lower the learning rate",
+                    step + 1,
+                    o.lr
+                );
             }
             let grads = loss.backward()?;
-            sgd.step(&vars, &grads, lr)?;
+            sgd.step(&vars, &grads, o.lr)?;
         }
         Ok(theta)
     }
@@ -521,6 +532,14 @@ impl Stamp {
         let (z, _) = self.target_gates(g, data, set, macs_budget)?;
         fold_and_prune(g, &self.groups, &self.sites, &z)
     }
+}
+
+/// Settings of one gated SGD run.
+struct GatedSgd {
+    steps: usize,
+    lr: f64,
+    momentum: f64,
+    batch: usize,
 }
 
 /// A random mini-batch of `n` samples from `pool`, fitted to `g`'s input.
