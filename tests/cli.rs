@@ -516,50 +516,34 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["history"].as_array().unwrap().len(), 3);
-    let (ok, out, err) = lopper(&[
-        "prune",
-        refm.to_str().unwrap(),
-        "--data",
-        "digits",
-        "--classes",
-        "6,7,8,9",
-        "--method",
-        "stamp",
-        "--generator",
-        gen.to_str().unwrap(),
-        "--set-size",
-        "40",
-        "--target-macs",
-        "0.6",
-        "--finetune-epochs",
-        "2",
-        "--lr",
-        "0.05",
-        "--json",
-    ]);
+    // `lopper prune REF --method stamp` on the unseen classes at ≤ 60 % MACs, plus `extra`.
+    let stamp_prune = |extra: &[&str]| {
+        let mut args = vec![
+            "prune",
+            refm.to_str().unwrap(),
+            "--data",
+            "digits",
+            "--classes",
+            "6,7,8,9",
+            "--method",
+            "stamp",
+            "--generator",
+            gen.to_str().unwrap(),
+            "--set-size",
+            "40",
+            "--target-macs",
+            "0.6",
+        ];
+        args.extend_from_slice(extra);
+        lopper(&args)
+    };
+    let (ok, out, err) = stamp_prune(&["--finetune-epochs", "2", "--lr", "0.05", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["macs_ratio"].as_f64().unwrap() <= 0.6, "{out}");
     assert!(v["acc_finetuned"].as_f64().unwrap() > 0.5, "{out}");
     // Baseline (c): the same widths, random channels.
-    let (ok, out2, err) = lopper(&[
-        "prune",
-        refm.to_str().unwrap(),
-        "--data",
-        "digits",
-        "--classes",
-        "6,7,8,9",
-        "--method",
-        "stamp",
-        "--generator",
-        gen.to_str().unwrap(),
-        "--set-size",
-        "40",
-        "--target-macs",
-        "0.6",
-        "--stamp-random",
-        "--json",
-    ]);
+    let (ok, out2, err) = stamp_prune(&["--stamp-random", "--json"]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(
@@ -569,21 +553,7 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     assert_eq!(r["macs_ratio"], v["macs_ratio"]);
     assert_ne!(r["acc_pruned"], serde_json::Value::Null);
     // Target-time adaptation before pruning: same budget, a trained head to start from.
-    let (ok, out3, err) = lopper(&[
-        "prune",
-        refm.to_str().unwrap(),
-        "--data",
-        "digits",
-        "--classes",
-        "6,7,8,9",
-        "--method",
-        "stamp",
-        "--generator",
-        gen.to_str().unwrap(),
-        "--set-size",
-        "40",
-        "--target-macs",
-        "0.6",
+    let (ok, out3, err) = stamp_prune(&[
         "--stamp-adapt",
         "10",
         "--lr",

@@ -283,16 +283,7 @@ impl Stamp {
         };
         let mut opt_enc = Optimizer::new(adam.clone(), 0.0);
         let mut opt_gen = Optimizer::new(adam, 0.0);
-        let enc_vars: Vec<(String, Var)> = {
-            let d = self
-                .encoder_vars
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?;
-            let mut v: Vec<(String, Var)> = d.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
+        let enc_vars = self.encoder_params()?;
         let gen_vars = self.generator.vars();
         let mut history = Vec::new();
         for it in 0..cfg.iterations {
