@@ -15,6 +15,8 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub name: String,
+    /// Where the samples came from (a file path, or "embedded digits"), for error messages.
+    pub origin: String,
     pixels: Arc<Vec<u8>>,
     labels: Arc<Vec<u16>>,
     /// Sample indices of this view into `pixels`/`labels`.
@@ -31,6 +33,8 @@ pub struct Dataset {
     pub std: Vec<f32>,
     /// Class names, if known.
     pub classes: Vec<String>,
+    /// Class names of the full dataset (before any class subset).
+    all_classes: Arc<Vec<String>>,
 }
 
 impl Dataset {
@@ -55,11 +59,22 @@ impl Dataset {
                 shape
             );
         }
+        if !classes.is_empty() {
+            if let Some(i) = labels.iter().position(|&l| l as usize >= classes.len()) {
+                bail!(
+                    "{name}: sample {i} has label {}, outside the {} classes 0..{} of this dataset",
+                    labels[i],
+                    classes.len(),
+                    classes.len() - 1
+                );
+            }
+        }
         let num_classes = classes
             .len()
             .max(labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0));
         Ok(Dataset {
             name: name.to_string(),
+            origin: name.to_string(),
             index: (0..labels.len()).collect(),
             pixels: Arc::new(pixels),
             labels: Arc::new(labels),
@@ -69,6 +84,7 @@ impl Dataset {
             max_value,
             mean,
             std,
+            all_classes: Arc::new(classes.clone()),
             classes,
         })
     }
@@ -88,6 +104,43 @@ impl Dataset {
             Some(m) => m[l as usize].expect("views only hold mapped classes"),
             None => l,
         }
+    }
+
+    /// Errors naming the file and the sample when a label is not one of a model's
+    /// `outputs` classes (a label 200 for a 10-class head would otherwise be a candle
+    /// `gather` error, or silent training towards an output that does not exist).
+    pub fn check_labels(&self, outputs: usize) -> Result<()> {
+        if let Some(i) = (0..self.len()).find(|&i| self.label(i) as usize >= outputs) {
+            bail!(
+                "{}: sample {} has label {}, but the model scores only {outputs} classes (0..{}); check the data file or replace the model's head",
+                self.origin,
+                self.index[i],
+                self.label(i),
+                outputs.saturating_sub(1)
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether this view renumbers its classes (a [`Dataset::class_subset`]).
+    pub fn is_relabelled(&self) -> bool {
+        self.remap.is_some()
+    }
+
+    /// The same samples with their labels as in the full dataset (undoes the renumbering
+    /// of [`Dataset::class_subset`]): for evaluating a model whose head still scores all
+    /// the original classes.
+    pub fn with_original_labels(&self) -> Dataset {
+        let mut d = self.clone();
+        d.remap = None;
+        d.classes = self.all_classes.to_vec();
+        d.num_classes = d.classes.len().max(
+            (0..d.len())
+                .map(|i| d.label(i) as usize + 1)
+                .max()
+                .unwrap_or(0),
+        );
+        d
     }
 
     /// Raw pixel bytes of view sample `i`.

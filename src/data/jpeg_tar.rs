@@ -1,5 +1,6 @@
 //! Image-folder datasets stored as `.tar`, `.tar.gz` or a directory tree of
-//! `<split>/<class>/<file>.jpg` (CIFAR-10 JPEG). Classes are the sorted folder names.
+//! `[<split>/]<class>/<file>.jpg` (CIFAR-10 JPEG). Classes are the sorted folder names;
+//! `train/` and `test/` folders above the class folders are the two splits.
 //! Decoding 60,000 JPEGs takes a while, so the decoded bytes are cached once in a binary
 //! file keyed by the source's path, size and modification time.
 
@@ -39,7 +40,7 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("lopper")
 }
 
-fn cache_path(src: &Path) -> Result<PathBuf> {
+fn cache_path(src: &Path, split: Option<&str>) -> Result<PathBuf> {
     let md = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
     let mtime = md
         .modified()
@@ -51,65 +52,177 @@ fn cache_path(src: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
-    Ok(cache_dir().join(format!("{stem}-{}-{mtime}.imgcache", md.len())))
+    // Folders change without their own size or mtime changing much: key them by path too.
+    let tag = split.map(|s| format!("-{s}")).unwrap_or_default();
+    let h = src
+        .canonicalize()
+        .unwrap_or_else(|_| src.to_path_buf())
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    Ok(cache_dir().join(format!(
+        "{stem}-{}-{mtime}-{h:016x}{tag}.imgcache",
+        md.len()
+    )))
 }
 
 /// Loads an image archive, from the cache when it is there.
-pub fn load(src: &Path) -> Result<Decoded> {
-    let cache = cache_path(src)?;
+///
+/// `split` (`"train"` or `"test"`) selects the images under a folder of that name just
+/// above the class folders (`train/<class>/x.jpg`); `None` takes every image. Asking for a
+/// split of a tree that has no split folders is an error, so that a test set can never
+/// silently be the training set.
+pub fn load(src: &Path, split: Option<&str>) -> Result<Decoded> {
+    let cache = cache_path(src, split)?;
     if let Ok(bytes) = std::fs::read(&cache) {
         if let Ok(d) = read_cache(&bytes) {
             return Ok(d);
         }
     }
-    let d = decode_source(src)?;
+    let d = decode_source(src, split)?;
     // A failed cache write only costs time next run.
     let _ = atomic_write(&cache, &write_cache(&d));
     Ok(d)
 }
 
-fn decode_source(src: &Path) -> Result<Decoded> {
+/// The folder names that mark a split, above the class folders.
+pub const SPLIT_FOLDERS: [&str; 2] = ["train", "test"];
+
+/// Whether a source's image paths sit in `train/` / `test/` folders.
+pub fn has_split_folders(src: &Path) -> Result<bool> {
+    Ok(list_images(src)?
+        .iter()
+        .any(|(parts, _)| split_of(parts).is_some()))
+}
+
+fn split_of(parts: &[String]) -> Option<&str> {
+    let n = parts.len();
+    (n >= 3 && SPLIT_FOLDERS.contains(&parts[n - 3].as_str())).then(|| parts[n - 3].as_str())
+}
+
+/// Relative path components of every image of a folder tree or tar, with its bytes
+/// (lazily for folders: `None` until read).
+fn list_images(src: &Path) -> Result<Vec<(Vec<String>, Option<Vec<u8>>)>> {
     let origin = src.display().to_string();
-    let mut files: Vec<(String, String, Vec<u8>)> = Vec::new(); // (class, name, bytes)
+    let mut out = Vec::new();
     if src.is_dir() {
-        for class in sorted_dir(src)? {
-            let cdir = src.join(&class);
-            if !cdir.is_dir() {
-                continue;
+        fn walk(
+            root: &Path,
+            rel: &mut Vec<String>,
+            out: &mut Vec<(Vec<String>, Option<Vec<u8>>)>,
+        ) -> Result<()> {
+            if rel.len() > 6 {
+                return Ok(());
             }
-            for f in sorted_dir(&cdir)? {
-                let p = cdir.join(&f);
-                files.push((
-                    class.clone(),
-                    f,
-                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
-                ));
+            let dir = rel.iter().fold(root.to_path_buf(), |p, c| p.join(c));
+            for name in sorted_dir(&dir)? {
+                let p = dir.join(&name);
+                rel.push(name.clone());
+                if p.is_dir() {
+                    walk(root, rel, out)?;
+                } else if is_image(&name) && rel.len() >= 2 {
+                    out.push((rel.clone(), None));
+                }
+                rel.pop();
             }
+            Ok(())
         }
+        walk(src, &mut Vec::new(), &mut out)?;
     } else {
         let raw = std::fs::read(src).with_context(|| format!("cannot read {origin}"))?;
         let tarbytes = gunzip_if_needed(raw, &origin)?;
+        check_tar_header(&tarbytes, &origin)?;
         let mut ar = tar::Archive::new(&tarbytes[..]);
         for e in ar
             .entries()
             .with_context(|| format!("{origin}: not a tar archive"))?
         {
-            let mut e = e.with_context(|| format!("{origin}: corrupt tar entry"))?;
+            let mut e = e.map_err(|e| anyhow!("{origin}: corrupt tar entry ({e})"))?;
             if !e.header().entry_type().is_file() {
                 continue;
             }
-            let path = e.path()?.to_string_lossy().to_string();
-            let parts: Vec<&str> = path
+            let path = e
+                .path()
+                .map_err(|_| anyhow!("{origin}: a tar entry has an unreadable path"))?
+                .to_string_lossy()
+                .to_string();
+            let parts: Vec<String> = path
                 .split('/')
                 .filter(|s| !s.is_empty() && *s != ".")
+                .map(str::to_string)
                 .collect();
-            if parts.len() < 2 || !is_image(parts[parts.len() - 1]) {
+            if parts.len() < 2 || !is_image(&parts[parts.len() - 1]) {
                 continue;
             }
             let mut b = Vec::new();
             e.read_to_end(&mut b)
-                .with_context(|| format!("{origin}: truncated entry {path}"))?;
-            files.push((parts[parts.len() - 2].to_string(), path.clone(), b));
+                .map_err(|_| anyhow!("{origin}: truncated entry {}", path.escape_debug()))?;
+            out.push((parts, Some(b)));
+        }
+    }
+    Ok(out)
+}
+
+/// A tar archive starts with a 512-byte header whose checksum field matches its bytes;
+/// anything else (random bytes, an HTML error page) is refused before the tar reader
+/// turns it into garbage entry names.
+fn check_tar_header(b: &[u8], origin: &str) -> Result<()> {
+    let not_tar = || anyhow!("{origin}: not a tar archive (or a gzip of one)");
+    let h = b.get(..512).ok_or_else(not_tar)?;
+    let field = std::str::from_utf8(&h[148..156]).map_err(|_| not_tar())?;
+    let want = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+        .map_err(|_| not_tar())?;
+    let sum: u32 = h
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                x as u32
+            }
+        })
+        .sum();
+    if sum != want {
+        return Err(not_tar());
+    }
+    Ok(())
+}
+
+fn decode_source(src: &Path, split: Option<&str>) -> Result<Decoded> {
+    let origin = src.display().to_string();
+    let all = list_images(src)?;
+    let split_tree = all.iter().any(|(p, _)| split_of(p).is_some());
+    let mut files: Vec<(String, String, Vec<u8>)> = Vec::new(); // (class, name, bytes)
+    for (parts, bytes) in all {
+        if let Some(want) = split {
+            if split_tree && split_of(&parts) != Some(want) {
+                continue;
+            }
+        }
+        let name = parts.join("/");
+        let bytes = match bytes {
+            Some(b) => b,
+            None => {
+                let p = src.join(&name);
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?
+            }
+        };
+        files.push((parts[parts.len() - 2].clone(), name, bytes));
+    }
+    if let Some(want) = split {
+        if !split_tree {
+            bail!(
+                "{origin}: has no train/ and test/ folders above the class folders, so there is no {want} split; \
+                 arrange it as train/<class>/*.jpg and test/<class>/*.jpg, or pass --holdout FRACTION to hold out a seeded test part"
+            );
+        }
+        if files.is_empty() {
+            bail!(
+                "{origin}: the {want}/ folder holds no images (expected {want}/<class>/<file>.jpg)"
+            );
         }
     }
     if files.is_empty() {

@@ -13,4 +13,4 @@ pub mod resize;
 
 pub use augment::Augment;
 pub use dataset::Dataset;
-pub use registry::{data_dir, load, Split, DATASETS};
+pub use registry::{data_dir, load, load_with, Holdout, Split, DATASETS};

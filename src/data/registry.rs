@@ -37,8 +37,38 @@ fn digit_names() -> Vec<String> {
     (0..10).map(|i| i.to_string()).collect()
 }
 
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// How to split an image folder that has no `train/` and `test/` folders: hold out this
+/// fraction of the samples (a seeded random choice) as the test split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Holdout {
+    pub fraction: f64,
+    pub seed: u64,
+}
+
 /// Loads a named dataset split. `dir` overrides [`data_dir`].
 pub fn load(name: &str, split: Split, dir: Option<&Path>) -> Result<Dataset> {
+    load_with(name, split, dir, None)
+}
+
+/// [`load`], with a holdout split for image folders without split folders.
+pub fn load_with(
+    name: &str,
+    split: Split,
+    dir: Option<&Path>,
+    holdout: Option<Holdout>,
+) -> Result<Dataset> {
+    if holdout.is_some() && DATASETS.contains(&name) {
+        bail!("--holdout is for image folders without train/ and test/ folders; '{name}' has its own test split");
+    }
     let dir = dir.map(Path::to_path_buf).unwrap_or_else(data_dir);
     let tr = split == Split::Train;
     match name {
@@ -58,6 +88,7 @@ pub fn load(name: &str, split: Split, dir: Option<&Path>) -> Result<Dataset> {
                 labs.data,
                 16.0,
                 "embedded digits",
+                "embedded digits labels",
             )?;
             let n = full.len();
             let pos: Vec<usize> = if tr {
@@ -81,6 +112,7 @@ pub fn load(name: &str, split: Split, dir: Option<&Path>) -> Result<Dataset> {
                 labs.data,
                 255.0,
                 &ip.display().to_string(),
+                &lp.display().to_string(),
             )?;
             // Canonical train-set statistics, so both splits normalise alike.
             let (m, s) = if name == "mnist" {
@@ -97,9 +129,9 @@ pub fn load(name: &str, split: Split, dir: Option<&Path>) -> Result<Dataset> {
                 "cifar10-jpeg-{}.tar.gz",
                 if tr { "train" } else { "test" }
             ));
-            let d = jpeg_tar::load(&f)?;
+            let d = jpeg_tar::load(&f, None)?;
             // Train-set statistics of this JPEG variant (shared/data README).
-            Dataset::new(
+            let mut ds = Dataset::new(
                 "cifar10",
                 d.pixels,
                 d.labels,
@@ -108,32 +140,99 @@ pub fn load(name: &str, split: Split, dir: Option<&Path>) -> Result<Dataset> {
                 vec![0.4913, 0.4821, 0.4465],
                 vec![0.2452, 0.2428, 0.2606],
                 d.classes,
-            )
+            )?;
+            ds.origin = f.display().to_string();
+            Ok(ds)
         }
         other => {
-            // A path to an image folder / tar of one.
             let p = Path::new(other);
             if p.exists() {
-                let d = jpeg_tar::load(p)?;
-                let mut ds = Dataset::new(
-                    other,
-                    d.pixels,
-                    d.labels,
-                    d.shape,
-                    255.0,
-                    vec![0.0; 3],
-                    vec![1.0; 3],
-                    d.classes,
-                )?;
-                let (m, s) = ds.channel_stats();
-                ds.mean = m;
-                ds.std = s;
-                Ok(ds)
+                image_folder(p, split, holdout)
             } else {
-                bail!("unknown dataset '{other}'; known: {} (or a path to a .tar/.tar.gz/folder of <class>/*.jpg)", DATASETS.join(", "))
+                bail!("unknown dataset '{other}'; known: {} (or a path to a .tar/.tar.gz/folder of [train|test/]<class>/*.jpg)", DATASETS.join(", "))
             }
         }
     }
+}
+
+/// A user's image folder or tar. With `train/` and `test/` folders those are the splits;
+/// without them a [`Holdout`] is required. Both splits are normalised with the training
+/// split's statistics.
+fn image_folder(p: &Path, split: Split, holdout: Option<Holdout>) -> Result<Dataset> {
+    let origin = p.display().to_string();
+    let make = |d: jpeg_tar::Decoded| {
+        let mut ds = Dataset::new(
+            &origin,
+            d.pixels,
+            d.labels,
+            d.shape,
+            255.0,
+            vec![0.0; 3],
+            vec![1.0; 3],
+            d.classes,
+        )?;
+        ds.origin = origin.clone();
+        Ok::<_, anyhow::Error>(ds)
+    };
+    let (train, wanted) = match holdout {
+        Some(h) => {
+            if !(h.fraction > 0.0 && h.fraction < 1.0) {
+                bail!("--holdout {} must be in (0, 1)", h.fraction);
+            }
+            if jpeg_tar::has_split_folders(p)? {
+                bail!(
+                    "{origin}: has train/ and test/ folders, which are its splits; drop --holdout"
+                );
+            }
+            let full = make(jpeg_tar::load(p, None)?)?;
+            let n = full.len();
+            let n_test = ((n as f64 * h.fraction).round() as usize).clamp(1, n.saturating_sub(1));
+            if n < 2 {
+                bail!("{origin}: {n} image(s) cannot be split into train and test");
+            }
+            let order = full.shuffled(h.seed);
+            let mut test: Vec<usize> = order[..n_test].to_vec();
+            let mut train: Vec<usize> = order[n_test..].to_vec();
+            test.sort_unstable();
+            train.sort_unstable();
+            let tr = full.subset(&train)?;
+            let want = match split {
+                Split::Train => tr.clone(),
+                Split::Test => full.subset(&test)?,
+            };
+            (tr, want)
+        }
+        None => {
+            let tr = make(jpeg_tar::load(p, Some("train"))?)?;
+            let want = match split {
+                Split::Train => tr.clone(),
+                Split::Test => {
+                    let te = make(jpeg_tar::load(p, Some("test"))?)?;
+                    if te.classes != tr.classes {
+                        bail!(
+                            "{origin}: test/ has classes {:?} but train/ has {:?}; both splits need the same class folders",
+                            te.classes,
+                            tr.classes
+                        );
+                    }
+                    if te.shape != tr.shape {
+                        bail!(
+                            "{origin}: test/ images are {:?}, train/ images {:?}",
+                            te.shape,
+                            tr.shape
+                        );
+                    }
+                    te
+                }
+            };
+            (tr, want)
+        }
+    };
+    let (m, s) = train.channel_stats();
+    let mut ds = wanted;
+    ds.mean = m;
+    ds.std = s;
+    Ok(ds)
 }
 
 fn idx_dataset(
@@ -143,12 +242,17 @@ fn idx_dataset(
     labels: Vec<u8>,
     max: f32,
     origin: &str,
+    label_origin: &str,
 ) -> Result<Dataset> {
     if dims.len() != 3 {
         bail!("{origin}: image IDX must be 3-d (N, rows, cols), got {dims:?}");
     }
     if labels.len() != dims[0] {
-        bail!("{origin}: {} images but {} labels", dims[0], labels.len());
+        bail!(
+            "{origin}: {} images but {label_origin} has {} labels",
+            dims[0],
+            labels.len()
+        );
     }
     let mut ds = Dataset::new(
         name,
@@ -160,7 +264,8 @@ fn idx_dataset(
         vec![1.0],
         digit_names(),
     )
-    .with_context(|| origin.to_string())?;
+    .with_context(|| label_origin.to_string())?;
+    ds.origin = label_origin.to_string();
     let (m, s) = ds.channel_stats();
     ds.mean = m;
     ds.std = s;

@@ -37,7 +37,7 @@ impl GraphBuilder {
             .with_context(|| format!("building node '{name}'"))?;
         for (p, t) in self.init.op_params(&op)? {
             self.params
-                .insert(param_key(name, p), Var::from_tensor(&t)?);
+                .insert(param_key(name, p), super::owned_var(&t)?);
         }
         self.nodes.push(Node {
             name: name.to_string(),
@@ -124,7 +124,7 @@ impl GraphBuilder {
 
     /// Overrides an initialised parameter (e.g. loading pretrained values while building).
     pub fn set(&mut self, key: &str, t: Tensor) -> Result<()> {
-        self.params.insert(key.to_string(), Var::from_tensor(&t)?);
+        self.params.insert(key.to_string(), super::owned_var(&t)?);
         Ok(())
     }
 

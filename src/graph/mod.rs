@@ -45,6 +45,17 @@ pub struct Graph {
     sparse: RwLock<Option<Arc<SparsePack>>>,
 }
 
+/// A variable with storage of its own, whatever `t` is.
+///
+/// candle's `Var::from_tensor` *reuses* the storage of a tensor that already is a variable
+/// (it copies only plain tensors), so building a graph from another graph's parameters
+/// would alias them: writing into the new graph would write into the old one. Every graph
+/// constructor goes through this helper, so no rewrite can share weights with its source.
+pub fn owned_var(t: &Tensor) -> Result<Var> {
+    // `detach` clears the variable flag without copying; `from_tensor` then copies once.
+    Ok(Var::from_tensor(&t.detach())?)
+}
+
 /// Full parameter key of a node's parameter.
 pub fn param_key(node: &str, param: &str) -> String {
     format!("{node}.{param}")
@@ -251,7 +262,7 @@ impl Graph {
     pub fn deep_clone(&self) -> Result<Graph> {
         let mut params = BTreeMap::new();
         for (k, v) in &self.params {
-            params.insert(k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?);
+            params.insert(k.clone(), owned_var(v.as_tensor())?);
         }
         Ok(Graph {
             nodes: self.nodes.clone(),
@@ -261,7 +272,9 @@ impl Graph {
         })
     }
 
-    /// Rebuilds a graph with new structure and parameters (used by surgery).
+    /// Rebuilds a graph with new structure and parameters (every rewrite: surgery, depth,
+    /// resolution, BN folding, head replacement, import, load). The parameters are always
+    /// copied ([`owned_var`]), so the result never shares storage with its source.
     pub fn with_parts(
         nodes: Vec<Node>,
         outputs: Vec<NodeId>,
@@ -269,7 +282,7 @@ impl Graph {
     ) -> Result<Graph> {
         let mut vars = BTreeMap::new();
         for (k, t) in params {
-            vars.insert(k, Var::from_tensor(&t)?);
+            vars.insert(k, owned_var(&t)?);
         }
         Graph::new(nodes, outputs, vars)
     }
@@ -295,6 +308,27 @@ impl Graph {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Errors naming the first parameter that holds a NaN or an infinity. Training loops
+    /// call it after every epoch and every writer before saving, so a diverged model is
+    /// never reported or written as if it were fine.
+    pub fn check_finite(&self) -> Result<()> {
+        for (k, v) in &self.params {
+            let vals: Vec<f32> = v
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?;
+            let bad = vals.iter().filter(|x| !x.is_finite()).count();
+            if bad > 0 {
+                bail!(
+                    "parameter '{k}' holds {bad} non-finite value(s) (NaN or infinity) of {}: the model diverged (lower the learning rate) or its file is corrupt",
+                    vals.len()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Number of trainable scalars.

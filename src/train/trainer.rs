@@ -99,6 +99,31 @@ pub struct EvalResult {
     pub top1: f64,
     pub top5: f64,
     pub correct: usize,
+    /// Samples whose logits held a NaN or an infinity; they count as wrong.
+    #[serde(default)]
+    pub non_finite: usize,
+}
+
+impl EvalResult {
+    /// A one-line warning when some outputs were not finite, for every report to print.
+    pub fn warning(&self) -> Option<String> {
+        (self.non_finite > 0).then(|| {
+            format!(
+                "{} of {} test outputs were not finite (NaN or infinity) and count as wrong; the model's weights or inputs are broken",
+                self.non_finite, self.n
+            )
+        })
+    }
+}
+
+/// Number of classes the graph's first output scores (its last dimension).
+pub fn output_classes(g: &Graph) -> Result<usize> {
+    let shapes = g.shapes()?;
+    let out = *g.outputs.first().context("the model has no output")?;
+    shapes[out]
+        .last()
+        .copied()
+        .with_context(|| format!("output '{}' is a scalar", g.nodes[out].name))
 }
 
 /// Fits a `[B, C, H, W]` batch to the graph's input shape: reshaped for flat inputs (MLPs),
@@ -127,16 +152,18 @@ pub fn fit_input(g: &Graph, x: Tensor) -> Result<Tensor> {
 /// Top-1/top-5 accuracy and mean loss in eval mode.
 pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
     let dev = Device::Cpu;
-    let (mut c1, mut c5, mut loss) = (0usize, 0usize, 0f64);
+    ds.check_labels(output_classes(g)?)?;
+    let (mut c1, mut c5, mut bad, mut loss) = (0usize, 0usize, 0usize, 0f64);
     let pos: Vec<usize> = (0..ds.len()).collect();
     for chunk in pos.chunks(batch.max(1)) {
         let (x, y) = ds.batch(chunk, None, &dev)?;
         let logits = crate::exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
         let l = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
         loss += l * chunk.len() as f64;
-        let (a, b) = topk_correct(&logits, &y)?;
-        c1 += a;
-        c5 += b;
+        let t = topk_correct(&logits, &y)?;
+        c1 += t.top1;
+        c5 += t.top5;
+        bad += t.non_finite;
     }
     let n = ds.len().max(1) as f64;
     Ok(EvalResult {
@@ -145,6 +172,7 @@ pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
         top1: c1 as f64 / n,
         top5: c5 as f64 / n,
         correct: c1,
+        non_finite: bad,
     })
 }
 
@@ -163,6 +191,10 @@ pub fn train(
         bail!("training set '{}' is empty", data.name);
     }
     let dev = Device::Cpu;
+    data.check_labels(output_classes(g)?)?;
+    if let Some(t) = opts.test {
+        t.check_labels(output_classes(g)?)?;
+    }
     let params = g.trainable();
     let mut opt = Optimizer::new(cfg.optimizer.clone(), cfg.weight_decay);
     let mut history = Vec::new();
@@ -237,7 +269,7 @@ pub fn train(
             }
             let grads = loss.backward()?;
             opt.step(&params, &grads, lr)?;
-            let (c1, _) = topk_correct(&logits, &y)?;
+            let c1 = topk_correct(&logits, &y)?.top1;
             loss_sum += lv * chunk.len() as f64;
             correct += c1;
             seen += chunk.len();
@@ -252,6 +284,9 @@ pub fn train(
             }
         }
         pb.finish_and_clear();
+        // A last step can overflow the weights while its loss was still finite.
+        g.check_finite()
+            .with_context(|| format!("after training epoch {} (lr {lr:.4})", epoch + 1))?;
         let train_secs = te.elapsed().as_secs_f64();
         let ev = match opts.test {
             Some(t) => Some(evaluate(g, t, 500)?),

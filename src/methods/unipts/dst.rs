@@ -17,7 +17,7 @@ use crate::sparse::layers::{apply_masks, weight_host, SparseLayer};
 use crate::sparse::mask::{magnitude_mask, nm_mask, Pattern};
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::{evaluate, fit_input};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
@@ -247,6 +247,9 @@ pub fn train(
             loss_sum += lv * chunk.len() as f64;
             seen += chunk.len();
         }
+        student
+            .check_finite()
+            .with_context(|| format!("after sparse training epoch {} (lr {lr:.5})", epoch + 1))?;
         let test_top1 = match test {
             Some(t) => {
                 let probe = student.deep_clone()?;
