@@ -105,7 +105,7 @@ fn time<F: FnMut() -> Result<()>>(
         f()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t.sort_by(|a, b| a.total_cmp(b));
     Ok(BenchRow {
         name: name.to_string(),
         median_ms: t[t.len() / 2],

@@ -22,7 +22,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "l1")]
     method: String,
     /// i-SpaSP: iterations T per module.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = crate::argcheck::at_least_one)]
     iterations: usize,
     /// i-SpaSP: how the pruned branch's batch norm is run: eval (consistent) or code (as the
     /// official code: batch statistics).
@@ -49,7 +49,7 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 0)]
     stamp_adapt: usize,
     /// STAMP: target samples the set encoder reads.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::argcheck::at_least_one)]
     set_size: usize,
     /// DWR: cache of collected (d, w, r, accuracy) points (reused when it matches).
     #[arg(long)]
@@ -58,7 +58,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "all")]
     dwr_axes: String,
     /// DWR: resolution step in pixels for collection and snapping.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one)]
     dwr_res_step: usize,
     /// local (same ratio per group) or global (one ranking).
     #[arg(long, default_value = "local")]
@@ -67,46 +67,46 @@ pub struct PruneArgs {
     #[arg(long)]
     lamp: bool,
     /// Remove this fraction of prunable channels.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"])]
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = crate::argcheck::unit_half_open)]
     ratio: Option<f64>,
     /// Keep at most this fraction of the dense MACs (e.g. 0.5).
-    #[arg(long, conflicts_with = "target_params")]
+    #[arg(long, conflicts_with = "target_params", value_parser = crate::argcheck::keep_fraction)]
     target_macs: Option<f64>,
     /// Keep at most this fraction of the dense parameters.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::keep_fraction)]
     target_params: Option<f64>,
     /// Kept widths are multiples of this.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one)]
     round_to: usize,
     /// Per-layer ratio override NODE=RATIO (repeatable).
     #[arg(long = "override")]
     overrides: Vec<String>,
     /// Samples of the training set for data-driven criteria (default 512; i-SpaSP: 1280
     /// per module).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one)]
     calib: Option<usize>,
     #[arg(long, default_value_t = 0)]
     finetune_epochs: usize,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::argcheck::positive)]
     lr: f64,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::argcheck::at_least_one)]
     batch_size: usize,
     /// Distil from the dense model while fine-tuning (weight of the KD term).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::unit_closed)]
     distill: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Evaluate on only this many test samples (faster, less precise).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one)]
     eval_limit: Option<usize>,
     /// Iterative pruning in this many steps (1 = one-shot).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one)]
     steps: usize,
     /// Fine-tuning epochs between iterative steps.
     #[arg(long, default_value_t = 1)]
     step_epochs: usize,
     /// Fine-tune on only this many training samples (seeded subset).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one)]
     train_limit: Option<usize>,
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -182,6 +182,15 @@ fn short_train(a: &PruneArgs, g: &Graph, ds: &Dataset, epochs: usize, seed: u64)
 }
 
 pub fn cmd_prune(a: PruneArgs) -> Result<()> {
+    if let Some(o) = &a.output {
+        lopper::util::check_model_output(o)?;
+    }
+    if let Some(c) = &a.dwr_cache {
+        lopper::util::check_writable(c, "--dwr-cache")?;
+    }
+    if a.lamp && a.scope != "global" {
+        bail!("--lamp normalises scores for one global ranking; it needs --scope global (a local scope ranks each group alone, where LAMP changes nothing)");
+    }
     let budget = parse_budget(&a)?;
     let overrides = parse_overrides(&a.overrides)?;
     // `--data none`: data-free pruning (weight criteria, no fine-tuning, no accuracy), e.g.
@@ -227,6 +236,16 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         (!no_data).then_some(&train_ds),
         a.data.data_dir.as_deref(),
     )?;
+    // STAMP gives the pruned net a new head for the target's classes: keep the renumbering.
+    let (train_ds, test_ds) = if no_data || a.method == "stamp" {
+        (train_ds, test_ds)
+    } else {
+        (
+            crate::labels_for_model(train_ds, &a.data, &dense, a.json)?,
+            crate::labels_for_model(test_ds, &a.data, &dense, true)?,
+        )
+    };
+    let warnings = std::cell::RefCell::new(Vec::new());
     let log = |m: String| {
         if !a.json {
             eprintln!("{m}");
@@ -235,7 +254,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let accuracy = |g: &Graph| -> Result<Option<f64>> {
         Ok(match no_data {
             true => None,
-            false => Some(train::evaluate(g, &test_ds, 500)?.top1),
+            false => Some(crate::eval_warn(g, &test_ds, "test", &warnings, a.json)?.top1),
         })
     };
     let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
@@ -280,7 +299,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         if a.curve {
             curve = Some(r.history.clone());
         }
-        let acc = train::evaluate(&pruned, &test_ds, 500)?.top1;
+        let acc = crate::eval_warn(&pruned, &test_ds, "fine-tuned", &warnings, a.json)?.top1;
         log(format!(
             "fine-tuned {} epochs in {ft_secs:.1}s: top-1 {}",
             a.finetune_epochs,
@@ -306,6 +325,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         widths: report::widths(&dense, &pruned),
         details: p.details,
         finetune_history: curve,
+        warnings: warnings.into_inner(),
     };
     crate::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
     if !a.json {

@@ -16,18 +16,18 @@ pub struct MetaTrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::argcheck::at_least_one)]
     iterations: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one)]
     tasks: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::argcheck::at_least_one)]
     n_way: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one)]
     n_per_class: usize,
     #[arg(long, default_value_t = 5)]
     inner_steps: usize,
     /// Weight of the gates' KL term (sparsity strength).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::argcheck::non_negative)]
     gamma: f64,
     /// Gated forwards use the pretrained BN running statistics instead of batch
     /// statistics (the BBDropout reference).
@@ -37,7 +37,7 @@ pub struct MetaTrainArgs {
     #[arg(long)]
     center_embedding: bool,
     /// Ramp the KL weight from 0 over this fraction of the iterations.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_closed)]
     kl_warmup: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,6 +66,7 @@ impl MetaTrainArgs {
 }
 
 pub fn meta_train(a: MetaTrainArgs) -> Result<()> {
+    lopper::util::check_writable(&a.output, "generator output")?;
     let ds = load_split(&a.data, Split::Train)?;
     let g = resolve_model(&a.model, Some(&ds), a.data.data_dir.as_deref())?;
     let cfg = a.config();

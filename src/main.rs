@@ -10,6 +10,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod argcheck;
 mod cmd_prune;
 mod cmd_sparsify;
 mod cmd_stamp;
@@ -31,7 +32,7 @@ struct Cli {
 enum Cmd {
     /// Train a small ResNet on the embedded 8x8 digits and print the summary (~1 minute).
     Demo {
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = crate::argcheck::at_least_one)]
         epochs: usize,
         /// Print results as JSON on stdout.
         #[arg(long)]
@@ -45,7 +46,7 @@ enum Cmd {
         model: ModelArgs,
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 500, value_parser = crate::argcheck::at_least_one)]
         batch_size: usize,
         #[arg(long)]
         json: bool,
@@ -109,9 +110,9 @@ enum Cmd {
         /// Comma-separated ratios of each group's channels to remove.
         #[arg(long, default_value = "0.25,0.5,0.75")]
         ratios: String,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = argcheck::at_least_one)]
         eval_limit: usize,
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = argcheck::at_least_one)]
         calib: usize,
         /// Write the chart here (SVG).
         #[arg(short, long)]
@@ -121,7 +122,7 @@ enum Cmd {
     },
     /// Time the reference workloads (median of N steps after warm-up, peak RSS).
     Bench {
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = argcheck::at_least_one)]
         steps: usize,
         #[arg(long, default_value_t = 5)]
         warmup: usize,
@@ -163,6 +164,13 @@ struct DataArgs {
     /// Only these classes (comma-separated indices), relabelled 0.. in the given order.
     #[arg(long)]
     classes: Option<String>,
+    /// For an image folder without train/ and test/ folders: hold out this fraction of
+    /// its images (a seeded random choice) as the test split.
+    #[arg(long, value_parser = argcheck::unit_open)]
+    holdout: Option<f64>,
+    /// Seed of the --holdout choice.
+    #[arg(long, default_value_t = 0)]
+    holdout_seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -182,23 +190,23 @@ struct TrainArgs {
     epochs: usize,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::argcheck::positive)]
     lr: f64,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, value_parser = crate::argcheck::non_negative)]
     weight_decay: f64,
     /// sgd or adamw.
     #[arg(long, default_value = "sgd")]
     optimizer: String,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = crate::argcheck::unit_half_open)]
     momentum: f64,
     #[arg(long)]
     no_nesterov: bool,
     /// cosine, step:E1,E2[:gamma], or constant.
     #[arg(long, default_value = "cosine")]
     schedule: String,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::non_negative)]
     warmup_epochs: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_half_open)]
     label_smoothing: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -206,7 +214,7 @@ struct TrainArgs {
     #[arg(long)]
     augment: Option<bool>,
     /// Use only this many training samples (seeded subset).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one)]
     limit: Option<usize>,
     /// Write the trained model here.
     #[arg(short, long)]
@@ -237,22 +245,41 @@ fn shared_model(name: &str, dir: Option<&Path>) -> Option<(String, PathBuf)> {
 /// A saved model file, a shared pretrained model, or a zoo model shaped for `data`.
 fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
     let p = Path::new(&m.model);
-    if p.is_file() {
-        if p.extension().is_some_and(|e| e == "onnx") {
-            return lopper::onnx::load(p);
-        }
-        return io::load(p);
+    if p.is_dir() {
+        bail!(
+            "model {} is a directory; give a .safetensors or .onnx file, or a zoo name",
+            m.model
+        );
     }
-    if m.model.ends_with(".safetensors") || m.model.contains('/') {
+    if p.is_file() {
+        if m.weights.is_some() {
+            bail!(
+                "--weights loads plain weights into a zoo model; {} is a saved model that has its weights already",
+                m.model
+            );
+        }
+        let g = if p.extension().is_some_and(|e| e == "onnx") {
+            lopper::onnx::load(p)?
+        } else {
+            io::load(p)?
+        };
+        if let Some(d) = data {
+            check_input_fits(&g, d, &m.model)?;
+        }
+        return Ok(g);
+    }
+    if m.model.ends_with(".safetensors") || m.model.ends_with(".onnx") || m.model.contains('/') {
         bail!("model file {} does not exist", m.model);
     }
     let (spec, weights) = match shared_model(&m.model, dir) {
         Some((s, w)) => (s, Some(m.weights.clone().unwrap_or(w))),
         None => (m.model.clone(), m.weights.clone()),
     };
+    let shared = spec != m.model;
     let mut spec = spec;
     if let Some(d) = data {
-        if !spec.starts_with("mlp:") && !spec.contains('@') {
+        // A shared pretrained model keeps its own input shape (its weights need it).
+        if !shared && !spec.starts_with("mlp:") && !spec.contains('@') {
             spec = format!("{spec}@{}x{}x{}", d.shape[0], d.shape[1], d.shape[2]);
         }
         if !spec.contains('#') && !spec.starts_with("mlp:") {
@@ -263,7 +290,32 @@ fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> R
     if let Some(w) = weights {
         io::load_weights(&g, &w)?;
     }
+    if let Some(d) = data {
+        check_input_fits(&g, d, &m.model)?;
+    }
     Ok(g)
+}
+
+/// Refuses data whose images are smaller than the model's input (they would be upsampled
+/// silently): the usual cause is a 28×28 model run on the default 8×8 digits. Larger
+/// images are resized down (models whose resolution was pruned).
+fn check_input_fits(g: &Graph, d: &Dataset, model: &str) -> Result<()> {
+    let want = g.input_shape();
+    let per: usize = d.shape.iter().product();
+    if want.len() == 3 {
+        if want[0] != d.shape[0] || want[1] > d.shape[1] || want[2] > d.shape[2] {
+            bail!(
+                "{model} takes {}x{}x{} inputs but the data '{}' has {}x{}x{} images; pass --data with a dataset of that size (the default is the embedded 8x8 digits)",
+                want[0], want[1], want[2], d.name, d.shape[0], d.shape[1], d.shape[2]
+            );
+        }
+    } else if want.iter().product::<usize>() != per {
+        bail!(
+            "{model} takes inputs of {:?} values but the data '{}' has {}x{}x{} images ({per} values); pass --data with a dataset of that size (the default is the embedded 8x8 digits)",
+            want, d.name, d.shape[0], d.shape[1], d.shape[2]
+        );
+    }
+    Ok(())
 }
 
 /// Saves as ONNX for `.onnx` paths, else in lopper's safetensors format (both atomic).
@@ -275,27 +327,93 @@ fn save_model(g: &Graph, path: &Path) -> Result<()> {
     }
 }
 
-/// Writes a result model and its report beside it (`OUT.report.json`), then prints the
-/// report if `json`. Both files are written atomically.
+/// Writes a result model and its report: the report is embedded in the model file's
+/// metadata (`lopper.report`), so the model always carries the report of the run that made
+/// it, and written beside it as `OUT.report.json` with the model file's hash
+/// (`model_file.fnv64`), so a report left over from an earlier run (a kill between the two
+/// renames) is recognisable ([`lopper::graph::io::paired_report`]). Both writes are
+/// atomic. Prints the report if `json`.
 fn write_outputs(
     g: &Graph,
     output: Option<&Path>,
     report: &impl serde::Serialize,
     json: bool,
 ) -> Result<()> {
+    let mut rep = serde_json::to_value(report)?;
     if let Some(o) = output {
-        save_model(g, o)?;
-        let rp = o.with_extension("report.json");
-        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(report)?.as_bytes())?;
+        let text = serde_json::to_string(&rep)?;
+        let props = [("lopper.report", text.as_str())];
+        let hash = if o.extension().is_some_and(|e| e == "onnx") {
+            lopper::onnx::save_with(g, o, &props)?
+        } else {
+            io::save_with(g, o, &props)?
+        };
+        rep["model_file"] = json!({
+            "name": o.file_name().map(|f| f.to_string_lossy().to_string()),
+            "fnv64": format!("{hash:016x}"),
+        });
+        let rp = io::report_path(o);
+        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        println!("{}", serde_json::to_string_pretty(&rep)?);
     }
     Ok(())
 }
 
+/// Evaluates and turns non-finite outputs into a warning (printed unless `quiet`, and
+/// kept for the report).
+fn eval_warn(
+    g: &Graph,
+    ds: &Dataset,
+    what: &str,
+    warnings: &std::cell::RefCell<Vec<String>>,
+    quiet: bool,
+) -> Result<train::EvalResult> {
+    let ev = train::evaluate(g, ds, 500)?;
+    if let Some(w) = ev.warning() {
+        let w = format!("{what}: {w}");
+        if !quiet {
+            eprintln!("warning: {w}");
+        }
+        warnings.borrow_mut().push(w);
+    }
+    Ok(ev)
+}
+
+/// With `--classes` the data are renumbered `0..k`; a model whose head still scores the
+/// original classes (and was not given a new head) must see the original labels, or its
+/// accuracy is meaningless.
+fn labels_for_model(ds: Dataset, d: &DataArgs, g: &Graph, quiet: bool) -> Result<Dataset> {
+    if d.classes.is_none() || !ds.is_relabelled() {
+        return Ok(ds);
+    }
+    let k = train::output_classes(g)?;
+    if k == ds.num_classes {
+        return Ok(ds);
+    }
+    let orig = ds.with_original_labels();
+    if (0..orig.len()).all(|i| (orig.label(i) as usize) < k) {
+        if !quiet {
+            eprintln!(
+                "note: the model scores {k} classes, so --classes keeps the original labels (no renumbering)"
+            );
+        }
+        return Ok(orig);
+    }
+    bail!(
+        "--classes selects {} classes, but the model scores {k} classes and some selected class is beyond them; give a model with {} outputs or one that scores the original classes",
+        ds.num_classes,
+        ds.num_classes
+    )
+}
+
 fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
-    let mut ds = data::load(&d.data, split, d.data_dir.as_deref())?;
+    let holdout = d.holdout.map(|fraction| data::Holdout {
+        fraction,
+        seed: d.holdout_seed,
+    });
+    let mut ds = data::load_with(&d.data, split, d.data_dir.as_deref(), holdout)?;
     let c = ds.shape[0];
     match d.input_scale.as_str() {
         "normalized" => {}
@@ -349,12 +467,20 @@ fn pct(x: f64) -> String {
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
+    if let Some(o) = &a.output {
+        lopper::util::check_model_output(o)?;
+    }
+    if let Some(c) = &a.checkpoint {
+        lopper::util::check_writable(c, "checkpoint")?;
+    }
     let mut train_ds = load_split(&a.data, Split::Train)?;
     if let Some(n) = a.limit {
         train_ds = train_ds.sample(n, a.seed)?;
     }
     let test_ds = load_split(&a.data, Split::Test)?;
     let g = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let train_ds = labels_for_model(train_ds, &a.data, &g, a.json)?;
+    let test_ds = labels_for_model(test_ds, &a.data, &g, true)?;
     let aug = a.augment.unwrap_or(a.data.data == "cifar10");
     let optimizer = match a.optimizer.as_str() {
         "sgd" => OptimizerKind::Sgd {
@@ -402,6 +528,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let res = train::train(&g, &train_ds, &cfg, &opts)?;
     let ev = train::evaluate(&g, &test_ds, 500)?;
+    if let Some(w) = ev.warning() {
+        eprintln!("warning: {w}");
+    }
     if let Some(o) = &a.output {
         save_model(&g, o)?;
     }
@@ -563,10 +692,15 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(r) = ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
                 bail!("ratio {r} must be in [0, 1)");
             }
+            if let Some(o) = &output {
+                lopper::util::check_writable(o, "output")?;
+            }
             let train_ds = load_split(&d, Split::Train)?;
             let test = load_split(&d, Split::Test)?;
             let test = test.sample(eval_limit.min(test.len()), 0)?;
             let g = resolve_model(&model, Some(&train_ds), d.data_dir.as_deref())?;
+            let train_ds = labels_for_model(train_ds, &d, &g, j)?;
+            let test = labels_for_model(test, &d, &g, true)?;
             let groups = prune::dependency_groups(&g)?;
             let stats = if crit.needs_data() {
                 Some(prune::collect_stats(
@@ -633,8 +767,12 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let ds = load_split(&d, Split::Test)?;
             let g = resolve_model(&model, Some(&ds), d.data_dir.as_deref())?;
+            let ds = labels_for_model(ds, &d, &g, j)?;
             let t = Instant::now();
             let ev = train::evaluate(&g, &ds, batch_size)?;
+            if let Some(w) = ev.warning() {
+                eprintln!("warning: {w}");
+            }
             let secs = t.elapsed().as_secs_f64();
             if j {
                 println!(
@@ -663,6 +801,7 @@ fn run(cli: Cli) -> Result<()> {
             input,
             output,
         } => {
+            lopper::util::check_writable(&output, "output")?;
             let g = resolve_model(&model, None, None)?;
             let bytes =
                 std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
@@ -692,6 +831,7 @@ fn run(cli: Cli) -> Result<()> {
             lopper::util::atomic_write(&output, &out)
         }
         Cmd::Convert { model, output } => {
+            lopper::util::check_model_output(&output)?;
             let g = resolve_model(&model, None, None)?;
             save_model(&g, &output)?;
             eprintln!("wrote {}", output.display());
@@ -780,6 +920,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // Output piped into `head` (or a closed stderr) ends the process quietly, as for any
+    // Unix tool, instead of a panic and exit code 101 from the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     lopper::util::tune_runtime();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

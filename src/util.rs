@@ -16,6 +16,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let fname = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
+    remove_stale_temps(dir, &fname.to_string_lossy());
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         fname.to_string_lossy(),
@@ -32,6 +33,153 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes `.{fname}.tmp{PID}` files left by writers that died (kill -9, power loss)
+/// before renaming: a process `PID` that no longer exists will never finish them. Files
+/// of live processes (a concurrent writer) are left alone.
+fn remove_stale_temps(dir: &Path, fname: &str) {
+    let prefix = format!(".{fname}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (Linux: `kill(pid, 0)` fails with ESRCH only
+/// for a missing process). Elsewhere every process is assumed alive.
+pub fn process_alive(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        if pid <= 0 {
+            return false;
+        }
+        // SAFETY: signal 0 only checks for existence and permission.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Checks, before any work starts, that `path` can be written: its directory exists (or
+/// can be made) and accepts a new file. Long runs call this for every output first, so a
+/// read-only or missing directory is reported in a second, not after an hour of training.
+pub fn check_writable(path: &Path, what: &str) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("{what} {} is a directory; give a file path", path.display());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "{what} {}: cannot create directory {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(format!(
+        ".{}.probe{}",
+        path.file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "{what} {} cannot be written (directory {} is not writable)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    Ok(())
+}
+
+/// Checks that a model output path ends in `.safetensors` or `.onnx` (the extension picks
+/// the format) and can be written.
+pub fn check_model_output(path: &Path) -> Result<()> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") | Some("onnx") => {}
+        _ => anyhow::bail!(
+            "output {}: a model file must end in .safetensors (lopper's format) or .onnx",
+            path.display()
+        ),
+    }
+    check_writable(path, "output")
+}
+
+/// IEEE half → f32 (float16 weights, from safetensors or ONNX, run in f32).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: normalise.
+            let mut e = 127 - 15 + 1;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// A 64-bit FNV-1a hash of some bytes (pairs a model file with its report; not for
+/// security).
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Memory this process may still allocate: Linux `MemAvailable`, else 16 GiB.
+pub fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(16 << 30)
+}
+
+/// Errors (instead of aborting the process) when `bytes` exceed the memory available.
+pub fn check_allocation(bytes: usize, what: &str) -> Result<()> {
+    let avail = available_memory_bytes();
+    if bytes as u64 > avail {
+        anyhow::bail!(
+            "{what} need {:.1} GB, more than the {:.1} GB of memory available",
+            bytes as f64 / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if readable.

@@ -102,17 +102,16 @@ fn split_of(parts: &[String]) -> Option<&str> {
     (n >= 3 && SPLIT_FOLDERS.contains(&parts[n - 3].as_str())).then(|| parts[n - 3].as_str())
 }
 
-/// Relative path components of every image of a folder tree or tar, with its bytes
-/// (lazily for folders: `None` until read).
-fn list_images(src: &Path) -> Result<Vec<(Vec<String>, Option<Vec<u8>>)>> {
+/// An image's relative path components and, for tar entries, its bytes (folder images are
+/// read only once chosen: `None`).
+type Listed = (Vec<String>, Option<Vec<u8>>);
+
+/// Every image of a folder tree or tar.
+fn list_images(src: &Path) -> Result<Vec<Listed>> {
     let origin = src.display().to_string();
     let mut out = Vec::new();
     if src.is_dir() {
-        fn walk(
-            root: &Path,
-            rel: &mut Vec<String>,
-            out: &mut Vec<(Vec<String>, Option<Vec<u8>>)>,
-        ) -> Result<()> {
+        fn walk(root: &Path, rel: &mut Vec<String>, out: &mut Vec<Listed>) -> Result<()> {
             if rel.len() > 6 {
                 return Ok(());
             }

@@ -14,6 +14,8 @@ pub struct GraphBuilder {
     params: BTreeMap<String, Var>,
     init: Init,
     counter: usize,
+    /// Parameter scalars allocated so far (for the memory check).
+    elems: usize,
 }
 
 impl GraphBuilder {
@@ -25,6 +27,7 @@ impl GraphBuilder {
             params: BTreeMap::new(),
             init: Init::new(seed),
             counter: 0,
+            elems: 0,
         }
     }
 
@@ -35,6 +38,20 @@ impl GraphBuilder {
             .spec()
             .infer_shape(&ins)
             .with_context(|| format!("building node '{name}'"))?;
+        // Refuse before allocating: `mlp:784-99999999-10` would otherwise abort the process
+        // on a 313 GB allocation.
+        let need: usize = op
+            .spec()
+            .params()
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .fold(0usize, |a, b| a.saturating_add(b));
+        let total = self.elems.saturating_add(need);
+        crate::util::check_allocation(
+            total.saturating_mul(4),
+            &format!("the parameters up to node '{name}'"),
+        )?;
+        self.elems = total;
         for (p, t) in self.init.op_params(&op)? {
             self.params
                 .insert(param_key(name, p), super::owned_var(&t)?);

@@ -45,7 +45,27 @@ pub fn tensors_to_bytes(
         .iter()
         .map(|(k, dt, s, b)| Ok((k.clone(), TensorView::new(*dt, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    Ok(safetensors::serialize(views, Some(metadata))?)
+    sorted_header(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// Rewrites a safetensors header with its JSON keys sorted. `safetensors` serialises the
+/// metadata from a `HashMap`, whose order changes from run to run; sorted keys make the
+/// same model give byte-identical files (reproducible outputs, stable hashes). Header
+/// length and tensor offsets are unchanged (same JSON, other order).
+fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
+    if let Some(serde_json::Value::Object(m)) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = std::mem::take(m).into_iter().collect();
+        *m = sorted.into_iter().collect();
+    }
+    let mut sorted = serde_json::to_vec(&header)?;
+    if sorted.len() > n {
+        bail!("safetensors header grew when sorted");
+    }
+    sorted.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&sorted);
+    Ok(bytes)
 }
 
 /// Reads every tensor of a safetensors buffer (f32 or f64 → f32), plus its metadata.
@@ -78,9 +98,21 @@ pub fn tensors_from_bytes(
                 .collect(),
             Dtype::F64 => data
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
-            d => bail!("{origin}: tensor '{name}' has dtype {d:?}; only F32/F64 are supported"),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| crate::util::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
+            // PyTorch's BatchNorm keeps a step counter in every state dict: not a weight.
+            Dtype::I64 if name.ends_with("num_batches_tracked") => continue,
+            d => bail!(
+                "{origin}: tensor '{name}' has dtype {d:?}; weights must be F32, F64, F16 or BF16"
+            ),
         };
         out.insert(
             name.clone(),
@@ -96,7 +128,18 @@ pub fn tensors_from_bytes(
 pub const COMPRESS_MIN_SPARSITY: f64 = 0.5;
 
 /// Saves a model (graph + weights) atomically; sparse weights in compressed form.
+/// Refuses a model with non-finite weights (naming the tensor).
 pub fn save(g: &Graph, path: &Path) -> Result<()> {
+    save_with(g, path, &[]).map(|_| ())
+}
+
+/// [`save`] with extra metadata entries (e.g. `lopper.report`, the report of the run that
+/// made the model, so the two can never disagree); returns the bytes' [`fnv64`].
+///
+/// [`fnv64`]: crate::util::fnv64
+pub fn save_with(g: &Graph, path: &Path, extra: &[(&str, &str)]) -> Result<u64> {
+    g.check_finite()
+        .with_context(|| format!("refusing to write {}", path.display()))?;
     let graph = serde_json::to_string(&GraphJson {
         nodes: g.nodes.clone(),
         outputs: g.outputs.clone(),
@@ -138,7 +181,55 @@ pub fn save(g: &Graph, path: &Path) -> Result<()> {
     if !sparse.is_empty() {
         meta.insert("lopper.sparse".into(), serde_json::to_string(&sparse)?);
     }
-    atomic_write(path, &tensors_to_bytes(&tensors, meta)?)
+    for (k, v) in extra {
+        meta.insert((*k).into(), (*v).into());
+    }
+    let bytes = tensors_to_bytes(&tensors, meta)?;
+    atomic_write(path, &bytes)?;
+    Ok(crate::util::fnv64(&bytes))
+}
+
+/// Where the report of a model written to `model` goes: `OUT.report.json` beside it.
+pub fn report_path(model: &Path) -> std::path::PathBuf {
+    model.with_extension("report.json")
+}
+
+/// The report of a model file, checked against it: the sidecar `OUT.report.json` when its
+/// `model_file.fnv64` matches the model's bytes, else the report embedded in the model
+/// (which a kill between the two writes cannot separate from it). `Ok(None)` when neither
+/// exists.
+pub fn paired_report(model: &Path) -> Result<Option<serde_json::Value>> {
+    let bytes =
+        std::fs::read(model).with_context(|| format!("cannot read model {}", model.display()))?;
+    let hash = format!("{:016x}", crate::util::fnv64(&bytes));
+    if let Ok(txt) = std::fs::read_to_string(report_path(model)) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&txt) {
+            if v["model_file"]["fnv64"].as_str() == Some(hash.as_str()) {
+                return Ok(Some(v));
+            }
+        }
+    }
+    embedded_report(model)
+}
+
+/// The report embedded in a model file by the command that wrote it, if any.
+pub fn embedded_report(path: &Path) -> Result<Option<serde_json::Value>> {
+    if path.extension().is_some_and(|e| e == "onnx") {
+        // ONNX models carry it in metadata_props; reading those is the onnx module's job.
+        return Ok(None);
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    meta.metadata()
+        .as_ref()
+        .and_then(|m| m.get("lopper.report"))
+        .map(|r| {
+            serde_json::from_str(r)
+                .with_context(|| format!("{}: lopper.report is not JSON", path.display()))
+        })
+        .transpose()
 }
 
 /// Rebuilds the dense weights of compressed tensors (listed in `lopper.sparse`), checking

@@ -90,6 +90,12 @@ impl Out {
 
 /// Serialises `g` as an ONNX model (opset 17).
 pub fn export_bytes(g: &Graph) -> Result<Vec<u8>> {
+    export_bytes_with(g, &[])
+}
+
+/// [`export_bytes`] with extra `metadata_props` (key, value) entries, e.g. the report of
+/// the run that produced the model.
+pub fn export_bytes_with(g: &Graph, props: &[(&str, &str)]) -> Result<Vec<u8>> {
     let shapes = g.shapes()?;
     let mut o = Out {
         nodes: vec![],
@@ -268,6 +274,12 @@ pub fn export_bytes(g: &Graph) -> Result<Vec<u8>> {
     op.version = 17;
     m.opset_import = vec![op];
     m.graph = Some(graph).into();
+    for (k, v) in props {
+        let mut e = onnx_protobuf::StringStringEntryProto::new();
+        e.key = (*k).into();
+        e.value = (*v).into();
+        m.metadata_props.push(e);
+    }
     m.write_to_bytes()
         .map_err(|e| anyhow!("encoding ONNX: {e}"))
 }

@@ -18,8 +18,16 @@ pub fn load(path: &Path) -> Result<Graph> {
     import::import_bytes(&bytes, &path.display().to_string())
 }
 
-/// Exports `g` to `path` atomically.
+/// Exports `g` to `path` atomically (refusing non-finite weights).
 pub fn save(g: &Graph, path: &Path) -> Result<()> {
-    let bytes = export::export_bytes(g)?;
-    crate::util::atomic_write(path, &bytes)
+    save_with(g, path, &[]).map(|_| ())
+}
+
+/// [`save`] with extra `metadata_props`; returns the bytes' [`crate::util::fnv64`].
+pub fn save_with(g: &Graph, path: &Path, props: &[(&str, &str)]) -> Result<u64> {
+    g.check_finite()
+        .with_context(|| format!("refusing to write {}", path.display()))?;
+    let bytes = export::export_bytes_with(g, props)?;
+    crate::util::atomic_write(path, &bytes)?;
+    Ok(crate::util::fnv64(&bytes))
 }

@@ -43,6 +43,34 @@ const INT32: i32 = 6;
 const INT64: i32 = 7;
 const BOOL: i32 = 9;
 const DOUBLE: i32 = 11;
+const FLOAT16: i32 = 10;
+const BFLOAT16: i32 = 16;
+
+/// bfloat16 → f32 (the upper half of an f32).
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// The name of an ONNX element type, for messages.
+pub fn elem_type_name(dt: i32) -> String {
+    match dt {
+        FLOAT => "float".into(),
+        UINT8 => "uint8".into(),
+        INT8 => "int8".into(),
+        INT32 => "int32".into(),
+        INT64 => "int64".into(),
+        BOOL => "bool".into(),
+        FLOAT16 => "float16".into(),
+        DOUBLE => "double".into(),
+        BFLOAT16 => "bfloat16".into(),
+        d => format!("type {d}"),
+    }
+}
+
+/// Whether an input of this element type can feed lopper's f32 graph.
+pub fn is_float_type(dt: i32) -> bool {
+    matches!(dt, FLOAT | FLOAT16 | DOUBLE | BFLOAT16)
+}
 
 fn raw<const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
     b.chunks_exact(N)
@@ -75,10 +103,15 @@ pub fn from_proto(t: &TensorProto) -> Result<Const> {
             t.int32_data.iter().map(|&v| v as f64).collect()
         }
         INT8 => r.iter().map(|&v| v as i8 as f64).collect(),
+        FLOAT16 if !r.is_empty() => raw::<2>(r, |b| crate::util::f16_to_f32(u16::from_le_bytes(b)) as f64),
+        FLOAT16 => t.int32_data.iter().map(|&v| crate::util::f16_to_f32(v as u16) as f64).collect(),
+        BFLOAT16 if !r.is_empty() => raw::<2>(r, |b| bf16_to_f32(u16::from_le_bytes(b)) as f64),
+        BFLOAT16 => t.int32_data.iter().map(|&v| bf16_to_f32(v as u16) as f64).collect(),
         UINT8 | BOOL => r.iter().map(|&v| v as f64).collect(),
         dt => bail!(
-            "tensor '{}' has data type {dt}; supported: float, double, int8/32/64, uint8, bool",
-            t.name
+            "tensor '{}' has data type {}; supported: float, float16, bfloat16, double, int8/32/64, uint8, bool",
+            t.name,
+            elem_type_name(dt)
         ),
     };
     let n: usize = dims.iter().product();
@@ -112,4 +145,20 @@ pub fn i64_proto(name: &str, data: &[i64]) -> TensorProto {
     t.data_type = INT64;
     t.int64_data = data.to_vec();
     t
+}
+
+#[cfg(test)]
+mod half_tests {
+    use super::*;
+
+    #[test]
+    fn half_conversions() {
+        assert_eq!(crate::util::f16_to_f32(0x3c00), 1.0);
+        assert_eq!(crate::util::f16_to_f32(0xc000), -2.0);
+        assert_eq!(crate::util::f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(crate::util::f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(crate::util::f16_to_f32(0x7c00).is_infinite());
+        assert!(crate::util::f16_to_f32(0x7e00).is_nan());
+        assert_eq!(bf16_to_f32(0x3f80), 1.0);
+    }
 }

@@ -51,6 +51,20 @@ impl Criterion {
         })
     }
 
+    /// The command-line name (inverse of [`Criterion::parse`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::Random => "random",
+            Criterion::L1 => "l1",
+            Criterion::L2 => "l2",
+            Criterion::Fpgm => "fpgm",
+            Criterion::BnScale => "bn-scale",
+            Criterion::Taylor => "taylor",
+            Criterion::ActMean => "act-mean",
+            Criterion::Apoz => "apoz",
+        }
+    }
+
     pub fn needs_data(self) -> bool {
         matches!(
             self,
@@ -285,7 +299,7 @@ pub fn lamp(scores: &[f32]) -> Vec<f32> {
     let mut idx: Vec<usize> = (0..scores.len())
         .filter(|&i| scores[i].is_finite())
         .collect();
-    idx.sort_by(|&a, &b| scores[a].partial_cmp(&scores[b]).unwrap());
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let mut out = scores.to_vec();
     let mut tail: f32 = idx.iter().map(|&i| scores[i] * scores[i]).sum();
     for &i in &idx {

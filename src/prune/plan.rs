@@ -41,6 +41,30 @@ pub struct PlanConfig {
     pub seed: u64,
 }
 
+/// A NaN importance cannot be ranked: it means the weights (or the calibration
+/// statistics) hold NaN, and any order built on it would be arbitrary. Refuse, naming the
+/// group. (Infinite scores are legal: they mark units that must be kept.)
+pub(crate) fn nan_free(
+    g: &Graph,
+    groups: &Groups,
+    gi: usize,
+    criterion: Criterion,
+    s: &[f32],
+) -> Result<()> {
+    if let Some(u) = s.iter().position(|v| v.is_nan()) {
+        let first = groups.groups[gi]
+            .nodes
+            .first()
+            .map(|&n| g.nodes[n].name.as_str())
+            .unwrap_or("?");
+        bail!(
+            "criterion {} gave a NaN score to unit {u} of the group at '{first}': the model's weights or the calibration statistics hold NaN",
+            criterion.name()
+        );
+    }
+    Ok(())
+}
+
 /// Per-group scores and the ascending order of each group's prunable units.
 struct Ranked {
     scores: Vec<Vec<f32>>,
@@ -52,6 +76,7 @@ fn rank(g: &Graph, groups: &Groups, cfg: &PlanConfig, stats: Option<&Stats>) -> 
     let mut order = Vec::new();
     for gi in 0..groups.groups.len() {
         let mut s = score_group(g, groups, gi, cfg.criterion, stats, cfg.seed)?;
+        nan_free(g, groups, gi, cfg.criterion, &s)?;
         if cfg.scope == Scope::Global {
             if cfg.lamp {
                 s = lamp(&s);
@@ -66,7 +91,7 @@ fn rank(g: &Graph, groups: &Groups, cfg: &PlanConfig, stats: Option<&Stats>) -> 
             }
         }
         let mut o = groups.groups[gi].prunable_units();
-        o.sort_by(|&a, &b| s[a].partial_cmp(&s[b]).unwrap().then(a.cmp(&b)));
+        o.sort_by(|&a, &b| s[a].total_cmp(&s[b]).then(a.cmp(&b)));
         scores.push(s);
         order.push(o);
     }
@@ -148,11 +173,7 @@ fn global_units(
             all.push((ranked.scores[gi][u], gi, u));
         }
     }
-    all.sort_by(|a, b| {
-        a.0.partial_cmp(&b.0)
-            .unwrap()
-            .then((a.1, a.2).cmp(&(b.1, b.2)))
-    });
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
     let cands: Vec<(usize, usize)> = all.iter().take(k).map(|&(_, g, u)| (g, u)).collect();
     let want: Vec<usize> = groups
         .groups

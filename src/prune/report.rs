@@ -45,6 +45,9 @@ pub struct PruneReport {
     /// Per-epoch fine-tuning log with test accuracy (`--curve`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finetune_history: Option<Vec<crate::train::EpochLog>>,
+    /// Problems the numbers above carry (e.g. non-finite outputs counted as wrong).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.
@@ -61,7 +64,7 @@ pub fn latency_ms(g: &Graph, b: usize, reps: usize) -> Result<f64> {
         forward(g, &x, Mode::Eval)?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t.sort_by(|a, b| a.total_cmp(b));
     Ok(t[t.len() / 2])
 }
 

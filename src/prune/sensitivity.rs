@@ -43,8 +43,9 @@ pub fn sensitivity(
             .map(|&n| g.nodes[n].name.clone())
             .unwrap_or_else(|| g.nodes[grp.nodes[0]].name.clone());
         let scores = score_group(g, groups, gi, crit, stats, 0)?;
+        super::plan::nan_free(g, groups, gi, crit, &scores)?;
         let mut order = prunable.clone();
-        order.sort_by(|&a, &b| scores[a].partial_cmp(&scores[b]).unwrap());
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
         let mut acc = Vec::new();
         let mut used = Vec::new();
         for &r in ratios {

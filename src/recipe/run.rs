@@ -126,7 +126,9 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                     match (v, opt_str(v)) {
                         (toml::Value::Boolean(true), _) => args.push(flag),
                         (toml::Value::Boolean(false), _) => {}
-                        (_, Some(s)) => args.extend([flag, s]),
+                        // One `--key=value` word: a value such as `-1` must not parse
+                        // as a flag (it reaches the child's range check instead).
+                        (_, Some(s)) => args.push(format!("{flag}={s}")),
                         _ => {}
                     }
                 }
@@ -147,10 +149,81 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
     steps
 }
 
-/// Runs a child lopper and parses its JSON stdout.
-fn child(o: &RunOpts, args: &[String], what: &str) -> Result<serde_json::Value> {
-    let out = Command::new(&o.exe)
-        .args(args)
+/// An exclusive lock on a run directory (`OUT/.lock`, Linux `flock`), held by the run and
+/// inherited by its step children: a second `lopper run` on the same directory is refused
+/// while either the run or any child it started (an orphan of a killed run) is alive.
+pub struct RunLock {
+    #[allow(dead_code)] // held for its file descriptor
+    file: std::fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let mut who = String::new();
+                let _ = file.read_to_string(&mut who);
+                bail!(
+                    "{} is in use by another lopper run or its step (pid {}); wait for it to finish or stop it",
+                    dir.display(),
+                    who.trim()
+                );
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(RunLock { file })
+    }
+
+    #[cfg(unix)]
+    fn fd(&self) -> i32 {
+        use std::os::unix::io::AsRawFd;
+        self.file.as_raw_fd()
+    }
+}
+
+/// Runs a child lopper and parses its JSON stdout. The child dies with this process
+/// (Linux `PR_SET_PDEATHSIG`: SIGTERM when the parent dies, also by kill -9), so no step
+/// keeps working, unseen, after its run was stopped; it holds the run's lock while alive.
+fn child(o: &RunOpts, args: &[String], what: &str, lock: &RunLock) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(&o.exe);
+    cmd.args(args);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as i32;
+        let fd = lock.fd();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit) between fork
+        // and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                // Keep the run's lock open in the child (clear close-on-exec).
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = lock;
+    let out = cmd
         .output()
         .with_context(|| format!("cannot run {}", o.exe.display()))?;
     if !out.status.success() {
@@ -196,6 +269,8 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
     let t0 = Instant::now();
     std::fs::create_dir_all(o.out.join("steps"))
         .with_context(|| format!("cannot create {}", o.out.display()))?;
+    crate::util::check_writable(&o.out.join("report.json"), "run output")?;
+    let lock = RunLock::acquire(&o.out)?;
     let log = |m: String| {
         if o.progress {
             eprintln!("{m}");
@@ -225,7 +300,7 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
                     "training the dense model: lopper {}",
                     args.join(" ")
                 ));
-                child(o, &args, "training the dense model")
+                child(o, &args, "training the dense model", &lock)
             })?;
             if !ran && !p.exists() {
                 bail!(
@@ -242,9 +317,9 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
     eval_args.push("--json".into());
     let (dense, _) = cached(&o.out.join("dense.eval.json"), &eval_args, || {
         log("evaluating the dense model".into());
-        let mut v = child(o, &eval_args, "evaluating the dense model")?;
+        let mut v = child(o, &eval_args, "evaluating the dense model", &lock)?;
         let insp = vec!["inspect".to_string(), dense_path.clone(), "--json".into()];
-        if let Ok(c) = child(o, &insp, "inspecting the dense model") {
+        if let Ok(c) = child(o, &insp, "inspecting the dense model", &lock) {
             v["cost"] = serde_json::json!({"macs": c["total_macs"], "params": c["total_params"]});
         }
         Ok(v)
@@ -263,7 +338,7 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
                 s.args.join(" ")
             ));
             let t = Instant::now();
-            let report = child(o, &s.args, &format!("step {}", s.id))?;
+            let report = child(o, &s.args, &format!("step {}", s.id), &lock)?;
             Ok(StepResult {
                 step: s.clone(),
                 report,

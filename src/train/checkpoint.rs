@@ -3,11 +3,13 @@
 //! "checkpoint"`, epochs done, the training config and the history. Written atomically.
 
 use super::trainer::{EpochLog, TrainConfig};
+use crate::data::Dataset;
 use crate::graph::io::{graph_from_parts, tensors_from_bytes, tensors_to_bytes, FORMAT_VERSION};
 use crate::graph::Graph;
 use crate::util::atomic_write;
 use anyhow::{anyhow, Context, Result};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -18,9 +20,88 @@ pub struct Checkpoint {
     pub epochs_done: usize,
     pub config: TrainConfig,
     pub history: Vec<EpochLog>,
+    /// What the model was trained on; a resume on other data is refused. `None` in
+    /// checkpoints written before this field existed.
+    pub data: Option<DataIdentity>,
+}
+
+/// The identity of a training set: enough to tell that a resumed run reads the same data
+/// (another dataset, `--limit`, `--classes` or a changed file all differ).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// The dataset view's name (includes a class subset).
+    pub name: String,
+    pub samples: usize,
+    pub classes: usize,
+    /// Per-sample shape.
+    pub shape: [usize; 3],
+    /// FNV-1a over the view's labels and pixels.
+    pub fingerprint: String,
+}
+
+impl DataIdentity {
+    pub fn of(ds: &Dataset) -> DataIdentity {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |b: &[u8]| {
+            for &x in b {
+                h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for i in 0..ds.len() {
+            eat(&ds.label(i).to_le_bytes());
+            eat(ds.pixels(i));
+        }
+        DataIdentity {
+            name: ds.name.clone(),
+            samples: ds.len(),
+            classes: ds.num_classes,
+            shape: ds.shape,
+            fingerprint: format!("{h:016x}"),
+        }
+    }
+}
+
+/// The first field in which two JSON-serialisable values differ, as `(field, a, b)`.
+pub fn first_difference<T: Serialize>(a: &T, b: &T) -> Option<(String, String, String)> {
+    let (a, b) = (serde_json::to_value(a).ok()?, serde_json::to_value(b).ok()?);
+    fn walk(
+        path: &str,
+        a: &serde_json::Value,
+        b: &serde_json::Value,
+    ) -> Option<(String, String, String)> {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                for (k, va) in x {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    match y.get(k) {
+                        Some(vb) => {
+                            if let Some(d) = walk(&p, va, vb) {
+                                return Some(d);
+                            }
+                        }
+                        None => return Some((p, va.to_string(), "(absent)".into())),
+                    }
+                }
+                y.keys()
+                    .find(|k| !x.contains_key(*k))
+                    .map(|k| (k.clone(), "(absent)".into(), y[k].to_string()))
+            }
+            _ if a != b => Some((path.to_string(), a.to_string(), b.to_string())),
+            _ => None,
+        }
+    }
+    walk("", &a, &b)
 }
 
 pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
+    ck.graph
+        .check_finite()
+        .with_context(|| format!("refusing to write checkpoint {}", path.display()))?;
     let mut tensors: BTreeMap<String, Tensor> = ck
         .graph
         .params()
@@ -46,6 +127,9 @@ pub fn save(path: &Path, ck: &Checkpoint) -> Result<()> {
     );
     meta.insert("lopper.config".into(), serde_json::to_string(&ck.config)?);
     meta.insert("lopper.history".into(), serde_json::to_string(&ck.history)?);
+    if let Some(d) = &ck.data {
+        meta.insert("lopper.data".into(), serde_json::to_string(d)?);
+    }
     atomic_write(path, &tensors_to_bytes(&tensors, meta)?)
 }
 
@@ -68,5 +152,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         epochs_done: get("lopper.epochs_done")?.parse()?,
         config: serde_json::from_str(get("lopper.config")?)?,
         history: serde_json::from_str(get("lopper.history")?)?,
+        data: meta
+            .get("lopper.data")
+            .map(|d| serde_json::from_str(d))
+            .transpose()
+            .with_context(|| format!("{origin}: lopper.data is not a data identity"))?,
     })
 }

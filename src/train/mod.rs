@@ -11,5 +11,6 @@ mod trainer;
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::Schedule;
 pub use trainer::{
-    evaluate, fit_input, train, EpochLog, EvalResult, Teacher, TrainConfig, TrainOpts, TrainResult,
+    evaluate, fit_input, output_classes, train, EpochLog, EvalResult, Teacher, TrainConfig,
+    TrainOpts, TrainResult,
 };

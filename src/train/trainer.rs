@@ -2,7 +2,7 @@
 //! augments and drops out from seeds derived the same way, so a run resumed from an
 //! epoch checkpoint continues exactly as the uninterrupted run would.
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, Checkpoint, DataIdentity};
 use super::loss::{cross_entropy, distillation};
 use super::metrics::topk_correct;
 use super::optim::{Optimizer, OptimizerKind};
@@ -199,14 +199,31 @@ pub fn train(
     let mut opt = Optimizer::new(cfg.optimizer.clone(), cfg.weight_decay);
     let mut history = Vec::new();
     let mut start_epoch = 0;
+    // Hashing the pixels costs a pass over the data: only for checkpointed runs, once.
+    let ident = opts.checkpoint.as_ref().map(|_| DataIdentity::of(data));
     if let Some(path) = &opts.checkpoint {
         if path.exists() {
             let ck = checkpoint::load(path)?;
-            if &ck.config != cfg {
+            if let Some((field, was, now)) = checkpoint::first_difference(&ck.config, cfg) {
                 bail!(
-                    "{}: checkpoint was written with a different training config",
+                    "{}: checkpoint was written with a different training config: '{field}' was {was}, this run has {now}",
                     path.display()
                 );
+            }
+            let here = ident.as_ref().expect("computed for checkpointed runs");
+            match &ck.data {
+                Some(d) => {
+                    if let Some((field, was, now)) = checkpoint::first_difference(d, here) {
+                        bail!(
+                            "{}: checkpoint was trained on other data: '{field}' was {was}, this run has {now} (same --data, --limit, --classes and files are needed to resume)",
+                            path.display()
+                        );
+                    }
+                }
+                None => bail!(
+                    "{}: checkpoint does not record its training data (written by an older lopper), so a resume cannot be checked; start a new checkpoint",
+                    path.display()
+                ),
             }
             for (k, t) in ck.graph.params() {
                 g.set_param(k, t.as_tensor()).with_context(|| {
@@ -329,6 +346,7 @@ pub fn train(
                     epochs_done: epoch + 1,
                     config: cfg.clone(),
                     history: history.clone(),
+                    data: ident.clone(),
                 },
             )?;
         }

@@ -65,6 +65,12 @@ pub fn build(spec: &str, seed: u64) -> Result<Graph> {
     let (dshape, dk) = default_shape(base);
     let shape = shape.unwrap_or(dshape);
     let k = classes.unwrap_or(dk);
+    if k == 0 {
+        bail!("'{spec}': a model needs at least 1 class (the number after '#')");
+    }
+    if shape.len() != 3 || shape.contains(&0) {
+        bail!("'{spec}': the input shape after '@' must be CxHxW with every size >= 1");
+    }
     let g = if let Some(sizes) = base.strip_prefix("mlp:") {
         let sizes: Result<Vec<usize>, _> = sizes.split('-').map(|d| d.parse::<usize>()).collect();
         let sizes = sizes.with_context(|| format!("bad MLP sizes in '{spec}'"))?;

@@ -128,8 +128,14 @@ pub(super) fn tensor(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
 
 /// Parses ONNX bytes into a graph. `what` names the source in errors.
 pub fn import_bytes(bytes: &[u8], what: &str) -> Result<Graph> {
+    if bytes.is_empty() {
+        bail!("{what}: the file is empty (0 bytes), not an ONNX model");
+    }
     let model = ModelProto::parse_from_bytes(bytes)
         .map_err(|e| anyhow!("{what}: not a valid ONNX protobuf ({e})"))?;
+    if model.graph.is_none() && model.opset_import.is_empty() {
+        bail!("{what}: not an ONNX model (no graph and no opset; is it another kind of file?)");
+    }
     convert(&model).with_context(|| format!("importing {what}"))
 }
 
@@ -274,6 +280,13 @@ fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
     let T::TensorType(tt) = t else {
         bail!("input '{}' is not a tensor", v.name);
     };
+    if !super::value::is_float_type(tt.elem_type) {
+        bail!(
+            "input '{}' has element type {}; lopper imports models with one floating-point input (images or features), not token ids or other integer inputs",
+            v.name,
+            super::value::elem_type_name(tt.elem_type)
+        );
+    }
     let shape = tt
         .shape
         .as_ref()
