@@ -74,11 +74,11 @@ pub fn unit_open(s: &str) -> Result<f64, String> {
 
 /// A count that must be ≥ 1 (epochs of a method that needs them, batch size, steps).
 pub fn at_least_one(s: &str) -> Result<usize, String> {
-    let v: usize = num(s)?;
-    if v == 0 {
-        return Err("0 is out of range: must be >= 1".into());
+    let v: i128 = num(s)?;
+    if v < 1 {
+        return Err(format!("{v} is out of range: must be >= 1"));
     }
-    Ok(v)
+    usize::try_from(v).map_err(|_| format!("{v} is too large"))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "l1")]
     method: String,
     /// i-SpaSP: iterations T per module.
-    #[arg(long, default_value_t = 20, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 20, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     iterations: usize,
     /// i-SpaSP: how the pruned branch's batch norm is run: eval (consistent) or code (as the
     /// official code: batch statistics).
@@ -49,7 +49,7 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 0)]
     stamp_adapt: usize,
     /// STAMP: target samples the set encoder reads.
-    #[arg(long, default_value_t = 100, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 100, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     set_size: usize,
     /// DWR: cache of collected (d, w, r, accuracy) points (reused when it matches).
     #[arg(long)]
@@ -58,7 +58,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "all")]
     dwr_axes: String,
     /// DWR: resolution step in pixels for collection and snapping.
-    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     dwr_res_step: usize,
     /// local (same ratio per group) or global (one ranking).
     #[arg(long, default_value = "local")]
@@ -67,46 +67,46 @@ pub struct PruneArgs {
     #[arg(long)]
     lamp: bool,
     /// Remove this fraction of prunable channels.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = crate::argcheck::unit_half_open)]
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = crate::argcheck::unit_half_open, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// Keep at most this fraction of the dense MACs (e.g. 0.5).
-    #[arg(long, conflicts_with = "target_params", value_parser = crate::argcheck::keep_fraction)]
+    #[arg(long, conflicts_with = "target_params", value_parser = crate::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_macs: Option<f64>,
     /// Keep at most this fraction of the dense parameters.
-    #[arg(long, value_parser = crate::argcheck::keep_fraction)]
+    #[arg(long, value_parser = crate::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_params: Option<f64>,
     /// Kept widths are multiples of this.
-    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     round_to: usize,
     /// Per-layer ratio override NODE=RATIO (repeatable).
     #[arg(long = "override")]
     overrides: Vec<String>,
     /// Samples of the training set for data-driven criteria (default 512; i-SpaSP: 1280
     /// per module).
-    #[arg(long, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     calib: Option<usize>,
     #[arg(long, default_value_t = 0)]
     finetune_epochs: usize,
-    #[arg(long, default_value_t = 0.01, value_parser = crate::argcheck::positive)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::argcheck::positive, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = 128, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 128, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
     /// Distil from the dense model while fine-tuning (weight of the KD term).
-    #[arg(long, value_parser = crate::argcheck::unit_closed)]
+    #[arg(long, value_parser = crate::argcheck::unit_closed, allow_negative_numbers = true)]
     distill: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Evaluate on only this many test samples (faster, less precise).
-    #[arg(long, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     eval_limit: Option<usize>,
     /// Iterative pruning in this many steps (1 = one-shot).
-    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     steps: usize,
     /// Fine-tuning epochs between iterative steps.
     #[arg(long, default_value_t = 1)]
     step_epochs: usize,
     /// Fine-tune on only this many training samples (seeded subset).
-    #[arg(long, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     train_limit: Option<usize>,
     #[arg(short, long)]
     output: Option<PathBuf>,

@@ -16,18 +16,18 @@ pub struct MetaTrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 200, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 200, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     iterations: usize,
-    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     tasks: usize,
-    #[arg(long, default_value_t = 5, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 5, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     n_way: usize,
-    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
     n_per_class: usize,
     #[arg(long, default_value_t = 5)]
     inner_steps: usize,
     /// Weight of the gates' KL term (sparsity strength).
-    #[arg(long, default_value_t = 1e-4, value_parser = crate::argcheck::non_negative)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::argcheck::non_negative, allow_negative_numbers = true)]
     gamma: f64,
     /// Gated forwards use the pretrained BN running statistics instead of batch
     /// statistics (the BBDropout reference).
@@ -37,7 +37,7 @@ pub struct MetaTrainArgs {
     #[arg(long)]
     center_embedding: bool,
     /// Ramp the KL weight from 0 over this fraction of the iterations.
-    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_closed)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_closed, allow_negative_numbers = true)]
     kl_warmup: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,

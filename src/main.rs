@@ -32,7 +32,7 @@ struct Cli {
 enum Cmd {
     /// Train a small ResNet on the embedded 8x8 digits and print the summary (~1 minute).
     Demo {
-        #[arg(long, default_value_t = 30, value_parser = crate::argcheck::at_least_one)]
+        #[arg(long, default_value_t = 30, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
         epochs: usize,
         /// Print results as JSON on stdout.
         #[arg(long)]
@@ -46,7 +46,7 @@ enum Cmd {
         model: ModelArgs,
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long, default_value_t = 500, value_parser = crate::argcheck::at_least_one)]
+        #[arg(long, default_value_t = 500, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
         batch_size: usize,
         #[arg(long)]
         json: bool,
@@ -110,9 +110,9 @@ enum Cmd {
         /// Comma-separated ratios of each group's channels to remove.
         #[arg(long, default_value = "0.25,0.5,0.75")]
         ratios: String,
-        #[arg(long, default_value_t = 1000, value_parser = argcheck::at_least_one)]
+        #[arg(long, default_value_t = 1000, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
         eval_limit: usize,
-        #[arg(long, default_value_t = 512, value_parser = argcheck::at_least_one)]
+        #[arg(long, default_value_t = 512, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
         calib: usize,
         /// Write the chart here (SVG).
         #[arg(short, long)]
@@ -122,7 +122,7 @@ enum Cmd {
     },
     /// Time the reference workloads (median of N steps after warm-up, peak RSS).
     Bench {
-        #[arg(long, default_value_t = 30, value_parser = argcheck::at_least_one)]
+        #[arg(long, default_value_t = 30, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
         steps: usize,
         #[arg(long, default_value_t = 5)]
         warmup: usize,
@@ -166,7 +166,7 @@ struct DataArgs {
     classes: Option<String>,
     /// For an image folder without train/ and test/ folders: hold out this fraction of
     /// its images (a seeded random choice) as the test split.
-    #[arg(long, value_parser = argcheck::unit_open)]
+    #[arg(long, value_parser = argcheck::unit_open, allow_negative_numbers = true)]
     holdout: Option<f64>,
     /// Seed of the --holdout choice.
     #[arg(long, default_value_t = 0)]
@@ -186,27 +186,27 @@ struct TrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     epochs: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.1, value_parser = crate::argcheck::positive)]
+    #[arg(long, default_value_t = 0.1, value_parser = argcheck::positive, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = 5e-4, value_parser = crate::argcheck::non_negative)]
+    #[arg(long, default_value_t = 5e-4, value_parser = argcheck::non_negative, allow_negative_numbers = true)]
     weight_decay: f64,
     /// sgd or adamw.
     #[arg(long, default_value = "sgd")]
     optimizer: String,
-    #[arg(long, default_value_t = 0.9, value_parser = crate::argcheck::unit_half_open)]
+    #[arg(long, default_value_t = 0.9, value_parser = argcheck::unit_half_open, allow_negative_numbers = true)]
     momentum: f64,
     #[arg(long)]
     no_nesterov: bool,
     /// cosine, step:E1,E2[:gamma], or constant.
     #[arg(long, default_value = "cosine")]
     schedule: String,
-    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = argcheck::non_negative, allow_negative_numbers = true)]
     warmup_epochs: f64,
-    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_half_open)]
+    #[arg(long, default_value_t = 0.0, value_parser = argcheck::unit_half_open, allow_negative_numbers = true)]
     label_smoothing: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -214,7 +214,7 @@ struct TrainArgs {
     #[arg(long)]
     augment: Option<bool>,
     /// Use only this many training samples (seeded subset).
-    #[arg(long, value_parser = crate::argcheck::at_least_one)]
+    #[arg(long, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     limit: Option<usize>,
     /// Write the trained model here.
     #[arg(short, long)]
@@ -242,8 +242,17 @@ fn shared_model(name: &str, dir: Option<&Path>) -> Option<(String, PathBuf)> {
     }
 }
 
-/// A saved model file, a shared pretrained model, or a zoo model shaped for `data`.
+/// A saved model file, a shared pretrained model, or a zoo model shaped for `data`. A
+/// model with non-finite weights loads (to be inspected) with a warning naming the tensor.
 fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
+    let g = resolve_model_inner(m, data, dir)?;
+    if let Err(e) = g.check_finite() {
+        eprintln!("warning: {}: {e:#}", m.model);
+    }
+    Ok(g)
+}
+
+fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
     let p = Path::new(&m.model);
     if p.is_dir() {
         bail!(
@@ -278,12 +287,19 @@ fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> R
     let shared = spec != m.model;
     let mut spec = spec;
     if let Some(d) = data {
-        // A shared pretrained model keeps its own input shape (its weights need it).
-        if !shared && !spec.starts_with("mlp:") && !spec.contains('@') {
-            spec = format!("{spec}@{}x{}x{}", d.shape[0], d.shape[1], d.shape[2]);
-        }
-        if !spec.contains('#') && !spec.starts_with("mlp:") {
-            spec = format!("{spec}#{}", d.num_classes);
+        // A shared pretrained model keeps its own input shape and classes (its weights
+        // need them); a zoo model is shaped for the data: `name@CxHxW#K`.
+        if !shared && !spec.starts_with("mlp:") {
+            let (base, classes) = match spec.split_once('#') {
+                Some((b, k)) => (b.to_string(), k.to_string()),
+                None => (spec.clone(), d.num_classes.to_string()),
+            };
+            let base = if base.contains('@') {
+                base
+            } else {
+                format!("{base}@{}x{}x{}", d.shape[0], d.shape[1], d.shape[2])
+            };
+            spec = format!("{base}#{classes}");
         }
     }
     let g = zoo::build(&spec, m.init_seed)?;

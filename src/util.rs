@@ -116,6 +116,9 @@ pub fn check_writable(path: &Path, what: &str) -> Result<()> {
 /// Checks that a model output path ends in `.safetensors` or `.onnx` (the extension picks
 /// the format) and can be written.
 pub fn check_model_output(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("output {} is a directory; give a file path", path.display());
+    }
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") | Some("onnx") => {}
         _ => anyhow::bail!(

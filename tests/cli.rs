@@ -440,8 +440,8 @@ fn sparsify_runs_each_method_and_rejects_bad_input() {
     assert!((v["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
     // Bad input.
     for (args, want) in [
-        (vec!["--sparsity", "1.0"], "outside [0, 1)"),
-        (vec!["--sparsity=-0.2"], "outside [0, 1)"),
+        (vec!["--sparsity", "1.0"], "must be in [0, 1)"),
+        (vec!["--sparsity=-0.2"], "must be in [0, 1)"),
         (vec!["--pattern", "4:4"], "need 0 < N < M"),
         (vec!["--pattern", "5:4"], "need 0 < N < M"),
         (

@@ -101,3 +101,55 @@ fn atomic_save_leaves_no_temp_files() {
         .collect();
     assert_eq!(names, vec!["m.safetensors".to_string()]);
 }
+
+/// A small dense model and a compressed (CSR) sparse one, as saved bytes: the seeds of
+/// the loader fuzz test.
+fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let dense = zoo::build("resnet8", 0).unwrap();
+    let p = tmp("fuzz-dense.safetensors");
+    io::save(&dense, &p).unwrap();
+    let mlp = zoo::build("mlp:64-32-10", 0).unwrap();
+    let layers = lopper::sparse::layers::prunable_layers(&mlp);
+    lopper::methods::pts::uniform_magnitude(
+        &mlp,
+        &layers,
+        0.9,
+        lopper::sparse::mask::Pattern::Unstructured,
+    )
+    .unwrap();
+    let q = tmp("fuzz-sparse.safetensors");
+    io::save(&mlp, &q).unwrap();
+    vec![std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap()]
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Mutated safetensors model bytes (overwrite, insert, delete, truncate; in the
+    /// header and in the data): the loader returns Ok or an error, never panics. The
+    /// long run is `cargo run --release --example fuzz -- safetensors N` (BENCHMARKS §7).
+    #[test]
+    fn mutated_model_files_never_panic(
+        which in 0usize..2,
+        edits in prop::collection::vec((0usize..4000, any::<u8>(), 0u8..3), 1..8),
+        cut in prop::option::of(0usize..200_000),
+    ) {
+        thread_local!(static SEEDS: Vec<Vec<u8>> = fuzz_seeds());
+        let mut b = SEEDS.with(|s| s[which].clone());
+        for (pos, byte, kind) in edits {
+            // Positions fall in the first 4 KB: the header (graph JSON, tensor table).
+            let p = pos % b.len();
+            match kind {
+                0 => b[p] = byte,
+                1 => b.insert(p, byte),
+                _ => { b.remove(p); }
+            }
+        }
+        if let Some(c) = cut {
+            b.truncate(c.min(b.len()));
+        }
+        let _ = io::load_bytes(&b, "fuzz.safetensors");
+    }
+}

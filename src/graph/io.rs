@@ -285,9 +285,13 @@ fn decompress(
 pub fn load(path: &Path) -> Result<Graph> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
-    let origin = path.display().to_string();
-    let (tensors, meta) = tensors_from_bytes(&bytes, &origin)?;
-    graph_from_parts(&meta, tensors, &origin)
+    load_bytes(&bytes, &path.display().to_string())
+}
+
+/// [`load`] from bytes in memory (`origin` names them in errors).
+pub fn load_bytes(bytes: &[u8], origin: &str) -> Result<Graph> {
+    let (tensors, meta) = tensors_from_bytes(bytes, origin)?;
+    graph_from_parts(&meta, tensors, origin)
 }
 
 /// Rebuilds a graph from safetensors metadata + tensors (shared with checkpoints).

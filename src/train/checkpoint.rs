@@ -40,6 +40,32 @@ pub struct DataIdentity {
 }
 
 impl DataIdentity {
+    /// The first field (in the order a person would check them) that differs.
+    pub fn difference(&self, now: &DataIdentity) -> Option<(String, String, String)> {
+        let f = |a: String, b: String, n: &str| (a != b).then(|| (n.to_string(), a, b));
+        f(
+            format!("'{}'", self.name),
+            format!("'{}'", now.name),
+            "name",
+        )
+        .or_else(|| f(self.samples.to_string(), now.samples.to_string(), "samples"))
+        .or_else(|| f(self.classes.to_string(), now.classes.to_string(), "classes"))
+        .or_else(|| {
+            f(
+                format!("{:?}", self.shape),
+                format!("{:?}", now.shape),
+                "shape",
+            )
+        })
+        .or_else(|| {
+            f(
+                self.fingerprint.clone(),
+                now.fingerprint.clone(),
+                "fingerprint",
+            )
+        })
+    }
+
     pub fn of(ds: &Dataset) -> DataIdentity {
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         let mut eat = |b: &[u8]| {

@@ -213,7 +213,7 @@ pub fn train(
             let here = ident.as_ref().expect("computed for checkpointed runs");
             match &ck.data {
                 Some(d) => {
-                    if let Some((field, was, now)) = checkpoint::first_difference(d, here) {
+                    if let Some((field, was, now)) = d.difference(here) {
                         bail!(
                             "{}: checkpoint was trained on other data: '{field}' was {was}, this run has {now} (same --data, --limit, --classes and files are needed to resume)",
                             path.display()
