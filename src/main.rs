@@ -151,7 +151,8 @@ struct ModelArgs {
 
 #[derive(Args, Clone)]
 struct DataArgs {
-    /// Dataset: digits (embedded), mnist, fashion-mnist, cifar10, or a path to a JPEG tree/tar.
+    /// Dataset: digits (embedded), mnist, fashion-mnist, cifar10, or a path to a JPEG
+    /// folder or tar with train/ and test/ folders of <class>/*.jpg (else --holdout).
     #[arg(long, default_value = "digits")]
     data: String,
     /// Data directory (default: $LOPPER_DATA or ../shared/data).
@@ -302,7 +303,19 @@ fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>
             spec = format!("{base}#{classes}");
         }
     }
-    let g = zoo::build(&spec, m.init_seed)?;
+    let g = zoo::build(&spec, m.init_seed).map_err(|e| match data {
+        Some(d) if spec != m.model => e.context(format!(
+            "{} was shaped for the data '{}' ({}x{}x{} images{}); pass --data with a dataset it fits, or a shape such as {}@1x28x28",
+            m.model,
+            d.name,
+            d.shape[0],
+            d.shape[1],
+            d.shape[2],
+            if d.name == "digits" { ", the default dataset" } else { "" },
+            m.model.split(['@', '#']).next().unwrap_or(&m.model)
+        )),
+        _ => e,
+    })?;
     if let Some(w) = weights {
         io::load_weights(&g, &w)?;
     }

@@ -774,6 +774,15 @@ fn bad_model_arguments_get_clear_errors() {
         &["prune", "digit_recognizer_cnn", "--ratio", "0.5"],
         &["1x28x28", "8x8", "--data"],
     );
+    // A zoo model shaped for the default data that cannot take it.
+    refused(
+        &["prune", "lenet5", "--ratio", "0.5"],
+        &[
+            "shaped for the data 'digits'",
+            "the default dataset",
+            "--data",
+        ],
+    );
     // An integer-input ONNX model (token ids): refused by name.
     let g: Graph = lopper::zoo::build("mlp:8-4-2", 0).unwrap();
     let bytes = lopper::onnx::export::export_bytes(&g).unwrap();
