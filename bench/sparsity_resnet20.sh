@@ -8,12 +8,15 @@
 # run's searched genome. POT: 5 layer-wise tuning iterations per level (reference 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Overrides: LOPPER (binary), MODEL (dense model), OUT (report directory), SPARSITIES,
+# METHODS (space-separated names of the runs below, e.g. "pot" or "magnitude unipts").
 L=${LOPPER:-target/release/lopper}
-M=runs/resnet20-cifar10-c.safetensors
-O=runs/sparsity
+M=${MODEL:-runs/resnet20-cifar10-c.safetensors}
+O=${OUT:-runs/sparsity}
 mkdir -p $O
 common=(--data cifar10 --calib 2048 --seed 0 --json)
 run() { # name sparsity args...
+  if [ -n "${METHODS:-}" ] && [[ " $METHODS " != *" $1 "* ]]; then return 0; fi
   local f=$O/$1_$2.json; shift 2
   [ -f "$f" ] && return 0
   echo "== $f" >&2

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Builds the post-training sparsity table from runs/sparsity/*.json
-(bench/sparsity_resnet20.sh) into docs/results/sparsity_resnet20.md and .json."""
+(bench/sparsity_resnet20.sh) into docs/results/sparsity_resnet20.md and .json.
+Usage: sparsity_table.py [RUN_DIR [OUTPUT_NAME]] (defaults: runs/sparsity, sparsity_resnet20)."""
 import json, os, sys, glob
 
 root = os.path.join(os.path.dirname(__file__), "..")
-src = os.path.join(root, "runs", "sparsity")
+src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "runs", "sparsity")
+name = sys.argv[2] if len(sys.argv) > 2 else "sparsity_resnet20"
 methods = [
     ("magnitude", "uniform magnitude + BN recalibration"),
     ("global", "global magnitude + BN recalibration"),
@@ -39,6 +41,6 @@ for label, cells, times in rows:
     out.append(f"| {label} | " + " | ".join(cells) + " | " + " / ".join(times) + " |")
 text = "\n".join(out) + "\n"
 os.makedirs(os.path.join(root, "docs", "results"), exist_ok=True)
-open(os.path.join(root, "docs", "results", "sparsity_resnet20.md"), "w").write(text)
-json.dump(raw, open(os.path.join(root, "docs", "results", "sparsity_resnet20.json"), "w"), indent=1)
+open(os.path.join(root, "docs", "results", name + ".md"), "w").write(text)
+json.dump(raw, open(os.path.join(root, "docs", "results", name + ".json"), "w"), indent=1)
 print(text)
