@@ -1,7 +1,7 @@
 //! `lopper prune`: engine pruning with a criterion (one-shot or iterative) or a method
 //! (i-SpaSP), then optional fine-tuning, then the report (cost, latency, accuracy, widths).
 
-use crate::{load_split, pct, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::{Dataset, Split};
@@ -22,7 +22,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "l1")]
     method: String,
     /// i-SpaSP: iterations T per module.
-    #[arg(long, default_value_t = 20, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 20, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     iterations: usize,
     /// i-SpaSP: how the pruned branch's batch norm is run: eval (consistent) or code (as the
     /// official code: batch statistics).
@@ -49,7 +49,7 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 0)]
     stamp_adapt: usize,
     /// STAMP: target samples the set encoder reads.
-    #[arg(long, default_value_t = 100, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 100, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     set_size: usize,
     /// DWR: cache of collected (d, w, r, accuracy) points (reused when it matches).
     #[arg(long)]
@@ -58,7 +58,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "all")]
     dwr_axes: String,
     /// DWR: resolution step in pixels for collection and snapping.
-    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     dwr_res_step: usize,
     /// local (same ratio per group) or global (one ranking).
     #[arg(long, default_value = "local")]
@@ -67,46 +67,46 @@ pub struct PruneArgs {
     #[arg(long)]
     lamp: bool,
     /// Remove this fraction of prunable channels.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = crate::argcheck::unit_half_open, allow_negative_numbers = true)]
+    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// Keep at most this fraction of the dense MACs (e.g. 0.5).
-    #[arg(long, conflicts_with = "target_params", value_parser = crate::argcheck::keep_fraction, allow_negative_numbers = true)]
+    #[arg(long, conflicts_with = "target_params", value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_macs: Option<f64>,
     /// Keep at most this fraction of the dense parameters.
-    #[arg(long, value_parser = crate::argcheck::keep_fraction, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_params: Option<f64>,
     /// Kept widths are multiples of this.
-    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     round_to: usize,
     /// Per-layer ratio override NODE=RATIO (repeatable).
     #[arg(long = "override")]
     overrides: Vec<String>,
     /// Samples of the training set for data-driven criteria (default 512; i-SpaSP: 1280
     /// per module).
-    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     calib: Option<usize>,
     #[arg(long, default_value_t = 0)]
     finetune_epochs: usize,
-    #[arg(long, default_value_t = 0.01, value_parser = crate::argcheck::positive, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.01, value_parser = super::argcheck::positive, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = 128, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 128, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
     /// Distil from the dense model while fine-tuning (weight of the KD term).
-    #[arg(long, value_parser = crate::argcheck::unit_closed, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::unit_closed, allow_negative_numbers = true)]
     distill: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Evaluate on only this many test samples (faster, less precise).
-    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     eval_limit: Option<usize>,
     /// Iterative pruning in this many steps (1 = one-shot).
-    #[arg(long, default_value_t = 1, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     steps: usize,
     /// Fine-tuning epochs between iterative steps.
     #[arg(long, default_value_t = 1)]
     step_epochs: usize,
     /// Fine-tune on only this many training samples (seeded subset).
-    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     train_limit: Option<usize>,
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -241,8 +241,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         (train_ds, test_ds)
     } else {
         (
-            crate::labels_for_model(train_ds, &a.data, &dense, a.json)?,
-            crate::labels_for_model(test_ds, &a.data, &dense, true)?,
+            super::labels_for_model(train_ds, &a.data, &dense, a.json)?,
+            super::labels_for_model(test_ds, &a.data, &dense, true)?,
         )
     };
     let warnings = std::cell::RefCell::new(Vec::new());
@@ -254,7 +254,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let accuracy = |g: &Graph| -> Result<Option<f64>> {
         Ok(match no_data {
             true => None,
-            false => Some(crate::eval_warn(g, &test_ds, "test", &warnings, a.json)?.top1),
+            false => Some(super::eval_warn(g, &test_ds, "test", &warnings, a.json)?.top1),
         })
     };
     let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
@@ -299,7 +299,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         if a.curve {
             curve = Some(r.history.clone());
         }
-        let acc = crate::eval_warn(&pruned, &test_ds, "fine-tuned", &warnings, a.json)?.top1;
+        let acc = super::eval_warn(&pruned, &test_ds, "fine-tuned", &warnings, a.json)?.top1;
         log(format!(
             "fine-tuned {} epochs in {ft_secs:.1}s: top-1 {}",
             a.finetune_epochs,
@@ -327,7 +327,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         finetune_history: curve,
         warnings: warnings.into_inner(),
     };
-    crate::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
+    super::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
     if !a.json {
         println!(
             "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",

@@ -1,7 +1,7 @@
 //! `lopper stamp meta-train`: meta-trains STAMP's set encoder and mask generator on the
 //! reference data and writes the generator file `lopper prune --method stamp` reads.
 
-use crate::{load_split, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, ModelArgs};
 use anyhow::Result;
 use clap::Args;
 use lopper::data::Split;
@@ -10,24 +10,44 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// `lopper stamp <subcommand>`.
+#[derive(clap::Subcommand)]
+pub enum StampCmd {
+    /// Meta-train over class-subset tasks of the reference data (the model is the network
+    /// pretrained on it); writes the generator.
+    MetaTrain(Box<MetaTrainArgs>),
+}
+
+#[derive(clap::Args)]
+pub struct StampArgs {
+    #[command(subcommand)]
+    cmd: StampCmd,
+}
+
+pub fn run(a: StampArgs) -> Result<()> {
+    match a.cmd {
+        StampCmd::MetaTrain(m) => meta_train(*m),
+    }
+}
+
 #[derive(Args)]
 pub struct MetaTrainArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 200, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 200, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     iterations: usize,
-    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     tasks: usize,
-    #[arg(long, default_value_t = 5, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 5, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     n_way: usize,
-    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     n_per_class: usize,
     #[arg(long, default_value_t = 5)]
     inner_steps: usize,
     /// Weight of the gates' KL term (sparsity strength).
-    #[arg(long, default_value_t = 1e-4, value_parser = crate::argcheck::non_negative, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1e-4, value_parser = super::argcheck::non_negative, allow_negative_numbers = true)]
     gamma: f64,
     /// Gated forwards use the pretrained BN running statistics instead of batch
     /// statistics (the BBDropout reference).
@@ -37,7 +57,7 @@ pub struct MetaTrainArgs {
     #[arg(long)]
     center_embedding: bool,
     /// Ramp the KL weight from 0 over this fraction of the iterations.
-    #[arg(long, default_value_t = 0.0, value_parser = crate::argcheck::unit_closed, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::argcheck::unit_closed, allow_negative_numbers = true)]
     kl_warmup: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,

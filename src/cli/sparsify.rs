@@ -2,7 +2,7 @@
 //! (uniform or global), Wanda, POT or UniPTS — then the report: accuracy, per-layer
 //! sparsity, sparse MACs, dense vs sparse-kernel latency, wall time.
 
-use crate::{load_split, pct, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::Split;
@@ -27,39 +27,39 @@ pub struct SparsifyArgs {
     #[arg(long, default_value = "unipts")]
     method: String,
     /// Target fraction of zero weights over all conv and linear layers, in [0, 1).
-    #[arg(long, value_parser = crate::argcheck::unit_half_open, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     sparsity: Option<f64>,
     /// unstructured, or N:M such as 2:4 (magnitude, wanda, unipts).
     #[arg(long, default_value = "unstructured")]
     pattern: String,
     /// Calibration images drawn from the training split (no other training data is used).
-    #[arg(long, default_value_t = 2048, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 2048, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     calib: usize,
     /// Skip the batch-norm re-estimation of the one-shot baselines.
     #[arg(long)]
     no_recalib: bool,
     /// UniPTS: sparse-training epochs over the calibration set (reference 100).
-    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     epochs: usize,
-    #[arg(long, default_value_t = 0.01, value_parser = crate::argcheck::positive, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.01, value_parser = super::argcheck::positive, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = 64, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 64, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
     /// UniPTS: the evolutionary search (ga) or the uniform [P] genome (none, an ablation).
     #[arg(long, default_value = "ga")]
     search: String,
     /// UniPTS GA: population, generations, parents, and children of each kind
     /// (reference 25/25/10/12; the default is the spec's CPU proxy).
-    #[arg(long, default_value_t = 10, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     ga_pop: usize,
-    #[arg(long, default_value_t = 5, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 5, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     ga_gens: usize,
-    #[arg(long, default_value_t = 4, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     ga_parents: usize,
-    #[arg(long, default_value_t = 3, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 3, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     ga_children: usize,
     /// UniPTS: size of the search's bootstrap loader (default: the calibration size).
-    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     search_samples: Option<usize>,
     /// UniPTS: take the searched genome from an earlier run's report (REPORT.json) instead
     /// of searching again (the training ablations share one search).
@@ -75,7 +75,7 @@ pub struct SparsifyArgs {
     #[arg(long)]
     teacher_eval_bn: bool,
     /// POT: layer-wise tuning iterations per sparsity level (reference 30).
-    #[arg(long, default_value_t = 30, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 30, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     pot_iters: usize,
     /// UniPTS: evaluate on the test set after every epoch (logging only).
     #[arg(long)]
@@ -83,7 +83,7 @@ pub struct SparsifyArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Evaluate on only this many test samples.
-    #[arg(long, value_parser = crate::argcheck::at_least_one, allow_negative_numbers = true)]
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     eval_limit: Option<usize>,
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -184,15 +184,15 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
     }
     let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
-    let calib = crate::labels_for_model(calib, &a.data, &dense, a.json)?;
-    let test_ds = crate::labels_for_model(test_ds, &a.data, &dense, true)?;
+    let calib = super::labels_for_model(calib, &a.data, &dense, a.json)?;
+    let test_ds = super::labels_for_model(test_ds, &a.data, &dense, true)?;
     let log = |m: String| {
         if !a.json {
             eprintln!("{m}");
         }
     };
     let warnings = std::cell::RefCell::new(Vec::new());
-    let acc_dense = crate::eval_warn(&dense, &test_ds, "dense", &warnings, a.json)?.top1;
+    let acc_dense = super::eval_warn(&dense, &test_ds, "dense", &warnings, a.json)?.top1;
     log(format!("dense: top-1 {}", pct(acc_dense)));
     let cifar = a.data.data == "cifar10";
     let t = Instant::now();
@@ -305,7 +305,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         }
     };
     let seconds = t.elapsed().as_secs_f64();
-    let acc_sparse = crate::eval_warn(&sparse, &test_ds, "sparse", &warnings, a.json)?.top1;
+    let acc_sparse = super::eval_warn(&sparse, &test_ds, "sparse", &warnings, a.json)?.top1;
     let (rows, realised) = sparsity_report(&sparse)?;
     // Inference from here on runs the sparse kernels on the layers sparse enough for them.
     let packed = sparse.enable_sparse_kernels()?;
@@ -329,7 +329,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         details,
         warnings: warnings.into_inner(),
     };
-    crate::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
+    super::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
     if !a.json {
         println!(
             "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",

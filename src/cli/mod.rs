@@ -1,0 +1,302 @@
+//! The command line: one module per subcommand (its arguments and its `run`), and here
+//! what they share: the model and data arguments, model resolution, output writing and
+//! evaluation with warnings. `main.rs` only parses and dispatches.
+
+pub mod argcheck;
+pub mod bench;
+pub mod convert;
+pub mod demo;
+pub mod eval;
+pub mod forward;
+pub mod inspect;
+pub mod prune;
+pub mod run;
+pub mod sensitivity;
+pub mod sparsify;
+pub mod stamp;
+pub mod training;
+
+pub(crate) use anyhow::{bail, Context, Result};
+pub(crate) use clap::Args;
+pub(crate) use lopper::data::{self, Dataset, Split};
+pub(crate) use lopper::graph::{cost, io, Graph};
+pub(crate) use lopper::train;
+pub(crate) use lopper::zoo;
+pub(crate) use serde_json::json;
+pub(crate) use std::path::{Path, PathBuf};
+pub(crate) use std::time::Instant;
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Zoo name (e.g. resnet20, mlp:784-300-10, digit_recognizer_cnn) or a saved model file.
+    model: String,
+    /// Plain safetensors weights (PyTorch names) to load into a zoo model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seed of the initial weights of a zoo model.
+    #[arg(long, default_value_t = 0)]
+    init_seed: u64,
+}
+
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// Dataset: digits (embedded), mnist, fashion-mnist, cifar10, or a path to a JPEG
+    /// folder or tar with train/ and test/ folders of <class>/*.jpg (else --holdout).
+    #[arg(long, default_value = "digits")]
+    data: String,
+    /// Data directory (default: $LOPPER_DATA or ../shared/data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Input scaling: normalized (per-channel mean/std), unit ([0, 1]) or raw (0..255),
+    /// e.g. raw for models that expect raw pixels such as mnist-8.onnx.
+    #[arg(long, default_value = "normalized")]
+    input_scale: String,
+    /// Only these classes (comma-separated indices), relabelled 0.. in the given order.
+    #[arg(long)]
+    classes: Option<String>,
+    /// For an image folder without train/ and test/ folders: hold out this fraction of
+    /// its images (a seeded random choice) as the test split.
+    #[arg(long, value_parser = argcheck::unit_open, allow_negative_numbers = true)]
+    holdout: Option<f64>,
+    /// Seed of the --holdout choice.
+    #[arg(long, default_value_t = 0)]
+    holdout_seed: u64,
+}
+
+fn shared_model(name: &str, dir: Option<&Path>) -> Option<(String, PathBuf)> {
+    match name {
+        "digit_recognizer_cnn" => {
+            let d = dir.map(Path::to_path_buf).unwrap_or_else(data::data_dir);
+            Some((
+                "digit_cnn".into(),
+                d.join("models/digit_recognizer_cnn.safetensors"),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// A saved model file, a shared pretrained model, or a zoo model shaped for `data`. A
+/// model with non-finite weights loads (to be inspected) with a warning naming the tensor.
+fn resolve_model(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
+    let g = resolve_model_inner(m, data, dir)?;
+    if let Err(e) = g.check_finite() {
+        eprintln!("warning: {}: {e:#}", m.model);
+    }
+    Ok(g)
+}
+
+fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>) -> Result<Graph> {
+    let p = Path::new(&m.model);
+    if p.is_dir() {
+        bail!(
+            "model {} is a directory; give a .safetensors or .onnx file, or a zoo name",
+            m.model
+        );
+    }
+    if p.is_file() {
+        if m.weights.is_some() {
+            bail!(
+                "--weights loads plain weights into a zoo model; {} is a saved model that has its weights already",
+                m.model
+            );
+        }
+        let g = if p.extension().is_some_and(|e| e == "onnx") {
+            lopper::onnx::load(p)?
+        } else {
+            io::load(p)?
+        };
+        if let Some(d) = data {
+            check_input_fits(&g, d, &m.model)?;
+        }
+        return Ok(g);
+    }
+    if m.model.ends_with(".safetensors") || m.model.ends_with(".onnx") || m.model.contains('/') {
+        bail!("model file {} does not exist", m.model);
+    }
+    let (spec, weights) = match shared_model(&m.model, dir) {
+        Some((s, w)) => (s, Some(m.weights.clone().unwrap_or(w))),
+        None => (m.model.clone(), m.weights.clone()),
+    };
+    let shared = spec != m.model;
+    let mut spec = spec;
+    if let Some(d) = data {
+        // A shared pretrained model keeps its own input shape and classes (its weights
+        // need them); a zoo model is shaped for the data: `name@CxHxW#K`.
+        if !shared && !spec.starts_with("mlp:") {
+            let (base, classes) = match spec.split_once('#') {
+                Some((b, k)) => (b.to_string(), k.to_string()),
+                None => (spec.clone(), d.num_classes.to_string()),
+            };
+            let base = if base.contains('@') {
+                base
+            } else {
+                format!("{base}@{}x{}x{}", d.shape[0], d.shape[1], d.shape[2])
+            };
+            spec = format!("{base}#{classes}");
+        }
+    }
+    let g = zoo::build(&spec, m.init_seed).map_err(|e| match data {
+        Some(d) if spec != m.model => e.context(format!(
+            "{} was shaped for the data '{}' ({}x{}x{} images{}); pass --data with a dataset it fits, or a shape such as {}@1x28x28",
+            m.model,
+            d.name,
+            d.shape[0],
+            d.shape[1],
+            d.shape[2],
+            if d.name == "digits" { ", the default dataset" } else { "" },
+            m.model.split(['@', '#']).next().unwrap_or(&m.model)
+        )),
+        _ => e,
+    })?;
+    if let Some(w) = weights {
+        io::load_weights(&g, &w)?;
+    }
+    if let Some(d) = data {
+        check_input_fits(&g, d, &m.model)?;
+    }
+    Ok(g)
+}
+
+/// Refuses data whose images are smaller than the model's input (they would be upsampled
+/// silently): the usual cause is a 28×28 model run on the default 8×8 digits. Larger
+/// images are resized down (models whose resolution was pruned).
+fn check_input_fits(g: &Graph, d: &Dataset, model: &str) -> Result<()> {
+    let want = g.input_shape();
+    let per: usize = d.shape.iter().product();
+    if want.len() == 3 {
+        if want[0] != d.shape[0] || want[1] > d.shape[1] || want[2] > d.shape[2] {
+            bail!(
+                "{model} takes {}x{}x{} inputs but the data '{}' has {}x{}x{} images; pass --data with a dataset of that size (the default is the embedded 8x8 digits)",
+                want[0], want[1], want[2], d.name, d.shape[0], d.shape[1], d.shape[2]
+            );
+        }
+    } else if want.iter().product::<usize>() != per {
+        bail!(
+            "{model} takes inputs of {:?} values but the data '{}' has {}x{}x{} images ({per} values); pass --data with a dataset of that size (the default is the embedded 8x8 digits)",
+            want, d.name, d.shape[0], d.shape[1], d.shape[2]
+        );
+    }
+    Ok(())
+}
+
+/// Saves as ONNX for `.onnx` paths, else in lopper's safetensors format (both atomic).
+fn save_model(g: &Graph, path: &Path) -> Result<()> {
+    if path.extension().is_some_and(|e| e == "onnx") {
+        lopper::onnx::save(g, path)
+    } else {
+        io::save(g, path)
+    }
+}
+
+/// Writes a result model and its report: the report is embedded in the model file's
+/// metadata (`lopper.report`), so the model always carries the report of the run that made
+/// it, and written beside it as `OUT.report.json` with the model file's hash
+/// (`model_file.fnv64`), so a report left over from an earlier run (a kill between the two
+/// renames) is recognisable ([`lopper::graph::io::paired_report`]). Both writes are
+/// atomic. Prints the report if `json`.
+fn write_outputs(
+    g: &Graph,
+    output: Option<&Path>,
+    report: &impl serde::Serialize,
+    json: bool,
+) -> Result<()> {
+    let mut rep = serde_json::to_value(report)?;
+    if let Some(o) = output {
+        let text = serde_json::to_string(&rep)?;
+        let props = [("lopper.report", text.as_str())];
+        let hash = if o.extension().is_some_and(|e| e == "onnx") {
+            lopper::onnx::save_with(g, o, &props)?
+        } else {
+            io::save_with(g, o, &props)?
+        };
+        rep["model_file"] = json!({
+            "name": o.file_name().map(|f| f.to_string_lossy().to_string()),
+            "fnv64": format!("{hash:016x}"),
+        });
+        let rp = io::report_path(o);
+        lopper::util::atomic_write(&rp, serde_json::to_string_pretty(&rep)?.as_bytes())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    }
+    Ok(())
+}
+
+/// Evaluates and turns non-finite outputs into a warning (printed unless `quiet`, and
+/// kept for the report).
+fn eval_warn(
+    g: &Graph,
+    ds: &Dataset,
+    what: &str,
+    warnings: &std::cell::RefCell<Vec<String>>,
+    quiet: bool,
+) -> Result<train::EvalResult> {
+    let ev = train::evaluate(g, ds, 500)?;
+    if let Some(w) = ev.warning() {
+        let w = format!("{what}: {w}");
+        if !quiet {
+            eprintln!("warning: {w}");
+        }
+        warnings.borrow_mut().push(w);
+    }
+    Ok(ev)
+}
+
+/// With `--classes` the data are renumbered `0..k`; a model whose head still scores the
+/// original classes (and was not given a new head) must see the original labels, or its
+/// accuracy is meaningless.
+fn labels_for_model(ds: Dataset, d: &DataArgs, g: &Graph, quiet: bool) -> Result<Dataset> {
+    if d.classes.is_none() || !ds.is_relabelled() {
+        return Ok(ds);
+    }
+    let k = train::output_classes(g)?;
+    if k == ds.num_classes {
+        return Ok(ds);
+    }
+    let orig = ds.with_original_labels();
+    if (0..orig.len()).all(|i| (orig.label(i) as usize) < k) {
+        if !quiet {
+            eprintln!(
+                "note: the model scores {k} classes, so --classes keeps the original labels (no renumbering)"
+            );
+        }
+        return Ok(orig);
+    }
+    bail!(
+        "--classes selects {} classes, but the model scores {k} classes and some selected class is beyond them; give a model with {} outputs or one that scores the original classes",
+        ds.num_classes,
+        ds.num_classes
+    )
+}
+
+fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
+    let holdout = d.holdout.map(|fraction| data::Holdout {
+        fraction,
+        seed: d.holdout_seed,
+    });
+    let mut ds = data::load_with(&d.data, split, d.data_dir.as_deref(), holdout)?;
+    let c = ds.shape[0];
+    match d.input_scale.as_str() {
+        "normalized" => {}
+        "unit" => (ds.mean, ds.std) = (vec![0.0; c], vec![1.0; c]),
+        "raw" => (ds.mean, ds.std, ds.max_value) = (vec![0.0; c], vec![1.0; c], 1.0),
+        s => bail!("unknown --input-scale '{s}' (normalized, unit, raw)"),
+    }
+    if let Some(list) = &d.classes {
+        let cls: Vec<usize> = list
+            .split(',')
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .with_context(|| format!("--classes: '{c}' is not a class index"))
+            })
+            .collect::<Result<_>>()?;
+        ds = ds.class_subset(&cls)?;
+    }
+    Ok(ds)
+}
+
+pub(crate) fn pct(x: f64) -> String {
+    format!("{:.2}%", 100.0 * x)
+}
