@@ -1,7 +1,7 @@
 //! The self-contained HTML report of a recipe run: inline SVG charts and tables, no
 //! scripts, no external resources, so it renders offline in any browser.
 
-use super::run::RunReport;
+use super::report::RunReport;
 use crate::svg::{bar_chart, esc, line_chart, Series};
 use std::collections::BTreeMap;
 

@@ -9,6 +9,7 @@
 //! carry the span of the offending value.
 
 pub mod html;
+pub mod report;
 pub mod run;
 
 use anyhow::{anyhow, bail, Result};

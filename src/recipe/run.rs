@@ -4,6 +4,7 @@
 //! whose cache holds the same arguments is not run again, so an interrupted run resumes
 //! where it stopped; changing a step's settings reruns only that step.
 
+pub use super::report::{RunReport, Step, StepResult};
 use super::{html, Recipe};
 use crate::util::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,38 +19,6 @@ pub struct RunOpts {
     pub exe: PathBuf,
     pub data_dir: Option<PathBuf>,
     pub progress: bool,
-}
-
-/// One planned step.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Step {
-    pub id: String,
-    pub label: String,
-    pub method: String,
-    /// "prune" (budget = kept MACs fraction) or "sparsify" (budget = sparsity).
-    pub kind: String,
-    pub budget: f64,
-    pub seed: u64,
-    pub args: Vec<String>,
-}
-
-/// A finished step as cached.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StepResult {
-    pub step: Step,
-    pub report: serde_json::Value,
-    pub seconds: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunReport {
-    pub recipe: Recipe,
-    pub dense: serde_json::Value,
-    pub steps: Vec<StepResult>,
-    /// Steps run by this invocation (the rest came from the cache).
-    pub ran: Vec<String>,
-    pub machine: serde_json::Value,
-    pub seconds: f64,
 }
 
 fn opt_str(v: &toml::Value) -> Option<String> {
@@ -171,8 +140,18 @@ impl RunLock {
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;
+            // A run that was just killed takes its children with it, but they need a
+            // moment to exit: wait a little before calling the directory busy.
+            let t = std::time::Instant::now();
             // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let try_lock =
+                || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let mut r = try_lock();
+            while r != 0 && t.elapsed() < std::time::Duration::from_secs(5) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                r = try_lock();
+            }
+            if r != 0 {
                 let mut who = String::new();
                 let _ = file.read_to_string(&mut who);
                 bail!(

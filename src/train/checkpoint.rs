@@ -2,7 +2,7 @@
 //! optimizer state tensors under `__opt.` and, in the metadata, `lopper.format =
 //! "checkpoint"`, epochs done, the training config and the history. Written atomically.
 
-use super::trainer::{EpochLog, TrainConfig};
+use super::config::{EpochLog, TrainConfig};
 use crate::data::Dataset;
 use crate::graph::io::{graph_from_parts, tensors_from_bytes, tensors_to_bytes, FORMAT_VERSION};
 use crate::graph::Graph;

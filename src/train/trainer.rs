@@ -3,178 +3,21 @@
 //! epoch checkpoint continues exactly as the uninterrupted run would.
 
 use super::checkpoint::{self, Checkpoint, DataIdentity};
+use super::config::{EpochLog, TrainConfig, TrainOpts, TrainResult};
+use super::eval::{evaluate, fit_input, output_classes};
 use super::loss::{cross_entropy, distillation};
 use super::metrics::topk_correct;
-use super::optim::{Optimizer, OptimizerKind};
-use super::schedule::{lr_at, Schedule};
+use super::optim::Optimizer;
+use super::schedule::lr_at;
 use crate::data::{Augment, Dataset};
 use crate::exec::{forward_with, ForwardOpts, Mode};
 use crate::graph::Graph;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use std::time::Instant;
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub optimizer: OptimizerKind,
-    pub schedule: Schedule,
-    pub warmup_epochs: f64,
-    pub label_smoothing: f64,
-    pub seed: u64,
-    pub crop_pad: usize,
-    pub hflip: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            epochs: 10,
-            batch_size: 128,
-            lr: 0.1,
-            weight_decay: 5e-4,
-            optimizer: OptimizerKind::Sgd {
-                momentum: 0.9,
-                nesterov: true,
-            },
-            schedule: Schedule::Cosine { min_lr: 0.0 },
-            warmup_epochs: 0.0,
-            label_smoothing: 0.0,
-            seed: 0,
-            crop_pad: 0,
-            hflip: false,
-        }
-    }
-}
-
-/// A dense model to distil from: loss = (1-alpha)·CE + alpha·KD(T).
-pub struct Teacher<'a> {
-    pub graph: &'a Graph,
-    pub temperature: f64,
-    pub alpha: f64,
-}
-
-#[derive(Default)]
-pub struct TrainOpts<'a> {
-    pub progress: bool,
-    /// Write a checkpoint here after every epoch.
-    pub checkpoint: Option<PathBuf>,
-    pub teacher: Option<Teacher<'a>>,
-    /// Evaluate on this set after every epoch.
-    pub test: Option<&'a Dataset>,
-    /// Stop after this many epochs in this call (for interrupt/resume tests), if set.
-    pub stop_after: Option<usize>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub lr: f64,
-    pub train_loss: f64,
-    pub train_top1: f64,
-    pub test_top1: Option<f64>,
-    pub test_top5: Option<f64>,
-    pub seconds: f64,
-    pub samples_per_sec: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainResult {
-    pub history: Vec<EpochLog>,
-    pub seconds: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct EvalResult {
-    pub n: usize,
-    pub loss: f64,
-    pub top1: f64,
-    pub top5: f64,
-    pub correct: usize,
-    /// Samples whose logits held a NaN or an infinity; they count as wrong.
-    #[serde(default)]
-    pub non_finite: usize,
-}
-
-impl EvalResult {
-    /// A one-line warning when some outputs were not finite, for every report to print.
-    pub fn warning(&self) -> Option<String> {
-        (self.non_finite > 0).then(|| {
-            format!(
-                "{} of {} test outputs were not finite (NaN or infinity) and count as wrong; the model's weights or inputs are broken",
-                self.non_finite, self.n
-            )
-        })
-    }
-}
-
-/// Number of classes the graph's first output scores (its last dimension).
-pub fn output_classes(g: &Graph) -> Result<usize> {
-    let shapes = g.shapes()?;
-    let out = *g.outputs.first().context("the model has no output")?;
-    shapes[out]
-        .last()
-        .copied()
-        .with_context(|| format!("output '{}' is a scalar", g.nodes[out].name))
-}
-
-/// Fits a `[B, C, H, W]` batch to the graph's input shape: reshaped for flat inputs (MLPs),
-/// bilinearly resized when only the resolution differs (resolution-pruned models).
-pub fn fit_input(g: &Graph, x: Tensor) -> Result<Tensor> {
-    let want = g.input_shape();
-    if &x.dims()[1..] == want.as_slice() {
-        return Ok(x);
-    }
-    if x.rank() == 4 && want.len() == 3 && x.dim(1)? == want[0] {
-        return crate::data::resize::bilinear(&x, want[1], want[2]);
-    }
-    let per: usize = x.dims()[1..].iter().product();
-    if per != want.iter().product::<usize>() {
-        bail!(
-            "data samples have shape {:?}, the model expects {:?}",
-            &x.dims()[1..],
-            want
-        );
-    }
-    let mut d = vec![x.dim(0)?];
-    d.extend(want);
-    Ok(x.reshape(d)?)
-}
-
-/// Top-1/top-5 accuracy and mean loss in eval mode.
-pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
-    let dev = Device::Cpu;
-    ds.check_labels(output_classes(g)?)?;
-    let (mut c1, mut c5, mut bad, mut loss) = (0usize, 0usize, 0usize, 0f64);
-    let pos: Vec<usize> = (0..ds.len()).collect();
-    for chunk in pos.chunks(batch.max(1)) {
-        let (x, y) = ds.batch(chunk, None, &dev)?;
-        let logits = crate::exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
-        let l = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
-        loss += l * chunk.len() as f64;
-        let t = topk_correct(&logits, &y)?;
-        c1 += t.top1;
-        c5 += t.top5;
-        bad += t.non_finite;
-    }
-    let n = ds.len().max(1) as f64;
-    Ok(EvalResult {
-        n: ds.len(),
-        loss: loss / n,
-        top1: c1 as f64 / n,
-        top5: c5 as f64 / n,
-        correct: c1,
-        non_finite: bad,
-    })
-}
 
 /// Trains `g` in place on `train`. With `opts.checkpoint` set and a checkpoint present
 /// there, continues from it (same config required).
