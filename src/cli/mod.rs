@@ -4,6 +4,7 @@
 
 pub mod argcheck;
 pub mod bench;
+pub mod choices;
 pub mod convert;
 pub mod demo;
 pub mod eval;
@@ -47,10 +48,9 @@ struct DataArgs {
     /// Data directory (default: $LOPPER_DATA or ../shared/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Input scaling: normalized (per-channel mean/std), unit ([0, 1]) or raw (0..255),
-    /// e.g. raw for models that expect raw pixels such as mnist-8.onnx.
-    #[arg(long, default_value = "normalized")]
-    input_scale: String,
+    /// Input scaling.
+    #[arg(long, value_enum, default_value_t = choices::InputScale::Normalized)]
+    input_scale: choices::InputScale,
     /// Only these classes (comma-separated indices), relabelled 0.. in the given order.
     #[arg(long)]
     classes: Option<String>,
@@ -277,11 +277,12 @@ fn load_split(d: &DataArgs, split: Split) -> Result<Dataset> {
     });
     let mut ds = data::load_with(&d.data, split, d.data_dir.as_deref(), holdout)?;
     let c = ds.shape[0];
-    match d.input_scale.as_str() {
-        "normalized" => {}
-        "unit" => (ds.mean, ds.std) = (vec![0.0; c], vec![1.0; c]),
-        "raw" => (ds.mean, ds.std, ds.max_value) = (vec![0.0; c], vec![1.0; c], 1.0),
-        s => bail!("unknown --input-scale '{s}' (normalized, unit, raw)"),
+    match d.input_scale {
+        choices::InputScale::Normalized => {}
+        choices::InputScale::Unit => (ds.mean, ds.std) = (vec![0.0; c], vec![1.0; c]),
+        choices::InputScale::Raw => {
+            (ds.mean, ds.std, ds.max_value) = (vec![0.0; c], vec![1.0; c], 1.0)
+        }
     }
     if let Some(list) = &d.classes {
         let cls: Vec<usize> = list

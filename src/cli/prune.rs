@@ -1,13 +1,14 @@
 //! `lopper prune`: engine pruning with a criterion (one-shot or iterative) or a method
 //! (i-SpaSP), then optional fine-tuning, then the report (cost, latency, accuracy, widths).
 
+use super::choices::{name, BnModeArg, DwrAxes, PruneMethod, ScopeArg, ThresholdArg};
 use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::{Dataset, Split};
 use lopper::graph::{cost, Graph};
 use lopper::methods::ispasp;
-use lopper::prune::{self, report, Budget, Criterion, PlanConfig, Scope};
+use lopper::prune::{self, report, Budget, PlanConfig};
 use lopper::train::{self, Schedule, TrainConfig, TrainOpts};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,19 +19,19 @@ pub struct PruneArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    /// Criterion (random, l1, l2, fpgm, bn-scale, taylor, act-mean, apoz) or method (ispasp).
-    #[arg(long, default_value = "l1")]
-    method: String,
+    /// An importance criterion of the engine, or a method (ispasp, dwr, stamp).
+    #[arg(long, value_enum, default_value_t = PruneMethod::L1)]
+    method: PruneMethod,
     /// i-SpaSP: iterations T per module.
     #[arg(long, default_value_t = 20, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     iterations: usize,
     /// i-SpaSP: how the pruned branch's batch norm is run: eval (consistent) or code (as the
     /// official code: batch statistics).
-    #[arg(long, default_value = "eval")]
-    bn_mode: String,
+    #[arg(long, value_enum, default_value_t = BnModeArg::Eval)]
+    bn_mode: BnModeArg,
     /// i-SpaSP: threshold the merged set by activation (the paper) or importance.
-    #[arg(long, default_value = "activation")]
-    threshold: String,
+    #[arg(long, value_enum, default_value_t = ThresholdArg::Activation)]
+    threshold: ThresholdArg,
     /// i-SpaSP: after each module, fine-tune one pass over this many training samples.
     #[arg(long, default_value_t = 0)]
     block_ft_samples: usize,
@@ -55,14 +56,14 @@ pub struct PruneArgs {
     #[arg(long)]
     dwr_cache: Option<PathBuf>,
     /// DWR: which axes may change: all, depth, width or resolution (baselines).
-    #[arg(long, default_value = "all")]
-    dwr_axes: String,
+    #[arg(long, value_enum, default_value_t = DwrAxes::All)]
+    dwr_axes: DwrAxes,
     /// DWR: resolution step in pixels for collection and snapping.
     #[arg(long, default_value_t = 4, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     dwr_res_step: usize,
     /// local (same ratio per group) or global (one ranking).
-    #[arg(long, default_value = "local")]
-    scope: String,
+    #[arg(long, value_enum, default_value_t = ScopeArg::Local)]
+    scope: ScopeArg,
     /// LAMP-normalise scores for global ranking.
     #[arg(long)]
     lamp: bool,
@@ -188,7 +189,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     if let Some(c) = &a.dwr_cache {
         lopper::util::check_writable(c, "--dwr-cache")?;
     }
-    if a.lamp && a.scope != "global" {
+    if a.lamp && a.scope != ScopeArg::Global {
         bail!("--lamp normalises scores for one global ranking; it needs --scope global (a local scope ranks each group alone, where LAMP changes nothing)");
     }
     let budget = parse_budget(&a)?;
@@ -197,12 +198,12 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     // to shrink an imported ONNX model.
     let no_data = a.data.data == "none";
     if no_data {
-        let crit = Criterion::parse(&a.method).ok();
+        let crit = a.method.criterion();
         if crit.is_none_or(|c| c.needs_data()) || a.finetune_epochs > 0 || a.steps > 1 {
             bail!(
                 "--data none allows only data-free criteria (random, l1, l2, fpgm, bn-scale), \
                  one step and no fine-tuning; '{}' needs data",
-                a.method
+                name(&a.method)
             );
         }
     }
@@ -237,7 +238,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         a.data.data_dir.as_deref(),
     )?;
     // STAMP gives the pruned net a new head for the target's classes: keep the renumbering.
-    let (train_ds, test_ds) = if no_data || a.method == "stamp" {
+    let (train_ds, test_ds) = if no_data || a.method == PruneMethod::Stamp {
         (train_ds, test_ds)
     } else {
         (
@@ -260,10 +261,10 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
     let acc_dense = accuracy(&dense)?;
     log(format!("dense: top-1 {}", show(acc_dense)));
-    let p = match a.method.as_str() {
-        "ispasp" => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
-        "dwr" => prune_dwr(&a, &dense, &train_ds, &test_ds, budget, &log)?,
-        "stamp" => prune_stamp(&a, &dense, &train_ds, budget)?,
+    let p = match a.method {
+        PruneMethod::Ispasp => prune_ispasp(&a, &dense, &train_ds, budget, &overrides, &log)?,
+        PruneMethod::Dwr => prune_dwr(&a, &dense, &train_ds, &test_ds, budget, &log)?,
+        PruneMethod::Stamp => prune_stamp(&a, &dense, &train_ds, budget)?,
         _ => prune_engine(&a, &dense, &train_ds, &test_ds, budget, &overrides, &log)?,
     };
     let pruned = p.graph;
@@ -310,8 +311,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     let ds = report::snapshot(&dense, 10)?;
     let ps = report::snapshot(&pruned, 10)?;
     let rep = report::PruneReport {
-        method: a.method.clone(),
-        scope: a.scope.clone(),
+        method: name(&a.method),
+        scope: name(&a.scope),
         budget: format!("{budget:?}"),
         macs_ratio: ps.macs as f64 / ds.macs as f64,
         params_ratio: ps.params as f64 / ds.params as f64,
@@ -331,8 +332,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     if !a.json {
         println!(
             "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
-            a.method,
-            a.scope,
+            rep.method,
+            rep.scope,
             rep.budget,
             cost::human(rep.dense.macs),
             cost::human(rep.pruned.macs),
@@ -369,12 +370,8 @@ fn prune_engine(
     overrides: &[(String, f64)],
     log: &dyn Fn(String),
 ) -> Result<Pruned> {
-    let criterion = Criterion::parse(&a.method)?;
-    let scope = match a.scope.as_str() {
-        "local" => Scope::Local,
-        "global" => Scope::Global,
-        s => bail!("unknown scope '{s}' (local, global)"),
-    };
+    let criterion = a.method.criterion().context("not an engine criterion")?;
+    let scope = a.scope.scope();
     // One-shot (steps = 1) or iterative: each step moves the budget a step closer to the
     // target, relative to the original dense model, with optional fine-tuning between.
     let t = Instant::now();
@@ -447,10 +444,9 @@ fn prune_ispasp(
 ) -> Result<Pruned> {
     let select = ispasp::SelectConfig {
         iterations: a.iterations,
-        threshold: match a.threshold.as_str() {
-            "activation" => ispasp::Threshold::ActivationL1,
-            "importance" => ispasp::Threshold::Importance,
-            t => bail!("unknown --threshold '{t}' (activation, importance)"),
+        threshold: match a.threshold {
+            ThresholdArg::Activation => ispasp::Threshold::ActivationL1,
+            ThresholdArg::Importance => ispasp::Threshold::Importance,
         },
         ..Default::default()
     };
@@ -461,10 +457,9 @@ fn prune_ispasp(
             .collect(),
         select,
         samples: a.calib.unwrap_or(1280),
-        bn_mode: match a.bn_mode.as_str() {
-            "eval" => ispasp::BnMode::EvalConsistent,
-            "code" => ispasp::BnMode::CodeFaithful,
-            m => bail!("unknown --bn-mode '{m}' (eval, code)"),
+        bn_mode: match a.bn_mode {
+            BnModeArg::Eval => ispasp::BnMode::EvalConsistent,
+            BnModeArg::Code => ispasp::BnMode::CodeFaithful,
         },
         seed: a.seed,
         ..Default::default()
@@ -595,13 +590,7 @@ fn prune_dwr(
     let Budget::Macs(t) = budget else {
         bail!("DWR takes --target-macs (a fraction of the dense MACs)");
     };
-    let axes = match a.dwr_axes.as_str() {
-        "all" => [true; 3],
-        "depth" => [true, false, false],
-        "width" => [false, true, false],
-        "resolution" => [false, false, true],
-        x => bail!("unknown --dwr-axes '{x}' (all, depth, width, resolution)"),
-    };
+    let axes = a.dwr_axes.mask();
     let cfg = dwr::DwrConfig {
         ft_epochs: a.step_epochs,
         res_step: a.dwr_res_step,
@@ -668,7 +657,7 @@ fn prune_dwr(
         prune_seconds: t0.elapsed().as_secs_f64() - train_secs,
         train_seconds: train_secs,
         details: Some(serde_json::json!({
-            "axes": a.dwr_axes,
+            "axes": name(&a.dwr_axes),
             "points": points,
             "map": sol.map,
             "loo": sol.loo,

@@ -1,5 +1,6 @@
 //! Prune each dependency group alone at several ratios; table + SVG chart.
 
+use super::choices::CriterionArg;
 use super::*;
 
 #[derive(Args)]
@@ -8,8 +9,8 @@ pub struct SensitivityArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value = "l1")]
-    method: String,
+    #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
+    method: CriterionArg,
     /// Comma-separated ratios of each group's channels to remove.
     #[arg(long, default_value = "0.25,0.5,0.75")]
     ratios: String,
@@ -35,8 +36,9 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         output,
         json: j,
     } = a;
-    use lopper::prune::{self, Criterion};
-    let crit = Criterion::parse(&method)?;
+    use lopper::prune;
+    let crit = method.criterion();
+    let method = super::choices::name(&method);
     let ratios: Vec<f64> = ratios
         .split(',')
         .map(|r| {

@@ -2,6 +2,7 @@
 //! (uniform or global), Wanda, POT or UniPTS — then the report: accuracy, per-layer
 //! sparsity, sparse MACs, dense vs sparse-kernel latency, wall time.
 
+use super::choices::{name, SearchArg, SparsifyMethod};
 use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -24,8 +25,8 @@ pub struct SparsifyArgs {
     #[command(flatten)]
     data: DataArgs,
     /// magnitude (uniform per layer), global (one magnitude threshold), wanda, pot, unipts.
-    #[arg(long, default_value = "unipts")]
-    method: String,
+    #[arg(long, value_enum, default_value_t = SparsifyMethod::Unipts)]
+    method: SparsifyMethod,
     /// Target fraction of zero weights over all conv and linear layers, in [0, 1).
     #[arg(long, value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     sparsity: Option<f64>,
@@ -46,8 +47,8 @@ pub struct SparsifyArgs {
     #[arg(long, default_value_t = 64, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
     /// UniPTS: the evolutionary search (ga) or the uniform [P] genome (none, an ablation).
-    #[arg(long, default_value = "ga")]
-    search: String,
+    #[arg(long, value_enum, default_value_t = SearchArg::Ga)]
+    search: SearchArg,
     /// UniPTS GA: population, generations, parents, and children of each kind
     /// (reference 25/25/10/12; the default is the spec's CPU proxy).
     #[arg(long, default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
@@ -155,18 +156,12 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         }
     };
     check_sparsity(target)?;
-    if matches!(pattern, Pattern::NM { .. }) && matches!(a.method.as_str(), "global" | "pot") {
+    if matches!(pattern, Pattern::NM { .. })
+        && matches!(a.method, SparsifyMethod::Global | SparsifyMethod::Pot)
+    {
         bail!(
             "method '{}' has no N:M variant; use magnitude, wanda or unipts",
-            a.method
-        );
-    }
-    let known = lopper::recipe::SPARSIFY_METHODS;
-    if !known.contains(&a.method.as_str()) {
-        bail!(
-            "unknown sparsity method '{}' ({})",
-            a.method,
-            known.join(", ")
+            name(&a.method)
         );
     }
     let train_ds = load_split(&a.data, Split::Train)?;
@@ -211,26 +206,26 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         }
         Ok(())
     };
-    let sparse = match a.method.as_str() {
-        "magnitude" => {
+    let sparse = match a.method {
+        SparsifyMethod::Magnitude => {
             let g = dense.deep_clone()?;
             pts::uniform_magnitude(&g, &layers, target, pattern)?;
             recal(&g)?;
             g
         }
-        "global" => {
+        SparsifyMethod::Global => {
             let g = dense.deep_clone()?;
             pts::global_magnitude(&g, &layers, target)?;
             recal(&g)?;
             g
         }
-        "wanda" => {
+        SparsifyMethod::Wanda => {
             let g = dense.deep_clone()?;
             pts::wanda(&g, &layers, &calib, target, pattern)?;
             recal(&g)?;
             g
         }
-        "pot" => pts::pot(
+        SparsifyMethod::Pot => pts::pot(
             &dense,
             &calib,
             target,
@@ -240,9 +235,9 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
                 ..Default::default()
             },
         )?,
-        _ => {
-            let ga = match a.search.as_str() {
-                "ga" => Some(GaConfig {
+        SparsifyMethod::Unipts => {
+            let ga = match a.search {
+                SearchArg::Ga => Some(GaConfig {
                     population: a.ga_pop,
                     generations: a.ga_gens,
                     parents: a.ga_parents,
@@ -251,8 +246,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
                     p_mut: 0.1,
                     seed: a.seed,
                 }),
-                "none" => None,
-                s => bail!("unknown --search '{s}' (ga, none)"),
+                SearchArg::None => None,
             };
             let mut dst = DstConfig::with_epochs(a.epochs);
             dst.lr = a.lr;
@@ -311,7 +305,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     let packed = sparse.enable_sparse_kernels()?;
     log(format!("{packed} layers run on the sparse kernels"));
     let rep = SparsifyReport {
-        method: a.method.clone(),
+        method: name(&a.method),
         pattern: a.pattern.clone(),
         target,
         sparsity: realised,
@@ -333,7 +327,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     if !a.json {
         println!(
             "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",
-            a.method,
+            rep.method,
             a.pattern,
             100.0 * target,
             100.0 * realised,

@@ -1,6 +1,7 @@
 //! `lopper train`: train a model (zoo name or saved model) on a dataset, with resumable
 //! checkpoints.
 
+use super::choices::OptimizerArg;
 use super::*;
 use lopper::train::{OptimizerKind, Schedule, TrainConfig, TrainOpts};
 
@@ -18,9 +19,8 @@ pub struct TrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 5e-4, value_parser = argcheck::non_negative, allow_negative_numbers = true)]
     weight_decay: f64,
-    /// sgd or adamw.
-    #[arg(long, default_value = "sgd")]
-    optimizer: String,
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    optimizer: OptimizerArg,
     #[arg(long, default_value_t = 0.9, value_parser = argcheck::unit_half_open, allow_negative_numbers = true)]
     momentum: f64,
     #[arg(long)]
@@ -96,17 +96,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let train_ds = labels_for_model(train_ds, &a.data, &g, a.json)?;
     let test_ds = labels_for_model(test_ds, &a.data, &g, true)?;
     let aug = a.augment.unwrap_or(a.data.data == "cifar10");
-    let optimizer = match a.optimizer.as_str() {
-        "sgd" => OptimizerKind::Sgd {
+    let optimizer = match a.optimizer {
+        OptimizerArg::Sgd => OptimizerKind::Sgd {
             momentum: a.momentum,
             nesterov: !a.no_nesterov,
         },
-        "adamw" => OptimizerKind::Adamw {
+        OptimizerArg::Adamw => OptimizerKind::Adamw {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
         },
-        o => bail!("unknown optimizer '{o}' (sgd, adamw)"),
     };
     let cfg = TrainConfig {
         epochs: a.epochs,
