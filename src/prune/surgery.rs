@@ -98,7 +98,20 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                     p.before = keep[i].iter().filter(|&&c| c < before).count();
                     p.after = keep[i].iter().filter(|&&c| c >= before + total_in).count();
                 }
-                _ => {}
+                // Shape follows the inputs; no attribute counts channels.
+                Op::Input(_)
+                | Op::Activation(_)
+                | Op::MaxPool(_)
+                | Op::AvgPool(_)
+                | Op::GlobalAvgPool(_)
+                | Op::Flatten(_)
+                | Op::Add(_)
+                | Op::Mul(_)
+                | Op::Concat(_)
+                | Op::Dropout(_)
+                | Op::Identity(_) => {}
+                // Their coupling blocks every group they touch: never resized.
+                Op::Reshape(_) | Op::Softmax(_) => {}
             }
             n
         })
