@@ -158,15 +158,22 @@ fn parse_overrides(list: &[String]) -> Result<Vec<(String, f64)>> {
         .collect()
 }
 
-/// Fine-tuning settings shared by every training pass of `prune` (CIFAR gets crop + flip).
-fn ft_config(a: &PruneArgs, epochs: usize, schedule: Schedule, seed: u64) -> TrainConfig {
+/// Fine-tuning settings shared by every training pass of `prune` (with the dataset's
+/// default augmentation: crop + flip for CIFAR-10).
+fn ft_config(
+    a: &PruneArgs,
+    ds: &Dataset,
+    epochs: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> TrainConfig {
     TrainConfig {
         epochs,
         batch_size: a.batch_size,
         lr: a.lr,
         schedule,
-        crop_pad: if a.data.data == "cifar10" { 4 } else { 0 },
-        hflip: a.data.data == "cifar10",
+        crop_pad: ds.default_augment.crop_pad,
+        hflip: ds.default_augment.hflip,
         seed,
         ..Default::default()
     }
@@ -174,7 +181,7 @@ fn ft_config(a: &PruneArgs, epochs: usize, schedule: Schedule, seed: u64) -> Tra
 
 /// A short constant-rate fine-tuning pass used between pruning steps and after blocks.
 fn short_train(a: &PruneArgs, g: &Graph, ds: &Dataset, epochs: usize, seed: u64) -> Result<f64> {
-    let tcfg = ft_config(a, epochs, Schedule::Constant, seed);
+    let tcfg = ft_config(a, ds, epochs, Schedule::Constant, seed);
     let opts = TrainOpts {
         progress: !a.json,
         ..Default::default()
@@ -280,6 +287,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     if a.finetune_epochs > 0 {
         let tcfg = ft_config(
             &a,
+            &train_ds,
             a.finetune_epochs,
             Schedule::Cosine { min_lr: 0.0 },
             a.seed,

@@ -189,7 +189,6 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     let warnings = std::cell::RefCell::new(Vec::new());
     let acc_dense = super::eval_warn(&dense, &test_ds, "dense", &warnings, a.json)?.top1;
     log(format!("dense: top-1 {}", pct(acc_dense)));
-    let cifar = a.data.data == "cifar10";
     let t = Instant::now();
     let mut details = None;
     let layers = prunable_layers(&dense);
@@ -254,8 +253,8 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
             dst.base_decay = !a.no_base_decay;
             dst.dynamic = !a.static_mask;
             dst.teacher_train_bn = !a.teacher_eval_bn;
-            dst.crop_pad = if cifar { 4 } else { 0 };
-            dst.hflip = cifar;
+            dst.crop_pad = calib.default_augment.crop_pad;
+            dst.hflip = calib.default_augment.hflip;
             dst.seed = a.seed;
             let genome = match &a.genome_from {
                 Some(p) => {

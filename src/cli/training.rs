@@ -95,7 +95,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let g = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
     let train_ds = labels_for_model(train_ds, &a.data, &g, a.json)?;
     let test_ds = labels_for_model(test_ds, &a.data, &g, true)?;
-    let aug = a.augment.unwrap_or(a.data.data == "cifar10");
+    // --augment true gives the CIFAR recipe to any dataset; by default, the dataset's own.
+    let aug = a
+        .augment
+        .unwrap_or(train_ds.default_augment != data::Augment::default());
     let optimizer = match a.optimizer {
         OptimizerArg::Sgd => OptimizerKind::Sgd {
             momentum: a.momentum,

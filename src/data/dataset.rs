@@ -35,6 +35,10 @@ pub struct Dataset {
     pub classes: Vec<String>,
     /// Class names of the full dataset (before any class subset).
     all_classes: Arc<Vec<String>>,
+    /// The training augmentation this dataset gets unless told otherwise (set by the
+    /// registry: CIFAR-10's pad-4 crop + flip; none for the digit sets, where flips would
+    /// change the classes).
+    pub default_augment: Augment,
 }
 
 impl Dataset {
@@ -85,6 +89,7 @@ impl Dataset {
             mean,
             std,
             all_classes: Arc::new(classes.clone()),
+            default_augment: Augment::default(),
             classes,
         })
     }

@@ -142,6 +142,7 @@ pub fn load_with(
                 d.classes,
             )?;
             ds.origin = f.display().to_string();
+            ds.default_augment = super::Augment::cifar();
             Ok(ds)
         }
         other => {
