@@ -2,21 +2,9 @@
 //! non-zero exit code (never a panic).
 
 use std::path::PathBuf;
-use std::process::Command;
 
-fn lopper(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lopper"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "panic: {err}");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        err,
-    )
-}
+mod common;
+use common::lopper_cli as lopper;
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lopper-cli-{}-{name}", std::process::id()));

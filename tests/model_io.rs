@@ -6,6 +6,8 @@ use lopper::graph::io;
 use lopper::zoo;
 use std::path::PathBuf;
 
+mod common;
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lopper-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -138,18 +140,8 @@ proptest! {
     ) {
         thread_local!(static SEEDS: Vec<Vec<u8>> = fuzz_seeds());
         let mut b = SEEDS.with(|s| s[which].clone());
-        for (pos, byte, kind) in edits {
-            // Positions fall in the first 4 KB: the header (graph JSON, tensor table).
-            let p = pos % b.len();
-            match kind {
-                0 => b[p] = byte,
-                1 => b.insert(p, byte),
-                _ => { b.remove(p); }
-            }
-        }
-        if let Some(c) = cut {
-            b.truncate(c.min(b.len()));
-        }
+        // Positions fall in the first 4 KB: the header (graph JSON, tensor table).
+        common::mutate(&mut b, &edits, cut);
         let _ = io::load_bytes(&b, "fuzz.safetensors");
     }
 }

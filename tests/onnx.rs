@@ -126,17 +126,7 @@ proptest! {
         cut in prop::option::of(0usize..30000),
     ) {
         let mut b = mnist8();
-        for (pos, byte, kind) in edits {
-            let p = pos % b.len();
-            match kind {
-                0 => b[p] = byte,
-                1 => b.insert(p, byte),
-                _ => { b.remove(p); }
-            }
-        }
-        if let Some(c) = cut {
-            b.truncate(c.min(b.len()));
-        }
+        common::mutate(&mut b, &edits, cut);
         let _ = import_bytes(&b, "fuzz.onnx");
     }
 }

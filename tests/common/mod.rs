@@ -26,3 +26,47 @@ pub fn randomise_bn(g: &Graph, seed: u64) {
             .unwrap();
     }
 }
+
+/// Applies fuzz edits to `b`: `(position, byte, kind)` with kind 0 = overwrite,
+/// 1 = insert, 2 = delete, then an optional truncation.
+pub fn mutate(b: &mut Vec<u8>, edits: &[(usize, u8, u8)], cut: Option<usize>) {
+    for &(pos, byte, kind) in edits {
+        if b.is_empty() {
+            break;
+        }
+        let p = pos % b.len();
+        match kind {
+            0 => b[p] = byte,
+            1 => b.insert(p, byte),
+            _ => {
+                b.remove(p);
+            }
+        }
+    }
+    if let Some(c) = cut {
+        b.truncate(c.min(b.len()));
+    }
+}
+
+/// Runs the `lopper` binary: (success, stdout, stderr); a panic fails the test.
+pub fn lopper_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lopper"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        err,
+    )
+}
+
+/// A fresh temporary directory for one test.
+pub fn fresh_dir(prefix: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("lopper-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
