@@ -152,12 +152,33 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// A 64-bit FNV-1a hash of some bytes (pairs a model file with its report; not for
-/// security).
+/// A 64-bit FNV-1a hash of some bytes (pairs a model file with its report, keys caches,
+/// fingerprints data; not for security).
 pub fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    let mut h = Fnv64::default();
+    h.update(bytes);
+    h.finish()
+}
+
+/// FNV-1a fed in pieces: the same value as [`fnv64`] of the concatenation.
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Memory this process may still allocate: Linux `MemAvailable`, else 16 GiB.

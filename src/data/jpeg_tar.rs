@@ -54,14 +54,12 @@ fn cache_path(src: &Path, split: Option<&str>) -> Result<PathBuf> {
         .unwrap_or_default();
     // Folders change without their own size or mtime changing much: key them by path too.
     let tag = split.map(|s| format!("-{s}")).unwrap_or_default();
-    let h = src
-        .canonicalize()
-        .unwrap_or_else(|_| src.to_path_buf())
-        .to_string_lossy()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+    let h = crate::util::fnv64(
+        src.canonicalize()
+            .unwrap_or_else(|_| src.to_path_buf())
+            .to_string_lossy()
+            .as_bytes(),
+    );
     Ok(cache_dir().join(format!(
         "{stem}-{}-{mtime}-{h:016x}{tag}.imgcache",
         md.len()

@@ -67,16 +67,12 @@ impl DataIdentity {
     }
 
     pub fn of(ds: &Dataset) -> DataIdentity {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        let mut eat = |b: &[u8]| {
-            for &x in b {
-                h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
-            }
-        };
+        let mut h = crate::util::Fnv64::default();
         for i in 0..ds.len() {
-            eat(&ds.label(i).to_le_bytes());
-            eat(ds.pixels(i));
+            h.update(&ds.label(i).to_le_bytes());
+            h.update(ds.pixels(i));
         }
+        let h = h.finish();
         DataIdentity {
             name: ds.name.clone(),
             samples: ds.len(),
