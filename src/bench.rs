@@ -2,7 +2,7 @@
 //! inference b64 and b1; MLP 784-1024-1024-10 train step b128), median over timed steps
 //! after warm-up, and peak RSS per workload. `bench/pytorch_bench.py` runs the same.
 
-use crate::exec::{forward, forward_with, ForwardOpts, Mode};
+use crate::exec::{forward_with, Feeds, ForwardOpts, Mode, Plan, PlanOpts};
 use crate::graph::Graph;
 use crate::prune;
 use crate::train::loss::cross_entropy;
@@ -69,11 +69,16 @@ fn sparse_workload(name: &str, warmup: usize, steps: usize) -> Result<BenchRow> 
             uniform_magnitude(&g, &layers, s, Pattern::Unstructured)?;
         }
     }
-    let packed = g.enable_sparse_kernels()?;
+    let sparse = PlanOpts {
+        sparse: Some(true),
+        ..PlanOpts::default()
+    };
+    let plan = Plan::new(&g, Mode::Eval, &sparse)?;
+    let packed = plan.sparse_layers();
     let b: usize = batch.parse()?;
     let (x, _) = data(b, &dims)?;
     let mut row = time(name, warmup, if b == 1 { steps * 5 } else { steps }, || {
-        forward(&g, &x, Mode::Eval).map(|_| ())
+        plan.run(&g, &x, &Feeds::default()).map(|_| ())
     })?;
     row.name = format!("{name} ({packed}/{} sparse)", layers.len());
     Ok(row)
@@ -114,6 +119,13 @@ fn time<F: FnMut() -> Result<()>>(
         steps,
         peak_rss_mb: peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
     })
+}
+
+/// Eval-mode inference as deployed: the plan (fusion, folded batch norm) is built once,
+/// outside the timed steps, as an inference session would.
+fn infer(g: &Graph) -> Result<impl Fn(&Tensor) -> Result<()> + '_> {
+    let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
+    Ok(move |x: &Tensor| plan.run(g, x, &Feeds::default()).map(|_| ()))
 }
 
 fn train_step(g: &Graph, opt: &mut Optimizer, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -181,15 +193,13 @@ pub fn run(
     }
     if want("resnet20_infer_b64") {
         let (x, _) = data(64, &[3, 32, 32])?;
-        push(time("resnet20_infer_b64", warmup, steps, || {
-            forward(&r20, &x, Mode::Eval).map(|_| ())
-        })?);
+        let f = infer(&r20)?;
+        push(time("resnet20_infer_b64", warmup, steps, || f(&x))?);
     }
     if want("resnet20_infer_b1") {
         let (x, _) = data(1, &[3, 32, 32])?;
-        push(time("resnet20_infer_b1", warmup, steps * 5, || {
-            forward(&r20, &x, Mode::Eval).map(|_| ())
-        })?);
+        let f = infer(&r20)?;
+        push(time("resnet20_infer_b1", warmup, steps * 5, || f(&x))?);
     }
     if want("mlp_train_b128") {
         let mlp = zoo::build("mlp:784-1024-1024-10", 0)?;
@@ -206,9 +216,8 @@ pub fn run(
         let r56 = zoo::build("resnet56", 0)?;
         let (x, _) = data(64, &[3, 32, 32])?;
         if want("resnet56_dense_infer_b64") {
-            push(time("resnet56_dense_infer_b64", warmup, steps, || {
-                forward(&r56, &x, Mode::Eval).map(|_| ())
-            })?);
+            let f = infer(&r56)?;
+            push(time("resnet56_dense_infer_b64", warmup, steps, || f(&x))?);
         }
         // ResNet-56 with L1 (local) structured pruning to at most 50 % of its MACs, with
         // free widths and with widths rounded to multiples of 8.
@@ -233,9 +242,8 @@ pub fn run(
             let removal = prune::plan(&r56, &groups, &cfg, None)?;
             let small = prune::remove_units(&r56, &groups, &removal)?;
             let frac = crate::graph::cost::cost(&small)?.total_macs as f64 / dense_macs;
-            let mut row = time(name, warmup, steps, || {
-                forward(&small, &x, Mode::Eval).map(|_| ())
-            })?;
+            let f = infer(&small)?;
+            let mut row = time(name, warmup, steps, || f(&x))?;
             row.name = format!("{name} ({:.1}% MACs)", 100.0 * frac);
             push(row);
         }

@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor, Var};
 use common::{randomise_bn, vals};
 use lopper::data::{self, Split};
 use lopper::exec::{forward, forward_with, ForwardOpts, Mode, WeightMask};
+use lopper::exec::{Feeds, Plan, PlanOpts};
 use lopper::graph::fold::fold_batchnorm;
+use lopper::kernels::csr::CsrKernels;
 use lopper::methods::pts::pot::{bias_correction, correct_channel};
 use lopper::methods::pts::uniform_magnitude;
 use lopper::sparse::bn::reset_bn;
@@ -444,25 +446,36 @@ fn sparse_kernels_match_the_dense_forward() {
         let n: usize = shape.iter().product();
         let x = Tensor::from_vec(random(n, 3), shape.as_slice(), &Device::Cpu).unwrap();
         let dense = vals(&forward(&g, &x, Mode::Eval).unwrap());
-        let k = g.enable_sparse_kernels().unwrap();
-        assert!(k > 0, "{spec}: no layer packed");
-        let sparse = vals(&forward(&g, &x, Mode::Eval).unwrap());
+        let opts = PlanOpts {
+            sparse: Some(true),
+            ..PlanOpts::default()
+        };
+        let plan = Plan::new(&g, Mode::Eval, &opts).unwrap();
+        assert!(plan.sparse_layers() > 0, "{spec}: no layer packed");
+        let run =
+            |plan: &Plan, x: &Tensor| vals(&plan.run(&g, x, &Feeds::default()).unwrap().outputs[0]);
+        let sparse = run(&plan, &x);
         for (p, q) in dense.iter().zip(&sparse) {
             assert!((p - q).abs() < 1e-4 * (1.0 + p.abs()), "{spec}: {p} vs {q}");
         }
         // One sample at a time too (the batch-1 paths).
-        let one = vals(&forward(&g, &x.narrow(0, 0, 1).unwrap(), Mode::Eval).unwrap());
+        let one = run(&plan, &x.narrow(0, 0, 1).unwrap());
         for (p, q) in dense.iter().zip(&one) {
             assert!(
                 (p - q).abs() < 1e-4 * (1.0 + p.abs()),
                 "{spec} b1: {p} vs {q}"
             );
         }
-        // Changing a packed weight drops the compressed copies.
+        // A plan built after a packed weight changed runs on the new weight.
         let l = &layers[layers.len() - 1];
         let w = g.param(l.node, "weight").unwrap().as_tensor().clone();
         g.set_param(&l.key, &(w * 2.0).unwrap()).unwrap();
-        assert!(g.sparse_pack().is_none());
+        let dense2 = vals(&forward(&g, &x, Mode::Eval).unwrap());
+        assert!(dense2 != dense, "{spec}: the weight change shows");
+        let sparse2 = run(&Plan::new(&g, Mode::Eval, &opts).unwrap(), &x);
+        for (p, q) in dense2.iter().zip(&sparse2) {
+            assert!((p - q).abs() < 1e-4 * (1.0 + p.abs()), "{spec}: {p} vs {q}");
+        }
     }
 }
 
@@ -486,8 +499,13 @@ fn sparse_models_are_saved_compressed_and_load_back_identically() {
     assert!(ss * 2 < ds, "compressed {ss} bytes vs dense {ds}");
     let back = io::load(&p).unwrap();
     assert!(
-        back.sparse_pack().is_some(),
+        back.sparse_kernels(),
         "loaded sparse models use the sparse kernels"
+    );
+    let plan = Plan::new(&back, Mode::Eval, &PlanOpts::default()).unwrap();
+    assert!(
+        plan.sparse_layers() > 0,
+        "their eval plans pack the sparse layers"
     );
     for (k, v) in g.params() {
         assert_eq!(

@@ -269,7 +269,7 @@ mod end_to_end {
             dst,
             genome: None,
         };
-        let (sp, res) = unipts::run(g, &calib, &cfg, None, false).unwrap();
+        let (sp, res) = unipts::run(g, &calib, &cfg, None, &lopper::util::Silent).unwrap();
         assert_eq!(res.search.as_ref().unwrap().evaluations, 4 + 2 + 2);
         let layers = prunable_layers(&sp);
         let sizes: Vec<usize> = layers.iter().map(|l| l.numel()).collect();
@@ -319,7 +319,7 @@ mod end_to_end {
             dst: DstConfig::with_epochs(1),
             genome: None,
         };
-        let (sp, _) = unipts::run(g, &calib, &cfg, None, false).unwrap();
+        let (sp, _) = unipts::run(g, &calib, &cfg, None, &lopper::util::Silent).unwrap();
         for l in prunable_layers(&sp) {
             let w = weight_host(&sp, &l).unwrap();
             for row in w.chunks(l.row_len) {

@@ -40,12 +40,13 @@ fn cmd_demo(epochs: usize, json_out: bool) -> Result<()> {
         ..Default::default()
     };
     let t = Instant::now();
+    let console = super::progress::Console::new(json_out);
     let res = train::train(
         &g,
         &tr,
         &cfg,
         &TrainOpts {
-            progress: !json_out,
+            progress: Some(&console),
             test: Some(&te),
             ..Default::default()
         },

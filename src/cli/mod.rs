@@ -10,6 +10,7 @@ pub mod demo;
 pub mod eval;
 pub mod forward;
 pub mod inspect;
+pub mod progress;
 pub mod prune;
 pub mod run;
 pub mod sensitivity;
@@ -221,26 +222,6 @@ fn write_outputs(
         println!("{}", serde_json::to_string_pretty(&rep)?);
     }
     Ok(())
-}
-
-/// Evaluates and turns non-finite outputs into a warning (printed unless `quiet`, and
-/// kept for the report).
-fn eval_warn(
-    g: &Graph,
-    ds: &Dataset,
-    what: &str,
-    warnings: &std::cell::RefCell<Vec<String>>,
-    quiet: bool,
-) -> Result<train::EvalResult> {
-    let ev = train::evaluate(g, ds, 500)?;
-    if let Some(w) = ev.warning() {
-        let w = format!("{what}: {w}");
-        if !quiet {
-            eprintln!("warning: {w}");
-        }
-        warnings.borrow_mut().push(w);
-    }
-    Ok(ev)
 }
 
 /// With `--classes` the data are renumbered `0..k`; a model whose head still scores the

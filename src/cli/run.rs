@@ -51,8 +51,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             println!(
                 "  {:<36} top-1 {:>7}  MACs {:>7}",
                 s.step.id,
-                lopper::recipe::html::step_accuracy(&s.report).map_or("—".into(), pct),
-                lopper::recipe::html::step_macs(&s.report).map_or("—".into(), pct)
+                s.report.accuracy().map_or("—".into(), pct),
+                pct(s.report.macs_fraction())
             );
         }
     }

@@ -2,21 +2,19 @@
 //! (uniform or global), Wanda, POT or UniPTS — then the report: accuracy, per-layer
 //! sparsity, sparse MACs, dense vs sparse-kernel latency, wall time.
 
-use super::choices::{name, SearchArg, SparsifyMethod};
+use super::choices::{name, SearchArg, SparsifyMethod as SparsifyMethodArg};
 use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::Split;
-use lopper::graph::{cost, Graph};
-use lopper::methods::pts::{self, PotConfig};
-use lopper::methods::unipts::{self, DstConfig, GaConfig, UniptsConfig};
-use lopper::prune::report;
-use lopper::sparse::bn::{recalibrate_bn, RecalibOpts};
-use lopper::sparse::layers::{prunable_layers, sparsity_report, LayerSparsity};
-use lopper::sparse::mask::{check_sparsity, Pattern};
-use serde::Serialize;
-use std::path::PathBuf;
-use std::time::Instant;
+use lopper::graph::cost;
+use lopper::methods::pts::PotConfig;
+use lopper::methods::sparsify::{
+    self, SparsifyJob, SparsifyMethod, SparsifyOutcome, SparsifyReport,
+};
+use lopper::methods::unipts::{DstConfig, GaConfig, UniptsConfig};
+use lopper::sparse::mask::Pattern;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct SparsifyArgs {
@@ -25,8 +23,8 @@ pub struct SparsifyArgs {
     #[command(flatten)]
     data: DataArgs,
     /// magnitude (uniform per layer), global (one magnitude threshold), wanda, pot, unipts.
-    #[arg(long, value_enum, default_value_t = SparsifyMethod::Unipts)]
-    method: SparsifyMethod,
+    #[arg(long, value_enum, default_value_t = SparsifyMethodArg::Unipts)]
+    method: SparsifyMethodArg,
     /// Target fraction of zero weights over all conv and linear layers, in [0, 1).
     #[arg(long, value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     sparsity: Option<f64>,
@@ -92,78 +90,16 @@ pub struct SparsifyArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-pub struct SparsifyReport {
-    pub method: String,
-    pub pattern: String,
-    pub target: f64,
-    /// Realised fraction of zeros over all conv and linear weights.
-    pub sparsity: f64,
-    pub calib: usize,
-    pub acc_dense: f64,
-    pub acc_sparse: f64,
-    pub dense_macs: u64,
-    /// MACs of the conv/linear layers counted over non-zero weights only.
-    pub sparse_macs: u64,
-    pub dense_latency_b1_ms: f64,
-    pub dense_latency_b64_ms: f64,
-    /// With the sparse kernels on the layers where they are faster.
-    pub sparse_latency_b1_ms: f64,
-    pub sparse_latency_b64_ms: f64,
-    pub seconds: f64,
-    pub layers: Vec<LayerSparsity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<serde_json::Value>,
-    /// Problems the numbers above carry (e.g. non-finite outputs counted as wrong).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-}
-
-/// MACs over non-zero weights: each conv/linear layer's MACs scaled by its density.
-pub fn sparse_macs(g: &Graph) -> Result<u64> {
-    let c = cost::cost(g)?;
-    let (rows, _) = sparsity_report(g)?;
-    let dens: std::collections::HashMap<&str, f64> = rows
-        .iter()
-        .map(|r| (r.name.as_str(), 1.0 - r.sparsity))
-        .collect();
-    Ok(c.nodes
-        .iter()
-        .map(|n| match dens.get(n.name.as_str()) {
-            Some(d) => (n.macs as f64 * d).round() as u64,
-            None => n.macs,
-        })
-        .sum())
-}
-
 pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     if let Some(o) = &a.output {
         lopper::util::check_model_output(o)?;
     }
-    if let Some(p) = &a.genome_from {
-        if !p.is_file() {
-            bail!("--genome-from {}: no such report file", p.display());
-        }
-    }
     let pattern = Pattern::parse(&a.pattern)?;
-    let target = match (a.sparsity, pattern.fixed_sparsity()) {
-        (Some(s), None) => s,
-        (None, Some(s)) => s,
-        (Some(s), Some(f)) if (s - f).abs() < 1e-9 => s,
-        (Some(s), Some(f)) => bail!("--sparsity {s} contradicts pattern {} ({f})", a.pattern),
-        (None, None) => {
-            bail!("give --sparsity (a fraction of zeros in [0, 1)) or an N:M --pattern")
-        }
-    };
-    check_sparsity(target)?;
-    if matches!(pattern, Pattern::NM { .. })
-        && matches!(a.method, SparsifyMethod::Global | SparsifyMethod::Pot)
-    {
-        bail!(
-            "method '{}' has no N:M variant; use magnitude, wanda or unipts",
-            name(&a.method)
-        );
+    if a.sparsity.is_none() && pattern.fixed_sparsity().is_none() {
+        bail!("give --sparsity (a fraction of zeros in [0, 1)) or an N:M --pattern");
     }
+    let target = sparsify::resolve_target(a.sparsity, pattern)?;
+    let genome = a.genome_from.as_deref().map(genome_from).transpose()?;
     let train_ds = load_split(&a.data, Split::Train)?;
     if a.calib == 0 || a.calib > train_ds.len() {
         bail!(
@@ -181,60 +117,45 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
     let calib = super::labels_for_model(calib, &a.data, &dense, a.json)?;
     let test_ds = super::labels_for_model(test_ds, &a.data, &dense, true)?;
-    let log = |m: String| {
-        if !a.json {
-            eprintln!("{m}");
-        }
+    let job = SparsifyJob {
+        method: method(&a, target, pattern, genome, &calib),
+        target,
+        pattern,
+        recalib: !a.no_recalib,
+        seed: a.seed,
+        curve: a.eval_every_epoch,
+        method_name: name(&a.method),
     };
-    let warnings = std::cell::RefCell::new(Vec::new());
-    let acc_dense = super::eval_warn(&dense, &test_ds, "dense", &warnings, a.json)?.top1;
-    log(format!("dense: top-1 {}", pct(acc_dense)));
-    let t = Instant::now();
-    let mut details = None;
-    let layers = prunable_layers(&dense);
-    let recal = |g: &Graph| -> Result<()> {
-        if !a.no_recalib {
-            recalibrate_bn(
-                g,
-                &calib,
-                &RecalibOpts {
-                    seed: a.seed,
-                    ..Default::default()
-                },
-            )?;
-        }
-        Ok(())
-    };
-    let sparse = match a.method {
-        SparsifyMethod::Magnitude => {
-            let g = dense.deep_clone()?;
-            pts::uniform_magnitude(&g, &layers, target, pattern)?;
-            recal(&g)?;
-            g
-        }
-        SparsifyMethod::Global => {
-            let g = dense.deep_clone()?;
-            pts::global_magnitude(&g, &layers, target)?;
-            recal(&g)?;
-            g
-        }
-        SparsifyMethod::Wanda => {
-            let g = dense.deep_clone()?;
-            pts::wanda(&g, &layers, &calib, target, pattern)?;
-            recal(&g)?;
-            g
-        }
-        SparsifyMethod::Pot => pts::pot(
-            &dense,
-            &calib,
-            target,
-            &PotConfig {
-                iterations: a.pot_iters,
-                seed: a.seed,
-                ..Default::default()
-            },
-        )?,
-        SparsifyMethod::Unipts => {
+    let console = super::progress::Console::new(a.json);
+    let SparsifyOutcome {
+        graph: sparse,
+        report: rep,
+    } = sparsify::run(&dense, &calib, &test_ds, &job, &console)?;
+    super::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
+    if !a.json {
+        print_summary(&rep);
+    }
+    Ok(())
+}
+
+/// The typed method settings from the flags.
+fn method(
+    a: &SparsifyArgs,
+    target: f64,
+    pattern: Pattern,
+    genome: Option<Vec<f64>>,
+    calib: &lopper::data::Dataset,
+) -> SparsifyMethod {
+    match a.method {
+        SparsifyMethodArg::Magnitude => SparsifyMethod::Magnitude,
+        SparsifyMethodArg::Global => SparsifyMethod::Global,
+        SparsifyMethodArg::Wanda => SparsifyMethod::Wanda,
+        SparsifyMethodArg::Pot => SparsifyMethod::Pot(PotConfig {
+            iterations: a.pot_iters,
+            seed: a.seed,
+            ..Default::default()
+        }),
+        SparsifyMethodArg::Unipts => {
             let ga = match a.search {
                 SearchArg::Ga => Some(GaConfig {
                     population: a.ga_pop,
@@ -256,21 +177,7 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
             dst.crop_pad = calib.default_augment.crop_pad;
             dst.hflip = calib.default_augment.hflip;
             dst.seed = a.seed;
-            let genome = match &a.genome_from {
-                Some(p) => {
-                    let txt = std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read report {}", p.display()))?;
-                    let v: serde_json::Value = serde_json::from_str(&txt)
-                        .with_context(|| format!("{}: not a JSON report", p.display()))?;
-                    let g: Vec<f64> = serde_json::from_value(v["details"]["genome"].clone())
-                        .with_context(|| {
-                            format!("{}: no details.genome (not a UniPTS report?)", p.display())
-                        })?;
-                    Some(g)
-                }
-                None => None,
-            };
-            let cfg = UniptsConfig {
+            SparsifyMethod::Unipts(Box::new(UniptsConfig {
                 genome,
                 target,
                 extra: 0.05,
@@ -279,78 +186,50 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
                 noise: 1e-6,
                 pattern,
                 dst,
-            };
-            let (g, res) = unipts::run(
-                &dense,
-                &calib,
-                &cfg,
-                a.eval_every_epoch.then_some(&test_ds),
-                !a.json,
-            )?;
-            log(format!(
-                "search {:.1}s ({} evaluations), sparse training {:.1}s",
-                res.search_seconds,
-                res.search.as_ref().map_or(0, |s| s.evaluations),
-                res.train_seconds
-            ));
-            details = Some(serde_json::to_value(&res)?);
-            g
-        }
-    };
-    let seconds = t.elapsed().as_secs_f64();
-    let acc_sparse = super::eval_warn(&sparse, &test_ds, "sparse", &warnings, a.json)?.top1;
-    let (rows, realised) = sparsity_report(&sparse)?;
-    // Inference from here on runs the sparse kernels on the layers sparse enough for them.
-    let packed = sparse.enable_sparse_kernels()?;
-    log(format!("{packed} layers run on the sparse kernels"));
-    let rep = SparsifyReport {
-        method: name(&a.method),
-        pattern: a.pattern.clone(),
-        target,
-        sparsity: realised,
-        calib: a.calib,
-        acc_dense,
-        acc_sparse,
-        dense_macs: cost::cost(&dense)?.total_macs,
-        sparse_macs: sparse_macs(&sparse)?,
-        dense_latency_b1_ms: report::latency_ms(&dense, 1, 20)?,
-        dense_latency_b64_ms: report::latency_ms(&dense, 64, 5)?,
-        sparse_latency_b1_ms: report::latency_ms(&sparse, 1, 20)?,
-        sparse_latency_b64_ms: report::latency_ms(&sparse, 64, 5)?,
-        seconds,
-        layers: rows,
-        details,
-        warnings: warnings.into_inner(),
-    };
-    super::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
-    if !a.json {
-        println!(
-            "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",
-            rep.method,
-            a.pattern,
-            100.0 * target,
-            100.0 * realised,
-            cost::human(rep.dense_macs),
-            cost::human(rep.sparse_macs),
-            seconds
-        );
-        println!(
-            "accuracy: dense {} -> sparse {}; latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
-            pct(acc_dense),
-            pct(acc_sparse),
-            rep.dense_latency_b1_ms,
-            rep.sparse_latency_b1_ms,
-            rep.dense_latency_b64_ms,
-            rep.sparse_latency_b64_ms
-        );
-        for l in &rep.layers {
-            println!(
-                "  {:<24} {:>8} weights  {:>6.2}% zero",
-                l.name,
-                l.numel,
-                100.0 * l.sparsity
-            );
+            }))
         }
     }
-    Ok(())
+}
+
+/// The searched genome of an earlier UniPTS run's report (`--genome-from`).
+fn genome_from(p: &Path) -> Result<Vec<f64>> {
+    if !p.is_file() {
+        bail!("--genome-from {}: no such report file", p.display());
+    }
+    let txt = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read report {}", p.display()))?;
+    let rep: SparsifyReport = serde_json::from_str(&txt)
+        .with_context(|| format!("{}: not a sparsify report", p.display()))?;
+    rep.genome()
+        .with_context(|| format!("{}: no details.genome (not a UniPTS report?)", p.display()))
+}
+
+fn print_summary(rep: &SparsifyReport) {
+    println!(
+        "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",
+        rep.method,
+        rep.pattern,
+        100.0 * rep.target,
+        100.0 * rep.sparsity,
+        cost::human(rep.dense_macs),
+        cost::human(rep.sparse_macs),
+        rep.seconds
+    );
+    println!(
+        "accuracy: dense {} -> sparse {}; latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
+        pct(rep.acc_dense),
+        pct(rep.acc_sparse),
+        rep.dense_latency_b1_ms,
+        rep.sparse_latency_b1_ms,
+        rep.dense_latency_b64_ms,
+        rep.sparse_latency_b64_ms
+    );
+    for l in &rep.layers {
+        println!(
+            "  {:<24} {:>8} weights  {:>6.2}% zero",
+            l.name,
+            l.numel,
+            100.0 * l.sparsity
+        );
+    }
 }

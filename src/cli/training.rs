@@ -136,8 +136,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     }
+    let console = super::progress::Console::new(a.json);
     let opts = TrainOpts {
-        progress: !a.json,
+        progress: Some(&console),
         checkpoint: a.checkpoint.clone(),
         test: Some(&test_ds),
         ..Default::default()

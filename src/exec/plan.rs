@@ -1,105 +1,265 @@
-//! Fusion planning: which nodes run fused with the ReLU that follows them, and (in eval
-//! mode) which convolutions absorb the batch norm after them.
+//! The execution plan: everything about a forward that depends on the graph, the mode and
+//! the options but not on the input values — fusion, when each intermediate can be
+//! released, the batch-norm folds (with the folded weights), and the compressed weights of
+//! the sparse layers — computed once, then run on any number of batches.
+//!
+//! An eval-mode plan snapshots the weights it folds and compresses: build it after the
+//! weights are final (evaluation loops, benchmarks, deployment) and rebuild it after
+//! changing them. A training-mode plan holds structure only and stays valid while
+//! training.
 
-use crate::graph::ops::{ActivationKind, Op};
+use super::fusion::{plan as plan_fusion, Fusion};
+use super::node::{self, Ctx, Folded};
+use super::sparse_pack::SparsePack;
+use super::{ForwardOut, Mode, WeightMask};
+use crate::graph::fold::{conv_bn_affine, scale_rows};
+use crate::graph::ops::param::WEIGHT;
 use crate::graph::{Graph, NodeId, Shape};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
 
-pub struct Fusion {
-    /// `fused_relu[i]`: node `i` (BatchNorm or a two-input Add of equal shapes) applies the
-    /// ReLU of its only consumer.
-    pub fused_relu: Vec<bool>,
-    /// `alias[j] = Some(i)`: node `j` (a fused ReLU, or a batch norm folded into a conv)
-    /// takes node `i`'s value.
-    pub alias: Vec<Option<NodeId>>,
-    /// `fold_bn[i] = Some(j)`: conv `i` runs with batch norm `j` folded into its weights and
-    /// bias (eval mode only), and with `j`'s fused ReLU if it had one.
-    pub fold_bn: Vec<Option<NodeId>>,
-    /// `fold_add[i] = Some((add, other))`: folded conv `i` also performs the residual
-    /// `add` of its batch norm's output with node `other` (computed before `i`), and the
-    /// add's fused ReLU.
-    pub fold_add: Vec<Option<(NodeId, NodeId)>>,
+/// What a plan is built for (everything structural about a pass).
+#[derive(Clone, Debug, Default)]
+pub struct PlanOpts {
+    /// Nodes whose outputs are returned in [`ForwardOut::kept`] (never fused away).
+    pub keep: Vec<NodeId>,
+    /// Nodes whose first input is multiplied by a mask at run time (they take no part
+    /// in fusion: their masked input must be used).
+    pub masked_inputs: Vec<NodeId>,
+    /// Gradients will be taken through this pass: no inference-only rewrites.
+    pub grad: bool,
+    /// Run layers that are sparse enough on the CSR kernels (eval, no gradients). `None`
+    /// follows the graph's preference ([`Graph::sparse_kernels`]).
+    pub sparse: Option<bool>,
 }
 
-/// Plans BN+ReLU and Add+ReLU fusion; nodes in `keep` (whose own value must stay
-/// observable, or which have an input mask) and graph outputs never take part.
-pub fn plan(
-    g: &Graph,
-    keep: &[NodeId],
-    consumers: &[Vec<NodeId>],
-    shapes: &[Shape],
-    eval: bool,
-) -> Fusion {
-    let n = g.nodes.len();
-    let mut fused_relu = vec![false; n];
-    let mut alias = vec![None; n];
-    let mut fold_bn = vec![None; n];
-    let mut fold_add = vec![None; n];
-    for (i, node) in g.nodes.iter().enumerate() {
-        let fusable = match &node.op {
-            Op::BatchNorm(_) => true,
-            Op::Add(_) => {
-                node.inputs.len() == 2 && shapes[node.inputs[0]] == shapes[node.inputs[1]]
-            }
-            _ => false,
+/// Run-time inputs of a pass besides the data.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Feeds<'a> {
+    /// Seed of the dropout masks of this pass.
+    pub seed: u64,
+    /// Whether training mode updates the batch-norm running statistics.
+    pub frozen_stats: bool,
+    /// Multiplies a node's first input by this (broadcast) mask before the node runs.
+    pub input_masks: Option<&'a HashMap<NodeId, Tensor>>,
+    /// Element masks on conv/linear weights: the node runs with `m ⊙ w`.
+    pub weight_masks: Option<&'a HashMap<NodeId, WeightMask>>,
+    /// Overrides every batch norm's running-average momentum in this pass.
+    pub bn_momentum: Option<f64>,
+}
+
+/// A forward, planned once.
+#[derive(Debug)]
+pub struct Plan {
+    mode: Mode,
+    input_shape: Shape,
+    outputs: Vec<NodeId>,
+    keep: Vec<NodeId>,
+    masked_inputs: Vec<NodeId>,
+    fusion: Fusion,
+    /// `release[i]`: the values that are dead once node `i` ran (eval mode).
+    release: Vec<Vec<NodeId>>,
+    folded: HashMap<NodeId, Folded>,
+    sparse: SparsePack,
+}
+
+impl Plan {
+    /// Plans a forward of `g` in `mode`.
+    pub fn new(g: &Graph, mode: Mode, o: &PlanOpts) -> Result<Plan> {
+        let consumers = g.consumers();
+        let mut pinned = o.keep.clone();
+        pinned.extend(&o.masked_inputs);
+        let rewrites = mode.inference_rewrites(o.grad);
+        let fusion = plan_fusion(g, &pinned, &consumers, &g.shapes()?, rewrites);
+        let sparse = if rewrites && o.sparse.unwrap_or(g.sparse_kernels()) {
+            SparsePack::build(g)?
+        } else {
+            SparsePack::default()
         };
-        if !fusable || keep.contains(&i) || g.outputs.contains(&i) || consumers[i].len() != 1 {
-            continue;
-        }
-        let j = consumers[i][0];
-        if keep.contains(&j) {
-            continue;
-        }
-        if let Op::Activation(a) = &g.nodes[j].op {
-            if a.kind == ActivationKind::Relu {
-                fused_relu[i] = true;
-                alias[j] = Some(i);
-            }
-        }
-    }
-    if eval {
-        for (i, node) in g.nodes.iter().enumerate() {
-            if !matches!(node.op, Op::Conv2d(_))
-                || keep.contains(&i)
-                || g.outputs.contains(&i)
-                || consumers[i].len() != 1
-            {
-                continue;
-            }
-            let j = consumers[i][0];
-            if !matches!(g.nodes[j].op, Op::BatchNorm(_))
-                || shapes[j].len() != 3
-                || keep.contains(&j)
-            {
-                continue;
-            }
-            fold_bn[i] = Some(j);
-            alias[j] = Some(i);
-            // relu(bn(conv) + shortcut): the add joins the epilogue too.
-            let free = !keep.contains(&j) && !g.outputs.contains(&j) && !fused_relu[j];
-            if let ([k], true) = (&consumers[j][..], free) {
-                let add = &g.nodes[*k];
-                if matches!(add.op, Op::Add(_))
-                    && !keep.contains(k)
-                    && add.inputs.len() == 2
-                    && shapes[add.inputs[0]] == shapes[add.inputs[1]]
-                {
-                    let other = if add.inputs[0] == j {
-                        add.inputs[1]
-                    } else {
-                        add.inputs[0]
-                    };
-                    if other < i && other != j {
-                        fold_add[i] = Some((*k, other));
-                        alias[*k] = Some(j);
-                    }
+        let mut folded = HashMap::new();
+        for (i, bn) in fusion.fold_bn.iter().enumerate() {
+            let Some(bn) = *bn else { continue };
+            let (scale, bias) = conv_bn_affine(g, i, bn)?;
+            let weight = match sparse.get(i) {
+                Some(_) => None,
+                None => {
+                    let w = g.param(i, WEIGHT)?.as_tensor();
+                    let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    scale_rows(&mut wv, &scale);
+                    Some(Tensor::from_vec(wv, w.dims(), w.device())?)
                 }
+            };
+            let f = Folded {
+                bn,
+                scale,
+                bias,
+                weight,
+            };
+            folded.insert(i, f);
+        }
+        let release = if mode.releases_intermediates() {
+            release_points(g, &consumers, &fusion, &o.keep)
+        } else {
+            vec![Vec::new(); g.nodes.len()]
+        };
+        Ok(Plan {
+            mode,
+            input_shape: g.input_shape().clone(),
+            outputs: g.outputs.clone(),
+            keep: o.keep.clone(),
+            masked_inputs: o.masked_inputs.clone(),
+            fusion,
+            release,
+            folded,
+            sparse,
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// How many layers run on the sparse kernels.
+    pub fn sparse_layers(&self) -> usize {
+        self.sparse.len()
+    }
+
+    /// Runs the plan on `x: [N, ...input shape]`; `g` must be the graph it was built for.
+    pub fn run(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {
+        self.check(g, x, f)?;
+        let ctx = Ctx {
+            mode: self.mode,
+            seed: f.seed,
+            update_stats: !f.frozen_stats,
+            bn_momentum: f.bn_momentum,
+            weight_masks: f.weight_masks,
+        };
+        // Weight masks change the weights the kernels see: the compressed copies do not
+        // apply then.
+        let sparse = f.weight_masks.is_none().then_some(&self.sparse);
+        let mut vals: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            if let Some(src) = self.fusion.alias[i] {
+                // Fused into its producer, whose value already is this node's output.
+                vals[i] = vals[src].take();
+                continue;
+            }
+            let y = self
+                .run_node(g, i, &vals, x, f, &ctx, sparse)
+                .with_context(|| {
+                    format!("forward failed at node '{}' ({})", n.name, n.op.kind())
+                })?;
+            vals[i] = Some(y);
+            for &j in &self.release[i] {
+                vals[j] = None;
+            }
+        }
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|&o| {
+                vals[o]
+                    .clone()
+                    .ok_or_else(|| anyhow!("output #{o} missing"))
+            })
+            .collect::<Result<_>>()?;
+        let kept = self
+            .keep
+            .iter()
+            .filter_map(|&k| vals[k].clone().map(|v| (k, v)))
+            .collect();
+        Ok(ForwardOut { outputs, kept })
+    }
+
+    /// The input fits and the feeds match what the plan was built for.
+    fn check(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<()> {
+        if g.nodes.len() != self.release.len() || g.outputs != self.outputs {
+            bail!("internal: plan run on a graph it was not built for");
+        }
+        let want = &self.input_shape;
+        if x.rank() != want.len() + 1 || &x.dims()[1..] != want.as_slice() {
+            let dims: Vec<String> = want.iter().map(|d| d.to_string()).collect();
+            bail!(
+                "input has shape {:?}, the model expects [N, {}]",
+                x.dims(),
+                dims.join(", ")
+            );
+        }
+        if let Some(m) = f.input_masks {
+            if let Some(k) = m.keys().find(|k| !self.masked_inputs.contains(k)) {
+                bail!("internal: input mask on node #{k}, which the plan did not pin");
+            }
+        }
+        Ok(())
+    }
+
+    /// One scheduled node: a folded conv (with its batch norm, ReLU and residual add), or
+    /// the node's own kernel (with a fused ReLU where planned).
+    #[allow(clippy::too_many_arguments)]
+    fn run_node(
+        &self,
+        g: &Graph,
+        i: NodeId,
+        vals: &[Option<Tensor>],
+        x: &Tensor,
+        f: &Feeds,
+        ctx: &Ctx,
+        sparse: Option<&SparsePack>,
+    ) -> Result<Tensor> {
+        let value = |j: NodeId| {
+            vals[j]
+                .as_ref()
+                .ok_or_else(|| anyhow!("value of node #{j} missing"))
+        };
+        let mut ins: Vec<&Tensor> = g.nodes[i]
+            .inputs
+            .iter()
+            .map(|&j| value(j))
+            .collect::<Result<_>>()?;
+        let masked;
+        if let Some(m) = f.input_masks.and_then(|m| m.get(&i)) {
+            masked = ins[0].broadcast_mul(m)?;
+            ins[0] = &masked;
+        }
+        let sw = sparse.and_then(|p| p.get(i));
+        match self.folded.get(&i) {
+            Some(fold) => {
+                let (relu, residual) = match self.fusion.fold_add[i] {
+                    Some((add, other)) => (self.fusion.fused_relu[add], Some(value(other)?)),
+                    None => (self.fusion.fused_relu[fold.bn], None),
+                };
+                node::conv_folded(g, i, fold, ins[0], relu, residual, ctx, sw)
+            }
+            None => node::run(g, i, &ins, x, ctx, self.fusion.fused_relu[i], sw),
+        }
+    }
+}
+
+/// For each node, the values whose last reader it is (graph outputs and kept nodes are
+/// never released; a folded residual add reads its shortcut at the conv).
+fn release_points(
+    g: &Graph,
+    consumers: &[Vec<NodeId>],
+    fusion: &Fusion,
+    keep: &[NodeId],
+) -> Vec<Vec<NodeId>> {
+    let mut remaining: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
+    for &o in g.outputs.iter().chain(keep) {
+        remaining[o] += 1;
+    }
+    let mut release = vec![Vec::new(); g.nodes.len()];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if fusion.alias[i].is_some() {
+            continue;
+        }
+        let fused = fusion.fold_add[i].map(|(_, other)| other);
+        for &j in node.inputs.iter().chain(fused.iter()) {
+            remaining[j] -= 1;
+            if remaining[j] == 0 {
+                release[i].push(j);
             }
         }
     }
-    Fusion {
-        fused_relu,
-        alias,
-        fold_bn,
-        fold_add,
-    }
+    release
 }

@@ -3,9 +3,10 @@
 //! `s = γ/√(σ² + ε)`. The batch norm becomes an Identity, so node ids stay valid. This is
 //! the form deployment runtimes (and OpenVINO POT, which the POT baseline follows) see.
 
+use super::ops::param::{BIAS, RUNNING_MEAN, RUNNING_VAR, WEIGHT};
 use super::ops::{Identity, Op};
-use super::{param_key, Graph};
-use anyhow::Result;
+use super::{param_key, Graph, NodeId};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
@@ -21,9 +22,9 @@ pub fn fold_batchnorm(g: &Graph) -> Result<Graph> {
     let host =
         |k: &str| -> Result<Vec<f32>> { Ok(g.params()[k].as_tensor().flatten_all()?.to_vec1()?) };
     for (j, node) in g.nodes.iter().enumerate() {
-        let Op::BatchNorm(bn) = &node.op else {
+        if !matches!(node.op, Op::BatchNorm(_)) {
             continue;
-        };
+        }
         let [i] = node.inputs[..] else { continue };
         let Op::Conv2d(c) = &g.nodes[i].op else {
             continue;
@@ -32,36 +33,17 @@ pub fn fold_batchnorm(g: &Graph) -> Result<Graph> {
             continue;
         }
         let (bname, cname) = (&node.name, &g.nodes[i].name);
-        let gamma = host(&param_key(bname, "weight"))?;
-        let beta = host(&param_key(bname, "bias"))?;
-        let mean = host(&param_key(bname, "running_mean"))?;
-        let var = host(&param_key(bname, "running_var"))?;
-        let s: Vec<f32> = gamma
-            .iter()
-            .zip(&var)
-            .map(|(g, v)| g / (v + bn.eps as f32).sqrt())
-            .collect();
-        let wk = param_key(cname, "weight");
+        let (scale, b) = conv_bn_affine(g, i, j)?;
+        let wk = param_key(cname, WEIGHT);
         let mut w = host(&wk)?;
-        let per = w.len() / c.out_channels;
-        for (o, row) in w.chunks_exact_mut(per).enumerate() {
-            row.iter_mut().for_each(|v| *v *= s[o]);
-        }
-        let b0 = if c.bias {
-            host(&param_key(cname, "bias"))?
-        } else {
-            vec![0.0; c.out_channels]
-        };
-        let b: Vec<f32> = (0..c.out_channels)
-            .map(|o| (b0[o] - mean[o]) * s[o] + beta[o])
-            .collect();
+        scale_rows(&mut w, &scale);
         let dims = g.params()[&wk].dims().to_vec();
         params.insert(wk, Tensor::from_vec(w, dims, &Device::Cpu)?);
         params.insert(
-            param_key(cname, "bias"),
+            param_key(cname, BIAS),
             Tensor::from_vec(b, c.out_channels, &Device::Cpu)?,
         );
-        for p in ["weight", "bias", "running_mean", "running_var"] {
+        for p in [WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR] {
             params.remove(&param_key(bname, p));
         }
         if let Op::Conv2d(c) = &mut nodes[i].op {
@@ -70,4 +52,45 @@ pub fn fold_batchnorm(g: &Graph) -> Result<Graph> {
         nodes[j].op = Op::Identity(Identity {});
     }
     Graph::with_parts(nodes, g.outputs.clone(), params)
+}
+
+/// The per-output-channel affine `(s, b')` that folding batch norm `bn` into conv `conv`
+/// gives: `s = γ/√(σ² + ε)`, `b' = (b − μ)·s + β` (the conv's weight rows are then scaled
+/// by `s`). The one place this maths lives: the graph rewrite above and the execution
+/// plan's run-time fold both call it.
+pub fn conv_bn_affine(g: &Graph, conv: NodeId, bn: NodeId) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (Op::Conv2d(c), Op::BatchNorm(b)) = (&g.nodes[conv].op, &g.nodes[bn].op) else {
+        bail!(
+            "cannot fold '{}' into '{}': not a batch norm after a conv",
+            g.nodes[bn].name,
+            g.nodes[conv].name
+        );
+    };
+    let host = |n: NodeId, p: &str| -> Result<Vec<f32>> {
+        Ok(g.param(n, p)?.as_tensor().flatten_all()?.to_vec1()?)
+    };
+    let (gamma, beta) = (host(bn, WEIGHT)?, host(bn, BIAS)?);
+    let (mean, var) = (host(bn, RUNNING_MEAN)?, host(bn, RUNNING_VAR)?);
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| g / (v + b.eps as f32).sqrt())
+        .collect();
+    let conv_b = if c.bias {
+        host(conv, BIAS)?
+    } else {
+        vec![0.0; c.out_channels]
+    };
+    let bias = (0..c.out_channels)
+        .map(|o| (conv_b[o] - mean[o]) * scale[o] + beta[o])
+        .collect();
+    Ok((scale, bias))
+}
+
+/// Multiplies row `o` of a row-major weight (one row per output channel) by `scale[o]`.
+pub fn scale_rows(w: &mut [f32], scale: &[f32]) {
+    let per = w.len() / scale.len().max(1);
+    w.chunks_exact_mut(per.max(1))
+        .zip(scale)
+        .for_each(|(row, s)| row.iter_mut().for_each(|v| *v *= s));
 }

@@ -1,8 +1,9 @@
-//! Parameter initialisation, seeded. Defaults follow PyTorch: Kaiming-normal (fan-out,
+//! Parameter initialisation, seeded, by the rule each op states for each parameter
+//! ([`InitRule`]). The rules follow PyTorch: Kaiming-normal (fan-out,
 //! ReLU gain) for convolutions as in torchvision's ResNet, PyTorch's default uniform for
 //! linear layers, and identity batch norm.
 
-use super::ops::Op;
+use super::ops::{InitRule, Op};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -32,23 +33,19 @@ impl Init {
             .collect()
     }
 
-    /// Initial values of every parameter of `op`, by parameter name.
+    /// Initial values of every parameter of `op`, by parameter name, following the rule
+    /// each parameter's op states ([`InitRule`]).
     pub fn op_params(&mut self, op: &Op) -> Result<Vec<(&'static str, Tensor)>> {
         let mut out = Vec::new();
         for p in op.spec().params() {
             let n: usize = p.shape.iter().product();
-            let data = match (op, p.name) {
-                (Op::Conv2d(c), "weight") => {
-                    let fan_out = c.out_channels / c.groups * c.kernel[0] * c.kernel[1];
-                    self.normal(n, (2.0 / fan_out as f64).sqrt())
+            let data = match p.init {
+                InitRule::Zeros => vec![0.0; n],
+                InitRule::Ones => vec![1.0; n],
+                InitRule::KaimingNormalFanOut { fan_out } => {
+                    self.normal(n, (2.0 / fan_out.max(1) as f64).sqrt())
                 }
-                (Op::Linear(l), "weight") | (Op::Linear(l), "bias") => {
-                    self.uniform(n, 1.0 / (l.in_features as f64).sqrt())
-                }
-                (Op::BatchNorm(_), "weight")
-                | (Op::BatchNorm(_), "running_var")
-                | (Op::ChannelAffine(_), "weight") => vec![1.0; n],
-                _ => vec![0.0; n],
+                InitRule::Uniform { bound } => self.uniform(n, bound),
             };
             out.push((
                 p.name,

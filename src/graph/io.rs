@@ -4,6 +4,7 @@
 //! (nodes in topological order, outputs). Any safetensors reader can read the weights;
 //! lopper reads both back into an identical graph. Writes are atomic.
 
+use super::ops::param::WEIGHT;
 use super::{Graph, Node, NodeId};
 use crate::util::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
@@ -154,13 +155,13 @@ pub fn save_with(g: &Graph, path: &Path, extra: &[(&str, &str)]) -> Result<u64> 
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     let mut sparse = Vec::new();
-    for l in crate::sparse::layers::prunable_layers(g) {
-        let w = crate::sparse::layers::weight_host(g, &l)?;
+    for l in super::matrix::weight_matrices(g) {
+        let w = super::matrix::weight_host(g, &l)?;
         let zeros = w.iter().filter(|v| **v == 0.0).count();
         if w.is_empty() || (zeros as f64) < COMPRESS_MIN_SPARSITY * w.len() as f64 {
             continue;
         }
-        let csr = crate::sparse::CsrMatrix::from_dense(&w, l.rows, l.row_len)?;
+        let csr = super::csr::CsrMatrix::from_dense(&w, l.rows, l.row_len)?;
         let nnz = csr.nnz();
         let dev = &Device::Cpu;
         tensors.remove(&l.key);
@@ -246,18 +247,20 @@ fn decompress(
     let keys: Vec<String> = serde_json::from_str(list)
         .with_context(|| format!("{origin}: lopper.sparse metadata is not a list of names"))?;
     for key in keys {
-        let node = key.strip_suffix(".weight").unwrap_or(&key);
+        let node = key.strip_suffix(&format!(".{WEIGHT}")).unwrap_or(&key);
         let n = nodes
             .iter()
             .find(|n| n.name == node)
             .ok_or_else(|| anyhow!("{origin}: sparse tensor '{key}' matches no node"))?;
-        let shape =
-            n.op.spec()
-                .params()
-                .into_iter()
-                .find(|p| p.name == "weight")
-                .map(|p| p.shape)
-                .ok_or_else(|| anyhow!("{origin}: node '{node}' has no weight"))?;
+        let spec = n.op.spec();
+        let no_matrix = || anyhow!("{origin}: node '{node}' has no weight matrix");
+        let (rows, cols) = spec.weight_matrix().ok_or_else(no_matrix)?;
+        let shape = spec
+            .params()
+            .into_iter()
+            .find(|p| p.name == WEIGHT)
+            .map(|p| p.shape)
+            .ok_or_else(no_matrix)?;
         let mut take = |suffix: &str| {
             tensors
                 .remove(&format!("{key}.{suffix}"))
@@ -272,9 +275,7 @@ fn decompress(
         let row_ptr: Vec<u32> = take("csr_row_ptr")?
             .to_vec1()
             .with_context(|| format!("{origin}: tensor '{key}.csr_row_ptr' must be u32"))?;
-        let rows = shape[0];
-        let cols = shape.iter().skip(1).product::<usize>();
-        let csr = crate::sparse::CsrMatrix::from_parts(rows, cols, row_ptr, col_idx, values)
+        let csr = super::csr::CsrMatrix::from_parts(rows, cols, row_ptr, col_idx, values)
             .with_context(|| format!("{origin}: compressed tensor '{key}'"))?;
         tensors.insert(key, Tensor::from_vec(csr.to_dense(), shape, &Device::Cpu)?);
     }
@@ -314,12 +315,10 @@ pub fn graph_from_parts(
     // Keep only graph parameters; checkpoints carry optimizer state beside them.
     tensors.retain(|k, _| !k.starts_with("__"));
     let sparse = decompress(meta, &gj.nodes, &mut tensors, origin)?;
-    let g = Graph::with_parts(gj.nodes, gj.outputs, tensors)
+    let mut g = Graph::with_parts(gj.nodes, gj.outputs, tensors)
         .with_context(|| format!("{origin}: invalid model"))?;
-    if sparse {
-        // A model saved sparse runs on the sparse kernels where they are faster.
-        g.enable_sparse_kernels()?;
-    }
+    // A model saved sparse runs on the sparse kernels where they are faster.
+    g.set_sparse_kernels(sparse);
     Ok(g)
 }
 

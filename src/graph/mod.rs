@@ -7,9 +7,11 @@
 
 pub mod builder;
 pub mod cost;
+pub mod csr;
 pub mod fold;
 pub mod init;
 pub mod io;
+pub mod matrix;
 pub mod ops;
 pub mod shape;
 
@@ -17,12 +19,10 @@ pub use builder::GraphBuilder;
 pub use ops::{Op, OpSpec, ParamKind, ParamSpec};
 pub use shape::Shape;
 
-use crate::sparse::SparsePack;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, RwLock};
 
 /// Index of a node in [`Graph::nodes`].
 pub type NodeId = usize;
@@ -40,9 +40,10 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<NodeId>,
     params: BTreeMap<String, Var>,
-    /// Compressed weights for the sparse inference kernels, once enabled
-    /// ([`Graph::enable_sparse_kernels`]); dropped whenever weights may change.
-    sparse: RwLock<Option<Arc<SparsePack>>>,
+    /// Whether eval-mode execution plans run the layers whose weights are sparse enough on
+    /// the sparse (CSR) kernels — a deployment preference, set for models saved sparse.
+    /// The compressed weights themselves belong to the plan, not to the graph.
+    sparse_kernels: bool,
 }
 
 /// A variable with storage of its own, whatever `t` is.
@@ -90,7 +91,7 @@ impl Graph {
             nodes,
             outputs,
             params,
-            sparse: RwLock::new(None),
+            sparse_kernels: false,
         };
         g.validate()?;
         Ok(g)
@@ -230,22 +231,11 @@ impl Graph {
             );
         }
         v.set(&value.to_dtype(v.dtype())?.to_device(v.device())?)?;
-        // A compressed copy of this weight is now stale.
-        if let Some(p) = self.sparse_pack() {
-            if p.layers
-                .keys()
-                .any(|&n| param_key(&self.nodes[n].name, "weight") == key)
-            {
-                self.disable_sparse_kernels();
-            }
-        }
         Ok(())
     }
 
-    /// Trainable parameters in a stable order (key order), with their keys. Whoever asks
-    /// may change them, so the sparse kernels' compressed copies are dropped.
+    /// Trainable parameters in a stable order (node order), with their keys.
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        self.disable_sparse_kernels();
         let mut out = Vec::new();
         for n in &self.nodes {
             for p in n.op.spec().params() {
@@ -268,7 +258,7 @@ impl Graph {
             nodes: self.nodes.clone(),
             outputs: self.outputs.clone(),
             params,
-            sparse: RwLock::new(self.sparse_pack()),
+            sparse_kernels: self.sparse_kernels,
         })
     }
 
@@ -287,27 +277,14 @@ impl Graph {
         Graph::new(nodes, outputs, vars)
     }
 
-    /// Runs the layers whose weights are sparse enough on the sparse (CSR) kernels in
-    /// eval-mode forwards from now on, until a weight changes. Returns how many layers.
-    pub fn enable_sparse_kernels(&self) -> Result<usize> {
-        use crate::sparse::csr::{MAX_CONV_DENSITY, MAX_LINEAR_DENSITY};
-        let pack = SparsePack::build(self, MAX_CONV_DENSITY, MAX_LINEAR_DENSITY)?;
-        let n = pack.layers.len();
-        *self.sparse.write().unwrap_or_else(|e| e.into_inner()) = (n > 0).then(|| Arc::new(pack));
-        Ok(n)
+    /// Whether eval-mode plans use the sparse kernels where weights are sparse enough.
+    pub fn sparse_kernels(&self) -> bool {
+        self.sparse_kernels
     }
 
-    /// Back to dense kernels everywhere.
-    pub fn disable_sparse_kernels(&self) {
-        *self.sparse.write().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// The compressed weights in use, if enabled.
-    pub fn sparse_pack(&self) -> Option<Arc<SparsePack>> {
-        self.sparse
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// Sets the sparse-kernel preference (see [`Graph::sparse_kernels`]).
+    pub fn set_sparse_kernels(&mut self, on: bool) {
+        self.sparse_kernels = on;
     }
 
     /// Errors naming the first parameter that holds a NaN or an infinity. Training loops
@@ -333,6 +310,11 @@ impl Graph {
 
     /// Number of trainable scalars.
     pub fn num_params(&self) -> usize {
-        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+        self.nodes
+            .iter()
+            .flat_map(|n| n.op.spec().params())
+            .filter(|p| p.kind == ParamKind::Trainable)
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum()
     }
 }

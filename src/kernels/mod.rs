@@ -6,6 +6,7 @@
 pub mod batchnorm;
 pub mod conv;
 pub mod cpu;
+pub mod csr;
 mod depthwise;
 pub mod eltwise;
 pub mod gemm;

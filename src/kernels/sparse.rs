@@ -1,4 +1,5 @@
-//! Inference kernels for sparse weights in CSR form (see [`crate::sparse::csr`]).
+//! Inference kernels for sparse weights in CSR form (see [`crate::graph::csr`] and
+//! [`super::csr`]).
 //!
 //! Conv: per image, im2col (skipped for pointwise convs) then `out[O, P] = W_csr · col[K, P]`
 //! as row-wise axpys, then an epilogue (per-channel scale — a batch norm folded at run
@@ -8,8 +9,9 @@
 
 use super::conv::ConvCfg;
 use super::cpu::{with_f32, with_scratch};
+use super::csr::{madd, CsrKernels, SparseWeight};
 use super::im2col::{im2col, Geo};
-use crate::sparse::CsrMatrix;
+use crate::graph::csr::CsrMatrix;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -42,12 +44,13 @@ fn epilogue(e: &SparseEpilogue, out: &mut [f32], p: usize, res: Option<&[f32]>) 
 /// Sparse conv of `x: [N, C, H, W]` with a weight of dims `w_dims` held as `csr`.
 pub fn conv2d(
     x: &Tensor,
-    csr: &CsrMatrix,
+    sw: &SparseWeight,
     w_dims: &[usize],
     cfg: ConvCfg,
     epi: &SparseEpilogue,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let csr = &sw.csr;
     let g: Geo = cfg.geo(x.dims(), w_dims)?;
     if g.groups != 1 || csr.rows != g.o || csr.cols != g.k() {
         bail!(
@@ -70,7 +73,7 @@ pub fn conv2d(
         }
     }
     if direct_ok(&g) {
-        let d = Direct::new(&g, csr);
+        let d = Direct::new(&g, sw);
         fn ce<'r>(epi: &SparseEpilogue, o: usize, res: Option<&'r [f32]>) -> ChanEpi<'r> {
             ChanEpi {
                 scale: epi.scale.map_or(1.0, |s| s[o]),
@@ -213,13 +216,14 @@ struct Direct<'a> {
 }
 
 impl<'a> Direct<'a> {
-    fn new(g: &Geo, csr: &'a CsrMatrix) -> Self {
+    fn new(g: &Geo, sw: &'a SparseWeight) -> Self {
+        let csr = &sw.csr;
         let s = g.sh;
         let hp = (g.oh - 1) * s + g.kh;
         let wp = (g.ow - 1) * s + g.kw;
         let (hs, ws) = (hp.div_ceil(s), wp.div_ceil(s));
         let khw = g.kh * g.kw;
-        let offs = csr.derived(&[s, hs, ws, g.kh, g.kw], || {
+        let offs = sw.derived(&[s, hs, ws, g.kh, g.kw], || {
             csr.col_idx
                 .iter()
                 .map(|&k| {
@@ -414,7 +418,6 @@ fn tiles<const OW: usize, const FMA: bool>(
     out: &mut [f32],
     e: ChanEpi,
 ) {
-    use crate::sparse::csr::madd;
     let t_rows = (TILE / OW).max(1);
     let mut y0 = 0;
     while y0 < oh {

@@ -2,6 +2,8 @@
 
 pub mod dwr;
 pub mod ispasp;
+pub mod job;
 pub mod pts;
+pub mod sparsify;
 pub mod stamp;
 pub mod unipts;

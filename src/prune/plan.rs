@@ -27,6 +27,22 @@ pub enum Budget {
     Params(f64),
 }
 
+impl Budget {
+    /// The one range check of a budget: a removal ratio in `[0, 1)`, a kept fraction of
+    /// MACs or parameters in `(0, 1]`.
+    pub fn validate(self) -> Result<()> {
+        match self {
+            Budget::Ratio(r) if !(0.0..1.0).contains(&r) => {
+                bail!("pruning ratio {r} must be in [0, 1)")
+            }
+            Budget::Macs(f) | Budget::Params(f) if !(f > 0.0 && f <= 1.0) => {
+                bail!("target fraction {f} must be in (0, 1]")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PlanConfig {
     pub criterion: Criterion,
@@ -227,17 +243,10 @@ pub fn plan(
             ),
         }
     };
+    cfg.budget.validate()?;
     let units = match cfg.budget {
-        Budget::Ratio(r) => {
-            if !(0.0..1.0).contains(&r) {
-                bail!("pruning ratio {r} must be in [0, 1)");
-            }
-            units_at(r)
-        }
+        Budget::Ratio(r) => units_at(r),
         Budget::Macs(f) | Budget::Params(f) => {
-            if !(f > 0.0 && f <= 1.0) {
-                bail!("target fraction {f} must be in (0, 1]");
-            }
             let is_macs = matches!(cfg.budget, Budget::Macs(_));
             let measure = |units: &[(usize, usize)]| -> Result<f64> {
                 let r = Removal::from_units(g, groups, units)?;

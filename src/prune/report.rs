@@ -1,15 +1,15 @@
 //! The pruning report: cost, latency, accuracy at each stage and per-layer widths.
 
-use crate::exec::{forward, Mode};
+use crate::exec::{Feeds, Mode, Plan, PlanOpts};
 use crate::graph::cost::cost;
 use crate::graph::ops::Op;
 use crate::graph::Graph;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     pub params: u64,
     pub macs: u64,
@@ -17,14 +17,14 @@ pub struct Snapshot {
     pub latency_b64_ms: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerWidth {
     pub node: String,
     pub before: usize,
     pub after: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PruneReport {
     pub method: String,
     pub scope: String,
@@ -40,10 +40,10 @@ pub struct PruneReport {
     pub finetune_seconds: f64,
     pub widths: Vec<LayerWidth>,
     /// Method-specific detail (e.g. i-SpaSP's per-module selection times).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
     /// Per-epoch fine-tuning log with test accuracy (`--curve`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune_history: Option<Vec<crate::train::EpochLog>>,
     /// Problems the numbers above carry (e.g. non-finite outputs counted as wrong).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -55,13 +55,16 @@ pub fn latency_ms(g: &Graph, b: usize, reps: usize) -> Result<f64> {
     let mut dims = vec![b];
     dims.extend(g.input_shape());
     let x = Tensor::randn(0f32, 1f32, dims, &Device::Cpu)?;
+    // Planned once, as an inference session would (sparse kernels if the graph wants them).
+    let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
+    let feeds = Feeds::default();
     for _ in 0..2 {
-        forward(g, &x, Mode::Eval)?;
+        plan.run(g, &x, &feeds)?;
     }
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps {
         let s = Instant::now();
-        forward(g, &x, Mode::Eval)?;
+        plan.run(g, &x, &feeds)?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
     t.sort_by(|a, b| a.total_cmp(b));

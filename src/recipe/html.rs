@@ -1,28 +1,12 @@
 //! The self-contained HTML report of a recipe run: inline SVG charts and tables, no
 //! scripts, no external resources, so it renders offline in any browser.
 
-use super::report::RunReport;
+use super::report::{RunReport, StepKind};
 use crate::svg::{bar_chart, esc, line_chart, Series};
 use std::collections::BTreeMap;
 
-fn f(v: &serde_json::Value) -> Option<f64> {
-    v.as_f64()
-}
-
-/// The headline accuracy of a step: fine-tuned if it was, else right after pruning.
-pub fn step_accuracy(rep: &serde_json::Value) -> Option<f64> {
-    f(&rep["acc_finetuned"])
-        .or_else(|| f(&rep["acc_pruned"]))
-        .or_else(|| f(&rep["acc_sparse"]))
-}
-
-/// The step's cost as a fraction of the dense MACs (sparse steps: non-zero MACs).
-pub fn step_macs(rep: &serde_json::Value) -> Option<f64> {
-    f(&rep["macs_ratio"]).or_else(|| Some(f(&rep["sparse_macs"])? / f(&rep["dense_macs"])?))
-}
-
 pub fn render(r: &RunReport) -> String {
-    let dense_acc = f(&r.dense["result"]["top1"]).unwrap_or(f64::NAN);
+    let dense_acc = r.dense.result.top1;
     let mut h = String::new();
     h += "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">";
     h += &format!("<title>lopper — {}</title>", esc(&r.recipe.name));
@@ -36,38 +20,37 @@ pub fn render(r: &RunReport) -> String {
         esc(&r.recipe.data.name),
         esc(&r.recipe.model.source),
         100.0 * dense_acc,
-        r.dense["cost"]["macs"]
-            .as_u64()
-            .map(|m| format!(", {:.2} M MACs", m as f64 / 1e6))
+        r.dense
+            .cost
+            .as_ref()
+            .map(|c| format!(", {:.2} M MACs", c.macs as f64 / 1e6))
             .unwrap_or_default(),
         r.steps.len(),
         r.ran.len(),
         r.seconds,
-        r.machine["threads"],
-        esc(r.machine["cpu"].as_str().unwrap_or("?"))
+        r.machine.threads,
+        esc(&r.machine.cpu)
     );
     // The table.
     h += "<h2>Results</h2>\n<table><tr><th>method</th><th>budget</th><th>seed</th><th>top-1 %</th><th>Δ vs dense</th><th>MACs (of dense)</th><th>sparsity</th><th>latency b1 / b64 ms</th><th>wall s</th></tr>\n";
     for s in &r.steps {
         let rep = &s.report;
-        let acc = step_accuracy(rep);
-        let lat = match (
-            f(&rep["pruned"]["latency_b1_ms"]).or(f(&rep["sparse_latency_b1_ms"])),
-            f(&rep["pruned"]["latency_b64_ms"]).or(f(&rep["sparse_latency_b64_ms"])),
-        ) {
-            (Some(a), Some(b)) => format!("{a:.2} / {b:.1}"),
-            _ => "—".into(),
-        };
+        let acc = rep.accuracy();
+        let (b1, b64) = rep.latency_ms();
+        let macs = 100.0 * rep.macs_fraction();
         h += &format!(
-            "<tr><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{lat}</td><td>{:.1}</td></tr>\n",
+            "<tr><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{macs:.1} %</td><td>{}</td><td>{b1:.2} / {b64:.1}</td><td>{:.1}</td></tr>\n",
             esc(&s.step.label),
-            if s.step.kind == "sparsify" { "sparsity" } else { "MACs ≤" },
+            match s.step.kind {
+                StepKind::Sparsify => "sparsity",
+                StepKind::Prune => "MACs ≤",
+            },
             s.step.budget,
             s.step.seed,
             acc.map_or("—".into(), |a| format!("{:.2}", 100.0 * a)),
             acc.map_or("—".into(), |a| format!("{:+.2}", 100.0 * (a - dense_acc))),
-            step_macs(rep).map_or("—".into(), |m| format!("{:.1} %", 100.0 * m)),
-            f(&rep["sparsity"]).map_or("—".into(), |v| format!("{:.1} %", 100.0 * v)),
+            rep.sparsity()
+                .map_or("—".into(), |v| format!("{:.1} %", 100.0 * v)),
             s.seconds
         );
     }
@@ -76,14 +59,15 @@ pub fn render(r: &RunReport) -> String {
     let mut by_macs: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut by_sp: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for s in &r.steps {
-        let (Some(a), Some(m)) = (step_accuracy(&s.report), step_macs(&s.report)) else {
+        let Some(a) = s.report.accuracy() else {
             continue;
         };
+        let m = s.report.macs_fraction();
         by_macs
             .entry(s.step.label.clone())
             .or_default()
             .push((100.0 * m, 100.0 * a));
-        if s.step.kind == "sparsify" {
+        if s.step.kind == StepKind::Sparsify {
             by_sp
                 .entry(s.step.label.clone())
                 .or_default()
@@ -135,45 +119,25 @@ pub fn render(r: &RunReport) -> String {
     // Per-layer widths / sparsities of each method's most aggressive step.
     h += "<h2>Per-layer structure</h2>\n";
     for s in &r.steps {
-        let rep = &s.report;
-        let bars: Vec<(String, f64)> = if let Some(w) = rep["widths"].as_array() {
-            w.iter()
-                .filter_map(|x| {
-                    let (b, a) = (f(&x["before"])?, f(&x["after"])?);
-                    Some((x["node"].as_str()?.to_string(), 100.0 * a / b.max(1.0)))
-                })
-                .collect()
-        } else if let Some(l) = rep["layers"].as_array() {
-            l.iter()
-                .filter_map(|x| Some((x["name"].as_str()?.to_string(), 100.0 * f(&x["sparsity"])?)))
-                .collect()
-        } else {
-            continue;
-        };
+        let bars = s.report.layer_bars();
         if bars.is_empty() {
             continue;
         }
-        let what = if s.step.kind == "sparsify" {
-            "zero weights, % per layer"
-        } else {
-            "kept width, % of dense"
+        let what = match s.step.kind {
+            StepKind::Sparsify => "zero weights, % per layer",
+            StepKind::Prune => "kept width, % of dense",
         };
         h += &bar_chart(&format!("{} — {}", s.step.id, what), what, &bars);
     }
     // Training curves where the step has them (UniPTS sparse training).
     let mut curves = Vec::new();
     for s in &r.steps {
-        if let Some(tr) = s.report["details"]["train"].as_array() {
-            let pts: Vec<(f64, f64)> = tr
-                .iter()
-                .filter_map(|e| Some((f(&e["epoch"])?, f(&e["loss"])?)))
-                .collect();
-            if !pts.is_empty() {
-                curves.push(Series {
-                    name: s.step.id.clone(),
-                    points: pts,
-                });
-            }
+        let pts = s.report.loss_curve();
+        if !pts.is_empty() {
+            curves.push(Series {
+                name: s.step.id.clone(),
+                points: pts,
+            });
         }
     }
     if !curves.is_empty() {

@@ -4,7 +4,9 @@
 //! whose cache holds the same arguments is not run again, so an interrupted run resumes
 //! where it stopped; changing a step's settings reruns only that step.
 
-pub use super::report::{RunReport, Step, StepResult};
+pub use super::report::{
+    DenseCost, DenseEval, Machine, RunReport, Step, StepKind, StepReport, StepResult,
+};
 use super::{html, Recipe};
 use crate::util::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
@@ -63,10 +65,12 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                     if sparse { "sp" } else { "macs" },
                     b
                 );
-                let mut args = vec![
-                    if sparse { "sparsify" } else { "prune" }.to_string(),
-                    dense.display().to_string(),
-                ];
+                let kind = if sparse {
+                    StepKind::Sparsify
+                } else {
+                    StepKind::Prune
+                };
+                let mut args = vec![kind.command().to_string(), dense.display().to_string()];
                 args.extend(data_args(r, o));
                 args.extend(["--method".into(), name.clone()]);
                 if sparse {
@@ -107,7 +111,7 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                     id,
                     label,
                     method: name.clone(),
-                    kind: if sparse { "sparsify" } else { "prune" }.into(),
+                    kind,
                     budget: b,
                     seed,
                     args,
@@ -177,7 +181,12 @@ impl RunLock {
 /// Runs a child lopper and parses its JSON stdout. The child dies with this process
 /// (Linux `PR_SET_PDEATHSIG`: SIGTERM when the parent dies, also by kill -9), so no step
 /// keeps working, unseen, after its run was stopped; it holds the run's lock while alive.
-fn child(o: &RunOpts, args: &[String], what: &str, lock: &RunLock) -> Result<serde_json::Value> {
+fn child<T: for<'de> Deserialize<'de>>(
+    o: &RunOpts,
+    args: &[String],
+    what: &str,
+    lock: &RunLock,
+) -> Result<T> {
     let mut cmd = Command::new(&o.exe);
     cmd.args(args);
     #[cfg(target_os = "linux")]
@@ -213,7 +222,7 @@ fn child(o: &RunOpts, args: &[String], what: &str, lock: &RunLock) -> Result<ser
         );
     }
     serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{what}: the child printed no JSON report"))
+        .with_context(|| format!("{what}: the child printed no JSON report of the expected form"))
 }
 
 /// Cached value keyed by its arguments: runs `f` only if `path` lacks a matching record.
@@ -274,13 +283,14 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
                 "-o".into(),
                 p.display().to_string(),
             ]);
-            let (_, ran) = cached(&o.out.join("dense.train.json"), &args, || {
-                log(format!(
-                    "training the dense model: lopper {}",
-                    args.join(" ")
-                ));
-                child(o, &args, "training the dense model", &lock)
-            })?;
+            let (_, ran): (serde_json::Value, bool) =
+                cached(&o.out.join("dense.train.json"), &args, || {
+                    log(format!(
+                        "training the dense model: lopper {}",
+                        args.join(" ")
+                    ));
+                    child(o, &args, "training the dense model", &lock)
+                })?;
             if !ran && !p.exists() {
                 bail!(
                     "{}: cached dense training but the model file is gone; delete dense.train.json",
@@ -296,11 +306,9 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
     eval_args.push("--json".into());
     let (dense, _) = cached(&o.out.join("dense.eval.json"), &eval_args, || {
         log("evaluating the dense model".into());
-        let mut v = child(o, &eval_args, "evaluating the dense model", &lock)?;
+        let mut v: DenseEval = child(o, &eval_args, "evaluating the dense model", &lock)?;
         let insp = vec!["inspect".to_string(), dense_path.clone(), "--json".into()];
-        if let Ok(c) = child(o, &insp, "inspecting the dense model", &lock) {
-            v["cost"] = serde_json::json!({"macs": c["total_macs"], "params": c["total_params"]});
-        }
+        v.cost = child(o, &insp, "inspecting the dense model", &lock).ok();
         Ok(v)
     })?;
     let steps = plan(r, Path::new(&dense_path), o);
@@ -336,11 +344,11 @@ pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
         dense,
         steps: results,
         ran,
-        machine: serde_json::json!({
-            "threads": rayon::current_num_threads(),
-            "cpu": cpu_model(),
-            "os": std::env::consts::OS,
-        }),
+        machine: Machine {
+            threads: rayon::current_num_threads(),
+            cpu: cpu_model(),
+            os: std::env::consts::OS.to_string(),
+        },
         seconds: t0.elapsed().as_secs_f64(),
     };
     atomic_write(

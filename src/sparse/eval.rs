@@ -2,7 +2,7 @@
 //! on the augmented calibration data, not on held-out data.
 
 use crate::data::{Augment, Dataset};
-use crate::exec::{self, Mode};
+use crate::exec::{self, Feeds, Mode, Plan, PlanOpts};
 use crate::graph::Graph;
 use crate::train::fit_input;
 use anyhow::Result;
@@ -21,9 +21,11 @@ pub fn accuracy(
     let mut rng = Pcg64::seed_from_u64(seed);
     let pos: Vec<usize> = (0..data.len()).collect();
     let mut correct = 0usize;
+    let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
     for chunk in pos.chunks(batch.max(1)) {
         let (x, y) = data.batch(chunk, augment.with_rng(&mut rng), &Device::Cpu)?;
-        let logits = exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
+        let mut out = plan.run(g, &fit_input(g, x)?, &Feeds::default())?;
+        let logits = out.outputs.swap_remove(0);
         let pred = exec::argmax(&logits)?;
         let y = y.to_vec1::<u32>()?;
         correct += pred.iter().zip(&y).filter(|(a, b)| a == b).count();

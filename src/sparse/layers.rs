@@ -1,74 +1,19 @@
 //! The prunable layers of a graph (every conv and linear weight, the stem and classifier
 //! included, as UniPTS does) and per-layer sparsity bookkeeping.
 
-use crate::graph::ops::Op;
-use crate::graph::{param_key, Graph, NodeId};
+pub use crate::graph::matrix::weight_host;
+use crate::graph::matrix::{weight_matrices, WeightMatrix};
+use crate::graph::Graph;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-/// One prunable weight tensor.
-#[derive(Clone, Debug)]
-pub struct SparseLayer {
-    pub node: NodeId,
-    pub name: String,
-    /// Parameter key (`"{node}.weight"`).
-    pub key: String,
-    pub shape: Vec<usize>,
-    /// Output channels (rows of the weight matrix).
-    pub rows: usize,
-    /// Elements per row (`in/groups · kh · kw` or `in`).
-    pub row_len: usize,
-}
-
-impl SparseLayer {
-    pub fn numel(&self) -> usize {
-        self.rows * self.row_len
-    }
-}
+/// One prunable weight tensor: the IR's weight-matrix view of a conv or linear layer.
+pub type SparseLayer = WeightMatrix;
 
 /// Every conv and linear weight, in topological order.
 pub fn prunable_layers(g: &Graph) -> Vec<SparseLayer> {
-    g.nodes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| {
-            let (rows, row_len, shape) = match &n.op {
-                Op::Conv2d(c) => {
-                    let per = c.in_channels / c.groups * c.kernel[0] * c.kernel[1];
-                    let shape = vec![
-                        c.out_channels,
-                        c.in_channels / c.groups,
-                        c.kernel[0],
-                        c.kernel[1],
-                    ];
-                    (c.out_channels, per, shape)
-                }
-                Op::Linear(l) => (
-                    l.out_features,
-                    l.in_features,
-                    vec![l.out_features, l.in_features],
-                ),
-                _ => return None,
-            };
-            Some(SparseLayer {
-                node: i,
-                name: n.name.clone(),
-                key: param_key(&n.name, "weight"),
-                shape,
-                rows,
-                row_len,
-            })
-        })
-        .collect()
-}
-
-/// Host copy of a layer's weight, flattened row-major.
-pub fn weight_host(g: &Graph, l: &SparseLayer) -> Result<Vec<f32>> {
-    Ok(g.param(l.node, "weight")?
-        .as_tensor()
-        .flatten_all()?
-        .to_vec1()?)
+    weight_matrices(g)
 }
 
 /// Writes `m ⊙ w` into the graph for every layer (masks aligned with `layers`, 0/1 values).

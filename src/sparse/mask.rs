@@ -47,6 +47,16 @@ impl Pattern {
     }
 }
 
+impl std::fmt::Display for Pattern {
+    /// The name [`Pattern::parse`] reads back: `unstructured` or `N:M`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Unstructured => write!(f, "unstructured"),
+            Pattern::NM { n, m } => write!(f, "{n}:{m}"),
+        }
+    }
+}
+
 /// `(score asc, index asc)`; NaN scores sort first (pruned first).
 fn order(s: &[f32], a: usize, b: usize) -> Ordering {
     s[a].partial_cmp(&s[b])

@@ -53,7 +53,8 @@ pub struct Teacher<'a> {
 
 #[derive(Default)]
 pub struct TrainOpts<'a> {
-    pub progress: bool,
+    /// Where per-batch progress and per-epoch lines go (`None`: nowhere).
+    pub progress: Option<&'a dyn crate::util::Progress>,
     /// Write a checkpoint here after every epoch.
     pub checkpoint: Option<PathBuf>,
     pub teacher: Option<Teacher<'a>>,

@@ -4,7 +4,7 @@
 use super::loss::cross_entropy;
 use super::metrics::topk_correct;
 use crate::data::Dataset;
-use crate::exec::Mode;
+use crate::exec::{Feeds, Mode, Plan, PlanOpts};
 use crate::graph::Graph;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -73,9 +73,13 @@ pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
     ds.check_labels(output_classes(g)?)?;
     let (mut c1, mut c5, mut bad, mut loss) = (0usize, 0usize, 0usize, 0f64);
     let pos: Vec<usize> = (0..ds.len()).collect();
+    let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
     for chunk in pos.chunks(batch.max(1)) {
         let (x, y) = ds.batch(chunk, None, &dev)?;
-        let logits = crate::exec::forward(g, &fit_input(g, x)?, Mode::Eval)?;
+        let logits = plan
+            .run(g, &fit_input(g, x)?, &Feeds::default())?
+            .outputs
+            .swap_remove(0);
         let l = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
         loss += l * chunk.len() as f64;
         let t = topk_correct(&logits, &y)?;

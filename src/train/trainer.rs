@@ -12,9 +12,9 @@ use super::schedule::lr_at;
 use crate::data::{Augment, Dataset};
 use crate::exec::{forward_with, ForwardOpts, Mode};
 use crate::graph::Graph;
+use crate::util::Silent;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
 use std::time::Instant;
@@ -93,17 +93,11 @@ pub fn train(
         let te = Instant::now();
         let order = data.shuffled(cfg.seed.wrapping_mul(1000).wrapping_add(epoch as u64));
         let mut rng = Pcg64::seed_from_u64(cfg.seed.wrapping_mul(7919).wrapping_add(epoch as u64));
-        let pb = if opts.progress {
-            ProgressBar::new(steps_per_epoch as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        pb.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap()
-                .progress_chars("=> "),
+        let pb = opts.progress.unwrap_or(&Silent);
+        pb.start(
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            steps_per_epoch as u64,
         );
-        pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
         for (bi, chunk) in order.chunks(cfg.batch_size).enumerate() {
@@ -133,17 +127,17 @@ pub fn train(
             loss_sum += lv * chunk.len() as f64;
             correct += c1;
             seen += chunk.len();
-            pb.inc(1);
-            if bi % 10 == 0 {
-                pb.set_message(format!(
+            pb.step(
+                bi as u64 + 1,
+                &format!(
                     "loss {:.3} acc {:.2}% {:.0} img/s",
                     loss_sum / seen as f64,
                     100.0 * correct as f64 / seen as f64,
                     seen as f64 / te.elapsed().as_secs_f64()
-                ));
-            }
+                ),
+            );
         }
-        pb.finish_and_clear();
+        pb.finish();
         // A last step can overflow the weights while its loss was still finite.
         g.check_finite()
             .with_context(|| format!("after training epoch {} (lr {lr:.4})", epoch + 1))?;
@@ -162,8 +156,8 @@ pub fn train(
             seconds: train_secs,
             samples_per_sec: seen as f64 / train_secs,
         };
-        if opts.progress {
-            eprintln!(
+        if let Some(p) = opts.progress {
+            p.line(&format!(
                 "epoch {}/{}: loss {:.4} train {:.2}%{} lr {:.4} {:.1}s ({:.0} img/s)",
                 log.epoch,
                 cfg.epochs,
@@ -175,7 +169,7 @@ pub fn train(
                 lr,
                 log.seconds,
                 log.samples_per_sec
-            );
+            ));
         }
         history.push(log);
         if let Some(path) = &opts.checkpoint {

@@ -1,7 +1,8 @@
 //! Batch normalisation over axis 0 of the per-sample shape (BatchNorm1d on `[F]`,
 //! BatchNorm2d on `[C, H, W]`).
 
-use super::{expect_inputs, Coupling, OpSpec, ParamKind, ParamSpec};
+use super::param::{BIAS, RUNNING_MEAN, RUNNING_VAR, WEIGHT};
+use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
 use crate::graph::shape::Shape;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -44,18 +45,19 @@ impl OpSpec for BatchNorm {
 
     fn params(&self) -> Vec<ParamSpec> {
         let c = self.num_features;
-        let mk = |name, kind| ParamSpec {
+        let mk = |name, kind, init| ParamSpec {
             name,
             shape: vec![c],
             kind,
+            init,
             out_axis: Some(0),
             in_axis: None,
         };
         vec![
-            mk("weight", ParamKind::Trainable),
-            mk("bias", ParamKind::Trainable),
-            mk("running_mean", ParamKind::Buffer),
-            mk("running_var", ParamKind::Buffer),
+            mk(WEIGHT, ParamKind::Trainable, InitRule::Ones),
+            mk(BIAS, ParamKind::Trainable, InitRule::Zeros),
+            mk(RUNNING_MEAN, ParamKind::Buffer, InitRule::Zeros),
+            mk(RUNNING_VAR, ParamKind::Buffer, InitRule::Ones),
         ]
     }
 

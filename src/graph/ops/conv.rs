@@ -1,6 +1,7 @@
 //! 2-D convolution (dense, grouped and depthwise), PyTorch weight layout `[O, I/g, kh, kw]`.
 
-use super::{expect_inputs, Coupling, OpSpec, ParamKind, ParamSpec};
+use super::param::{BIAS, WEIGHT};
+use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
 use crate::graph::shape::{fmt_shape, window_out, Shape};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -104,8 +105,9 @@ impl OpSpec for Conv2d {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
+        let fan_out = self.out_channels / self.groups.max(1) * self.kernel[0] * self.kernel[1];
         let mut p = vec![ParamSpec {
-            name: "weight",
+            name: WEIGHT,
             shape: vec![
                 self.out_channels,
                 self.in_channels / self.groups.max(1),
@@ -113,14 +115,16 @@ impl OpSpec for Conv2d {
                 self.kernel[1],
             ],
             kind: ParamKind::Trainable,
+            init: InitRule::KaimingNormalFanOut { fan_out },
             out_axis: Some(0),
             in_axis: if self.groups == 1 { Some(1) } else { None },
         }];
         if self.bias {
             p.push(ParamSpec {
-                name: "bias",
+                name: BIAS,
                 shape: vec![self.out_channels],
                 kind: ParamKind::Trainable,
+                init: InitRule::Zeros,
                 out_axis: Some(0),
                 in_axis: None,
             });
@@ -141,5 +145,13 @@ impl OpSpec for Conv2d {
                 groups: self.groups,
             }
         }
+    }
+
+    fn weight_matrix(&self) -> Option<(usize, usize)> {
+        let g = self.groups.max(1);
+        Some((
+            self.out_channels,
+            self.in_channels / g * self.kernel[0] * self.kernel[1],
+        ))
     }
 }

@@ -1,6 +1,7 @@
 //! Fully connected layer, PyTorch weight layout `[out, in]`.
 
-use super::{expect_inputs, Coupling, OpSpec, ParamKind, ParamSpec};
+use super::param::{BIAS, WEIGHT};
+use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
 use crate::graph::shape::{fmt_shape, Shape};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -41,18 +42,23 @@ impl OpSpec for Linear {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
+        let init = InitRule::Uniform {
+            bound: 1.0 / (self.in_features as f64).sqrt(),
+        };
         let mut p = vec![ParamSpec {
-            name: "weight",
+            name: WEIGHT,
             shape: vec![self.out_features, self.in_features],
             kind: ParamKind::Trainable,
+            init,
             out_axis: Some(0),
             in_axis: Some(1),
         }];
         if self.bias {
             p.push(ParamSpec {
-                name: "bias",
+                name: BIAS,
                 shape: vec![self.out_features],
                 kind: ParamKind::Trainable,
+                init,
                 out_axis: Some(0),
                 in_axis: None,
             });
@@ -66,5 +72,9 @@ impl OpSpec for Linear {
 
     fn coupling(&self) -> Coupling {
         Coupling::Decouple
+    }
+
+    fn weight_matrix(&self) -> Option<(usize, usize)> {
+        Some((self.out_features, self.in_features))
     }
 }

@@ -39,12 +39,38 @@ pub enum ParamKind {
     Buffer,
 }
 
+/// Parameter names shared by the ops (the PyTorch state-dict suffixes), so code that
+/// reads a weight names it once.
+pub mod param {
+    pub const WEIGHT: &str = "weight";
+    pub const BIAS: &str = "bias";
+    pub const RUNNING_MEAN: &str = "running_mean";
+    pub const RUNNING_VAR: &str = "running_var";
+}
+
+/// How a parameter starts out, as its op states it (PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum InitRule {
+    Zeros,
+    Ones,
+    /// Kaiming-normal with ReLU gain over the fan-out: std `√(2 / fan_out)` (torchvision's
+    /// ResNet convolutions).
+    KaimingNormalFanOut {
+        fan_out: usize,
+    },
+    /// Uniform on `(−bound, bound)` (PyTorch's default for linear layers, `1/√in`).
+    Uniform {
+        bound: f64,
+    },
+}
+
 /// One named parameter of an operator, e.g. `weight` of shape `[O, I/g, kh, kw]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
     pub name: &'static str,
     pub shape: Vec<usize>,
     pub kind: ParamKind,
+    pub init: InitRule,
     /// Axis of this parameter indexed by the op's output channels, if any.
     pub out_axis: Option<usize>,
     /// Axis of this parameter indexed by the op's input channels, if any.
@@ -96,6 +122,12 @@ pub trait OpSpec {
     /// How many inputs the op takes (`None` = one or more).
     fn arity(&self) -> Option<usize> {
         Some(1)
+    }
+    /// The `weight` parameter as a matrix `(rows, row_len)`: one row per output channel in
+    /// the GEMM's reduction order. The layers that have one (conv, linear) are the ones
+    /// sparsity masks, CSR storage and row-wise criteria work on.
+    fn weight_matrix(&self) -> Option<(usize, usize)> {
+        None
     }
 }
 

@@ -17,6 +17,7 @@ use crate::sparse::layers::{apply_masks, weight_host, SparseLayer};
 use crate::sparse::mask::{magnitude_mask, nm_mask, Pattern};
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::{evaluate, fit_input};
+use crate::util::Progress;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -137,7 +138,7 @@ pub fn train(
     data: &Dataset,
     cfg: &DstConfig,
     test: Option<&Dataset>,
-    progress: bool,
+    progress: &dyn Progress,
 ) -> Result<Vec<DstEpoch>> {
     if cfg.epochs == 0 || cfg.batch == 0 {
         bail!("sparse training needs epochs ≥ 1 and batch ≥ 1");
@@ -267,21 +268,19 @@ pub fn train(
             test_top1,
             seconds: te.elapsed().as_secs_f64(),
         };
-        if progress {
-            eprintln!(
-                "  sparse epoch {}/{}: loss {:.4} tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
-                e.epoch,
-                cfg.epochs,
-                e.loss,
-                e.tau,
-                e.lr,
-                e.mask_flips,
-                e.test_top1
-                    .map(|a| format!(" test {:.2}%", 100.0 * a))
-                    .unwrap_or_default(),
-                e.seconds
-            );
-        }
+        progress.line(&format!(
+            "  sparse epoch {}/{}: loss {:.4} tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
+            e.epoch,
+            cfg.epochs,
+            e.loss,
+            e.tau,
+            e.lr,
+            e.mask_flips,
+            e.test_top1
+                .map(|a| format!(" test {:.2}%", 100.0 * a))
+                .unwrap_or_default(),
+            e.seconds
+        ));
         log.push(e);
     }
     let fin = current_masks(student, layers, budget)?;

@@ -24,6 +24,7 @@ use crate::data::{Augment, Dataset};
 use crate::graph::Graph;
 use crate::sparse::layers::{prunable_layers, SparseLayer};
 use crate::sparse::mask::{check_sparsity, zeros_for, Pattern};
+use crate::util::Progress;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -68,7 +69,7 @@ pub fn run(
     calib: &Dataset,
     cfg: &UniptsConfig,
     test: Option<&Dataset>,
-    progress: bool,
+    progress: &dyn Progress,
 ) -> Result<(Graph, UniptsResult)> {
     check_sparsity(cfg.target)?;
     if cfg.extra < 0.0 || cfg.target + cfg.extra >= 1.0 {
@@ -123,12 +124,12 @@ pub fn run(
             let res = search::search(layers.len(), cfg.target, ga, |g| {
                 k += 1;
                 let f = fit.eval(g, ga.seed.wrapping_mul(1_000_003).wrapping_add(k))?;
-                if progress && k.is_multiple_of(5) {
-                    eprintln!(
+                if k.is_multiple_of(5) {
+                    progress.line(&format!(
                         "  search: {k}/{} evaluations, last fitness {:.4}",
                         ga.evaluations(),
                         f
-                    );
+                    ));
                 }
                 Ok(f)
             })?;

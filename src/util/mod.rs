@@ -1,5 +1,9 @@
 //! Small shared helpers: atomic file writes and raw CPU tensor access.
 
+pub mod progress;
+
+pub use progress::{Lines, Progress, Silent};
+
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
