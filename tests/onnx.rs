@@ -130,3 +130,24 @@ proptest! {
         let _ = import_bytes(&b, "fuzz.onnx");
     }
 }
+
+/// The README's op table is the registry's: regenerated with `LOPPER_BLESS=1`.
+#[test]
+fn readme_op_table_is_generated_from_the_registry() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = ("<!-- onnx-ops:begin -->\n", "<!-- onnx-ops:end -->");
+    let a = readme.find(begin).expect("README has the op table markers") + begin.len();
+    let b = readme.find(end).expect("README has the end marker");
+    let table = lopper::onnx::import::registry::markdown_table();
+    if std::env::var_os("LOPPER_BLESS").is_some() {
+        let new = format!("{}{table}{}", &readme[..a], &readme[b..]);
+        std::fs::write(&path, new).unwrap();
+        return;
+    }
+    assert_eq!(
+        readme[a..b],
+        table,
+        "README op table is stale: run LOPPER_BLESS=1 cargo test --release --test onnx readme"
+    );
+}

@@ -32,9 +32,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         out: out.clone(),
         exe: std::env::current_exe()?,
         data_dir,
-        progress: !j,
     };
-    let rep = lopper::recipe::run::run(&r, &opts)?;
+    let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new(j))?;
     if j {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

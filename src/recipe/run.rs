@@ -8,7 +8,7 @@ pub use super::report::{
     DenseCost, DenseEval, Machine, RunReport, Step, StepKind, StepReport, StepResult,
 };
 use super::{html, Recipe};
-use crate::util::atomic_write;
+use crate::util::{atomic_write, Progress};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,6 @@ pub struct RunOpts {
     /// The lopper executable to run steps with.
     pub exe: PathBuf,
     pub data_dir: Option<PathBuf>,
-    pub progress: bool,
 }
 
 fn opt_str(v: &toml::Value) -> Option<String> {
@@ -253,17 +252,13 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
 }
 
 /// Runs (or resumes) a recipe; writes `report.json` and `report.html` into `o.out`.
-pub fn run(r: &Recipe, o: &RunOpts) -> Result<RunReport> {
+pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport> {
     let t0 = Instant::now();
     std::fs::create_dir_all(o.out.join("steps"))
         .with_context(|| format!("cannot create {}", o.out.display()))?;
     crate::util::check_writable(&o.out.join("report.json"), "run output")?;
     let lock = RunLock::acquire(&o.out)?;
-    let log = |m: String| {
-        if o.progress {
-            eprintln!("{m}");
-        }
-    };
+    let log = |m: String| progress.line(&m);
     // The dense model: trained here if the recipe says so, else used as given.
     let dense_path = match &r.model.train {
         Some(t) => {

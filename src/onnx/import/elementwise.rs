@@ -142,70 +142,106 @@ fn clip_bound(ctx: &Ctx, n: &NodeProto, i: usize, attr: &str, default: f32) -> R
     }
 }
 
-pub(super) fn activation(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+/// An activation without attributes (Relu, Sigmoid, Tanh, HardSwish).
+pub(super) fn activation(
+    ctx: &mut Ctx,
+    n: &NodeProto,
+    label: &str,
+    kind: ActivationKind,
+) -> Result<Value> {
+    add_activation(ctx, n, label, kind)
+}
+
+/// `LeakyRelu` with its `alpha`.
+pub(super) fn leaky_relu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
-    let kind = match n.op_type.as_str() {
-        "Relu" => ActivationKind::Relu,
-        "Sigmoid" => ActivationKind::Sigmoid,
-        "Tanh" => ActivationKind::Tanh,
-        "HardSwish" => ActivationKind::HardSwish,
-        "LeakyRelu" => {
-            a.only(&["alpha"])?;
-            ActivationKind::LeakyRelu {
-                slope: a.float("alpha", 0.01),
-            }
-        }
-        "HardSigmoid" => {
-            a.only(&["alpha", "beta"])?;
-            let (al, be) = (a.float("alpha", 0.2), a.float("beta", 0.5));
-            if (al - 1.0 / 6.0).abs() > 1e-6 || (be - 0.5).abs() > 1e-6 {
-                bail!("HardSigmoid with alpha {al}, beta {be} is not supported (only PyTorch's 1/6, 0.5)");
-            }
-            ActivationKind::HardSigmoid
-        }
-        _ => {
-            a.only(&["min", "max"])?;
-            let lo = clip_bound(ctx, n, 1, "min", f32::NEG_INFINITY)?;
-            let hi = clip_bound(ctx, n, 2, "max", f32::INFINITY)?;
-            match (lo, hi) {
-                (l, h) if l == 0.0 && h == 6.0 => ActivationKind::Relu6,
-                (l, h) if l == 0.0 && h == f32::INFINITY => ActivationKind::Relu,
-                _ => bail!("Clip to [{lo}, {hi}] is not supported (only [0, 6] and [0, inf))"),
-            }
-        }
+    a.only(&["alpha"])?;
+    let slope = a.float("alpha", 0.01);
+    add_activation(ctx, n, label, ActivationKind::LeakyRelu { slope })
+}
+
+/// `HardSigmoid`: PyTorch's form (alpha 1/6, beta 0.5).
+pub(super) fn hard_sigmoid(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["alpha", "beta"])?;
+    let (al, be) = (a.float("alpha", 0.2), a.float("beta", 0.5));
+    if (al - 1.0 / 6.0).abs() > 1e-6 || (be - 0.5).abs() > 1e-6 {
+        bail!("HardSigmoid with alpha {al}, beta {be} is not supported (only PyTorch's 1/6, 0.5)");
+    }
+    add_activation(ctx, n, label, ActivationKind::HardSigmoid)
+}
+
+/// `Clip` to [0, 6] (ReLU6) or [0, inf) (ReLU), bounds from attributes or inputs.
+pub(super) fn clip(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    Attrs::new(n).only(&["min", "max"])?;
+    let lo = clip_bound(ctx, n, 1, "min", f32::NEG_INFINITY)?;
+    let hi = clip_bound(ctx, n, 2, "max", f32::INFINITY)?;
+    let kind = match (lo, hi) {
+        (l, h) if l == 0.0 && h == 6.0 => ActivationKind::Relu6,
+        (l, h) if l == 0.0 && h == f32::INFINITY => ActivationKind::Relu,
+        _ => bail!("Clip to [{lo}, {hi}] is not supported (only [0, 6] and [0, inf))"),
     };
+    add_activation(ctx, n, label, kind)
+}
+
+fn add_activation(
+    ctx: &mut Ctx,
+    n: &NodeProto,
+    label: &str,
+    kind: ActivationKind,
+) -> Result<Value> {
     let x = ctx.node(&n.input[0])?;
+    let op = Op::Activation(Activation::new(kind));
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}
+
+/// `Softmax` over the class axis.
+pub(super) fn softmax(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["axis"])?;
+    let x = ctx.node(&n.input[0])?;
+    let rank = ctx.shape(x).len() as i64 + 1;
+    let axis = a.int("axis", if rank == 2 { 1 } else { -1 });
+    if axis != 1 && axis != 1 - rank && !(rank == 2 && axis == -1) {
+        bail!("Softmax over axis {axis} is not supported (only the class axis 1)");
+    }
     Ok(Value::Node(ctx.add(
         label,
-        Op::Activation(Activation::new(kind)),
+        Op::Softmax(Softmax {}),
         &[x],
         vec![],
     )?))
 }
 
-pub(super) fn unary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+/// `Dropout` (an identity at inference; kept so fine-tuning can use it).
+pub(super) fn dropout(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
+    a.only(&["ratio", "seed"])?;
     let x = ctx.node(&n.input[0])?;
-    let op = match n.op_type.as_str() {
-        "Softmax" => {
-            a.only(&["axis"])?;
-            let rank = ctx.shape(x).len() as i64 + 1;
-            let axis = a.int("axis", if rank == 2 { 1 } else { -1 });
-            if axis != 1 && axis != 1 - rank && !(rank == 2 && axis == -1) {
-                bail!("Softmax over axis {axis} is not supported (only the class axis 1)");
-            }
-            Op::Softmax(Softmax {})
-        }
-        "Dropout" => {
-            a.only(&["ratio", "seed"])?;
-            let p = match n.input.get(1).and_then(|r| ctx.konst(r)) {
-                Some(c) if c.numel() == 1 => c.data[0] as f32,
-                Some(_) => bail!("Dropout ratio must be a scalar"),
-                None => a.float("ratio", 0.5),
-            };
-            Op::Dropout(Dropout { p })
-        }
-        _ => Op::Identity(Identity {}),
+    let p = match n.input.get(1).and_then(|r| ctx.konst(r)) {
+        Some(c) if c.numel() == 1 => c.data[0] as f32,
+        Some(_) => bail!("Dropout ratio must be a scalar"),
+        None => a.float("ratio", 0.5),
     };
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::Dropout(Dropout { p }),
+        &[x],
+        vec![],
+    )?))
+}
+
+/// `Identity`: a constant stays a constant (exporters put Identity on weights); a
+/// computed tensor gets an identity node.
+pub(super) fn identity(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    if let Some(c) = ctx.konst(&n.input[0]) {
+        return Ok(Value::Const(c.clone()));
+    }
+    let x = ctx.node(&n.input[0])?;
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::Identity(Identity {}),
+        &[x],
+        vec![],
+    )?))
 }

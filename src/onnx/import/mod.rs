@@ -6,6 +6,7 @@
 
 mod elementwise;
 mod nn;
+pub mod registry;
 mod shape;
 
 use super::value::{from_proto, Const};
@@ -146,8 +147,9 @@ fn convert(model: &ModelProto) -> Result<Graph> {
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version)
         .unwrap_or(0);
-    if !(7..=21).contains(&opset) {
-        bail!("opset {opset} is not supported (7 to 21)");
+    let (lo, hi) = registry::OPSETS;
+    if !(lo..=hi).contains(&opset) {
+        bail!("opset {opset} is not supported ({lo} to {hi})");
     }
     if model.ir_version < 3 {
         bail!(
@@ -219,7 +221,7 @@ fn convert(model: &ModelProto) -> Result<Graph> {
                 n.domain
             );
         }
-        let out = convert_node(&mut ctx, n, &label)
+        let out = convert_node(&mut ctx, n, &label, opset)
             .with_context(|| format!("ONNX node '{label}' ({})", n.op_type))?;
         for (name, v) in n.output.iter().zip(out) {
             ctx.values.insert(name.clone(), v);
@@ -307,46 +309,36 @@ fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
         .collect()
 }
 
-const SUPPORTED: &str = "Conv, Gemm, MatMul, Add, Sub, Mul, Div, Relu, Clip, LeakyRelu, Sigmoid, \
-HardSigmoid, HardSwish, Tanh, Softmax, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, ReduceMean (spatial), \
-Flatten, Reshape, Transpose (layout no-ops and channel shuffles), Concat, Split, Slice, Pad, Identity, \
-Dropout, Constant, Shape, Gather, Unsqueeze, Squeeze, Cast";
-
-/// Inputs an op needs at least (optional trailing inputs are checked where used).
-fn min_inputs(op: &str) -> usize {
-    match op {
-        "Constant" => 0,
-        "BatchNormalization" => 5,
-        "Conv" | "Gemm" | "MatMul" | "Add" | "Sub" | "Mul" | "Div" | "Reshape" | "Gather" => 2,
-        _ => 1,
+fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str, opset: i64) -> Result<Vec<Value>> {
+    let Some(e) = registry::lookup(&n.op_type) else {
+        bail!(
+            "op type '{}' is not supported (supported: {})",
+            n.op_type,
+            registry::names()
+        );
+    };
+    if opset < e.opsets.0 || opset > e.opsets.1 {
+        bail!(
+            "{} is supported for opsets {}–{}, the model declares opset {opset}",
+            e.op_type,
+            e.opsets.0,
+            e.opsets.1
+        );
     }
-}
-
-fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Vec<Value>> {
-    let need = min_inputs(&n.op_type);
+    let (need, most) = e.inputs;
     if n.input.len() < need || n.input.iter().take(need).any(|i| i.is_empty()) {
         bail!("needs at least {need} inputs, has {:?}", n.input);
     }
-    if n.output.is_empty() {
-        bail!("has no outputs");
+    if n.input.len() > most {
+        bail!("takes at most {most} inputs, has {:?}", n.input);
     }
-    let v = match n.op_type.as_str() {
-        "Conv" => nn::conv(ctx, n, label)?,
-        "Gemm" => nn::gemm(ctx, n, label)?,
-        "MatMul" => nn::matmul(ctx, n, label)?,
-        "BatchNormalization" => nn::batch_norm(ctx, n, label)?,
-        "MaxPool" | "AveragePool" => nn::pool(ctx, n, label)?,
-        "GlobalAveragePool" => nn::global_avg_pool(ctx, n, label)?,
-        "ReduceMean" => nn::reduce_mean(ctx, n, label)?,
-        "Add" | "Sub" | "Mul" | "Div" => elementwise::binary(ctx, n, label)?,
-        "Relu" | "Clip" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh" => {
-            elementwise::activation(ctx, n, label)?
-        }
-        "Softmax" | "Identity" | "Dropout" => elementwise::unary(ctx, n, label)?,
-        "Split" => return shape::split(ctx, n, label),
-        "Flatten" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze" | "Concat" | "Shape"
-        | "Gather" | "Constant" | "Cast" | "Pad" | "Slice" => shape::convert(ctx, n, label)?,
-        op => bail!("op type '{op}' is not supported (supported: {SUPPORTED})"),
-    };
-    Ok(vec![v])
+    let (lo, hi) = e.outputs;
+    if n.output.len() < lo || n.output.len() > hi {
+        bail!(
+            "declares {} outputs; {} has {lo} to {hi}",
+            n.output.len(),
+            e.op_type
+        );
+    }
+    (e.convert)(ctx, n, label)
 }

@@ -74,286 +74,322 @@ fn reshape_node(ctx: &mut Ctx, label: &str, x: usize, target: &[usize]) -> Resul
     Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
 }
 
-pub(super) fn convert(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+/// `Constant`: its value attribute as a constant.
+pub(super) fn constant(_ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    for k in [
+        "value",
+        "value_float",
+        "value_floats",
+        "value_int",
+        "value_ints",
+    ] {
+        if let Some(c) = a.tensor(k)? {
+            return Ok(Value::Const(c));
+        }
+    }
+    bail!("Constant without a supported value attribute")
+}
+
+/// `Shape` (with `start`/`end`): folded to a constant, shapes are static.
+pub(super) fn shape_of(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    a.only(&["start", "end"])?;
+    let d = dims_of(ctx, &input)?;
+    let r = d.len();
+    if r == 0 {
+        return Ok(Value::Const(Const::vec_i64(&[])));
+    }
+    let s = axis(a.int("start", 0).clamp(-(r as i64), r as i64 - 1), r)?;
+    let e = match a.int("end", r as i64) {
+        e if e >= r as i64 => r,
+        e => axis(e, r)?,
+    };
+    let v: Vec<i64> = d[s..e.max(s)].iter().map(|&x| x as i64).collect();
+    Ok(Value::Const(Const::vec_i64(&v)))
+}
+
+/// `Cast`: constants pass through (values are kept as f64); a computed tensor is unchanged (float only).
+pub(super) fn cast(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     let input = n.input.first().cloned().unwrap_or_default();
     let konst = ctx.konst(&input).cloned();
-    match n.op_type.as_str() {
-        "Constant" => {
-            for k in [
-                "value",
-                "value_float",
-                "value_floats",
-                "value_int",
-                "value_ints",
-            ] {
-                if let Some(c) = a.tensor(k)? {
-                    return Ok(Value::Const(c));
-                }
-            }
-            bail!("Constant without a supported value attribute")
-        }
-        "Shape" => {
-            a.only(&["start", "end"])?;
-            let d = dims_of(ctx, &input)?;
-            let r = d.len();
-            if r == 0 {
-                return Ok(Value::Const(Const::vec_i64(&[])));
-            }
-            let s = axis(a.int("start", 0).clamp(-(r as i64), r as i64 - 1), r)?;
-            let e = match a.int("end", r as i64) {
-                e if e >= r as i64 => r,
-                e => axis(e, r)?,
-            };
-            let v: Vec<i64> = d[s..e.max(s)].iter().map(|&x| x as i64).collect();
-            Ok(Value::Const(Const::vec_i64(&v)))
-        }
-        "Cast" => {
-            a.only(&["to", "saturate"])?;
-            match konst {
-                Some(c) => Ok(Value::Const(c)),
-                None => {
-                    let x = ctx.node(&input)?;
-                    Ok(Value::Node(ctx.add(
-                        label,
-                        Op::Identity(Identity {}),
-                        &[x],
-                        vec![],
-                    )?))
-                }
-            }
-        }
-        "Gather" => {
-            a.only(&["axis"])?;
-            let Some(idx) = ctx.konst(&n.input[1]).cloned() else {
-                bail!("Gather indices must be constant");
-            };
-            let Some(data) = konst else {
-                let x = ctx.node(&input)?;
-                let rank = ctx.shape(x).len() + 1;
-                if axis(a.int("axis", 0), rank)? != 1 || idx.dims.len() != 1 {
-                    bail!("Gather on a computed tensor is only supported along the channel axis with 1-D indices");
-                }
-                let c = ctx.shape(x)[0] as i64;
-                let indices = idx
-                    .ints()
-                    .iter()
-                    .map(|&i| {
-                        let j = if i < 0 { i + c } else { i };
-                        if j < 0 || j >= c {
-                            bail!("Gather index {i} is out of range for {c} channels");
-                        }
-                        Ok(j as usize)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                return gather(ctx, label, x, indices);
-            };
-            let ax = axis(a.int("axis", 0), data.dims.len().max(1))?;
-            if data.dims.len() != 1 || ax != 0 {
-                bail!("Gather is only supported on 1-D constants");
-            }
-            let len = data.dims[0] as i64;
-            let mut out = vec![];
-            for &i in &idx.ints() {
-                let j = if i < 0 { i + len } else { i };
-                if j < 0 || j >= len {
-                    bail!("Gather index {i} is out of range for length {len}");
-                }
-                out.push(data.data[j as usize]);
-            }
-            Ok(Value::Const(Const {
-                dims: idx.dims.clone(),
-                data: out,
-            }))
-        }
-        "Unsqueeze" | "Squeeze" => {
-            let d = dims_of(ctx, &input)?;
-            let axes = axes_input(ctx, n)?;
-            let new: Vec<usize> = if n.op_type == "Unsqueeze" {
-                let axes = axes.ok_or_else(|| anyhow!("Unsqueeze needs axes"))?;
-                let r = d.len() + axes.len();
-                let mut ax: Vec<usize> = axes.iter().map(|&x| axis(x, r)).collect::<Result<_>>()?;
-                ax.sort_unstable();
-                let mut it = d.iter();
-                (0..r)
-                    .map(|i| {
-                        if ax.contains(&i) {
-                            1
-                        } else {
-                            *it.next().unwrap_or(&1)
-                        }
-                    })
-                    .collect()
-            } else {
-                let ax: Vec<usize> = match axes {
-                    Some(v) => v.iter().map(|&x| axis(x, d.len())).collect::<Result<_>>()?,
-                    None => (0..d.len()).filter(|&i| d[i] == 1 && i > 0).collect(),
-                };
-                d.iter()
-                    .enumerate()
-                    .filter(|(i, _)| !ax.contains(i))
-                    .map(|(_, &v)| v)
-                    .collect()
-            };
-            match konst {
-                Some(c) => Ok(Value::Const(Const {
-                    dims: new,
-                    data: c.data,
-                })),
-                None => {
-                    let x = ctx.node(&input)?;
-                    reshape_node(ctx, label, x, &new)
-                }
-            }
-        }
-        "Concat" => {
-            a.only(&["axis"])?;
-            let consts: Vec<Option<Const>> =
-                n.input.iter().map(|i| ctx.konst(i).cloned()).collect();
-            if consts.iter().all(|c| c.is_some()) {
-                let cs: Vec<Const> = consts.into_iter().flatten().collect();
-                if cs.iter().any(|c| c.dims.len() > 1) {
-                    bail!("Concat of constants is only supported for 1-D constants");
-                }
-                let data: Vec<f64> = cs.iter().flat_map(|c| c.data.clone()).collect();
-                return Ok(Value::Const(Const {
-                    dims: vec![data.len()],
-                    data,
-                }));
-            }
-            let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
-            let rank = ctx.shape(xs[0]).len() + 1;
-            if axis(a.int("axis", 1), rank)? != 1 {
-                bail!("Concat is only supported along the channel axis 1");
-            }
+    a.only(&["to", "saturate"])?;
+    match konst {
+        Some(c) => Ok(Value::Const(c)),
+        None => {
+            let x = ctx.node(&input)?;
             Ok(Value::Node(ctx.add(
                 label,
-                Op::Concat(Concat {}),
-                &xs,
+                Op::Identity(Identity {}),
+                &[x],
                 vec![],
             )?))
         }
-        "Flatten" => {
-            a.only(&["axis"])?;
-            let x = ctx.node(&input)?;
-            let rank = ctx.shape(x).len() + 1;
-            if axis(a.int("axis", 1), rank)? != 1 {
-                bail!("Flatten is only supported from axis 1");
-            }
-            let n_el = numel(ctx.shape(x));
-            reshape_node(ctx, label, x, &[1, n_el])
+    }
+}
+
+/// `Gather`: folded on 1-D constants; on a computed tensor, a channel selection.
+pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    let konst = ctx.konst(&input).cloned();
+    a.only(&["axis"])?;
+    let Some(idx) = ctx.konst(&n.input[1]).cloned() else {
+        bail!("Gather indices must be constant");
+    };
+    let Some(data) = konst else {
+        let x = ctx.node(&input)?;
+        let rank = ctx.shape(x).len() + 1;
+        if axis(a.int("axis", 0), rank)? != 1 || idx.dims.len() != 1 {
+            bail!("Gather on a computed tensor is only supported along the channel axis with 1-D indices");
         }
-        "Reshape" => {
-            a.only(&["allowzero"])?;
-            let target = ctx
-                .konst(&n.input[1])
-                .ok_or_else(|| anyhow!("the target shape must be constant (or foldable)"))?
-                .ints();
-            let d = dims_of(ctx, &input)?;
-            let allow_zero = a.int("allowzero", 0) != 0;
-            let mut t: Vec<i64> = target
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    if v == 0 && !allow_zero {
-                        d.get(i).map_or(0, |&x| x as i64)
-                    } else {
-                        v
-                    }
-                })
-                .collect();
-            let total: usize = d.iter().product();
-            if let Some(p) = t.iter().position(|&v| v == -1) {
-                let known: i64 = t.iter().filter(|&&v| v != -1).product();
-                if known <= 0 || total as i64 % known != 0 {
-                    bail!("cannot reshape {d:?} to {target:?}");
+        let c = ctx.shape(x)[0] as i64;
+        let indices = idx
+            .ints()
+            .iter()
+            .map(|&i| {
+                let j = if i < 0 { i + c } else { i };
+                if j < 0 || j >= c {
+                    bail!("Gather index {i} is out of range for {c} channels");
                 }
-                t[p] = total as i64 / known;
-            }
-            if t.iter().any(|&v| v < 0) || t.iter().product::<i64>() != total as i64 {
-                bail!("cannot reshape {d:?} to {target:?}");
-            }
-            let t: Vec<usize> = t.iter().map(|&v| v as usize).collect();
-            match konst {
-                Some(c) => Ok(Value::Const(Const {
-                    dims: t,
-                    data: c.data,
-                })),
-                None => {
-                    let x = ctx.node(&input)?;
-                    reshape_node(ctx, label, x, &t)
-                }
-            }
+                Ok(j as usize)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return gather(ctx, label, x, indices);
+    };
+    let ax = axis(a.int("axis", 0), data.dims.len().max(1))?;
+    if data.dims.len() != 1 || ax != 0 {
+        bail!("Gather is only supported on 1-D constants");
+    }
+    let len = data.dims[0] as i64;
+    let mut out = vec![];
+    for &i in &idx.ints() {
+        let j = if i < 0 { i + len } else { i };
+        if j < 0 || j >= len {
+            bail!("Gather index {i} is out of range for length {len}");
         }
-        "Transpose" => {
-            a.only(&["perm"])?;
+        out.push(data.data[j as usize]);
+    }
+    Ok(Value::Const(Const {
+        dims: idx.dims.clone(),
+        data: out,
+    }))
+}
+
+/// `Squeeze` / `Unsqueeze`: a constant's dims change; a computed tensor is reshaped.
+pub(super) fn squeeze(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let input = n.input.first().cloned().unwrap_or_default();
+    let konst = ctx.konst(&input).cloned();
+    let d = dims_of(ctx, &input)?;
+    let axes = axes_input(ctx, n)?;
+    let new: Vec<usize> = if n.op_type == "Unsqueeze" {
+        let axes = axes.ok_or_else(|| anyhow!("Unsqueeze needs axes"))?;
+        let r = d.len() + axes.len();
+        let mut ax: Vec<usize> = axes.iter().map(|&x| axis(x, r)).collect::<Result<_>>()?;
+        ax.sort_unstable();
+        let mut it = d.iter();
+        (0..r)
+            .map(|i| {
+                if ax.contains(&i) {
+                    1
+                } else {
+                    *it.next().unwrap_or(&1)
+                }
+            })
+            .collect()
+    } else {
+        let ax: Vec<usize> = match axes {
+            Some(v) => v.iter().map(|&x| axis(x, d.len())).collect::<Result<_>>()?,
+            None => (0..d.len()).filter(|&i| d[i] == 1 && i > 0).collect(),
+        };
+        d.iter()
+            .enumerate()
+            .filter(|(i, _)| !ax.contains(i))
+            .map(|(_, &v)| v)
+            .collect()
+    };
+    match konst {
+        Some(c) => Ok(Value::Const(Const {
+            dims: new,
+            data: c.data,
+        })),
+        None => {
             let x = ctx.node(&input)?;
-            let d = dims_of(ctx, &input)?;
-            let perm = a
-                .ints("perm")
-                .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
-            let mut sorted = perm.clone();
-            sorted.sort_unstable();
-            if sorted != (0..d.len() as i64).collect::<Vec<_>>() {
-                bail!("perm {perm:?} is not a permutation of the {} axes", d.len());
-            }
-            if let Some(v) = channel_shuffle(ctx, label, x, &d, &perm)? {
-                return Ok(v);
-            }
-            // A layout no-op: the non-unit axes keep their order.
-            let kept: Vec<i64> = perm
-                .iter()
-                .copied()
-                .filter(|&p| d[p as usize] != 1)
-                .collect();
-            if !kept.windows(2).all(|w| w[0] < w[1]) {
-                bail!("Transpose with perm {perm:?} on {d:?} moves data; only layout no-ops and channel shuffles are supported");
-            }
-            let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
             reshape_node(ctx, label, x, &new)
         }
-        "Pad" => {
-            a.only(&["mode", "pads", "value"])?;
-            if a.string("mode", "constant") != "constant" {
-                bail!("only constant padding is supported");
-            }
-            let pads = match a.ints("pads") {
-                Some(p) => p,
-                None => ctx
-                    .konst(&n.input[1])
-                    .ok_or_else(|| anyhow!("pads must be constant"))?
-                    .ints(),
-            };
-            let value = match n.input.get(2).filter(|s| !s.is_empty()) {
-                Some(v) => ctx
-                    .konst(v)
-                    .and_then(|c| c.data.first().copied())
-                    .unwrap_or(0.0),
-                None => a.float("value", 0.0) as f64,
-            };
-            let x = ctx.node(&input)?;
-            let r = ctx.shape(x).len() + 1;
-            if pads.len() != 2 * r || value != 0.0 {
-                bail!(
-                    "Pad needs {} zero-valued pads, got {pads:?} (value {value})",
-                    2 * r
-                );
-            }
-            let others = (0..r)
-                .filter(|&i| i != 1)
-                .any(|i| pads[i] != 0 || pads[i + r] != 0);
-            if others || pads[1] < 0 || pads[1 + r] < 0 {
-                bail!("only zero padding of the channel axis is supported, got pads {pads:?}");
-            }
-            let op = Op::ChannelPad(ChannelPad {
-                before: pads[1] as usize,
-                after: pads[1 + r] as usize,
-            });
-            Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
-        }
-        "Slice" => slice(ctx, n, label, konst),
-        op => bail!("internal: {op} routed to shape ops"),
     }
+}
+
+/// `Concat`: of 1-D constants (shape arithmetic) folded; of tensors along channels.
+pub(super) fn concat(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["axis"])?;
+    let consts: Vec<Option<Const>> = n.input.iter().map(|i| ctx.konst(i).cloned()).collect();
+    if consts.iter().all(|c| c.is_some()) {
+        let cs: Vec<Const> = consts.into_iter().flatten().collect();
+        if cs.iter().any(|c| c.dims.len() > 1) {
+            bail!("Concat of constants is only supported for 1-D constants");
+        }
+        let data: Vec<f64> = cs.iter().flat_map(|c| c.data.clone()).collect();
+        return Ok(Value::Const(Const {
+            dims: vec![data.len()],
+            data,
+        }));
+    }
+    let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
+    let rank = ctx.shape(xs[0]).len() + 1;
+    if axis(a.int("axis", 1), rank)? != 1 {
+        bail!("Concat is only supported along the channel axis 1");
+    }
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::Concat(Concat {}),
+        &xs,
+        vec![],
+    )?))
+}
+
+/// `Flatten` from axis 1.
+pub(super) fn flatten(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    a.only(&["axis"])?;
+    let x = ctx.node(&input)?;
+    let rank = ctx.shape(x).len() + 1;
+    if axis(a.int("axis", 1), rank)? != 1 {
+        bail!("Flatten is only supported from axis 1");
+    }
+    let n_el = numel(ctx.shape(x));
+    reshape_node(ctx, label, x, &[1, n_el])
+}
+
+/// `Reshape` to a constant (or foldable) target shape; `0` copies a dim unless `allowzero`.
+pub(super) fn reshape(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    let konst = ctx.konst(&input).cloned();
+    a.only(&["allowzero"])?;
+    let target = ctx
+        .konst(&n.input[1])
+        .ok_or_else(|| anyhow!("the target shape must be constant (or foldable)"))?
+        .ints();
+    let d = dims_of(ctx, &input)?;
+    let allow_zero = a.int("allowzero", 0) != 0;
+    let mut t: Vec<i64> = target
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v == 0 && !allow_zero {
+                d.get(i).map_or(0, |&x| x as i64)
+            } else {
+                v
+            }
+        })
+        .collect();
+    let total: usize = d.iter().product();
+    if let Some(p) = t.iter().position(|&v| v == -1) {
+        let known: i64 = t.iter().filter(|&&v| v != -1).product();
+        if known <= 0 || total as i64 % known != 0 {
+            bail!("cannot reshape {d:?} to {target:?}");
+        }
+        t[p] = total as i64 / known;
+    }
+    if t.iter().any(|&v| v < 0) || t.iter().product::<i64>() != total as i64 {
+        bail!("cannot reshape {d:?} to {target:?}");
+    }
+    let t: Vec<usize> = t.iter().map(|&v| v as usize).collect();
+    match konst {
+        Some(c) => Ok(Value::Const(Const {
+            dims: t,
+            data: c.data,
+        })),
+        None => {
+            let x = ctx.node(&input)?;
+            reshape_node(ctx, label, x, &t)
+        }
+    }
+}
+
+/// `Transpose`: layout no-ops (unit axes move) and ShuffleNet channel shuffles.
+pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    a.only(&["perm"])?;
+    let x = ctx.node(&input)?;
+    let d = dims_of(ctx, &input)?;
+    let perm = a
+        .ints("perm")
+        .unwrap_or_else(|| (0..d.len() as i64).rev().collect());
+    let mut sorted = perm.clone();
+    sorted.sort_unstable();
+    if sorted != (0..d.len() as i64).collect::<Vec<_>>() {
+        bail!("perm {perm:?} is not a permutation of the {} axes", d.len());
+    }
+    if let Some(v) = channel_shuffle(ctx, label, x, &d, &perm)? {
+        return Ok(v);
+    }
+    // A layout no-op: the non-unit axes keep their order.
+    let kept: Vec<i64> = perm
+        .iter()
+        .copied()
+        .filter(|&p| d[p as usize] != 1)
+        .collect();
+    if !kept.windows(2).all(|w| w[0] < w[1]) {
+        bail!("Transpose with perm {perm:?} on {d:?} moves data; only layout no-ops and channel shuffles are supported");
+    }
+    let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
+    reshape_node(ctx, label, x, &new)
+}
+
+/// `Pad`: zero padding of the channel axis.
+pub(super) fn pad(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    let input = n.input.first().cloned().unwrap_or_default();
+    a.only(&["mode", "pads", "value"])?;
+    if a.string("mode", "constant") != "constant" {
+        bail!("only constant padding is supported");
+    }
+    let pads = match a.ints("pads") {
+        Some(p) => p,
+        None => ctx
+            .konst(&n.input[1])
+            .ok_or_else(|| anyhow!("pads must be constant"))?
+            .ints(),
+    };
+    let value = match n.input.get(2).filter(|s| !s.is_empty()) {
+        Some(v) => ctx
+            .konst(v)
+            .and_then(|c| c.data.first().copied())
+            .unwrap_or(0.0),
+        None => a.float("value", 0.0) as f64,
+    };
+    let x = ctx.node(&input)?;
+    let r = ctx.shape(x).len() + 1;
+    if pads.len() != 2 * r || value != 0.0 {
+        bail!(
+            "Pad needs {} zero-valued pads, got {pads:?} (value {value})",
+            2 * r
+        );
+    }
+    let others = (0..r)
+        .filter(|&i| i != 1)
+        .any(|i| pads[i] != 0 || pads[i + r] != 0);
+    if others || pads[1] < 0 || pads[1 + r] < 0 {
+        bail!("only zero padding of the channel axis is supported, got pads {pads:?}");
+    }
+    let op = Op::ChannelPad(ChannelPad {
+        before: pads[1] as usize,
+        after: pads[1 + r] as usize,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+}
+
+/// `Slice` along one axis: 1-D constants folded, the channel axis as a channel gather.
+pub(super) fn slice_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let konst = ctx.konst(&n.input[0]).cloned();
+    slice(ctx, n, label, konst)
 }
 
 /// A channel gather node.

@@ -1,0 +1,107 @@
+//! The one table of ONNX ops the importer accepts: op type, opset range, input and output
+//! arities, the converter, and what is supported of it. Dispatch, the arity check, the
+//! "supported:" list of the unsupported-op error and the README's op table are all read
+//! from here (`tests/onnx.rs` checks the README against [`markdown_table`]).
+
+use super::{elementwise as ew, nn, shape, Ctx, Value};
+use crate::graph::ops::ActivationKind as A;
+use anyhow::Result;
+use onnx_protobuf::NodeProto;
+
+/// Converts one ONNX node to IR nodes or constants, one value per ONNX output.
+pub(super) type Convert = fn(&mut Ctx, &NodeProto, &str) -> Result<Vec<Value>>;
+
+/// One supported op type.
+pub(super) struct OpEntry {
+    pub op_type: &'static str,
+    /// Opsets (of the default domain) the converter follows, inclusive.
+    pub opsets: (i64, i64),
+    /// Required inputs, and the most inputs the op takes (optional ones included).
+    pub inputs: (usize, usize),
+    /// Outputs the op may declare (extra outputs such as Dropout's mask must be unused).
+    pub outputs: (usize, usize),
+    pub convert: Convert,
+    /// What of the op is supported, for the README.
+    pub note: &'static str,
+}
+
+/// Opsets the importer reads (the range of the whole model).
+pub const OPSETS: (i64, i64) = (7, 21);
+
+const ALL: (i64, i64) = OPSETS;
+const MANY: usize = usize::MAX;
+
+macro_rules! one {
+    ($f:expr) => {
+        |c, n, l| Ok(vec![$f(c, n, l)?])
+    };
+}
+macro_rules! act {
+    ($k:expr) => {
+        |c, n, l| Ok(vec![ew::activation(c, n, l, $k)?])
+    };
+}
+
+#[rustfmt::skip]
+pub(super) const OPS: &[OpEntry] = &[
+    OpEntry { op_type: "Conv", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::conv), note: "constant weights; groups (depthwise), dilation, strides, explicit pads and every auto_pad mode" },
+    OpEntry { op_type: "Gemm", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::gemm), note: "constant B (transB either way, transA 0), constant C, alpha, beta" },
+    OpEntry { op_type: "MatMul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(nn::matmul), note: "activation × constant matrix (a linear layer); a following bias Add is folded" },
+    OpEntry { op_type: "BatchNormalization", opsets: ALL, inputs: (5, 5), outputs: (1, 3), convert: one!(nn::batch_norm), note: "inference form (running statistics)" },
+    OpEntry { op_type: "MaxPool", opsets: ALL, inputs: (1, 1), outputs: (1, 2), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode (the Indices output unused)" },
+    OpEntry { op_type: "AveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode, count_include_pad" },
+    OpEntry { op_type: "GlobalAveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::global_avg_pool), note: "" },
+    OpEntry { op_type: "ReduceMean", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(nn::reduce_mean), note: "over the spatial axes (global average pooling)" },
+    OpEntry { op_type: "Add", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (residual), or a per-channel constant (folded into a bias or a channel affine)" },
+    OpEntry { op_type: "Sub", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "by a per-channel constant" },
+    OpEntry { op_type: "Mul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (gating), or a per-channel constant" },
+    OpEntry { op_type: "Div", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "by a per-channel constant" },
+    OpEntry { op_type: "Relu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Relu), note: "" },
+    OpEntry { op_type: "Clip", opsets: ALL, inputs: (1, 3), outputs: (1, 1), convert: one!(ew::clip), note: "to [0, 6] (ReLU6) or [0, inf) (ReLU)" },
+    OpEntry { op_type: "LeakyRelu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::leaky_relu), note: "any alpha" },
+    OpEntry { op_type: "Sigmoid", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Sigmoid), note: "" },
+    OpEntry { op_type: "HardSigmoid", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::hard_sigmoid), note: "PyTorch's alpha 1/6, beta 0.5" },
+    OpEntry { op_type: "HardSwish", opsets: (14, 21), inputs: (1, 1), outputs: (1, 1), convert: act!(A::HardSwish), note: "" },
+    OpEntry { op_type: "Tanh", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Tanh), note: "" },
+    OpEntry { op_type: "Softmax", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::softmax), note: "over the class axis" },
+    OpEntry { op_type: "Identity", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::identity), note: "on tensors and on constants" },
+    OpEntry { op_type: "Dropout", opsets: ALL, inputs: (1, 3), outputs: (1, 2), convert: one!(ew::dropout), note: "ratio from the attribute or a constant input (the mask output unused)" },
+    OpEntry { op_type: "Flatten", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::flatten), note: "from axis 1" },
+    OpEntry { op_type: "Reshape", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::reshape), note: "to a constant or foldable shape that keeps the batch axis" },
+    OpEntry { op_type: "Transpose", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::transpose), note: "layout no-ops (only unit axes move) and channel shuffles" },
+    OpEntry { op_type: "Squeeze", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(shape::squeeze), note: "axes as attribute or input" },
+    OpEntry { op_type: "Unsqueeze", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(shape::squeeze), note: "axes as attribute or input" },
+    OpEntry { op_type: "Concat", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(shape::concat), note: "tensors along channels; 1-D constants folded" },
+    OpEntry { op_type: "Split", opsets: ALL, inputs: (1, 2), outputs: (1, MANY), convert: shape::split, note: "along channels, sizes as attribute, input or equal parts" },
+    OpEntry { op_type: "Slice", opsets: ALL, inputs: (1, 5), outputs: (1, 1), convert: one!(shape::slice_op), note: "one axis, positive steps: channels of a tensor, or a 1-D constant" },
+    OpEntry { op_type: "Pad", opsets: ALL, inputs: (1, 4), outputs: (1, 1), convert: one!(shape::pad), note: "constant zero padding of the channel axis" },
+    OpEntry { op_type: "Constant", opsets: ALL, inputs: (0, 0), outputs: (1, 1), convert: one!(shape::constant), note: "value, value_float(s), value_int(s)" },
+    OpEntry { op_type: "Shape", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::shape_of), note: "folded (shapes are static), start/end" },
+    OpEntry { op_type: "Gather", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::gather_op), note: "constant indices: on 1-D constants (folded) or channels of a tensor" },
+    OpEntry { op_type: "Cast", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::cast), note: "of constants (folded) and of float tensors (a no-op)" },
+];
+
+/// The entry for an op type.
+pub(super) fn lookup(op_type: &str) -> Option<&'static OpEntry> {
+    OPS.iter().find(|e| e.op_type == op_type)
+}
+
+/// The supported op types, comma-separated (for errors).
+pub(super) fn names() -> String {
+    OPS.iter().map(|e| e.op_type).collect::<Vec<_>>().join(", ")
+}
+
+/// The README's table of supported ops, generated from [`OPS`].
+pub fn markdown_table() -> String {
+    let mut s = String::from("| op | opsets | supported |\n|---|---|---|\n");
+    for e in OPS {
+        s += &format!(
+            "| {} | {}–{} | {} |\n",
+            e.op_type,
+            e.opsets.0,
+            e.opsets.1,
+            if e.note.is_empty() { "yes" } else { e.note }
+        );
+    }
+    s
+}
