@@ -203,7 +203,7 @@ fn a_killed_run_resumes_without_redoing_finished_steps() {
     assert_eq!(v["ran"], serde_json::json!(["l1-macs0.6-s0"]));
     // The report is self-contained.
     let html = std::fs::read_to_string(full.join("report.html")).unwrap();
-    assert!(html.contains("<svg") && html.contains("Top-1 vs MACs") && html.contains("unipts"));
+    assert!(html.contains("<svg") && html.contains("top-1 vs MACs") && html.contains("unipts"));
     let external =
         html.matches("http").count() - html.matches("http://www.w3.org/2000/svg").count();
     assert_eq!(external, 0, "the report references external resources");

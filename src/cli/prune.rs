@@ -216,31 +216,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
             );
         }
     }
-    let (train_ds, test_ds) = if no_data {
-        let empty = || {
-            Dataset::new(
-                "none",
-                vec![],
-                vec![],
-                [1, 1, 1],
-                1.0,
-                vec![0.0],
-                vec![1.0],
-                vec![],
-            )
-        };
-        (empty()?, empty()?)
-    } else {
-        let mut train_ds = load_split(&a.data, Split::Train)?;
-        if let Some(n) = a.train_limit {
-            train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
-        }
-        let mut test_ds = load_split(&a.data, Split::Test)?;
-        if let Some(n) = a.eval_limit {
-            test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
-        }
-        (train_ds, test_ds)
-    };
+    let (train_ds, test_ds) = datasets(&a, no_data)?;
     let dense = resolve_model(
         &a.model,
         (!no_data).then_some(&train_ds),
@@ -276,35 +252,69 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         graph: pruned,
         report: rep,
     } = job::run(&dense, &train_ds, test, &job, &console)?;
-    let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
     super::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
     if !a.json {
-        println!(
-            "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
-            rep.method,
-            rep.scope,
-            rep.budget,
-            cost::human(rep.dense.macs),
-            cost::human(rep.pruned.macs),
-            1.0 / rep.macs_ratio,
-            cost::human(rep.dense.params),
-            cost::human(rep.pruned.params),
-            rep.dense.latency_b1_ms,
-            rep.pruned.latency_b1_ms,
-            rep.dense.latency_b64_ms,
-            rep.pruned.latency_b64_ms
-        );
-        println!(
-            "accuracy: dense {} -> pruned {}{}",
-            show(rep.acc_dense),
-            show(rep.acc_pruned),
-            rep.acc_finetuned
-                .map(|x| format!(" -> fine-tuned {}", pct(x)))
-                .unwrap_or_default()
-        );
-        for w in rep.widths.iter().filter(|w| w.before != w.after) {
-            println!("  {:<24} {:>5} -> {:>5}", w.node, w.before, w.after);
-        }
+        print_summary(&rep);
     }
     Ok(())
+}
+
+/// The train and test splits (`--train-limit`, `--eval-limit` applied); empty sets for
+/// `--data none`.
+fn datasets(a: &PruneArgs, no_data: bool) -> Result<(Dataset, Dataset)> {
+    if no_data {
+        let empty = || {
+            Dataset::new(
+                "none",
+                vec![],
+                vec![],
+                [1, 1, 1],
+                1.0,
+                vec![0.0],
+                vec![1.0],
+                vec![],
+            )
+        };
+        return Ok((empty()?, empty()?));
+    }
+    let mut train_ds = load_split(&a.data, Split::Train)?;
+    if let Some(n) = a.train_limit {
+        train_ds = train_ds.sample(n.min(train_ds.len()), a.seed)?;
+    }
+    let mut test_ds = load_split(&a.data, Split::Test)?;
+    if let Some(n) = a.eval_limit {
+        test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
+    }
+    Ok((train_ds, test_ds))
+}
+
+/// The human-readable result: cost, latency, accuracy and the widths that changed.
+fn print_summary(rep: &lopper::prune::report::PruneReport) {
+    let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
+    println!(
+        "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
+        rep.method,
+        rep.scope,
+        rep.budget,
+        cost::human(rep.dense.macs),
+        cost::human(rep.pruned.macs),
+        1.0 / rep.macs_ratio,
+        cost::human(rep.dense.params),
+        cost::human(rep.pruned.params),
+        rep.dense.latency_b1_ms,
+        rep.pruned.latency_b1_ms,
+        rep.dense.latency_b64_ms,
+        rep.pruned.latency_b64_ms
+    );
+    println!(
+        "accuracy: dense {} -> pruned {}{}",
+        show(rep.acc_dense),
+        show(rep.acc_pruned),
+        rep.acc_finetuned
+            .map(|x| format!(" -> fine-tuned {}", pct(x)))
+            .unwrap_or_default()
+    );
+    for w in rep.widths.iter().filter(|w| w.before != w.after) {
+        println!("  {:<24} {:>5} -> {:>5}", w.node, w.before, w.after);
+    }
 }

@@ -3,7 +3,7 @@
 //! widths are visible in any ONNX viewer. The batch axis is symbolic (`N`).
 
 use super::value::{f32_proto, i64_proto};
-use crate::graph::ops::{ActivationKind, Op};
+use crate::graph::ops::{param, ActivationKind, Op, Pool2d};
 use crate::graph::shape::Shape;
 use crate::graph::{param_key, Graph};
 use anyhow::{anyhow, Result};
@@ -86,6 +86,14 @@ impl Out {
         self.inits.push(f32_proto(&name, &d, &data));
         Ok(name)
     }
+    /// `[x, weight, bias?]` for a conv or linear node, adding the initialisers.
+    fn weight_bias(&mut self, g: &Graph, node: usize, x: &str, bias: bool) -> Result<Vec<String>> {
+        let mut inputs = vec![x.to_string(), self.init(g, node, param::WEIGHT, None)?];
+        if bias {
+            inputs.push(self.init(g, node, param::BIAS, None)?);
+        }
+        Ok(inputs)
+    }
 }
 
 /// Serialises `g` as an ONNX model (opset 17).
@@ -101,160 +109,175 @@ pub fn export_bytes_with(g: &Graph, props: &[(&str, &str)]) -> Result<Vec<u8>> {
         nodes: vec![],
         inits: vec![],
     };
-    for (i, n) in g.nodes.iter().enumerate() {
-        let name = n.name.as_str();
-        let ins: Vec<&str> = n.inputs.iter().map(|&j| g.nodes[j].name.as_str()).collect();
-        let x = ins.first().copied().unwrap_or("");
-        // Broadcast shape of a per-channel constant against this node's output.
-        let chan = |c: usize| -> Vec<usize> {
-            let mut d = vec![c];
-            d.extend(std::iter::repeat_n(1, shapes[i].len().saturating_sub(1)));
-            d
-        };
-        match &n.op {
-            Op::Input(_) => {}
-            Op::Conv2d(c) => {
-                let w = o.init(g, i, "weight", None)?;
-                let mut inputs = vec![x.to_string(), w];
-                if c.bias {
-                    inputs.push(o.init(g, i, "bias", None)?);
-                }
-                let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-                let p = c.padding;
-                o.node(
-                    "Conv",
-                    name,
-                    &refs,
-                    name,
-                    vec![
-                        attr_is("kernel_shape", &c.kernel),
-                        attr_is("strides", &c.stride),
-                        attr_is("pads", &[p[0], p[1], p[2], p[3]]),
-                        attr_is("dilations", &c.dilation),
-                        attr_i("group", c.groups as i64),
-                    ],
-                );
-            }
-            Op::Linear(l) => {
-                let w = o.init(g, i, "weight", None)?;
-                let mut inputs = vec![x.to_string(), w];
-                if l.bias {
-                    inputs.push(o.init(g, i, "bias", None)?);
-                }
-                let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-                o.node("Gemm", name, &refs, name, vec![attr_i("transB", 1)]);
-            }
-            Op::BatchNorm(b) => {
-                let ps: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
-                    .iter()
-                    .map(|p| o.init(g, i, p, None))
-                    .collect::<Result<_>>()?;
-                let mut refs = vec![x];
-                refs.extend(ps.iter().map(|s| s.as_str()));
-                o.node(
-                    "BatchNormalization",
-                    name,
-                    &refs,
-                    name,
-                    vec![
-                        attr_f("epsilon", b.eps as f32),
-                        attr_f("momentum", (1.0 - b.momentum) as f32),
-                    ],
-                );
-            }
-            Op::Activation(a) => match a.kind {
-                ActivationKind::Relu => o.node("Relu", name, &[x], name, vec![]),
-                ActivationKind::Relu6 => {
-                    let (lo, hi) = (format!("{name}.min"), format!("{name}.max"));
-                    o.inits.push(f32_proto(&lo, &[], &[0.0]));
-                    o.inits.push(f32_proto(&hi, &[], &[6.0]));
-                    o.node("Clip", name, &[x, &lo, &hi], name, vec![]);
-                }
-                ActivationKind::LeakyRelu { slope } => {
-                    o.node("LeakyRelu", name, &[x], name, vec![attr_f("alpha", slope)])
-                }
-                ActivationKind::Sigmoid => o.node("Sigmoid", name, &[x], name, vec![]),
-                ActivationKind::Tanh => o.node("Tanh", name, &[x], name, vec![]),
-                ActivationKind::HardSwish => o.node("HardSwish", name, &[x], name, vec![]),
-                ActivationKind::HardSigmoid => o.node(
-                    "HardSigmoid",
-                    name,
-                    &[x],
-                    name,
-                    vec![attr_f("alpha", 1.0 / 6.0), attr_f("beta", 0.5)],
-                ),
-                ActivationKind::Silu => {
-                    let s = format!("{name}.sigmoid");
-                    o.node("Sigmoid", &s, &[x], &s, vec![]);
-                    o.node("Mul", name, &[x, &s], name, vec![]);
-                }
-                ActivationKind::Gelu => {
-                    // x · ½ · (1 + erf(x / √2)) — opset 17 has no Gelu.
-                    let c = |k: &str| format!("{name}.{k}");
-                    o.inits
-                        .push(f32_proto(&c("sqrt2"), &[], &[std::f32::consts::SQRT_2]));
-                    o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
-                    o.inits.push(f32_proto(&c("half"), &[], &[0.5]));
-                    o.node("Div", &c("div"), &[x, &c("sqrt2")], &c("div"), vec![]);
-                    o.node("Erf", &c("erf"), &[&c("div")], &c("erf"), vec![]);
-                    o.node("Add", &c("add"), &[&c("erf"), &c("one")], &c("add"), vec![]);
-                    o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
-                    o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
-                }
-            },
-            Op::MaxPool(p) | Op::AvgPool(p) => {
-                let max = matches!(n.op, Op::MaxPool(_));
-                let mut attrs = vec![
-                    attr_is("kernel_shape", &p.kernel),
-                    attr_is("strides", &p.stride),
-                    attr_is("pads", &p.padding),
-                    attr_i("ceil_mode", p.ceil_mode as i64),
-                ];
-                if !max {
-                    attrs.push(attr_i("count_include_pad", p.count_include_pad as i64));
-                }
-                let op = if max { "MaxPool" } else { "AveragePool" };
-                o.node(op, name, &[x], name, attrs);
-            }
-            Op::GlobalAvgPool(_) => o.node("GlobalAveragePool", name, &[x], name, vec![]),
-            Op::Flatten(_) => o.node("Flatten", name, &[x], name, vec![attr_i("axis", 1)]),
-            Op::Reshape(_) => {
-                let s = format!("{name}.shape");
-                let mut t = vec![0i64];
-                t.extend(shapes[i].iter().map(|&d| d as i64));
-                o.inits.push(i64_proto(&s, &t));
-                o.node("Reshape", name, &[x, &s], name, vec![]);
-            }
-            Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
-            Op::Mul(_) => o.node("Mul", name, &ins, name, vec![]),
-            Op::Concat(_) => o.node("Concat", name, &ins, name, vec![attr_i("axis", 1)]),
-            Op::ChannelPad(p) => {
-                let r = shapes[i].len() + 1;
-                let mut pads = vec![0i64; 2 * r];
-                pads[1] = p.before as i64;
-                pads[1 + r] = p.after as i64;
-                let s = format!("{name}.pads");
-                o.inits.push(i64_proto(&s, &pads));
-                o.node("Pad", name, &[x, &s], name, vec![]);
-            }
-            Op::ChannelAffine(a) => {
-                let d = chan(a.channels);
-                let w = o.init(g, i, "weight", Some(&d))?;
-                let b = o.init(g, i, "bias", Some(&d))?;
-                let m = format!("{name}.scaled");
-                o.node("Mul", &m, &[x, &w], &m, vec![]);
-                o.node("Add", name, &[&m, &b], name, vec![]);
-            }
-            Op::ChannelGather(gth) => {
-                let s = format!("{name}.indices");
-                let idx: Vec<i64> = gth.indices.iter().map(|&v| v as i64).collect();
-                o.inits.push(i64_proto(&s, &idx));
-                o.node("Gather", name, &[x, &s], name, vec![attr_i("axis", 1)]);
-            }
-            Op::Dropout(_) | Op::Identity(_) => o.node("Identity", name, &[x], name, vec![]),
-            Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
+    for (i, shape) in shapes.iter().enumerate() {
+        export_node(&mut o, g, i, shape)?;
+    }
+    model_bytes(g, &shapes, o, props)
+}
+
+/// One IR node as its ONNX node(s), appended to `o`; `shape` is the node's output shape
+/// (without the batch axis).
+fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
+    let n = &g.nodes[i];
+    let name = n.name.as_str();
+    let ins: Vec<&str> = n.inputs.iter().map(|&j| g.nodes[j].name.as_str()).collect();
+    let x = ins.first().copied().unwrap_or("");
+    // Broadcast shape of a per-channel constant against this node's output.
+    let chan = |c: usize| -> Vec<usize> {
+        let mut d = vec![c];
+        d.extend(std::iter::repeat_n(1, shape.len().saturating_sub(1)));
+        d
+    };
+    match &n.op {
+        Op::Input(_) => {}
+        Op::Conv2d(c) => {
+            let inputs = o.weight_bias(g, i, x, c.bias)?;
+            let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+            let p = c.padding;
+            let attrs = vec![
+                attr_is("kernel_shape", &c.kernel),
+                attr_is("strides", &c.stride),
+                attr_is("pads", &[p[0], p[1], p[2], p[3]]),
+                attr_is("dilations", &c.dilation),
+                attr_i("group", c.groups as i64),
+            ];
+            o.node("Conv", name, &refs, name, attrs);
+        }
+        Op::Linear(l) => {
+            let inputs = o.weight_bias(g, i, x, l.bias)?;
+            let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+            o.node("Gemm", name, &refs, name, vec![attr_i("transB", 1)]);
+        }
+        Op::BatchNorm(b) => {
+            let ps: Vec<String> = [
+                param::WEIGHT,
+                param::BIAS,
+                param::RUNNING_MEAN,
+                param::RUNNING_VAR,
+            ]
+            .iter()
+            .map(|p| o.init(g, i, p, None))
+            .collect::<Result<_>>()?;
+            let mut refs = vec![x];
+            refs.extend(ps.iter().map(|s| s.as_str()));
+            o.node(
+                "BatchNormalization",
+                name,
+                &refs,
+                name,
+                vec![
+                    attr_f("epsilon", b.eps as f32),
+                    attr_f("momentum", (1.0 - b.momentum) as f32),
+                ],
+            );
+        }
+        Op::Activation(a) => export_activation(o, name, x, a.kind),
+        Op::MaxPool(p) | Op::AvgPool(p) => {
+            let max = matches!(n.op, Op::MaxPool(_));
+            let op = if max { "MaxPool" } else { "AveragePool" };
+            o.node(op, name, &[x], name, pool_attrs(p, max));
+        }
+        Op::GlobalAvgPool(_) => o.node("GlobalAveragePool", name, &[x], name, vec![]),
+        Op::Flatten(_) => o.node("Flatten", name, &[x], name, vec![attr_i("axis", 1)]),
+        Op::Reshape(_) => {
+            let s = format!("{name}.shape");
+            let mut t = vec![0i64];
+            t.extend(shape.iter().map(|&d| d as i64));
+            o.inits.push(i64_proto(&s, &t));
+            o.node("Reshape", name, &[x, &s], name, vec![]);
+        }
+        Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
+        Op::Mul(_) => o.node("Mul", name, &ins, name, vec![]),
+        Op::Concat(_) => o.node("Concat", name, &ins, name, vec![attr_i("axis", 1)]),
+        Op::ChannelPad(p) => {
+            let r = shape.len() + 1;
+            let mut pads = vec![0i64; 2 * r];
+            pads[1] = p.before as i64;
+            pads[1 + r] = p.after as i64;
+            let s = format!("{name}.pads");
+            o.inits.push(i64_proto(&s, &pads));
+            o.node("Pad", name, &[x, &s], name, vec![]);
+        }
+        Op::ChannelAffine(a) => {
+            let d = chan(a.channels);
+            let w = o.init(g, i, param::WEIGHT, Some(&d))?;
+            let b = o.init(g, i, param::BIAS, Some(&d))?;
+            let m = format!("{name}.scaled");
+            o.node("Mul", &m, &[x, &w], &m, vec![]);
+            o.node("Add", name, &[&m, &b], name, vec![]);
+        }
+        Op::ChannelGather(gth) => {
+            let s = format!("{name}.indices");
+            let idx: Vec<i64> = gth.indices.iter().map(|&v| v as i64).collect();
+            o.inits.push(i64_proto(&s, &idx));
+            o.node("Gather", name, &[x, &s], name, vec![attr_i("axis", 1)]);
+        }
+        Op::Dropout(_) | Op::Identity(_) => o.node("Identity", name, &[x], name, vec![]),
+        Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
+    }
+    Ok(())
+}
+
+/// Pooling attributes; `count_include_pad` exists only on AveragePool.
+fn pool_attrs(p: &Pool2d, max: bool) -> Vec<AttributeProto> {
+    let mut attrs = vec![
+        attr_is("kernel_shape", &p.kernel),
+        attr_is("strides", &p.stride),
+        attr_is("pads", &p.padding),
+        attr_i("ceil_mode", p.ceil_mode as i64),
+    ];
+    if !max {
+        attrs.push(attr_i("count_include_pad", p.count_include_pad as i64));
+    }
+    attrs
+}
+
+/// An activation as ONNX opset-17 nodes (GELU and SiLU as their decompositions).
+fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
+    match kind {
+        ActivationKind::Relu => o.node("Relu", name, &[x], name, vec![]),
+        ActivationKind::Relu6 => {
+            let (lo, hi) = (format!("{name}.min"), format!("{name}.max"));
+            o.inits.push(f32_proto(&lo, &[], &[0.0]));
+            o.inits.push(f32_proto(&hi, &[], &[6.0]));
+            o.node("Clip", name, &[x, &lo, &hi], name, vec![]);
+        }
+        ActivationKind::LeakyRelu { slope } => {
+            o.node("LeakyRelu", name, &[x], name, vec![attr_f("alpha", slope)])
+        }
+        ActivationKind::Sigmoid => o.node("Sigmoid", name, &[x], name, vec![]),
+        ActivationKind::Tanh => o.node("Tanh", name, &[x], name, vec![]),
+        ActivationKind::HardSwish => o.node("HardSwish", name, &[x], name, vec![]),
+        ActivationKind::HardSigmoid => o.node(
+            "HardSigmoid",
+            name,
+            &[x],
+            name,
+            vec![attr_f("alpha", 1.0 / 6.0), attr_f("beta", 0.5)],
+        ),
+        ActivationKind::Silu => {
+            let s = format!("{name}.sigmoid");
+            o.node("Sigmoid", &s, &[x], &s, vec![]);
+            o.node("Mul", name, &[x, &s], name, vec![]);
+        }
+        ActivationKind::Gelu => {
+            // x · ½ · (1 + erf(x / √2)) — opset 17 has no Gelu.
+            let c = |k: &str| format!("{name}.{k}");
+            o.inits
+                .push(f32_proto(&c("sqrt2"), &[], &[std::f32::consts::SQRT_2]));
+            o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
+            o.inits.push(f32_proto(&c("half"), &[], &[0.5]));
+            o.node("Div", &c("div"), &[x, &c("sqrt2")], &c("div"), vec![]);
+            o.node("Erf", &c("erf"), &[&c("div")], &c("erf"), vec![]);
+            o.node("Add", &c("add"), &[&c("erf"), &c("one")], &c("add"), vec![]);
+            o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
+            o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
         }
     }
+}
+
+/// Wraps the converted nodes into a model: input/output value infos, opset, metadata.
+fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> Result<Vec<u8>> {
     let input = g.input_id();
     let mut graph = GraphProto::new();
     graph.name = "lopper".into();

@@ -4,21 +4,17 @@
 //! axis of the group: conv/linear output filters and input slices, BN scales) gives a
 //! per-unit score; each member's scores are divided by their mean over the group's units,
 //! so members with large fan-in do not dominate; the unit's score is the mean over
-//! members. Data-driven criteria read statistics collected by [`collect_stats`].
+//! members. Data-driven criteria read statistics collected by [`collect_stats`] (in `stats.rs`).
 //! Low score = pruned first. Blocked units score +inf.
 
 use super::deps::{Group, Groups};
-use crate::data::Dataset;
-use crate::exec::{forward_with, ForwardOpts, Mode};
-use crate::graph::ops::Op;
-use crate::graph::{Graph, NodeId};
-use crate::train::fit_input;
-use crate::train::loss::cross_entropy;
+pub use super::stats::{collect_stats, Stats};
+use crate::graph::ops::{param, Op};
+use crate::graph::{param_key, Graph};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
-use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Criterion {
@@ -73,72 +69,6 @@ impl Criterion {
     }
 }
 
-/// Data statistics for data-driven criteria.
-#[derive(Default)]
-pub struct Stats {
-    /// Gradient of the loss w.r.t. each parameter (summed over the batches).
-    pub grads: HashMap<String, Vec<f32>>,
-    /// Per node output channel: mean activation and fraction of exact zeros.
-    pub act_mean: HashMap<NodeId, Vec<f32>>,
-    pub apoz: HashMap<NodeId, Vec<f32>>,
-}
-
-/// One pass over `samples` of `data`: parameter gradients (Taylor) and activation
-/// statistics of every activation node (activation mean, APoZ).
-pub fn collect_stats(g: &Graph, data: &Dataset, samples: usize, batch: usize) -> Result<Stats> {
-    let n = samples.min(data.len());
-    let acts: Vec<NodeId> = (0..g.nodes.len())
-        .filter(|&i| matches!(g.nodes[i].op, Op::Activation(_)))
-        .collect();
-    let mut st = Stats::default();
-    let mut count = 0usize;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(batch.max(1)) {
-        let (x, y) = data.batch(chunk, None, &Device::Cpu)?;
-        let x = fit_input(g, x)?;
-        let opts = ForwardOpts {
-            keep: &acts,
-            update_stats: false,
-            grad: true,
-            ..ForwardOpts::new(Mode::Eval)
-        };
-        let out = forward_with(g, &x, &opts)?;
-        let loss = cross_entropy(&out.outputs[0], &y, 0.0)?;
-        let grads = loss.backward()?;
-        for (k, v) in g.params() {
-            if let Some(gr) = grads.get(v.as_tensor()) {
-                let gv: Vec<f32> = gr.flatten_all()?.to_vec1()?;
-                let e = st
-                    .grads
-                    .entry(k.clone())
-                    .or_insert_with(|| vec![0.0; gv.len()]);
-                e.iter_mut().zip(gv).for_each(|(a, b)| *a += b);
-            }
-        }
-        for (&node, t) in &out.kept {
-            let c = t.dim(1)?;
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let per = v.len() / (t.dim(0)? * c);
-            let mean = st.act_mean.entry(node).or_insert_with(|| vec![0.0; c]);
-            let zeros = st.apoz.entry(node).or_insert_with(|| vec![0.0; c]);
-            for (i, x) in v.iter().enumerate() {
-                let ch = (i / per) % c;
-                mean[ch] += x.abs();
-                if *x == 0.0 {
-                    zeros[ch] += 1.0;
-                }
-            }
-        }
-        count += chunk.len();
-    }
-    // Means over samples and spatial positions.
-    let shapes = g.shapes()?;
-    for (node, v) in st.act_mean.iter_mut().chain(st.apoz.iter_mut()) {
-        let per = shapes[*node].iter().skip(1).product::<usize>().max(1);
-        v.iter_mut().for_each(|x| *x /= (count * per) as f32);
-    }
-    Ok(st)
-}
-
 fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1()?)
 }
@@ -176,96 +106,10 @@ pub fn score_group(
     if crit.needs_data() && stats.is_none() {
         bail!("criterion {crit:?} needs data statistics (a calibration set)");
     }
-    let mut per_member: Vec<Vec<f32>> = Vec::new();
-    if matches!(crit, Criterion::ActMean | Criterion::Apoz) {
-        let st = stats.unwrap();
-        let src = if crit == Criterion::ActMean {
-            &st.act_mean
-        } else {
-            &st.apoz
-        };
-        for &node in &grp.nodes {
-            if let Some(v) = src.get(&node) {
-                let mut s = vec![0f32; nu];
-                for (u, unit) in grp.units.iter().enumerate() {
-                    for &(n, c) in &unit.elems {
-                        if n == node {
-                            // APoZ: fewer zeros = more important.
-                            s[u] += if crit == Criterion::Apoz {
-                                1.0 - v[c]
-                            } else {
-                                v[c]
-                            };
-                        }
-                    }
-                }
-                per_member.push(s);
-            }
-        }
-    } else {
-        for m in &grp.members {
-            let node = &g.nodes[m.node];
-            let is_weight = m.param == "weight";
-            let is_bn = matches!(node.op, Op::BatchNorm(_));
-            let use_it = match crit {
-                Criterion::BnScale => is_bn && is_weight,
-                Criterion::Fpgm => is_weight && !is_bn && m.indexed_by == m.node,
-                _ => is_weight,
-            };
-            if !use_it {
-                continue;
-            }
-            let var = g.param(m.node, m.param)?;
-            let dims = var.dims().to_vec();
-            let w = host(var.as_tensor())?;
-            let key = crate::graph::param_key(&node.name, m.param);
-            let per_index: Vec<f32> = match crit {
-                Criterion::L1 | Criterion::BnScale => slices(&w, &dims, m.axis)
-                    .iter()
-                    .map(|s| s.iter().map(|x| x.abs()).sum())
-                    .collect(),
-                Criterion::L2 => slices(&w, &dims, m.axis)
-                    .iter()
-                    .map(|s| s.iter().map(|x| x * x).sum::<f32>().sqrt())
-                    .collect(),
-                Criterion::Taylor => {
-                    let gr = stats
-                        .unwrap()
-                        .grads
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| vec![0.0; w.len()]);
-                    let prod: Vec<f32> = w.iter().zip(&gr).map(|(a, b)| a * b).collect();
-                    slices(&prod, &dims, m.axis)
-                        .iter()
-                        .map(|s| s.iter().sum::<f32>().abs())
-                        .collect()
-                }
-                Criterion::Fpgm => {
-                    let sl = slices(&w, &dims, m.axis);
-                    (0..sl.len())
-                        .map(|i| {
-                            (0..sl.len())
-                                .map(|j| {
-                                    sl[i]
-                                        .iter()
-                                        .zip(&sl[j])
-                                        .map(|(a, b)| (a - b) * (a - b))
-                                        .sum::<f32>()
-                                        .sqrt()
-                                })
-                                .sum()
-                        })
-                        .collect()
-                }
-                Criterion::Random | Criterion::ActMean | Criterion::Apoz => unreachable!(),
-            };
-            let s: Vec<f32> = (0..nu)
-                .map(|u| grp.indices(u, m).iter().map(|&i| per_index[i]).sum())
-                .collect();
-            per_member.push(s);
-        }
-    }
+    let per_member = match (crit, stats) {
+        (Criterion::ActMean | Criterion::Apoz, Some(st)) => activation_scores(grp, crit, st),
+        _ => weight_scores(g, grp, crit, stats)?,
+    };
     if per_member.is_empty() {
         // e.g. BN-scale on a group without batch norm: fall back to L1.
         if crit == Criterion::BnScale {
@@ -281,6 +125,121 @@ pub fn score_group(
     }
     let k = per_member.len() as f32;
     Ok(finish(grp, total.into_iter().map(|t| t / k).collect()))
+}
+
+/// Per-unit scores from activation statistics, one vector per node of the group that has
+/// them (activation mean; APoZ as `1 - fraction of zeros`, so fewer zeros rank higher).
+fn activation_scores(grp: &Group, crit: Criterion, st: &Stats) -> Vec<Vec<f32>> {
+    let src = if crit == Criterion::ActMean {
+        &st.act_mean
+    } else {
+        &st.apoz
+    };
+    let nu = grp.units.len();
+    let mut per_member = Vec::new();
+    for &node in &grp.nodes {
+        if let Some(v) = src.get(&node) {
+            let mut s = vec![0f32; nu];
+            for (u, unit) in grp.units.iter().enumerate() {
+                for &(n, c) in &unit.elems {
+                    if n == node {
+                        s[u] += if crit == Criterion::Apoz {
+                            1.0 - v[c]
+                        } else {
+                            v[c]
+                        };
+                    }
+                }
+            }
+            per_member.push(s);
+        }
+    }
+    per_member
+}
+
+/// Per-unit scores from the weight members the criterion reads (BN-scale: batch-norm
+/// scales only; FPGM: output filters only; the others: every weight axis).
+fn weight_scores(
+    g: &Graph,
+    grp: &Group,
+    crit: Criterion,
+    stats: Option<&Stats>,
+) -> Result<Vec<Vec<f32>>> {
+    let nu = grp.units.len();
+    let mut per_member = Vec::new();
+    for m in &grp.members {
+        let node = &g.nodes[m.node];
+        let is_weight = m.param == param::WEIGHT;
+        let is_bn = matches!(node.op, Op::BatchNorm(_));
+        let use_it = match crit {
+            Criterion::BnScale => is_bn && is_weight,
+            Criterion::Fpgm => is_weight && !is_bn && m.indexed_by == m.node,
+            _ => is_weight,
+        };
+        if !use_it {
+            continue;
+        }
+        let var = g.param(m.node, m.param)?;
+        let w = host(var.as_tensor())?;
+        let grads = match (crit, stats) {
+            (Criterion::Taylor, Some(st)) => st.grads.get(&param_key(&node.name, m.param)),
+            _ => None,
+        };
+        let per_index = index_scores(crit, &w, var.dims(), m.axis, grads.map(|v| v.as_slice()));
+        let s: Vec<f32> = (0..nu)
+            .map(|u| grp.indices(u, m).iter().map(|&i| per_index[i]).sum())
+            .collect();
+        per_member.push(s);
+    }
+    Ok(per_member)
+}
+
+/// One score per index of `axis` of the weight `w` (shape `dims`). `grads` is the
+/// accumulated gradient of `w` (Taylor; absent = zero).
+fn index_scores(
+    crit: Criterion,
+    w: &[f32],
+    dims: &[usize],
+    axis: usize,
+    grads: Option<&[f32]>,
+) -> Vec<f32> {
+    match crit {
+        Criterion::L1 | Criterion::BnScale => slices(w, dims, axis)
+            .iter()
+            .map(|s| s.iter().map(|x| x.abs()).sum())
+            .collect(),
+        Criterion::L2 => slices(w, dims, axis)
+            .iter()
+            .map(|s| s.iter().map(|x| x * x).sum::<f32>().sqrt())
+            .collect(),
+        Criterion::Taylor => {
+            let prod: Vec<f32> = match grads {
+                Some(gr) => w.iter().zip(gr).map(|(a, b)| a * b).collect(),
+                None => vec![0.0; w.len()],
+            };
+            slices(&prod, dims, axis)
+                .iter()
+                .map(|s| s.iter().sum::<f32>().abs())
+                .collect()
+        }
+        Criterion::Fpgm => {
+            // Sum of distances to every other filter: the geometric-median criterion.
+            let sl = slices(w, dims, axis);
+            let dist = |i: usize, j: usize| -> f32 {
+                sl[i]
+                    .iter()
+                    .zip(&sl[j])
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt()
+            };
+            (0..sl.len())
+                .map(|i| (0..sl.len()).map(|j| dist(i, j)).sum())
+                .collect()
+        }
+        // Not weight criteria: scored from statistics or at random before reaching here.
+        Criterion::Random | Criterion::ActMean | Criterion::Apoz => vec![0.0; dims[axis]],
+    }
 }
 
 fn finish(grp: &Group, mut s: Vec<f32>) -> Vec<f32> {

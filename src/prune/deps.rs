@@ -10,8 +10,9 @@
 //! grouped-but-not-depthwise convs are blocked: their units are never removed.
 //! No names are consulted anywhere.
 
-use crate::graph::ops::{Coupling, Op};
+use crate::graph::ops::Coupling;
 use crate::graph::shape::numel;
+use crate::graph::Shape;
 use crate::graph::{Graph, NodeId};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -94,100 +95,136 @@ impl Uf {
 }
 
 /// Derives the dependency groups of `g`.
+///
+/// Every (node, channel) pair is an element. The ops' coupling rules join elements that
+/// must be removed together into *units*; units that share a node form a *group*; the
+/// parameters whose axes those nodes index are the group's *members*.
 pub fn dependency_groups(g: &Graph) -> Result<Groups> {
     let shapes = g.shapes()?;
-    let n = g.nodes.len();
-    let ch: Vec<usize> = shapes
-        .iter()
-        .map(|s| s.first().copied().unwrap_or(1))
-        .collect();
-    let mut off = vec![0usize; n + 1];
-    for i in 0..n {
-        off[i + 1] = off[i] + ch[i];
+    let el = Elements::new(&shapes);
+    let (mut uf, blocked) = couple(g, &shapes, &el);
+    let (units, unit_of) = units(&el, &mut uf, &blocked);
+    let (mut groups, owner) = group_units(&el, units, &unit_of);
+    for m in members(g, &el.ch, &owner) {
+        let gi = owner[m.indexed_by][0].0;
+        groups[gi].members.push(m);
     }
-    let e = |node: usize, c: usize| off[node] + c;
-    let mut uf = Uf {
-        parent: (0..off[n]).collect(),
-    };
-    let mut blocked = vec![false; off[n]];
-    let block = |blocked: &mut Vec<bool>, node: usize| {
-        blocked[off[node]..off[node + 1]]
+    Ok(Groups {
+        groups,
+        channels: el.ch,
+        owner,
+    })
+}
+
+/// The element numbering: node `i`'s channel `c` is element `off[i] + c`.
+struct Elements {
+    ch: Vec<usize>,
+    off: Vec<usize>,
+}
+
+impl Elements {
+    fn new(shapes: &[Shape]) -> Self {
+        let ch: Vec<usize> = shapes
+            .iter()
+            .map(|s| s.first().copied().unwrap_or(1))
+            .collect();
+        let mut off = vec![0usize; ch.len() + 1];
+        for i in 0..ch.len() {
+            off[i + 1] = off[i] + ch[i];
+        }
+        Elements { ch, off }
+    }
+    fn e(&self, node: usize, c: usize) -> usize {
+        self.off[node] + c
+    }
+    fn total(&self) -> usize {
+        self.off[self.ch.len()]
+    }
+    fn nodes(&self) -> usize {
+        self.ch.len()
+    }
+    fn block(&self, blocked: &mut [bool], node: usize) {
+        blocked[self.off[node]..self.off[node + 1]]
             .iter_mut()
             .for_each(|b| *b = true)
+    }
+    /// Couples channel `c` of `a` with channel `c` of `b` for every `c < n`.
+    fn pair(&self, uf: &mut Uf, a: usize, b: usize, n: usize) {
+        (0..n).for_each(|c| uf.union(self.e(a, c), self.e(b, c)));
+    }
+}
+
+/// Applies every node's coupling rule: the union-find over elements, and which elements
+/// may never be removed (graph inputs and outputs, boundaries of opaque ops).
+fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<bool>) {
+    let ch = &el.ch;
+    let mut uf = Uf {
+        parent: (0..el.total()).collect(),
     };
+    let mut blocked = vec![false; el.total()];
     for (i, node) in g.nodes.iter().enumerate() {
         let ins = &node.inputs;
         match node.op.spec().coupling() {
-            Coupling::Source => block(&mut blocked, i),
+            Coupling::Source => el.block(&mut blocked, i),
             Coupling::Decouple => {}
-            Coupling::PassThrough => {
-                if ch[ins[0]] == ch[i] {
-                    (0..ch[i]).for_each(|c| uf.union(e(ins[0], c), e(i, c)));
-                } else {
-                    block(&mut blocked, ins[0]);
-                    block(&mut blocked, i);
-                }
+            Coupling::PassThrough if ch[ins[0]] == ch[i] => el.pair(&mut uf, ins[0], i, ch[i]),
+            Coupling::Grouped { groups } if groups == ch[ins[0]] && groups == ch[i] => {
+                el.pair(&mut uf, ins[0], i, ch[i])
             }
-            Coupling::Grouped { groups } => {
-                if groups == ch[ins[0]] && groups == ch[i] {
-                    (0..ch[i]).for_each(|c| uf.union(e(ins[0], c), e(i, c)));
-                } else {
-                    // Grouped (not depthwise): widths must stay divisible per group.
-                    block(&mut blocked, ins[0]);
-                    block(&mut blocked, i);
-                }
+            // A width change through a pass-through op, or a grouped (not depthwise) conv
+            // whose widths must stay divisible per group: both sides are fixed.
+            Coupling::PassThrough | Coupling::Grouped { .. } => {
+                el.block(&mut blocked, ins[0]);
+                el.block(&mut blocked, i);
             }
             Coupling::Join => {
                 for &j in ins {
                     if shapes[j].len() == shapes[i].len() && ch[j] == ch[i] {
-                        (0..ch[i]).for_each(|c| uf.union(e(j, c), e(i, c)));
+                        el.pair(&mut uf, j, i, ch[i]);
                     } else if numel(&shapes[j]) != 1 && ch[j] != 1 {
-                        block(&mut blocked, j);
-                        block(&mut blocked, i);
+                        el.block(&mut blocked, j);
+                        el.block(&mut blocked, i);
                     }
                 }
             }
-            Coupling::Concat => match &node.op {
-                Op::ChannelPad(p) => {
-                    (0..ch[ins[0]]).for_each(|c| uf.union(e(ins[0], c), e(i, p.before + c)))
-                }
-                _ => {
-                    let mut o = 0;
-                    for &j in ins {
-                        (0..ch[j]).for_each(|c| uf.union(e(j, c), e(i, o + c)));
-                        o += ch[j];
-                    }
-                }
-            },
-            Coupling::Gather => {
-                if let Op::ChannelGather(gth) = &node.op {
-                    for (c, &src) in gth.indices.iter().enumerate() {
-                        uf.union(e(ins[0], src), e(i, c));
-                    }
+            Coupling::Concat { lead } => {
+                let mut o = lead;
+                for &j in ins {
+                    (0..ch[j]).for_each(|c| uf.union(el.e(j, c), el.e(i, o + c)));
+                    o += ch[j];
                 }
             }
-            Coupling::Flatten { .. } => {
+            Coupling::Gather { indices } => {
+                for (c, &src) in indices.iter().enumerate() {
+                    uf.union(el.e(ins[0], src), el.e(i, c));
+                }
+            }
+            Coupling::Flatten => {
                 let inner = numel(&shapes[ins[0]]) / ch[ins[0]].max(1);
                 for c in 0..ch[ins[0]] {
-                    (0..inner).for_each(|k| uf.union(e(ins[0], c), e(i, c * inner + k)));
+                    (0..inner).for_each(|k| uf.union(el.e(ins[0], c), el.e(i, c * inner + k)));
                 }
             }
             Coupling::Opaque => {
-                ins.iter().for_each(|&j| block(&mut blocked, j));
-                block(&mut blocked, i);
+                ins.iter().for_each(|&j| el.block(&mut blocked, j));
+                el.block(&mut blocked, i);
             }
         }
     }
     for &o in &g.outputs {
-        block(&mut blocked, o);
+        el.block(&mut blocked, o);
     }
-    // Units: classes of elements.
+    (uf, blocked)
+}
+
+/// Units are the classes of coupled elements; returns them and each element's unit.
+fn units(el: &Elements, uf: &mut Uf, blocked: &[bool]) -> (Vec<Unit>, Vec<usize>) {
     let mut class_of_root: BTreeMap<usize, usize> = BTreeMap::new();
     let mut units: Vec<Unit> = Vec::new();
-    let mut unit_of = vec![0usize; off[n]];
-    for (node, &width) in ch.iter().enumerate() {
+    let mut unit_of = vec![0usize; el.total()];
+    for (node, &width) in el.ch.iter().enumerate() {
         for c in 0..width {
-            let x = e(node, c);
+            let x = el.e(node, c);
             let r = uf.find(x);
             let u = *class_of_root.entry(r).or_insert_with(|| {
                 units.push(Unit {
@@ -201,13 +238,24 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
             unit_of[x] = u;
         }
     }
-    // Groups: units that share a node.
+    (units, unit_of)
+}
+
+/// Groups are the units that share a node. Returns the groups (with their nodes, no
+/// members yet) and, per node and channel, the (group, unit-in-group) that owns it.
+#[allow(clippy::type_complexity)]
+fn group_units(
+    el: &Elements,
+    units: Vec<Unit>,
+    unit_of: &[usize],
+) -> (Vec<Group>, Vec<Vec<(usize, usize)>>) {
+    let (n, ch) = (el.nodes(), &el.ch);
     let mut guf = Uf {
         parent: (0..units.len()).collect(),
     };
     for node in 0..n {
         for c in 1..ch[node] {
-            guf.union(unit_of[e(node, 0)], unit_of[e(node, c)]);
+            guf.union(unit_of[el.e(node, 0)], unit_of[el.e(node, c)]);
         }
     }
     let mut group_of_root: BTreeMap<usize, usize> = BTreeMap::new();
@@ -226,29 +274,35 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
         unit_pos[u] = (gi, groups[gi].units.len());
         groups[gi].units.push(unit);
     }
-    let mut owner: Vec<Vec<(usize, usize)>> = (0..n).map(|i| vec![(0, 0); ch[i]]).collect();
-    for node in 0..n {
-        for c in 0..ch[node] {
-            owner[node][c] = unit_pos[unit_of[e(node, c)]];
-        }
-    }
+    let owner: Vec<Vec<(usize, usize)>> = (0..n)
+        .map(|node| {
+            (0..ch[node])
+                .map(|c| unit_pos[unit_of[el.e(node, c)]])
+                .collect()
+        })
+        .collect();
     for (gi, grp) in groups.iter_mut().enumerate() {
         grp.nodes = (0..n)
             .filter(|&node| ch[node] > 0 && owner[node][0].0 == gi)
             .collect();
     }
-    // Members: output axes of each node in the group, and input axes of conv/linear
-    // consumers of those nodes.
+    (groups, owner)
+}
+
+/// Members: the output axes of each node's parameters, indexed by its own channels, and
+/// the input axes, indexed by its input's channels (a conv or linear consumer).
+fn members(g: &Graph, ch: &[usize], owner: &[Vec<(usize, usize)>]) -> Vec<Member> {
+    let mut out = Vec::new();
     for (i, node) in g.nodes.iter().enumerate() {
         for p in node.op.spec().params() {
-            // An output axis is indexed by this node's channels, an input axis by its input's.
             let axes = [
                 (p.out_axis, i),
                 (p.in_axis, node.inputs.first().copied().unwrap_or(i)),
             ];
             for (axis, indexed_by) in axes {
                 if let (Some(axis), true) = (axis, ch[indexed_by] > 0) {
-                    groups[owner[indexed_by][0].0].members.push(Member {
+                    debug_assert!(!owner[indexed_by].is_empty());
+                    out.push(Member {
                         node: i,
                         param: p.name,
                         axis,
@@ -258,9 +312,5 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
             }
         }
     }
-    Ok(Groups {
-        groups,
-        channels: ch,
-        owner,
-    })
+    out
 }

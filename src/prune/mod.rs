@@ -7,6 +7,7 @@ pub mod depth;
 pub mod plan;
 pub mod report;
 pub mod sensitivity;
+pub mod stats;
 pub mod surgery;
 
 pub use criteria::{collect_stats, Criterion, Stats};

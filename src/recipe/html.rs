@@ -6,6 +6,20 @@ use crate::svg::{bar_chart, esc, line_chart, Series};
 use std::collections::BTreeMap;
 
 pub fn render(r: &RunReport) -> String {
+    [
+        header(r),
+        results_table(r),
+        cost_charts(r),
+        wall_chart(r),
+        layer_charts(r),
+        training_curves(r),
+        recipe_section(r),
+    ]
+    .concat()
+}
+
+/// Document head, title and the one-paragraph summary.
+fn header(r: &RunReport) -> String {
     let dense_acc = r.dense.result.top1;
     let mut h = String::new();
     h += "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">";
@@ -31,7 +45,13 @@ pub fn render(r: &RunReport) -> String {
         r.machine.threads,
         esc(&r.machine.cpu)
     );
-    // The table.
+    h
+}
+
+/// One row per step.
+fn results_table(r: &RunReport) -> String {
+    let dense_acc = r.dense.result.top1;
+    let mut h = String::new();
     h += "<h2>Results</h2>\n<table><tr><th>method</th><th>budget</th><th>seed</th><th>top-1 %</th><th>Δ vs dense</th><th>MACs (of dense)</th><th>sparsity</th><th>latency b1 / b64 ms</th><th>wall s</th></tr>\n";
     for s in &r.steps {
         let rep = &s.report;
@@ -55,19 +75,26 @@ pub fn render(r: &RunReport) -> String {
         );
     }
     h += "</table>\n";
-    // Accuracy vs MACs, and vs sparsity: one series per method label (seed-averaged).
+    h
+}
+
+/// Accuracy against cost, one series per method label: structured methods against MACs, post-training sparsity against its sparsity (two charts, since the x axes mean different things).
+fn cost_charts(r: &RunReport) -> String {
+    let dense_acc = r.dense.result.top1;
+    let mut h = String::new();
     let mut by_macs: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut by_sp: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for s in &r.steps {
         let Some(a) = s.report.accuracy() else {
             continue;
         };
-        let m = s.report.macs_fraction();
-        by_macs
-            .entry(s.step.label.clone())
-            .or_default()
-            .push((100.0 * m, 100.0 * a));
-        if s.step.kind == StepKind::Sparsify {
+        if s.step.kind == StepKind::Prune {
+            let m = s.report.macs_fraction();
+            by_macs
+                .entry(s.step.label.clone())
+                .or_default()
+                .push((100.0 * m, 100.0 * a));
+        } else {
             by_sp
                 .entry(s.step.label.clone())
                 .or_default()
@@ -91,21 +118,28 @@ pub fn render(r: &RunReport) -> String {
         v
     };
     h += "<h2>Accuracy vs cost</h2>\n";
-    h += &line_chart(
-        "Top-1 vs MACs (sparse: MACs over non-zero weights)",
-        "MACs, % of dense",
-        "top-1 %",
-        &series(by_macs, 100.0),
-    );
+    if !by_macs.is_empty() {
+        h += &line_chart(
+            "Structured pruning: top-1 vs MACs",
+            "MACs, % of dense",
+            "top-1 %",
+            &series(by_macs, 100.0),
+        );
+    }
     if !by_sp.is_empty() {
         h += &line_chart(
-            "Top-1 vs sparsity",
+            "Post-training sparsity: top-1 vs sparsity",
             "sparsity %",
             "top-1 %",
             &series(by_sp, 0.0),
         );
     }
-    // Wall time per method.
+    h
+}
+
+/// Wall time per method (all its steps).
+fn wall_chart(r: &RunReport) -> String {
+    let mut h = String::new();
     let mut wall: BTreeMap<String, f64> = BTreeMap::new();
     for s in &r.steps {
         *wall.entry(s.step.label.clone()).or_default() += s.seconds;
@@ -116,7 +150,12 @@ pub fn render(r: &RunReport) -> String {
         "seconds",
         &wall.into_iter().collect::<Vec<_>>(),
     );
-    // Per-layer widths / sparsities of each method's most aggressive step.
+    h
+}
+
+/// Per-layer widths (structured) or zero fractions (sparse) of each step.
+fn layer_charts(r: &RunReport) -> String {
+    let mut h = String::new();
     h += "<h2>Per-layer structure</h2>\n";
     for s in &r.steps {
         let bars = s.report.layer_bars();
@@ -129,7 +168,12 @@ pub fn render(r: &RunReport) -> String {
         };
         h += &bar_chart(&format!("{} — {}", s.step.id, what), what, &bars);
     }
-    // Training curves where the step has them (UniPTS sparse training).
+    h
+}
+
+/// Training curves where the step has them (UniPTS sparse training).
+fn training_curves(r: &RunReport) -> String {
+    let mut h = String::new();
     let mut curves = Vec::new();
     for s in &r.steps {
         let pts = s.report.loss_curve();
@@ -144,6 +188,12 @@ pub fn render(r: &RunReport) -> String {
         h += "<h2>Training curves</h2>\n";
         h += &line_chart("Sparse-training loss per epoch", "epoch", "loss", &curves);
     }
+    h
+}
+
+/// The recipe as run, for reproduction.
+fn recipe_section(r: &RunReport) -> String {
+    let mut h = String::new();
     h += "<h2>Recipe</h2>\n<pre>";
     h += &esc(&serde_json::to_string_pretty(&r.recipe).unwrap_or_default());
     h += "</pre>\n</body></html>\n";

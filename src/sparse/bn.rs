@@ -5,6 +5,7 @@
 
 use crate::data::{Augment, Dataset};
 use crate::exec::{forward_with, ForwardOpts, Mode};
+use crate::graph::ops::param;
 use crate::graph::ops::Op;
 use crate::graph::{param_key, Graph};
 use crate::train::fit_input;
@@ -20,11 +21,11 @@ pub fn reset_bn(g: &Graph) -> Result<()> {
         if let Op::BatchNorm(b) = &n.op {
             let c = b.num_features;
             g.set_param(
-                &param_key(&n.name, "running_mean"),
+                &param_key(&n.name, param::RUNNING_MEAN),
                 &Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu)?,
             )?;
             g.set_param(
-                &param_key(&n.name, "running_var"),
+                &param_key(&n.name, param::RUNNING_VAR),
                 &Tensor::ones(c, candle_core::DType::F32, &Device::Cpu)?,
             )?;
         }

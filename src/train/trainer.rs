@@ -33,7 +33,6 @@ pub fn train(
     if data.is_empty() {
         bail!("training set '{}' is empty", data.name);
     }
-    let dev = Device::Cpu;
     data.check_labels(output_classes(g)?)?;
     if let Some(t) = opts.test {
         t.check_labels(output_classes(g)?)?;
@@ -44,39 +43,9 @@ pub fn train(
     let mut start_epoch = 0;
     // Hashing the pixels costs a pass over the data: only for checkpointed runs, once.
     let ident = opts.checkpoint.as_ref().map(|_| DataIdentity::of(data));
-    if let Some(path) = &opts.checkpoint {
-        if path.exists() {
-            let ck = checkpoint::load(path)?;
-            if let Some((field, was, now)) = checkpoint::first_difference(&ck.config, cfg) {
-                bail!(
-                    "{}: checkpoint was written with a different training config: '{field}' was {was}, this run has {now}",
-                    path.display()
-                );
-            }
-            let here = ident.as_ref().expect("computed for checkpointed runs");
-            match &ck.data {
-                Some(d) => {
-                    if let Some((field, was, now)) = d.difference(here) {
-                        bail!(
-                            "{}: checkpoint was trained on other data: '{field}' was {was}, this run has {now} (same --data, --limit, --classes and files are needed to resume)",
-                            path.display()
-                        );
-                    }
-                }
-                None => bail!(
-                    "{}: checkpoint does not record its training data (written by an older lopper), so a resume cannot be checked; start a new checkpoint",
-                    path.display()
-                ),
-            }
-            for (k, t) in ck.graph.params() {
-                g.set_param(k, t.as_tensor()).with_context(|| {
-                    format!("{}: checkpoint does not fit the model", path.display())
-                })?;
-            }
-            opt.load_state(&ck.optimizer, ck.optimizer_steps)?;
-            start_epoch = ck.epochs_done;
-            history = ck.history;
-        }
+    if let Some((epochs_done, past)) = resume(g, cfg, opts, ident.as_ref(), &mut opt)? {
+        start_epoch = epochs_done;
+        history = past;
     }
     let steps_per_epoch = data.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
@@ -84,6 +53,17 @@ pub fn train(
     let augment = Augment {
         crop_pad: cfg.crop_pad,
         hflip: cfg.hflip,
+    };
+    let ctx = Step {
+        g,
+        data,
+        cfg,
+        opts,
+        params: &params,
+        steps_per_epoch,
+        total,
+        warmup,
+        augment,
     };
     let t0 = Instant::now();
     for (ran, epoch) in (start_epoch..cfg.epochs).enumerate() {
@@ -98,45 +78,7 @@ pub fn train(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
             steps_per_epoch as u64,
         );
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut lr = cfg.lr;
-        for (bi, chunk) in order.chunks(cfg.batch_size).enumerate() {
-            let step = epoch * steps_per_epoch + bi;
-            lr = lr_at(cfg.lr, &cfg.schedule, step, total, warmup, steps_per_epoch);
-            let (x, y) = data.batch(chunk, augment.with_rng(&mut rng), &dev)?;
-            let x = fit_input(g, x)?;
-            let fo = ForwardOpts {
-                seed: cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ..ForwardOpts::new(Mode::Train)
-            };
-            let logits = forward_with(g, &x, &fo)?.outputs.swap_remove(0);
-            let mut loss = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            if let Some(t) = &opts.teacher {
-                // The teacher is fixed: no gradient flows into it.
-                let tl = crate::exec::forward(t.graph, &x, Mode::Eval)?.detach();
-                loss = ((loss * (1.0 - t.alpha))?
-                    + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
-            }
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
-            }
-            let grads = loss.backward()?;
-            opt.step(&params, &grads, lr)?;
-            let c1 = topk_correct(&logits, &y)?.top1;
-            loss_sum += lv * chunk.len() as f64;
-            correct += c1;
-            seen += chunk.len();
-            pb.step(
-                bi as u64 + 1,
-                &format!(
-                    "loss {:.3} acc {:.2}% {:.0} img/s",
-                    loss_sum / seen as f64,
-                    100.0 * correct as f64 / seen as f64,
-                    seen as f64 / te.elapsed().as_secs_f64()
-                ),
-            );
-        }
+        let (loss_sum, correct, seen, lr) = ctx.epoch(epoch, &order, &mut rng, &mut opt, pb, te)?;
         pb.finish();
         // A last step can overflow the weights while its loss was still finite.
         g.check_finite()
@@ -157,19 +99,7 @@ pub fn train(
             samples_per_sec: seen as f64 / train_secs,
         };
         if let Some(p) = opts.progress {
-            p.line(&format!(
-                "epoch {}/{}: loss {:.4} train {:.2}%{} lr {:.4} {:.1}s ({:.0} img/s)",
-                log.epoch,
-                cfg.epochs,
-                log.train_loss,
-                100.0 * log.train_top1,
-                log.test_top1
-                    .map(|a| format!(" test {:.2}%", 100.0 * a))
-                    .unwrap_or_default(),
-                lr,
-                log.seconds,
-                log.samples_per_sec
-            ));
+            p.line(&epoch_line(&log, cfg.epochs));
         }
         history.push(log);
         if let Some(path) = &opts.checkpoint {
@@ -192,4 +122,143 @@ pub fn train(
         history,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Loads the checkpoint at `opts.checkpoint` into `g` and `opt` when one exists, after
+/// checking that it was written with the same config and data; returns the epochs done
+/// and their logs.
+fn resume(
+    g: &Graph,
+    cfg: &TrainConfig,
+    opts: &TrainOpts,
+    ident: Option<&DataIdentity>,
+    opt: &mut Optimizer,
+) -> Result<Option<(usize, Vec<EpochLog>)>> {
+    if let Some(path) = &opts.checkpoint {
+        if path.exists() {
+            let ck = checkpoint::load(path)?;
+            if let Some((field, was, now)) = checkpoint::first_difference(&ck.config, cfg) {
+                bail!(
+                    "{}: checkpoint was written with a different training config: '{field}' was {was}, this run has {now}",
+                    path.display()
+                );
+            }
+            let here = ident.expect("computed for checkpointed runs");
+            match &ck.data {
+                Some(d) => {
+                    if let Some((field, was, now)) = d.difference(here) {
+                        bail!(
+                            "{}: checkpoint was trained on other data: '{field}' was {was}, this run has {now} (same --data, --limit, --classes and files are needed to resume)",
+                            path.display()
+                        );
+                    }
+                }
+                None => bail!(
+                    "{}: checkpoint does not record its training data (written by an older lopper), so a resume cannot be checked; start a new checkpoint",
+                    path.display()
+                ),
+            }
+            for (k, t) in ck.graph.params() {
+                g.set_param(k, t.as_tensor()).with_context(|| {
+                    format!("{}: checkpoint does not fit the model", path.display())
+                })?;
+            }
+            opt.load_state(&ck.optimizer, ck.optimizer_steps)?;
+            return Ok(Some((ck.epochs_done, ck.history)));
+        }
+    }
+    Ok(None)
+}
+
+/// What one training step needs besides the batch: fixed for the whole run.
+struct Step<'a> {
+    g: &'a Graph,
+    data: &'a Dataset,
+    cfg: &'a TrainConfig,
+    opts: &'a TrainOpts<'a>,
+    params: &'a [(String, candle_core::Var)],
+    steps_per_epoch: usize,
+    total: usize,
+    warmup: usize,
+    augment: Augment,
+}
+
+impl Step<'_> {
+    /// One epoch over `order`; returns (summed loss, top-1 correct, samples seen, last lr).
+    fn epoch(
+        &self,
+        epoch: usize,
+        order: &[usize],
+        rng: &mut Pcg64,
+        opt: &mut Optimizer,
+        pb: &dyn crate::util::Progress,
+        te: Instant,
+    ) -> Result<(f64, usize, usize, f64)> {
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = self.cfg.lr;
+        for (bi, chunk) in order.chunks(self.cfg.batch_size).enumerate() {
+            let step = epoch * self.steps_per_epoch + bi;
+            lr = lr_at(
+                self.cfg.lr,
+                &self.cfg.schedule,
+                step,
+                self.total,
+                self.warmup,
+                self.steps_per_epoch,
+            );
+            let (x, y) = self
+                .data
+                .batch(chunk, self.augment.with_rng(rng), &Device::Cpu)?;
+            let x = fit_input(self.g, x)?;
+            let fo = ForwardOpts {
+                seed: self.cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ..ForwardOpts::new(Mode::Train)
+            };
+            let logits = forward_with(self.g, &x, &fo)?.outputs.swap_remove(0);
+            let mut loss = cross_entropy(&logits, &y, self.cfg.label_smoothing)?;
+            if let Some(t) = &self.opts.teacher {
+                // The teacher is fixed: no gradient flows into it.
+                let tl = crate::exec::forward(t.graph, &x, Mode::Eval)?.detach();
+                loss = ((loss * (1.0 - t.alpha))?
+                    + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
+            }
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
+            }
+            let grads = loss.backward()?;
+            opt.step(self.params, &grads, lr)?;
+            let c1 = topk_correct(&logits, &y)?.top1;
+            loss_sum += lv * chunk.len() as f64;
+            correct += c1;
+            seen += chunk.len();
+            pb.step(
+                bi as u64 + 1,
+                &format!(
+                    "loss {:.3} acc {:.2}% {:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / te.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        Ok((loss_sum, correct, seen, lr))
+    }
+}
+
+/// The one-line summary of a finished epoch.
+fn epoch_line(log: &EpochLog, epochs: usize) -> String {
+    format!(
+        "epoch {}/{}: loss {:.4} train {:.2}%{} lr {:.4} {:.1}s ({:.0} img/s)",
+        log.epoch,
+        epochs,
+        log.train_loss,
+        100.0 * log.train_top1,
+        log.test_top1
+            .map(|a| format!(" test {:.2}%", 100.0 * a))
+            .unwrap_or_default(),
+        log.lr,
+        log.seconds,
+        log.samples_per_sec
+    )
 }

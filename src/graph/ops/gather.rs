@@ -41,6 +41,8 @@ impl OpSpec for ChannelGather {
     }
 
     fn coupling(&self) -> Coupling {
-        Coupling::Gather
+        Coupling::Gather {
+            indices: self.indices.clone(),
+        }
     }
 }

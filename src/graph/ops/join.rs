@@ -92,7 +92,7 @@ impl OpSpec for Concat {
         Ok(out)
     }
     fn coupling(&self) -> Coupling {
-        Coupling::Concat
+        Coupling::Concat { lead: 0 }
     }
     fn arity(&self) -> Option<usize> {
         None

@@ -92,12 +92,15 @@ pub enum Coupling {
     /// All inputs and the output share one channel index space (add, mul). An input with a
     /// single channel (broadcast) does not take part.
     Join,
-    /// Output channels are the inputs' channels laid end to end.
-    Concat,
+    /// Output channels are the inputs' channels laid end to end, starting at output
+    /// channel `lead` (concat: 0; a channel pad: the number of zero channels before).
+    Concat { lead: usize },
     /// Output channel `c` is input channel `indices[c]` (channel gather / split / shuffle).
-    Gather,
-    /// Input channel `c` becomes the block of output features `[c*inner, (c+1)*inner)`.
-    Flatten { inner: usize },
+    Gather { indices: Vec<usize> },
+    /// Input channel `c` becomes the block of output features `[c*inner, (c+1)*inner)`,
+    /// `inner` being the input's per-channel size (read from the shapes, which the op
+    /// alone does not know).
+    Flatten,
     /// Channels cannot be followed through this op: pruning stops at its boundary.
     Opaque,
 }

@@ -30,6 +30,6 @@ impl OpSpec for ChannelPad {
 
     fn coupling(&self) -> Coupling {
         // Input channel c is output channel before + c; the padded channels are constant zero.
-        Coupling::Concat
+        Coupling::Concat { lead: self.before }
     }
 }

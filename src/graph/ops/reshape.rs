@@ -20,8 +20,7 @@ impl OpSpec for Flatten {
     }
 
     fn coupling(&self) -> Coupling {
-        // The inner size depends on the input shape; the engine reads it from shapes.
-        Coupling::Flatten { inner: 0 }
+        Coupling::Flatten
     }
 }
 

@@ -95,14 +95,7 @@ pub fn collect(
         cfg,
         order.adds
     );
-    let mut points: Vec<Collected> = Vec::new();
-    if let Some(p) = cache.filter(|p| p.exists()) {
-        let c: Cache = serde_json::from_slice(&std::fs::read(p)?)
-            .with_context(|| format!("reading the DWR cache {}", p.display()))?;
-        if c.key == key {
-            points = c.points;
-        }
-    }
+    let mut points = load_cache(cache, &key)?;
     let save = |points: &Vec<Collected>| -> Result<()> {
         if let Some(p) = cache {
             let c = Cache {
@@ -145,45 +138,9 @@ pub fn collect(
         let mut step = 0u64;
         loop {
             step += 1;
-            let (next, nc) = match axis {
-                "depth" => {
-                    if c.blocks_removed >= order.adds.len() {
-                        break;
-                    }
-                    let n = c.blocks_removed + 1;
-                    let d = (order.total_blocks - n) as f64 / order.total_blocks as f64;
-                    if d < cfg.lo[0] - 1e-9 {
-                        break;
-                    }
-                    // Iterative: remove one more block from the fine-tuned model.
-                    let name = &order.adds[c.blocks_removed];
-                    let id = cur.node_id(name).context("block vanished")?;
-                    (
-                        crate::prune::remove_blocks(&cur, &[id])?,
-                        Config {
-                            blocks_removed: n,
-                            ..c
-                        },
-                    )
-                }
-                "width" => {
-                    let target = 1.0 - cfg.width_step * step as f64;
-                    if target < cfg.lo[1] - 1e-9 {
-                        break;
-                    }
-                    let now = prunable_channels(&cur)? as f64 / c0;
-                    (
-                        prune_width(&cur, target / now)?,
-                        Config { width: target, ..c },
-                    )
-                }
-                _ => {
-                    let px = r0.saturating_sub(cfg.res_step * step as usize);
-                    if (px as f64) < cfg.lo[2] * r0 as f64 - 1e-9 || px == 0 {
-                        break;
-                    }
-                    (prune_resolution(&cur, px)?, Config { px, ..c })
-                }
+            let ctx = AxisStep { order, cfg, r0, c0 };
+            let Some((next, nc)) = ctx.next(axis, &cur, c, step)? else {
+                break;
             };
             cur = next;
             c = nc;
@@ -214,6 +171,81 @@ pub fn collect(
         save(&points)?;
     }
     Ok(points)
+}
+
+/// The points of an earlier run with the same `key` (model and settings), else none.
+fn load_cache(cache: Option<&Path>, key: &str) -> Result<Vec<Collected>> {
+    if let Some(p) = cache.filter(|p| p.exists()) {
+        let c: Cache = serde_json::from_slice(&std::fs::read(p)?)
+            .with_context(|| format!("reading the DWR cache {}", p.display()))?;
+        if c.key == key {
+            return Ok(c.points);
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// What stepping along one axis needs: the depth order, the grid settings and the dense
+/// input size and prunable width.
+struct AxisStep<'a> {
+    order: &'a DepthOrder,
+    cfg: &'a DwrConfig,
+    r0: usize,
+    c0: f64,
+}
+
+impl AxisStep<'_> {
+    /// The model one step further along `axis` from `cur` (at config `c`), or `None`
+    /// once the axis reaches its lower bound. Steps are iterative: each starts from the
+    /// fine-tuned previous point.
+    fn next(
+        &self,
+        axis: &str,
+        cur: &Graph,
+        c: Config,
+        step: u64,
+    ) -> Result<Option<(Graph, Config)>> {
+        let (order, cfg, r0) = (self.order, self.cfg, self.r0);
+        Ok(Some(match axis {
+            "depth" => {
+                if c.blocks_removed >= order.adds.len() {
+                    return Ok(None);
+                }
+                let n = c.blocks_removed + 1;
+                let d = (order.total_blocks - n) as f64 / order.total_blocks as f64;
+                if d < cfg.lo[0] - 1e-9 {
+                    return Ok(None);
+                }
+                let name = &order.adds[c.blocks_removed];
+                let id = cur.node_id(name).context("block vanished")?;
+                (
+                    crate::prune::remove_blocks(cur, &[id])?,
+                    Config {
+                        blocks_removed: n,
+                        ..c
+                    },
+                )
+            }
+            "width" => {
+                let target = 1.0 - cfg.width_step * step as f64;
+                if target < cfg.lo[1] - 1e-9 {
+                    return Ok(None);
+                }
+                let now = prunable_channels(cur)? as f64 / self.c0;
+                (
+                    prune_width(cur, target / now)?,
+                    Config { width: target, ..c },
+                )
+            }
+            _ => {
+                let px = r0.saturating_sub(cfg.res_step * step as usize);
+                if (px as f64) < cfg.lo[2] * r0 as f64 - 1e-9 || px == 0 {
+                    return Ok(None);
+                }
+                (prune_resolution(cur, px)?, Config { px, ..c })
+            }
+        }))
+    }
 }
 
 /// The best realisable configuration: `blocks_removed` along the depth order, width in

@@ -9,6 +9,7 @@
 
 use super::importance::{self, ConvGeom};
 use crate::exec::{apply_node, Mode};
+use crate::graph::ops::param;
 use crate::graph::ops::Op;
 use crate::graph::{Graph, NodeId};
 use crate::prune::Groups;
@@ -144,8 +145,8 @@ impl<'a> ModuleOracle<'a> {
                 let Op::BatchNorm(bn) = &g.nodes[b].op else {
                     unreachable!("module bn is a batch norm")
                 };
-                let gamma = g.param(b, "weight")?.as_tensor();
-                let var = g.param(b, "running_var")?.as_tensor();
+                let gamma = g.param(b, param::WEIGHT)?.as_tensor();
+                let var = g.param(b, param::RUNNING_VAR)?.as_tensor();
                 Some(gamma.broadcast_div(&(var + bn.eps)?.sqrt()?)?)
             }
             None => None,
@@ -240,7 +241,7 @@ fn g_apply(g: &Graph, m: &TwoLayerModule, h: &Tensor, mode: Mode) -> Result<Tens
 
 /// Closed-form `z` per hidden index for residual `r` (BN scale applied) at layer `second`.
 pub fn importance_of(g: &Graph, second: NodeId, r: &Tensor, h: &Tensor) -> Result<Vec<f64>> {
-    let w = g.param(second, "weight")?.as_tensor();
+    let w = g.param(second, param::WEIGHT)?.as_tensor();
     let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
     let rv: Vec<f32> = r.flatten_all()?.to_vec1()?;
     let batch = r.dim(0)?;

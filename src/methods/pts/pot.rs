@@ -17,6 +17,7 @@
 use crate::data::Dataset;
 use crate::exec::{apply_node, forward_with, ForwardOpts, Mode};
 use crate::graph::fold::fold_batchnorm;
+use crate::graph::ops::param;
 use crate::graph::ops::Op;
 use crate::graph::{param_key, Graph, NodeId};
 use crate::sparse::layers::{apply_masks, prunable_layers, weight_host, SparseLayer};
@@ -195,7 +196,7 @@ pub fn bias_correction(
         if !has_bias {
             continue;
         }
-        let bk = param_key(&net.nodes[l.node].name, "bias");
+        let bk = param_key(&net.nodes[l.node].name, param::BIAS);
         let b: Vec<f32> = net.params()[&bk].as_tensor().to_vec1()?;
         if b.contains(&0.0) {
             continue;
@@ -247,7 +248,7 @@ fn tune(
     let bparams: Vec<(String, candle_core::Var)> = layers
         .iter()
         .filter_map(|l| {
-            let k = param_key(&l.name, "bias");
+            let k = param_key(&l.name, param::BIAS);
             net.params().get(&k).map(|v| (k, v.clone()))
         })
         .collect();

@@ -10,6 +10,7 @@
 //! residual blocks. Eval-mode gate values fold into the batch norm (`γ·z`, `β·z`), so the
 //! pruned network computes exactly what the gated network computes.
 
+use crate::graph::ops::param;
 use crate::graph::ops::{ActivationKind, Op};
 use crate::graph::{param_key, Graph, NodeId};
 use crate::prune::{remove_units, Groups, Removal};
@@ -142,7 +143,7 @@ pub fn fold_and_prune(
             );
         }
         let name = &g.nodes[s.bn].name;
-        for p in ["weight", "bias"] {
+        for p in [param::WEIGHT, param::BIAS] {
             let k = param_key(name, p);
             let v: Vec<f32> = folded.params()[&k].as_tensor().to_vec1()?;
             let nv: Vec<f32> = v.iter().zip(zs).map(|(a, b)| a * b).collect();

@@ -297,51 +297,12 @@ impl Stamp {
             let mut outer: Option<Tensor> = None;
             let (mut ce_sum, mut kl_sum, mut mean_gate) = (0.0, 0.0, 0.0);
             for _ in 0..cfg.tasks {
-                let mut cls: Vec<usize> = (0..classes).collect();
-                cls.shuffle(&mut rng);
-                cls.truncate(cfg.n_way);
-                let mut set = Vec::new();
-                let mut pool = Vec::new();
-                for &c in &cls {
-                    let mut v = by_class[c].clone();
-                    v.shuffle(&mut rng);
-                    set.extend_from_slice(&v[..cfg.n_per_class]);
-                    pool.extend_from_slice(&v[cfg.n_per_class..]);
-                }
-                pool.shuffle(&mut rng);
-                let half = pool.len() / 2;
-                let (tr, va) = pool.split_at(half);
-                let emb = self.embedding(g, data, &set)?;
-                if self.generator.centered {
-                    self.generator.track(&emb)?;
-                }
-                let params = self.generator.params(&emb)?;
-                // Inner loop on a copy of the pretrained weights, gates held constant.
-                let sgd = GatedSgd {
-                    steps: cfg.inner_steps,
-                    lr: cfg.inner_lr,
-                    momentum: 0.0,
-                    batch: cfg.inner_batch,
-                };
-                let theta = self.gated_sgd(g, data, tr, &params, &sgd, &mut rng)?;
-                // Outer loss on held-out task data, differentiable in the gate parameters.
-                let (x, y) = task_batch(&theta, data, va, cfg.outer_batch, &mut rng)?;
-                let logits = self.gated_logits(&theta, &x, &params, &mut rng)?;
-                let ce = cross_entropy(&logits, &y, 0.0)?;
-                let mut loss = ce.clone();
-                let mut gates = (0.0, 0usize);
-                for (a, b) in &params {
-                    let (sur, v) = kl_term(a, b, ALPHA)?;
-                    loss = (loss + (sur * gamma_t)?)?;
-                    kl_sum += v / cfg.tasks as f64;
-                    for (x, y) in a.to_vec1::<f32>()?.iter().zip(b.to_vec1::<f32>()?) {
-                        let (p, q) = ab(*x as f64, y as f64);
-                        gates.0 += mean_pi(p, q);
-                        gates.1 += 1;
-                    }
-                }
-                mean_gate = gates.0 / gates.1.max(1) as f64;
-                ce_sum += ce.to_scalar::<f32>()? as f64 / cfg.tasks as f64;
+                let task = sample_task(&by_class, cfg, &mut rng);
+                let t = self.task_loss(g, data, cfg, &task, gamma_t, &mut rng)?;
+                kl_sum += t.kl / cfg.tasks as f64;
+                mean_gate = t.mean_gate;
+                ce_sum += t.ce / cfg.tasks as f64;
+                let loss = t.loss;
                 outer = Some(match outer {
                     None => loss,
                     Some(o) => (o + loss)?,
@@ -367,6 +328,55 @@ impl Stamp {
             history.push(l);
         }
         Ok(history)
+    }
+
+    /// One task's outer loss: the inner loop adapts a copy of the pretrained weights on
+    /// the task's training half through gates generated from its set embedding; the loss
+    /// on the held-out half plus γ_t·KL is differentiable in the encoder and generator.
+    fn task_loss(
+        &self,
+        g: &Graph,
+        data: &Dataset,
+        cfg: &MetaConfig,
+        task: &Task,
+        gamma_t: f64,
+        rng: &mut Pcg64,
+    ) -> Result<TaskLoss> {
+        let emb = self.embedding(g, data, &task.set)?;
+        if self.generator.centered {
+            self.generator.track(&emb)?;
+        }
+        let params = self.generator.params(&emb)?;
+        // Inner loop on a copy of the pretrained weights, gates held constant.
+        let sgd = GatedSgd {
+            steps: cfg.inner_steps,
+            lr: cfg.inner_lr,
+            momentum: 0.0,
+            batch: cfg.inner_batch,
+        };
+        let theta = self.gated_sgd(g, data, &task.train, &params, &sgd, rng)?;
+        // Outer loss on held-out task data, differentiable in the gate parameters.
+        let (x, y) = task_batch(&theta, data, &task.val, cfg.outer_batch, rng)?;
+        let logits = self.gated_logits(&theta, &x, &params, rng)?;
+        let ce = cross_entropy(&logits, &y, 0.0)?;
+        let mut loss = ce.clone();
+        let (mut kl, mut gates) = (0.0, (0.0, 0usize));
+        for (a, b) in &params {
+            let (sur, v) = kl_term(a, b, ALPHA)?;
+            loss = (loss + (sur * gamma_t)?)?;
+            kl += v;
+            for (x, y) in a.to_vec1::<f32>()?.iter().zip(b.to_vec1::<f32>()?) {
+                let (p, q) = ab(*x as f64, y as f64);
+                gates.0 += mean_pi(p, q);
+                gates.1 += 1;
+            }
+        }
+        Ok(TaskLoss {
+            ce: ce.to_scalar::<f32>()? as f64,
+            loss,
+            kl,
+            mean_gate: gates.0 / gates.1.max(1) as f64,
+        })
     }
 
     /// Target-time adaptation (spec §4.2 step 4): `steps` SGD steps of a copy of `net`
@@ -578,4 +588,41 @@ pub fn sample_set(data: &Dataset, n: usize, seed: u64) -> Result<Vec<usize>> {
         }
     }
     Ok(out)
+}
+
+/// One meta-training task: `n_way` random reference classes; the set the encoder reads
+/// (`n_per_class` per class) and the rest split into inner-loop and outer-loss halves.
+struct Task {
+    set: Vec<usize>,
+    train: Vec<usize>,
+    val: Vec<usize>,
+}
+
+fn sample_task(by_class: &[Vec<usize>], cfg: &MetaConfig, rng: &mut Pcg64) -> Task {
+    let mut cls: Vec<usize> = (0..by_class.len()).collect();
+    cls.shuffle(rng);
+    cls.truncate(cfg.n_way);
+    let mut set = Vec::new();
+    let mut pool = Vec::new();
+    for &c in &cls {
+        let mut v = by_class[c].clone();
+        v.shuffle(rng);
+        set.extend_from_slice(&v[..cfg.n_per_class]);
+        pool.extend_from_slice(&v[cfg.n_per_class..]);
+    }
+    pool.shuffle(rng);
+    let val = pool.split_off(pool.len() / 2);
+    Task {
+        set,
+        train: pool,
+        val,
+    }
+}
+
+/// A task's outer loss and what is logged of it.
+struct TaskLoss {
+    loss: Tensor,
+    ce: f64,
+    kl: f64,
+    mean_gate: f64,
 }

@@ -12,6 +12,7 @@ use super::loss::{base_decayed_kd, tau_at};
 use super::schedule::lr_at;
 use crate::data::{Augment, Dataset};
 use crate::exec::{forward_with, ForwardOpts, Mode, WeightMask};
+use crate::graph::ops::param;
 use crate::graph::{Graph, NodeId};
 use crate::sparse::layers::{apply_masks, weight_host, SparseLayer};
 use crate::sparse::mask::{magnitude_mask, nm_mask, Pattern};
@@ -164,7 +165,6 @@ pub fn train(
     if !cfg.dynamic {
         apply_masks(student, layers, &masks)?;
     }
-    let nodes: Vec<NodeId> = layers.iter().map(|l| l.node).collect();
     let total: usize = layers.iter().map(|l| l.numel()).sum();
     let mut log = Vec::new();
     for epoch in 0..cfg.epochs {
@@ -182,43 +182,12 @@ pub fn train(
             let t = epoch * iters + bi;
             lr = lr_at(t, iters, cfg.epochs, cfg.lr);
             if cfg.dynamic && t > 0 {
-                let fresh = current_masks(student, layers, budget)?;
-                flips += fresh
-                    .iter()
-                    .zip(&masks)
-                    .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
-                    .sum::<usize>();
-                masks = fresh;
+                flips += refresh(student, layers, budget, &mut masks)?;
             }
-            let wm: HashMap<NodeId, WeightMask> = nodes
-                .iter()
-                .zip(layers.iter().zip(&masks))
-                .map(|(&n, (l, m))| {
-                    Ok((
-                        n,
-                        WeightMask {
-                            mask: Tensor::from_vec(m.clone(), l.shape.as_slice(), &dev)?,
-                            straight_through: cfg.dynamic,
-                        },
-                    ))
-                })
-                .collect::<Result<_>>()?;
+            let wm = weight_masks(layers, &masks, cfg.dynamic)?;
             let (x, _) = data.batch(chunk, augment.with_rng(&mut rng), &dev)?;
             let x = fit_input(student, x)?;
-            let tl = {
-                let o = ForwardOpts {
-                    update_stats: false,
-                    ..ForwardOpts::new(if cfg.teacher_train_bn {
-                        Mode::Train
-                    } else {
-                        Mode::Eval
-                    })
-                };
-                forward_with(teacher, &x, &o)?
-                    .outputs
-                    .swap_remove(0)
-                    .detach()
-            };
+            let tl = teacher_logits(teacher, &x, cfg.teacher_train_bn)?;
             let so = ForwardOpts {
                 weight_masks: Some(&wm),
                 seed: cfg.seed ^ (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -235,14 +204,7 @@ pub fn train(
             }
             let mut grads = loss.backward()?;
             if cfg.dynamic && cfg.lambda != 0.0 {
-                for l in layers {
-                    let var = student.param(l.node, "weight")?;
-                    let m = &wm[&l.node].mask;
-                    if let Some(gr) = grads.get(var.as_tensor()) {
-                        let ng = sr_ste_grad(gr, m, var.as_tensor(), cfg.lambda)?;
-                        grads.insert(var.as_tensor(), ng);
-                    }
-                }
+                sr_ste(student, layers, &wm, &mut grads, cfg.lambda)?;
             }
             opt.step(&params, &grads, lr)?;
             loss_sum += lv * chunk.len() as f64;
@@ -252,11 +214,7 @@ pub fn train(
             .check_finite()
             .with_context(|| format!("after sparse training epoch {} (lr {lr:.5})", epoch + 1))?;
         let test_top1 = match test {
-            Some(t) => {
-                let probe = student.deep_clone()?;
-                apply_masks(&probe, layers, &current_masks(student, layers, budget)?)?;
-                Some(evaluate(&probe, t, 500)?.top1)
-            }
+            Some(t) => Some(masked_top1(student, layers, budget, t)?),
             None => None,
         };
         let e = DstEpoch {
@@ -268,22 +226,112 @@ pub fn train(
             test_top1,
             seconds: te.elapsed().as_secs_f64(),
         };
-        progress.line(&format!(
-            "  sparse epoch {}/{}: loss {:.4} tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
-            e.epoch,
-            cfg.epochs,
-            e.loss,
-            e.tau,
-            e.lr,
-            e.mask_flips,
-            e.test_top1
-                .map(|a| format!(" test {:.2}%", 100.0 * a))
-                .unwrap_or_default(),
-            e.seconds
-        ));
+        progress.line(&epoch_line(&e, cfg.epochs));
         log.push(e);
     }
     let fin = current_masks(student, layers, budget)?;
     apply_masks(student, layers, &fin)?;
     Ok(log)
+}
+
+/// Recomputes the masks from the latent weights (regrowth happens here); returns how many
+/// entries changed.
+fn refresh(
+    student: &Graph,
+    layers: &[SparseLayer],
+    budget: &Budget,
+    masks: &mut Vec<Vec<f32>>,
+) -> Result<usize> {
+    let fresh = current_masks(student, layers, budget)?;
+    let flips = fresh
+        .iter()
+        .zip(masks.iter())
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        .sum();
+    *masks = fresh;
+    Ok(flips)
+}
+
+/// The executor's weight masks for the current top-k masks (straight-through when the
+/// masks are dynamic, so the gradient reaches every latent weight).
+fn weight_masks(
+    layers: &[SparseLayer],
+    masks: &[Vec<f32>],
+    dynamic: bool,
+) -> Result<HashMap<NodeId, WeightMask>> {
+    layers
+        .iter()
+        .zip(masks)
+        .map(|(l, m)| {
+            let mask = Tensor::from_vec(m.clone(), l.shape.as_slice(), &Device::Cpu)?;
+            Ok((
+                l.node,
+                WeightMask {
+                    mask,
+                    straight_through: dynamic,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Top-1 on `test` of the student with its current masks applied (on a copy: the latent
+/// weights keep training).
+fn masked_top1(
+    student: &Graph,
+    layers: &[SparseLayer],
+    budget: &Budget,
+    test: &Dataset,
+) -> Result<f64> {
+    let probe = student.deep_clone()?;
+    apply_masks(&probe, layers, &current_masks(student, layers, budget)?)?;
+    Ok(evaluate(&probe, test, 500)?.top1)
+}
+
+/// The frozen dense teacher's logits (no gradient, batch statistics not updated).
+fn teacher_logits(teacher: &Graph, x: &Tensor, train_bn: bool) -> Result<Tensor> {
+    let mode = if train_bn { Mode::Train } else { Mode::Eval };
+    let o = ForwardOpts {
+        update_stats: false,
+        ..ForwardOpts::new(mode)
+    };
+    Ok(forward_with(teacher, x, &o)?
+        .outputs
+        .swap_remove(0)
+        .detach())
+}
+
+/// Replaces each layer's latent-weight gradient by its SR-STE form.
+fn sr_ste(
+    student: &Graph,
+    layers: &[SparseLayer],
+    wm: &HashMap<NodeId, WeightMask>,
+    grads: &mut candle_core::backprop::GradStore,
+    lambda: f64,
+) -> Result<()> {
+    for l in layers {
+        let var = student.param(l.node, param::WEIGHT)?;
+        if let Some(gr) = grads.get(var.as_tensor()) {
+            let ng = sr_ste_grad(gr, &wm[&l.node].mask, var.as_tensor(), lambda)?;
+            grads.insert(var.as_tensor(), ng);
+        }
+    }
+    Ok(())
+}
+
+/// The one-line summary of a finished sparse-training epoch.
+fn epoch_line(e: &DstEpoch, epochs: usize) -> String {
+    format!(
+        "  sparse epoch {}/{}: loss {:.4} tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
+        e.epoch,
+        epochs,
+        e.loss,
+        e.tau,
+        e.lr,
+        e.mask_flips,
+        e.test_top1
+            .map(|a| format!(" test {:.2}%", 100.0 * a))
+            .unwrap_or_default(),
+        e.seconds
+    )
 }

@@ -3,6 +3,7 @@
 //! HardSwish, Tanh, Softmax, Identity, Dropout.
 
 use super::{tensor, Ctx, Value};
+use crate::graph::ops::param;
 use crate::graph::ops::{
     Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Mul, Op, Softmax,
 };
@@ -106,7 +107,7 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
                     _ => false,
                 };
                 if free {
-                    ctx.set_param(x, "bias", tensor(v, &[ch])?);
+                    ctx.set_param(x, param::BIAS, tensor(v, &[ch])?);
                     return Ok(Value::Node(x));
                 }
             }
@@ -122,8 +123,8 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
                 }
             };
             let params = vec![
-                ("weight", tensor(w, &[ch])?),
-                ("bias", tensor(bias, &[ch])?),
+                (param::WEIGHT, tensor(w, &[ch])?),
+                (param::BIAS, tensor(bias, &[ch])?),
             ];
             let ir = Op::ChannelAffine(ChannelAffine { channels: ch });
             Ok(Value::Node(ctx.add(label, ir, &[x], params)?))
@@ -192,7 +193,7 @@ fn add_activation(
 ) -> Result<Value> {
     let x = ctx.node(&n.input[0])?;
     let op = Op::Activation(Activation::new(kind));
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    ctx.unary(label, op, x)
 }
 
 /// `Softmax` over the class axis.
@@ -205,12 +206,7 @@ pub(super) fn softmax(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
     if axis != 1 && axis != 1 - rank && !(rank == 2 && axis == -1) {
         bail!("Softmax over axis {axis} is not supported (only the class axis 1)");
     }
-    Ok(Value::Node(ctx.add(
-        label,
-        Op::Softmax(Softmax {}),
-        &[x],
-        vec![],
-    )?))
+    ctx.unary(label, Op::Softmax(Softmax {}), x)
 }
 
 /// `Dropout` (an identity at inference; kept so fine-tuning can use it).
@@ -223,12 +219,7 @@ pub(super) fn dropout(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
         Some(_) => bail!("Dropout ratio must be a scalar"),
         None => a.float("ratio", 0.5),
     };
-    Ok(Value::Node(ctx.add(
-        label,
-        Op::Dropout(Dropout { p }),
-        &[x],
-        vec![],
-    )?))
+    ctx.unary(label, Op::Dropout(Dropout { p }), x)
 }
 
 /// `Identity`: a constant stays a constant (exporters put Identity on weights); a
@@ -238,10 +229,5 @@ pub(super) fn identity(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Valu
         return Ok(Value::Const(c.clone()));
     }
     let x = ctx.node(&n.input[0])?;
-    Ok(Value::Node(ctx.add(
-        label,
-        Op::Identity(Identity {}),
-        &[x],
-        vec![],
-    )?))
+    ctx.unary(label, Op::Identity(Identity {}), x)
 }

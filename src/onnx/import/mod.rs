@@ -36,6 +36,11 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
+    /// Adds a one-input, parameter-free IR node and returns it as the value.
+    pub(super) fn unary(&mut self, name: &str, op: Op, x: NodeId) -> Result<Value> {
+        Ok(Value::Node(self.add(name, op, &[x], vec![])?))
+    }
+
     /// Adds an IR node with its parameters; returns its id.
     pub(super) fn add(
         &mut self,

@@ -2,6 +2,7 @@
 //! AveragePool, GlobalAveragePool.
 
 use super::{tensor, Ctx, Value};
+use crate::graph::ops::param;
 use crate::graph::ops::{BatchNorm, Conv2d, GlobalAvgPool, Linear, Op, Pool2d};
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
@@ -84,7 +85,7 @@ pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         "strides",
     ])?;
     let x = ctx.node(&n.input[0])?;
-    let w = weight(ctx, n, 1, "weight")?.clone();
+    let w = weight(ctx, n, 1, param::WEIGHT)?.clone();
     let [o, ig, kh, kw] = w.dims[..] else {
         bail!(
             "weight has shape {:?}; only 2-D convolutions are supported",
@@ -109,13 +110,13 @@ pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         );
     }
     let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
-    let mut params = vec![("weight", tensor(w.f32s(), &w.dims)?)];
+    let mut params = vec![(param::WEIGHT, tensor(w.f32s(), &w.dims)?)];
     if bias {
-        let b = weight(ctx, n, 2, "bias")?;
+        let b = weight(ctx, n, 2, param::BIAS)?;
         if b.numel() != o {
             bail!("bias has {} values for {o} output channels", b.numel());
         }
-        params.push(("bias", tensor(b.f32s(), &[o])?));
+        params.push((param::BIAS, tensor(b.f32s(), &[o])?));
     }
     let op = Op::Conv2d(Conv2d {
         in_channels: cin,
@@ -145,10 +146,10 @@ fn linear(
             ctx.shape(x)
         );
     }
-    let mut params = vec![("weight", tensor(w, &[o, i])?)];
+    let mut params = vec![(param::WEIGHT, tensor(w, &[o, i])?)];
     let has_bias = bias.is_some();
     if let Some(b) = bias {
-        params.push(("bias", tensor(b, &[o])?));
+        params.push((param::BIAS, tensor(b, &[o])?));
     }
     let op = Op::Linear(Linear {
         in_features: i,
@@ -218,10 +219,10 @@ pub(super) fn batch_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Va
     let c = ctx.shape(x)[0];
     let mut params = vec![];
     for (i, name) in [
-        (1, "weight"),
-        (2, "bias"),
-        (3, "running_mean"),
-        (4, "running_var"),
+        (1, param::WEIGHT),
+        (2, param::BIAS),
+        (3, param::RUNNING_MEAN),
+        (4, param::RUNNING_VAR),
     ] {
         let v = weight(ctx, n, i, name)?;
         if v.numel() != c {
@@ -279,18 +280,13 @@ pub(super) fn pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     } else {
         Op::AvgPool(p)
     };
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    ctx.unary(label, op, x)
 }
 
 pub(super) fn global_avg_pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     Attrs::new(n).only(&[])?;
     let x = ctx.node(&n.input[0])?;
-    Ok(Value::Node(ctx.add(
-        label,
-        Op::GlobalAvgPool(GlobalAvgPool {}),
-        &[x],
-        vec![],
-    )?))
+    ctx.unary(label, Op::GlobalAvgPool(GlobalAvgPool {}), x)
 }
 
 /// `ReduceMean` over the spatial axes: global average pooling (then flatten unless
@@ -322,10 +318,5 @@ pub(super) fn reduce_mean(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<V
         return Ok(Value::Node(gap));
     }
     let op = Op::Flatten(crate::graph::ops::Flatten {});
-    Ok(Value::Node(ctx.add(
-        &format!("{label}_flatten"),
-        op,
-        &[gap],
-        vec![],
-    )?))
+    ctx.unary(&format!("{label}_flatten"), op, gap)
 }

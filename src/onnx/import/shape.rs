@@ -71,7 +71,7 @@ fn reshape_node(ctx: &mut Ctx, label: &str, x: usize, target: &[usize]) -> Resul
             shape: per.iter().map(|&d| d as i64).collect(),
         })
     };
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    ctx.unary(label, op, x)
 }
 
 /// `Constant`: its value attribute as a constant.
@@ -120,12 +120,7 @@ pub(super) fn cast(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         Some(c) => Ok(Value::Const(c)),
         None => {
             let x = ctx.node(&input)?;
-            Ok(Value::Node(ctx.add(
-                label,
-                Op::Identity(Identity {}),
-                &[x],
-                vec![],
-            )?))
+            ctx.unary(label, Op::Identity(Identity {}), x)
         }
     }
 }
@@ -383,7 +378,7 @@ pub(super) fn pad(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         before: pads[1] as usize,
         after: pads[1 + r] as usize,
     });
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    ctx.unary(label, op, x)
 }
 
 /// `Slice` along one axis: 1-D constants folded, the channel axis as a channel gather.
@@ -398,7 +393,7 @@ fn gather(ctx: &mut Ctx, label: &str, x: usize, indices: Vec<usize>) -> Result<V
         in_channels: ctx.shape(x)[0],
         indices,
     });
-    Ok(Value::Node(ctx.add(label, op, &[x], vec![])?))
+    ctx.unary(label, op, x)
 }
 
 /// ShuffleNet's `Reshape [N, g, C/g, H, W] → Transpose (0, 2, 1, 3, 4)`: a channel
