@@ -9,6 +9,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 
 
 def run(cmd):
@@ -25,7 +26,7 @@ def main():
     for _ in range(a.rounds):
         for r in run([a.lopper, "bench", "--steps", a.steps, "--json"])["rows"]:
             ours.setdefault(r["name"], []).append(r)
-        t = run(["python3", "bench/pytorch_bench.py", "--steps", a.steps, "--json"])
+        t = run([sys.executable, "bench/pytorch_bench.py", "--steps", a.steps, "--json"])
         for r in t["rows"]:
             theirs.setdefault(r["name"], []).append(r)
     print(f"PyTorch: {t['backend']}")

@@ -10,7 +10,7 @@ lower latency than the dense export. The generated .onnx files stay in a temp di
 
 Usage: python3 tests/onnx_fixtures/check.py [--report docs/results/onnx_fixtures.md]
 Installs the pinned packages below with pip if they are missing."""
-import importlib, json, os, subprocess, sys, tempfile, time
+import importlib.util, json, os, subprocess, sys, tempfile, time
 
 PINS = {"torch": "2.15.0", "torchvision": "0.29.2", "onnx": "1.23.2", "onnxruntime": "1.31.1"}
 missing = [f"{k}=={v}" for k, v in PINS.items() if importlib.util.find_spec(k) is None]
