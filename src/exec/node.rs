@@ -64,6 +64,7 @@ pub(crate) fn run(
         Op::Activation(a) => activation(x, a.kind),
         Op::ChannelGather(gth) => gather(gth, x),
         Op::ChannelAffine(a) => affine(g, i, a, x),
+        Op::PRelu(_) => prelu(g, i, x),
         Op::MaxPool(pc) => pool(pc, x, true),
         Op::AvgPool(pc) => pool(pc, x, false),
         Op::GlobalAvgPool(_) => Ok(kernels::global_avg_pool(x)?),
@@ -240,6 +241,15 @@ fn gather(gth: &ChannelGather, x: &Tensor) -> Result<Tensor> {
     Ok(x.index_select(&idx, 1)?)
 }
 
+/// `max(x, 0) + slope[c]·min(x, 0)`, the slope broadcast over the channel axis.
+fn prelu(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
+    let slope = g.param(i, WEIGHT)?.as_tensor().clone();
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = slope.dim(0)?;
+    let slope = slope.reshape(shape)?;
+    Ok((x.relu()? + x.minimum(0f32)?.broadcast_mul(&slope)?)?)
+}
+
 fn affine(g: &Graph, i: NodeId, a: &ChannelAffine, x: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1usize; x.rank()];
     shape[1] = a.channels;
@@ -316,5 +326,26 @@ pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
         ActivationKind::HardSigmoid => ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
         ActivationKind::HardSwish => x.mul(&((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?,
         ActivationKind::Tanh => x.tanh()?,
+        ActivationKind::HardSigmoidWith { alpha, beta } => {
+            x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)?
+        }
+        ActivationKind::Clip { lo, hi } => x.clamp(lo, hi)?,
+        ActivationKind::Elu { alpha } => elu(x, alpha as f64)?,
+        ActivationKind::Selu { alpha, gamma } => (elu(x, alpha as f64)? * gamma as f64)?,
+        ActivationKind::Softplus => softplus(x)?,
+        ActivationKind::Mish => x.mul(&softplus(x)?.tanh()?)?,
+        ActivationKind::GeluTanh => x.gelu()?,
     })
+}
+
+/// `x` where positive, `alpha·(eˣ − 1)` elsewhere (the exponential of the positive part
+/// is never taken, so large inputs cannot overflow).
+fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    let neg = x.minimum(0f32)?;
+    Ok((x.relu()? + (neg.exp()? - 1.0)?.affine(alpha, 0.0)?)?)
+}
+
+/// `ln(1 + eˣ)` computed as `max(x, 0) + ln(1 + e^(−|x|))`, stable for large |x|.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }

@@ -42,6 +42,7 @@ impl Init {
             let data = match p.init {
                 InitRule::Zeros => vec![0.0; n],
                 InitRule::Ones => vec![1.0; n],
+                InitRule::Constant { value } => vec![value as f32; n],
                 InitRule::KaimingNormalFanOut { fan_out } => {
                     self.normal(n, (2.0 / fan_out.max(1) as f64).sqrt())
                 }

@@ -206,6 +206,11 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.node("Mul", &m, &[x, &w], &m, vec![]);
             o.node("Add", name, &[&m, &b], name, vec![]);
         }
+        Op::PRelu(p) => {
+            let d = chan(p.channels);
+            let w = o.init(g, i, param::WEIGHT, Some(&d))?;
+            o.node("PRelu", name, &[x, &w], name, vec![]);
+        }
         Op::ChannelGather(gth) => {
             let s = format!("{name}.indices");
             let idx: Vec<i64> = gth.indices.iter().map(|&v| v as i64).collect();
@@ -270,6 +275,72 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
             o.node("Div", &c("div"), &[x, &c("sqrt2")], &c("div"), vec![]);
             o.node("Erf", &c("erf"), &[&c("div")], &c("erf"), vec![]);
             o.node("Add", &c("add"), &[&c("erf"), &c("one")], &c("add"), vec![]);
+            o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
+            o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
+        }
+        ActivationKind::HardSigmoidWith { alpha, beta } => o.node(
+            "HardSigmoid",
+            name,
+            &[x],
+            name,
+            vec![attr_f("alpha", alpha), attr_f("beta", beta)],
+        ),
+        ActivationKind::Clip { lo, hi } => {
+            let (l, h) = (format!("{name}.min"), format!("{name}.max"));
+            o.inits.push(f32_proto(&l, &[], &[lo]));
+            o.inits.push(f32_proto(&h, &[], &[hi]));
+            o.node("Clip", name, &[x, &l, &h], name, vec![]);
+        }
+        ActivationKind::Elu { alpha } => {
+            o.node("Elu", name, &[x], name, vec![attr_f("alpha", alpha)])
+        }
+        ActivationKind::Selu { alpha, gamma } => o.node(
+            "Selu",
+            name,
+            &[x],
+            name,
+            vec![attr_f("alpha", alpha), attr_f("gamma", gamma)],
+        ),
+        ActivationKind::Softplus => o.node("Softplus", name, &[x], name, vec![]),
+        ActivationKind::Mish => {
+            // x · tanh(softplus(x)) — Mish is an opset-18 op; this file writes opset 17.
+            let (sp, th) = (format!("{name}.softplus"), format!("{name}.tanh"));
+            o.node("Softplus", &sp, &[x], &sp, vec![]);
+            o.node("Tanh", &th, &[&sp], &th, vec![]);
+            o.node("Mul", name, &[x, &th], name, vec![]);
+        }
+        ActivationKind::GeluTanh => {
+            // ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+            let c = |k: &str| format!("{name}.{k}");
+            let k0 = (2.0f32 / std::f32::consts::PI).sqrt();
+            for (k, v) in [("k0", k0), ("k1", 0.044715), ("one", 1.0), ("half", 0.5)] {
+                o.inits.push(f32_proto(&c(k), &[], &[v]));
+            }
+            o.node("Mul", &c("sq"), &[x, x], &c("sq"), vec![]);
+            o.node("Mul", &c("cube"), &[&c("sq"), x], &c("cube"), vec![]);
+            o.node(
+                "Mul",
+                &c("k1x3"),
+                &[&c("cube"), &c("k1")],
+                &c("k1x3"),
+                vec![],
+            );
+            o.node("Add", &c("inner"), &[x, &c("k1x3")], &c("inner"), vec![]);
+            o.node(
+                "Mul",
+                &c("scaled"),
+                &[&c("inner"), &c("k0")],
+                &c("scaled"),
+                vec![],
+            );
+            o.node("Tanh", &c("tanh"), &[&c("scaled")], &c("tanh"), vec![]);
+            o.node(
+                "Add",
+                &c("add"),
+                &[&c("tanh"), &c("one")],
+                &c("add"),
+                vec![],
+            );
             o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
             o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
         }

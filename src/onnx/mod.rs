@@ -5,6 +5,7 @@
 
 pub mod attrs;
 pub mod export;
+pub mod external;
 pub mod import;
 pub mod value;
 
@@ -15,7 +16,9 @@ use std::path::Path;
 /// Imports an `.onnx` file; errors name the file, the node and what is supported.
 pub fn load(path: &Path) -> Result<Graph> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    import::import_bytes(&bytes, &path.display().to_string())
+    // External data files are resolved against the model's own folder.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    import::import_bytes_at(&bytes, &path.display().to_string(), Some(dir))
 }
 
 /// Exports `g` to `path` atomically (refusing non-finite weights).

@@ -1,7 +1,9 @@
 //! Constants during import (initialisers, `Constant` nodes, folded shape arithmetic) and
 //! the conversions between ONNX `TensorProto`s and host data.
 
+use super::external::ExternalData;
 use anyhow::{bail, Result};
+use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::TensorProto;
 
 /// A constant tensor. Values are held as f64, which is exact for f32 weights and for the
@@ -78,19 +80,24 @@ fn raw<const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
         .collect()
 }
 
-/// Reads an ONNX tensor (inline or raw data) into a constant.
+/// Reads an ONNX tensor (inline or raw data) into a constant; a tensor with external
+/// data is an error naming it (see [`from_proto_with`]).
 pub fn from_proto(t: &TensorProto) -> Result<Const> {
+    from_proto_with(t, &mut ExternalData::new(None))
+}
+
+/// [`from_proto`] reading external data through `ext`.
+pub fn from_proto_with(t: &TensorProto, ext: &mut ExternalData) -> Result<Const> {
     if t.dims.iter().any(|&d| d < 0) {
         bail!("tensor '{}' has negative dims {:?}", t.name, t.dims);
     }
-    if !t.external_data.is_empty() {
-        bail!(
-            "tensor '{}' keeps its data in an external file, which is not supported",
-            t.name
-        );
+    let external = t.data_location.enum_value_or_default() == DataLocation::EXTERNAL
+        || !t.external_data.is_empty();
+    let r: &[u8] = if external { ext.bytes(t)? } else { &t.raw_data };
+    if external && r.is_empty() && t.dims.iter().product::<i64>() != 0 {
+        bail!("tensor '{}': its external data is empty", t.name);
     }
     let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    let r = &t.raw_data;
     let data: Vec<f64> = match t.data_type {
         FLOAT if !r.is_empty() => raw::<4>(r, |b| f32::from_le_bytes(b) as f64),
         FLOAT => t.float_data.iter().map(|&v| v as f64).collect(),

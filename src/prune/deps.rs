@@ -23,6 +23,35 @@ pub struct Unit {
     pub elems: Vec<(NodeId, usize)>,
     /// True if any element is blocked (input, output, opaque): never removed.
     pub blocked: bool,
+    /// The first rule that blocked it: the node and why.
+    pub blocked_by: Option<(NodeId, Block)>,
+}
+
+/// Why a node's rule keeps channels at full width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// The graph input.
+    Input,
+    /// A graph output: outputs keep their width.
+    Output,
+    /// An op whose channel mapping cannot be followed (a general reshape, a softmax, …).
+    Opaque,
+    /// A grouped (not depthwise) convolution: widths must stay divisible by the groups.
+    Grouped,
+    /// A pass-through op that changes the width, or a join of unequal widths.
+    WidthMismatch,
+}
+
+impl Block {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Block::Input => "the graph input",
+            Block::Output => "a graph output (kept at full width)",
+            Block::Opaque => "an op whose channel mapping cannot be followed",
+            Block::Grouped => "a grouped convolution (widths must stay divisible by its groups)",
+            Block::WidthMismatch => "an op joining or passing tensors of different widths",
+        }
+    }
 }
 
 /// A parameter axis a group touches: slicing `param` of `node` along `axis`.
@@ -116,6 +145,9 @@ pub fn dependency_groups(g: &Graph) -> Result<Groups> {
     })
 }
 
+/// Per element: the node whose rule blocked it, and why.
+type Blocked = Option<(NodeId, Block)>;
+
 /// The element numbering: node `i`'s channel `c` is element `off[i] + c`.
 struct Elements {
     ch: Vec<usize>,
@@ -143,10 +175,14 @@ impl Elements {
     fn nodes(&self) -> usize {
         self.ch.len()
     }
-    fn block(&self, blocked: &mut [bool], node: usize) {
+    /// Blocks every channel of `node`, recording `by` (the rule's node) and why, unless
+    /// an earlier rule already did.
+    fn block(&self, blocked: &mut [Blocked], node: usize, by: NodeId, why: Block) {
         blocked[self.off[node]..self.off[node + 1]]
             .iter_mut()
-            .for_each(|b| *b = true)
+            .for_each(|b| {
+                b.get_or_insert((by, why));
+            })
     }
     /// Couples channel `c` of `a` with channel `c` of `b` for every `c < n`.
     fn pair(&self, uf: &mut Uf, a: usize, b: usize, n: usize) {
@@ -156,16 +192,16 @@ impl Elements {
 
 /// Applies every node's coupling rule: the union-find over elements, and which elements
 /// may never be removed (graph inputs and outputs, boundaries of opaque ops).
-fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<bool>) {
+fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<Blocked>) {
     let ch = &el.ch;
     let mut uf = Uf {
         parent: (0..el.total()).collect(),
     };
-    let mut blocked = vec![false; el.total()];
+    let mut blocked: Vec<Blocked> = vec![None; el.total()];
     for (i, node) in g.nodes.iter().enumerate() {
         let ins = &node.inputs;
         match node.op.spec().coupling() {
-            Coupling::Source => el.block(&mut blocked, i),
+            Coupling::Source => el.block(&mut blocked, i, i, Block::Input),
             Coupling::Decouple => {}
             Coupling::PassThrough if ch[ins[0]] == ch[i] => el.pair(&mut uf, ins[0], i, ch[i]),
             Coupling::Grouped { groups } if groups == ch[ins[0]] && groups == ch[i] => {
@@ -173,17 +209,21 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<bool>) {
             }
             // A width change through a pass-through op, or a grouped (not depthwise) conv
             // whose widths must stay divisible per group: both sides are fixed.
-            Coupling::PassThrough | Coupling::Grouped { .. } => {
-                el.block(&mut blocked, ins[0]);
-                el.block(&mut blocked, i);
+            Coupling::PassThrough => {
+                el.block(&mut blocked, ins[0], i, Block::WidthMismatch);
+                el.block(&mut blocked, i, i, Block::WidthMismatch);
+            }
+            Coupling::Grouped { .. } => {
+                el.block(&mut blocked, ins[0], i, Block::Grouped);
+                el.block(&mut blocked, i, i, Block::Grouped);
             }
             Coupling::Join => {
                 for &j in ins {
                     if shapes[j].len() == shapes[i].len() && ch[j] == ch[i] {
                         el.pair(&mut uf, j, i, ch[i]);
                     } else if numel(&shapes[j]) != 1 && ch[j] != 1 {
-                        el.block(&mut blocked, j);
-                        el.block(&mut blocked, i);
+                        el.block(&mut blocked, j, i, Block::WidthMismatch);
+                        el.block(&mut blocked, i, i, Block::WidthMismatch);
                     }
                 }
             }
@@ -206,19 +246,20 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<bool>) {
                 }
             }
             Coupling::Opaque => {
-                ins.iter().for_each(|&j| el.block(&mut blocked, j));
-                el.block(&mut blocked, i);
+                ins.iter()
+                    .for_each(|&j| el.block(&mut blocked, j, i, Block::Opaque));
+                el.block(&mut blocked, i, i, Block::Opaque);
             }
         }
     }
     for &o in &g.outputs {
-        el.block(&mut blocked, o);
+        el.block(&mut blocked, o, o, Block::Output);
     }
     (uf, blocked)
 }
 
 /// Units are the classes of coupled elements; returns them and each element's unit.
-fn units(el: &Elements, uf: &mut Uf, blocked: &[bool]) -> (Vec<Unit>, Vec<usize>) {
+fn units(el: &Elements, uf: &mut Uf, blocked: &[Blocked]) -> (Vec<Unit>, Vec<usize>) {
     let mut class_of_root: BTreeMap<usize, usize> = BTreeMap::new();
     let mut units: Vec<Unit> = Vec::new();
     let mut unit_of = vec![0usize; el.total()];
@@ -230,11 +271,15 @@ fn units(el: &Elements, uf: &mut Uf, blocked: &[bool]) -> (Vec<Unit>, Vec<usize>
                 units.push(Unit {
                     elems: Vec::new(),
                     blocked: false,
+                    blocked_by: None,
                 });
                 units.len() - 1
             });
             units[u].elems.push((node, c));
-            units[u].blocked |= blocked[x];
+            if let Some(b) = blocked[x] {
+                units[u].blocked = true;
+                units[u].blocked_by.get_or_insert(b);
+            }
             unit_of[x] = u;
         }
     }
@@ -311,6 +356,57 @@ fn members(g: &Graph, ch: &[usize], owner: &[Vec<(usize, usize)>]) -> Vec<Member
                 }
             }
         }
+    }
+    out
+}
+
+/// A group that cannot be pruned fully, and what holds it: for reports and for the
+/// impossible-budget error.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockedGroup {
+    /// The first few nodes of the group (by name).
+    pub nodes: Vec<String>,
+    pub width: usize,
+    /// Units that may not be removed.
+    pub blocked_units: usize,
+    /// Each distinct blocking rule: "node (op): why".
+    pub by: Vec<String>,
+}
+
+/// The groups with blocked units whose other nodes hold parameters (so blocking them
+/// costs something), each with the rules that block it.
+pub fn blocked_groups(g: &Graph, groups: &Groups) -> Vec<BlockedGroup> {
+    let mut out = Vec::new();
+    for grp in &groups.groups {
+        let blocked = grp.units.iter().filter(|u| u.blocked).count();
+        if blocked == 0 || grp.members.is_empty() {
+            continue;
+        }
+        let mut by: Vec<String> = Vec::new();
+        for u in &grp.units {
+            if let Some((n, why)) = u.blocked_by {
+                let s = format!(
+                    "{} ({}): {}",
+                    g.nodes[n].name,
+                    g.nodes[n].op.kind(),
+                    why.describe()
+                );
+                if !by.contains(&s) {
+                    by.push(s);
+                }
+            }
+        }
+        out.push(BlockedGroup {
+            nodes: grp
+                .nodes
+                .iter()
+                .take(3)
+                .map(|&n| g.nodes[n].name.clone())
+                .collect(),
+            width: grp.units.len(),
+            blocked_units: blocked,
+            by,
+        });
     }
     out
 }

@@ -11,7 +11,9 @@ pub mod stats;
 pub mod surgery;
 
 pub use criteria::{collect_stats, Criterion, Stats};
-pub use deps::{dependency_groups, Group, Groups, Member, Unit};
+pub use deps::{
+    blocked_groups, dependency_groups, Block, BlockedGroup, Group, Groups, Member, Unit,
+};
 pub use depth::{remove_blocks, residual_blocks, with_resolution, ResidualBlock};
 pub use plan::{plan, Budget, PlanConfig, Scope};
 pub use sensitivity::{sensitivity, SensitivityRow};

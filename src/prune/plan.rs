@@ -259,12 +259,22 @@ pub fn plan(
             };
             let floor = measure(&units_at(0.9999))?;
             if floor > f {
+                let held: Vec<String> = super::deps::blocked_groups(g, groups)
+                    .into_iter()
+                    .flat_map(|b| b.by)
+                    .take(6)
+                    .collect();
                 bail!(
-                    "target {} of {:.4} is impossible: pruning every group to its minimum width leaves {:.4} of the dense {}",
+                    "target {} of {:.4} is impossible: pruning every group to its minimum width leaves {:.4} of the dense {}{}",
                     if is_macs { "MACs" } else { "params" },
                     f,
                     floor,
-                    if is_macs { "MACs" } else { "params" }
+                    if is_macs { "MACs" } else { "params" },
+                    if held.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; channels are held at full width by: {}", held.join("; "))
+                    }
                 );
             }
             // Bisect the smallest ratio whose cost fits.

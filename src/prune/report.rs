@@ -48,6 +48,9 @@ pub struct PruneReport {
     /// Problems the numbers above carry (e.g. non-finite outputs counted as wrong).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Groups of the dense model that could not be pruned fully, and which op blocks each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<crate::prune::BlockedGroup>,
 }
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.

@@ -81,6 +81,7 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 }
                 Op::BatchNorm(b) => b.num_features = keep[i].len(),
                 Op::ChannelAffine(a) => a.channels = keep[i].len(),
+                Op::PRelu(p) => p.channels = keep[i].len(),
                 Op::ChannelGather(gth) => {
                     // Kept outputs read kept inputs (same units); renumber both.
                     let kin = &keep[n.inputs[0]];

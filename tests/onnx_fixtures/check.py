@@ -9,17 +9,26 @@ onnxruntime runs it with outputs equal to lopper's forward of the pruned graph (
 lower latency than the dense export. The generated .onnx files stay in a temp dir (not git).
 
 Usage: python3 tests/onnx_fixtures/check.py [--report docs/results/onnx_fixtures.md]
-Installs the pinned packages below with pip if they are missing."""
-import importlib.util, json, os, subprocess, sys, tempfile, time
+Outside a virtual environment it creates one in target/fixtures-venv and installs the pinned
+packages below there. ONLY="resnet18 se_net" and EXPORTERS="legacy" narrow the run."""
+import importlib.util, json, os, subprocess, sys, tempfile, time, warnings
 
-PINS = {"torch": "2.15.0", "torchvision": "0.29.2", "onnx": "1.23.2", "onnxruntime": "1.31.1"}
+PINS = {"torch": "2.15.0", "torchvision": "0.29.2", "onnx": "1.23.2", "onnxruntime": "1.31.1", "onnxscript": "0.7.2"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if sys.prefix == sys.base_prefix:
+    # Not in a virtual environment: make one under target/ (pinned packages), re-run there.
+    venv = os.path.join(ROOT, "target", "fixtures-venv")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    os.execv(py, [py] + sys.argv)
 missing = [f"{k}=={v}" for k, v in PINS.items() if importlib.util.find_spec(k) is None]
 if missing:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q"] + missing, check=True)
 
+warnings.filterwarnings("ignore")
 import numpy as np, onnxruntime as ort, torch, torch.nn as nn, torchvision
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 L = os.path.join(ROOT, "target", "release", "lopper")
 
 
@@ -52,11 +61,36 @@ class SE(nn.Module):
 
 
 def models():
-    torch.manual_seed(0)
     tv = torchvision.models
-    return {"resnet18": tv.resnet18(num_classes=10), "mobilenet_v2": tv.mobilenet_v2(num_classes=10),
-            "densenet121": tv.densenet121(num_classes=10), "shufflenet_v2": tv.shufflenet_v2_x1_0(num_classes=10),
-            "se_net": SENet()}
+    seg = torchvision.models.segmentation
+    return {
+        "resnet18": lambda: tv.resnet18(num_classes=10),
+        "resnet50": lambda: tv.resnet50(num_classes=10),
+        "mobilenet_v2": lambda: tv.mobilenet_v2(num_classes=10),
+        "mobilenet_v3_small": lambda: tv.mobilenet_v3_small(num_classes=10),
+        "mobilenet_v3_large": lambda: tv.mobilenet_v3_large(num_classes=10),
+        "efficientnet_b0": lambda: tv.efficientnet_b0(num_classes=10),
+        "regnet_x_400mf": lambda: tv.regnet_x_400mf(num_classes=10),
+        "densenet121": lambda: tv.densenet121(num_classes=10),
+        "shufflenet_v2": lambda: tv.shufflenet_v2_x1_0(num_classes=10),
+        "squeezenet1_0": lambda: tv.squeezenet1_0(num_classes=10),
+        "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+        "se_net": SENet,
+        "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=5, weights_backbone=None, aux_loss=False),
+    }
+
+
+def export(m, path, exporter):
+    """`legacy`: the TorchScript exporter with a symbolic batch; `dynamo`: PyTorch's default
+    call, `torch.onnx.export(model, (x,), path)`, which fixes the batch to 1 and writes the
+    weights to `path.data` beside the model."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        if exporter == "legacy":
+            torch.onnx.export(m, x, path, opset_version=17, input_names=["input"], output_names=["logits"],
+                              dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        else:
+            torch.onnx.export(m, (x,), path)
 
 
 def randomise_bn(m):
@@ -90,13 +124,23 @@ def ort_session(path):
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
 
+def fixed_batch(s):
+    b = s.get_inputs()[0].shape[0]
+    return b if isinstance(b, int) else None
+
+
 def ort_run(path, x):
     s = ort_session(path)
-    return s.run(None, {s.get_inputs()[0].name: x})[0]
+    name = s.get_inputs()[0].name
+    if fixed_batch(s) == 1:  # the default exporter's fixed batch: one sample at a time
+        return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    return s.run(None, {name: x})[0]
 
 
 def latency(path, x, reps=30):
     s = ort_session(path)
+    if fixed_batch(s) == 1:
+        x = x[:1]
     feed = {s.get_inputs()[0].name: x}
     for _ in range(3):
         s.run(None, feed)
@@ -112,50 +156,68 @@ def close(a, b):
     return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
 
 
+def check_one(m, name, exporter, d, rng):
+    dense = os.path.join(d, f"{name}-{exporter}.onnx")
+    base = dict(model=name, exporter=exporter)
+    try:
+        export(m, dense, exporter)
+    except Exception as e:  # noqa: BLE001 — an exporter limitation, reported as such
+        return dict(base, error="export: " + str(e).splitlines()[0][:160])
+    x = rng.standard_normal((4, 3, 64, 64), dtype=np.float32)
+    try:
+        err_import = close(lopper_forward(dense, x, d), ort_run(dense, x).reshape(4, -1))
+        pruned_st = os.path.join(d, f"{name}-{exporter}-pruned.safetensors")
+        pruned = os.path.join(d, f"{name}-{exporter}-pruned.onnx")
+        # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the tiny SE
+        # net (32/64 channels) uses 4 so that 50 % MACs stays reachable.
+        round_to = "4" if name == "se_net" else "8"
+        rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
+                                "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
+        lopper("convert", pruned_st, "-o", pruned)
+        err_pruned = close(ort_run(pruned, x).reshape(4, -1), lopper_forward(pruned_st, x, d))
+    except SystemExit as e:
+        return dict(base, error=str(e).strip().splitlines()[-1][:300])
+    xb = rng.standard_normal((8, 3, 64, 64), dtype=np.float32)
+    lat_d, lat_p = latency(dense, xb), latency(pruned, xb if fixed_batch(ort_session(dense)) != 1 else xb[:1])
+    batch = 1 if fixed_batch(ort_session(dense)) == 1 else 8
+    # Sub-millisecond models are timer noise; their latency is reported, not checked.
+    slower = lat_p >= lat_d and lat_d >= 1.0
+    failed = err_import > 1e-4 or err_pruned > 1e-4 or slower or not 0.4 <= rep["macs_ratio"] <= 0.5
+    return dict(base, import_err=err_import, pruned_err=err_pruned, macs_ratio=rep["macs_ratio"],
+                params=(rep["dense"]["params"], rep["pruned"]["params"]), ort_ms=(lat_d, lat_p), batch=batch,
+                blocked=rep.get("blocked", []), failed=failed)
+
+
 def main():
     report = sys.argv[sys.argv.index("--report") + 1] if "--report" in sys.argv else None
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     rows, failures = [], []
     rng = np.random.default_rng(0)
+    exporters = os.environ.get("EXPORTERS", "legacy dynamo").split()
     with tempfile.TemporaryDirectory() as d:
-        only = os.environ.get("ONLY")
-        for name, m in models().items():
-            if only and name != only:
+        only = os.environ.get("ONLY", "").split()
+        for name, make in models().items():
+            if only and name not in only:
                 continue
+            torch.manual_seed(0)
+            m = make()
             randomise_bn(m)
             m.eval()
-            dense = os.path.join(d, f"{name}.onnx")
-            with torch.no_grad():
-                torch.onnx.export(m, torch.randn(1, 3, 64, 64), dense, opset_version=17,
-                                  input_names=["input"], output_names=["logits"], dynamo=False,
-                                  dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-            x = rng.standard_normal((4, 3, 64, 64), dtype=np.float32)
-            err_import = close(lopper_forward(dense, x, d), ort_run(dense, x))
-            pruned_st = os.path.join(d, f"{name}-pruned.safetensors")
-            pruned = os.path.join(d, f"{name}-pruned.onnx")
-            # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the tiny SE
-            # net (32/64 channels) uses 4 so that 50 % MACs stays reachable.
-            round_to = "4" if name == "se_net" else "8"
-            rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
-                                    "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
-            lopper("convert", pruned_st, "-o", pruned)
-            err_pruned = close(ort_run(pruned, x), lopper_forward(pruned_st, x, d))
-            xb = rng.standard_normal((8, 3, 64, 64), dtype=np.float32)
-            lat_d, lat_p = latency(dense, xb), latency(pruned, xb)
-            row = dict(model=name, import_err=err_import, pruned_err=err_pruned, macs_ratio=rep["macs_ratio"],
-                       params=(rep["dense"]["params"], rep["pruned"]["params"]), ort_ms=(lat_d, lat_p))
-            rows.append(row)
-            print(row, flush=True)
-            # Sub-millisecond models are timer noise; their latency is reported, not checked.
-            slower = lat_p >= lat_d and lat_d >= 1.0
-            if err_import > 1e-4 or err_pruned > 1e-4 or slower or not 0.4 <= rep["macs_ratio"] <= 0.5:
-                failures.append(name)
-    lines = ["| model | lopper vs onnxruntime (dense) | MACs after pruning | params | pruned export vs lopper | onnxruntime b8 latency dense → pruned |",
-             "|---|---|---|---|---|---|"]
+            for exporter in exporters:
+                row = check_one(m, name, exporter, d, rng)
+                rows.append(row)
+                print(row, flush=True)
+                if row.get("error") or row["failed"]:
+                    failures.append(f"{name}/{exporter}")
+    lines = ["| model | exporter | lopper vs onnxruntime (dense) | MACs after pruning | params | pruned export vs lopper | onnxruntime latency dense → pruned |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['import_err']:.1e} | {r['macs_ratio'] * 100:.1f} % | "
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['exporter']} | fails: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['exporter']} | {r['import_err']:.1e} | {r['macs_ratio'] * 100:.1f} % | "
                      f"{r['params'][0] / 1e6:.2f} M → {r['params'][1] / 1e6:.2f} M | {r['pruned_err']:.1e} | "
-                     f"{r['ort_ms'][0]:.1f} → {r['ort_ms'][1]:.1f} ms |")
+                     f"b{r['batch']}: {r['ort_ms'][0]:.1f} → {r['ort_ms'][1]:.1f} ms |")
     print("\n".join(lines))
     if report:
         hdr = (f"# ONNX round trip against onnxruntime\n\n`python3 tests/onnx_fixtures/check.py` — torch {torch.__version__}, "

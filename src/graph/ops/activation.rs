@@ -9,13 +9,41 @@ use serde::{Deserialize, Serialize};
 pub enum ActivationKind {
     Relu,
     Relu6,
-    LeakyRelu { slope: f32 },
+    LeakyRelu {
+        slope: f32,
+    },
     Gelu,
     Silu,
     Sigmoid,
+    /// PyTorch's hard sigmoid, `clamp(x/6 + 1/2, 0, 1)`.
     HardSigmoid,
     HardSwish,
     Tanh,
+    /// `clamp(alpha·x + beta, 0, 1)` with other constants (ONNX's default is 0.2, 0.5).
+    HardSigmoidWith {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `clamp(x, lo, hi)` for bounds other than ReLU's and ReLU6's.
+    Clip {
+        lo: f32,
+        hi: f32,
+    },
+    /// `x` for x > 0, `alpha·(eˣ − 1)` otherwise.
+    Elu {
+        alpha: f32,
+    },
+    /// `gamma·x` for x > 0, `gamma·alpha·(eˣ − 1)` otherwise.
+    Selu {
+        alpha: f32,
+        gamma: f32,
+    },
+    /// `ln(1 + eˣ)`.
+    Softplus,
+    /// `x·tanh(ln(1 + eˣ))`.
+    Mish,
+    /// GELU with the tanh approximation.
+    GeluTanh,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +69,13 @@ impl OpSpec for Activation {
             ActivationKind::HardSigmoid => "HardSigmoid",
             ActivationKind::HardSwish => "HardSwish",
             ActivationKind::Tanh => "Tanh",
+            ActivationKind::HardSigmoidWith { .. } => "HardSigmoid",
+            ActivationKind::Clip { .. } => "Clip",
+            ActivationKind::Elu { .. } => "ELU",
+            ActivationKind::Selu { .. } => "SELU",
+            ActivationKind::Softplus => "Softplus",
+            ActivationKind::Mish => "Mish",
+            ActivationKind::GeluTanh => "GELU-tanh",
         }
     }
 

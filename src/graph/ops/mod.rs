@@ -12,6 +12,7 @@ mod linear;
 mod misc;
 mod pad;
 mod pool;
+mod prelu;
 mod reshape;
 
 pub use activation::{Activation, ActivationKind};
@@ -24,6 +25,7 @@ pub use linear::Linear;
 pub use misc::{Dropout, Identity, Input, Softmax};
 pub use pad::ChannelPad;
 pub use pool::{GlobalAvgPool, Pool2d};
+pub use prelu::PRelu;
 pub use reshape::{Flatten, Reshape};
 
 use crate::graph::shape::Shape;
@@ -53,6 +55,10 @@ pub mod param {
 pub enum InitRule {
     Zeros,
     Ones,
+    /// Every entry `value` (e.g. PReLU's slope 0.25).
+    Constant {
+        value: f64,
+    },
     /// Kaiming-normal with ReLU gain over the fan-out: std `√(2 / fan_out)` (torchvision's
     /// ResNet convolutions).
     KaimingNormalFanOut {
@@ -153,6 +159,7 @@ pub enum Op {
     Concat(Concat),
     ChannelPad(ChannelPad),
     ChannelAffine(ChannelAffine),
+    PRelu(PRelu),
     ChannelGather(ChannelGather),
     Dropout(Dropout),
     Softmax(Softmax),
@@ -178,6 +185,7 @@ impl Op {
             Op::Concat(o) => o,
             Op::ChannelPad(o) => o,
             Op::ChannelAffine(o) => o,
+            Op::PRelu(o) => o,
             Op::ChannelGather(o) => o,
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,

@@ -226,6 +226,7 @@ pub fn run(
         details: p.details,
         finetune_history: curve,
         warnings: warnings.into_inner(),
+        blocked: crate::prune::blocked_groups(dense, &crate::prune::dependency_groups(dense)?),
     };
     Ok(Outcome {
         graph: pruned,

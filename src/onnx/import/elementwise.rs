@@ -5,11 +5,11 @@
 use super::{tensor, Ctx, Value};
 use crate::graph::ops::param;
 use crate::graph::ops::{
-    Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Mul, Op, Softmax,
+    Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Mul, Op, PRelu, Softmax,
 };
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use onnx_protobuf::NodeProto;
 
 /// Per-channel values of a constant broadcast against a tensor of per-sample `shape`
@@ -165,11 +165,74 @@ pub(super) fn leaky_relu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Va
 pub(super) fn hard_sigmoid(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     a.only(&["alpha", "beta"])?;
-    let (al, be) = (a.float("alpha", 0.2), a.float("beta", 0.5));
-    if (al - 1.0 / 6.0).abs() > 1e-6 || (be - 0.5).abs() > 1e-6 {
-        bail!("HardSigmoid with alpha {al}, beta {be} is not supported (only PyTorch's 1/6, 0.5)");
-    }
-    add_activation(ctx, n, label, ActivationKind::HardSigmoid)
+    let (alpha, beta) = (a.float("alpha", 0.2), a.float("beta", 0.5));
+    let kind = if (alpha - 1.0 / 6.0).abs() < 1e-6 && (beta - 0.5).abs() < 1e-6 {
+        ActivationKind::HardSigmoid
+    } else {
+        ActivationKind::HardSigmoidWith { alpha, beta }
+    };
+    add_activation(ctx, n, label, kind)
+}
+
+/// `Elu` with its `alpha`.
+pub(super) fn elu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["alpha"])?;
+    let alpha = a.float("alpha", 1.0);
+    add_activation(ctx, n, label, ActivationKind::Elu { alpha })
+}
+
+/// `Selu` with its `alpha` and `gamma` (ONNX's defaults are the self-normalising ones).
+pub(super) fn selu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["alpha", "gamma"])?;
+    let alpha = a.float("alpha", 1.673_263_2);
+    let gamma = a.float("gamma", 1.050_701);
+    add_activation(ctx, n, label, ActivationKind::Selu { alpha, gamma })
+}
+
+/// `PRelu` with a constant slope: one per channel, or one shared by all (expanded).
+pub(super) fn prelu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    Attrs::new(n).only(&[])?;
+    let x = ctx.node(&n.input[0])?;
+    let slope = ctx
+        .konst(&n.input[1])
+        .ok_or_else(|| anyhow!("PRelu slope '{}' must be a constant", n.input[1]))?
+        .clone();
+    let shape = &ctx.shapes[x];
+    let ch = shape.first().copied().unwrap_or(1);
+    // Per channel: [C], [C, 1, 1] or [1, C, 1, 1]; everything else but one value is not.
+    let per_channel = slope.numel() == ch
+        && slope.dims.iter().filter(|&&d| d != 1).count() <= 1
+        && (slope.dims.len() <= shape.len() || slope.dims[0] == 1);
+    let w: Vec<f32> = match slope.numel() {
+        1 => vec![slope.data[0] as f32; ch],
+        _ if per_channel => slope.f32s(),
+        _ => bail!(
+            "PRelu slope of shape {:?} on input {:?}: only one slope per channel or one shared slope is supported",
+            slope.dims,
+            shape
+        ),
+    };
+    let op = Op::PRelu(PRelu { channels: ch });
+    Ok(Value::Node(ctx.add(
+        label,
+        op,
+        &[x],
+        vec![(param::WEIGHT, tensor(w, &[ch])?)],
+    )?))
+}
+
+/// `Gelu` (opset 20): exact (erf) or the tanh approximation.
+pub(super) fn gelu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["approximate"])?;
+    let kind = match a.string("approximate", "none").as_str() {
+        "none" => ActivationKind::Gelu,
+        "tanh" => ActivationKind::GeluTanh,
+        other => bail!("Gelu approximate='{other}' is not supported (none, tanh)"),
+    };
+    add_activation(ctx, n, label, kind)
 }
 
 /// `Clip` to [0, 6] (ReLU6) or [0, inf) (ReLU), bounds from attributes or inputs.
@@ -180,7 +243,10 @@ pub(super) fn clip(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let kind = match (lo, hi) {
         (l, h) if l == 0.0 && h == 6.0 => ActivationKind::Relu6,
         (l, h) if l == 0.0 && h == f32::INFINITY => ActivationKind::Relu,
-        _ => bail!("Clip to [{lo}, {hi}] is not supported (only [0, 6] and [0, inf))"),
+        (l, h) if l.is_nan() || h.is_nan() || l > h => {
+            bail!("Clip to [{lo}, {hi}] is not a valid range")
+        }
+        (l, h) => ActivationKind::Clip { lo: l, hi: h },
     };
     add_activation(ctx, n, label, kind)
 }

@@ -9,7 +9,8 @@ mod nn;
 pub mod registry;
 mod shape;
 
-use super::value::{from_proto, Const};
+use super::external::ExternalData;
+use super::value::{from_proto_with, Const};
 use crate::graph::ops::{Input, Op};
 use crate::graph::shape::Shape;
 use crate::graph::{param_key, Graph, Node, NodeId};
@@ -17,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use onnx_protobuf::{Message, ModelProto, NodeProto};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub(super) enum Value {
@@ -122,6 +124,22 @@ impl Ctx {
         let key = param_key(&self.nodes[n].name, p);
         self.params.insert(key, t);
     }
+    /// Renames node `id` to `name` (moving its parameters) unless another node has that
+    /// name: graph outputs keep the names the exporter gave them.
+    pub(super) fn rename(&mut self, id: NodeId, name: &str) {
+        let old = self.nodes[id].name.clone();
+        if old == name || self.names.contains(name) {
+            return;
+        }
+        for spec in self.nodes[id].op.spec().params() {
+            if let Some(t) = self.params.remove(&param_key(&old, spec.name)) {
+                self.params.insert(param_key(name, spec.name), t);
+            }
+        }
+        self.names.remove(&old);
+        self.names.insert(name.to_string());
+        self.nodes[id].name = name.to_string();
+    }
     /// True if the ONNX tensor `name` has exactly one reader.
     pub(super) fn single_use(&self, name: &str) -> bool {
         self.uses.get(name).copied().unwrap_or(0) == 1
@@ -132,8 +150,15 @@ pub(super) fn tensor(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
 }
 
-/// Parses ONNX bytes into a graph. `what` names the source in errors.
+/// Parses ONNX bytes into a graph. `what` names the source in errors. Tensors with
+/// external data are refused (there is no folder to read them from): see
+/// [`import_bytes_at`].
 pub fn import_bytes(bytes: &[u8], what: &str) -> Result<Graph> {
+    import_bytes_at(bytes, what, None)
+}
+
+/// [`import_bytes`] for a model whose external data files are in `dir`.
+pub fn import_bytes_at(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<Graph> {
     if bytes.is_empty() {
         bail!("{what}: the file is empty (0 bytes), not an ONNX model");
     }
@@ -142,10 +167,10 @@ pub fn import_bytes(bytes: &[u8], what: &str) -> Result<Graph> {
     if model.graph.is_none() && model.opset_import.is_empty() {
         bail!("{what}: not an ONNX model (no graph and no opset; is it another kind of file?)");
     }
-    convert(&model).with_context(|| format!("importing {what}"))
+    convert(&model, &mut ExternalData::new(dir)).with_context(|| format!("importing {what}"))
 }
 
-fn convert(model: &ModelProto) -> Result<Graph> {
+fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<Graph> {
     let opset = model
         .opset_import
         .iter()
@@ -166,6 +191,7 @@ fn convert(model: &ModelProto) -> Result<Graph> {
         .graph
         .as_ref()
         .ok_or_else(|| anyhow!("the model has no graph"))?;
+    check_ops(g, opset)?;
     let mut ctx = Ctx {
         nodes: vec![],
         shapes: vec![],
@@ -184,7 +210,7 @@ fn convert(model: &ModelProto) -> Result<Graph> {
     }
     for t in &g.initializer {
         ctx.values
-            .insert(t.name.clone(), Value::Const(from_proto(t)?));
+            .insert(t.name.clone(), Value::Const(from_proto_with(t, ext)?));
     }
     let inputs: Vec<_> = g
         .input
@@ -240,6 +266,11 @@ fn convert(model: &ModelProto) -> Result<Graph> {
                 .with_context(|| format!("graph output '{}'", o.name))
         })
         .collect::<Result<Vec<_>>>()?;
+    for (o, &id) in g.output.iter().zip(&outputs) {
+        if id != 0 {
+            ctx.rename(id, &o.name);
+        }
+    }
     prune_dead(ctx, outputs)
 }
 
@@ -312,6 +343,57 @@ fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
             ),
         })
         .collect()
+}
+
+/// Every node whose op type (or domain, or opset) the importer does not take, listed at
+/// once with node names, so that one run tells the whole story of a model.
+fn check_ops(g: &onnx_protobuf::GraphProto, opset: i64) -> Result<()> {
+    let mut bad: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, n) in g.node.iter().enumerate() {
+        let what = if !n.domain.is_empty() && n.domain != "ai.onnx" {
+            format!("{} (domain '{}')", n.op_type, n.domain)
+        } else {
+            match registry::lookup(&n.op_type) {
+                None => n.op_type.clone(),
+                Some(e) if opset < e.opsets.0 || opset > e.opsets.1 => format!(
+                    "{} at opset {opset} (supported for {}–{})",
+                    n.op_type, e.opsets.0, e.opsets.1
+                ),
+                Some(_) => continue,
+            }
+        };
+        let name = if n.name.is_empty() {
+            format!("#{k}")
+        } else {
+            n.name.clone()
+        };
+        bad.entry(what).or_default().push(name);
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = bad
+        .iter()
+        .map(|(op, nodes)| {
+            let shown: Vec<&str> = nodes.iter().take(5).map(String::as_str).collect();
+            let more = if nodes.len() > 5 {
+                format!(" and {} more", nodes.len() - 5)
+            } else {
+                String::new()
+            };
+            format!(
+                "{op} ({} node(s): '{}'{more})",
+                nodes.len(),
+                shown.join("', '")
+            )
+        })
+        .collect();
+    bail!(
+        "{} unsupported op type(s): {}; supported: {}",
+        bad.len(),
+        list.join("; "),
+        registry::names()
+    )
 }
 
 fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str, opset: i64) -> Result<Vec<Value>> {

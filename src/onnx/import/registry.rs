@@ -26,7 +26,7 @@ pub(super) struct OpEntry {
 }
 
 /// Opsets the importer reads (the range of the whole model).
-pub const OPSETS: (i64, i64) = (7, 21);
+pub const OPSETS: (i64, i64) = (7, 23);
 
 const ALL: (i64, i64) = OPSETS;
 const MANY: usize = usize::MAX;
@@ -57,11 +57,17 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "Mul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (gating), or a per-channel constant" },
     OpEntry { op_type: "Div", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "by a per-channel constant" },
     OpEntry { op_type: "Relu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Relu), note: "" },
-    OpEntry { op_type: "Clip", opsets: ALL, inputs: (1, 3), outputs: (1, 1), convert: one!(ew::clip), note: "to [0, 6] (ReLU6) or [0, inf) (ReLU)" },
+    OpEntry { op_type: "Clip", opsets: ALL, inputs: (1, 3), outputs: (1, 1), convert: one!(ew::clip), note: "constant bounds (ReLU6 and ReLU recognised)" },
     OpEntry { op_type: "LeakyRelu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::leaky_relu), note: "any alpha" },
     OpEntry { op_type: "Sigmoid", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Sigmoid), note: "" },
-    OpEntry { op_type: "HardSigmoid", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::hard_sigmoid), note: "PyTorch's alpha 1/6, beta 0.5" },
-    OpEntry { op_type: "HardSwish", opsets: (14, 21), inputs: (1, 1), outputs: (1, 1), convert: act!(A::HardSwish), note: "" },
+    OpEntry { op_type: "HardSigmoid", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::hard_sigmoid), note: "any alpha, beta" },
+    OpEntry { op_type: "Elu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::elu), note: "any alpha" },
+    OpEntry { op_type: "Selu", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::selu), note: "any alpha, gamma" },
+    OpEntry { op_type: "Softplus", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Softplus), note: "" },
+    OpEntry { op_type: "Mish", opsets: (18, 23), inputs: (1, 1), outputs: (1, 1), convert: act!(A::Mish), note: "" },
+    OpEntry { op_type: "Gelu", opsets: (20, 23), inputs: (1, 1), outputs: (1, 1), convert: one!(ew::gelu), note: "exact and tanh approximation" },
+    OpEntry { op_type: "PRelu", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::prelu), note: "constant slope, per channel or shared (pruned with its channel)" },
+    OpEntry { op_type: "HardSwish", opsets: (14, 23), inputs: (1, 1), outputs: (1, 1), convert: act!(A::HardSwish), note: "" },
     OpEntry { op_type: "Tanh", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Tanh), note: "" },
     OpEntry { op_type: "Softmax", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::softmax), note: "over the class axis" },
     OpEntry { op_type: "Identity", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::identity), note: "on tensors and on constants" },

@@ -1,0 +1,279 @@
+//! What real exporters produce: external data beside the model (PyTorch's default
+//! exporter), output names kept, every unsupported op reported at once, and the
+//! activations other toolchains use (PReLU, HardSigmoid with any constants, ELU, SELU,
+//! Softplus, Mish, tanh-GELU, general Clip) — each checked against its formula, through
+//! export → import, and through pruning.
+
+use candle_core::{Device, Tensor};
+use lopper::data;
+use lopper::exec::{forward, Mode};
+use lopper::graph::builder::GraphBuilder;
+use lopper::graph::ops::{Activation, ActivationKind, Conv2d, Op, PRelu};
+use lopper::graph::Graph;
+use lopper::onnx::{export::export_bytes, import::import_bytes};
+use lopper::prune::{dependency_groups, plan, remove_units, Budget, Criterion, PlanConfig, Scope};
+use onnx_protobuf::{Message, ModelProto, StringStringEntryProto};
+
+mod common;
+use common::{fresh_dir, vals};
+
+fn mnist8() -> Vec<u8> {
+    std::fs::read(data::data_dir().join("models/mnist-8.onnx")).unwrap()
+}
+
+fn entry(k: &str, v: &str) -> StringStringEntryProto {
+    let mut e = StringStringEntryProto::new();
+    e.key = k.into();
+    e.value = v.into();
+    e
+}
+
+/// mnist-8 with every initialiser's bytes moved to `data_file` (as PyTorch writes it).
+fn externalise(checksum: bool) -> (ModelProto, Vec<u8>) {
+    let mut m = ModelProto::parse_from_bytes(&mnist8()).unwrap();
+    let mut data = Vec::new();
+    for t in &mut m.graph.as_mut().unwrap().initializer {
+        let raw: Vec<u8> = if !t.int64_data.is_empty() {
+            t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else if t.raw_data.is_empty() {
+            t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            std::mem::take(&mut t.raw_data)
+        };
+        t.float_data.clear();
+        t.int64_data.clear();
+        t.external_data = vec![
+            entry("location", "m.onnx.data"),
+            entry("offset", &data.len().to_string()),
+            entry("length", &raw.len().to_string()),
+        ];
+        if checksum {
+            let sum = sha1_hex(&raw);
+            t.external_data.push(entry("checksum", &sum));
+        }
+        t.data_location = onnx_protobuf::tensor_proto::DataLocation::EXTERNAL.into();
+        data.extend_from_slice(&raw);
+        // Aligned like onnx's writer, so offsets are not all contiguous.
+        data.resize(data.len().div_ceil(64) * 64, 0);
+    }
+    (m, data)
+}
+
+fn sha1_hex(b: &[u8]) -> String {
+    sha1_smol::Sha1::from(b).digest().to_string()
+}
+
+fn outputs_of(g: &Graph, x: &Tensor) -> Vec<f32> {
+    vals(&forward(g, x, Mode::Eval).unwrap())
+}
+
+#[test]
+fn external_data_is_read_beside_the_model_and_checked() {
+    let inline = import_bytes(&mnist8(), "inline").unwrap();
+    let x = Tensor::rand(0f32, 255f32, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let want = outputs_of(&inline, &x);
+    let dir = fresh_dir("onnx-external", "ok");
+    let (m, data) = externalise(true);
+    let model = dir.join("m.onnx");
+    std::fs::write(&model, m.write_to_bytes().unwrap()).unwrap();
+    std::fs::write(dir.join("m.onnx.data"), &data).unwrap();
+    let g = lopper::onnx::load(&model).unwrap();
+    assert_eq!(
+        outputs_of(&g, &x),
+        want,
+        "external weights differ from inline ones"
+    );
+    // From memory there is no folder to read from: the error says so and names the tensor.
+    let e = format!(
+        "{:#}",
+        import_bytes(&m.write_to_bytes().unwrap(), "mem").unwrap_err()
+    );
+    assert!(e.contains("m.onnx.data") && e.contains("file path"), "{e}");
+    // A truncated data file names the tensor and the file.
+    std::fs::write(dir.join("m.onnx.data"), &data[..data.len() / 2]).unwrap();
+    let e = format!("{:#}", lopper::onnx::load(&model).unwrap_err());
+    assert!(e.contains("beyond the end of 'm.onnx.data'"), "{e}");
+    // A corrupted byte fails the recorded checksum.
+    let mut bad = data.clone();
+    bad[10] ^= 0x55;
+    std::fs::write(dir.join("m.onnx.data"), &bad).unwrap();
+    let e = format!("{:#}", lopper::onnx::load(&model).unwrap_err());
+    assert!(e.contains("checksum"), "{e}");
+    // A location outside the model's folder is refused.
+    let mut m2 = m.clone();
+    m2.graph.as_mut().unwrap().initializer[0].external_data[0] = entry("location", "../secret");
+    std::fs::write(&model, m2.write_to_bytes().unwrap()).unwrap();
+    let e = format!("{:#}", lopper::onnx::load(&model).unwrap_err());
+    assert!(e.contains("relative to the model's folder"), "{e}");
+}
+
+#[test]
+fn output_names_survive_import_and_export() {
+    let m = ModelProto::parse_from_bytes(&mnist8()).unwrap();
+    let out = m.graph.as_ref().unwrap().output[0].name.clone();
+    let g = import_bytes(&mnist8(), "mnist-8").unwrap();
+    assert_eq!(g.nodes[g.outputs[0]].name, out);
+    let back = ModelProto::parse_from_bytes(&export_bytes(&g).unwrap()).unwrap();
+    assert_eq!(back.graph.as_ref().unwrap().output[0].name, out);
+    let inp = m.graph.as_ref().unwrap().input[0].name.clone();
+    assert_eq!(back.graph.as_ref().unwrap().input[0].name, inp);
+}
+
+#[test]
+fn every_unsupported_op_is_listed_at_once() {
+    let mut m = ModelProto::parse_from_bytes(&mnist8()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let mut renamed = Vec::new();
+    for (n, op) in g
+        .node
+        .iter_mut()
+        .filter(|n| n.op_type == "Relu" || n.op_type == "MaxPool")
+        .zip(["Einsum", "Einsum", "RoiAlign", "RoiAlign"])
+    {
+        n.op_type = op.into();
+        renamed.push(n.name.clone());
+    }
+    let e = format!(
+        "{:#}",
+        import_bytes(&m.write_to_bytes().unwrap(), "two.onnx").unwrap_err()
+    );
+    assert!(e.contains("2 unsupported op type(s)"), "{e}");
+    assert!(e.contains("Einsum") && e.contains("RoiAlign"), "{e}");
+    for n in &renamed {
+        assert!(e.contains(n.as_str()), "node {n} not named: {e}");
+    }
+}
+
+fn reference(kind: ActivationKind, x: f32) -> f32 {
+    let softplus = |x: f32| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    match kind {
+        ActivationKind::HardSigmoidWith { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
+        ActivationKind::Clip { lo, hi } => x.clamp(lo, hi),
+        ActivationKind::Elu { alpha } => {
+            if x > 0.0 {
+                x
+            } else {
+                alpha * (x.exp() - 1.0)
+            }
+        }
+        ActivationKind::Selu { alpha, gamma } => {
+            gamma * if x > 0.0 { x } else { alpha * (x.exp() - 1.0) }
+        }
+        ActivationKind::Softplus => softplus(x),
+        ActivationKind::Mish => x * softplus(x).tanh(),
+        ActivationKind::GeluTanh => {
+            let k = (2.0f32 / std::f32::consts::PI).sqrt();
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+        }
+        other => panic!("no reference for {other:?}"),
+    }
+}
+
+#[test]
+fn new_activations_match_their_formulas_and_round_trip() {
+    let kinds = [
+        ActivationKind::HardSigmoidWith {
+            alpha: 0.2,
+            beta: 0.5,
+        },
+        ActivationKind::Clip { lo: -1.0, hi: 2.5 },
+        ActivationKind::Elu { alpha: 0.7 },
+        ActivationKind::Selu {
+            alpha: 1.673_263_2,
+            gamma: 1.050_701,
+        },
+        ActivationKind::Softplus,
+        ActivationKind::Mish,
+        ActivationKind::GeluTanh,
+    ];
+    let xs: Vec<f32> = (0..48).map(|i| -6.0 + 0.25 * i as f32 + 0.01).collect();
+    let x = Tensor::from_vec(xs.clone(), (1, 3, 4, 4), &Device::Cpu).unwrap();
+    for kind in kinds {
+        let mut b = GraphBuilder::new(0);
+        let i = b.input(&[3, 4, 4]).unwrap();
+        let a = b
+            .add("act", Op::Activation(Activation::new(kind)), &[i])
+            .unwrap();
+        let g = b.finish(&[a]).unwrap();
+        let got = outputs_of(&g, &x);
+        for (v, (&xi, &yi)) in xs.iter().zip(&got).enumerate() {
+            let want = reference(kind, xi);
+            assert!(
+                (yi - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{kind:?} at x[{v}] = {xi}: {yi} vs {want}"
+            );
+        }
+        let back = import_bytes(&export_bytes(&g).unwrap(), "export").unwrap();
+        let again = outputs_of(&back, &x);
+        let err = got
+            .iter()
+            .zip(&again)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-6, "{kind:?} export → import differs by {err}");
+    }
+}
+
+#[test]
+fn prelu_slopes_are_pruned_with_their_channels() {
+    let mut b = GraphBuilder::new(3);
+    let i = b.input(&[3, 8, 8]).unwrap();
+    let c1 = b.conv("c1", i, Conv2d::new(3, 16, 3, 1, 1)).unwrap();
+    let p = b
+        .add("act", Op::PRelu(PRelu { channels: 16 }), &[c1])
+        .unwrap();
+    let slopes: Vec<f32> = (0..16).map(|c| 0.05 * c as f32 - 0.3).collect();
+    b.set(
+        "act.weight",
+        Tensor::from_vec(slopes.clone(), 16, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let c2 = b.conv("c2", p, Conv2d::new(16, 4, 3, 1, 1)).unwrap();
+    let g = b.finish(&[c2]).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    // PReLU against its formula on the conv output.
+    let cfg = lopper::exec::ForwardOpts {
+        keep: &[c1, p],
+        ..lopper::exec::ForwardOpts::new(Mode::Eval)
+    };
+    let out = lopper::exec::forward_with(&g, &x, &cfg).unwrap();
+    let (pre, post) = (vals(&out.kept[&c1]), vals(&out.kept[&p]));
+    for (k, (&a, &y)) in pre.iter().zip(&post).enumerate() {
+        let s = slopes[(k / 64) % 16];
+        let want = if a > 0.0 { a } else { s * a };
+        assert!((y - want).abs() < 1e-5, "PReLU at {k}: {y} vs {want}");
+    }
+    // Pruning keeps each kept channel's slope with it.
+    let groups = dependency_groups(&g).unwrap();
+    let cfg = PlanConfig {
+        criterion: Criterion::L1,
+        scope: Scope::Local,
+        budget: Budget::Ratio(0.5),
+        round_to: 1,
+        lamp: false,
+        overrides: vec![],
+        seed: 0,
+    };
+    let removal = plan(&g, &groups, &cfg, None).unwrap();
+    let pruned = remove_units(&g, &groups, &removal).unwrap();
+    let pid = pruned.node_id("act").unwrap();
+    let Op::PRelu(pr) = &pruned.nodes[pid].op else {
+        panic!("PReLU vanished")
+    };
+    assert_eq!(pr.channels, 8);
+    let kept: Vec<f32> = vals(pruned.param(pid, "weight").unwrap().as_tensor());
+    let want: Vec<f32> = (0..16)
+        .filter(|c| !removal.removed[pid].contains(c))
+        .map(|c| slopes[c])
+        .collect();
+    assert_eq!(kept, want);
+    // And the pruned graph exports and imports to the same outputs.
+    let back = import_bytes(&export_bytes(&pruned).unwrap(), "pruned").unwrap();
+    let (a, b) = (outputs_of(&pruned, &x), outputs_of(&back, &x));
+    let err = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-5, "pruned PReLU export differs by {err}");
+}
