@@ -206,6 +206,27 @@ fn conv_cases() -> Vec<ConvCase> {
             k: [5, 5],
             cfg: cfg([1, 1], [2; 4], [1, 1], 1),
         },
+        // Atrous conv on a map smaller than its dilation (DeepLab's ASPP at low
+        // resolution): the outer taps never touch the input (once a panic in im2col).
+        ConvCase {
+            n: 2,
+            c: 3,
+            h: 3,
+            w: 2,
+            o: 4,
+            k: [3, 3],
+            cfg: cfg([1, 1], [4; 4], [4, 4], 1),
+        },
+        // The same with a depthwise conv.
+        ConvCase {
+            n: 1,
+            c: 4,
+            h: 2,
+            w: 3,
+            o: 4,
+            k: [3, 3],
+            cfg: cfg([1, 1], [3; 4], [3, 3], 4),
+        },
     ]
 }
 

@@ -8,7 +8,10 @@ use candle_core::{Device, Tensor};
 use lopper::data;
 use lopper::exec::{forward, Mode};
 use lopper::graph::builder::GraphBuilder;
-use lopper::graph::ops::{Activation, ActivationKind, Conv2d, Op, PRelu};
+use lopper::graph::ops::{
+    Activation, ActivationKind, Conv2d, CoordMode, Nearest, Op, PRelu, Resize, ResizeMode,
+    ResizeTarget,
+};
 use lopper::graph::Graph;
 use lopper::onnx::{export::export_bytes, import::import_bytes};
 use lopper::prune::{dependency_groups, plan, remove_units, Budget, Criterion, PlanConfig, Scope};
@@ -276,4 +279,221 @@ fn prelu_slopes_are_pruned_with_their_channels() {
         .map(|(p, q)| (p - q).abs())
         .fold(0f32, f32::max);
     assert!(err < 1e-5, "pruned PReLU export differs by {err}");
+}
+
+/// ONNX's resize rule for one output pixel, written out directly (no matrices).
+fn resize_ref(r: &Resize, x: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> f32 {
+    let (oh, ow) = r.out_size(h, w);
+    let (sh, sw) = match r.target {
+        ResizeTarget::Scales { h, w } => (h, w),
+        ResizeTarget::Sizes { .. } => (oh as f64 / h as f64, ow as f64 / w as f64),
+    };
+    let src = |o: usize, s: f64, out: usize, inp: usize| -> f64 {
+        match r.coord {
+            CoordMode::HalfPixel => (o as f64 + 0.5) / s - 0.5,
+            CoordMode::PytorchHalfPixel if out > 1 => (o as f64 + 0.5) / s - 0.5,
+            CoordMode::PytorchHalfPixel => 0.0,
+            CoordMode::AlignCorners if out > 1 => o as f64 * (inp - 1) as f64 / (out - 1) as f64,
+            CoordMode::AlignCorners => 0.0,
+            CoordMode::Asymmetric => o as f64 / s,
+        }
+    };
+    let (fy, fx) = (src(oy, sh, oh, h), src(ox, sw, ow, w));
+    let at = |y: usize, x_: usize| x[y * w + x_];
+    match r.mode {
+        ResizeMode::Nearest(n) => {
+            let round = |v: f64| match n {
+                Nearest::Floor => v.floor(),
+                Nearest::Ceil => v.ceil(),
+                Nearest::RoundPreferFloor => (v - 0.5).ceil(),
+                Nearest::RoundPreferCeil => (v + 0.5).floor(),
+            };
+            let iy = round(fy).clamp(0.0, (h - 1) as f64) as usize;
+            let ix = round(fx).clamp(0.0, (w - 1) as f64) as usize;
+            at(iy, ix)
+        }
+        ResizeMode::Linear => {
+            let fy = fy.clamp(0.0, (h - 1) as f64);
+            let fx = fx.clamp(0.0, (w - 1) as f64);
+            let (y0, x0) = (fy.floor() as usize, fx.floor() as usize);
+            let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
+            let (ty, tx) = ((fy - y0 as f64) as f32, (fx - x0 as f64) as f32);
+            let top = at(y0, x0) * (1.0 - tx) + at(y0, x1) * tx;
+            let bot = at(y1, x0) * (1.0 - tx) + at(y1, x1) * tx;
+            top * (1.0 - ty) + bot * ty
+        }
+    }
+}
+
+#[test]
+fn resize_matches_onnx_rules_round_trips_and_follows_resolution() {
+    let cases = [
+        (
+            ResizeMode::Linear,
+            CoordMode::HalfPixel,
+            ResizeTarget::Scales { h: 2.0, w: 2.0 },
+        ),
+        (
+            ResizeMode::Linear,
+            CoordMode::PytorchHalfPixel,
+            ResizeTarget::Sizes { h: 9, w: 4 },
+        ),
+        (
+            ResizeMode::Linear,
+            CoordMode::AlignCorners,
+            ResizeTarget::Sizes { h: 11, w: 13 },
+        ),
+        (
+            ResizeMode::Nearest(Nearest::Floor),
+            CoordMode::Asymmetric,
+            ResizeTarget::Scales { h: 2.0, w: 3.0 },
+        ),
+        (
+            ResizeMode::Nearest(Nearest::RoundPreferFloor),
+            CoordMode::HalfPixel,
+            ResizeTarget::Sizes { h: 3, w: 7 },
+        ),
+        (
+            ResizeMode::Nearest(Nearest::RoundPreferCeil),
+            CoordMode::AlignCorners,
+            ResizeTarget::Sizes { h: 8, w: 2 },
+        ),
+    ];
+    let (c, h, w) = (2, 5, 6);
+    let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &Device::Cpu).unwrap();
+    let xv = vals(&x);
+    for (mode, coord, target) in cases {
+        let r = Resize {
+            mode,
+            coord,
+            target,
+        };
+        let mut b = GraphBuilder::new(0);
+        let i = b.input(&[c, h, w]).unwrap();
+        let o = b.add("up", Op::Resize(r.clone()), &[i]).unwrap();
+        let g = b.finish(&[o]).unwrap();
+        let got = outputs_of(&g, &x);
+        let (oh, ow) = r.out_size(h, w);
+        assert_eq!(got.len(), c * oh * ow, "{r:?}");
+        for ch in 0..c {
+            let plane = &xv[ch * h * w..(ch + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let want = resize_ref(&r, plane, h, w, oy, ox);
+                    let y = got[(ch * oh + oy) * ow + ox];
+                    assert!(
+                        (y - want).abs() < 1e-5,
+                        "{r:?} at {ch},{oy},{ox}: {y} vs {want}"
+                    );
+                }
+            }
+        }
+        let back = import_bytes(&export_bytes(&g).unwrap(), "resize").unwrap();
+        assert_eq!(outputs_of(&back, &x), got, "{r:?}: export → import differs");
+    }
+    // A scale follows a resolution change; the gradient flows through the resize.
+    let r = Resize {
+        mode: ResizeMode::Linear,
+        coord: CoordMode::HalfPixel,
+        target: ResizeTarget::Scales { h: 2.0, w: 2.0 },
+    };
+    let mut b = GraphBuilder::new(1);
+    let i = b.input(&[3, 8, 8]).unwrap();
+    let cv = b.conv("c", i, Conv2d::new(3, 4, 3, 1, 1)).unwrap();
+    let o = b.add("up", Op::Resize(r), &[cv]).unwrap();
+    let g = b.finish(&[o]).unwrap();
+    let small = lopper::prune::with_resolution(&g, 6, 6).unwrap();
+    assert_eq!(small.shapes().unwrap()[small.outputs[0]], vec![4, 12, 12]);
+    let xs = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    let y = forward(&g, &xs, Mode::Train).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let cw = g.param(g.node_id("c").unwrap(), "weight").unwrap();
+    assert!(
+        grads.get(cw.as_tensor()).is_some(),
+        "no gradient through Resize"
+    );
+}
+
+/// Squeeze-excitation whose gate goes through reshapes (`[C,1,1] → [C] → … → [C,1,1]`, as
+/// exporters write Squeeze/Unsqueeze) and a flatten written as a reshape: the channel
+/// groups follow the reshapes, so pruning is not blocked, and the result runs.
+#[test]
+fn reshapes_around_squeeze_excitation_do_not_block_pruning() {
+    let mut b = GraphBuilder::new(5);
+    let i = b.input(&[3, 6, 6]).unwrap();
+    let c1 = b.conv("c1", i, Conv2d::new(3, 16, 3, 1, 1)).unwrap();
+    let r1 = b.relu(c1).unwrap();
+    let gap = b.gap(r1).unwrap();
+    let sq = b
+        .add(
+            "squeeze",
+            Op::Reshape(lopper::graph::ops::Reshape { shape: vec![16] }),
+            &[gap],
+        )
+        .unwrap();
+    let f1 = b.linear("fc1", sq, 16, 4).unwrap();
+    let a1 = b.relu(f1).unwrap();
+    let f2 = b.linear("fc2", a1, 4, 16).unwrap();
+    let un = b
+        .add(
+            "unsqueeze",
+            Op::Reshape(lopper::graph::ops::Reshape {
+                shape: vec![16, 1, 1],
+            }),
+            &[f2],
+        )
+        .unwrap();
+    let gate = b.act(un, ActivationKind::Sigmoid).unwrap();
+    let m = b.mul_nodes(r1, gate).unwrap();
+    let c2 = b.conv("c2", m, Conv2d::new(16, 8, 3, 2, 1)).unwrap();
+    let flat = b
+        .add(
+            "flat",
+            Op::Reshape(lopper::graph::ops::Reshape { shape: vec![-1] }),
+            &[c2],
+        )
+        .unwrap();
+    let head = b.linear("head", flat, 8 * 9, 5).unwrap();
+    let g = b.finish(&[head]).unwrap();
+    let groups = dependency_groups(&g).unwrap();
+    let c1_id = g.node_id("c1").unwrap();
+    let owner = groups.owner[c1_id][0].0;
+    assert!(
+        groups.groups[owner].prunable_units().len() == 16,
+        "the SE-gated group is blocked: {:?}",
+        lopper::prune::blocked_groups(&g, &groups)
+    );
+    let cfg = PlanConfig {
+        criterion: Criterion::L1,
+        scope: Scope::Local,
+        budget: Budget::Ratio(0.5),
+        round_to: 1,
+        lamp: false,
+        overrides: vec![],
+        seed: 0,
+    };
+    let removal = plan(&g, &groups, &cfg, None).unwrap();
+    let pruned = remove_units(&g, &groups, &removal).unwrap();
+    let width = |g: &Graph, n: &str| match &g.nodes[g.node_id(n).unwrap()].op {
+        Op::Conv2d(c) => c.out_channels,
+        Op::Linear(l) => l.in_features,
+        _ => unreachable!(),
+    };
+    assert_eq!(width(&pruned, "c1"), 8, "the SE-gated conv was not pruned");
+    assert_eq!(width(&pruned, "c2"), 4, "the flattened conv was not pruned");
+    assert_eq!(
+        width(&pruned, "head"),
+        4 * 9,
+        "the head did not follow the flatten"
+    );
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &Device::Cpu).unwrap();
+    let back = import_bytes(&export_bytes(&pruned).unwrap(), "se").unwrap();
+    let (a, bb) = (outputs_of(&pruned, &x), outputs_of(&back, &x));
+    assert_eq!(a.len(), 2 * 5);
+    let err = a
+        .iter()
+        .zip(&bb)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-5, "pruned SE export differs by {err}");
 }

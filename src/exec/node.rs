@@ -65,6 +65,7 @@ pub(crate) fn run(
         Op::ChannelGather(gth) => gather(gth, x),
         Op::ChannelAffine(a) => affine(g, i, a, x),
         Op::PRelu(_) => prelu(g, i, x),
+        Op::Resize(r) => resize(r, x),
         Op::MaxPool(pc) => pool(pc, x, true),
         Op::AvgPool(pc) => pool(pc, x, false),
         Op::GlobalAvgPool(_) => Ok(kernels::global_avg_pool(x)?),
@@ -239,6 +240,18 @@ fn gather(gth: &ChannelGather, x: &Tensor) -> Result<Tensor> {
     let idx: Vec<u32> = gth.indices.iter().map(|&i| i as u32).collect();
     let idx = Tensor::from_vec(idx, gth.indices.len(), x.device())?;
     Ok(x.index_select(&idx, 1)?)
+}
+
+/// `A_h · x · A_wᵀ` with the op's interpolation matrices (differentiable: both products
+/// are matmuls).
+fn resize(r: &crate::graph::ops::Resize, x: &Tensor) -> Result<Tensor> {
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    let (oh, ow) = r.out_size(h, w);
+    let dev = x.device();
+    let ah = Tensor::from_vec(r.matrix(true, h, oh), (oh, h), dev)?;
+    let awt = Tensor::from_vec(r.matrix(false, w, ow), (ow, w), dev)?.t()?;
+    let y = x.broadcast_matmul(&awt.contiguous()?)?;
+    Ok(ah.broadcast_matmul(&y)?)
 }
 
 /// `max(x, 0) + slope[c]·min(x, 0)`, the slope broadcast over the channel axis.

@@ -170,6 +170,11 @@ fn general_im2col(g: &Geo, x: &[f32], col: &mut [f32]) {
                     let src = &xc[iy * g.w..(iy + 1) * g.w];
                     d[..xlo].fill(0.0);
                     d[xhi..].fill(0.0);
+                    if xhi == xlo {
+                        // The tap falls outside the input for every column (a dilation
+                        // wider than the padded input): the row is all padding.
+                        continue;
+                    }
                     if g.sw == 1 {
                         let ix0 = xlo + kx * g.dw - g.pl;
                         d[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
@@ -212,7 +217,9 @@ pub fn col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
             for kx in 0..g.kw {
                 let (xlo, xhi) = g.valid_x(kx);
                 let src = &col[row * p..(row + 1) * p];
-                for oy in ylo..yhi {
+                // A tap outside the input for every column contributes nothing.
+                let ys = if xhi > xlo { ylo..yhi } else { 0..0 };
+                for oy in ys {
                     let iy = oy * g.sh + ky * g.dh - g.pt;
                     let d = &mut dc[iy * g.w..(iy + 1) * g.w];
                     let s = &src[oy * g.ow..(oy + 1) * g.ow];

@@ -27,6 +27,9 @@ impl<'a> Attrs<'a> {
     pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
         self.get(name).map(|a| a.ints.clone())
     }
+    pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
+        self.get(name).map(|a| a.floats.clone())
+    }
     pub fn string(&self, name: &str, default: &str) -> String {
         self.get(name).map_or(default.to_string(), |a| {
             String::from_utf8_lossy(&a.s).into_owned()

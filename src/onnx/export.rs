@@ -3,7 +3,7 @@
 //! widths are visible in any ONNX viewer. The batch axis is symbolic (`N`).
 
 use super::value::{f32_proto, i64_proto};
-use crate::graph::ops::{param, ActivationKind, Op, Pool2d};
+use crate::graph::ops::{param, ActivationKind, Op, Pool2d, Resize};
 use crate::graph::shape::Shape;
 use crate::graph::{param_key, Graph};
 use anyhow::{anyhow, Result};
@@ -27,6 +27,13 @@ fn attr_f(name: &str, v: f32) -> AttributeProto {
     a.name = name.into();
     a.type_ = AttributeType::FLOAT.into();
     a.f = v;
+    a
+}
+fn attr_s(name: &str, v: &str) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::STRING.into();
+    a.s = v.as_bytes().to_vec();
     a
 }
 fn attr_is(name: &str, v: &[usize]) -> AttributeProto {
@@ -206,6 +213,7 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.node("Mul", &m, &[x, &w], &m, vec![]);
             o.node("Add", name, &[&m, &b], name, vec![]);
         }
+        Op::Resize(r) => export_resize(o, name, x, r),
         Op::PRelu(p) => {
             let d = chan(p.channels);
             let w = o.init(g, i, param::WEIGHT, Some(&d))?;
@@ -221,6 +229,66 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
         Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
     }
     Ok(())
+}
+
+/// `Resize` (opset 17 form: X, roi, scales, sizes). A fixed size becomes `sizes` built as
+/// `Shape(x)[0:2] ++ [h, w]`, since the batch is symbolic; a scale stays a scale.
+fn export_resize(o: &mut Out, name: &str, x: &str, r: &Resize) {
+    use crate::graph::ops::{CoordMode as C, Nearest as R, ResizeMode as M, ResizeTarget as T};
+    let c = |k: &str| format!("{name}.{k}");
+    let coord = match r.coord {
+        C::HalfPixel => "half_pixel",
+        C::PytorchHalfPixel => "pytorch_half_pixel",
+        C::AlignCorners => "align_corners",
+        C::Asymmetric => "asymmetric",
+    };
+    let mut attrs = vec![attr_s("coordinate_transformation_mode", coord)];
+    match r.mode {
+        M::Linear => attrs.push(attr_s("mode", "linear")),
+        M::Nearest(n) => {
+            attrs.push(attr_s("mode", "nearest"));
+            let nm = match n {
+                R::RoundPreferFloor => "round_prefer_floor",
+                R::RoundPreferCeil => "round_prefer_ceil",
+                R::Floor => "floor",
+                R::Ceil => "ceil",
+            };
+            attrs.push(attr_s("nearest_mode", nm));
+        }
+    }
+    match r.target {
+        T::Scales { h, w } => {
+            o.inits.push(f32_proto(
+                &c("scales"),
+                &[4],
+                &[1.0, 1.0, h as f32, w as f32],
+            ));
+            o.node("Resize", name, &[x, "", &c("scales")], name, attrs);
+        }
+        T::Sizes { h, w } => {
+            o.inits.push(i64_proto(&c("start"), &[0]));
+            o.inits.push(i64_proto(&c("end"), &[2]));
+            o.inits.push(i64_proto(&c("hw"), &[h as i64, w as i64]));
+            o.node("Shape", &c("shape"), &[x], &c("shape"), vec![]);
+            let ins = [c("shape"), c("start"), c("end")];
+            o.node(
+                "Slice",
+                &c("nc"),
+                &[&ins[0], &ins[1], &ins[2]],
+                &c("nc"),
+                vec![],
+            );
+            let cat = vec![attr_i("axis", 0)];
+            o.node(
+                "Concat",
+                &c("sizes"),
+                &[&c("nc"), &c("hw")],
+                &c("sizes"),
+                cat,
+            );
+            o.node("Resize", name, &[x, "", "", &c("sizes")], name, attrs);
+        }
+    }
 }
 
 /// Pooling attributes; `count_include_pad` exists only on AveragePool.

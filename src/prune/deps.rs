@@ -245,6 +245,28 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<Blocked>) {
                     (0..inner).for_each(|k| uf.union(el.e(ins[0], c), el.e(i, c * inner + k)));
                 }
             }
+            Coupling::Reshape => {
+                let (si, so) = (&shapes[ins[0]], &shapes[i]);
+                let (ci, co) = (ch[ins[0]], ch[i]);
+                if ci == co {
+                    el.pair(&mut uf, ins[0], i, co);
+                } else if ci > 0 && co % ci == 0 && numel(so) == co {
+                    // Flatten: input channel c is output features [c·inner, (c+1)·inner).
+                    let inner = co / ci;
+                    for c in 0..ci {
+                        (0..inner).for_each(|k| uf.union(el.e(ins[0], c), el.e(i, c * inner + k)));
+                    }
+                } else if co > 0 && ci % co == 0 && numel(si) == ci {
+                    // Un-flatten: input features [c·inner, (c+1)·inner) are output channel c.
+                    let inner = ci / co;
+                    for c in 0..co {
+                        (0..inner).for_each(|k| uf.union(el.e(i, c), el.e(ins[0], c * inner + k)));
+                    }
+                } else {
+                    el.block(&mut blocked, ins[0], i, Block::Opaque);
+                    el.block(&mut blocked, i, i, Block::Opaque);
+                }
+            }
             Coupling::Opaque => {
                 ins.iter()
                     .for_each(|&j| el.block(&mut blocked, j, i, Block::Opaque));

@@ -110,9 +110,17 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 | Op::Mul(_)
                 | Op::Concat(_)
                 | Op::Dropout(_)
+                | Op::Resize(_)
                 | Op::Identity(_) => {}
-                // Their coupling blocks every group they touch: never resized.
-                Op::Reshape(_) | Op::Softmax(_) => {}
+                // A reshape that couples channels keeps its leading axis in step with them
+                // (a `-1` there is inferred anyway).
+                Op::Reshape(r) => {
+                    if r.shape.first().is_some_and(|&d| d > 0) {
+                        r.shape[0] = keep[i].len() as i64;
+                    }
+                }
+                // Its coupling blocks every group it touches: never resized.
+                Op::Softmax(_) => {}
             }
             n
         })

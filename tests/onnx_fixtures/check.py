@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """ONNX round trip against onnxruntime (issue 8), on models exported by PyTorch.
 
-For ResNet-18, MobileNetV2, DenseNet-121, ShuffleNetV2 (torchvision, random init, 10
-classes; ShuffleNet exercises Split and channel shuffles) and a squeeze-excitation net, at 3x64x64: export with torch.onnx (opset 17), import with lopper
+For torchvision classifiers (ResNet-18/50, MobileNetV2/V3, EfficientNet-B0, RegNetX,
+DenseNet-121, ShuffleNetV2, SqueezeNet, GoogLeNet; random init, 10 classes), a
+squeeze-excitation net, a UNet-style segmentation net and two torchvision segmentation
+models (FCN, DeepLabV3), at 3x64x64, with both PyTorch exporters (the legacy TorchScript
+one with a symbolic batch, and the default one, which fixes the batch to 1 and writes
+external data): import with lopper
 and compare its forward with onnxruntime (1e-4), prune to ~50 % MACs through the dependency
 groups (`lopper prune --data none --method l1`), export the pruned graph, and check that
 onnxruntime runs it with outputs equal to lopper's forward of the pruned graph (1e-4) and
@@ -60,6 +64,30 @@ class SE(nn.Module):
         return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
 
 
+class UNet(nn.Module):
+    """A UNet-style segmentation net: two down steps, bilinear and nearest upsampling,
+    skip concatenations, a 3-class per-pixel head."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.e1, self.e2, self.mid = block(3, 16), block(16, 32), block(32, 64)
+        self.d2, self.d1 = block(64 + 32, 32), block(32 + 16, 16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        e1 = self.e1(x)
+        e2 = self.e2(nn.functional.max_pool2d(e1, 2))
+        m = self.mid(nn.functional.max_pool2d(e2, 2))
+        u2 = nn.functional.interpolate(m, scale_factor=2, mode="bilinear", align_corners=False)
+        d2 = self.d2(torch.cat([u2, e2], 1))
+        u1 = nn.functional.interpolate(d2, scale_factor=2, mode="nearest")
+        return self.head(self.d1(torch.cat([u1, e1], 1)))
+
+
 def models():
     tv = torchvision.models
     seg = torchvision.models.segmentation
@@ -76,7 +104,10 @@ def models():
         "squeezenet1_0": lambda: tv.squeezenet1_0(num_classes=10),
         "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
         "se_net": SENet,
+        "unet": UNet,
         "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=5, weights_backbone=None, aux_loss=False),
+        "deeplabv3_mobilenet_v3_large": lambda: seg.deeplabv3_mobilenet_v3_large(
+            num_classes=5, weights_backbone=None, aux_loss=False),
     }
 
 
@@ -168,9 +199,9 @@ def check_one(m, name, exporter, d, rng):
         err_import = close(lopper_forward(dense, x, d), ort_run(dense, x).reshape(4, -1))
         pruned_st = os.path.join(d, f"{name}-{exporter}-pruned.safetensors")
         pruned = os.path.join(d, f"{name}-{exporter}-pruned.onnx")
-        # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the tiny SE
-        # net (32/64 channels) uses 4 so that 50 % MACs stays reachable.
-        round_to = "4" if name == "se_net" else "8"
+        # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the small SE
+        # net and UNet (16-64 channels) use 4 so that 50 % MACs stays reachable.
+        round_to = "4" if name in ("se_net", "unet") else "8"
         rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
                                 "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
         lopper("convert", pruned_st, "-o", pruned)

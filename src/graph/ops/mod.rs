@@ -14,6 +14,7 @@ mod pad;
 mod pool;
 mod prelu;
 mod reshape;
+mod resize;
 
 pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
@@ -27,6 +28,7 @@ pub use pad::ChannelPad;
 pub use pool::{GlobalAvgPool, Pool2d};
 pub use prelu::PRelu;
 pub use reshape::{Flatten, Reshape};
+pub use resize::{CoordMode, Nearest, Resize, ResizeMode, ResizeTarget};
 
 use crate::graph::shape::Shape;
 use anyhow::Result;
@@ -107,6 +109,11 @@ pub enum Coupling {
     /// `inner` being the input's per-channel size (read from the shapes, which the op
     /// alone does not know).
     Flatten,
+    /// A reshape: read from the shapes. Keeping the leading axis keeps every channel's
+    /// block (`c → c`, e.g. `[C,1,1] ↔ [C]` around squeeze-excitation); a leading axis of
+    /// `in[0]·inner` flattens (`c → [c·inner, (c+1)·inner)`); the reverse un-flattens.
+    /// Anything else is opaque.
+    Reshape,
     /// Channels cannot be followed through this op: pruning stops at its boundary.
     Opaque,
 }
@@ -160,6 +167,7 @@ pub enum Op {
     ChannelPad(ChannelPad),
     ChannelAffine(ChannelAffine),
     PRelu(PRelu),
+    Resize(Resize),
     ChannelGather(ChannelGather),
     Dropout(Dropout),
     Softmax(Softmax),
@@ -186,6 +194,7 @@ impl Op {
             Op::ChannelPad(o) => o,
             Op::ChannelAffine(o) => o,
             Op::PRelu(o) => o,
+            Op::Resize(o) => o,
             Op::ChannelGather(o) => o,
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,

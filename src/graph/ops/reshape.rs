@@ -72,8 +72,6 @@ impl OpSpec for Reshape {
     }
 
     fn coupling(&self) -> Coupling {
-        // A reshape that only flattens trailing dims keeps channel blocks; the engine checks
-        // that case from shapes and treats everything else as opaque.
-        Coupling::Opaque
+        Coupling::Reshape
     }
 }

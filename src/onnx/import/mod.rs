@@ -7,6 +7,7 @@
 mod elementwise;
 mod nn;
 pub mod registry;
+mod resize;
 mod shape;
 
 use super::external::ExternalData;

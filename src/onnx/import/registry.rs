@@ -3,7 +3,7 @@
 //! "supported:" list of the unsupported-op error and the README's op table are all read
 //! from here (`tests/onnx.rs` checks the README against [`markdown_table`]).
 
-use super::{elementwise as ew, nn, shape, Ctx, Value};
+use super::{elementwise as ew, nn, resize, shape, Ctx, Value};
 use crate::graph::ops::ActivationKind as A;
 use anyhow::Result;
 use onnx_protobuf::NodeProto;
@@ -69,6 +69,8 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "PRelu", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::prelu), note: "constant slope, per channel or shared (pruned with its channel)" },
     OpEntry { op_type: "HardSwish", opsets: (14, 23), inputs: (1, 1), outputs: (1, 1), convert: act!(A::HardSwish), note: "" },
     OpEntry { op_type: "Tanh", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Tanh), note: "" },
+    OpEntry { op_type: "Resize", opsets: (10, 23), inputs: (1, 4), outputs: (1, 1), convert: one!(resize::resize), note: "nearest (every nearest_mode) and linear on H, W; half_pixel, pytorch_half_pixel, align_corners, asymmetric; constant scales or sizes" },
+    OpEntry { op_type: "Upsample", opsets: (7, 9), inputs: (1, 2), outputs: (1, 1), convert: one!(resize::upsample), note: "nearest and linear" },
     OpEntry { op_type: "Softmax", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::softmax), note: "over the class axis" },
     OpEntry { op_type: "Identity", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::identity), note: "on tensors and on constants" },
     OpEntry { op_type: "Dropout", opsets: ALL, inputs: (1, 3), outputs: (1, 2), convert: one!(ew::dropout), note: "ratio from the attribute or a constant input (the mask output unused)" },
