@@ -145,3 +145,50 @@ proptest! {
         let _ = io::load_bytes(&b, "fuzz.safetensors");
     }
 }
+
+/// A plain PyTorch state dict of a net with batch norm, as `safetensors.torch.save_file`
+/// writes it: every BN carries an I64 `num_batches_tracked` (ignored), and the weights may
+/// be BF16 (converted). The loaded model matches the F32 one to BF16 precision.
+#[test]
+fn pytorch_state_dicts_with_num_batches_tracked_and_bf16_load() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let g = zoo::build("resnet8", 4).unwrap();
+    common::randomise_bn(&g, 1);
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, v) in g.params() {
+        let f: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        // BF16 is the top half of an f32 (rounded to nearest even).
+        let b: Vec<u8> = f
+            .iter()
+            .flat_map(|x| {
+                let u = x.to_bits();
+                let r = ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16;
+                r.to_le_bytes()
+            })
+            .collect();
+        bufs.push((k.clone(), Dtype::BF16, v.dims().to_vec(), b));
+        if let Some(bn) = k.strip_suffix(".running_mean") {
+            let n: Vec<u8> = 7i64.to_le_bytes().to_vec();
+            bufs.push((format!("{bn}.num_batches_tracked"), Dtype::I64, vec![], n));
+        }
+    }
+    assert!(
+        bufs.iter().any(|b| b.1 == Dtype::I64),
+        "resnet8 has batch norm"
+    );
+    let views: Vec<(String, TensorView)> = bufs
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let p = tmp("state_dict_bf16.safetensors");
+    std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+    let fresh = zoo::build("resnet8", 99).unwrap();
+    io::load_weights(&fresh, &p).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let a: Vec<f32> = common::vals(&forward(&g, &x, Mode::Eval).unwrap());
+    let b: Vec<f32> = common::vals(&forward(&fresh, &x, Mode::Eval).unwrap());
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() < 0.05 * scale, "{p} vs {q}");
+    }
+}
