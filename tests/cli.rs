@@ -20,11 +20,28 @@ fn gz(bytes: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn demo_runs_and_reports_json() {
-    let (ok, out, err) = lopper(&["demo", "--epochs", "3", "--json"]);
+fn demo_trains_prunes_sparsifies_and_reports() {
+    let dir = common::fresh_dir("demo", "out");
+    let d = dir.to_str().unwrap();
+    let (ok, out, err) = lopper(&["demo", "--epochs", "3", "--json", "--out", d]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["after"]["top1"].as_f64().unwrap() > 0.5, "{out}");
+    assert!(
+        v["dense"]["result"]["top1"].as_f64().unwrap() > 0.5,
+        "{out}"
+    );
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8, "four structured and four sparsity methods");
+    for s in steps {
+        let r = &s["report"];
+        match r.get("macs_ratio") {
+            // Structured: at most half the MACs, physically smaller.
+            Some(m) => assert!(m.as_f64().unwrap() <= 0.5 + 1e-9, "{s}"),
+            // Sparse: 90 % zeros.
+            None => assert!((r["sparsity"].as_f64().unwrap() - 0.9).abs() < 0.01, "{s}"),
+        }
+    }
+    assert!(dir.join("report.html").exists());
 }
 
 #[test]

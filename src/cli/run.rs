@@ -46,14 +46,49 @@ pub fn run(a: RunArgs) -> Result<()> {
             rep.seconds,
             out.join("report.html").display()
         );
-        for s in &rep.steps {
-            println!(
-                "  {:<36} top-1 {:>7}  MACs {:>7}",
-                s.step.id,
-                s.report.accuracy().map_or("—".into(), pct),
-                pct(s.report.macs_fraction())
-            );
-        }
+        print_table(&rep);
     }
     Ok(())
+}
+
+/// The results as a table: one row per step, the dense model first. MACs are the kept
+/// fraction (for sparse models: the MACs of the non-zero weights); latency is measured on
+/// this machine in lopper's runtime.
+pub(super) fn print_table(rep: &lopper::recipe::report::RunReport) {
+    let dense = rep.dense.result.top1;
+    let dense_latency = rep.steps.iter().find_map(|s| match &s.report {
+        lopper::recipe::report::StepReport::Prune(p) => {
+            Some((p.dense.latency_b1_ms, p.dense.latency_b64_ms))
+        }
+        lopper::recipe::report::StepReport::Sparsify(_) => None,
+    });
+    println!(
+        "\n  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7}",
+        "method", "top-1", "Δ top-1", "MACs", "zeros", "latency b1/b64 ms", "wall s"
+    );
+    let lat =
+        |l: Option<(f64, f64)>| l.map_or("—".to_string(), |(a, b)| format!("{a:.2} / {b:.1}"));
+    println!(
+        "  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7}",
+        "dense",
+        pct(dense),
+        "",
+        "100.0%",
+        "—",
+        lat(dense_latency),
+        ""
+    );
+    for s in &rep.steps {
+        let acc = s.report.accuracy();
+        println!(
+            "  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7.1}",
+            s.step.id.trim_end_matches("-s0"),
+            acc.map_or("—".into(), pct),
+            acc.map_or("—".into(), |a| format!("{:+.2}", 100.0 * (a - dense))),
+            pct(s.report.macs_fraction()),
+            s.report.sparsity().map_or("—".into(), pct),
+            lat(Some(s.report.latency_ms())),
+            s.seconds
+        );
+    }
 }
