@@ -186,7 +186,12 @@ fn training_curves(r: &RunReport) -> String {
     }
     if !curves.is_empty() {
         h += "<h2>Training curves</h2>\n";
-        h += &line_chart("Sparse-training loss per epoch", "epoch", "loss", &curves);
+        h += &line_chart(
+            "Sparse training: KL to the dense teacher per epoch",
+            "epoch",
+            "KL",
+            &curves,
+        );
     }
     h
 }

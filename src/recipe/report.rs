@@ -109,6 +109,8 @@ impl StepReport {
         struct Epoch {
             epoch: usize,
             loss: f64,
+            #[serde(default)]
+            kl: Option<f64>,
         }
         let StepReport::Sparsify(r) = self else {
             return Vec::new();
@@ -119,7 +121,8 @@ impl StepReport {
             .and_then(|t| serde_json::from_value::<Vec<Epoch>>(t.clone()).ok())
             .unwrap_or_default()
             .into_iter()
-            .map(|e| (e.epoch as f64, e.loss))
+            // The KL to the teacher where recorded (never negative), else the objective.
+            .map(|e| (e.epoch as f64, e.kl.unwrap_or(e.loss)))
             .collect()
     }
 }

@@ -8,7 +8,7 @@
 //! once and gradients are masked (the "static mask" ablation). The teacher is the frozen
 //! dense model, by default in training-mode batch norm as the reference runs it.
 
-use super::loss::{base_decayed_kd, tau_at};
+use super::loss::{base_decayed_kd, kd_kl, tau_at};
 use super::schedule::lr_at;
 use crate::data::{Augment, Dataset};
 use crate::exec::{forward_with, ForwardOpts, Mode, WeightMask};
@@ -122,7 +122,11 @@ pub struct DstEpoch {
     pub epoch: usize,
     pub tau: f64,
     pub lr: f64,
+    /// The base-decayed objective (spec §3.5); it can be negative.
     pub loss: f64,
+    /// KL divergence from the softened teacher to the student (≥ 0), for reading progress.
+    #[serde(default)]
+    pub kl: f64,
     /// Fraction of mask entries that changed during the epoch (regrowth activity).
     pub mask_flips: f64,
     pub test_top1: Option<f64>,
@@ -176,7 +180,7 @@ pub fn train(
         };
         let order = data.shuffled(cfg.seed.wrapping_mul(1000).wrapping_add(epoch as u64));
         let mut rng = Pcg64::seed_from_u64(cfg.seed.wrapping_mul(7919).wrapping_add(epoch as u64));
-        let (mut loss_sum, mut seen, mut flips) = (0f64, 0usize, 0usize);
+        let (mut loss_sum, mut kl_sum, mut seen, mut flips) = (0f64, 0f64, 0usize, 0usize);
         let mut lr = 0.0;
         for (bi, chunk) in order.chunks(cfg.batch).enumerate() {
             let t = epoch * iters + bi;
@@ -208,6 +212,7 @@ pub fn train(
             }
             opt.step(&params, &grads, lr)?;
             loss_sum += lv * chunk.len() as f64;
+            kl_sum += kd_kl(&logits, &tl, cfg.temperature)? * chunk.len() as f64;
             seen += chunk.len();
         }
         student
@@ -222,6 +227,7 @@ pub fn train(
             tau,
             lr,
             loss: loss_sum / seen.max(1) as f64,
+            kl: kl_sum / seen.max(1) as f64,
             mask_flips: flips as f64 / (total * iters).max(1) as f64,
             test_top1,
             seconds: te.elapsed().as_secs_f64(),
@@ -322,9 +328,10 @@ fn sr_ste(
 /// The one-line summary of a finished sparse-training epoch.
 fn epoch_line(e: &DstEpoch, epochs: usize) -> String {
     format!(
-        "  sparse epoch {}/{}: loss {:.4} tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
+        "  sparse epoch {}/{}: KL to teacher {:.4} (objective {:.4}) tau {:.3} lr {:.5} flips/step {:.2e}{} {:.1}s",
         e.epoch,
         epochs,
+        e.kl,
         e.loss,
         e.tau,
         e.lr,
