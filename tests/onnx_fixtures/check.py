@@ -13,20 +13,21 @@ onnxruntime runs it with outputs equal to lopper's forward of the pruned graph (
 lower latency than the dense export. The generated .onnx files stay in a temp dir (not git).
 
 Usage: python3 tests/onnx_fixtures/check.py [--report docs/results/onnx_fixtures.md]
-Outside a virtual environment it creates one in target/fixtures-venv and installs the pinned
-packages below there. ONLY="resnet18 se_net" and EXPORTERS="legacy" narrow the run."""
+When the packages are missing outside a virtual environment, it creates one in
+target/fixtures-venv and installs the pinned packages below there. ONLY="resnet18 se_net" and EXPORTERS="legacy" narrow the run."""
 import importlib.util, json, os, subprocess, sys, tempfile, time, warnings
 
 PINS = {"torch": "2.15.0", "torchvision": "0.29.2", "onnx": "1.23.2", "onnxruntime": "1.31.1", "onnxscript": "0.7.2"}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if sys.prefix == sys.base_prefix:
-    # Not in a virtual environment: make one under target/ (pinned packages), re-run there.
+missing = [f"{k}=={v}" for k, v in PINS.items() if importlib.util.find_spec(k) is None]
+if missing and sys.prefix == sys.base_prefix:
+    # Packages missing and not in a virtual environment: make one under target/ (pinned
+    # packages), re-run there.
     venv = os.path.join(ROOT, "target", "fixtures-venv")
     py = os.path.join(venv, "bin", "python")
     if not os.path.exists(py):
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     os.execv(py, [py] + sys.argv)
-missing = [f"{k}=={v}" for k, v in PINS.items() if importlib.util.find_spec(k) is None]
 if missing:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q"] + missing, check=True)
 
