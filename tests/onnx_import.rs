@@ -66,6 +66,31 @@ fn sha1_hex(b: &[u8]) -> String {
     sha1_smol::Sha1::from(b).digest().to_string()
 }
 
+/// L1, local scope, half of every group's units: the removal and the pruned graph.
+fn l1_half(g: &Graph, groups: &lopper::prune::Groups) -> (lopper::prune::Removal, Graph) {
+    let cfg = PlanConfig {
+        criterion: Criterion::L1,
+        scope: Scope::Local,
+        budget: Budget::Ratio(0.5),
+        round_to: 1,
+        lamp: false,
+        overrides: vec![],
+        seed: 0,
+    };
+    let removal = plan(g, groups, &cfg, None).unwrap();
+    let pruned = remove_units(g, groups, &removal).unwrap();
+    (removal, pruned)
+}
+
+/// Largest absolute difference of two equally long outputs.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max)
+}
+
 fn outputs_of(g: &Graph, x: &Tensor) -> Vec<f32> {
     vals(&forward(g, x, Mode::Eval).unwrap())
 }
@@ -208,11 +233,7 @@ fn new_activations_match_their_formulas_and_round_trip() {
         }
         let back = import_bytes(&export_bytes(&g).unwrap(), "export").unwrap();
         let again = outputs_of(&back, &x);
-        let err = got
-            .iter()
-            .zip(&again)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = max_diff(&got, &again);
         assert!(err < 1e-6, "{kind:?} export → import differs by {err}");
     }
 }
@@ -248,17 +269,7 @@ fn prelu_slopes_are_pruned_with_their_channels() {
     }
     // Pruning keeps each kept channel's slope with it.
     let groups = dependency_groups(&g).unwrap();
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(&g, &groups, &cfg, None).unwrap();
-    let pruned = remove_units(&g, &groups, &removal).unwrap();
+    let (removal, pruned) = l1_half(&g, &groups);
     let pid = pruned.node_id("act").unwrap();
     let Op::PRelu(pr) = &pruned.nodes[pid].op else {
         panic!("PReLU vanished")
@@ -273,11 +284,7 @@ fn prelu_slopes_are_pruned_with_their_channels() {
     // And the pruned graph exports and imports to the same outputs.
     let back = import_bytes(&export_bytes(&pruned).unwrap(), "pruned").unwrap();
     let (a, b) = (outputs_of(&pruned, &x), outputs_of(&back, &x));
-    let err = a
-        .iter()
-        .zip(&b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0f32, f32::max);
+    let err = max_diff(&a, &b);
     assert!(err < 1e-5, "pruned PReLU export differs by {err}");
 }
 
@@ -463,17 +470,7 @@ fn reshapes_around_squeeze_excitation_do_not_block_pruning() {
         "the SE-gated group is blocked: {:?}",
         lopper::prune::blocked_groups(&g, &groups)
     );
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(&g, &groups, &cfg, None).unwrap();
-    let pruned = remove_units(&g, &groups, &removal).unwrap();
+    let (removal, pruned) = l1_half(&g, &groups);
     let width = |g: &Graph, n: &str| match &g.nodes[g.node_id(n).unwrap()].op {
         Op::Conv2d(c) => c.out_channels,
         Op::Linear(l) => l.in_features,
@@ -490,10 +487,6 @@ fn reshapes_around_squeeze_excitation_do_not_block_pruning() {
     let back = import_bytes(&export_bytes(&pruned).unwrap(), "se").unwrap();
     let (a, bb) = (outputs_of(&pruned, &x), outputs_of(&back, &x));
     assert_eq!(a.len(), 2 * 5);
-    let err = a
-        .iter()
-        .zip(&bb)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0f32, f32::max);
+    let err = max_diff(&a, &bb);
     assert!(err < 1e-5, "pruned SE export differs by {err}");
 }
