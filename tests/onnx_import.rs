@@ -470,7 +470,7 @@ fn reshapes_around_squeeze_excitation_do_not_block_pruning() {
         "the SE-gated group is blocked: {:?}",
         lopper::prune::blocked_groups(&g, &groups)
     );
-    let (removal, pruned) = l1_half(&g, &groups);
+    let (_, pruned) = l1_half(&g, &groups);
     let width = |g: &Graph, n: &str| match &g.nodes[g.node_id(n).unwrap()].op {
         Op::Conv2d(c) => c.out_channels,
         Op::Linear(l) => l.in_features,
