@@ -9,8 +9,8 @@ use lopper::data;
 use lopper::exec::{forward, Mode};
 use lopper::graph::builder::GraphBuilder;
 use lopper::graph::ops::{
-    Activation, ActivationKind, Conv2d, CoordMode, Nearest, Op, PRelu, Resize, ResizeMode,
-    ResizeTarget,
+    Activation, ActivationKind, Conv2d, ConvTranspose2d, CoordMode, Nearest, Op, PRelu, Resize,
+    ResizeMode, ResizeTarget,
 };
 use lopper::graph::Graph;
 use lopper::onnx::{export::export_bytes, import::import_bytes};
@@ -489,4 +489,126 @@ fn reshapes_around_squeeze_excitation_do_not_block_pruning() {
     assert_eq!(a.len(), 2 * 5);
     let err = max_diff(&a, &bb);
     assert!(err < 1e-5, "pruned SE export differs by {err}");
+}
+
+/// A transposed conv by its definition: every input pixel scatters its kernel.
+fn conv_transpose_ref(
+    c: &ConvTranspose2d,
+    x: &[f32],
+    w: &[f32],
+    h: usize,
+    wd: usize,
+) -> (Vec<f32>, usize, usize) {
+    let (oh, ow) = (c.out_len(0, h).unwrap(), c.out_len(1, wd).unwrap());
+    let (cin, g) = (c.in_channels, c.groups);
+    let (ig, og) = (cin / g, c.out_channels / g);
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let mut y = vec![0f32; c.out_channels * oh * ow];
+    for ci in 0..cin {
+        let gi = ci / ig;
+        for iy in 0..h {
+            for ix in 0..wd {
+                let v = x[(ci * h + iy) * wd + ix];
+                for oo in 0..og {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let py = (iy * c.stride[0] + ky * c.dilation[0]) as i64
+                                - c.padding[0] as i64;
+                            let px = (ix * c.stride[1] + kx * c.dilation[1]) as i64
+                                - c.padding[1] as i64;
+                            if py < 0 || px < 0 || py >= oh as i64 || px >= ow as i64 {
+                                continue;
+                            }
+                            let o = gi * og + oo;
+                            let wv = w[((ci * og + oo) * kh + ky) * kw + kx];
+                            y[(o * oh + py as usize) * ow + px as usize] += v * wv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (y, oh, ow)
+}
+
+#[test]
+fn conv_transpose_matches_its_definition_trains_and_prunes_on_both_axes() {
+    let ct = |cin,
+              cout,
+              k: [usize; 2],
+              s: [usize; 2],
+              p: [usize; 4],
+              op: [usize; 2],
+              d: [usize; 2],
+              g| {
+        ConvTranspose2d {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: k,
+            stride: s,
+            padding: p,
+            output_padding: op,
+            dilation: d,
+            groups: g,
+            bias: false,
+        }
+    };
+    let cases = [
+        ct(4, 6, [2, 2], [2, 2], [0; 4], [0, 0], [1, 1], 1),
+        ct(4, 6, [3, 3], [2, 2], [1; 4], [1, 1], [1, 1], 1),
+        ct(3, 2, [3, 2], [1, 3], [2, 0, 1, 1], [0, 2], [1, 1], 1),
+        ct(4, 4, [3, 3], [2, 1], [1, 0, 0, 2], [1, 0], [2, 2], 2),
+    ];
+    let (h, w) = (5, 4);
+    for c in cases {
+        let mut b = GraphBuilder::new(2);
+        let i = b.input(&[c.in_channels, h, w]).unwrap();
+        let t = b.add("up", Op::ConvTranspose2d(c.clone()), &[i]).unwrap();
+        let g = b.finish(&[t]).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, c.in_channels, h, w), &Device::Cpu).unwrap();
+        let wv = vals(g.param(t, "weight").unwrap().as_tensor());
+        let (want, oh, ow) = conv_transpose_ref(&c, &vals(&x), &wv, h, w);
+        let got = outputs_of(&g, &x);
+        assert_eq!(got.len(), want.len(), "{c:?}: {oh}x{ow}");
+        assert!(
+            max_diff(&got, &want) < 1e-4,
+            "{c:?}: differs by {}",
+            max_diff(&got, &want)
+        );
+        let back = import_bytes(&export_bytes(&g).unwrap(), "convt").unwrap();
+        assert!(
+            max_diff(&outputs_of(&back, &x), &got) < 1e-6,
+            "{c:?}: export → import"
+        );
+    }
+    // conv → transposed conv → conv: pruning slices the transposed weight on both axes,
+    // and the gradient reaches it.
+    let mut b = GraphBuilder::new(3);
+    let i = b.input(&[3, 6, 6]).unwrap();
+    let c1 = b.conv("c1", i, Conv2d::new(3, 16, 3, 2, 1)).unwrap();
+    let r = b.relu(c1).unwrap();
+    let mut up = ct(16, 12, [2, 2], [2, 2], [0; 4], [0, 0], [1, 1], 1);
+    up.bias = true;
+    let t = b.add("up", Op::ConvTranspose2d(up), &[r]).unwrap();
+    let r2 = b.relu(t).unwrap();
+    let c2 = b.conv("c2", r2, Conv2d::new(12, 2, 1, 1, 0)).unwrap();
+    let g = b.finish(&[c2]).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &Device::Cpu).unwrap();
+    let y = forward(&g, &x, Mode::Train).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let tw = g.param(t, "weight").unwrap();
+    assert!(
+        grads.get(tw.as_tensor()).is_some(),
+        "no gradient into the transposed conv"
+    );
+    let groups = dependency_groups(&g).unwrap();
+    let (_, pruned) = l1_half(&g, &groups);
+    let pt = pruned.node_id("up").unwrap();
+    let Op::ConvTranspose2d(p) = &pruned.nodes[pt].op else {
+        panic!("transposed conv vanished")
+    };
+    assert_eq!((p.in_channels, p.out_channels), (8, 6));
+    assert_eq!(pruned.param(pt, "weight").unwrap().dims(), &[8, 6, 2, 2]);
+    let back = import_bytes(&export_bytes(&pruned).unwrap(), "pruned").unwrap();
+    assert!(max_diff(&outputs_of(&pruned, &x), &outputs_of(&back, &x)) < 1e-5);
 }

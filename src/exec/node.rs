@@ -65,6 +65,7 @@ pub(crate) fn run(
         Op::ChannelGather(gth) => gather(gth, x),
         Op::ChannelAffine(a) => affine(g, i, a, x),
         Op::PRelu(_) => prelu(g, i, x),
+        Op::ConvTranspose2d(c) => conv_transpose(g, i, c, x, ctx),
         Op::Resize(r) => resize(r, x),
         Op::MaxPool(pc) => pool(pc, x, true),
         Op::AvgPool(pc) => pool(pc, x, false),
@@ -240,6 +241,79 @@ fn gather(gth: &ChannelGather, x: &Tensor) -> Result<Tensor> {
     let idx: Vec<u32> = gth.indices.iter().map(|&i| i as u32).collect();
     let idx = Tensor::from_vec(idx, gth.indices.len(), x.device())?;
     Ok(x.index_select(&idx, 1)?)
+}
+
+/// A transposed conv as a direct conv (so it runs on lopper's conv kernel, forward and
+/// backward, with any padding): zeros inserted between input pixels (stride), the kernel
+/// flipped and transposed per group, padding `d·(k−1) − pad` per side (a negative amount
+/// crops), `output_padding` added at the bottom/right.
+fn conv_transpose(
+    g: &Graph,
+    i: NodeId,
+    c: &crate::graph::ops::ConvTranspose2d,
+    x: &Tensor,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let (n, cin, h, w) = x.dims4()?;
+    let gr = c.groups;
+    // Zero insertion: [N,C,H,W] → [N,C,(H−1)s+1,(W−1)s+1].
+    let up = |t: Tensor, axis: usize, s: usize| -> Result<Tensor> {
+        if s == 1 {
+            return Ok(t);
+        }
+        let len = t.dim(axis)?;
+        let t = t.unsqueeze(axis + 1)?.pad_with_zeros(axis + 1, 0, s - 1)?;
+        let mut dims = t.dims().to_vec();
+        dims.remove(axis + 1);
+        dims[axis] = len * s;
+        Ok(t.reshape(dims)?.narrow(axis, 0, (len - 1) * s + 1)?)
+    };
+    let xu = up(up(x.clone(), 2, c.stride[0])?, 3, c.stride[1])?;
+    // Weight [I, O/g, kh, kw] → [O, I/g, kh, kw], spatially flipped.
+    let wt = weight(g, i, ctx)?;
+    let (kh, kw) = (c.kernel[0], c.kernel[1]);
+    let og = c.out_channels / gr;
+    let wt = wt
+        .reshape((gr, cin / gr, og, kh, kw))?
+        .transpose(1, 2)?
+        .reshape((c.out_channels, cin / gr, kh, kw))?;
+    let flip =
+        |len: usize| Tensor::from_vec((0..len as u32).rev().collect::<Vec<_>>(), len, x.device());
+    let wt = wt
+        .index_select(&flip(kh)?, 2)?
+        .index_select(&flip(kw)?, 3)?
+        .contiguous()?;
+    // Padding per side; negative means crop afterwards.
+    let side = |k: usize, d: usize, p: usize, extra: usize| {
+        d as i64 * (k as i64 - 1) - p as i64 + extra as i64
+    };
+    let pads = [
+        side(kh, c.dilation[0], c.padding[0], 0),
+        side(kw, c.dilation[1], c.padding[1], 0),
+        side(kh, c.dilation[0], c.padding[2], c.output_padding[0]),
+        side(kw, c.dilation[1], c.padding[3], c.output_padding[1]),
+    ];
+    let cfg = ConvCfg {
+        stride: [1, 1],
+        padding: pads.map(|p| p.max(0) as usize),
+        dilation: c.dilation,
+        groups: gr,
+    };
+    let mut y = kernels::conv2d(&xu, &wt, cfg)?;
+    let (oh, ow) = (c.out_len(0, h), c.out_len(1, w));
+    let (Some(oh), Some(ow)) = (oh, ow) else {
+        anyhow::bail!("ConvTranspose2d output is empty for a {h}x{w} input");
+    };
+    let crop = |p: i64| (-p).max(0) as usize;
+    y = y
+        .narrow(2, crop(pads[0]), oh)?
+        .narrow(3, crop(pads[1]), ow)?;
+    let _ = n;
+    Ok(if c.bias {
+        y.broadcast_add(&param(g, i, BIAS)?.reshape((1, c.out_channels, 1, 1))?)?
+    } else {
+        y
+    })
 }
 
 /// `A_h · x · A_wᵀ` with the op's interpolation matrices (differentiable: both products

@@ -150,6 +150,20 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             ];
             o.node("Conv", name, &refs, name, attrs);
         }
+        Op::ConvTranspose2d(c) => {
+            let inputs = o.weight_bias(g, i, x, c.bias)?;
+            let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
+            let p = c.padding;
+            let attrs = vec![
+                attr_is("kernel_shape", &c.kernel),
+                attr_is("strides", &c.stride),
+                attr_is("pads", &[p[0], p[1], p[2], p[3]]),
+                attr_is("output_padding", &c.output_padding),
+                attr_is("dilations", &c.dilation),
+                attr_i("group", c.groups as i64),
+            ];
+            o.node("ConvTranspose", name, &refs, name, attrs);
+        }
         Op::Linear(l) => {
             let inputs = o.weight_bias(g, i, x, l.bias)?;
             let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();

@@ -88,6 +88,7 @@ pub fn snapshot(g: &Graph, reps: usize) -> Result<Snapshot> {
 pub fn widths(dense: &Graph, pruned: &Graph) -> Vec<LayerWidth> {
     let width = |op: &Op| match op {
         Op::Conv2d(c) => Some(c.out_channels),
+        Op::ConvTranspose2d(c) => Some(c.out_channels),
         Op::Linear(l) => Some(l.out_features),
         _ => None,
     };

@@ -75,6 +75,10 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                         c.groups = c.out_channels;
                     }
                 }
+                Op::ConvTranspose2d(c) => {
+                    c.out_channels = keep[i].len();
+                    c.in_channels = kin.unwrap_or(c.in_channels);
+                }
                 Op::Linear(l) => {
                     l.out_features = keep[i].len();
                     l.in_features = kin.unwrap_or(l.in_features);

@@ -69,8 +69,11 @@ class UNet(nn.Module):
     """A UNet-style segmentation net: two down steps, bilinear and nearest upsampling,
     skip concatenations, a 3-class per-pixel head."""
 
-    def __init__(self):
+    def __init__(self, transposed=False):
         super().__init__()
+        # Learned upsampling (ConvTranspose2d, k2 s2 and k3 s2 p1 op1) or interpolation.
+        self.t2 = nn.ConvTranspose2d(64, 64, 2, 2) if transposed else None
+        self.t1 = nn.ConvTranspose2d(32, 32, 3, 2, 1, output_padding=1) if transposed else None
 
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
@@ -83,9 +86,10 @@ class UNet(nn.Module):
         e1 = self.e1(x)
         e2 = self.e2(nn.functional.max_pool2d(e1, 2))
         m = self.mid(nn.functional.max_pool2d(e2, 2))
-        u2 = nn.functional.interpolate(m, scale_factor=2, mode="bilinear", align_corners=False)
+        u2 = self.t2(m) if self.t2 is not None else nn.functional.interpolate(
+            m, scale_factor=2, mode="bilinear", align_corners=False)
         d2 = self.d2(torch.cat([u2, e2], 1))
-        u1 = nn.functional.interpolate(d2, scale_factor=2, mode="nearest")
+        u1 = self.t1(d2) if self.t1 is not None else nn.functional.interpolate(d2, scale_factor=2, mode="nearest")
         return self.head(self.d1(torch.cat([u1, e1], 1)))
 
 
@@ -106,6 +110,7 @@ def models():
         "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
         "se_net": SENet,
         "unet": UNet,
+        "unet_convtranspose": lambda: UNet(transposed=True),
         "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=5, weights_backbone=None, aux_loss=False),
         "deeplabv3_mobilenet_v3_large": lambda: seg.deeplabv3_mobilenet_v3_large(
             num_classes=5, weights_backbone=None, aux_loss=False),
@@ -202,7 +207,7 @@ def check_one(m, name, exporter, d, rng):
         pruned = os.path.join(d, f"{name}-{exporter}-pruned.onnx")
         # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the small SE
         # net and UNet (16-64 channels) use 4 so that 50 % MACs stays reachable.
-        round_to = "4" if name in ("se_net", "unet") else "8"
+        round_to = "4" if name in ("se_net", "unet", "unet_convtranspose") else "8"
         rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
                                 "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
         lopper("convert", pruned_st, "-o", pruned)

@@ -6,6 +6,7 @@ mod activation;
 mod affine;
 mod batchnorm;
 mod conv;
+mod conv_transpose;
 mod gather;
 mod join;
 mod linear;
@@ -20,6 +21,7 @@ pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
 pub use batchnorm::BatchNorm;
 pub use conv::Conv2d;
+pub use conv_transpose::ConvTranspose2d;
 pub use gather::ChannelGather;
 pub use join::{Add, Concat, Mul};
 pub use linear::Linear;
@@ -153,6 +155,7 @@ pub trait OpSpec {
 pub enum Op {
     Input(Input),
     Conv2d(Conv2d),
+    ConvTranspose2d(ConvTranspose2d),
     Linear(Linear),
     BatchNorm(BatchNorm),
     Activation(Activation),
@@ -180,6 +183,7 @@ impl Op {
         match self {
             Op::Input(o) => o,
             Op::Conv2d(o) => o,
+            Op::ConvTranspose2d(o) => o,
             Op::Linear(o) => o,
             Op::BatchNorm(o) => o,
             Op::Activation(o) => o,

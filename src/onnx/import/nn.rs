@@ -3,7 +3,7 @@
 
 use super::{tensor, Ctx, Value};
 use crate::graph::ops::param;
-use crate::graph::ops::{BatchNorm, Conv2d, GlobalAvgPool, Linear, Op, Pool2d};
+use crate::graph::ops::{BatchNorm, Conv2d, ConvTranspose2d, GlobalAvgPool, Linear, Op, Pool2d};
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
 use anyhow::{anyhow, bail, Result};
@@ -125,6 +125,72 @@ pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         stride,
         padding,
         dilation,
+        groups,
+        bias,
+    });
+    Ok(Value::Node(ctx.add(label, op, &[x], params)?))
+}
+
+/// `ConvTranspose` with constant weights `[I, O/g, kh, kw]`: explicit pads (or VALID),
+/// output_padding, strides, dilations, groups. `output_shape` and SAME auto-padding are
+/// refused (their padding depends on a target size the importer does not track).
+pub(super) fn conv_transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&[
+        "auto_pad",
+        "dilations",
+        "group",
+        "kernel_shape",
+        "output_padding",
+        "pads",
+        "strides",
+    ])?;
+    if !matches!(a.string("auto_pad", "NOTSET").as_str(), "NOTSET" | "VALID") {
+        bail!("ConvTranspose with SAME auto_pad is not supported (use explicit pads)");
+    }
+    let x = ctx.node(&n.input[0])?;
+    let w = weight(ctx, n, 1, param::WEIGHT)?.clone();
+    let [i, og, kh, kw] = w.dims[..] else {
+        bail!(
+            "weight has shape {:?}; only 2-D transposed convolutions are supported",
+            w.dims
+        );
+    };
+    let groups = a.int("group", 1).max(1) as usize;
+    let cin = ctx.shape(x)[0];
+    if cin != i {
+        bail!("input has {cin} channels, the weight expects {i}");
+    }
+    if let Some(k) = a.ints("kernel_shape") {
+        if k != [kh as i64, kw as i64] {
+            bail!("kernel_shape {k:?} does not match the weight {:?}", w.dims);
+        }
+    }
+    let padding = match a.ints("pads").as_deref() {
+        None => [0; 4],
+        Some([t, l, b, r]) if [t, l, b, r].iter().all(|&&p| p >= 0) => {
+            [*t as usize, *l as usize, *b as usize, *r as usize]
+        }
+        Some(p) => bail!("pads {p:?} must be 4 non-negative values"),
+    };
+    let o = og * groups;
+    let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
+    let mut params = vec![(param::WEIGHT, tensor(w.f32s(), &w.dims)?)];
+    if bias {
+        let b = weight(ctx, n, 2, param::BIAS)?;
+        if b.numel() != o {
+            bail!("bias has {} values for {o} output channels", b.numel());
+        }
+        params.push((param::BIAS, tensor(b.f32s(), &[o])?));
+    }
+    let op = Op::ConvTranspose2d(ConvTranspose2d {
+        in_channels: cin,
+        out_channels: o,
+        kernel: [kh, kw],
+        stride: two(a.ints("strides"), 1, "strides")?,
+        padding,
+        output_padding: two(a.ints("output_padding"), 0, "output_padding")?,
+        dilation: two(a.ints("dilations"), 1, "dilations")?,
         groups,
         bias,
     });

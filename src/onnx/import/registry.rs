@@ -45,6 +45,7 @@ macro_rules! act {
 #[rustfmt::skip]
 pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "Conv", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::conv), note: "constant weights; groups (depthwise), dilation, strides, explicit pads and every auto_pad mode" },
+    OpEntry { op_type: "ConvTranspose", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::conv_transpose), note: "constant weights; strides, dilations, explicit pads, output_padding, groups (pruned on both channel axes when ungrouped)" },
     OpEntry { op_type: "Gemm", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::gemm), note: "constant B (transB either way, transA 0), constant C, alpha, beta" },
     OpEntry { op_type: "MatMul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(nn::matmul), note: "activation × constant matrix (a linear layer); a following bias Add is folded" },
     OpEntry { op_type: "BatchNormalization", opsets: ALL, inputs: (5, 5), outputs: (1, 3), convert: one!(nn::batch_norm), note: "inference form (running statistics)" },
