@@ -31,9 +31,10 @@ pub struct SparsifyArgs {
     /// unstructured, or N:M such as 2:4 (magnitude, wanda, unipts).
     #[arg(long, default_value = "unstructured")]
     pattern: String,
-    /// Calibration images drawn from the training split (no other training data is used).
-    #[arg(long, default_value_t = 2048, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
-    calib: usize,
+    /// Calibration images drawn from the training split (no other training data is used);
+    /// default 2,048, or the whole split when it is smaller.
+    #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
+    calib: Option<usize>,
     /// Skip the batch-norm re-estimation of the one-shot baselines.
     #[arg(long)]
     no_recalib: bool,
@@ -101,15 +102,16 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     let target = sparsify::resolve_target(a.sparsity, pattern)?;
     let genome = a.genome_from.as_deref().map(genome_from).transpose()?;
     let train_ds = load_split(&a.data, Split::Train)?;
-    if a.calib == 0 || a.calib > train_ds.len() {
+    let n_calib = a.calib.unwrap_or(2048.min(train_ds.len()));
+    if n_calib == 0 || n_calib > train_ds.len() {
         bail!(
             "calibration set of {} images requested, the training split of {} has {}",
-            a.calib,
+            n_calib,
             a.data.data,
             train_ds.len()
         );
     }
-    let calib = train_ds.sample(a.calib, a.seed)?;
+    let calib = train_ds.sample(n_calib, a.seed)?;
     let mut test_ds = load_split(&a.data, Split::Test)?;
     if let Some(n) = a.eval_limit {
         test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
@@ -182,7 +184,7 @@ fn method(
                 target,
                 extra: 0.05,
                 ga,
-                search_samples: a.search_samples.unwrap_or(a.calib),
+                search_samples: a.search_samples.unwrap_or(calib.len()),
                 noise: 1e-6,
                 pattern,
                 dst,

@@ -27,6 +27,17 @@ pub enum Budget {
     Params(f64),
 }
 
+/// How reports and messages show a budget: which fraction it is, kept or removed.
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::Ratio(r) => write!(f, "remove {r} of the channels"),
+            Budget::Macs(m) => write!(f, "keep <= {m} of the MACs"),
+            Budget::Params(p) => write!(f, "keep <= {p} of the params"),
+        }
+    }
+}
+
 impl Budget {
     /// The one range check of a budget: a removal ratio in `[0, 1)`, a kept fraction of
     /// MACs or parameters in `(0, 1]`.

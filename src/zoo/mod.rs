@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 pub const MODELS: &[&str] = &[
     "mlp:IN-H1-...-OUT",
     "lenet5",
+    "resnet8",
     "vgg11",
     "vgg16",
     "resnet20",

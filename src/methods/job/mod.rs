@@ -212,7 +212,7 @@ pub fn run(
     let report = PruneReport {
         method: job.method_name.clone(),
         scope: job.scope_name.clone(),
-        budget: format!("{:?}", job.budget),
+        budget: job.budget.to_string(),
         macs_ratio: ps.macs as f64 / ds.macs as f64,
         params_ratio: ps.params as f64 / ds.params as f64,
         dense: ds,
