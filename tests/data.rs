@@ -106,3 +106,54 @@ fn cifar10_jpeg_test_split_decodes_with_expected_statistics() {
         assert!((s - want).abs() < 0.01, "std {std:?}");
     }
 }
+
+/// A JPEG of `h × w` pixels, each `f(y, x)`.
+fn jpeg(h: usize, w: usize, f: impl Fn(usize, usize) -> [u8; 3]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(h * w * 3);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend(f(y, x));
+        }
+    }
+    let mut out = Vec::new();
+    let enc = jpeg_encoder::Encoder::new(&mut out, 95);
+    enc.encode(&rgb, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    out
+}
+
+/// Photos come in many sizes: a folder of them loads at one square size (shorter side
+/// resized to the smallest in the set, centre crop), colours and layout kept.
+#[test]
+fn image_folders_of_mixed_sizes_load_at_one_size() {
+    let d = std::env::temp_dir().join(format!("lopper-mixed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let red = [200, 30, 30];
+    let blue = [30, 30, 200];
+    let imgs: Vec<(&str, Vec<u8>)> = vec![
+        ("a", jpeg(40, 60, |_, _| red)),
+        // Left half red, right half blue, wide.
+        ("a", jpeg(30, 90, |_, x| if x < 45 { red } else { blue })),
+        ("b", jpeg(80, 50, |_, _| blue)),
+        ("b", jpeg(36, 36, |_, _| blue)),
+    ];
+    for split in ["train", "test"] {
+        for (i, (c, b)) in imgs.iter().enumerate() {
+            let dir = d.join(split).join(c);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("{i}.jpg")), b).unwrap();
+        }
+    }
+    let tr = data::load(d.to_str().unwrap(), Split::Train, None).unwrap();
+    assert_eq!(tr.shape, [3, 30, 30], "the smallest shorter side is 30");
+    assert_eq!(tr.len(), 4);
+    let px = |i: usize, c: usize, y: usize, x: usize| tr.pixels(i)[(c * 30 + y) * 30 + x] as i32;
+    let near = |v: i32, want: u8| (v - want as i32).abs() <= 6;
+    // Images are sorted by class, then name: 0.jpg (red), 1.jpg (split), 2.jpg, 3.jpg (blue).
+    assert!(near(px(0, 0, 15, 15), red[0]) && near(px(0, 2, 15, 15), red[2]));
+    // The 30×90 image keeps its 30×30 centre: columns 30..60, red left of 45, blue right.
+    assert!(near(px(1, 0, 15, 5), red[0]), "{}", px(1, 0, 15, 5));
+    assert!(near(px(1, 2, 15, 25), blue[2]), "{}", px(1, 2, 15, 25));
+    assert!(near(px(2, 2, 15, 15), blue[2]) && near(px(3, 2, 0, 0), blue[2]));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -243,11 +243,15 @@ fn decode_source(src: &Path, split: Option<&str>) -> Result<Decoded> {
             decode_jpeg(b).with_context(|| format!("{origin}: cannot decode {name}"))
         })
         .collect::<Result<_>>()?;
+    let decoded = common_size(decoded);
     let (h, w) = (decoded[0].0, decoded[0].1);
     let mut pixels = Vec::with_capacity(decoded.len() * 3 * h * w);
     for ((dh, dw, rgb), f) in decoded.iter().zip(&files) {
         if (*dh, *dw) != (h, w) {
-            bail!("{origin}: {} is {dh}x{dw}, the others are {h}x{w}", f.1);
+            bail!(
+                "{origin}: internal: {} is {dh}x{dw} after resizing, the others {h}x{w}",
+                f.1
+            );
         }
         // HWC -> CHW
         for c in 0..3 {
@@ -275,6 +279,94 @@ fn sorted_dir(d: &Path) -> Result<Vec<String>> {
         .collect();
     v.sort();
     Ok(v)
+}
+
+/// Brings images of different sizes to one: each image's shorter side is resized to the
+/// smallest shorter side of the set, then the centre square is cropped (torchvision's
+/// `Resize(S)` + `CenterCrop(S)`). A set of one size is left as it is (non-square too).
+fn common_size(imgs: Vec<(usize, usize, Vec<u8>)>) -> Vec<(usize, usize, Vec<u8>)> {
+    let (h0, w0) = (imgs[0].0, imgs[0].1);
+    if imgs.iter().all(|(h, w, _)| (*h, *w) == (h0, w0)) {
+        return imgs;
+    }
+    let s = imgs
+        .iter()
+        .map(|(h, w, _)| (*h).min(*w))
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    imgs.into_par_iter()
+        .map(|(h, w, rgb)| {
+            let (nh, nw) = if h <= w {
+                (
+                    s,
+                    ((w * s) as f64 / h as f64).round().max(s as f64) as usize,
+                )
+            } else {
+                (
+                    ((h * s) as f64 / w as f64).round().max(s as f64) as usize,
+                    s,
+                )
+            };
+            let r = resize_rgb(&rgb, h, w, nh, nw);
+            let (top, left) = ((nh - s) / 2, (nw - s) / 2);
+            let mut out = Vec::with_capacity(s * s * 3);
+            for y in top..top + s {
+                out.extend_from_slice(&r[(y * nw + left) * 3..(y * nw + left + s) * 3]);
+            }
+            (s, s, out)
+        })
+        .collect()
+}
+
+/// Resizes interleaved RGB bytes. Each output pixel averages the input pixels its area
+/// covers (so large downscales do not alias), with bilinear weights when enlarging.
+fn resize_rgb(rgb: &[u8], h: usize, w: usize, nh: usize, nw: usize) -> Vec<u8> {
+    // Per axis: for each output index, (input index, weight) pairs summing to 1.
+    let taps = |inp: usize, out: usize| -> Vec<Vec<(usize, f32)>> {
+        let scale = inp as f64 / out as f64;
+        (0..out)
+            .map(|o| {
+                if scale > 1.0 {
+                    // Box filter over [o·scale, (o+1)·scale).
+                    let (a, b) = (o as f64 * scale, (o + 1) as f64 * scale);
+                    let mut t = Vec::new();
+                    let mut i = a.floor() as usize;
+                    while (i as f64) < b && i < inp {
+                        let cover = (b.min(i as f64 + 1.0) - a.max(i as f64)) / scale;
+                        t.push((i, cover as f32));
+                        i += 1;
+                    }
+                    t
+                } else {
+                    let x = ((o as f64 + 0.5) * scale - 0.5).clamp(0.0, (inp - 1) as f64);
+                    let i0 = x.floor() as usize;
+                    let i1 = (i0 + 1).min(inp - 1);
+                    let f = (x - i0 as f64) as f32;
+                    vec![(i0, 1.0 - f), (i1, f)]
+                }
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, nh), taps(w, nw));
+    let mut out = vec![0u8; nh * nw * 3];
+    for (oy, ry) in ty.iter().enumerate() {
+        for (ox, rx) in tx.iter().enumerate() {
+            let mut acc = [0f32; 3];
+            for &(iy, wy) in ry {
+                for &(ix, wx) in rx {
+                    let p = (iy * w + ix) * 3;
+                    for c in 0..3 {
+                        acc[c] += wy * wx * rgb[p + c] as f32;
+                    }
+                }
+            }
+            for c in 0..3 {
+                out[(oy * nw + ox) * 3 + c] = acc[c].round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
 }
 
 /// Decodes a JPEG to interleaved RGB.
