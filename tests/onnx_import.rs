@@ -612,3 +612,19 @@ fn conv_transpose_matches_its_definition_trains_and_prunes_on_both_axes() {
     let back = import_bytes(&export_bytes(&pruned).unwrap(), "pruned").unwrap();
     assert!(max_diff(&outputs_of(&pruned, &x), &outputs_of(&back, &x)) < 1e-5);
 }
+
+/// A batch fixed at 1 in the file (mnist-8, PyTorch's default exporter) is run at any
+/// batch, and the import says so; lopper's own exports have a symbolic batch: no note.
+#[test]
+fn a_fixed_batch_is_made_symbolic_and_said() {
+    let (g, notes) = lopper::onnx::import::import_noting(&mnist8(), "mnist-8", None).unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains("batch fixed at 1")),
+        "{notes:?}"
+    );
+    let x = Tensor::rand(0f32, 255f32, (5, 1, 28, 28), &Device::Cpu).unwrap();
+    assert_eq!(outputs_of(&g, &x).len(), 5 * 10);
+    let (_, again) =
+        lopper::onnx::import::import_noting(&export_bytes(&g).unwrap(), "export", None).unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}

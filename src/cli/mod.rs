@@ -103,7 +103,11 @@ fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>
             );
         }
         let g = if p.extension().is_some_and(|e| e == "onnx") {
-            lopper::onnx::load(p)?
+            let (g, notes) = lopper::onnx::load_noting(p)?;
+            for n in notes {
+                eprintln!("note: {}: {n}", p.display());
+            }
+            g
         } else {
             io::load(p)?
         };

@@ -15,10 +15,16 @@ use std::path::Path;
 
 /// Imports an `.onnx` file; errors name the file, the node and what is supported.
 pub fn load(path: &Path) -> Result<Graph> {
+    Ok(load_noting(path)?.0)
+}
+
+/// [`load`], also returning notes on what the import changed (see
+/// [`import::import_noting`]).
+pub fn load_noting(path: &Path) -> Result<(Graph, Vec<String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     // External data files are resolved against the model's own folder.
     let dir = path.parent().unwrap_or(Path::new("."));
-    import::import_bytes_at(&bytes, &path.display().to_string(), Some(dir))
+    import::import_noting(&bytes, &path.display().to_string(), Some(dir))
 }
 
 /// Exports `g` to `path` atomically (refusing non-finite weights).

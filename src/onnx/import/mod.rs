@@ -160,6 +160,12 @@ pub fn import_bytes(bytes: &[u8], what: &str) -> Result<Graph> {
 
 /// [`import_bytes`] for a model whose external data files are in `dir`.
 pub fn import_bytes_at(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<Graph> {
+    Ok(import_noting(bytes, what, dir)?.0)
+}
+
+/// [`import_bytes_at`], also returning what the import changed that a user should know
+/// (e.g. a batch fixed in the file, made symbolic).
+pub fn import_noting(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<(Graph, Vec<String>)> {
     if bytes.is_empty() {
         bail!("{what}: the file is empty (0 bytes), not an ONNX model");
     }
@@ -171,7 +177,7 @@ pub fn import_bytes_at(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<G
     convert(&model, &mut ExternalData::new(dir)).with_context(|| format!("importing {what}"))
 }
 
-fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<Graph> {
+fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<String>)> {
     let opset = model
         .opset_import
         .iter()
@@ -225,6 +231,13 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<Graph> {
         );
     };
     let dims = input_dims(input)?;
+    let mut notes = Vec::new();
+    if fixed_batch(input) == Some(1) {
+        notes.push(format!(
+            "input '{}' has its batch fixed at 1 in the file (PyTorch's exporters do this unless told otherwise); lopper runs it at any batch and exports the batch as symbolic",
+            input.name
+        ));
+    }
     if dims.len() < 2 {
         bail!(
             "input '{}' has shape {dims:?}; expected [N, ...]",
@@ -272,7 +285,21 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<Graph> {
             ctx.rename(id, &o.name);
         }
     }
-    prune_dead(ctx, outputs)
+    Ok((prune_dead(ctx, outputs)?, notes))
+}
+
+/// The batch size the file fixes for input `v`, if it fixes one.
+fn fixed_batch(v: &onnx_protobuf::ValueInfoProto) -> Option<i64> {
+    use onnx_protobuf::tensor_shape_proto::dimension::Value as D;
+    use onnx_protobuf::type_proto::Value as T;
+    let Some(T::TensorType(tt)) = v.type_.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    match tt.shape.as_ref()?.dim.first()?.value.as_ref()? {
+        D::DimValue(b) => Some(*b),
+        // Symbolic (and any future kind of dimension): not fixed.
+        _ => None,
+    }
 }
 
 /// Drops nodes no output depends on (shape-only branches, folded reshapes) and renumbers.
