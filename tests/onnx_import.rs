@@ -628,3 +628,61 @@ fn a_fixed_batch_is_made_symbolic_and_said() {
         lopper::onnx::import::import_noting(&export_bytes(&g).unwrap(), "export", None).unwrap();
     assert!(again.is_empty(), "{again:?}");
 }
+
+/// Reflect, edge and constant-value padding of H and W against their definitions, and
+/// through export → import.
+#[test]
+fn spatial_padding_modes_match_their_definitions() {
+    use lopper::graph::ops::{PadMode, SpatialPad};
+    let (c, h, w) = (2, 4, 5);
+    let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &Device::Cpu).unwrap();
+    let xv = vals(&x);
+    for mode in [
+        PadMode::Reflect,
+        PadMode::Edge,
+        PadMode::Constant { value: 0.5 },
+    ] {
+        let p = SpatialPad {
+            pads: [2, 1, 3, 3],
+            mode,
+        };
+        let mut b = GraphBuilder::new(0);
+        let i = b.input(&[c, h, w]).unwrap();
+        let o = b.add("pad", Op::SpatialPad(p.clone()), &[i]).unwrap();
+        let g = b.finish(&[o]).unwrap();
+        let got = outputs_of(&g, &x);
+        let (oh, ow) = (h + 5, w + 4);
+        assert_eq!(got.len(), c * oh * ow);
+        let src = |v: i64, len: i64| -> Option<usize> {
+            match mode {
+                PadMode::Reflect => Some(if v < 0 {
+                    -v
+                } else if v >= len {
+                    2 * (len - 1) - v
+                } else {
+                    v
+                } as usize),
+                PadMode::Edge => Some(v.clamp(0, len - 1) as usize),
+                PadMode::Constant { .. } => (0..len).contains(&v).then_some(v as usize),
+            }
+        };
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (sy, sx) = (src(oy as i64 - 2, h as i64), src(ox as i64 - 1, w as i64));
+                    let want = match (sy, sx) {
+                        (Some(y), Some(x_)) => xv[(ch * h + y) * w + x_],
+                        _ => 0.5,
+                    };
+                    assert_eq!(
+                        got[(ch * oh + oy) * ow + ox],
+                        want,
+                        "{mode:?} at {ch},{oy},{ox}"
+                    );
+                }
+            }
+        }
+        let back = import_bytes(&export_bytes(&g).unwrap(), "pad").unwrap();
+        assert_eq!(outputs_of(&back, &x), got, "{mode:?}: export → import");
+    }
+}

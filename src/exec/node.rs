@@ -67,6 +67,7 @@ pub(crate) fn run(
         Op::PRelu(_) => prelu(g, i, x),
         Op::ConvTranspose2d(c) => conv_transpose(g, i, c, x, ctx),
         Op::Resize(r) => resize(r, x),
+        Op::SpatialPad(p) => spatial_pad(p, x),
         Op::MaxPool(pc) => pool(pc, x, true),
         Op::AvgPool(pc) => pool(pc, x, false),
         Op::GlobalAvgPool(_) => Ok(kernels::global_avg_pool(x)?),
@@ -314,6 +315,50 @@ fn conv_transpose(
     } else {
         y
     })
+}
+
+/// Pads H and W; reflect and edge read the source rows/columns by index (so the
+/// gradient flows back to them).
+fn spatial_pad(p: &crate::graph::ops::SpatialPad, x: &Tensor) -> Result<Tensor> {
+    use crate::graph::ops::PadMode;
+    let [t, l, b, r] = p.pads;
+    if let PadMode::Constant { value } = p.mode {
+        let y = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+        if value == 0.0 {
+            return Ok(y);
+        }
+        // Add `value` on the border only: the padded ones-mask of x is 1 inside, 0 out.
+        let inside = x
+            .ones_like()?
+            .pad_with_zeros(2, t, b)?
+            .pad_with_zeros(3, l, r)?;
+        return Ok((y + (inside.affine(-1.0, 1.0)? * value as f64)?)?);
+    }
+    let index = |len: usize, before: usize, after: usize| -> Vec<u32> {
+        (0..len + before + after)
+            .map(|o| {
+                let i = o as i64 - before as i64;
+                let last = len as i64 - 1;
+                let j = match p.mode {
+                    PadMode::Reflect => {
+                        if i < 0 {
+                            -i
+                        } else if i > last {
+                            2 * last - i
+                        } else {
+                            i
+                        }
+                    }
+                    _ => i.clamp(0, last),
+                };
+                j as u32
+            })
+            .collect()
+    };
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    let iy = Tensor::from_vec(index(h, t, b), h + t + b, x.device())?;
+    let ix = Tensor::from_vec(index(w, l, r), w + l + r, x.device())?;
+    Ok(x.index_select(&iy, 2)?.index_select(&ix, 3)?)
 }
 
 /// `A_h · x · A_wᵀ` with the op's interpolation matrices (differentiable: both products

@@ -228,6 +228,20 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.node("Add", name, &[&m, &b], name, vec![]);
         }
         Op::Resize(r) => export_resize(o, name, x, r),
+        Op::SpatialPad(p) => {
+            use crate::graph::ops::PadMode;
+            let [t, l, b, r] = p.pads.map(|v| v as i64);
+            let s = format!("{name}.pads");
+            o.inits.push(i64_proto(&s, &[0, 0, t, l, 0, 0, b, r]));
+            let (mode, value) = match p.mode {
+                PadMode::Constant { value } => ("constant", value),
+                PadMode::Reflect => ("reflect", 0.0),
+                PadMode::Edge => ("edge", 0.0),
+            };
+            let v = format!("{name}.value");
+            o.inits.push(f32_proto(&v, &[], &[value]));
+            o.node("Pad", name, &[x, &s, &v], name, vec![attr_s("mode", mode)]);
+        }
         Op::PRelu(p) => {
             let d = chan(p.channels);
             let w = o.init(g, i, param::WEIGHT, Some(&d))?;

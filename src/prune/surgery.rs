@@ -115,6 +115,7 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 | Op::Concat(_)
                 | Op::Dropout(_)
                 | Op::Resize(_)
+                | Op::SpatialPad(_)
                 | Op::Identity(_) => {}
                 // A reshape that couples channels keeps its leading axis in step with them
                 // (a `-1` there is inferred anyway).

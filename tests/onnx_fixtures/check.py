@@ -93,6 +93,23 @@ class UNet(nn.Module):
         return self.head(self.d1(torch.cat([u1, e1], 1)))
 
 
+class PadNet(nn.Module):
+    """Reflection, replication, zero and constant-value spatial padding before convs
+    (image-to-image and TensorFlow-style nets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, 2), nn.Conv2d(32, 32, 3)
+        self.reflect, self.edge = nn.ReflectionPad2d(1), nn.ReplicationPad2d(2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(self.reflect(x)))
+        x = torch.relu(self.c2(self.edge(x)))
+        x = torch.relu(self.c3(nn.functional.pad(x, (1, 2, 0, 1), value=0.5)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def models():
     tv = torchvision.models
     seg = torchvision.models.segmentation
@@ -109,6 +126,7 @@ def models():
         "squeezenet1_0": lambda: tv.squeezenet1_0(num_classes=10),
         "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
         "se_net": SENet,
+        "pad_net": PadNet,
         "unet": UNet,
         "unet_convtranspose": lambda: UNet(transposed=True),
         "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=5, weights_backbone=None, aux_loss=False),
@@ -207,7 +225,7 @@ def check_one(m, name, exporter, d, rng):
         pruned = os.path.join(d, f"{name}-{exporter}-pruned.onnx")
         # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the small SE
         # net and UNet (16-64 channels) use 4 so that 50 % MACs stays reachable.
-        round_to = "4" if name in ("se_net", "unet", "unet_convtranspose") else "8"
+        round_to = "4" if name in ("se_net", "pad_net", "unet", "unet_convtranspose") else "8"
         rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
                                 "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
         lopper("convert", pruned_st, "-o", pruned)

@@ -16,6 +16,7 @@ mod pool;
 mod prelu;
 mod reshape;
 mod resize;
+mod spatial_pad;
 
 pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
@@ -31,6 +32,7 @@ pub use pool::{GlobalAvgPool, Pool2d};
 pub use prelu::PRelu;
 pub use reshape::{Flatten, Reshape};
 pub use resize::{CoordMode, Nearest, Resize, ResizeMode, ResizeTarget};
+pub use spatial_pad::{PadMode, SpatialPad};
 
 use crate::graph::shape::Shape;
 use anyhow::Result;
@@ -171,6 +173,7 @@ pub enum Op {
     ChannelAffine(ChannelAffine),
     PRelu(PRelu),
     Resize(Resize),
+    SpatialPad(SpatialPad),
     ChannelGather(ChannelGather),
     Dropout(Dropout),
     Softmax(Softmax),
@@ -199,6 +202,7 @@ impl Op {
             Op::ChannelAffine(o) => o,
             Op::PRelu(o) => o,
             Op::Resize(o) => o,
+            Op::SpatialPad(o) => o,
             Op::ChannelGather(o) => o,
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,

@@ -3,7 +3,9 @@
 //! of any of these on constants (the Shape→Gather→Unsqueeze→Concat→Reshape flatten chains).
 
 use super::{Ctx, Value};
-use crate::graph::ops::{ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, Reshape};
+use crate::graph::ops::{
+    ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, PadMode, Reshape, SpatialPad,
+};
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
@@ -89,6 +91,32 @@ pub(super) fn constant(_ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Va
         }
     }
     bail!("Constant without a supported value attribute")
+}
+
+/// `ConstantOfShape` of a constant shape: folded (exporters build pads and shapes this way).
+pub(super) fn constant_of_shape(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["value"])?;
+    let shape = ctx
+        .konst(&n.input[0])
+        .ok_or_else(|| anyhow!("ConstantOfShape needs a constant shape"))?
+        .ints();
+    if shape.iter().any(|&d| d < 0) {
+        bail!("ConstantOfShape of negative dims {shape:?}");
+    }
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let n_el: usize = dims.iter().product();
+    if n_el > 1 << 24 {
+        bail!("ConstantOfShape of {n_el} values is too large to fold");
+    }
+    let v = a
+        .tensor("value")?
+        .and_then(|c| c.data.first().copied())
+        .unwrap_or(0.0);
+    Ok(Value::Const(Const {
+        dims,
+        data: vec![v; n_el],
+    }))
 }
 
 /// `Shape` (with `start`/`end`): folded to a constant, shapes are static.
@@ -312,6 +340,14 @@ pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     let a = Attrs::new(n);
     let input = n.input.first().cloned().unwrap_or_default();
     a.only(&["perm"])?;
+    if let Some(c) = ctx.konst(&input).cloned() {
+        let r = c.dims.len();
+        let perm: Vec<usize> = match a.ints("perm") {
+            Some(p) => p.iter().map(|&v| axis(v, r)).collect::<Result<_>>()?,
+            None => (0..r).rev().collect(),
+        };
+        return Ok(Value::Const(permute_const(&c, &perm)?));
+    }
     let x = ctx.node(&input)?;
     let d = dims_of(ctx, &input)?;
     let perm = a
@@ -343,9 +379,7 @@ pub(super) fn pad(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     let input = n.input.first().cloned().unwrap_or_default();
     a.only(&["mode", "pads", "value"])?;
-    if a.string("mode", "constant") != "constant" {
-        bail!("only constant padding is supported");
-    }
+    let mode = a.string("mode", "constant");
     let pads = match a.ints("pads") {
         Some(p) => p,
         None => ctx
@@ -360,13 +394,38 @@ pub(super) fn pad(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
             .unwrap_or(0.0),
         None => a.float("value", 0.0) as f64,
     };
+    if n.input.get(3).is_some_and(|s| !s.is_empty()) {
+        bail!("Pad with an axes input is not supported (give pads for every axis)");
+    }
     let x = ctx.node(&input)?;
     let r = ctx.shape(x).len() + 1;
-    if pads.len() != 2 * r || value != 0.0 {
+    if pads.len() != 2 * r {
         bail!(
-            "Pad needs {} zero-valued pads, got {pads:?} (value {value})",
+            "Pad needs {} pads for a rank-{r} input, got {pads:?}",
             2 * r
         );
+    }
+    if pads.iter().any(|&p| p < 0) {
+        bail!("negative pads (cropping) {pads:?} are not supported");
+    }
+    let spatial_only = r == 4 && [0, 1, 4, 5].iter().all(|&i| pads[i] == 0);
+    if spatial_only && pads.iter().any(|&p| p != 0) {
+        let pm = match mode.as_str() {
+            "constant" => PadMode::Constant {
+                value: value as f32,
+            },
+            "reflect" => PadMode::Reflect,
+            "edge" => PadMode::Edge,
+            other => bail!("Pad mode '{other}' is not supported (constant, reflect, edge)"),
+        };
+        let op = Op::SpatialPad(SpatialPad {
+            pads: [pads[2], pads[3], pads[6], pads[7]].map(|p| p as usize),
+            mode: pm,
+        });
+        return ctx.unary(label, op, x);
+    }
+    if mode != "constant" || value != 0.0 {
+        bail!("Pad of the channel axis must be constant zeros, got mode '{mode}' value {value}");
     }
     let others = (0..r)
         .filter(|&i| i != 1)
@@ -425,6 +484,95 @@ fn channel_shuffle(
 }
 
 /// `[start, end)` with ONNX clamping rules for one axis of length `len`.
+/// A constant with its axes permuted (`out axis i = in axis perm[i]`).
+fn permute_const(c: &Const, perm: &[usize]) -> Result<Const> {
+    let r = c.dims.len();
+    let mut seen = vec![false; r];
+    if perm.len() != r
+        || perm
+            .iter()
+            .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
+    {
+        bail!("Transpose perm {perm:?} is not a permutation of {r} axes");
+    }
+    let dims: Vec<usize> = perm.iter().map(|&p| c.dims[p]).collect();
+    let strides = strides_of(&c.dims);
+    let n: usize = dims.iter().product();
+    let mut data = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    for _ in 0..n {
+        data.push(c.data[(0..r).map(|i| idx[i] * strides[perm[i]]).sum::<usize>()]);
+        for ax in (0..r).rev() {
+            idx[ax] += 1;
+            if idx[ax] < dims[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    Ok(Const { dims, data })
+}
+
+fn strides_of(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+/// ONNX Slice on a constant: any axes, any non-zero steps (negative ones reverse).
+fn slice_const(
+    c: &Const,
+    starts: &[i64],
+    ends: &[i64],
+    axes: &[i64],
+    steps: &[i64],
+) -> Result<Const> {
+    let r = c.dims.len();
+    let mut picks: Vec<Vec<usize>> = c.dims.iter().map(|&d| (0..d).collect()).collect();
+    for k in 0..starts.len() {
+        let ax = axis(axes[k], r)?;
+        let (len, step) = (c.dims[ax] as i64, steps[k]);
+        if step == 0 {
+            bail!("Slice step 0");
+        }
+        let fix = |v: i64, lo: i64, hi: i64| if v < 0 { (v + len).max(lo) } else { v.min(hi) };
+        picks[ax] = if step > 0 {
+            let (s, e) = (fix(starts[k], 0, len), fix(ends[k], 0, len));
+            (s..e.max(s))
+                .step_by(step as usize)
+                .map(|v| v as usize)
+                .collect()
+        } else {
+            let (s, e) = (fix(starts[k], -1, len - 1), fix(ends[k], -1, len - 1));
+            let mut v = Vec::new();
+            let mut i = s;
+            while i > e {
+                v.push(i as usize);
+                i += step;
+            }
+            v
+        };
+    }
+    let dims: Vec<usize> = picks.iter().map(|p| p.len()).collect();
+    let strides = strides_of(&c.dims);
+    let n: usize = dims.iter().product();
+    let mut data = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    for _ in 0..n {
+        data.push(c.data[(0..r).map(|i| picks[i][idx[i]] * strides[i]).sum::<usize>()]);
+        for ax in (0..r).rev() {
+            idx[ax] += 1;
+            if idx[ax] < dims[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    Ok(Const { dims, data })
+}
+
 fn clamp_range(start: i64, end: i64, len: i64) -> (i64, i64) {
     let fix = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
     (fix(start), fix(end))
@@ -450,6 +598,12 @@ fn slice(ctx: &mut Ctx, n: &NodeProto, label: &str, konst: Option<Const>) -> Res
     let d = dims_of(ctx, &n.input[0])?;
     let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
     let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
+    if let Some(c) = &konst {
+        if axes.len() != starts.len() || ends.len() != starts.len() || steps.len() != starts.len() {
+            bail!("Slice starts, ends, axes and steps differ in length");
+        }
+        return Ok(Value::Const(slice_const(c, &starts, &ends, &axes, &steps)?));
+    }
     if axes.len() != 1 || starts.len() != 1 || ends.len() != 1 || steps.len() != 1 || steps[0] <= 0
     {
         bail!("Slice is only supported along one axis with positive steps");
