@@ -140,28 +140,14 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
         Op::Conv2d(c) => {
             let inputs = o.weight_bias(g, i, x, c.bias)?;
             let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-            let p = c.padding;
-            let attrs = vec![
-                attr_is("kernel_shape", &c.kernel),
-                attr_is("strides", &c.stride),
-                attr_is("pads", &[p[0], p[1], p[2], p[3]]),
-                attr_is("dilations", &c.dilation),
-                attr_i("group", c.groups as i64),
-            ];
+            let attrs = window_attrs(c.kernel, c.stride, c.padding, c.dilation, c.groups);
             o.node("Conv", name, &refs, name, attrs);
         }
         Op::ConvTranspose2d(c) => {
             let inputs = o.weight_bias(g, i, x, c.bias)?;
             let refs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-            let p = c.padding;
-            let attrs = vec![
-                attr_is("kernel_shape", &c.kernel),
-                attr_is("strides", &c.stride),
-                attr_is("pads", &[p[0], p[1], p[2], p[3]]),
-                attr_is("output_padding", &c.output_padding),
-                attr_is("dilations", &c.dilation),
-                attr_i("group", c.groups as i64),
-            ];
+            let mut attrs = window_attrs(c.kernel, c.stride, c.padding, c.dilation, c.groups);
+            attrs.push(attr_is("output_padding", &c.output_padding));
             o.node("ConvTranspose", name, &refs, name, attrs);
         }
         Op::Linear(l) => {
@@ -317,6 +303,23 @@ fn export_resize(o: &mut Out, name: &str, x: &str, r: &Resize) {
             o.node("Resize", name, &[x, "", "", &c("sizes")], name, attrs);
         }
     }
+}
+
+/// The attributes Conv and ConvTranspose share.
+fn window_attrs(
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+    dilation: [usize; 2],
+    groups: usize,
+) -> Vec<AttributeProto> {
+    vec![
+        attr_is("kernel_shape", &kernel),
+        attr_is("strides", &stride),
+        attr_is("pads", &pads),
+        attr_is("dilations", &dilation),
+        attr_i("group", groups as i64),
+    ]
 }
 
 /// Pooling attributes; `count_include_pad` exists only on AveragePool.

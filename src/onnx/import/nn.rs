@@ -67,6 +67,26 @@ fn padding(
     }
 }
 
+/// The weight `w` and the optional bias (input 2, one value per output channel `o`) of a
+/// conv-like node as IR parameters; also whether there is a bias.
+fn weight_and_bias(
+    ctx: &Ctx,
+    n: &NodeProto,
+    w: &Const,
+    o: usize,
+) -> Result<(Vec<(&'static str, candle_core::Tensor)>, bool)> {
+    let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
+    let mut params = vec![(param::WEIGHT, tensor(w.f32s(), &w.dims)?)];
+    if bias {
+        let b = weight(ctx, n, 2, param::BIAS)?;
+        if b.numel() != o {
+            bail!("bias has {} values for {o} output channels", b.numel());
+        }
+        params.push((param::BIAS, tensor(b.f32s(), &[o])?));
+    }
+    Ok((params, bias))
+}
+
 fn spatial(ctx: &Ctx, x: usize) -> Result<[usize; 2]> {
     match ctx.shape(x)[..] {
         [_, h, w] => Ok([h, w]),
@@ -109,15 +129,7 @@ pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
             ig
         );
     }
-    let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
-    let mut params = vec![(param::WEIGHT, tensor(w.f32s(), &w.dims)?)];
-    if bias {
-        let b = weight(ctx, n, 2, param::BIAS)?;
-        if b.numel() != o {
-            bail!("bias has {} values for {o} output channels", b.numel());
-        }
-        params.push((param::BIAS, tensor(b.f32s(), &[o])?));
-    }
+    let (params, bias) = weight_and_bias(ctx, n, &w, o)?;
     let op = Op::Conv2d(Conv2d {
         in_channels: cin,
         out_channels: o,
@@ -174,15 +186,7 @@ pub(super) fn conv_transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Resul
         Some(p) => bail!("pads {p:?} must be 4 non-negative values"),
     };
     let o = og * groups;
-    let bias = n.input.get(2).filter(|s| !s.is_empty()).is_some();
-    let mut params = vec![(param::WEIGHT, tensor(w.f32s(), &w.dims)?)];
-    if bias {
-        let b = weight(ctx, n, 2, param::BIAS)?;
-        if b.numel() != o {
-            bail!("bias has {} values for {o} output channels", b.numel());
-        }
-        params.push((param::BIAS, tensor(b.f32s(), &[o])?));
-    }
+    let (params, bias) = weight_and_bias(ctx, n, &w, o)?;
     let op = Op::ConvTranspose2d(ConvTranspose2d {
         in_channels: cin,
         out_channels: o,

@@ -495,13 +495,25 @@ fn permute_const(c: &Const, perm: &[usize]) -> Result<Const> {
     {
         bail!("Transpose perm {perm:?} is not a permutation of {r} axes");
     }
-    let dims: Vec<usize> = perm.iter().map(|&p| c.dims[p]).collect();
+    let picks: Vec<Vec<usize>> = perm.iter().map(|&p| (0..c.dims[p]).collect()).collect();
+    Ok(gather_const(c, perm, &picks))
+}
+
+/// The constant whose output axis `i` reads input axis `axes[i]` at indices `picks[i]`
+/// (a permutation and a per-axis selection in one walk).
+fn gather_const(c: &Const, axes: &[usize], picks: &[Vec<usize>]) -> Const {
+    let r = axes.len();
+    let dims: Vec<usize> = picks.iter().map(|p| p.len()).collect();
     let strides = strides_of(&c.dims);
     let n: usize = dims.iter().product();
     let mut data = Vec::with_capacity(n);
     let mut idx = vec![0usize; r];
     for _ in 0..n {
-        data.push(c.data[(0..r).map(|i| idx[i] * strides[perm[i]]).sum::<usize>()]);
+        data.push(
+            c.data[(0..r)
+                .map(|i| picks[i][idx[i]] * strides[axes[i]])
+                .sum::<usize>()],
+        );
         for ax in (0..r).rev() {
             idx[ax] += 1;
             if idx[ax] < dims[ax] {
@@ -510,7 +522,7 @@ fn permute_const(c: &Const, perm: &[usize]) -> Result<Const> {
             idx[ax] = 0;
         }
     }
-    Ok(Const { dims, data })
+    Const { dims, data }
 }
 
 fn strides_of(dims: &[usize]) -> Vec<usize> {
@@ -555,22 +567,8 @@ fn slice_const(
             v
         };
     }
-    let dims: Vec<usize> = picks.iter().map(|p| p.len()).collect();
-    let strides = strides_of(&c.dims);
-    let n: usize = dims.iter().product();
-    let mut data = Vec::with_capacity(n);
-    let mut idx = vec![0usize; r];
-    for _ in 0..n {
-        data.push(c.data[(0..r).map(|i| picks[i][idx[i]] * strides[i]).sum::<usize>()]);
-        for ax in (0..r).rev() {
-            idx[ax] += 1;
-            if idx[ax] < dims[ax] {
-                break;
-            }
-            idx[ax] = 0;
-        }
-    }
-    Ok(Const { dims, data })
+    let axes: Vec<usize> = (0..r).collect();
+    Ok(gather_const(c, &axes, &picks))
 }
 
 fn clamp_range(start: i64, end: i64, len: i64) -> (i64, i64) {
