@@ -686,3 +686,29 @@ fn spatial_padding_modes_match_their_definitions() {
         assert_eq!(outputs_of(&back, &x), got, "{mode:?}: export → import");
     }
 }
+
+/// The IR's n-ary add exports as ONNX `Sum` (Add is binary there) and imports back.
+#[test]
+fn three_way_adds_round_trip_as_sum() {
+    let mut b = GraphBuilder::new(4);
+    let i = b.input(&[3, 5, 5]).unwrap();
+    let c1 = b.conv("c1", i, Conv2d::new(3, 4, 3, 1, 1)).unwrap();
+    let c2 = b.conv("c2", i, Conv2d::new(3, 4, 1, 1, 0)).unwrap();
+    let c3 = b.conv("c3", i, Conv2d::new(3, 4, 3, 1, 1)).unwrap();
+    let s = b
+        .add("sum", Op::Add(lopper::graph::ops::Add {}), &[c1, c2, c3])
+        .unwrap();
+    let g = b.finish(&[s]).unwrap();
+    let bytes = export_bytes(&g).unwrap();
+    let m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    assert!(m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .any(|n| n.op_type == "Sum"));
+    let back = import_bytes(&bytes, "sum").unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &Device::Cpu).unwrap();
+    assert!(max_diff(&outputs_of(&g, &x), &outputs_of(&back, &x)) < 1e-6);
+}

@@ -193,6 +193,8 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.inits.push(i64_proto(&s, &t));
             o.node("Reshape", name, &[x, &s], name, vec![]);
         }
+        // ONNX Add is binary; the IR's n-ary add is a Sum.
+        Op::Add(_) if ins.len() > 2 => o.node("Sum", name, &ins, name, vec![]),
         Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
         Op::Mul(_) => o.node("Mul", name, &ins, name, vec![]),
         Op::Concat(_) => o.node("Concat", name, &ins, name, vec![attr_i("axis", 1)]),

@@ -174,6 +174,19 @@ pub(super) fn hard_sigmoid(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<
     add_activation(ctx, n, label, kind)
 }
 
+/// `Sum` of computed tensors (broadcasting): one n-ary add; of one input, that input.
+pub(super) fn sum(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    Attrs::new(n).only(&[])?;
+    if let Some(c) = n.input.iter().find(|i| ctx.konst(i).is_some()) {
+        bail!("Sum with a constant input ('{c}') is not supported");
+    }
+    let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
+    if let [x] = xs[..] {
+        return Ok(Value::Node(x));
+    }
+    Ok(Value::Node(ctx.add(label, Op::Add(Add {}), &xs, vec![])?))
+}
+
 /// `Elu` with its `alpha`.
 pub(super) fn elu(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);

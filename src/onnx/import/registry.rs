@@ -54,6 +54,7 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "GlobalAveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::global_avg_pool), note: "" },
     OpEntry { op_type: "ReduceMean", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(nn::reduce_mean), note: "over the spatial axes (global average pooling)" },
     OpEntry { op_type: "Add", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (residual), or a per-channel constant (folded into a bias or a channel affine)" },
+    OpEntry { op_type: "Sum", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(ew::sum), note: "of computed tensors (broadcast)" },
     OpEntry { op_type: "Sub", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "by a per-channel constant" },
     OpEntry { op_type: "Mul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (gating), or a per-channel constant" },
     OpEntry { op_type: "Div", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "by a per-channel constant" },
