@@ -87,6 +87,16 @@ fn weight_and_bias(
     Ok((params, bias))
 }
 
+/// A `kernel_shape` attribute, when given, must match the weight.
+fn check_kernel_shape(a: &Attrs, k: [usize; 2], w: &Const) -> Result<()> {
+    match a.ints("kernel_shape") {
+        Some(ks) if ks != [k[0] as i64, k[1] as i64] => {
+            bail!("kernel_shape {ks:?} does not match the weight {:?}", w.dims)
+        }
+        _ => Ok(()),
+    }
+}
+
 fn spatial(ctx: &Ctx, x: usize) -> Result<[usize; 2]> {
     match ctx.shape(x)[..] {
         [_, h, w] => Ok([h, w]),
@@ -116,11 +126,7 @@ pub(super) fn conv(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let stride = two(a.ints("strides"), 1, "strides")?;
     let dilation = two(a.ints("dilations"), 1, "dilations")?;
     let kernel = [kh, kw];
-    if let Some(k) = a.ints("kernel_shape") {
-        if k != [kh as i64, kw as i64] {
-            bail!("kernel_shape {k:?} does not match the weight {:?}", w.dims);
-        }
-    }
+    check_kernel_shape(&a, [kh, kw], &w)?;
     let padding = padding(&a, spatial(ctx, x)?, kernel, stride, dilation)?;
     let cin = ctx.shape(x)[0];
     if cin != ig * groups {
@@ -173,28 +179,21 @@ pub(super) fn conv_transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Resul
     if cin != i {
         bail!("input has {cin} channels, the weight expects {i}");
     }
-    if let Some(k) = a.ints("kernel_shape") {
-        if k != [kh as i64, kw as i64] {
-            bail!("kernel_shape {k:?} does not match the weight {:?}", w.dims);
-        }
-    }
-    let padding = match a.ints("pads").as_deref() {
-        None => [0; 4],
-        Some([t, l, b, r]) if [t, l, b, r].iter().all(|&&p| p >= 0) => {
-            [*t as usize, *l as usize, *b as usize, *r as usize]
-        }
-        Some(p) => bail!("pads {p:?} must be 4 non-negative values"),
-    };
+    check_kernel_shape(&a, [kh, kw], &w)?;
+    let stride = two(a.ints("strides"), 1, "strides")?;
+    let dilation = two(a.ints("dilations"), 1, "dilations")?;
+    // NOTSET or VALID (SAME was refused above): the shared reader of explicit pads.
+    let padding = padding(&a, spatial(ctx, x)?, [kh, kw], stride, dilation)?;
     let o = og * groups;
     let (params, bias) = weight_and_bias(ctx, n, &w, o)?;
     let op = Op::ConvTranspose2d(ConvTranspose2d {
         in_channels: cin,
         out_channels: o,
         kernel: [kh, kw],
-        stride: two(a.ints("strides"), 1, "strides")?,
+        stride,
         padding,
         output_padding: two(a.ints("output_padding"), 0, "output_padding")?,
-        dilation: two(a.ints("dilations"), 1, "dilations")?,
+        dilation,
         groups,
         bias,
     });

@@ -615,18 +615,12 @@ fn slice(ctx: &mut Ctx, n: &NodeProto, label: &str, konst: Option<Const>) -> Res
     if picked.is_empty() {
         bail!("Slice selects nothing");
     }
-    match konst {
-        Some(c) if c.dims.len() == 1 => Ok(Value::Const(Const {
-            dims: vec![picked.len()],
-            data: picked.iter().map(|&i| c.data[i]).collect(),
-        })),
-        Some(_) => bail!("Slice of multi-dimensional constants is not supported"),
-        None if ax == 1 => {
-            let x = ctx.node(&n.input[0])?;
-            gather(ctx, label, x, picked)
-        }
-        None => bail!("Slice of a computed tensor is only supported along the channel axis"),
+    // Constants were folded above: this is a computed tensor.
+    if ax != 1 {
+        bail!("Slice of a computed tensor is only supported along the channel axis");
     }
+    let x = ctx.node(&n.input[0])?;
+    gather(ctx, label, x, picked)
 }
 
 /// Split along the channel axis: one channel gather per output.
