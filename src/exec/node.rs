@@ -362,15 +362,46 @@ fn spatial_pad(p: &crate::graph::ops::SpatialPad, x: &Tensor) -> Result<Tensor> 
 }
 
 /// `A_h · x · A_wᵀ` with the op's interpolation matrices (differentiable: both products
-/// are matmuls).
+/// are matmuls). Run by the plan with matrices built once per input shape
+/// ([`resize_matrices`]); this path serves a direct call.
 fn resize(r: &crate::graph::ops::Resize, x: &Tensor) -> Result<Tensor> {
-    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    let (ah, awt) = resize_pair(r, x.dim(2)?, x.dim(3)?, x.device())?;
+    resize_by(x, &ah, &awt)
+}
+
+/// `(A_h, A_wᵀ)` of resize `r` for an `h × w` input.
+fn resize_pair(
+    r: &crate::graph::ops::Resize,
+    h: usize,
+    w: usize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let (oh, ow) = r.out_size(h, w);
-    let dev = x.device();
     let ah = Tensor::from_vec(r.matrix(true, h, oh), (oh, h), dev)?;
-    let awt = Tensor::from_vec(r.matrix(false, w, ow), (ow, w), dev)?.t()?;
-    let y = x.broadcast_matmul(&awt.contiguous()?)?;
-    Ok(ah.broadcast_matmul(&y)?)
+    let awt = Tensor::from_vec(r.matrix(false, w, ow), (ow, w), dev)?
+        .t()?
+        .contiguous()?;
+    Ok((ah, awt))
+}
+
+/// The interpolation matrices of every resize in `g`, for its per-sample `shapes`.
+pub(crate) fn resize_matrices(
+    g: &Graph,
+    shapes: &[crate::graph::Shape],
+) -> Result<HashMap<NodeId, (Tensor, Tensor)>> {
+    let mut m = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let Op::Resize(r) = &n.op {
+            let s = &shapes[n.inputs[0]];
+            m.insert(i, resize_pair(r, s[1], s[2], &candle_core::Device::Cpu)?);
+        }
+    }
+    Ok(m)
+}
+
+/// Applies precomputed interpolation matrices: `A_h · (x · A_wᵀ)`.
+pub(crate) fn resize_by(x: &Tensor, ah: &Tensor, awt: &Tensor) -> Result<Tensor> {
+    Ok(ah.broadcast_matmul(&x.broadcast_matmul(awt)?)?)
 }
 
 /// `max(x, 0) + slope[c]·min(x, 0)`, the slope broadcast over the channel axis.

@@ -62,6 +62,8 @@ pub struct Plan {
     release: Vec<Vec<NodeId>>,
     folded: HashMap<NodeId, Folded>,
     sparse: SparsePack,
+    /// Each resize's interpolation matrices `(A_h, A_wᵀ)` for the planned input shape.
+    resize: HashMap<NodeId, (Tensor, Tensor)>,
 }
 
 impl Plan {
@@ -71,7 +73,9 @@ impl Plan {
         let mut pinned = o.keep.clone();
         pinned.extend(&o.masked_inputs);
         let rewrites = mode.inference_rewrites(o.grad);
-        let fusion = plan_fusion(g, &pinned, &consumers, &g.shapes()?, rewrites);
+        let shapes = g.shapes()?;
+        let fusion = plan_fusion(g, &pinned, &consumers, &shapes, rewrites);
+        let resize = node::resize_matrices(g, &shapes)?;
         let sparse = if rewrites && o.sparse.unwrap_or(g.sparse_kernels()) {
             SparsePack::build(g)?
         } else {
@@ -113,6 +117,7 @@ impl Plan {
             release,
             folded,
             sparse,
+            resize,
         })
     }
 
@@ -231,7 +236,10 @@ impl Plan {
                 };
                 node::conv_folded(g, i, fold, ins[0], relu, residual, ctx, sw)
             }
-            None => node::run(g, i, &ins, x, ctx, self.fusion.fused_relu[i], sw),
+            None => match self.resize.get(&i) {
+                Some((ah, awt)) => node::resize_by(ins[0], ah, awt),
+                None => node::run(g, i, &ins, x, ctx, self.fusion.fused_relu[i], sw),
+            },
         }
     }
 }
