@@ -16,6 +16,16 @@ pub struct BenchArgs {
     reference: bool,
     #[arg(long)]
     json: bool,
+    /// Time this model (zoo name or .safetensors/.onnx file) instead of the fixed
+    /// workloads: inference at `--batch`, or a training step with `--train`.
+    #[arg(long)]
+    model: Option<String>,
+    /// Batch size for `--model`.
+    #[arg(long, default_value_t = 1, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
+    batch: usize,
+    /// With `--model`: time a training step (forward, cross-entropy, backward, SGD).
+    #[arg(long)]
+    train: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -25,8 +35,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         filter,
         reference,
         json: j,
+        model,
+        batch,
+        train,
     } = a;
     lopper::kernels::use_reference_ops(reference);
+    if let Some(m) = model {
+        return bench_model(&m, batch, train, warmup, steps, reference, j);
+    }
     let print = |r: &lopper::bench::BenchRow| {
         if !j {
             println!(
@@ -83,6 +99,50 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "threads": rayon::current_num_threads(),
                 "rows": rows
             }))?
+        );
+    }
+    Ok(())
+}
+
+/// `lopper bench --model`: one row for one model, batch and mode.
+fn bench_model(
+    m: &str,
+    batch: usize,
+    train: bool,
+    warmup: usize,
+    steps: usize,
+    reference: bool,
+    j: bool,
+) -> Result<()> {
+    let args = ModelArgs {
+        model: m.to_string(),
+        weights: None,
+        init_seed: 0,
+    };
+    let g = resolve_model(&args, None, None)?;
+    let label = Path::new(m)
+        .file_stem()
+        .map_or(m.to_string(), |s| s.to_string_lossy().into_owned());
+    let o = lopper::bench::model::ModelBench {
+        batch,
+        train,
+        warmup,
+        steps,
+    };
+    let r = lopper::bench::model::time_model(&g, &label, &o)?;
+    if j {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "backend": if reference { "candle" } else { "lopper" },
+                "threads": rayon::current_num_threads(),
+                "rows": [r]
+            }))?
+        );
+    } else {
+        println!(
+            "{:<28} {:>10.3} ms median ({:.3}..{:.3}, {} steps), peak RSS {:.0} MB",
+            r.name, r.median_ms, r.min_ms, r.max_ms, r.steps, r.peak_rss_mb
         );
     }
     Ok(())

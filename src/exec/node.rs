@@ -18,14 +18,15 @@ use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use std::collections::HashMap;
 
-/// A conv with the batch norm after it folded in: `w·s` and the per-channel `(s, b')`.
+/// An eval-mode conv's epilogue constants: with a batch norm folded in, `w·s` and the
+/// per-channel `(s, b')`; without one, the conv's own bias (zeros if it has none).
 #[derive(Debug)]
 pub(crate) struct Folded {
-    pub bn: NodeId,
-    pub scale: Vec<f32>,
+    /// The per-channel scale of a folded batch norm.
+    pub scale: Option<Vec<f32>>,
     pub bias: Vec<f32>,
-    /// The scaled dense weight (absent when the conv runs on the sparse kernel, which
-    /// applies `s` in its epilogue).
+    /// The scaled dense weight (absent without a batch norm, and when the conv runs on
+    /// the sparse kernel, which applies `s` in its epilogue).
     pub weight: Option<Tensor>,
 }
 
@@ -75,7 +76,9 @@ pub(crate) fn run(
         Op::Reshape(r) => reshape(r, x),
         Op::Add(_) if relu => Ok(kernels::add_relu(ins[0], ins[1])?),
         Op::Add(_) => fold_inputs(ins, |a, b| a.broadcast_add(b)),
-        Op::Mul(_) => fold_inputs(ins, |a, b| a.broadcast_mul(b)),
+        Op::Mul(_) => fold_inputs(ins, |a, b| {
+            kernels::mul(a, b).map_err(candle_core::Error::wrap)
+        }),
         Op::Concat(_) => Ok(Tensor::cat(ins, 1)?),
         Op::ChannelPad(cp) => Ok(x.pad_with_zeros(1, cp.before, cp.after)?),
         Op::Dropout(d) => dropout(d, i, x, ctx),
@@ -130,24 +133,25 @@ fn conv(
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
         return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, None);
     }
-    let y = kernels::conv2d(x, &weight(g, i, ctx)?, cfg)?;
-    Ok(if c.bias {
-        y.broadcast_add(&param(g, i, BIAS)?.reshape((1, c.out_channels, 1, 1))?)?
+    let w = weight(g, i, ctx)?;
+    if c.bias {
+        kernels::conv2d_bias(x, &w, &param(g, i, BIAS)?, cfg)
     } else {
-        y
-    })
+        kernels::conv2d(x, &w, cfg)
+    }
 }
 
-/// Eval-mode conv `i` with its batch norm folded in (weights scaled at plan time), run with
-/// a bias (+ residual, + ReLU) epilogue — one pass over the output instead of three. A
-/// conv with compressed sparse weights applies the scale in its epilogue.
+/// Eval-mode conv `i` run with its epilogue: bias (with the batch norm folded in, its
+/// weights scaled at plan time), + residual, + activation — one pass over the output
+/// instead of one per node. A conv with compressed sparse weights applies the scale in its
+/// own epilogue (which knows ReLU only: another activation runs after it).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_folded(
     g: &Graph,
     i: NodeId,
     f: &Folded,
     x: &Tensor,
-    relu: bool,
+    act: Option<ActivationKind>,
     residual: Option<&Tensor>,
     ctx: &Ctx,
     sw: Option<&SparseWeight>,
@@ -158,24 +162,53 @@ pub(crate) fn conv_folded(
     let cfg = conv_cfg(c);
     if let Some(sw) = sw {
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
+        let relu = act == Some(ActivationKind::Relu);
         let epi = SparseEpilogue {
-            scale: Some(&f.scale),
+            scale: f.scale.as_deref(),
             bias: Some(&f.bias),
             relu,
         };
-        return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, residual);
+        let y = kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, residual)?;
+        return match act {
+            Some(k) if !relu => activation(&y, k),
+            _ => Ok(y),
+        };
     }
-    let w = match (ctx.weight_masks.and_then(|m| m.get(&i)), &f.weight) {
-        (None, Some(w)) => w.clone(),
-        _ => {
+    let w = match (
+        ctx.weight_masks.and_then(|m| m.get(&i)),
+        &f.weight,
+        &f.scale,
+    ) {
+        (None, Some(w), _) => w.clone(),
+        (_, _, None) => weight(g, i, ctx)?,
+        (_, _, Some(scale)) => {
             // A masked weight (or no precomputed fold): scale it now.
             let w = weight(g, i, ctx)?;
             let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-            crate::graph::fold::scale_rows(&mut wv, &f.scale);
+            crate::graph::fold::scale_rows(&mut wv, scale);
             Tensor::from_vec(wv, w.dims(), w.device())?
         }
     };
-    kernels::conv2d_bias_relu(x, &w, f.bias.clone(), relu, residual, cfg)
+    kernels::conv2d_epilogue(x, &w, f.bias.clone(), act, residual, cfg)
+}
+
+/// Eval-mode linear layer `i` with the activation after it fused into its output pass.
+pub(crate) fn linear_act(
+    g: &Graph,
+    i: NodeId,
+    x: &Tensor,
+    act: ActivationKind,
+    ctx: &Ctx,
+    sw: Option<&SparseWeight>,
+) -> Result<Tensor> {
+    let Op::Linear(l) = &g.nodes[i].op else {
+        anyhow::bail!("internal: linear epilogue on a non-linear node");
+    };
+    if sw.is_some() || !l.bias {
+        return activation(&linear(g, i, l, x, ctx, sw)?, act);
+    }
+    let b = param(g, i, BIAS)?;
+    kernels::linear_act(x, &weight(g, i, ctx)?, &b, act)
 }
 
 fn linear(
@@ -472,43 +505,5 @@ fn dropout(d: &Dropout, i: NodeId, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
 
 /// Element-wise activation on candle ops (these are cheap next to conv and batch norm).
 pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
-    Ok(match kind {
-        ActivationKind::Relu => x.relu()?,
-        ActivationKind::Relu6 => x.clamp(0f32, 6f32)?,
-        ActivationKind::LeakyRelu { slope } => {
-            let s = (x * slope as f64)?;
-            if slope <= 1.0 {
-                x.maximum(&s)?
-            } else {
-                x.minimum(&s)?
-            }
-        }
-        ActivationKind::Gelu => x.gelu_erf()?,
-        ActivationKind::Silu => x.silu()?,
-        ActivationKind::Sigmoid => candle_nn::ops::sigmoid(x)?,
-        ActivationKind::HardSigmoid => ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
-        ActivationKind::HardSwish => x.mul(&((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?,
-        ActivationKind::Tanh => x.tanh()?,
-        ActivationKind::HardSigmoidWith { alpha, beta } => {
-            x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)?
-        }
-        ActivationKind::Clip { lo, hi } => x.clamp(lo, hi)?,
-        ActivationKind::Elu { alpha } => elu(x, alpha as f64)?,
-        ActivationKind::Selu { alpha, gamma } => (elu(x, alpha as f64)? * gamma as f64)?,
-        ActivationKind::Softplus => softplus(x)?,
-        ActivationKind::Mish => x.mul(&softplus(x)?.tanh()?)?,
-        ActivationKind::GeluTanh => x.gelu()?,
-    })
-}
-
-/// `x` where positive, `alpha·(eˣ − 1)` elsewhere (the exponential of the positive part
-/// is never taken, so large inputs cannot overflow).
-fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
-    let neg = x.minimum(0f32)?;
-    Ok((x.relu()? + (neg.exp()? - 1.0)?.affine(alpha, 0.0)?)?)
-}
-
-/// `ln(1 + eˣ)` computed as `max(x, 0) + ln(1 + e^(−|x|))`, stable for large |x|.
-fn softplus(x: &Tensor) -> Result<Tensor> {
-    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    kernels::activation(x, kind)
 }

@@ -8,12 +8,13 @@
 //! changing them. A training-mode plan holds structure only and stays valid while
 //! training.
 
-use super::fusion::{plan as plan_fusion, Fusion};
+use super::fusion::{plan as plan_fusion, Epi, Fusion};
 use super::node::{self, Ctx, Folded};
 use super::sparse_pack::SparsePack;
 use super::{ForwardOut, Mode, WeightMask};
 use crate::graph::fold::{conv_bn_affine, scale_rows};
-use crate::graph::ops::param::WEIGHT;
+use crate::graph::ops::param::{BIAS, WEIGHT};
+use crate::graph::ops::Op;
 use crate::graph::{Graph, NodeId, Shape};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
@@ -82,25 +83,12 @@ impl Plan {
             SparsePack::default()
         };
         let mut folded = HashMap::new();
-        for (i, bn) in fusion.fold_bn.iter().enumerate() {
-            let Some(bn) = *bn else { continue };
-            let (scale, bias) = conv_bn_affine(g, i, bn)?;
-            let weight = match sparse.get(i) {
-                Some(_) => None,
-                None => {
-                    let w = g.param(i, WEIGHT)?.as_tensor();
-                    let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                    scale_rows(&mut wv, &scale);
-                    Some(Tensor::from_vec(wv, w.dims(), w.device())?)
-                }
-            };
-            let f = Folded {
-                bn,
-                scale,
-                bias,
-                weight,
-            };
-            folded.insert(i, f);
+        for (i, e) in fusion.epilogue.iter().enumerate() {
+            let Some(e) = e else { continue };
+            if !matches!(g.nodes[i].op, Op::Conv2d(_)) {
+                continue;
+            }
+            folded.insert(i, fold(g, i, e.bn, sparse.get(i).is_some())?);
         }
         let release = if mode.releases_intermediates() {
             release_points(g, &consumers, &fusion, &o.keep)
@@ -228,15 +216,16 @@ impl Plan {
             ins[0] = &masked;
         }
         let sw = sparse.and_then(|p| p.get(i));
-        match self.folded.get(&i) {
-            Some(fold) => {
-                let (relu, residual) = match self.fusion.fold_add[i] {
-                    Some((add, other)) => (self.fusion.fused_relu[add], Some(value(other)?)),
-                    None => (self.fusion.fused_relu[fold.bn], None),
-                };
-                node::conv_folded(g, i, fold, ins[0], relu, residual, ctx, sw)
+        let epi = self.fusion.epilogue[i];
+        match (self.folded.get(&i), epi) {
+            (Some(fold), Some(e)) => {
+                let residual = e.add.map(|(_, other)| value(other)).transpose()?;
+                node::conv_folded(g, i, fold, ins[0], e.act, residual, ctx, sw)
             }
-            None => match self.resize.get(&i) {
+            (None, Some(Epi { act: Some(act), .. })) => {
+                node::linear_act(g, i, ins[0], act, ctx, sw)
+            }
+            _ => match self.resize.get(&i) {
                 Some((ah, awt)) => node::resize_by(ins[0], ah, awt),
                 None => node::run(g, i, &ins, x, ctx, self.fusion.fused_relu[i], sw),
             },
@@ -261,7 +250,9 @@ fn release_points(
         if fusion.alias[i].is_some() {
             continue;
         }
-        let fused = fusion.fold_add[i].map(|(_, other)| other);
+        let fused = fusion.epilogue[i]
+            .and_then(|e| e.add)
+            .map(|(_, other)| other);
         for &j in node.inputs.iter().chain(fused.iter()) {
             remaining[j] -= 1;
             if remaining[j] == 0 {
@@ -270,4 +261,38 @@ fn release_points(
         }
     }
     release
+}
+
+/// The epilogue constants of eval-mode conv `i`: batch norm `bn` folded into its weights
+/// (the scaled dense copy made unless the conv runs sparse), or its own bias.
+fn fold(g: &Graph, i: NodeId, bn: Option<NodeId>, sparse: bool) -> Result<Folded> {
+    let Some(bn) = bn else {
+        let Op::Conv2d(c) = &g.nodes[i].op else {
+            bail!("internal: epilogue on a non-conv node");
+        };
+        let bias = if c.bias {
+            g.param(i, BIAS)?.as_tensor().to_vec1()?
+        } else {
+            vec![0.0; c.out_channels]
+        };
+        return Ok(Folded {
+            scale: None,
+            bias,
+            weight: None,
+        });
+    };
+    let (scale, bias) = conv_bn_affine(g, i, bn)?;
+    let weight = if sparse {
+        None
+    } else {
+        let w = g.param(i, WEIGHT)?.as_tensor();
+        let mut wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        scale_rows(&mut wv, &scale);
+        Some(Tensor::from_vec(wv, w.dims(), w.device())?)
+    };
+    Ok(Folded {
+        scale: Some(scale),
+        bias,
+        weight,
+    })
 }

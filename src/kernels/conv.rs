@@ -6,10 +6,12 @@
 //! image; a lone image lets the GEMM use every thread. Reductions across images use a
 //! fixed chunking, so results are deterministic for a given thread count.
 
+use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::depthwise;
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
+use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -85,28 +87,20 @@ fn is_depthwise(g: &Geo) -> bool {
     g.groups > 1 && g.cg() == 1 && g.og() == 1
 }
 
-/// A per-output-channel bias and optional ReLU applied to the conv output while it is
-/// still in cache (inference with batch norm folded into the weights).
+/// A per-output-channel bias and optional activation applied to the conv output while it
+/// is still in cache (inference with batch norm folded into the weights).
 pub struct Epilogue {
     pub bias: Vec<f32>,
-    pub relu: bool,
+    pub act: Option<ActivationKind>,
 }
 
 impl Epilogue {
-    /// Applies to one image's output `[O, P]`, adding `res` (the same shape) if given.
+    /// Applies to one image's output `[O, P]`, adding `res` (the same shape, before the
+    /// activation) if given.
     fn apply(&self, out: &mut [f32], p: usize, res: Option<&[f32]>) {
         for (o, (row, &b)) in out.chunks_exact_mut(p).zip(&self.bias).enumerate() {
-            match (res, self.relu) {
-                (Some(r), relu) => {
-                    let r = &r[o * p..(o + 1) * p];
-                    for (v, &x) in row.iter_mut().zip(r) {
-                        let y = *v + b + x;
-                        *v = if relu { y.max(0.0) } else { y };
-                    }
-                }
-                (None, true) => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
-                (None, false) => row.iter_mut().for_each(|v| *v += b),
-            }
+            let r = res.map(|r| &r[o * p..(o + 1) * p]);
+            act::bias_act(row, b, r, self.act);
         }
     }
 }
@@ -128,11 +122,15 @@ pub fn conv_forward_epi(
     let img_out = g.o * g.p();
     let res_n = |n: usize| res.map(|r| &r[n * img_out..(n + 1) * img_out]);
     if is_depthwise(g) {
-        depthwise::forward(g, x, w, out);
-        if let Some(e) = epi {
-            out.chunks_exact_mut(img_out)
-                .enumerate()
-                .for_each(|(n, o)| e.apply(o, g.p(), res_n(n)));
+        match (epi, res) {
+            (Some(e), None) => depthwise::forward_epi(g, x, w, out, Some((&e.bias, e.act))),
+            (Some(e), Some(_)) => {
+                depthwise::forward(g, x, w, out);
+                out.chunks_exact_mut(img_out)
+                    .enumerate()
+                    .for_each(|(n, o)| e.apply(o, g.p(), res_n(n)));
+            }
+            (None, _) => depthwise::forward(g, x, w, out),
         }
         return;
     }
@@ -409,23 +407,96 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.cfg.geo(x.dims(), w.dims())?;
-        let dx = if x.track_op() {
-            let v = with_f32(grad, |dy| with_f32(w, |w| conv_backward_input(&g, dy, w)))
-                .and_then(|r| r)
-                .map_err(ce)?;
-            Some(tensor(v, x.dims())?)
-        } else {
-            None // the network input needs no gradient
+        conv_grads(&self.cfg, x, w, grad)
+    }
+}
+
+/// The input and weight gradients of a convolution (`None` where no gradient is tracked).
+fn conv_grads(
+    cfg: &ConvCfg,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let g = cfg.geo(x.dims(), w.dims())?;
+    let dx = if x.track_op() {
+        let v = with_f32(grad, |dy| with_f32(w, |w| conv_backward_input(&g, dy, w)))
+            .and_then(|r| r)
+            .map_err(ce)?;
+        Some(tensor(v, x.dims())?)
+    } else {
+        None // the network input needs no gradient
+    };
+    let dw = if w.track_op() {
+        let v = with_f32(grad, |dy| with_f32(x, |x| conv_backward_weight(&g, x, dy)))
+            .and_then(|r| r)
+            .map_err(ce)?;
+        Some(tensor(v, w.dims())?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// `y = conv2d(x, w) + b`: a convolution with its bias added in the output pass, and the
+/// bias gradient (the output gradient summed per channel) in the backward — how a conv
+/// without batch norm trains (candle's broadcast add and its reduction cost more than
+/// the conv on narrow layers).
+pub struct Conv2dBiasOp {
+    pub cfg: ConvCfg,
+}
+
+impl candle_core::CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "lopper-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "conv2d input")?;
+        let w = slice(s2, l2, "conv2d weight")?;
+        let b = slice(s3, l3, "conv2d bias")?;
+        let g = self.cfg.geo(l1.dims(), l2.dims())?;
+        if b.len() != g.o {
+            candle_core::bail!("conv2d: {} biases for {} channels", b.len(), g.o);
+        }
+        let epi = Epilogue {
+            bias: b.to_vec(),
+            act: None,
         };
-        let dw = if w.track_op() {
-            let v = with_f32(grad, |dy| with_f32(x, |x| conv_backward_weight(&g, x, dy)))
-                .and_then(|r| r)
-                .map_err(ce)?;
-            Some(tensor(v, w.dims())?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        conv_forward_epi(&g, x, w, &mut out, Some(&epi), None);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = conv_grads(&self.cfg, x, w, grad)?;
+        let o = b.elem_count();
+        let db = with_f32(grad, |dy| {
+            let p = dy.len() / (x.dim(0).unwrap_or(1).max(1) * o.max(1));
+            let mut db = vec![0f32; o];
+            for img in dy.chunks(o * p.max(1)) {
+                for (acc, row) in db.iter_mut().zip(img.chunks(p.max(1))) {
+                    *acc += row.iter().sum::<f32>();
+                }
+            }
+            db
+        })
+        .map_err(ce)?;
+        Ok((dx, dw, Some(tensor(db, b.dims())?)))
     }
 }

@@ -3,12 +3,18 @@
 //! transposed copy, and the bias is fused into the output pass (forward) and a column
 //! sum (backward).
 
+use super::act;
 use super::cpu::{ce, slice, tensor, with_f32};
 use super::gemm::{sgemm, Mat};
+use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-pub struct LinearOp;
+/// `y = f(x·Wᵀ + b)`; `act` (inference only: no gradient through it) is applied to each
+/// output row in the same pass.
+pub struct LinearOp {
+    pub act: Option<ActivationKind>,
+}
 
 fn dims(x: &[usize], w: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
     if x.len() != 2 || w.len() != 2 || x[1] != w[1] {
@@ -42,6 +48,9 @@ impl CustomOp3 for LinearOp {
         y.par_chunks_mut(o.max(1))
             .for_each(|r| r.copy_from_slice(b));
         sgemm(n, o, i, &mut y, Mat::rm(x, i), Mat::rm_t(w, i), true, true);
+        if let Some(k) = self.act {
+            y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+        }
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 
@@ -53,6 +62,9 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.act.is_some() {
+            candle_core::bail!("linear with a fused activation is inference-only");
+        }
         let (n, i, o) = dims(x.dims(), w.dims())?;
         let r = with_f32(grad, |dy| {
             with_f32(w, |wv| {

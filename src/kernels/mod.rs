@@ -3,7 +3,9 @@
 //! reference backend is selected, the same functions run candle's own ops instead, which
 //! is also what the kernel tests compare against.
 
+pub mod act;
 pub mod batchnorm;
+pub mod channel;
 pub mod conv;
 pub mod cpu;
 pub mod csr;
@@ -13,12 +15,14 @@ pub mod gemm;
 pub mod im2col;
 pub mod linear;
 pub mod pool;
+pub mod simd;
 pub mod sparse;
 
 pub use batchnorm::BatchStats;
 pub use conv::ConvCfg;
 pub use pool::PoolCfg;
 
+use crate::graph::ops::ActivationKind;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use std::cell::Cell;
@@ -63,21 +67,31 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
     Ok(x.conv2d(w, pad, cfg.stride[0], cfg.dilation[0], cfg.groups)?)
 }
 
-/// Inference conv with a per-channel bias and optional ReLU fused into its output pass
-/// (batch norm folded into `w` by the caller). No gradient.
-/// With `residual`, it is added before the ReLU (a residual block's add fused in).
-pub fn conv2d_bias_relu(
+/// 2-D convolution plus a per-channel bias `b: [O]`, with gradients for all three.
+pub fn conv2d_bias(x: &Tensor, w: &Tensor, b: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
+    if fast(x) {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return Ok(x.apply_op3(&w, &b.contiguous()?, conv::Conv2dBiasOp { cfg })?);
+    }
+    let o = b.elem_count();
+    Ok(conv2d(x, w, cfg)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?)
+}
+
+/// Inference conv with a per-channel bias and optional activation fused into its output
+/// pass (batch norm folded into `w` by the caller). No gradient.
+/// With `residual`, it is added before the activation (a residual block's add fused in).
+pub fn conv2d_epilogue(
     x: &Tensor,
     w: &Tensor,
     bias: Vec<f32>,
-    relu: bool,
+    act: Option<ActivationKind>,
     residual: Option<&Tensor>,
     cfg: ConvCfg,
 ) -> Result<Tensor> {
     if fast(x) {
         let op = conv::Conv2dInferOp {
             cfg,
-            epi: conv::Epilogue { bias, relu },
+            epi: conv::Epilogue { bias, act },
         };
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         return Ok(match residual {
@@ -91,7 +105,60 @@ pub fn conv2d_bias_relu(
     if let Some(r) = residual {
         y = (y + r)?;
     }
-    Ok(if relu { y.relu()? } else { y })
+    match act {
+        Some(k) => activation(&y, k),
+        None => Ok(y),
+    }
+}
+
+/// An activation with its gradient: lopper's vectorised kernel on CPU, candle's ops on
+/// other devices and as the reference. A stand-alone ReLU keeps candle's op (already a
+/// single vectorised pass): training runs stay bit-for-bit what they were, which the
+/// recorded results depend on; eval-mode ReLUs are fused into the layer before them.
+pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
+    use ActivationKind as A;
+    if fast(x) && kind != A::Relu {
+        return Ok(x.contiguous()?.apply_op1(act::ActOp(kind))?);
+    }
+    Ok(match kind {
+        A::Relu => x.relu()?,
+        A::Relu6 => x.clamp(0f32, 6f32)?,
+        A::LeakyRelu { slope } => {
+            let s = (x * slope as f64)?;
+            if slope <= 1.0 {
+                x.maximum(&s)?
+            } else {
+                x.minimum(&s)?
+            }
+        }
+        A::Gelu => x.gelu_erf()?,
+        A::Silu => x.silu()?,
+        A::Sigmoid => candle_nn::ops::sigmoid(x)?,
+        A::HardSigmoid => ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
+        A::HardSwish => x.mul(&((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?,
+        A::Tanh => x.tanh()?,
+        A::HardSigmoidWith { alpha, beta } => {
+            x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)?
+        }
+        A::Clip { lo, hi } => x.clamp(lo, hi)?,
+        A::Elu { alpha } => elu(x, alpha as f64)?,
+        A::Selu { alpha, gamma } => (elu(x, alpha as f64)? * gamma as f64)?,
+        A::Softplus => softplus(x)?,
+        A::Mish => x.mul(&softplus(x)?.tanh()?)?,
+        A::GeluTanh => x.gelu()?,
+    })
+}
+
+/// `x` where positive, `alpha·(eˣ − 1)` elsewhere (the exponential of the positive part
+/// is never taken, so large inputs cannot overflow).
+fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    let neg = x.minimum(0f32)?;
+    Ok((x.relu()? + (neg.exp()? - 1.0)?.affine(alpha, 0.0)?)?)
+}
+
+/// `ln(1 + eˣ)` computed as `max(x, 0) + ln(1 + e^(−|x|))`, stable for large |x|.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
 /// Batch norm over axis 1 of `[N, C, ...]`, optionally fused with ReLU.
@@ -194,20 +261,58 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.broadcast_add(b)?.relu()?)
 }
 
+/// Inference `f(x·Wᵀ + b)` with the activation in the output pass (no gradient).
+pub fn linear_act(x: &Tensor, w: &Tensor, b: &Tensor, act: ActivationKind) -> Result<Tensor> {
+    if fast(x) {
+        return Ok(x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            b,
+            linear::LinearOp { act: Some(act) },
+        )?);
+    }
+    activation(&linear(x, w, Some(b))?, act)
+}
+
 /// Global average pooling `[N, C, H, W] -> [N, C, 1, 1]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    if fast(x) && x.rank() == 4 {
+        return Ok(x.contiguous()?.apply_op1(channel::GlobalAvgPoolOp)?);
+    }
     Ok(x.flatten_from(2)?
         .mean_keepdim(D::Minus1)?
         .unsqueeze(D::Minus1)?)
+}
+
+/// `a · b` with broadcasting; a `[N, C, H, W]` tensor times a `[N, C, 1, 1]` gate (either
+/// order) runs on the per-channel kernel.
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let gate = |x: &Tensor, s: &Tensor| {
+        x.rank() == 4 && s.dims() == [x.dim(0).unwrap_or(0), x.dim(1).unwrap_or(0), 1, 1]
+    };
+    if fast(a) && b.dtype() == a.dtype() {
+        if gate(a, b) {
+            return Ok(a
+                .contiguous()?
+                .apply_op2(&b.contiguous()?, channel::ChannelScaleOp)?);
+        }
+        if gate(b, a) {
+            return Ok(b
+                .contiguous()?
+                .apply_op2(&a.contiguous()?, channel::ChannelScaleOp)?);
+        }
+    }
+    Ok(a.broadcast_mul(b)?)
 }
 
 /// `x·Wᵀ + b` for `x: [N, in]`, `W: [out, in]`, optional `b: [out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if fast(x) {
         if let Some(b) = b {
-            return Ok(x
-                .contiguous()?
-                .apply_op3(&w.contiguous()?, b, linear::LinearOp)?);
+            return Ok(x.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                b,
+                linear::LinearOp { act: None },
+            )?);
         }
     }
     let y = x.matmul(&w.t()?)?;

@@ -69,6 +69,11 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
         (Some(x), Some(y)) => Ok(Value::Const(fold(op, &x, &y)?)),
         (None, None) => {
             let (x, y) = (ctx.node(a)?, ctx.node(b)?);
+            if op == "Mul" {
+                if let Some(v) = self_gate(ctx, (a, x), (b, y)) {
+                    return Ok(v);
+                }
+            }
             let ir = match op {
                 "Add" => Op::Add(Add {}),
                 "Mul" => Op::Mul(Mul {}),
@@ -309,4 +314,27 @@ pub(super) fn identity(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Valu
     }
     let x = ctx.node(&n.input[0])?;
     ctx.unary(label, Op::Identity(Identity {}), x)
+}
+
+/// `x · g(x)` where the gate `g(x)` is used only here: the activation that product is —
+/// SiLU for a sigmoid gate, HardSwish for PyTorch's hard sigmoid, Mish for
+/// `tanh(softplus(x))` — as one node (the gate node becomes it), so the executor runs one
+/// kernel (fused into the conv before it) instead of a gate and a full-size product.
+fn self_gate(ctx: &mut Ctx, a: (&str, super::NodeId), b: (&str, super::NodeId)) -> Option<Value> {
+    for ((_, x), (gname, gate)) in [(a, b), (b, a)] {
+        if !ctx.single_use(gname) || ctx.first_input(gate) != x {
+            continue;
+        }
+        let kind = match ctx.op(gate) {
+            Op::Activation(g) => match g.kind {
+                ActivationKind::Sigmoid => ActivationKind::Silu,
+                ActivationKind::HardSigmoid => ActivationKind::HardSwish,
+                _ => continue,
+            },
+            _ => continue,
+        };
+        *ctx.op_mut(gate) = Op::Activation(Activation::new(kind));
+        return Some(Value::Node(gate));
+    }
+    None
 }

@@ -2,6 +2,8 @@
 //! inference b64 and b1; MLP 784-1024-1024-10 train step b128), median over timed steps
 //! after warm-up, and peak RSS per workload. `bench/pytorch_bench.py` runs the same.
 
+pub mod model;
+
 use crate::exec::{forward_with, Feeds, ForwardOpts, Mode, Plan, PlanOpts};
 use crate::graph::Graph;
 use crate::prune;
@@ -76,7 +78,7 @@ fn sparse_workload(name: &str, warmup: usize, steps: usize) -> Result<BenchRow> 
     let plan = Plan::new(&g, Mode::Eval, &sparse)?;
     let packed = plan.sparse_layers();
     let b: usize = batch.parse()?;
-    let (x, _) = data(b, &dims)?;
+    let (x, _) = data(b, &dims, 10)?;
     let mut row = time(name, warmup, if b == 1 { steps * 5 } else { steps }, || {
         plan.run(&g, &x, &Feeds::default()).map(|_| ())
     })?;
@@ -137,12 +139,15 @@ fn train_step(g: &Graph, opt: &mut Optimizer, x: &Tensor, y: &Tensor) -> Result<
     opt.step(&g.trainable(), &grads, 0.01)
 }
 
-fn data(n: usize, dims: &[usize]) -> Result<(Tensor, Tensor)> {
+/// A random batch of `n` inputs of shape `dims` and labels cycling through `classes`.
+fn data(n: usize, dims: &[usize], classes: usize) -> Result<(Tensor, Tensor)> {
     let mut d = vec![n];
     d.extend(dims);
     let x = Tensor::randn(0f32, 1f32, d, &Device::Cpu)?;
     let y = Tensor::from_vec(
-        (0..n as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        (0..n as u32)
+            .map(|i| i % classes.max(1) as u32)
+            .collect::<Vec<_>>(),
         n,
         &Device::Cpu,
     )?;
@@ -185,25 +190,25 @@ pub fn run(
     }
     let r20 = zoo::build("resnet20", 0)?;
     if want("resnet20_train_b64") {
-        let (x, y) = data(64, &[3, 32, 32])?;
+        let (x, y) = data(64, &[3, 32, 32], 10)?;
         let mut opt = sgd();
         push(time("resnet20_train_b64", warmup, steps, || {
             train_step(&r20, &mut opt, &x, &y)
         })?);
     }
     if want("resnet20_infer_b64") {
-        let (x, _) = data(64, &[3, 32, 32])?;
+        let (x, _) = data(64, &[3, 32, 32], 10)?;
         let f = infer(&r20)?;
         push(time("resnet20_infer_b64", warmup, steps, || f(&x))?);
     }
     if want("resnet20_infer_b1") {
-        let (x, _) = data(1, &[3, 32, 32])?;
+        let (x, _) = data(1, &[3, 32, 32], 10)?;
         let f = infer(&r20)?;
         push(time("resnet20_infer_b1", warmup, steps * 5, || f(&x))?);
     }
     if want("mlp_train_b128") {
         let mlp = zoo::build("mlp:784-1024-1024-10", 0)?;
-        let (x, y) = data(128, &[784])?;
+        let (x, y) = data(128, &[784], 10)?;
         let mut opt = sgd();
         push(time("mlp_train_b128", warmup, steps, || {
             train_step(&mlp, &mut opt, &x, &y)
@@ -214,7 +219,7 @@ pub fn run(
         || want("resnet56_l1half_r8_infer_b64")
     {
         let r56 = zoo::build("resnet56", 0)?;
-        let (x, _) = data(64, &[3, 32, 32])?;
+        let (x, _) = data(64, &[3, 32, 32], 10)?;
         if want("resnet56_dense_infer_b64") {
             let f = infer(&r56)?;
             push(time("resnet56_dense_infer_b64", warmup, steps, || f(&x))?);

@@ -1,0 +1,100 @@
+//! Which instruction set the element-wise and direct kernels run with, chosen once at run
+//! time: AVX-512, AVX2+FMA, or portable code (the only path on other architectures). The
+//! binary is built for generic x86-64, so the same executable is fast on every CPU the
+//! project meets (AMD EPYC and Intel Xeon both have AVX-512; older or smaller x86 parts
+//! have AVX2 at most) and still runs where neither exists.
+//!
+//! [`force`] (or `LOPPER_ISA=avx512|avx2|portable` at start-up) pins a lower level, so the
+//! tests run the AVX2 and the portable paths on a machine that has AVX-512.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// An instruction-set level the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+/// 0: not decided yet.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+fn parse(s: &str) -> Option<Isa> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "avx512" => Some(Isa::Avx512),
+        "avx2" => Some(Isa::Avx2),
+        "portable" => Some(Isa::Portable),
+        _ => None,
+    }
+}
+
+/// The level in use: the best this CPU has, lowered by `LOPPER_ISA` or [`force`].
+pub fn isa() -> Isa {
+    match CHOSEN.load(Ordering::Relaxed) {
+        3 => Isa::Avx512,
+        2 => Isa::Avx2,
+        1 => Isa::Portable,
+        _ => {
+            let best = detect();
+            let want = std::env::var("LOPPER_ISA").ok().and_then(|s| parse(&s));
+            let isa = want.map_or(best, |w| w.min(best));
+            CHOSEN.store(isa as u8, Ordering::Relaxed);
+            isa
+        }
+    }
+}
+
+/// Pins the level (never above what the CPU has); `None` returns to the best available.
+/// Process-wide: tests that force a level run their comparisons serially.
+pub fn force(level: Option<Isa>) {
+    let best = detect();
+    CHOSEN.store(level.map_or(best, |l| l.min(best)) as u8, Ordering::Relaxed);
+}
+
+/// Defines `pub fn $name(args)` whose body is compiled three times — for AVX-512, for
+/// AVX2+FMA and portable — and dispatched on [`isa`]. The body should be plain loops over
+/// slices, which the compiler vectorises for each level.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            unsafe fn v4($($arg: $ty),*) {
+                imp($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3($($arg: $ty),*) {
+                imp($($arg),*)
+            }
+            match $crate::kernels::simd::isa() {
+                // SAFETY: `isa()` never reports a level the CPU lacks.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::simd::Isa::Avx512 => unsafe { v4($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                $crate::kernels::simd::Isa::Avx2 => unsafe { v3($($arg),*) },
+                _ => imp($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use multiversion;

@@ -1,0 +1,338 @@
+//! The element-wise, depthwise, per-channel and epilogue kernels (issue 17), forward and
+//! gradients, against candle's own ops (the reference path) and a naive f64 depthwise
+//! convolution — at odd sizes, stride 2, asymmetric padding and 3×3/5×5/7×7 windows, and
+//! with each instruction-set level forced in turn (AVX-512, AVX2, portable), so the paths
+//! this machine would not pick by itself are checked too.
+
+use candle_core::{Device, Tensor, Var};
+use lopper::graph::ops::ActivationKind as A;
+use lopper::kernels::simd::{force, Isa};
+use lopper::kernels::{self, ConvCfg};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+
+/// Every activation kind of the IR, with non-default constants where they have any.
+const KINDS: &[A] = &[
+    A::Relu,
+    A::Relu6,
+    A::Clip { lo: -0.7, hi: 1.3 },
+    A::LeakyRelu { slope: 0.1 },
+    A::LeakyRelu { slope: 1.7 },
+    A::HardSigmoid,
+    A::HardSigmoidWith {
+        alpha: 0.2,
+        beta: 0.5,
+    },
+    A::HardSwish,
+    A::Silu,
+    A::Sigmoid,
+    A::Tanh,
+    A::Gelu,
+    A::GeluTanh,
+    A::Elu { alpha: 0.8 },
+    A::Selu {
+        alpha: 1.673_263_2,
+        gamma: 1.050_701,
+    },
+    A::Softplus,
+    A::Mish,
+];
+
+const LEVELS: &[Isa] = &[Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+fn rand_vec(rng: &mut Pcg64, n: usize, r: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-r..r)).collect()
+}
+
+fn t(v: &[f32], dims: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), dims, &Device::Cpu).unwrap()
+}
+
+fn vals(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+type Run = (Vec<f32>, Vec<Vec<f32>>);
+
+/// Output and gradients of `f` (against a fixed output gradient), with lopper's kernels
+/// and with candle's reference ops.
+fn both(inputs: &[(&[f32], &[usize])], f: &dyn Fn(&[Tensor]) -> Tensor) -> [Run; 2] {
+    let run = |reference: bool| {
+        kernels::use_reference_ops(reference);
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|(v, d)| Var::from_tensor(&t(v, d)).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let dy = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, 0.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(y.dims())
+            .unwrap();
+        let grads = (y.clone() * dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = vars
+            .iter()
+            .map(|v| vals(grads.get(v.as_tensor()).unwrap()))
+            .collect();
+        kernels::use_reference_ops(false);
+        (vals(&y), gs)
+    };
+    [run(false), run(true)]
+}
+
+/// Runs `check` once per instruction-set level (process-wide, so one test does it all).
+fn each_level(check: impl Fn(Isa)) {
+    for &l in LEVELS {
+        force(Some(l));
+        check(l);
+    }
+    force(None);
+}
+
+#[test]
+fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
+    each_level(|l| {
+        activations(l);
+        depthwise(l);
+        epilogues(l);
+        channel_ops(l);
+    });
+}
+
+/// Forward and gradient of every activation on values from −12 to 12 (an odd count, so
+/// vector remainders run), plus the points where the piecewise kinds switch.
+fn activations(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(1);
+    let mut x = rand_vec(&mut rng, 1003, 12.0);
+    x.extend([-3.0, 3.0, 0.0, 6.0, -0.5, 0.5, 90.0, -90.0]);
+    let dims = [x.len()];
+    for &k in KINDS {
+        let [ours, theirs] = both(&[(&x, &dims)], &|ts| {
+            kernels::activation(&ts[0], k).unwrap()
+        });
+        assert_close(&ours.0, &theirs.0, 2e-5, &format!("{k:?} forward ({l:?})"));
+        // Gradients at the switch points are conventions (candle and PyTorch differ
+        // too): compare away from them.
+        let n = 1003;
+        assert_close(
+            &ours.1[0][..n],
+            &theirs.1[0][..n],
+            1e-4,
+            &format!("{k:?} gradient ({l:?})"),
+        );
+    }
+}
+
+/// Naive f64 depthwise convolution `[N, C, H, W]` with weights `[C, 1, kh, kw]`.
+fn naive_depthwise(x: &[f32], w: &[f32], d: [usize; 4], k: [usize; 2], cfg: &ConvCfg) -> Vec<f32> {
+    let [n, c, h, wd] = d;
+    let p = cfg.padding;
+    let oh = (h + p[0] + p[2] - k[0]) / cfg.stride[0] + 1;
+    let ow = (wd + p[1] + p[3] - k[1]) / cfg.stride[1] + 1;
+    let mut y = vec![0f32; n * c * oh * ow];
+    for b in 0..n {
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = 0f64;
+                    for ky in 0..k[0] {
+                        for kx in 0..k[1] {
+                            let iy = (oy * cfg.stride[0] + ky) as isize - p[0] as isize;
+                            let ix = (ox * cfg.stride[1] + kx) as isize - p[1] as isize;
+                            if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= wd {
+                                continue;
+                            }
+                            let xv = x[((b * c + ch) * h + iy as usize) * wd + ix as usize];
+                            acc += xv as f64 * w[(ch * k[0] + ky) * k[1] + kx] as f64;
+                        }
+                    }
+                    y[((b * c + ch) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Depthwise 3×3/5×5/7×7 at stride 1 and 2, symmetric and asymmetric padding, odd widths
+/// (a row shorter than a vector, and one just over): forward against the naive loop,
+/// forward and gradients against candle's grouped convolution where it applies.
+fn depthwise(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(2);
+    // (input dims, window, stride, padding [top, left, bottom, right])
+    type Case = ([usize; 4], usize, [usize; 2], [usize; 4]);
+    let cases: &[Case] = &[
+        ([2, 3, 9, 13], 3, [1, 1], [1, 1, 1, 1]),
+        ([2, 3, 9, 13], 3, [2, 2], [1, 1, 1, 1]),
+        ([1, 2, 11, 17], 3, [2, 2], [0, 0, 1, 1]), // TensorFlow-style "same" at stride 2
+        ([1, 4, 7, 5], 5, [1, 1], [2, 2, 2, 2]),
+        ([2, 2, 12, 19], 5, [2, 2], [1, 2, 2, 1]),
+        ([1, 3, 10, 9], 7, [1, 1], [3, 3, 3, 3]),
+        ([1, 2, 15, 33], 7, [2, 2], [3, 3, 3, 3]),
+        ([1, 2, 1, 1], 3, [1, 1], [1, 1, 1, 1]),
+        ([1, 2, 6, 6], 3, [1, 2], [1, 0, 1, 2]),
+    ];
+    for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
+        let cfg = ConvCfg {
+            stride,
+            padding,
+            dilation: [1, 1],
+            groups: d[1],
+        };
+        let wd = [d[1], 1, k, k];
+        let x = rand_vec(&mut rng, d.iter().product(), 1.0);
+        let w = rand_vec(&mut rng, wd.iter().product(), 1.0);
+        let y = vals(&kernels::conv2d(&t(&x, &d), &t(&w, &wd), cfg).unwrap());
+        let want = naive_depthwise(&x, &w, d, [k, k], &cfg);
+        assert_close(&y, &want, 1e-5, &format!("depthwise case {ci} ({l:?})"));
+        // Fused epilogue: bias and an activation.
+        let bias = rand_vec(&mut rng, d[1], 1.0);
+        let ye = kernels::conv2d_epilogue(
+            &t(&x, &d),
+            &t(&w, &wd),
+            bias.clone(),
+            Some(A::HardSwish),
+            None,
+            cfg,
+        )
+        .unwrap();
+        kernels::use_reference_ops(true);
+        let yr =
+            kernels::conv2d_epilogue(&t(&x, &d), &t(&w, &wd), bias, Some(A::HardSwish), None, cfg);
+        kernels::use_reference_ops(false);
+        if let Ok(yr) = yr {
+            let what = format!("depthwise epilogue case {ci} ({l:?})");
+            assert_close(&vals(&ye), &vals(&yr), 1e-5, &what);
+        }
+        // Gradients against candle where it supports the geometry (square stride, an
+        // output that tiles the input exactly).
+        let exact = |len: usize, a: usize, b: usize, s: usize| (len + a + b - k).is_multiple_of(s);
+        if stride[0] != stride[1]
+            || !exact(d[2], padding[0], padding[2], stride[0])
+            || !exact(d[3], padding[1], padding[3], stride[1])
+        {
+            continue;
+        }
+        let [ours, theirs] = both(&[(&x, &d), (&w, &wd)], &|ts| {
+            kernels::conv2d(&ts[0], &ts[1], cfg).unwrap()
+        });
+        assert_close(
+            &ours.0,
+            &theirs.0,
+            1e-5,
+            &format!("depthwise {ci} y ({l:?})"),
+        );
+        for g in 0..2 {
+            let what = format!("depthwise {ci} grad {g} ({l:?})");
+            assert_close(&ours.1[g], &theirs.1[g], 1e-4, &what);
+        }
+    }
+}
+
+/// Dense conv (3×3 stride 2 asymmetric, 1×1, grouped) and linear layers with every
+/// activation (and a residual) in the epilogue, against the unfused reference.
+fn epilogues(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(3);
+    let convs = [
+        ([2, 5, 9, 7], [6, 5, 3, 3], [2, 2], [0, 1, 1, 0], 1),
+        ([2, 6, 5, 5], [7, 6, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([1, 6, 6, 6], [4, 3, 3, 3], [1, 1], [1, 1, 1, 1], 2),
+    ];
+    for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
+        let cfg = ConvCfg {
+            stride,
+            padding,
+            dilation: [1, 1],
+            groups,
+        };
+        let x = t(&rand_vec(&mut rng, xd.iter().product(), 1.0), &xd);
+        let w = t(&rand_vec(&mut rng, wd.iter().product(), 1.0), &wd);
+        let bias = rand_vec(&mut rng, wd[0], 1.0);
+        // The training conv with its bias: forward and all three gradients.
+        let (xv, wv) = (vals(&x), vals(&w));
+        let [ours, theirs] = both(&[(&xv, &xd), (&wv, &wd), (&bias, &[wd[0]])], &|ts| {
+            kernels::conv2d_bias(&ts[0], &ts[1], &ts[2], cfg).unwrap()
+        });
+        assert_close(
+            &ours.0,
+            &theirs.0,
+            1e-5,
+            &format!("conv {ci} + bias ({l:?})"),
+        );
+        for g in 0..3 {
+            let what = format!("conv {ci} + bias grad {g} ({l:?})");
+            assert_close(&ours.1[g], &theirs.1[g], 1e-4, &what);
+        }
+        let y0 = kernels::conv2d(&x, &w, cfg).unwrap();
+        let res = t(&rand_vec(&mut rng, y0.elem_count(), 1.0), y0.dims());
+        for &k in KINDS {
+            for r in [None, Some(&res)] {
+                let ours = kernels::conv2d_epilogue(&x, &w, bias.clone(), Some(k), r, cfg);
+                kernels::use_reference_ops(true);
+                let theirs = kernels::conv2d_epilogue(&x, &w, bias.clone(), Some(k), r, cfg);
+                kernels::use_reference_ops(false);
+                let what = format!("conv {ci} epilogue {k:?} residual {} ({l:?})", r.is_some());
+                assert_close(&vals(&ours.unwrap()), &vals(&theirs.unwrap()), 2e-5, &what);
+            }
+        }
+    }
+    let (n, i, o) = (3, 37, 19);
+    let x = t(&rand_vec(&mut rng, n * i, 1.0), &[n, i]);
+    let w = t(&rand_vec(&mut rng, o * i, 1.0), &[o, i]);
+    let b = t(&rand_vec(&mut rng, o, 1.0), &[o]);
+    for &k in KINDS {
+        let ours = vals(&kernels::linear_act(&x, &w, &b, k).unwrap());
+        let plain = kernels::linear(&x, &w, Some(&b)).unwrap();
+        kernels::use_reference_ops(true);
+        let theirs = vals(&kernels::activation(&plain, k).unwrap());
+        kernels::use_reference_ops(false);
+        assert_close(&ours, &theirs, 2e-5, &format!("linear + {k:?} ({l:?})"));
+    }
+}
+
+/// Global average pooling and the squeeze-excitation product, forward and gradients.
+fn channel_ops(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(4);
+    let (xd, sd) = ([3, 5, 7, 9], [3, 5, 1, 1]);
+    let x = rand_vec(&mut rng, xd.iter().product(), 1.0);
+    let s = rand_vec(&mut rng, sd.iter().product(), 1.0);
+    let [ours, theirs] = both(&[(&x, &xd)], &|ts| {
+        kernels::global_avg_pool(&ts[0]).unwrap()
+    });
+    assert_close(&ours.0, &theirs.0, 1e-6, &format!("GAP ({l:?})"));
+    assert_close(&ours.1[0], &theirs.1[0], 1e-6, &format!("GAP grad ({l:?})"));
+    for swap in [false, true] {
+        let [ours, theirs] = both(&[(&x, &xd), (&s, &sd)], &|ts| {
+            let (a, b) = if swap {
+                (&ts[1], &ts[0])
+            } else {
+                (&ts[0], &ts[1])
+            };
+            kernels::mul(a, b).unwrap()
+        });
+        assert_close(&ours.0, &theirs.0, 1e-6, &format!("gate ({l:?})"));
+        for g in 0..2 {
+            let what = format!("gate grad {g} swap {swap} ({l:?})");
+            assert_close(&ours.1[g], &theirs.1[g], 1e-5, &what);
+        }
+    }
+}
