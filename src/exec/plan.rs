@@ -63,6 +63,11 @@ pub struct Plan {
     release: Vec<Vec<NodeId>>,
     folded: HashMap<NodeId, Folded>,
     sparse: SparsePack,
+    /// No gradient is taken through this pass: each value is detached from candle's op
+    /// graph as it is made. (The weights are variables, so every output would otherwise
+    /// record its inputs, and each intermediate would stay alive through its consumer's
+    /// record until the end of the pass, whatever the release lists say.)
+    detach: bool,
     /// Each resize's interpolation matrices `(A_h, A_wᵀ)` for the planned input shape.
     resize: HashMap<NodeId, (Tensor, Tensor)>,
 }
@@ -103,6 +108,7 @@ impl Plan {
             masked_inputs: o.masked_inputs.clone(),
             fusion,
             release,
+            detach: rewrites,
             folded,
             sparse,
             resize,
@@ -143,7 +149,7 @@ impl Plan {
                 .with_context(|| {
                     format!("forward failed at node '{}' ({})", n.name, n.op.kind())
                 })?;
-            vals[i] = Some(y);
+            vals[i] = Some(if self.detach { y.detach() } else { y });
             for &j in &self.release[i] {
                 vals[j] = None;
             }
