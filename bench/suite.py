@@ -304,6 +304,7 @@ def main():
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-prune", action="store_true")
     ap.add_argument("--report", default="")
+    ap.add_argument("--lopper", default=LOPPER, help="the lopper binary (default target/release/lopper)")
     ap.add_argument("--worker", nargs=6)
     a = ap.parse_args()
     if a.worker:
@@ -316,6 +317,7 @@ def main():
         return
     ensure_packages()
     warnings.filterwarnings("ignore")
+    globals()["LOPPER"] = os.path.abspath(a.lopper)
     import torch, onnxruntime
     names = [n for n in CIFAR + IMAGENET if not a.only or n in a.only.split(",")]
     rows, pruned_rows = [], []

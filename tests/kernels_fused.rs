@@ -295,17 +295,28 @@ fn epilogues(l: Isa) {
             }
         }
     }
-    let (n, i, o) = (3, 37, 19);
-    let x = t(&rand_vec(&mut rng, n * i, 1.0), &[n, i]);
-    let w = t(&rand_vec(&mut rng, o * i, 1.0), &[o, i]);
-    let b = t(&rand_vec(&mut rng, o, 1.0), &[o]);
+    // A few rows (the weight-streaming path) and many (the GEMM path), odd widths.
+    for (n, i, o) in [(3, 37, 19), (1, 70, 131), (9, 37, 19)] {
+        linear_epilogues(&mut rng, n, i, o, l);
+    }
+}
+
+fn linear_epilogues(rng: &mut Pcg64, n: usize, i: usize, o: usize, l: Isa) {
+    let x = t(&rand_vec(rng, n * i, 1.0), &[n, i]);
+    let w = t(&rand_vec(rng, o * i, 1.0), &[o, i]);
+    let b = t(&rand_vec(rng, o, 1.0), &[o]);
     for &k in KINDS {
         let ours = vals(&kernels::linear_act(&x, &w, &b, k).unwrap());
-        let plain = kernels::linear(&x, &w, Some(&b)).unwrap();
         kernels::use_reference_ops(true);
+        let plain = kernels::linear(&x, &w, Some(&b)).unwrap();
         let theirs = vals(&kernels::activation(&plain, k).unwrap());
         kernels::use_reference_ops(false);
-        assert_close(&ours, &theirs, 2e-5, &format!("linear + {k:?} ({l:?})"));
+        assert_close(
+            &ours,
+            &theirs,
+            2e-5,
+            &format!("linear {n}x{i}x{o} + {k:?} ({l:?})"),
+        );
     }
 }
 

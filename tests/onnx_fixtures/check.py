@@ -3,7 +3,7 @@
 
 For torchvision classifiers (ResNet-18/50, MobileNetV2/V3, EfficientNet-B0, RegNetX,
 DenseNet-121, ShuffleNetV2, SqueezeNet, GoogLeNet; random init, 10 classes), a
-squeeze-excitation net, a UNet-style segmentation net and two torchvision segmentation
+squeeze-excitation net, a CIFAR ResNet with option-A (strided-slice) shortcuts, a UNet-style segmentation net and two torchvision segmentation
 models (FCN, DeepLabV3), at 3x64x64, with both PyTorch exporters (the legacy TorchScript
 one with a symbolic batch, and the default one, which fixes the batch to 1 and writes
 external data): import with lopper
@@ -110,6 +110,32 @@ class PadNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class OptionA(nn.Module):
+    """A CIFAR ResNet basic block with the option-A shortcut: the identity subsampled by
+    `x[:, :, ::2, ::2]` (exported as strided Slices) and zero-padded in channels."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.pad, self.stride = cout - cin, stride
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        s = x
+        if self.stride != 1 or self.pad:
+            s = nn.functional.pad(x[:, :, ::self.stride, ::self.stride],
+                                  (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return torch.relu(y + s)
+
+
+def resnet_option_a():
+    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+              OptionA(16, 16, 1), OptionA(16, 32, 2), OptionA(32, 64, 2),
+              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
 def models():
     tv = torchvision.models
     seg = torchvision.models.segmentation
@@ -126,6 +152,7 @@ def models():
         "squeezenet1_0": lambda: tv.squeezenet1_0(num_classes=10),
         "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
         "se_net": SENet,
+        "resnet_option_a": resnet_option_a,
         "pad_net": PadNet,
         "unet": UNet,
         "unet_convtranspose": lambda: UNet(transposed=True),

@@ -4,7 +4,7 @@
 
 use super::{Ctx, Value};
 use crate::graph::ops::{
-    ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, PadMode, Reshape, SpatialPad,
+    ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, PadMode, Pool2d, Reshape, SpatialPad,
 };
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
@@ -602,25 +602,46 @@ fn slice(ctx: &mut Ctx, n: &NodeProto, label: &str, konst: Option<Const>) -> Res
         }
         return Ok(Value::Const(slice_const(c, &starts, &ends, &axes, &steps)?));
     }
-    if axes.len() != 1 || starts.len() != 1 || ends.len() != 1 || steps.len() != 1 || steps[0] <= 0
-    {
-        bail!("Slice is only supported along one axis with positive steps");
+    if axes.len() != starts.len() || ends.len() != starts.len() || steps.len() != starts.len() {
+        bail!("Slice starts, ends, axes and steps differ in length");
     }
-    let ax = axis(axes[0], d.len())?;
-    let (s0, e0) = clamp_range(starts[0], ends[0], d[ax] as i64);
-    let picked: Vec<usize> = (s0..e0)
-        .step_by(steps[0] as usize)
-        .map(|v| v as usize)
-        .collect();
-    if picked.is_empty() {
-        bail!("Slice selects nothing");
+    if steps.iter().any(|&s| s <= 0) {
+        bail!("Slice of a computed tensor needs positive steps, got {steps:?}");
     }
-    // Constants were folded above: this is a computed tensor.
-    if ax != 1 {
-        bail!("Slice of a computed tensor is only supported along the channel axis");
+    // The axes that select something less than everything.
+    let mut cuts = Vec::new();
+    for k in 0..axes.len() {
+        let ax = axis(axes[k], d.len())?;
+        let (s0, e0) = clamp_range(starts[k], ends[k], d[ax] as i64);
+        if s0 >= e0 {
+            bail!("Slice selects nothing along axis {ax}");
+        }
+        if s0 != 0 || e0 != d[ax] as i64 || steps[k] != 1 {
+            cuts.push((ax, s0 as usize, e0 as usize, steps[k] as usize));
+        }
     }
     let x = ctx.node(&n.input[0])?;
-    gather(ctx, label, x, picked)
+    match cuts[..] {
+        [] => Ok(Value::Node(x)),
+        // Channels: a gather (prunable through).
+        [(0, ..), ..] => bail!("Slice along the batch axis is not supported"),
+        [(1, s0, e0, st)] => gather(ctx, label, x, (s0..e0).step_by(st).collect()),
+        // Spatial subsampling from the first row/column to the end (ResNet's option-A
+        // shortcut `x[:, :, ::2, ::2]`): a 1×1 pooling window with that stride.
+        _ if d.len() == 4 && cuts.iter().all(|&(ax, s0, e0, _)| ax >= 2 && s0 == 0 && e0 == d[ax]) => {
+            let mut stride = [1, 1];
+            for &(ax, _, _, st) in &cuts {
+                stride[ax - 2] = st;
+            }
+            let mut p = Pool2d::new(1, 1, 0);
+            p.stride = stride;
+            ctx.unary(label, Op::AvgPool(p), x)
+        }
+        _ => bail!(
+            "Slice of a computed tensor is supported along the channel axis, or as a spatial \
+             subsampling that starts at 0 and runs to the end; got (axis, start, end, step) {cuts:?}"
+        ),
+    }
 }
 
 /// Split along the channel axis: one channel gather per output.
