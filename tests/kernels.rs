@@ -206,6 +206,26 @@ fn conv_cases() -> Vec<ConvCase> {
             k: [5, 5],
             cfg: cfg([1, 1], [2; 4], [1, 1], 1),
         },
+        // Eight or more channels per group: the weight gradient's channels-last path
+        // (fewer take the plain im2col path).
+        ConvCase {
+            n: 2,
+            c: 9,
+            h: 6,
+            w: 5,
+            o: 4,
+            k: [3, 3],
+            cfg: cfg([1, 1], [1; 4], [1, 1], 1),
+        },
+        ConvCase {
+            n: 2,
+            c: 16,
+            h: 5,
+            w: 5,
+            o: 4,
+            k: [3, 3],
+            cfg: cfg([2, 2], [1; 4], [1, 1], 2),
+        },
         // Atrous conv on a map smaller than its dilation (DeepLab's ASPP at low
         // resolution): the outer taps never touch the input (once a panic in im2col).
         ConvCase {
