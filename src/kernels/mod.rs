@@ -38,6 +38,11 @@ pub fn use_reference_ops(on: bool) {
     REFERENCE.with(|r| r.set(on));
 }
 
+/// Whether the calling thread runs candle's own ops ([`use_reference_ops`]).
+pub fn reference_ops() -> bool {
+    REFERENCE.with(|r| r.get())
+}
+
 fn fast(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && !REFERENCE.with(|r| r.get())
 }
