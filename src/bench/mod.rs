@@ -135,7 +135,7 @@ fn train_step(g: &Graph, opt: &mut Optimizer, x: &Tensor, y: &Tensor) -> Result<
         .outputs
         .swap_remove(0);
     let loss = cross_entropy(&logits, y, 0.0)?;
-    let grads = loss.backward()?;
+    let grads = crate::exec::in_pool(|| loss.backward())?;
     opt.step(&g.trainable(), &grads, 0.01)
 }
 

@@ -120,6 +120,25 @@ pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<Forward
     Plan::new(g, opts.mode, &po)?.run(g, x, &opts.feeds())
 }
 
+/// Runs `f` on a thread of the kernels' pool (on this one if it already is one), with the
+/// caller's kernel choice. Every kernel's parallel loop called from outside the pool is
+/// sent to it while the caller sleeps — two context switches per op, which dominated
+/// small models' batch-1 latency (measured); inside the pool a small loop runs inline.
+/// Forward passes, backward passes and training steps run through this.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let reference = crate::kernels::reference_ops();
+    rayon::scope(|_| {
+        let before = crate::kernels::reference_ops();
+        crate::kernels::use_reference_ops(reference);
+        let out = f();
+        crate::kernels::use_reference_ops(before);
+        out
+    })
+}
+
 /// Runs one node of `g` on given input values, outside a full forward: how methods
 /// evaluate a layer (or a layer restricted to some input channels) on cached activations.
 /// Training mode uses batch statistics and leaves the running statistics alone.

@@ -126,21 +126,7 @@ impl Plan {
 
     /// Runs the plan on `x: [N, ...input shape]`; `g` must be the graph it was built for.
     pub fn run(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {
-        if rayon::current_thread_index().is_none() {
-            // Run the pass on a pool thread: every kernel's parallel loop called from
-            // outside the pool is sent to it while the caller sleeps — two context
-            // switches per node, most of a small model's batch-1 latency (measured).
-            // The kernel choice is per thread: carry the caller's over.
-            let reference = crate::kernels::reference_ops();
-            return rayon::scope(|_| {
-                let before = crate::kernels::reference_ops();
-                crate::kernels::use_reference_ops(reference);
-                let out = self.run_in_pool(g, x, f);
-                crate::kernels::use_reference_ops(before);
-                out
-            });
-        }
-        self.run_in_pool(g, x, f)
+        super::in_pool(|| self.run_in_pool(g, x, f))
     }
 
     fn run_in_pool(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {

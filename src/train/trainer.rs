@@ -226,7 +226,7 @@ impl Step<'_> {
             if !lv.is_finite() {
                 bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
             }
-            let grads = loss.backward()?;
+            let grads = crate::exec::in_pool(|| loss.backward())?;
             opt.step(self.params, &grads, lr)?;
             let c1 = topk_correct(&logits, &y)?.top1;
             loss_sum += lv * chunk.len() as f64;

@@ -284,7 +284,7 @@ fn tune(
             if !lv.is_finite() {
                 bail!("POT layer-wise tuning loss became {lv}");
             }
-            let mut grads = total.backward()?;
+            let mut grads = crate::exec::in_pool(|| total.backward())?;
             for ((_, v), m) in wparams.iter().zip(&mask_t) {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     let gm = (g * m)?;

@@ -206,7 +206,7 @@ pub fn train(
                     epoch + 1
                 );
             }
-            let mut grads = loss.backward()?;
+            let mut grads = crate::exec::in_pool(|| loss.backward())?;
             if cfg.dynamic && cfg.lambda != 0.0 {
                 sr_ste(student, layers, &wm, &mut grads, cfg.lambda)?;
             }
