@@ -232,22 +232,22 @@ pub fn forward_epi(
     epi: Option<(&[f32], Option<ActivationKind>)>,
 ) {
     let (hw, p, khw) = (g.h * g.w, g.p(), g.kh * g.kw);
-    let phased = g.dh == 1 && g.dw == 1 && g.oh > 0 && g.ow > 0;
+    // The phase layout (dilation 1 only) is the same for every plane.
+    let phases = (g.dh == 1 && g.dw == 1 && g.oh > 0 && g.ow > 0).then(|| Phases::new(g));
     out.par_chunks_mut(p.max(1))
         .enumerate()
         .for_each(|(nc, o)| {
             let c = nc % g.c;
             let (xc, wc) = (&x[nc * hw..(nc + 1) * hw], &w[c * khw..(c + 1) * khw]);
             let (bias, act) = epi.map_or((0.0, None), |(b, a)| (b[c], a));
-            if phased {
-                let ph = Phases::new(g);
+            if let Some(ph) = &phases {
                 PADDED.with(|b| {
                     let mut buf = b.borrow_mut();
                     let (len, accn) = (ph.rows * ph.row, g.ow.div_ceil(BLOCK) * BLOCK);
                     buf.resize(len + accn, 0.0);
                     let (xp, acc) = buf.split_at_mut(len);
-                    pad_phases(g, &ph, xc, xp);
-                    plane_fwd_phased(g, &ph, xp, wc, o, bias, act, acc);
+                    pad_phases(g, ph, xc, xp);
+                    plane_fwd_phased(g, ph, xp, wc, o, bias, act, acc);
                 });
             } else {
                 plane_fwd_any(g, xc, wc, o);
