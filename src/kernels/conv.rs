@@ -159,11 +159,9 @@ pub fn conv_forward_epi(
         }
     };
     if g.n == 1 || rayon::current_num_threads() == 1 {
-        // A small product is done before another thread would have woken up.
-        let par = g.o * p * k >= PAR_MIN_MACS;
         with_scratch(|buf| {
             for (n, out_n) in out.chunks_mut(img_out).enumerate() {
-                one(buf, n, out_n, par);
+                one(buf, n, out_n, true);
             }
         });
     } else {
@@ -172,10 +170,6 @@ pub fn conv_forward_epi(
             .for_each(|(n, out_n)| with_scratch(|buf| one(buf, n, out_n, false)));
     }
 }
-
-/// Below this many multiply-adds a lone image's conv runs on one thread: waking the
-/// other costs more than it saves (measured on ResNet-20 and MobileNetV3 at batch 1).
-const PAR_MIN_MACS: usize = 1 << 21;
 
 /// `dst[m × p] = w[m × k] · col[k × p]`. With `par` (a lone image), the output rows are
 /// split into one block per thread, each a single-threaded GEMM over the shared `col`:
