@@ -125,9 +125,13 @@ fn time<F: FnMut() -> Result<()>>(
 
 /// Eval-mode inference as deployed: the plan (fusion, folded batch norm) is built once,
 /// outside the timed steps, as an inference session would.
-fn infer(g: &Graph) -> Result<impl Fn(&Tensor) -> Result<()> + '_> {
+/// Runs `g` in eval mode (planned once) on one tensor per graph input.
+fn infer(g: &Graph) -> Result<impl Fn(&[Tensor]) -> Result<()> + '_> {
     let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
-    Ok(move |x: &Tensor| plan.run(g, x, &Feeds::default()).map(|_| ()))
+    Ok(move |xs: &[Tensor]| {
+        let refs: Vec<&Tensor> = xs.iter().collect();
+        plan.run_inputs(g, &refs, &Feeds::default()).map(|_| ())
+    })
 }
 
 fn train_step(g: &Graph, opt: &mut Optimizer, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -199,12 +203,16 @@ pub fn run(
     if want("resnet20_infer_b64") {
         let (x, _) = data(64, &[3, 32, 32], 10)?;
         let f = infer(&r20)?;
-        push(time("resnet20_infer_b64", warmup, steps, || f(&x))?);
+        push(time("resnet20_infer_b64", warmup, steps, || {
+            f(std::slice::from_ref(&x))
+        })?);
     }
     if want("resnet20_infer_b1") {
         let (x, _) = data(1, &[3, 32, 32], 10)?;
         let f = infer(&r20)?;
-        push(time("resnet20_infer_b1", warmup, steps * 5, || f(&x))?);
+        push(time("resnet20_infer_b1", warmup, steps * 5, || {
+            f(std::slice::from_ref(&x))
+        })?);
     }
     if want("mlp_train_b128") {
         let mlp = zoo::build("mlp:784-1024-1024-10", 0)?;
@@ -222,7 +230,9 @@ pub fn run(
         let (x, _) = data(64, &[3, 32, 32], 10)?;
         if want("resnet56_dense_infer_b64") {
             let f = infer(&r56)?;
-            push(time("resnet56_dense_infer_b64", warmup, steps, || f(&x))?);
+            push(time("resnet56_dense_infer_b64", warmup, steps, || {
+                f(std::slice::from_ref(&x))
+            })?);
         }
         // ResNet-56 with L1 (local) structured pruning to at most 50 % of its MACs, with
         // free widths and with widths rounded to multiples of 8.
@@ -248,7 +258,7 @@ pub fn run(
             let small = prune::remove_units(&r56, &groups, &removal)?;
             let frac = crate::graph::cost::cost(&small)?.total_macs as f64 / dense_macs;
             let f = infer(&small)?;
-            let mut row = time(name, warmup, steps, || f(&x))?;
+            let mut row = time(name, warmup, steps, || f(std::slice::from_ref(&x)))?;
             row.name = format!("{name} ({:.1}% MACs)", 100.0 * frac);
             push(row);
         }

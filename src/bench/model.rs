@@ -32,11 +32,11 @@ pub fn time_model(g: &Graph, label: &str, o: &ModelBench) -> Result<BenchRow> {
     );
     let dims: Vec<usize> = g.input_shape().to_vec();
     if !o.train {
-        let (x, _) = data(o.batch, &dims, 10)?;
+        let xs = crate::exec::random_inputs(g, o.batch)?;
         let f = infer(g)?;
         // Batch-1 steps are short: time more of them for a stable median.
         let steps = if o.batch == 1 { o.steps * 5 } else { o.steps };
-        return time(&name, o.warmup, steps, || f(&x));
+        return time(&name, o.warmup, steps, || f(&xs));
     }
     let shapes = g.shapes()?;
     let out = &shapes[g.outputs[0]];

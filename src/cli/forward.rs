@@ -1,5 +1,7 @@
-//! Run a model (eval mode) on raw little-endian f32 inputs `[B, ...input shape]`; writes
-//! the first output as raw f32 (for comparisons with other runtimes).
+//! Run a model (eval mode) on raw little-endian f32 inputs, one file per graph input, each
+//! `[B, ...that input's shape]`; writes every output as raw f32, one after another in the
+//! graph's output order (for comparisons with other runtimes). `--json` says where each
+//! output starts.
 
 use super::*;
 
@@ -7,10 +9,15 @@ use super::*;
 pub struct ForwardArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    input: PathBuf,
+    /// Raw f32 input; repeat it once per graph input, in the model's input order.
+    #[arg(long, required = true)]
+    input: Vec<PathBuf>,
+    /// Raw f32 output: every graph output, flattened, one after another.
     #[arg(short, long)]
     output: PathBuf,
+    /// Print each output's name, shape and offset (in f32 values) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
@@ -18,17 +25,66 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         model,
         input,
         output,
+        json,
     } = a;
     lopper::util::check_writable(&output, "output")?;
     let g = resolve_model(&model, None, None)?;
-    let bytes = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
-    let per: usize = g.input_shape().iter().product();
+    let ids = g.input_ids();
+    if input.len() != ids.len() {
+        let names: Vec<&str> = ids.iter().map(|&i| g.nodes[i].name.as_str()).collect();
+        bail!(
+            "the model has {} input(s) ({}); give --input once for each, in that order ({} given)",
+            ids.len(),
+            names.join(", "),
+            input.len()
+        );
+    }
+    let shapes = g.shapes()?;
+    let xs = input
+        .iter()
+        .zip(&ids)
+        .map(|(path, &id)| read_f32(path, &g.nodes[id].name, &shapes[id]))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&candle_core::Tensor> = xs.iter().collect();
+    let plan = lopper::exec::Plan::new(
+        &g,
+        lopper::exec::Mode::Eval,
+        &lopper::exec::PlanOpts::default(),
+    )?;
+    let ys = plan
+        .run_inputs(&g, &refs, &lopper::exec::Feeds::default())?
+        .outputs;
+    let mut out: Vec<u8> = Vec::new();
+    let mut info = Vec::new();
+    for (y, &o) in ys.iter().zip(&g.outputs) {
+        info.push(serde_json::json!({
+            "name": g.nodes[o].name,
+            "shape": y.dims(),
+            "offset": out.len() / 4,
+        }));
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        out.extend(v.iter().flat_map(|f| f.to_le_bytes()));
+    }
+    lopper::util::atomic_write(&output, &out)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "outputs": info }))?
+        );
+    }
+    Ok(())
+}
+
+/// Reads raw f32 samples of `shape` for input `name`; the batch is what the file holds.
+fn read_f32(path: &Path, name: &str, shape: &[usize]) -> Result<candle_core::Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let per: usize = shape.iter().product();
     if bytes.len() % 4 != 0 || bytes.is_empty() || (bytes.len() / 4) % per != 0 {
         bail!(
-            "{}: {} bytes are not a whole number of f32 samples of shape {:?}",
-            input.display(),
+            "{}: {} bytes are not a whole number of f32 samples of shape {:?} (input '{name}')",
+            path.display(),
             bytes.len(),
-            g.input_shape()
+            shape
         );
     }
     let v: Vec<f32> = bytes
@@ -36,14 +92,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     let mut dims = vec![v.len() / per];
-    dims.extend(g.input_shape());
-    let x = candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?;
-    let y = lopper::exec::forward(&g, &x, lopper::exec::Mode::Eval)?;
-    let out: Vec<u8> = y
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .flat_map(|f| f.to_le_bytes())
-        .collect();
-    lopper::util::atomic_write(&output, &out)
+    dims.extend(shape);
+    Ok(candle_core::Tensor::from_vec(
+        v,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
 }

@@ -98,6 +98,7 @@ impl<'a> ForwardOpts<'a> {
     }
 }
 
+#[derive(Debug)]
 pub struct ForwardOut {
     /// The graph outputs, in order.
     pub outputs: Vec<Tensor>,
@@ -152,6 +153,20 @@ pub fn apply_node(g: &Graph, i: NodeId, ins: &[&Tensor], mode: Mode) -> Result<T
     };
     node::run(g, i, ins, ins[0], &ctx, false, None)
         .with_context(|| format!("running node '{}'", g.nodes[i].name))
+}
+
+/// Standard-normal tensors for every input of `g` at batch `b` (latency measurements and
+/// shape checks that need no real data).
+pub fn random_inputs(g: &Graph, b: usize) -> Result<Vec<Tensor>> {
+    let shapes = g.shapes()?;
+    g.input_ids()
+        .into_iter()
+        .map(|i| {
+            let mut dims = vec![b];
+            dims.extend(&shapes[i]);
+            Ok(Tensor::randn(0f32, 1f32, dims, &candle_core::Device::Cpu)?)
+        })
+        .collect()
 }
 
 /// Arg-max class of each row of `[N, K]` logits.

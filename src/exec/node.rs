@@ -79,10 +79,18 @@ pub(crate) fn run(
         Op::Mul(_) => fold_inputs(ins, |a, b| {
             kernels::mul(a, b).map_err(candle_core::Error::wrap)
         }),
-        Op::Concat(_) => Ok(Tensor::cat(ins, 1)?),
+        Op::Concat(c) => Ok(Tensor::cat(ins, c.axis + 1)?),
+        Op::Max(_) => fold_inputs(ins, |a, b| a.broadcast_maximum(b)),
+        Op::Min(_) => fold_inputs(ins, |a, b| a.broadcast_minimum(b)),
+        Op::Transpose(t) => {
+            let perm: Vec<usize> = std::iter::once(0)
+                .chain(t.perm.iter().map(|&p| p + 1))
+                .collect();
+            Ok(x.permute(perm)?.contiguous()?)
+        }
         Op::ChannelPad(cp) => Ok(x.pad_with_zeros(1, cp.before, cp.after)?),
         Op::Dropout(d) => dropout(d, i, x, ctx),
-        Op::Softmax(_) => Ok(candle_nn::ops::softmax(x, 1)?),
+        Op::Softmax(sm) => Ok(candle_nn::ops::softmax(x, sm.axis + 1)?),
         Op::Identity(_) => Ok(x.clone()),
     }
 }

@@ -54,7 +54,8 @@ pub struct Feeds<'a> {
 #[derive(Debug)]
 pub struct Plan {
     mode: Mode,
-    input_shape: Shape,
+    /// The graph's Input nodes, in order, with their per-sample shapes.
+    inputs: Vec<(NodeId, Shape)>,
     outputs: Vec<NodeId>,
     keep: Vec<NodeId>,
     masked_inputs: Vec<NodeId>,
@@ -102,7 +103,11 @@ impl Plan {
         };
         Ok(Plan {
             mode,
-            input_shape: g.input_shape().clone(),
+            inputs: g
+                .input_ids()
+                .into_iter()
+                .map(|i| (i, shapes[i].clone()))
+                .collect(),
             outputs: g.outputs.clone(),
             keep: o.keep.clone(),
             masked_inputs: o.masked_inputs.clone(),
@@ -124,13 +129,19 @@ impl Plan {
         self.sparse.len()
     }
 
-    /// Runs the plan on `x: [N, ...input shape]`; `g` must be the graph it was built for.
+    /// Runs the plan on `x: [N, ...input shape]`; `g` must be the graph it was built for
+    /// and have one input.
     pub fn run(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {
-        super::in_pool(|| self.run_in_pool(g, x, f))
+        self.run_inputs(g, &[x], f)
     }
 
-    fn run_in_pool(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {
-        self.check(g, x, f)?;
+    /// Runs the plan on one tensor per graph input, in the order of the Input nodes.
+    pub fn run_inputs(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {
+        super::in_pool(|| self.run_in_pool(g, xs, f))
+    }
+
+    fn run_in_pool(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {
+        self.check(g, xs, f)?;
         let ctx = Ctx {
             mode: self.mode,
             seed: f.seed,
@@ -142,14 +153,20 @@ impl Plan {
         // apply then.
         let sparse = f.weight_masks.is_none().then_some(&self.sparse);
         let mut vals: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
+        for (&(id, _), &x) in self.inputs.iter().zip(xs) {
+            vals[id] = Some(x.clone());
+        }
         for (i, n) in g.nodes.iter().enumerate() {
+            if vals[i].is_some() {
+                continue; // an input
+            }
             if let Some(src) = self.fusion.alias[i] {
                 // Fused into its producer, whose value already is this node's output.
                 vals[i] = vals[src].take();
                 continue;
             }
             let y = self
-                .run_node(g, i, &vals, x, f, &ctx, sparse)
+                .run_node(g, i, &vals, xs[0], f, &ctx, sparse)
                 .with_context(|| {
                     format!("forward failed at node '{}' ({})", n.name, n.op.kind())
                 })?;
@@ -175,19 +192,43 @@ impl Plan {
         Ok(ForwardOut { outputs, kept })
     }
 
-    /// The input fits and the feeds match what the plan was built for.
-    fn check(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<()> {
+    /// The inputs fit and the feeds match what the plan was built for.
+    fn check(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<()> {
         if g.nodes.len() != self.release.len() || g.outputs != self.outputs {
             bail!("internal: plan run on a graph it was not built for");
         }
-        let want = &self.input_shape;
-        if x.rank() != want.len() + 1 || &x.dims()[1..] != want.as_slice() {
-            let dims: Vec<String> = want.iter().map(|d| d.to_string()).collect();
+        if xs.len() != self.inputs.len() {
+            let names: Vec<&str> = self
+                .inputs
+                .iter()
+                .map(|&(i, _)| g.nodes[i].name.as_str())
+                .collect();
             bail!(
-                "input has shape {:?}, the model expects [N, {}]",
-                x.dims(),
-                dims.join(", ")
+                "the model has {} inputs ({}); {} given",
+                self.inputs.len(),
+                names.join(", "),
+                xs.len()
             );
+        }
+        let batch = xs[0].dims().first().copied();
+        for (&(id, ref want), x) in self.inputs.iter().zip(xs) {
+            if x.rank() != want.len() + 1 || &x.dims()[1..] != want.as_slice() {
+                let dims: Vec<String> = want.iter().map(|d| d.to_string()).collect();
+                bail!(
+                    "input '{}' has shape {:?}, the model expects [N, {}]",
+                    g.nodes[id].name,
+                    x.dims(),
+                    dims.join(", ")
+                );
+            }
+            if x.dims().first().copied() != batch {
+                bail!(
+                    "input '{}' has batch {}, the first input {}",
+                    g.nodes[id].name,
+                    x.dims()[0],
+                    batch.unwrap_or(0)
+                );
+            }
         }
         if let Some(m) = f.input_masks {
             if let Some(k) = m.keys().find(|k| !self.masked_inputs.contains(k)) {

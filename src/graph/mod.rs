@@ -129,8 +129,8 @@ impl Graph {
                 bail!("node '{}' ({}) has no inputs", n.name, n.op.kind());
             }
         }
-        if inputs != 1 {
-            bail!("a graph needs exactly one Input node, found {inputs}");
+        if inputs == 0 {
+            bail!("a graph needs an Input node, found none");
         }
         if self.outputs.is_empty() {
             bail!("graph has no outputs");
@@ -173,7 +173,7 @@ impl Graph {
         infer_shapes(&self.nodes)
     }
 
-    /// The single Input node.
+    /// The (first) Input node: the one data sets, training and the methods feed.
     pub fn input_id(&self) -> NodeId {
         self.nodes
             .iter()
@@ -181,7 +181,14 @@ impl Graph {
             .expect("validated graph has an input")
     }
 
-    /// Per-sample input shape.
+    /// Every Input node, in graph order (the order of the model's inputs).
+    pub fn input_ids(&self) -> Vec<NodeId> {
+        (0..self.nodes.len())
+            .filter(|&i| matches!(self.nodes[i].op, Op::Input(_)))
+            .collect()
+    }
+
+    /// Per-sample shape of the (first) input.
     pub fn input_shape(&self) -> &Shape {
         match &self.nodes[self.input_id()].op {
             Op::Input(i) => &i.shape,

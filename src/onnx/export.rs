@@ -197,7 +197,21 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
         Op::Add(_) if ins.len() > 2 => o.node("Sum", name, &ins, name, vec![]),
         Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
         Op::Mul(_) => o.node("Mul", name, &ins, name, vec![]),
-        Op::Concat(_) => o.node("Concat", name, &ins, name, vec![attr_i("axis", 1)]),
+        Op::Concat(c) => o.node(
+            "Concat",
+            name,
+            &ins,
+            name,
+            vec![attr_i("axis", c.axis as i64 + 1)],
+        ),
+        Op::Max(_) => o.node("Max", name, &ins, name, vec![]),
+        Op::Min(_) => o.node("Min", name, &ins, name, vec![]),
+        Op::Transpose(t) => {
+            let perm: Vec<usize> = std::iter::once(0)
+                .chain(t.perm.iter().map(|&p| p + 1))
+                .collect();
+            o.node("Transpose", name, &[x], name, vec![attr_is("perm", &perm)]);
+        }
         Op::ChannelPad(p) => {
             let r = shape.len() + 1;
             let mut pads = vec![0i64; 2 * r];
@@ -242,7 +256,13 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.node("Gather", name, &[x, &s], name, vec![attr_i("axis", 1)]);
         }
         Op::Dropout(_) | Op::Identity(_) => o.node("Identity", name, &[x], name, vec![]),
-        Op::Softmax(_) => o.node("Softmax", name, &[x], name, vec![attr_i("axis", 1)]),
+        Op::Softmax(sm) => o.node(
+            "Softmax",
+            name,
+            &[x],
+            name,
+            vec![attr_i("axis", sm.axis as i64 + 1)],
+        ),
     }
     Ok(())
 }
@@ -450,12 +470,15 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
 
 /// Wraps the converted nodes into a model: input/output value infos, opset, metadata.
 fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> Result<Vec<u8>> {
-    let input = g.input_id();
     let mut graph = GraphProto::new();
     graph.name = "lopper".into();
     graph.node = o.nodes;
     graph.initializer = o.inits;
-    graph.input = vec![value_info(&g.nodes[input].name, &shapes[input])];
+    graph.input = g
+        .input_ids()
+        .into_iter()
+        .map(|i| value_info(&g.nodes[i].name, &shapes[i]))
+        .collect();
     graph.output = g
         .outputs
         .iter()

@@ -5,7 +5,7 @@ use crate::graph::cost::cost;
 use crate::graph::ops::Op;
 use crate::graph::Graph;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -55,19 +55,18 @@ pub struct PruneReport {
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.
 pub fn latency_ms(g: &Graph, b: usize, reps: usize) -> Result<f64> {
-    let mut dims = vec![b];
-    dims.extend(g.input_shape());
-    let x = Tensor::randn(0f32, 1f32, dims, &Device::Cpu)?;
+    let xs = crate::exec::random_inputs(g, b)?;
+    let x: Vec<&Tensor> = xs.iter().collect();
     // Planned once, as an inference session would (sparse kernels if the graph wants them).
     let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
     let feeds = Feeds::default();
     for _ in 0..2 {
-        plan.run(g, &x, &feeds)?;
+        plan.run_inputs(g, &x, &feeds)?;
     }
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps {
         let s = Instant::now();
-        plan.run(g, &x, &feeds)?;
+        plan.run_inputs(g, &x, &feeds)?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
     t.sort_by(|a, b| a.total_cmp(b));

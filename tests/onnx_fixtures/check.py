@@ -3,8 +3,10 @@
 
 For torchvision classifiers (ResNet-18/50, MobileNetV2/V3, EfficientNet-B0, RegNetX,
 DenseNet-121, ShuffleNetV2, SqueezeNet, GoogLeNet; random init, 10 classes), a
-squeeze-excitation net, a CIFAR ResNet with option-A (strided-slice) shortcuts, a UNet-style segmentation net and two torchvision segmentation
-models (FCN, DeepLabV3), at 3x64x64, with both PyTorch exporters (the legacy TorchScript
+squeeze-excitation net, a CIFAR ResNet with option-A (strided-slice) shortcuts, a
+UNet-style segmentation net, two torchvision segmentation models (FCN, DeepLabV3), two
+torchvision detectors without post-processing (SSDlite, RetinaNet), a YOLO-style
+multi-output detector and a two-input net, at 3x64x64, with both PyTorch exporters (the legacy TorchScript
 one with a symbolic batch, and the default one, which fixes the batch to 1 and writes
 external data): import with lopper
 and compare its forward with onnxruntime (1e-4), prune to ~50 % MACs through the dependency
@@ -136,9 +138,81 @@ def resnet_option_a():
     return nn.Sequential(*layers)
 
 
+class Detector(nn.Module):
+    """A torchvision detector without its post-processing (anchor decoding and NMS, which
+    are not network layers): the backbone (with FPN or extra layers) and the heads, which
+    reshape and permute each level's map to [N, anchors, K] and concatenate the levels.
+    Outputs: box regression and class logits."""
+
+    def __init__(self, det):
+        super().__init__()
+        self.backbone, self.head = det.backbone, det.head
+
+    def forward(self, x):
+        feats = self.backbone(x)
+        feats = list(feats.values()) if isinstance(feats, dict) else [feats]
+        out = self.head(feats)
+        return out["bbox_regression"], out["cls_logits"]
+
+
+class YoloHead(nn.Module):
+    """A YOLO-style detector: a small CSP-less backbone, a top-down neck with nearest
+    upsampling, element-wise max/min fusion, and three heads whose maps are viewed as
+    [N, 3, K, H, W] and permuted to [N, 3, H, W, K] (one output per level)."""
+
+    def __init__(self, k=9):
+        super().__init__()
+
+        def cbl(i, o, s):
+            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.LeakyReLU(0.1))
+
+        self.k = k
+        self.s1, self.s2, self.s3 = cbl(3, 32, 2), cbl(32, 64, 2), cbl(64, 128, 2)
+        self.s4, self.s5 = cbl(128, 128, 2), cbl(128, 128, 2)
+        self.lat4, self.lat5 = nn.Conv2d(128, 128, 1), nn.Conv2d(128, 128, 1)
+        self.heads = nn.ModuleList(nn.Conv2d(128, 3 * k, 1) for _ in range(3))
+
+    def forward(self, x):
+        c3 = self.s3(self.s2(self.s1(x)))
+        c4 = self.s4(c3)
+        c5 = self.s5(c4)
+        up = nn.functional.interpolate
+        p4 = torch.maximum(self.lat4(c4), up(self.lat5(c5), scale_factor=2.0, mode="nearest"))
+        p3 = torch.minimum(c3, up(p4, scale_factor=2.0, mode="nearest")) + c3
+        outs = []
+        for h, f in zip(self.heads, (p3, p4, c5)):
+            y = h(f)
+            n, _, hh, ww = y.shape
+            outs.append(y.view(n, 3, self.k, hh, ww).permute(0, 1, 3, 4, 2).contiguous())
+        return tuple(outs)
+
+
+class TwoInput(nn.Module):
+    """Two inputs (an RGB image and a one-channel depth map at half resolution): a stem
+    per input, the depth features upsampled and concatenated with the image's, a shared
+    trunk and a classifier."""
+
+    inputs = ((3, 64, 64), (1, 32, 32))
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(i, o, s):
+            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.rgb, self.depth = cbr(3, 32, 2), cbr(1, 16, 1)
+        self.trunk = nn.Sequential(cbr(48, 64, 2), cbr(64, 64, 1))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x, d):
+        f = torch.cat([self.rgb(x), self.depth(d)], 1)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(f), 1), 1))
+
+
 def models():
     tv = torchvision.models
     seg = torchvision.models.segmentation
+    det = torchvision.models.detection
     return {
         "resnet18": lambda: tv.resnet18(num_classes=10),
         "resnet50": lambda: tv.resnet50(num_classes=10),
@@ -159,20 +233,35 @@ def models():
         "fcn_resnet50": lambda: seg.fcn_resnet50(num_classes=5, weights_backbone=None, aux_loss=False),
         "deeplabv3_mobilenet_v3_large": lambda: seg.deeplabv3_mobilenet_v3_large(
             num_classes=5, weights_backbone=None, aux_loss=False),
+        "ssdlite320_mobilenet_v3_large": lambda: Detector(det.ssdlite320_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=5)),
+        "retinanet_resnet50_fpn": lambda: Detector(det.retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=5)),
+        "yolo_style": YoloHead,
+        "two_input": TwoInput,
     }
+
+
+def input_shapes(m):
+    """Per-sample shapes of the model's inputs (one 3x64x64 image unless it says)."""
+    return getattr(m, "inputs", ((3, 64, 64),))
 
 
 def export(m, path, exporter):
     """`legacy`: the TorchScript exporter with a symbolic batch; `dynamo`: PyTorch's default
     call, `torch.onnx.export(model, (x,), path)`, which fixes the batch to 1 and writes the
     weights to `path.data` beside the model."""
-    x = torch.randn(1, 3, 64, 64)
+    xs = tuple(torch.randn(1, *s) for s in input_shapes(m))
     with torch.no_grad():
         if exporter == "legacy":
-            torch.onnx.export(m, x, path, opset_version=17, input_names=["input"], output_names=["logits"],
-                              dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+            ins = [f"input{k}" if k else "input" for k in range(len(xs))]
+            n_out = len(m(*xs)) if isinstance(m(*xs), tuple) else 1
+            outs = [f"out{k}" for k in range(n_out)] if n_out > 1 else ["logits"]
+            dyn = {n: {0: "N"} for n in ins + outs}
+            torch.onnx.export(m, xs, path, opset_version=17, input_names=ins, output_names=outs,
+                              dynamo=False, dynamic_axes=dyn)
         else:
-            torch.onnx.export(m, (x,), path)
+            torch.onnx.export(m, xs, path)
 
 
 def randomise_bn(m):
@@ -193,11 +282,16 @@ def lopper(*args):
     return r.stdout
 
 
-def lopper_forward(model, x, d):
-    xi, yo = os.path.join(d, "x.f32"), os.path.join(d, "y.f32")
-    x.astype("<f4").tofile(xi)
-    lopper("forward", model, "--input", xi, "-o", yo)
-    return np.fromfile(yo, dtype="<f4").reshape(x.shape[0], -1)
+def lopper_forward(model, xs, d):
+    """lopper's outputs, each flattened, one after another (what `lopper forward` writes)."""
+    args = ["forward", model]
+    for k, x in enumerate(xs):
+        xi = os.path.join(d, f"x{k}.f32")
+        x.astype("<f4").tofile(xi)
+        args += ["--input", xi]
+    yo = os.path.join(d, "y.f32")
+    lopper(*args, "-o", yo)
+    return np.fromfile(yo, dtype="<f4")
 
 
 def ort_session(path):
@@ -211,19 +305,23 @@ def fixed_batch(s):
     return b if isinstance(b, int) else None
 
 
-def ort_run(path, x):
+def ort_run(path, xs):
+    """onnxruntime's outputs, flattened and laid end to end like lopper's."""
     s = ort_session(path)
-    name = s.get_inputs()[0].name
+    names = [i.name for i in s.get_inputs()]
     if fixed_batch(s) == 1:  # the default exporter's fixed batch: one sample at a time
-        return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
-    return s.run(None, {name: x})[0]
+        runs = [s.run(None, {n: x[i:i + 1] for n, x in zip(names, xs)}) for i in range(len(xs[0]))]
+        outs = [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+    else:
+        outs = s.run(None, dict(zip(names, xs)))
+    return np.concatenate([o.ravel() for o in outs])
 
 
-def latency(path, x, reps=30):
+def latency(path, xs, reps=30):
     s = ort_session(path)
     if fixed_batch(s) == 1:
-        x = x[:1]
-    feed = {s.get_inputs()[0].name: x}
+        xs = [x[:1] for x in xs]
+    feed = {i.name: x for i, x in zip(s.get_inputs(), xs)}
     for _ in range(3):
         s.run(None, feed)
     t = []
@@ -245,23 +343,26 @@ def check_one(m, name, exporter, d, rng):
         export(m, dense, exporter)
     except Exception as e:  # noqa: BLE001 — an exporter limitation, reported as such
         return dict(base, error="export: " + str(e).splitlines()[0][:160])
-    x = rng.standard_normal((4, 3, 64, 64), dtype=np.float32)
+    shapes = input_shapes(m)
+    xs = [rng.standard_normal((4, *sh), dtype=np.float32) for sh in shapes]
     try:
-        err_import = close(lopper_forward(dense, x, d), ort_run(dense, x).reshape(4, -1))
+        err_import = close(lopper_forward(dense, xs, d), ort_run(dense, xs))
         pruned_st = os.path.join(d, f"{name}-{exporter}-pruned.safetensors")
         pruned = os.path.join(d, f"{name}-{exporter}-pruned.onnx")
-        # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the small SE
-        # net and UNet (16-64 channels) use 4 so that 50 % MACs stays reachable.
-        round_to = "4" if name in ("se_net", "pad_net", "unet", "unet_convtranspose") else "8"
+        # Widths in multiples of 8 keep onnxruntime's blocked (NCHWc) kernels; the small
+        # nets (16-64 channels) use 4 so that 50 % MACs stays reachable.
+        small = ("se_net", "pad_net", "unet", "unet_convtranspose", "two_input")
+        round_to = "4" if name in small else "8"
         rep = json.loads(lopper("prune", dense, "--data", "none", "--method", "l1", "--target-macs",
                                 "0.5", "--round-to", round_to, "-o", pruned_st, "--json"))
         lopper("convert", pruned_st, "-o", pruned)
-        err_pruned = close(ort_run(pruned, x).reshape(4, -1), lopper_forward(pruned_st, x, d))
+        err_pruned = close(ort_run(pruned, xs), lopper_forward(pruned_st, xs, d))
     except SystemExit as e:
         return dict(base, error=str(e).strip().splitlines()[-1][:300])
-    xb = rng.standard_normal((8, 3, 64, 64), dtype=np.float32)
-    lat_d, lat_p = latency(dense, xb), latency(pruned, xb if fixed_batch(ort_session(dense)) != 1 else xb[:1])
-    batch = 1 if fixed_batch(ort_session(dense)) == 1 else 8
+    xb = [rng.standard_normal((8, *sh), dtype=np.float32) for sh in shapes]
+    one = fixed_batch(ort_session(dense)) == 1
+    lat_d, lat_p = latency(dense, xb), latency(pruned, [x[:1] for x in xb] if one else xb)
+    batch = 1 if one else 8
     # Sub-millisecond models are timer noise; their latency is reported, not checked.
     slower = lat_p >= lat_d and lat_d >= 1.0
     failed = err_import > 1e-4 or err_pruned > 1e-4 or slower or not 0.4 <= rep["macs_ratio"] <= 0.5

@@ -1,5 +1,5 @@
-//! Multi-input ops: element-wise add and mul (with broadcast, for squeeze-excitation gates)
-//! and channel concatenation.
+//! Multi-input ops: element-wise add, mul, max and min (with broadcast, for
+//! squeeze-excitation gates) and concatenation.
 
 use super::{Coupling, OpSpec};
 use crate::graph::shape::{fmt_shape, Shape};
@@ -64,9 +64,52 @@ impl OpSpec for Mul {
     }
 }
 
-/// Concatenation along the channel axis (axis 0 of the per-sample shape).
+/// Element-wise maximum of two or more tensors (broadcast), ONNX `Max`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Concat {}
+pub struct Max {}
+
+impl OpSpec for Max {
+    fn kind(&self) -> &'static str {
+        "Max"
+    }
+    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
+        broadcast("Max", inputs)
+    }
+    fn coupling(&self) -> Coupling {
+        Coupling::Join
+    }
+    fn arity(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Element-wise minimum of two or more tensors (broadcast), ONNX `Min`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Min {}
+
+impl OpSpec for Min {
+    fn kind(&self) -> &'static str {
+        "Min"
+    }
+    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
+        broadcast("Min", inputs)
+    }
+    fn coupling(&self) -> Coupling {
+        Coupling::Join
+    }
+    fn arity(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Concatenation along per-sample axis `axis`: 0 is the channel axis (channels laid end
+/// to end); along any other axis (anchors of a detection head, say) every input keeps the
+/// same channels, which are then one index space.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Concat {
+    #[serde(default)]
+    pub axis: usize,
+}
 
 impl OpSpec for Concat {
     fn kind(&self) -> &'static str {
@@ -77,22 +120,39 @@ impl OpSpec for Concat {
             bail!("Concat takes at least one input");
         }
         let first = inputs[0];
+        let a = self.axis;
+        if a >= first.len() {
+            bail!(
+                "Concat along per-sample axis {a} of a rank-{} input {}",
+                first.len(),
+                fmt_shape(first)
+            );
+        }
         let mut out = first.clone();
-        out[0] = 0;
+        out[a] = 0;
         for s in inputs {
-            if s.len() != first.len() || s[1..] != first[1..] {
+            let differs = s.len() != first.len()
+                || s.iter()
+                    .zip(first.iter())
+                    .enumerate()
+                    .any(|(k, (x, y))| k != a && x != y);
+            if differs {
                 bail!(
-                    "Concat inputs {} and {} differ beyond the channel axis",
+                    "Concat inputs {} and {} differ beyond the concatenated axis {a}",
                     fmt_shape(first),
                     fmt_shape(s)
                 );
             }
-            out[0] += s[0];
+            out[a] += s[a];
         }
         Ok(out)
     }
     fn coupling(&self) -> Coupling {
-        Coupling::Concat { lead: 0 }
+        if self.axis == 0 {
+            Coupling::Concat { lead: 0 }
+        } else {
+            Coupling::Join
+        }
     }
     fn arity(&self) -> Option<usize> {
         None

@@ -48,9 +48,13 @@ impl OpSpec for Dropout {
     }
 }
 
-/// Softmax over axis 0 of the per-sample shape (the class axis of a classifier).
+/// Softmax over per-sample axis `axis`: 0 is the class axis of a classifier (channels); a
+/// detection head normalises over its last axis.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Softmax {}
+pub struct Softmax {
+    #[serde(default)]
+    pub axis: usize,
+}
 
 impl OpSpec for Softmax {
     fn kind(&self) -> &'static str {
@@ -58,11 +62,22 @@ impl OpSpec for Softmax {
     }
     fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
         expect_inputs("Softmax", inputs, 1)?;
+        if self.axis >= inputs[0].len() {
+            anyhow::bail!(
+                "Softmax over per-sample axis {} of a rank-{} input",
+                self.axis,
+                inputs[0].len()
+            );
+        }
         Ok(inputs[0].clone())
     }
     fn coupling(&self) -> Coupling {
-        // Normalises across channels: removing one changes all others.
-        Coupling::Opaque
+        if self.axis == 0 {
+            // Normalises across channels: removing one changes all others.
+            Coupling::Opaque
+        } else {
+            Coupling::PassThrough
+        }
     }
 }
 

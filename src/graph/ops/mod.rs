@@ -24,13 +24,13 @@ pub use batchnorm::BatchNorm;
 pub use conv::Conv2d;
 pub use conv_transpose::ConvTranspose2d;
 pub use gather::ChannelGather;
-pub use join::{Add, Concat, Mul};
+pub use join::{Add, Concat, Max, Min, Mul};
 pub use linear::Linear;
 pub use misc::{Dropout, Identity, Input, Softmax};
 pub use pad::ChannelPad;
 pub use pool::{GlobalAvgPool, Pool2d};
 pub use prelu::PRelu;
-pub use reshape::{Flatten, Reshape};
+pub use reshape::{Flatten, Reshape, Transpose};
 pub use resize::{CoordMode, Nearest, Resize, ResizeMode, ResizeTarget};
 pub use spatial_pad::{PadMode, SpatialPad};
 
@@ -169,6 +169,9 @@ pub enum Op {
     Add(Add),
     Mul(Mul),
     Concat(Concat),
+    Max(Max),
+    Min(Min),
+    Transpose(Transpose),
     ChannelPad(ChannelPad),
     ChannelAffine(ChannelAffine),
     PRelu(PRelu),
@@ -198,6 +201,9 @@ impl Op {
             Op::Add(o) => o,
             Op::Mul(o) => o,
             Op::Concat(o) => o,
+            Op::Max(o) => o,
+            Op::Min(o) => o,
+            Op::Transpose(o) => o,
             Op::ChannelPad(o) => o,
             Op::ChannelAffine(o) => o,
             Op::PRelu(o) => o,

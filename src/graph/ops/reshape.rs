@@ -1,4 +1,4 @@
-//! Flatten and reshape. Flatten keeps channel blocks contiguous (C, H, W order), which is
+//! Flatten, reshape and transpose. Flatten keeps channel blocks contiguous (C, H, W order), which is
 //! what lets the pruning engine map a channel to its block of linear-layer features.
 
 use super::{expect_inputs, Coupling, OpSpec};
@@ -73,5 +73,44 @@ impl OpSpec for Reshape {
 
     fn coupling(&self) -> Coupling {
         Coupling::Reshape
+    }
+}
+
+/// A data-moving transpose of the per-sample axes (the batch stays first): output axis
+/// `k` is input axis `perm[k]`. Detection heads use it to put anchors before classes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transpose {
+    pub perm: Vec<usize>,
+}
+
+impl OpSpec for Transpose {
+    fn kind(&self) -> &'static str {
+        "Transpose"
+    }
+
+    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
+        expect_inputs("Transpose", inputs, 1)?;
+        let s = inputs[0];
+        let mut sorted = self.perm.clone();
+        sorted.sort_unstable();
+        if sorted != (0..s.len()).collect::<Vec<_>>() {
+            bail!(
+                "Transpose perm {:?} is not a permutation of the {} per-sample axes of {}",
+                self.perm,
+                s.len(),
+                fmt_shape(s)
+            );
+        }
+        Ok(self.perm.iter().map(|&p| s[p]).collect())
+    }
+
+    fn coupling(&self) -> Coupling {
+        // Channels stay channels only if axis 0 stays first; otherwise they are spread
+        // over another axis and cannot be followed.
+        if self.perm.first() == Some(&0) {
+            Coupling::PassThrough
+        } else {
+            Coupling::Opaque
+        }
     }
 }

@@ -5,7 +5,8 @@
 use super::{tensor, Ctx, Value};
 use crate::graph::ops::param;
 use crate::graph::ops::{
-    Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Mul, Op, PRelu, Softmax,
+    Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Max, Min, Mul, Op, PRelu,
+    Softmax,
 };
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
@@ -181,15 +182,33 @@ pub(super) fn hard_sigmoid(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<
 
 /// `Sum` of computed tensors (broadcasting): one n-ary add; of one input, that input.
 pub(super) fn sum(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    nary(ctx, n, label, Op::Add(Add {}))
+}
+
+/// `Max` of computed tensors (broadcast).
+pub(super) fn max(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    nary(ctx, n, label, Op::Max(Max {}))
+}
+
+/// `Min` of computed tensors (broadcast).
+pub(super) fn min(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    nary(ctx, n, label, Op::Min(Min {}))
+}
+
+/// A variadic element-wise op of computed tensors; one input is the identity.
+fn nary(ctx: &mut Ctx, n: &NodeProto, label: &str, op: Op) -> Result<Value> {
     Attrs::new(n).only(&[])?;
     if let Some(c) = n.input.iter().find(|i| ctx.konst(i).is_some()) {
-        bail!("Sum with a constant input ('{c}') is not supported");
+        bail!(
+            "{} with a constant input ('{c}') is not supported",
+            n.op_type
+        );
     }
     let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
     if let [x] = xs[..] {
         return Ok(Value::Node(x));
     }
-    Ok(Value::Node(ctx.add(label, Op::Add(Add {}), &xs, vec![])?))
+    Ok(Value::Node(ctx.add(label, op, &xs, vec![])?))
 }
 
 /// `Elu` with its `alpha`.
@@ -280,17 +299,30 @@ fn add_activation(
     ctx.unary(label, op, x)
 }
 
-/// `Softmax` over the class axis.
+/// `Softmax` over one axis. Before opset 13 it normalised over the flattened axes from
+/// `axis` on (default 1), which is one axis when the axes after it have size 1; from 13 on
+/// it is one axis (default -1).
 pub(super) fn softmax(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     a.only(&["axis"])?;
     let x = ctx.node(&n.input[0])?;
-    let rank = ctx.shape(x).len() as i64 + 1;
-    let axis = a.int("axis", if rank == 2 { 1 } else { -1 });
-    if axis != 1 && axis != 1 - rank && !(rank == 2 && axis == -1) {
-        bail!("Softmax over axis {axis} is not supported (only the class axis 1)");
+    let s = ctx.shape(x).clone();
+    let rank = s.len() as i64 + 1;
+    let legacy = ctx.opset < 13;
+    let given = a.int("axis", if legacy { 1 } else { -1 });
+    let k = if given < 0 { given + rank } else { given };
+    if k < 1 || k >= rank {
+        bail!("Softmax over axis {given} of a rank-{rank} tensor (the batch axis 0 cannot be normalised over)");
     }
-    ctx.unary(label, Op::Softmax(Softmax {}), x)
+    let axis = (k - 1) as usize;
+    if legacy && s[axis + 1..].iter().any(|&d| d != 1) {
+        bail!(
+            "Softmax (opset {} semantics) over the flattened axes {k}.. of {:?} is not supported; only over one axis",
+            ctx.opset,
+            s
+        );
+    }
+    ctx.unary(label, Op::Softmax(Softmax { axis }), x)
 }
 
 /// `Dropout` (an identity at inference; kept so fine-tuning can use it).

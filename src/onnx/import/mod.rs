@@ -36,6 +36,8 @@ pub(super) struct Ctx {
     /// How many ONNX nodes (and graph outputs) read each tensor.
     uses: HashMap<String, usize>,
     names: HashSet<String>,
+    /// The model's opset of the default domain (some ops changed meaning across opsets).
+    pub(super) opset: i64,
 }
 
 impl Ctx {
@@ -206,6 +208,7 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         values: HashMap::new(),
         uses: HashMap::new(),
         names: HashSet::new(),
+        opset,
     };
     for n in &g.node {
         for i in n.input.iter().filter(|i| !i.is_empty()) {
@@ -224,53 +227,87 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         .iter()
         .filter(|i| !ctx.values.contains_key(&i.name))
         .collect();
-    let [input] = inputs[..] else {
-        bail!(
-            "the graph has {} non-constant inputs; lopper supports exactly one",
-            inputs.len()
-        );
-    };
-    let dims = input_dims(input)?;
+    if inputs.is_empty() {
+        bail!("the graph has no non-constant input");
+    }
     let mut notes = Vec::new();
-    if fixed_batch(input) == Some(1) {
-        notes.push(format!(
-            "input '{}' has its batch fixed at 1 in the file (PyTorch's exporters do this unless told otherwise); lopper runs it at any batch and exports the batch as symbolic",
-            input.name
-        ));
+    for input in inputs {
+        let dims = input_dims(input)?;
+        if fixed_batch(input) == Some(1) {
+            notes.push(format!(
+                "input '{}' has its batch fixed at 1 in the file (PyTorch's exporters do this unless told otherwise); lopper runs it at any batch and exports the batch as symbolic",
+                input.name
+            ));
+        }
+        if dims.len() < 2 {
+            bail!(
+                "input '{}' has shape {dims:?}; expected [N, ...]",
+                input.name
+            );
+        }
+        let id = ctx.add(
+            &input.name,
+            Op::Input(Input {
+                shape: dims[1..].to_vec(),
+            }),
+            &[],
+            vec![],
+        )?;
+        ctx.values.insert(input.name.clone(), Value::Node(id));
     }
-    if dims.len() < 2 {
-        bail!(
-            "input '{}' has shape {dims:?}; expected [N, ...]",
-            input.name
-        );
-    }
-    let id = ctx.add(
-        &input.name,
-        Op::Input(Input {
-            shape: dims[1..].to_vec(),
-        }),
-        &[],
-        vec![],
-    )?;
-    ctx.values.insert(input.name.clone(), Value::Node(id));
+    // A node that cannot be converted does not stop the import: its outputs are marked
+    // failed, the nodes reading them are skipped, and every failure is reported at once.
+    let mut errors: Vec<anyhow::Error> = Vec::new();
+    let mut failed: HashSet<&str> = HashSet::new();
+    let mut skipped = 0usize;
     for n in &g.node {
         let label = if n.name.is_empty() {
             n.output.first().cloned().unwrap_or_default()
         } else {
             n.name.clone()
         };
-        if !n.domain.is_empty() && n.domain != "ai.onnx" {
-            bail!(
+        if n.input.iter().any(|i| failed.contains(i.as_str())) {
+            failed.extend(n.output.iter().map(String::as_str));
+            skipped += 1;
+            continue;
+        }
+        let out = if !n.domain.is_empty() && n.domain != "ai.onnx" {
+            Err(anyhow!(
                 "node '{label}' ({}) is in domain '{}', which is not supported",
                 n.op_type,
                 n.domain
-            );
+            ))
+        } else {
+            convert_node(&mut ctx, n, &label, opset)
+                .with_context(|| format!("ONNX node '{label}' ({})", n.op_type))
+        };
+        match out {
+            Ok(out) => {
+                for (name, v) in n.output.iter().zip(out) {
+                    ctx.values.insert(name.clone(), v);
+                }
+            }
+            Err(e) => {
+                errors.push(e);
+                failed.extend(n.output.iter().map(String::as_str));
+            }
         }
-        let out = convert_node(&mut ctx, n, &label, opset)
-            .with_context(|| format!("ONNX node '{label}' ({})", n.op_type))?;
-        for (name, v) in n.output.iter().zip(out) {
-            ctx.values.insert(name.clone(), v);
-        }
+    }
+    if errors.len() == 1 && skipped == 0 {
+        return Err(errors.remove(0));
+    }
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  - {e:#}")).collect();
+        bail!(
+            "{} node(s) cannot be imported{}:\n{}",
+            errors.len(),
+            if skipped > 0 {
+                format!(" ({skipped} node(s) reading their outputs were not tried)")
+            } else {
+                String::new()
+            },
+            lines.join("\n")
+        );
     }
     let outputs = g
         .output
@@ -281,7 +318,7 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         })
         .collect::<Result<Vec<_>>>()?;
     for (o, &id) in g.output.iter().zip(&outputs) {
-        if id != 0 {
+        if !matches!(ctx.nodes[id].op, Op::Input(_)) {
             ctx.rename(id, &o.name);
         }
     }
@@ -305,11 +342,15 @@ fn fixed_batch(v: &onnx_protobuf::ValueInfoProto) -> Option<i64> {
 /// Drops nodes no output depends on (shape-only branches, folded reshapes) and renumbers.
 fn prune_dead(ctx: Ctx, outputs: Vec<NodeId>) -> Result<Graph> {
     let n = ctx.nodes.len();
-    let mut live = vec![false; n];
-    live[0] = true; // the input
+    // Inputs stay even if unused: the model's interface does not change.
+    let mut live: Vec<bool> = ctx
+        .nodes
+        .iter()
+        .map(|n| matches!(n.op, Op::Input(_)))
+        .collect();
     let mut stack = outputs.clone();
     while let Some(i) = stack.pop() {
-        if !live[i] || i == 0 {
+        if !live[i] || matches!(ctx.nodes[i].op, Op::Input(_)) {
             live[i] = true;
             stack.extend(&ctx.nodes[i].inputs);
         }

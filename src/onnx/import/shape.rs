@@ -5,6 +5,7 @@
 use super::{Ctx, Value};
 use crate::graph::ops::{
     ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, PadMode, Pool2d, Reshape, SpatialPad,
+    Transpose,
 };
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
@@ -263,12 +264,13 @@ pub(super) fn concat(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
     }
     let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
     let rank = ctx.shape(xs[0]).len() + 1;
-    if axis(a.int("axis", 1), rank)? != 1 {
-        bail!("Concat is only supported along the channel axis 1");
+    let k = axis(a.int("axis", 1), rank)?;
+    if k == 0 {
+        bail!("Concat along the batch axis 0 is not supported");
     }
     Ok(Value::Node(ctx.add(
         label,
-        Op::Concat(Concat {}),
+        Op::Concat(Concat { axis: k - 1 }),
         &xs,
         vec![],
     )?))
@@ -367,11 +369,21 @@ pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         .copied()
         .filter(|&p| d[p as usize] != 1)
         .collect();
-    if !kept.windows(2).all(|w| w[0] < w[1]) {
-        bail!("Transpose with perm {perm:?} on {d:?} moves data; only layout no-ops and channel shuffles are supported");
+    if kept.windows(2).all(|w| w[0] < w[1]) {
+        let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
+        return reshape_node(ctx, label, x, &new);
     }
-    let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
-    reshape_node(ctx, label, x, &new)
+    if perm[0] != 0 {
+        bail!("Transpose with perm {perm:?} on {d:?} moves the batch axis, which is not supported");
+    }
+    // Data moves: a transpose of the per-sample axes.
+    let perm = perm[1..].iter().map(|&p| p as usize - 1).collect();
+    Ok(Value::Node(ctx.add(
+        label,
+        Op::Transpose(Transpose { perm }),
+        &[x],
+        vec![],
+    )?))
 }
 
 /// `Pad`: zero padding of the channel axis.
