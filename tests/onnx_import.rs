@@ -135,6 +135,56 @@ fn external_data_is_read_beside_the_model_and_checked() {
     assert!(e.contains("relative to the model's folder"), "{e}");
 }
 
+/// Export with external data (`convert --external-data`, and automatically above 2 GB):
+/// the weights go to `NAME.data` beside the model, which reads back to the same outputs;
+/// small initialisers stay inline.
+#[test]
+fn export_writes_external_data_that_reads_back() {
+    let g = import_bytes(&mnist8(), "inline").unwrap();
+    let x = Tensor::rand(0f32, 255f32, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let dir = fresh_dir("onnx-external", "write");
+    let model = dir.join("small.onnx");
+    lopper::onnx::save_opts(&g, &model, &[], true).unwrap();
+    let data = std::fs::read(dir.join("small.onnx.data")).unwrap();
+    let weights: usize = g.params().values().map(|v| v.elem_count() * 4).sum();
+    assert!(
+        data.len() >= weights * 9 / 10,
+        "{} of {weights} bytes",
+        data.len()
+    );
+    let m = ModelProto::parse_from_bytes(&std::fs::read(&model).unwrap()).unwrap();
+    let inits = &m.graph.as_ref().unwrap().initializer;
+    assert!(inits.iter().any(|t| !t.external_data.is_empty()));
+    assert!(inits
+        .iter()
+        .filter(|t| !t.external_data.is_empty())
+        .all(|t| t.raw_data.is_empty()));
+    let back = lopper::onnx::load(&model).unwrap();
+    assert_eq!(outputs_of(&back, &x), outputs_of(&g, &x));
+    // Through the CLI, and refused for a non-ONNX output.
+    let out = dir.join("cli.onnx");
+    let (ok, _, err) = common::lopper_cli(&[
+        "convert",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data",
+    ]);
+    assert!(ok, "{err}");
+    assert!(dir.join("cli.onnx.data").exists());
+    let back = lopper::onnx::load(&out).unwrap();
+    assert_eq!(outputs_of(&back, &x), outputs_of(&g, &x));
+    let st = dir.join("m.safetensors");
+    let (ok, _, err) = common::lopper_cli(&[
+        "convert",
+        model.to_str().unwrap(),
+        "-o",
+        st.to_str().unwrap(),
+        "--external-data",
+    ]);
+    assert!(!ok && err.contains("applies to ONNX output"), "{err}");
+}
+
 #[test]
 fn output_names_survive_import_and_export() {
     let m = ModelProto::parse_from_bytes(&mnist8()).unwrap();

@@ -6,7 +6,7 @@ use super::value::{f32_proto, i64_proto};
 use crate::graph::ops::{param, ActivationKind, Op, Pool2d, Resize};
 use crate::graph::shape::Shape;
 use crate::graph::{param_key, Graph};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
 use onnx_protobuf::type_proto::{self, Tensor as TypeTensor};
@@ -109,8 +109,30 @@ pub fn export_bytes(g: &Graph) -> Result<Vec<u8>> {
 }
 
 /// [`export_bytes`] with extra `metadata_props` (key, value) entries, e.g. the report of
-/// the run that produced the model.
+/// the run that produced the model. Every weight is inline: a model whose weights pass
+/// ONNX's 2 GB protobuf limit is an error here ([`export_model`] writes external data).
 pub fn export_bytes_with(g: &Graph, props: &[(&str, &str)]) -> Result<Vec<u8>> {
+    Ok(export_model(g, props, None)?.model)
+}
+
+/// Protobuf cannot encode a message of 2 GiB or more; above this many bytes of weights an
+/// export to a file moves them to external data.
+pub const INLINE_LIMIT: usize = 2_000_000_000;
+
+/// Initialisers of at least this many bytes go to the external file (the threshold of
+/// onnx's `save_model`); small ones (shapes, pads) stay inline.
+const EXTERNAL_MIN: usize = 1024;
+
+/// An exported model: the ONNX bytes and, with external data, the data file's bytes.
+pub struct Exported {
+    pub model: Vec<u8>,
+    pub data: Option<Vec<u8>>,
+}
+
+/// Exports `g`; with `external = Some(location)`, every initialiser of 1 KiB or more is
+/// written to the data file `location` (relative to the model's folder: offset and
+/// length recorded per tensor), which the caller writes beside the model.
+pub fn export_model(g: &Graph, props: &[(&str, &str)], external: Option<&str>) -> Result<Exported> {
     let shapes = g.shapes()?;
     let mut o = Out {
         nodes: vec![],
@@ -119,7 +141,51 @@ pub fn export_bytes_with(g: &Graph, props: &[(&str, &str)]) -> Result<Vec<u8>> {
     for (i, shape) in shapes.iter().enumerate() {
         export_node(&mut o, g, i, shape)?;
     }
-    model_bytes(g, &shapes, o, props)
+    let data = match external {
+        Some(loc) => Some(externalise(&mut o.inits, loc)),
+        None => {
+            let inline: usize = o.inits.iter().map(|t| t.raw_data.len()).sum();
+            if inline >= INLINE_LIMIT {
+                bail!(
+                    "the model has {inline} bytes of weights, over ONNX's 2 GB protobuf limit; save it to a .onnx file, which then keeps them in external data beside it"
+                );
+            }
+            None
+        }
+    };
+    Ok(Exported {
+        model: model_bytes(g, &shapes, o, props)?,
+        data,
+    })
+}
+
+/// Moves the raw bytes of every initialiser of `EXTERNAL_MIN` bytes or more into one
+/// blob, recording where each went; returns the blob.
+fn externalise(inits: &mut [onnx_protobuf::TensorProto], location: &str) -> Vec<u8> {
+    use onnx_protobuf::tensor_proto::DataLocation;
+    let entry = |k: &str, v: String| {
+        let mut e = onnx_protobuf::StringStringEntryProto::new();
+        e.key = k.into();
+        e.value = v;
+        e
+    };
+    let mut data = Vec::new();
+    for t in inits
+        .iter_mut()
+        .filter(|t| t.raw_data.len() >= EXTERNAL_MIN)
+    {
+        // 64-byte alignment, so that readers may map the tensors in place.
+        data.resize(data.len().div_ceil(64) * 64, 0);
+        let raw = std::mem::take(&mut t.raw_data);
+        t.external_data = vec![
+            entry("location", location.to_string()),
+            entry("offset", data.len().to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = DataLocation::EXTERNAL.into();
+        data.extend_from_slice(&raw);
+    }
+    data
 }
 
 /// One IR node as its ONNX node(s), appended to `o`; `shape` is the node's output shape

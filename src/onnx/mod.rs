@@ -33,10 +33,30 @@ pub fn save(g: &Graph, path: &Path) -> Result<()> {
 }
 
 /// [`save`] with extra `metadata_props`; returns the bytes' [`crate::util::fnv64`].
+/// Weights over ONNX's 2 GB protobuf limit go to external data ([`save_opts`]).
 pub fn save_with(g: &Graph, path: &Path, props: &[(&str, &str)]) -> Result<u64> {
+    save_opts(g, path, props, false)
+}
+
+/// [`save_with`], writing the weights to external data `<file name>.data` beside the model
+/// when `external` is set or when they pass [`export::INLINE_LIMIT`]. The data file is
+/// written (atomically) before the model, so a model on disk never points at missing
+/// data. The hash covers the model and the data.
+pub fn save_opts(g: &Graph, path: &Path, props: &[(&str, &str)], external: bool) -> Result<u64> {
     g.check_finite()
         .with_context(|| format!("refusing to write {}", path.display()))?;
-    let bytes = export::export_bytes_with(g, props)?;
-    crate::util::atomic_write(path, &bytes)?;
-    Ok(crate::util::fnv64(&bytes))
+    let weights: usize = g.params().values().map(|v| v.elem_count() * 4).sum();
+    let name = path
+        .file_name()
+        .map(|f| format!("{}.data", f.to_string_lossy()))
+        .unwrap_or_else(|| "model.onnx.data".into());
+    let external = external || weights >= export::INLINE_LIMIT;
+    let out = export::export_model(g, props, external.then_some(name.as_str()))?;
+    let mut hash = crate::util::fnv64(&out.model);
+    if let Some(data) = &out.data {
+        crate::util::atomic_write(&path.with_file_name(&name), data)?;
+        hash ^= crate::util::fnv64(data).rotate_left(1);
+    }
+    crate::util::atomic_write(path, &out.model)?;
+    Ok(hash)
 }
