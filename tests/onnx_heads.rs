@@ -306,3 +306,114 @@ fn every_failing_node_is_listed_at_once() {
     assert!(e.contains("'c3'") && e.contains("c3_extra"), "{e}");
     assert!(e.contains("not tried"), "{e}");
 }
+
+/// The head graph with `head1` reading `head0`'s weight and bias initialisers, as a
+/// RetinaNet-style exporter writes a head shared by every level.
+fn shared_head_onnx() -> Vec<u8> {
+    use onnx_protobuf::{Message, ModelProto};
+    let mut m = ModelProto::parse_from_bytes(&export_bytes(&head()).unwrap()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    for n in g.node.iter_mut().filter(|n| n.name == "head1") {
+        for i in n.input.iter_mut().skip(1) {
+            *i = i.replace("head1.", "head0.");
+        }
+    }
+    g.initializer.retain(|t| !t.name.starts_with("head1."));
+    m.write_to_bytes().unwrap()
+}
+
+#[test]
+fn a_weight_read_by_two_convs_stays_one_parameter_through_training_pruning_and_export() {
+    use onnx_protobuf::{Message, ModelProto};
+    let g = import_bytes(&shared_head_onnx(), "shared").unwrap();
+    let (h0, h1) = (g.node_id("head0").unwrap(), g.node_id("head1").unwrap());
+    assert_eq!(g.nodes[h1].shares.as_deref(), Some("head0"));
+    assert_eq!(g.param_owner(h1), h0);
+    // One variable: counted once, trained once.
+    let dense = import_bytes(&export_bytes(&head()).unwrap(), "separate").unwrap();
+    let per_head: u64 = dense
+        .params()
+        .iter()
+        .filter(|(k, _)| k.starts_with("head1."))
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum();
+    assert!(per_head >= (A * K * 16) as u64);
+    assert_eq!(
+        lopper::graph::cost::cost(&dense).unwrap().total_params
+            - lopper::graph::cost::cost(&g).unwrap().total_params,
+        per_head
+    );
+    assert!(!g.trainable().iter().any(|(k, _)| k.starts_with("head1.")));
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    let y = lopper::exec::forward(&g, &x, Mode::Train).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let w0 = g.param(h0, "weight").unwrap();
+    assert!(grads.get(w0.as_tensor()).is_some());
+    let bumped = (w0.as_tensor() + 0.5).unwrap();
+    w0.set(&bumped).unwrap();
+    assert_eq!(
+        vals(g.param(h1, "weight").unwrap().as_tensor()),
+        vals(&bumped),
+        "the second use does not see the update"
+    );
+    // Saved and loaded, copied: still shared.
+    let dir = common::fresh_dir("shared-weights", "io");
+    let path = dir.join("m.safetensors");
+    lopper::graph::io::save(&g, &path).unwrap();
+    let back = lopper::graph::io::load(&path).unwrap();
+    assert_eq!(back.nodes[h1].shares.as_deref(), Some("head0"));
+    assert_eq!(run(&back, &[&x]), run(&g, &[&x]));
+    let c = g.deep_clone().unwrap();
+    c.param(h0, "weight")
+        .unwrap()
+        .set(&(bumped.clone() * 2.0).unwrap())
+        .unwrap();
+    assert_eq!(
+        vals(c.param(h1, "weight").unwrap().as_tensor()),
+        vals(&(bumped * 2.0).unwrap())
+    );
+    assert_ne!(
+        run(&c, &[&x]),
+        run(&g, &[&x]),
+        "the copy aliases the original"
+    );
+    // Pruning: both uses' inputs are one group, so the shared weight loses the same
+    // input channels at both levels.
+    let groups = dependency_groups(&g).unwrap();
+    let (i0, i1) = (g.nodes[h0].inputs[0], g.nodes[h1].inputs[0]);
+    let same_group = groups
+        .groups
+        .iter()
+        .any(|gr| gr.nodes.contains(&i0) && gr.nodes.contains(&i1));
+    assert!(same_group, "the shared conv's two inputs are not coupled");
+    let cfg = PlanConfig {
+        criterion: Criterion::L1,
+        scope: Scope::Local,
+        budget: Budget::Ratio(0.5),
+        round_to: 1,
+        lamp: false,
+        overrides: vec![],
+        seed: 0,
+    };
+    let removal = plan(&g, &groups, &cfg, None).unwrap();
+    let small = remove_units(&g, &groups, &removal).unwrap();
+    let (s0, s1) = (
+        small.node_id("head0").unwrap(),
+        small.node_id("head1").unwrap(),
+    );
+    assert_eq!(small.nodes[s1].shares.as_deref(), Some("head0"));
+    assert!(small.param(s0, "weight").unwrap().dims()[1] < 16);
+    // Export writes one initialiser, and the result reads back with the same outputs.
+    let bytes = export_bytes(&small).unwrap();
+    let m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    let inits = &m.graph.as_ref().unwrap().initializer;
+    assert!(!inits.iter().any(|t| t.name.starts_with("head1.")));
+    let back = import_bytes(&bytes, "pruned shared").unwrap();
+    assert_eq!(
+        back.nodes[back.node_id("head1").unwrap()].shares.as_deref(),
+        Some("head0")
+    );
+    for (p, q) in run(&back, &[&x]).iter().zip(run(&small, &[&x])) {
+        assert!(max_diff(p, &q) < 1e-6);
+    }
+}

@@ -111,14 +111,17 @@ fn conv_cfg(c: &Conv2d) -> ConvCfg {
 /// The weight node `i` runs with: its parameter, masked if the pass carries a mask for it.
 fn weight(g: &Graph, i: NodeId, ctx: &Ctx) -> Result<Tensor> {
     let w = g.param(i, WEIGHT)?.as_tensor();
-    Ok(match ctx.weight_masks.and_then(|m| m.get(&i)) {
-        None => w.clone(),
-        Some(m) if m.straight_through => {
-            // w + sg(m⊙w − w): value m⊙w, gradient identity.
-            (w + (w * &m.mask)?.sub(w)?.detach())?
-        }
-        Some(m) => (w * &m.mask)?,
-    })
+    // A shared weight carries its owner's mask.
+    Ok(
+        match ctx.weight_masks.and_then(|m| m.get(&g.param_owner(i))) {
+            None => w.clone(),
+            Some(m) if m.straight_through => {
+                // w + sg(m⊙w − w): value m⊙w, gradient identity.
+                (w + (w * &m.mask)?.sub(w)?.detach())?
+            }
+            Some(m) => (w * &m.mask)?,
+        },
+    )
 }
 
 fn conv(

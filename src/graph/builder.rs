@@ -60,6 +60,7 @@ impl GraphBuilder {
             name: name.to_string(),
             op,
             inputs: inputs.to_vec(),
+            shares: None,
         });
         self.shapes.push(shape);
         Ok(self.nodes.len() - 1)

@@ -35,10 +35,11 @@ pub fn cost_of_nodes(graph_nodes: &[Node]) -> Result<CostReport> {
     for (i, n) in graph_nodes.iter().enumerate() {
         let spec = n.op.spec();
         let ins: Vec<&Vec<usize>> = n.inputs.iter().map(|&j| &shapes[j]).collect();
+        // A shared weight counts once, at its owner.
         let params: u64 = spec
             .params()
             .iter()
-            .filter(|p| p.kind == ParamKind::Trainable)
+            .filter(|p| p.kind == ParamKind::Trainable && n.shares.is_none())
             .map(|p| p.shape.iter().product::<usize>() as u64)
             .sum();
         nodes.push(NodeCost {

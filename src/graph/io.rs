@@ -5,7 +5,7 @@
 //! lopper reads both back into an identical graph. Writes are atomic.
 
 use super::ops::param::WEIGHT;
-use super::{Graph, Node, NodeId};
+use super::{param_key, Graph, Node, NodeId};
 use crate::util::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -154,6 +154,12 @@ pub fn save_with(g: &Graph, path: &Path, extra: &[(&str, &str)]) -> Result<u64> 
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
+    // A shared weight is stored once, under its owner's key; loading ties it again.
+    for n in g.nodes.iter().filter(|n| n.shares.is_some()) {
+        for p in n.op.spec().params() {
+            tensors.remove(&param_key(&n.name, p.name));
+        }
+    }
     let mut sparse = Vec::new();
     for l in super::matrix::weight_matrices(g) {
         let w = super::matrix::weight_host(g, &l)?;

@@ -27,11 +27,13 @@ impl WeightMatrix {
     }
 }
 
-/// Every layer with a weight matrix, in topological order.
+/// Every layer with a weight matrix, in topological order; a weight several nodes share
+/// is listed once, at its owner.
 pub fn weight_matrices(g: &Graph) -> Vec<WeightMatrix> {
     g.nodes
         .iter()
         .enumerate()
+        .filter(|(_, n)| n.shares.is_none())
         .filter_map(|(i, n)| {
             let spec = n.op.spec();
             let (rows, row_len) = spec.weight_matrix()?;

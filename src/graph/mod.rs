@@ -32,6 +32,13 @@ pub struct Node {
     pub name: String,
     pub op: Op,
     pub inputs: Vec<NodeId>,
+    /// This node runs with the parameters of the earlier node of this name: one weight
+    /// used several times (a detection head applied to every FPN level, tied layers).
+    /// Both hold the same variable, so training updates it once with the gradients of
+    /// every use, pruning removes the same channels from every use (the dependency
+    /// groups couple them), and export writes one initialiser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<String>,
 }
 
 /// A model: typed nodes in topological order, graph outputs, and parameters.
@@ -62,6 +69,46 @@ pub fn param_key(node: &str, param: &str) -> String {
     format!("{node}.{param}")
 }
 
+/// Points every sharing node's parameter keys at its owner's variables (see
+/// [`Node::shares`]); the owner must be an earlier node with the same parameters.
+fn tie(nodes: &[Node], params: &mut BTreeMap<String, Var>) -> Result<()> {
+    for (i, n) in nodes.iter().enumerate() {
+        let Some(src) = &n.shares else { continue };
+        let j = nodes[..i]
+            .iter()
+            .position(|m| &m.name == src)
+            .ok_or_else(|| {
+                anyhow!(
+                    "node '{}' shares the parameters of '{src}', which is not an earlier node",
+                    n.name
+                )
+            })?;
+        if nodes[j].shares.is_some() {
+            bail!(
+                "node '{}' shares the parameters of '{src}', which itself shares another node's",
+                n.name
+            );
+        }
+        let (mine, theirs) = (n.op.spec().params(), nodes[j].op.spec().params());
+        if mine != theirs {
+            bail!(
+                "node '{}' shares the parameters of '{src}', but their parameters differ ({:?} vs {:?})",
+                n.name,
+                mine.iter().map(|p| (p.name, &p.shape)).collect::<Vec<_>>(),
+                theirs.iter().map(|p| (p.name, &p.shape)).collect::<Vec<_>>()
+            );
+        }
+        for p in &mine {
+            let v = params
+                .get(&param_key(src, p.name))
+                .ok_or_else(|| anyhow!("missing parameter tensor '{}'", param_key(src, p.name)))?
+                .clone();
+            params.insert(param_key(&n.name, p.name), v);
+        }
+    }
+    Ok(())
+}
+
 /// Per-sample output shapes of topologically ordered nodes (structure only, no weights).
 pub fn infer_shapes(nodes: &[Node]) -> Result<Vec<Shape>> {
     let mut shapes: Vec<Shape> = Vec::with_capacity(nodes.len());
@@ -87,6 +134,8 @@ impl Graph {
         outputs: Vec<NodeId>,
         params: BTreeMap<String, Var>,
     ) -> Result<Self> {
+        let mut params = params;
+        tie(&nodes, &mut params)?;
         let g = Graph {
             nodes,
             outputs,
@@ -241,10 +290,20 @@ impl Graph {
         Ok(())
     }
 
-    /// Trainable parameters in a stable order (node order), with their keys.
+    /// The node whose parameters node `i` runs with: itself, or the node it shares them
+    /// with ([`Node::shares`]).
+    pub fn param_owner(&self, i: NodeId) -> NodeId {
+        match &self.nodes[i].shares {
+            Some(src) => self.node_id(src).unwrap_or(i),
+            None => i,
+        }
+    }
+
+    /// Trainable parameters in a stable order (node order), with their keys; a shared
+    /// variable appears once, under its owner's key.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| n.shares.is_none()) {
             for p in n.op.spec().params() {
                 if p.kind == ParamKind::Trainable {
                     let k = param_key(&n.name, p.name);
@@ -255,12 +314,14 @@ impl Graph {
         out
     }
 
-    /// An independent copy: new parameter storage, so training one leaves the other alone.
+    /// An independent copy: new parameter storage, so training one leaves the other alone
+    /// (shared parameters stay shared within the copy).
     pub fn deep_clone(&self) -> Result<Graph> {
         let mut params = BTreeMap::new();
         for (k, v) in &self.params {
             params.insert(k.clone(), owned_var(v.as_tensor())?);
         }
+        tie(&self.nodes, &mut params)?;
         Ok(Graph {
             nodes: self.nodes.clone(),
             outputs: self.outputs.clone(),

@@ -84,6 +84,11 @@ impl Out {
         self.nodes.push(n);
     }
     fn init(&mut self, g: &Graph, node: usize, p: &str, dims: Option<&[usize]>) -> Result<String> {
+        // A shared weight is one initialiser, written at its owner (an earlier node).
+        let owner = g.param_owner(node);
+        if owner != node {
+            return Ok(param_key(&g.nodes[owner].name, p));
+        }
         let name = param_key(&g.nodes[node].name, p);
         let t = g.param(node, p)?.as_tensor();
         let data: Vec<f32> = t.flatten_all()?.to_vec1()?;

@@ -274,6 +274,24 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<Blocked>) {
             }
         }
     }
+    // Nodes sharing one weight keep the same channels on both of its axes.
+    for (i, node) in g.nodes.iter().enumerate() {
+        if node.shares.is_none() {
+            continue;
+        }
+        let j = g.param_owner(i);
+        if j == i {
+            continue;
+        }
+        if ch[i] == ch[j] {
+            el.pair(&mut uf, j, i, ch[i]);
+        }
+        if let (Some(&a), Some(&b)) = (g.nodes[j].inputs.first(), node.inputs.first()) {
+            if ch[a] == ch[b] {
+                el.pair(&mut uf, a, b, ch[a]);
+            }
+        }
+    }
     for &o in &g.outputs {
         el.block(&mut blocked, o, o, Block::Output);
     }

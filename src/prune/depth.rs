@@ -101,6 +101,7 @@ fn rebuild(g: &Graph, drop: &BTreeSet<NodeId>, rewire: &BTreeMap<NodeId, NodeId>
             name: n.name.clone(),
             op: n.op.clone(),
             inputs,
+            shares: n.shares.clone(),
         });
     }
     let outputs = g.outputs.iter().map(|&o| new_id[resolve(o)]).collect();

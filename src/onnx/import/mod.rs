@@ -38,6 +38,9 @@ pub(super) struct Ctx {
     names: HashSet<String>,
     /// The model's opset of the default domain (some ops changed meaning across opsets).
     pub(super) opset: i64,
+    /// Layer nodes by the ONNX tensor their weight came from: a weight read by several
+    /// convs (or Gemms) is one shared parameter, confirmed when the import ends.
+    weight_of: Vec<(NodeId, String)>,
 }
 
 impl Ctx {
@@ -86,6 +89,7 @@ impl Ctx {
             name: unique,
             op,
             inputs: inputs.to_vec(),
+            shares: None,
         });
         self.shapes.push(shape);
         Ok(self.nodes.len() - 1)
@@ -209,6 +213,7 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         uses: HashMap::new(),
         names: HashSet::new(),
         opset,
+        weight_of: Vec::new(),
     };
     for n in &g.node {
         for i in n.input.iter().filter(|i| !i.is_empty()) {
@@ -271,6 +276,7 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
             skipped += 1;
             continue;
         }
+        let before = ctx.nodes.len();
         let out = if !n.domain.is_empty() && n.domain != "ai.onnx" {
             Err(anyhow!(
                 "node '{label}' ({}) is in domain '{}', which is not supported",
@@ -283,6 +289,13 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         };
         match out {
             Ok(out) => {
+                let layer = (before..ctx.nodes.len())
+                    .find(|&i| ctx.nodes[i].op.spec().weight_matrix().is_some());
+                if let (Some(i), Some(w)) = (layer, n.input.get(1)) {
+                    if ctx.konst(w).is_some() {
+                        ctx.weight_of.push((i, w.clone()));
+                    }
+                }
                 for (name, v) in n.output.iter().zip(out) {
                     ctx.values.insert(name.clone(), v);
                 }
@@ -372,8 +385,44 @@ fn prune_dead(ctx: Ctx, outputs: Vec<NodeId>) -> Result<Graph> {
         }
         nodes.push(node);
     }
+    // Shared weights: a later layer reading the same weight tensor as an earlier one, with
+    // the same op and (after any folded bias) the same parameter values, shares its
+    // parameters; a use whose values differ keeps its own copy.
+    let mut first: HashMap<&str, NodeId> = HashMap::new();
+    for (i, w) in &ctx.weight_of {
+        if !live[*i] {
+            continue;
+        }
+        let Some(&j) = first.get(w.as_str()) else {
+            first.insert(w, *i);
+            continue;
+        };
+        let (a, b) = (&nodes[new_id[j]], &nodes[new_id[*i]]);
+        let same = a.op == b.op
+            && a.op.spec().params().iter().all(|p| {
+                let (ka, kb) = (param_key(&a.name, p.name), param_key(&b.name, p.name));
+                match (params.get(&ka), params.get(&kb)) {
+                    (Some(x), Some(y)) => same_values(x, y),
+                    _ => false,
+                }
+            });
+        if same {
+            let owner = a.name.clone();
+            let k = new_id[*i];
+            for p in nodes[k].op.spec().params() {
+                params.remove(&param_key(&nodes[k].name, p.name));
+            }
+            nodes[k].shares = Some(owner);
+        }
+    }
     let outputs = outputs.iter().map(|&o| new_id[o]).collect();
     Graph::with_parts(nodes, outputs, params)
+}
+
+/// Bit-identical tensors (same shape, same f32 values).
+fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+    a.dims() == b.dims() && flat(a).zip(flat(b)).is_some_and(|(x, y)| x == y)
 }
 
 fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
