@@ -1,4 +1,4 @@
-//! ONNX at the edges: import (IR 3+, opsets 7–21) into the graph IR, and export of any IR
+//! ONNX at the edges: import (IR 3+, opsets 7–23) into the graph IR, and export of any IR
 //! graph — pruned or not — to ONNX opset 17 with the same input/output names and shapes.
 //! Protobuf decoding/encoding is the `onnx-protobuf` crate (rust-protobuf generated code
 //! for the ONNX schema); nothing here parses wire bytes by hand.
