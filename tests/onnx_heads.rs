@@ -10,10 +10,10 @@ use lopper::graph::builder::GraphBuilder;
 use lopper::graph::ops::{Concat, Conv2d, Input, Max, Min, Op, Reshape, Softmax, Transpose};
 use lopper::graph::Graph;
 use lopper::onnx::{export::export_bytes, import::import_bytes};
-use lopper::prune::{dependency_groups, plan, remove_units, Budget, Criterion, PlanConfig, Scope};
+use lopper::prune::dependency_groups;
 
 mod common;
-use common::vals;
+use common::{l1_half, vals};
 
 const A: usize = 3; // anchors per position
 const K: usize = 4; // values per anchor
@@ -186,17 +186,7 @@ fn a_detection_head_trains_and_prunes_everything_but_its_reshuffled_maps() {
         blocked.contains("head0") && blocked.contains("cannot be followed"),
         "{blocked}"
     );
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(&g, &groups, &cfg, None).unwrap();
-    let small = remove_units(&g, &groups, &removal).unwrap();
+    let (_, small) = l1_half(&g, &groups);
     let shapes = small.shapes().unwrap();
     assert_eq!(shapes[small.outputs[0]], vec![(64 + 16) * A, K]);
     let before = lopper::graph::cost::cost(&g).unwrap().total_macs;
@@ -262,17 +252,7 @@ fn two_input_graphs_run_round_trip_and_prune() {
     assert!(max_diff(&run(&back, &[&x, &d])[0], &y[0]) < 1e-6);
     // Both stems prune (each input's own channels stay).
     let groups = dependency_groups(&g).unwrap();
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(&g, &groups, &cfg, None).unwrap();
-    let small = remove_units(&g, &groups, &removal).unwrap();
+    let (_, small) = l1_half(&g, &groups);
     let s = small.shapes().unwrap();
     let (cx, cd) = (
         s[small.node_id("cx").unwrap()][0],
@@ -386,17 +366,7 @@ fn a_weight_read_by_two_convs_stays_one_parameter_through_training_pruning_and_e
         .iter()
         .any(|gr| gr.nodes.contains(&i0) && gr.nodes.contains(&i1));
     assert!(same_group, "the shared conv's two inputs are not coupled");
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(&g, &groups, &cfg, None).unwrap();
-    let small = remove_units(&g, &groups, &removal).unwrap();
+    let (_, small) = l1_half(&g, &groups);
     let (s0, s1) = (
         small.node_id("head0").unwrap(),
         small.node_id("head1").unwrap(),

@@ -14,11 +14,11 @@ use lopper::graph::ops::{
 };
 use lopper::graph::Graph;
 use lopper::onnx::{export::export_bytes, import::import_bytes};
-use lopper::prune::{dependency_groups, plan, remove_units, Budget, Criterion, PlanConfig, Scope};
+use lopper::prune::dependency_groups;
 use onnx_protobuf::{Message, ModelProto, StringStringEntryProto};
 
 mod common;
-use common::{fresh_dir, vals};
+use common::{fresh_dir, l1_half, vals};
 
 fn mnist8() -> Vec<u8> {
     std::fs::read(data::data_dir().join("models/mnist-8.onnx")).unwrap()
@@ -64,22 +64,6 @@ fn externalise(checksum: bool) -> (ModelProto, Vec<u8>) {
 
 fn sha1_hex(b: &[u8]) -> String {
     sha1_smol::Sha1::from(b).digest().to_string()
-}
-
-/// L1, local scope, half of every group's units: the removal and the pruned graph.
-fn l1_half(g: &Graph, groups: &lopper::prune::Groups) -> (lopper::prune::Removal, Graph) {
-    let cfg = PlanConfig {
-        criterion: Criterion::L1,
-        scope: Scope::Local,
-        budget: Budget::Ratio(0.5),
-        round_to: 1,
-        lamp: false,
-        overrides: vec![],
-        seed: 0,
-    };
-    let removal = plan(g, groups, &cfg, None).unwrap();
-    let pruned = remove_units(g, groups, &removal).unwrap();
-    (removal, pruned)
 }
 
 /// Largest absolute difference of two equally long outputs.

@@ -70,3 +70,21 @@ pub fn fresh_dir(prefix: &str, name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// L1, local scope, half of every group's units removed (widths not rounded): the plan
+/// and the pruned graph.
+pub fn l1_half(g: &Graph, groups: &lopper::prune::Groups) -> (lopper::prune::Removal, Graph) {
+    use lopper::prune::{plan, remove_units, Budget, Criterion, PlanConfig, Scope};
+    let cfg = PlanConfig {
+        criterion: Criterion::L1,
+        scope: Scope::Local,
+        budget: Budget::Ratio(0.5),
+        round_to: 1,
+        lamp: false,
+        overrides: vec![],
+        seed: 0,
+    };
+    let removal = plan(g, groups, &cfg, None).unwrap();
+    let pruned = remove_units(g, groups, &removal).unwrap();
+    (removal, pruned)
+}

@@ -28,79 +28,46 @@ pub(crate) fn broadcast(kind: &str, inputs: &[&Shape]) -> Result<Shape> {
     Ok(out)
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Add {}
+/// A variadic element-wise op whose inputs broadcast and share one channel index space.
+macro_rules! join_op {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        pub struct $name {}
 
-impl OpSpec for Add {
-    fn kind(&self) -> &'static str {
-        "Add"
-    }
-    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
-        broadcast("Add", inputs)
-    }
-    fn coupling(&self) -> Coupling {
-        Coupling::Join
-    }
-    fn arity(&self) -> Option<usize> {
-        None
-    }
+        impl OpSpec for $name {
+            fn kind(&self) -> &'static str {
+                stringify!($name)
+            }
+            fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
+                broadcast(stringify!($name), inputs)
+            }
+            fn coupling(&self) -> Coupling {
+                Coupling::Join
+            }
+            fn arity(&self) -> Option<usize> {
+                None
+            }
+        }
+    };
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Mul {}
-
-impl OpSpec for Mul {
-    fn kind(&self) -> &'static str {
-        "Mul"
-    }
-    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
-        broadcast("Mul", inputs)
-    }
-    fn coupling(&self) -> Coupling {
-        Coupling::Join
-    }
-    fn arity(&self) -> Option<usize> {
-        None
-    }
-}
-
-/// Element-wise maximum of two or more tensors (broadcast), ONNX `Max`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Max {}
-
-impl OpSpec for Max {
-    fn kind(&self) -> &'static str {
-        "Max"
-    }
-    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
-        broadcast("Max", inputs)
-    }
-    fn coupling(&self) -> Coupling {
-        Coupling::Join
-    }
-    fn arity(&self) -> Option<usize> {
-        None
-    }
-}
-
-/// Element-wise minimum of two or more tensors (broadcast), ONNX `Min`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Min {}
-
-impl OpSpec for Min {
-    fn kind(&self) -> &'static str {
-        "Min"
-    }
-    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
-        broadcast("Min", inputs)
-    }
-    fn coupling(&self) -> Coupling {
-        Coupling::Join
-    }
-    fn arity(&self) -> Option<usize> {
-        None
-    }
-}
+join_op!(
+    /// Element-wise sum (residual adds; ONNX `Add`, or `Sum` of more than two).
+    Add
+);
+join_op!(
+    /// Element-wise product (squeeze-excitation gates).
+    Mul
+);
+join_op!(
+    /// Element-wise maximum of two or more tensors (broadcast), ONNX `Max`.
+    Max
+);
+join_op!(
+    /// Element-wise minimum of two or more tensors (broadcast), ONNX `Min`.
+    Min
+);
 
 /// Concatenation along per-sample axis `axis`: 0 is the channel axis (channels laid end
 /// to end); along any other axis (anchors of a detection head, say) every input keeps the
