@@ -17,7 +17,7 @@ rows = []
 for t in ["0.5", "0.3"]:
     for axes in ["all", "depth", "width", "resolution"]:
         t0 = time.time()
-        out = subprocess.run([L, "prune", model, "--target-macs", t, "--dwr-axes", axes] + common,
+        out = subprocess.run([L, "prune", model, "--keep-macs", t, "--dwr-axes", axes] + common,
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(f"T={t} {axes}: {out.stderr.strip()}", flush=True)
@@ -25,13 +25,13 @@ for t in ["0.5", "0.3"]:
             continue
         r = json.loads(out.stdout)
         d = r["details"]
-        rows.append(dict(t=float(t), axes=axes, macs=r["pruned"]["macs"], macs_ratio=r["macs_ratio"],
-                         params=r["pruned"]["params"], config=d["config"], predicted=d["predicted"],
-                         acc_pruned=r["acc_pruned"], acc=r["acc_finetuned"], dense=r["acc_dense"],
+        rows.append(dict(t=float(t), axes=axes, macs=r["result"]["macs"], macs_ratio=(r["result"]["macs"] / r["dense"]["macs"]),
+                         params=r["result"]["params"], config=d["config"], predicted=d["predicted"],
+                         acc_pruned=r["top1_before_finetune"], acc=r["result"]["top1"], dense=r["dense"]["top1"],
                          optimum=d["optimum"], degree=d["map"]["degree"], loo=d["loo"], map=d["map"],
-                         points=d["points"], lat_b64=r["pruned"]["latency_b64_ms"],
+                         points=d["points"], lat_b64=r["result"]["latency_b64_ms"],
                          dense_lat_b64=r["dense"]["latency_b64_ms"], wall_s=time.time() - t0,
-                         ft_s=r["finetune_seconds"]))
+                         ft_s=r["seconds"]["finetune"]))
         print(t, axes, rows[-1]["config"], rows[-1]["macs_ratio"], rows[-1]["predicted"], rows[-1]["acc"], flush=True)
 json.dump(rows, open("docs/results/dwr_resnet20.json", "w"), indent=1)
 ok = [r for r in rows if "acc" in r]

@@ -32,11 +32,11 @@ def main():
                 for seed in SEEDS:
                     t = time.time()
                     r = json.loads(run(["prune", model, "--data", "mnist", "--method", m,
-                                        "--ratio", str(1 - k), "--finetune-epochs", "1", "--lr", "0.02",
+                                        "--remove-channels", str(1 - k), "--finetune-epochs", "1", "--lr", "0.02",
                                         "--batch-size", "64", "--seed", str(seed), "--json"]))
-                    rows.append(dict(width=w, keep=k, method=label, seed=seed, dense=r["acc_dense"],
-                                     pruned=r["acc_pruned"], finetuned=r["acc_finetuned"],
-                                     kept=r["widths"][0]["after"], prune_s=r["prune_seconds"],
+                    rows.append(dict(width=w, keep=k, method=label, seed=seed, dense=r["dense"]["top1"],
+                                     pruned=r["top1_before_finetune"], finetuned=r["result"]["top1"],
+                                     kept=r["layers"][0]["width_after"], prune_s=r["seconds"]["method"],
                                      wall_s=time.time() - t))
                     print(rows[-1], flush=True)
     json.dump(rows, open("docs/results/ispasp_mnist.json", "w"), indent=1)

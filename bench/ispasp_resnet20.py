@@ -10,7 +10,7 @@ import json, subprocess, sys, time
 L = "target/release/lopper"
 model = sys.argv[1]
 epochs = sys.argv[2] if len(sys.argv) > 2 else "2"
-common = ["--data", "cifar10", "--target-macs", "0.5", "--finetune-epochs", epochs, "--lr", "0.01",
+common = ["--data", "cifar10", "--keep-macs", "0.5", "--finetune-epochs", epochs, "--lr", "0.01",
           "--batch-size", "128", "--seed", "0", "--json"]
 runs = [
     ("i-SpaSP", ["--method", "ispasp"]),
@@ -27,18 +27,18 @@ for label, extra in runs:
     r = json.loads(out.stdout)
     r["label"], r["wall_s"] = label, time.time() - t
     rows.append(r)
-    print(label, r["macs_ratio"], r["acc_pruned"], r["acc_finetuned"], flush=True)
+    print(label, (r["result"]["macs"] / r["dense"]["macs"]), r["top1_before_finetune"], r["result"]["top1"], flush=True)
 json.dump(rows, open("docs/results/ispasp_resnet20.json", "w"), indent=1, default=str)
 md = ["# i-SpaSP on ResNet-20 / CIFAR-10 JPEG at ~2x fewer MACs", "",
-      f"Dense model: `{model}`, top-1 {rows[0]['acc_dense']*100:.2f} %, "
+      f"Dense model: `{model}`, top-1 {rows[0]['dense']['top1']*100:.2f} %, "
       f"{rows[0]['dense']['macs']/1e6:.2f} M MACs. Fine-tuning: {epochs} epochs, lr 0.01 cosine, batch 128, crop+flip.", "",
       "| method | MACs | params | top-1 pruned | top-1 fine-tuned | prune time | train time | b64 latency |",
       "|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    md.append(f"| {r['label']} | {r['pruned']['macs']/1e6:.2f} M ({r['macs_ratio']*100:.1f} %) | "
-              f"{r['pruned']['params']/1e3:.1f} K | {r['acc_pruned']*100:.2f} | {r['acc_finetuned']*100:.2f} | "
-              f"{r['prune_seconds']:.1f} s | {r['finetune_seconds']:.0f} s | "
-              f"{r['pruned']['latency_b64_ms']:.1f} ms (dense {r['dense']['latency_b64_ms']:.1f}) |")
+    md.append(f"| {r['label']} | {r['result']['macs']/1e6:.2f} M ({(r['result']['macs'] / r['dense']['macs'])*100:.1f} %) | "
+              f"{r['result']['params']/1e3:.1f} K | {r['top1_before_finetune']*100:.2f} | {r['result']['top1']*100:.2f} | "
+              f"{r['seconds']['method']:.1f} s | {r['seconds']['finetune']:.0f} s | "
+              f"{r['result']['latency_b64_ms']:.1f} ms (dense {r['dense']['latency_b64_ms']:.1f}) |")
 mods = rows[0]["details"]["modules"]
 md += ["", "i-SpaSP selection per module (1,280 samples, T = 20):", "",
        "| module | width | kept | seconds | residual start | residual final |", "|---|---|---|---|---|---|"]

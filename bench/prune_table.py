@@ -16,7 +16,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--lopper", default="target/release/lopper")
-    ap.add_argument("--target-macs", default="0.5")
+    ap.add_argument("--keep-macs", default="0.5")
     ap.add_argument("--finetune-epochs", default="1")
     ap.add_argument("--train-limit", default="20000")
     ap.add_argument("--lr", default="0.01")
@@ -28,16 +28,16 @@ def main():
             t = time.time()
             out = subprocess.run(
                 [a.lopper, "prune", a.model, "--data", "cifar10", "--method", crit, "--scope", scope,
-                 "--target-macs", a.target_macs, "--finetune-epochs", a.finetune_epochs,
+                 "--keep-macs", a.target_macs, "--finetune-epochs", a.finetune_epochs,
                  "--train-limit", a.train_limit, "--lr", a.lr, "--calib", "512", "--json"],
                 check=True, capture_output=True, text=True)
             r = json.loads(out.stdout)
             r["wall_seconds"] = time.time() - t
             rows.append(r)
-            print(f"| {crit} | {scope} | {1 / r['macs_ratio']:.2f}x | {100 * r['params_ratio']:.1f}% "
-                  f"| {100 * r['acc_dense']:.2f} | {100 * r['acc_pruned']:.2f} | {100 * r['acc_finetuned']:.2f} "
-                  f"| {r['prune_seconds']:.1f} | {r['finetune_seconds']:.0f} "
-                  f"| {r['pruned']['latency_b64_ms'] / r['dense']['latency_b64_ms']:.2f} |", flush=True)
+            print(f"| {crit} | {scope} | {1 / (r['result']['macs'] / r['dense']['macs']):.2f}x | {100 * (r['result']['params'] / r['dense']['params']):.1f}% "
+                  f"| {100 * r['dense']['top1']:.2f} | {100 * r['top1_before_finetune']:.2f} | {100 * r['result']['top1']:.2f} "
+                  f"| {r['seconds']['method']:.1f} | {r['seconds']['finetune']:.0f} "
+                  f"| {r['result']['latency_b64_ms'] / r['dense']['latency_b64_ms']:.2f} |", flush=True)
             with open(a.out, "w") as f:
                 json.dump(rows, f, indent=1)
 

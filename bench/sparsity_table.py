@@ -27,10 +27,12 @@ for m, label in methods:
         if not os.path.exists(f):
             cells.append("—"); times.append("—"); continue
         r = json.load(open(f))
-        raw[f"{m}_{s}"] = {k: r[k] for k in ["acc_dense", "acc_sparse", "sparsity", "seconds", "sparse_macs", "dense_macs"]}
-        dense = r["acc_dense"]
-        cells.append(f"{100*r['acc_sparse']:.2f}")
-        times.append(f"{r['seconds']:.0f}")
+        raw[f"{m}_{s}"] = dict(acc_dense=r["dense"]["top1"], acc_sparse=r["result"]["top1"],
+                               sparsity=r["result"]["sparsity"], seconds=r["seconds"]["method"],
+                               sparse_macs=r["result"]["nonzero_macs"], dense_macs=r["dense"]["macs"])
+        dense = r["dense"]["top1"]
+        cells.append(f"{100*r['result']['top1']:.2f}")
+        times.append(f"{r['seconds']['method']:.0f}")
     rows.append((label, cells, times))
 out = []
 out.append(f"Dense ResNet-20: {100*dense:.2f} % top-1 on the CIFAR-10 (JPEG q75) test set." if dense else "")

@@ -18,10 +18,10 @@ GEN=$O/gen-cifar6.safetensors
   --batch-size 128 --checkpoint $O/ref.ckpt --resume --json -o $REF > $O/ref-train.json.tmp && mv $O/ref-train.json.tmp $O/ref-train.json; }
 [ -f $O/meta.json ] || { $L stamp meta-train $REF --data cifar10 --classes 0,1,2,3,4,5 --iterations 100 --n-way 3 --gamma 3e-3 \
   -o $GEN --json > $O/meta.json.tmp && mv $O/meta.json.tmp $O/meta.json; }
-t=(--data cifar10 --classes 6,7,8,9 --finetune-epochs 5 --lr 0.05 --curve --json)
+t=(--data cifar10 --classes 6,7,8,9 --finetune-epochs 5 --lr 0.05 --eval-every-epoch --json)
 run() { local f=$O/$1.json; shift; [ -f "$f" ] || { "$L" prune "$@" > "$f.tmp" && mv "$f.tmp" "$f"; }; }
-run stamp $REF --method stamp --generator $GEN --target-macs 0.5 "${t[@]}"
-run scratch resnet20 --method l1 --ratio 0 "${t[@]}"
-run l1 $REF --method l1 --target-macs 0.5 "${t[@]}"
-run random $REF --method random --target-macs 0.5 "${t[@]}"
-run random-widths $REF --method stamp --generator $GEN --stamp-random --target-macs 0.5 "${t[@]}"
+run stamp $REF --method stamp --generator $GEN --keep-macs 0.5 "${t[@]}"
+run scratch resnet20 --method l1 --remove-channels 0 "${t[@]}"
+run l1 $REF --method l1 --keep-macs 0.5 "${t[@]}"
+run random $REF --method random --keep-macs 0.5 "${t[@]}"
+run random-widths $REF --method stamp --generator $GEN --stamp-random --keep-macs 0.5 "${t[@]}"

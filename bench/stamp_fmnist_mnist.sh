@@ -5,7 +5,7 @@
 #    (a) the dense net trained from scratch, (b) L1 pruning of the reference net + training,
 #    (c) random channels of the reference net at STAMP's widths + training (random-widths;
 #    "random" is uniform random pruning at the same MACs) — each trained 3 epochs
-#    with the test accuracy after every epoch (--curve). γ = 1e-2 from bench/stamp_gamma.sh.
+#    with the test accuracy after every epoch (--eval-every-epoch). γ = 1e-2 from bench/stamp_gamma.sh.
 #    Outputs in runs/stamp/;
 #    bench/stamp_table.py builds the table and the accuracy-vs-time plot. Resumable.
 set -euo pipefail
@@ -17,10 +17,10 @@ REF=$O/ref-fmnist.safetensors
 GEN=$O/gen-fmnist.safetensors
 [ -f $REF ] || { $L train resnet8@1x28x28 --data fashion-mnist --epochs 3 --lr 0.05 --batch-size 128 --json -o $REF > $O/ref-train.json.tmp && mv $O/ref-train.json.tmp $O/ref-train.json; }
 [ -f $O/meta.json ] || { $L stamp meta-train $REF --data fashion-mnist --iterations 100 --gamma 1e-2 -o $GEN --json > $O/meta.json.tmp && mv $O/meta.json.tmp $O/meta.json; }
-t=(--data mnist --train-limit 10000 --finetune-epochs 3 --lr 0.05 --curve --json)
+t=(--data mnist --train-limit 10000 --finetune-epochs 3 --lr 0.05 --eval-every-epoch --json)
 run() { local f=$O/$1.json; shift; [ -f "$f" ] || { "$L" prune "$@" > "$f.tmp" && mv "$f.tmp" "$f"; }; }
-run stamp $REF --method stamp --generator $GEN --target-macs 0.5 "${t[@]}"
-run scratch resnet8@1x28x28 --method l1 --ratio 0 "${t[@]}"
-run l1 $REF --method l1 --target-macs 0.5 "${t[@]}"
-run random $REF --method random --target-macs 0.5 "${t[@]}"
-run random-widths $REF --method stamp --generator $GEN --stamp-random --target-macs 0.5 "${t[@]}"
+run stamp $REF --method stamp --generator $GEN --keep-macs 0.5 "${t[@]}"
+run scratch resnet8@1x28x28 --method l1 --remove-channels 0 "${t[@]}"
+run l1 $REF --method l1 --keep-macs 0.5 "${t[@]}"
+run random $REF --method random --keep-macs 0.5 "${t[@]}"
+run random-widths $REF --method stamp --generator $GEN --stamp-random --keep-macs 0.5 "${t[@]}"

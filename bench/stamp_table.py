@@ -17,13 +17,13 @@ for name, label, short in [("stamp", "STAMP (meta-trained generator)", "STAMP"),
     if not os.path.exists(f):
         continue
     r = json.load(open(f))
-    t, pts, reach, ep = r["prune_seconds"], [(r["prune_seconds"], r.get("acc_pruned") or 0.0)], None, None
+    t, pts, reach, ep = r["seconds"]["method"], [(r["seconds"]["method"], r.get("top1_before_finetune") or 0.0)], None, None
     for i, e in enumerate(r.get("finetune_history") or []):
         t += e["seconds"]
         pts.append((t, e["test_top1"]))
         if reach is None and e["test_top1"] >= target:
             reach, ep = t, i + 1
-    rows.append((label, r["macs_ratio"], r["pruned"]["params"], r["acc_pruned"], r["acc_finetuned"], r["prune_seconds"], t, reach, ep))
+    rows.append((label, (r["result"]["macs"] / r["dense"]["macs"]), r["result"]["params"], r["top1_before_finetune"], r["result"]["top1"], r["seconds"]["method"], t, reach, ep))
     series.append((short, pts))
 out = [f"Meta-training: {meta['seconds']:.0f} s ({len(meta['history'])} iterations), not included below.", "",
        f"| method | MACs (of dense) | params | top-1 before training | top-1 after training | prune s | total s | s to {100*target:g} % | epochs to {100*target:g} % |",

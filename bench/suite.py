@@ -276,7 +276,7 @@ def prune(name, path):
     """NAME-p50.onnx: L1, local, at most 50 % of the MACs, widths rounded to 8."""
     out = os.path.join(OUT, f"{name}-p50.onnx")
     st = os.path.join(OUT, f"{name}-p50.safetensors")
-    r = subprocess.run([LOPPER, "prune", path, "--data", "none", "--method", "l1", "--target-macs", "0.5",
+    r = subprocess.run([LOPPER, "prune", path, "--data", "none", "--method", "l1", "--keep-macs", "0.5",
                         "--round-to", "8", "-o", st, "--json"], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
@@ -352,7 +352,7 @@ def main():
                     for k, p in (("dense", path), ("pruned", ppath)):
                         lat[(b, k)].append(measure(b, name, p, "infer", batch, a.steps, a.warmup)[0])
             m = {k: statistics.median(v) for k, v in lat.items()}
-            macs = rep["macs_ratio"]
+            macs = (rep["result"]["macs"] / rep["dense"]["macs"])
             pr = dict(model=name, batch=batch, macs=macs, **{f"{b}_{k}": v for (b, k), v in m.items()})
             pruned_rows.append(pr)
             print(fmt_pruned(pr), flush=True)

@@ -5,8 +5,8 @@
 //!
 //! `cargo run --release --example ispasp_synthetic`
 
+use lopper::charts::{line_chart, LineChart, Palette, Series};
 use lopper::methods::ispasp::synthetic::decay_experiment;
-use lopper::svg::{line_chart, Series};
 use std::fmt::Write;
 
 fn main() -> anyhow::Result<()> {
@@ -49,12 +49,19 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
+    let palette = Palette::new(series.iter().map(|s| s.name.as_str()));
     let svg = line_chart(
-        "i-SpaSP: pruning error vs kept width (synthetic)",
-        "kept fraction s / d_hid",
-        "log10 residual ||V||^2",
-        &series,
-    );
+        &LineChart {
+            title: "i-SpaSP: pruning error vs kept width (synthetic)",
+            x_label: "kept fraction s / d_hid",
+            y_label: "log10 residual ||V||^2",
+            series: &series,
+            reference: None,
+            pareto: false,
+            integer_x: false,
+        },
+        &palette,
+    )?;
     std::fs::create_dir_all("docs/results")?;
     lopper::util::atomic_write("docs/results/ispasp_synthetic.svg".as_ref(), svg.as_bytes())?;
     lopper::util::atomic_write("docs/results/ispasp_synthetic.md".as_ref(), md.as_bytes())?;

@@ -5,6 +5,7 @@
 //! schedules, the training loop), [`data`] (datasets and batching), [`zoo`] (model builders).
 
 pub mod bench;
+pub mod charts;
 pub mod data;
 pub mod exec;
 pub mod graph;
@@ -14,7 +15,6 @@ pub mod onnx;
 pub mod prune;
 pub mod recipe;
 pub mod sparse;
-pub mod svg;
 pub mod train;
 pub mod util;
 pub mod zoo;

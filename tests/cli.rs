@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 mod common;
-use common::lopper_cli as lopper;
+use common::{lopper_cli as lopper, macs_kept};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lopper-cli-{}-{name}", std::process::id()));
@@ -34,11 +34,15 @@ fn demo_trains_prunes_sparsifies_and_reports() {
     assert_eq!(steps.len(), 8, "four structured and four sparsity methods");
     for s in steps {
         let r = &s["report"];
-        match r.get("macs_ratio") {
+        assert_eq!(r["schema"], "lopper.report/1", "{s}");
+        match r["command"].as_str().unwrap() {
             // Structured: at most half the MACs, physically smaller.
-            Some(m) => assert!(m.as_f64().unwrap() <= 0.5 + 1e-9, "{s}"),
+            "prune" => assert!(macs_kept(r) <= 0.5 + 1e-9, "{s}"),
             // Sparse: 90 % zeros.
-            None => assert!((r["sparsity"].as_f64().unwrap() - 0.9).abs() < 0.01, "{s}"),
+            _ => assert!(
+                (r["result"]["sparsity"].as_f64().unwrap() - 0.9).abs() < 0.01,
+                "{s}"
+            ),
         }
     }
     assert!(dir.join("report.html").exists());
@@ -133,7 +137,7 @@ fn prune_writes_model_and_report() {
         "digits",
         "--method",
         "l1",
-        "--target-macs",
+        "--keep-macs",
         "0.5",
         "--finetune-epochs",
         "1",
@@ -145,13 +149,20 @@ fn prune_writes_model_and_report() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.5);
-    assert!(v["acc_finetuned"].as_f64().is_some());
+    assert!(macs_kept(&v) <= 0.5);
+    assert!(v["result"]["top1"].as_f64().is_some());
     assert!(out.exists() && d.join("p.report.json").exists());
     let (ok, insp, _) = lopper(&["inspect", out.to_str().unwrap()]);
     assert!(ok && insp.contains("total:"));
     let (ok, _, err) = lopper(&[
-        "prune", "resnet8", "--data", "digits", "--method", "magic", "--ratio", "0.5",
+        "prune",
+        "resnet8",
+        "--data",
+        "digits",
+        "--method",
+        "magic",
+        "--remove-channels",
+        "0.5",
     ]);
     assert!(
         !ok && err.contains("invalid value 'magic'") && err.contains("possible values"),
@@ -168,7 +179,7 @@ fn sensitivity_writes_a_chart() {
         "resnet8",
         "--data",
         "digits",
-        "--ratios",
+        "--remove-channels",
         "0.5",
         "--eval-limit",
         "200",
@@ -186,7 +197,7 @@ fn sensitivity_writes_a_chart() {
         "resnet8",
         "--data",
         "digits",
-        "--ratios",
+        "--remove-channels",
         "1.2",
     ]);
     assert!(!ok && err.contains("[0, 1)"), "{err}");
@@ -203,7 +214,7 @@ fn iterative_pruning_meets_the_overall_budget() {
         "l2",
         "--scope",
         "global",
-        "--target-macs",
+        "--keep-macs",
         "0.4",
         "--steps",
         "3",
@@ -213,7 +224,7 @@ fn iterative_pruning_meets_the_overall_budget() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let r = v["macs_ratio"].as_f64().unwrap();
+    let r = macs_kept(&v);
     assert!(r <= 0.4 && r > 0.3, "{r}");
 }
 
@@ -226,7 +237,7 @@ fn ispasp_prunes_block_by_block_to_a_macs_target() {
         "digits",
         "--method",
         "ispasp",
-        "--target-macs",
+        "--keep-macs",
         "0.6",
         "--calib",
         "256",
@@ -238,7 +249,7 @@ fn ispasp_prunes_block_by_block_to_a_macs_target() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let r = v["macs_ratio"].as_f64().unwrap();
+    let r = macs_kept(&v);
     assert!(r <= 0.6 && r > 0.45, "{r}");
     let mods = v["details"]["modules"].as_array().unwrap();
     assert_eq!(mods.len(), 3, "{out}");
@@ -253,7 +264,7 @@ fn ispasp_prunes_block_by_block_to_a_macs_target() {
         "digits",
         "--method",
         "ispasp",
-        "--target-macs",
+        "--keep-macs",
         "0.02",
     ]);
     assert!(
@@ -267,7 +278,7 @@ fn ispasp_prunes_block_by_block_to_a_macs_target() {
         "digits",
         "--method",
         "ispasp",
-        "--ratio",
+        "--remove-channels",
         "0.5",
         "--override",
         "conv1=0.5",
@@ -289,7 +300,7 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
         "digits",
         "--method",
         "dwr",
-        "--target-macs",
+        "--keep-macs",
         "0.5",
         "--dwr-res-step",
         "2",
@@ -306,7 +317,7 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
     let (ok, out, err) = lopper(&args);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.5);
+    assert!(macs_kept(&v) <= 0.5);
     let det = &v["details"];
     let pts = det["points"].as_array().unwrap();
     // dense + depth (blocks down to d ≥ 0.3) + width (0.9 … 0.3) + resolution (6, 4 px).
@@ -320,7 +331,7 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
     assert!(ok, "{err}");
     let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(v2["details"]["points"], det["points"]);
-    assert_eq!(v2["finetune_seconds"].as_f64().unwrap(), 0.0);
+    assert_eq!(v2["seconds"]["finetune"].as_f64().unwrap(), 0.0);
     // An impossible budget names the limit.
     let (ok, _, err) = lopper(&[
         "prune",
@@ -329,7 +340,7 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
         "digits",
         "--method",
         "dwr",
-        "--target-macs",
+        "--keep-macs",
         "0.001",
         "--dwr-res-step",
         "2",
@@ -347,7 +358,7 @@ fn dwr_collects_fits_snaps_and_reuses_its_cache() {
         "digits",
         "--method",
         "dwr",
-        "--target-macs",
+        "--keep-macs",
         "0.5",
     ]);
     assert!(!ok && err.contains("no removable residual block"), "{err}");
@@ -415,16 +426,18 @@ fn sparsify_runs_each_method_and_rejects_bad_input() {
         let (ok, stdout, err) = lopper(&args);
         assert!(ok, "{method}: {err}");
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        let s = v["sparsity"].as_f64().unwrap();
+        let s = v["result"]["sparsity"].as_f64().unwrap();
         assert!(s > 0.69 && s < 0.8, "{method}: sparsity {s}");
-        assert!(v["sparse_macs"].as_u64().unwrap() < v["dense_macs"].as_u64().unwrap());
+        assert!(
+            v["result"]["nonzero_macs"].as_u64().unwrap() < v["dense"]["macs"].as_u64().unwrap()
+        );
         assert!(out.exists() && d.join(format!("{method}.report.json")).exists());
         // The saved model evaluates to the reported accuracy.
         let (ok, ev, err) = lopper(&["eval", out.to_str().unwrap(), "--data", "digits", "--json"]);
         assert!(ok, "{err}");
         let e: serde_json::Value = serde_json::from_str(&ev).unwrap();
         assert!(
-            (e["result"]["top1"].as_f64().unwrap() - v["acc_sparse"].as_f64().unwrap()).abs()
+            (e["result"]["top1"].as_f64().unwrap() - v["result"]["top1"].as_f64().unwrap()).abs()
                 < 1e-9,
             "{method}: {ev}"
         );
@@ -445,7 +458,7 @@ fn sparsify_runs_each_method_and_rejects_bad_input() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert!((v["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
+    assert!((v["result"]["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
     // Bad input.
     for (args, want) in [
         (vec!["--sparsity", "1.0"], "must be in [0, 1)"),
@@ -454,7 +467,7 @@ fn sparsify_runs_each_method_and_rejects_bad_input() {
         (vec!["--pattern", "5:4"], "need 0 < N < M"),
         (
             vec!["--sparsity", "0.5", "--calib", "100000"],
-            "calibration set of 100000",
+            "--calib 100000: the training split of digits has only",
         ),
         (
             vec!["--sparsity", "0.5", "--method", "magic"],
@@ -539,7 +552,7 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
             gen.to_str().unwrap(),
             "--set-size",
             "40",
-            "--target-macs",
+            "--keep-macs",
             "0.6",
         ];
         args.extend_from_slice(extra);
@@ -548,8 +561,8 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     let (ok, out, err) = stamp_prune(&["--finetune-epochs", "2", "--lr", "0.05", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["macs_ratio"].as_f64().unwrap() <= 0.6, "{out}");
-    assert!(v["acc_finetuned"].as_f64().unwrap() > 0.5, "{out}");
+    assert!(macs_kept(&v) <= 0.6, "{out}");
+    assert!(v["result"]["top1"].as_f64().unwrap() > 0.5, "{out}");
     // Baseline (c): the same widths, random channels.
     let (ok, out2, err) = stamp_prune(&["--stamp-random", "--json"]);
     assert!(ok, "{err}");
@@ -558,8 +571,8 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
         r["details"]["kept_per_group"],
         v["details"]["kept_per_group"]
     );
-    assert_eq!(r["macs_ratio"], v["macs_ratio"]);
-    assert_ne!(r["acc_pruned"], serde_json::Value::Null);
+    assert_eq!(macs_kept(&r), macs_kept(&v));
+    assert_ne!(r["top1_before_finetune"], serde_json::Value::Null);
     // Target-time adaptation before pruning: same budget, a trained head to start from.
     let (ok, out3, err) = stamp_prune(&[
         "--stamp-adapt",
@@ -572,9 +585,9 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
     ]);
     assert!(ok, "{err}");
     let r3: serde_json::Value = serde_json::from_str(&out3).unwrap();
-    assert!(r3["macs_ratio"].as_f64().unwrap() <= 0.6);
+    assert!(macs_kept(&r3) <= 0.6);
     assert!(
-        r3["acc_pruned"].as_f64().unwrap() > v["acc_pruned"].as_f64().unwrap(),
+        r3["top1_before_finetune"].as_f64().unwrap() > v["top1_before_finetune"].as_f64().unwrap(),
         "{out3}"
     );
     // A generator trained for another architecture, a set larger than the data.
@@ -587,7 +600,7 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
         "stamp",
         "--generator",
         gen.to_str().unwrap(),
-        "--target-macs",
+        "--keep-macs",
         "0.6",
     ]);
     assert!(!ok && err.contains("different architecture"), "{err}");
@@ -604,9 +617,202 @@ fn stamp_meta_trains_and_prunes_unseen_classes() {
         gen.to_str().unwrap(),
         "--set-size",
         "100000",
-        "--target-macs",
+        "--keep-macs",
         "0.6",
     ]);
     assert!(!ok && err.contains("sample set of 100000"), "{err}");
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// One vocabulary: the same flag for the same concept in every command, names that say
+/// whether a fraction is kept or removed, the old names still accepted, and the same
+/// `--calib` rule everywhere.
+#[test]
+fn flags_share_one_vocabulary_and_old_names_still_work() {
+    let help = |cmd: &str| lopper(&[cmd, "--help"]).1;
+    for (cmd, flags) in [
+        (
+            "train",
+            &[
+                "--train-limit",
+                "--epochs",
+                "--batch-size",
+                "--lr",
+                "--seed",
+            ][..],
+        ),
+        (
+            "prune",
+            &[
+                "--keep-macs",
+                "--keep-params",
+                "--remove-channels",
+                "--train-limit",
+                "--eval-limit",
+                "--calib",
+                "--finetune-epochs",
+                "--eval-every-epoch",
+                "--batch-size",
+            ][..],
+        ),
+        (
+            "sparsify",
+            &[
+                "--sparsity",
+                "--eval-limit",
+                "--calib",
+                "--finetune-epochs",
+                "--eval-every-epoch",
+                "--batch-size",
+            ][..],
+        ),
+        (
+            "sensitivity",
+            &["--remove-channels", "--eval-limit", "--calib"][..],
+        ),
+        ("convert", &["--json"][..]),
+        ("forward", &["--json"][..]),
+    ] {
+        let h = help(cmd);
+        for f in flags {
+            assert!(h.contains(f), "{cmd} --help lacks {f}:\n{h}");
+        }
+    }
+    // Every method and zoo name is listed where a user picks one.
+    let h = help("prune");
+    for m in ["l1", "taylor", "fpgm", "ispasp", "dwr", "stamp"] {
+        assert!(h.contains(m), "prune --help lacks method {m}");
+    }
+    let (ok, _, err) = lopper(&["eval", "no-such-net"]);
+    assert!(
+        !ok && err.contains("digit_recognizer_cnn") && err.contains("resnet8"),
+        "{err}"
+    );
+    // Old names (aliases for one release).
+    let (ok, out, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "none",
+        "--method",
+        "l1",
+        "--target-macs",
+        "0.5",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        macs_kept(&v) <= 0.5 && v["budget"] == "keep <= 0.5 of the MACs",
+        "{out}"
+    );
+    let (ok, out, err) = lopper(&[
+        "prune", "resnet8", "--data", "none", "--method", "l1", "--ratio", "0.25", "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("remove 0.25 of the channels"), "{out}");
+    // --calib larger than the training split is the same error in prune and sparsify.
+    for args in [
+        &[
+            "prune",
+            "resnet8",
+            "--method",
+            "taylor",
+            "--keep-macs",
+            "0.5",
+            "--calib",
+            "5000",
+        ][..],
+        &[
+            "sparsify",
+            "resnet8",
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            "5000",
+        ][..],
+    ] {
+        let (ok, _, err) = lopper(args);
+        assert!(
+            !ok && err.contains("--calib 5000: the training split of digits has only"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// `prune` and `sparsify` print one schema: the same keys (top level, `dense`, `result`,
+/// `seconds`, `layers[]`), each documented in docs/report-schema.md.
+#[test]
+fn prune_and_sparsify_reports_share_one_documented_schema() {
+    let (ok, p, err) = lopper(&[
+        "prune",
+        "resnet8",
+        "--data",
+        "none",
+        "--method",
+        "l1",
+        "--keep-macs",
+        "0.5",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, s, err) = lopper(&[
+        "sparsify",
+        "resnet8",
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        "64",
+        "--eval-limit",
+        "100",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let (p, s): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&p).unwrap(),
+        serde_json::from_str(&s).unwrap(),
+    );
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/report-schema.md"),
+    )
+    .unwrap();
+    let keys =
+        |v: &serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    for path in [
+        &[][..],
+        &["dense"][..],
+        &["result"][..],
+        &["seconds"][..],
+        &["layers", "0"][..],
+    ] {
+        let at = |v: &serde_json::Value| {
+            path.iter()
+                .fold(v.clone(), |v, k| match k.parse::<usize>() {
+                    Ok(i) => v[i].clone(),
+                    Err(_) => v[*k].clone(),
+                })
+        };
+        let (kp, ks) = (keys(&at(&p)), keys(&at(&s)));
+        assert_eq!(
+            kp, ks,
+            "keys under {path:?} differ between prune and sparsify"
+        );
+        for k in kp {
+            assert!(
+                doc.contains(&format!("`{k}`")) || doc.contains(&format!("`seconds.{k}`")),
+                "key {k} is not documented"
+            );
+        }
+    }
+    assert_eq!(
+        (p["command"].as_str(), s["command"].as_str()),
+        (Some("prune"), Some("sparsify"))
+    );
+    assert!(p["pattern"].is_null() && s["scope"].is_null() && p["top1_before_finetune"].is_null());
+    assert!((s["result"]["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
+    assert!(s["result"]["nonzero_macs"].as_u64() < s["result"]["macs"].as_u64());
 }

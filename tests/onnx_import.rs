@@ -182,6 +182,73 @@ fn output_names_survive_import_and_export() {
 }
 
 #[test]
+fn doc_strings_and_metadata_survive_pruning_saving_and_export() {
+    let mut m = ModelProto::parse_from_bytes(&mnist8()).unwrap();
+    m.doc_string = "digit classifier, trained by someone else".into();
+    m.domain = "org.example".into();
+    m.model_version = 7;
+    m.metadata_props = vec![entry("license", "MIT"), entry("author", "A. N. Other")];
+    let gp = m.graph.as_mut().unwrap();
+    gp.name = "mnist".into();
+    gp.doc_string = "the graph".into();
+    gp.input[0].doc_string = "a 28x28 grey image".into();
+    gp.output[0].doc_string = "ten logits".into();
+    let (inp, out) = (gp.input[0].name.clone(), gp.output[0].name.clone());
+    let g = import_bytes(&m.write_to_bytes().unwrap(), "mnist-8 with docs").unwrap();
+    // Through pruning (surgery rebuilds the graph) and lopper's own saved format.
+    let (_, pruned) = l1_half(&g, &dependency_groups(&g).unwrap());
+    let dir = fresh_dir("onnx-docs", "meta");
+    let path = dir.join("m.safetensors");
+    lopper::graph::io::save(&pruned, &path).unwrap();
+    let loaded = lopper::graph::io::load(&path).unwrap();
+    assert_eq!(loaded.meta, g.meta);
+    let back = ModelProto::parse_from_bytes(
+        &lopper::onnx::export::export_bytes_with(
+            &loaded,
+            &[("author", "lopper user"), ("lopper.report", "{}")],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(back.doc_string, m.doc_string);
+    assert_eq!(
+        (back.domain.as_str(), back.model_version),
+        ("org.example", 7)
+    );
+    let bg = back.graph.as_ref().unwrap();
+    assert_eq!(
+        (bg.name.as_str(), bg.doc_string.as_str()),
+        ("mnist", "the graph")
+    );
+    assert_eq!(
+        (bg.input[0].name.as_str(), bg.input[0].doc_string.as_str()),
+        (inp.as_str(), "a 28x28 grey image")
+    );
+    assert_eq!(
+        (bg.output[0].name.as_str(), bg.output[0].doc_string.as_str()),
+        (out.as_str(), "ten logits")
+    );
+    let props: Vec<(&str, &str)> = back
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    // Source entries kept in order, the export's own entries replacing same-named ones,
+    // the original producer recorded.
+    assert_eq!(
+        props[..3],
+        [
+            ("license", "MIT"),
+            ("author", "lopper user"),
+            ("lopper.report", "{}")
+        ]
+    );
+    assert_eq!(props[3].0, "source_producer");
+    assert!(props[3].1.starts_with(&m.producer_name), "{props:?}");
+    assert_eq!(back.producer_name, "lopper");
+}
+
+#[test]
 fn every_unsupported_op_is_listed_at_once() {
     let mut m = ModelProto::parse_from_bytes(&mnist8()).unwrap();
     let g = m.graph.as_mut().unwrap();

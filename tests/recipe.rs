@@ -19,7 +19,7 @@ train = { epochs = 2 }
 epochs = 1
 [[methods]]
 name = "l1"
-macs = [0.5, 0.7]
+keep_macs = [0.5, 0.7]
 [[methods]]
 name = "magnitude"
 sparsity = [0.7]
@@ -55,9 +55,9 @@ fn bad_recipes_name_the_line_and_key() {
         e.contains("missing field `name`") && e.contains("line"),
         "{e}"
     );
-    let e = err(&TINY.replace("macs = [0.5, 0.7]", "macs = [0.5, 1.5]"));
+    let e = err(&TINY.replace("keep_macs = [0.5, 0.7]", "keep_macs = [0.5, 1.5]"));
     assert!(
-        e.contains("line 13") && e.contains("key 'macs'") && e.contains("1.5"),
+        e.contains("line 13") && e.contains("key 'keep_macs'") && e.contains("1.5"),
         "{e}"
     );
     let e = err(&TINY.replace(
@@ -113,12 +113,7 @@ fn results(out: &Path) -> Vec<(String, serde_json::Value)> {
         .iter()
         .map(|s| {
             let rep = &s["report"];
-            let acc = rep
-                .get("acc_finetuned")
-                .filter(|v| !v.is_null())
-                .or(rep.get("acc_sparse"))
-                .cloned()
-                .unwrap();
+            let acc = rep["result"]["top1"].clone();
             (s["step"]["id"].as_str().unwrap().to_string(), acc)
         })
         .collect()
@@ -197,7 +192,11 @@ fn a_killed_run_resumes_without_redoing_finished_steps() {
         "resumed run differs from the uninterrupted one"
     );
     // Changing one step's settings reruns that step only.
-    std::fs::write(&rp, TINY.replace("macs = [0.5, 0.7]", "macs = [0.5, 0.6]")).unwrap();
+    std::fs::write(
+        &rp,
+        TINY.replace("keep_macs = [0.5, 0.7]", "keep_macs = [0.5, 0.6]"),
+    )
+    .unwrap();
     let o = run(&rp, &part);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ran"], serde_json::json!(["l1-macs0.6-s0"]));
@@ -288,7 +287,7 @@ fn shipped_recipes_parse_and_small_variants_run() {
         }
         for m in v["methods"].as_array_mut().unwrap() {
             let m = m.as_table_mut().unwrap();
-            for key in ["macs", "sparsity"] {
+            for key in ["keep_macs", "sparsity"] {
                 if let Some(b) = m.get_mut(key) {
                     let first = b.as_array().unwrap()[0].clone();
                     *b = toml::Value::Array(vec![first]);
@@ -296,7 +295,12 @@ fn shipped_recipes_parse_and_small_variants_run() {
             }
             if let Some(o) = m.get_mut("options") {
                 let o = o.as_table_mut().unwrap();
-                for (k, val) in [("epochs", 1), ("pot-iters", 1), ("iterations", 5)] {
+                for (k, val) in [
+                    ("finetune-epochs", 1),
+                    ("epochs", 1),
+                    ("pot-iters", 1),
+                    ("iterations", 5),
+                ] {
                     if o.contains_key(k) {
                         o.insert(k.into(), val.into());
                     }
@@ -308,7 +312,7 @@ fn shipped_recipes_parse_and_small_variants_run() {
                     .or_insert(toml::Value::Table(Default::default()));
                 let o = o.as_table_mut().unwrap();
                 for (k, val) in [
-                    ("epochs", 1),
+                    ("finetune-epochs", 1),
                     ("ga-pop", 3),
                     ("ga-gens", 1),
                     ("ga-parents", 2),

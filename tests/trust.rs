@@ -75,7 +75,10 @@ fn nan_outputs_score_zero_and_are_reported() {
         "{err}"
     );
     // prune cannot rank NaN importances: an error naming the layer, not a 100 % report.
-    refused(&["prune", s(&inner), "--ratio", "0.3"], &["NaN", "conv1"]);
+    refused(
+        &["prune", s(&inner), "--remove-channels", "0.3"],
+        &["NaN", "conv1"],
+    );
     // sparsify reports the dense model's 0 % with the warning.
     let (ok, out, err) = lopper(&[
         "sparsify",
@@ -90,7 +93,7 @@ fn nan_outputs_score_zero_and_are_reported() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["acc_dense"].as_f64(), Some(0.0), "{out}");
+    assert_eq!(v["dense"]["top1"].as_f64(), Some(0.0), "{out}");
     assert!(
         v["warnings"].as_array().is_some_and(|w| !w.is_empty()),
         "{out}"
@@ -480,7 +483,7 @@ fn unwritable_outputs_are_refused_before_any_work() {
         &[
             "prune",
             "resnet8",
-            "--ratio",
+            "--remove-channels",
             "0.5",
             "--finetune-epochs",
             "30",
@@ -521,7 +524,7 @@ fn unwritable_outputs_are_refused_before_any_work() {
 fn model_and_report_are_a_checked_pair() {
     let d = tmpdir("pair");
     let o = d.join("p.safetensors");
-    let args = ["prune", "resnet8", "--ratio", "0.5", "-o", s(&o)];
+    let args = ["prune", "resnet8", "--remove-channels", "0.5", "-o", s(&o)];
     let (ok, _, err) = lopper(&args);
     assert!(ok, "{err}");
     let rp = io::report_path(&o);
@@ -534,7 +537,7 @@ fn model_and_report_are_a_checked_pair() {
     assert!(paired["model_file"]["fnv64"].is_string());
     // A second run whose report write was lost (killed between the renames): the stale
     // sidecar no longer matches, and the model's own report is returned.
-    let (ok, _, err) = lopper(&["prune", "resnet8", "--ratio", "0.25", "-o", s(&o)]);
+    let (ok, _, err) = lopper(&["prune", "resnet8", "--remove-channels", "0.25", "-o", s(&o)]);
     assert!(ok, "{err}");
     std::fs::write(&rp, &first).unwrap();
     let got = io::paired_report(&o).unwrap().unwrap();
@@ -567,7 +570,7 @@ fn outputs_are_byte_identical_across_runs() {
     let mut files = Vec::new();
     for i in 0..3 {
         let o = d.join(format!("m{i}.safetensors"));
-        let (ok, _, err) = lopper(&["prune", "resnet8", "--ratio", "0.5", "-o", s(&o)]);
+        let (ok, _, err) = lopper(&["prune", "resnet8", "--remove-channels", "0.5", "-o", s(&o)]);
         assert!(ok, "{err}");
         files.push(std::fs::read(&o).unwrap());
     }
@@ -677,33 +680,75 @@ fn out_of_range_values_are_refused_with_the_range() {
         (&["train", "resnet8", "--epochs", "0"], ">= 1"),
         (&["train", "resnet8", "--batch-size", "0"], ">= 1"),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--round-to", "0"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--round-to",
+                "0",
+            ],
             ">= 1",
         ),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--steps", "0"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--steps",
+                "0",
+            ],
             ">= 1",
         ),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--lamp"],
+            &["prune", "resnet8", "--remove-channels", "0.5", "--lamp"],
             "--scope global",
         ),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--calib", "0"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--calib",
+                "0",
+            ],
             ">= 1",
         ),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--eval-limit", "0"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--eval-limit",
+                "0",
+            ],
             ">= 1",
         ),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--distill", "1.5"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--distill",
+                "1.5",
+            ],
             "[0, 1]",
         ),
-        (&["prune", "resnet8", "--ratio", "1.2"], "[0, 1)"),
-        (&["prune", "resnet8", "--target-macs", "0"], "(0, 1]"),
+        (&["prune", "resnet8", "--remove-channels", "1.2"], "[0, 1)"),
+        (&["prune", "resnet8", "--keep-macs", "0"], "(0, 1]"),
         (
-            &["prune", "resnet8", "--ratio", "0.5", "--lr", "-0.1"],
+            &[
+                "prune",
+                "resnet8",
+                "--remove-channels",
+                "0.5",
+                "--lr",
+                "-0.1",
+            ],
             "> 0",
         ),
         (
@@ -757,12 +802,12 @@ fn bad_model_arguments_get_clear_errors() {
     refused(&["inspect", s(&empty)], &["empty.onnx", "empty"]);
     // A 28x28 model with the default (8x8 digits) data: explain the missing --data.
     refused(
-        &["prune", "digit_recognizer_cnn", "--ratio", "0.5"],
+        &["prune", "digit_recognizer_cnn", "--remove-channels", "0.5"],
         &["1x28x28", "8x8", "--data"],
     );
     // A zoo model shaped for the default data that cannot take it.
     refused(
-        &["prune", "lenet5", "--ratio", "0.5"],
+        &["prune", "lenet5", "--remove-channels", "0.5"],
         &[
             "shaped for the data 'digits'",
             "the default dataset",

@@ -39,7 +39,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         exe: std::env::current_exe()?,
         data_dir: None,
     };
-    let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new(a.json))?;
+    let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(());
@@ -53,7 +53,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.out.join("report.html").display()
     );
     println!(
-        "\nNext:\n  lopper prune model.onnx --data path/to/images --method l1 --target-macs 0.5 -o small.onnx   # your own model\n  \
+        "\nNext:\n  lopper prune model.onnx --data path/to/images --method l1 --keep-macs 0.5 -o small.onnx   # your own model\n  \
          lopper run recipes/mlp-mnist.toml                                                               # a bigger comparison (MNIST)\n  \
          lopper prune --help                                                                             # every method and option"
     );

@@ -8,8 +8,12 @@ pub struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
+    /// Inference batch (no effect on the result, only on speed and memory).
     #[arg(long, default_value_t = 500, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     batch_size: usize,
+    /// Evaluate on only this many test samples (a seeded subset, as in prune and sparsify).
+    #[arg(long, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
+    eval_limit: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -19,9 +23,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         model,
         data: d,
         batch_size,
+        eval_limit,
         json: j,
     } = a;
-    let ds = load_split(&d, Split::Test)?;
+    let mut ds = load_split(&d, Split::Test)?;
+    if let Some(n) = eval_limit {
+        ds = ds.sample(n.min(ds.len()), 0)?;
+    }
     let g = resolve_model(&model, Some(&ds), d.data_dir.as_deref())?;
     let ds = labels_for_model(ds, &d, &g, j)?;
     let t = Instant::now();

@@ -119,6 +119,21 @@ fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>
     if m.model.ends_with(".safetensors") || m.model.ends_with(".onnx") || m.model.contains('/') {
         bail!("model file {} does not exist", m.model);
     }
+    if let Some(p) = zoo::shipped(&m.model) {
+        let shipped = ModelArgs {
+            model: p.display().to_string(),
+            ..m.clone()
+        };
+        return resolve_model_inner(&shipped, data, dir);
+    }
+    if zoo::SHIPPED.contains(&m.model.as_str()) {
+        bail!(
+            "the shipped model '{}' is not here: models/{}.safetensors is looked up under $LOPPER_MODELS, the working directory and {}",
+            m.model,
+            m.model,
+            env!("CARGO_MANIFEST_DIR")
+        );
+    }
     let (spec, weights) = match shared_model(&m.model, dir) {
         Some((s, w)) => (s, Some(m.weights.clone().unwrap_or(w))),
         None => (m.model.clone(), m.weights.clone()),
@@ -207,6 +222,7 @@ fn write_outputs(
     json: bool,
 ) -> Result<()> {
     let mut rep = serde_json::to_value(report)?;
+    rep["model_file"] = serde_json::Value::Null;
     if let Some(o) = output {
         let text = serde_json::to_string(&rep)?;
         let props = [("lopper.report", text.as_str())];
@@ -226,6 +242,85 @@ fn write_outputs(
         println!("{}", serde_json::to_string_pretty(&rep)?);
     }
     Ok(())
+}
+
+/// The calibration size every command uses: `--calib N` as given (more than the training
+/// split holds is an error, in every command alike), else the method's `default`, at most
+/// the split.
+fn calib_size(given: Option<usize>, default: usize, train: &Dataset, data: &str) -> Result<usize> {
+    match given {
+        Some(n) if n > train.len() => bail!(
+            "--calib {n}: the training split of {data} has only {} samples",
+            train.len()
+        ),
+        Some(n) => Ok(n),
+        None => Ok(default.min(train.len())),
+    }
+}
+
+/// The human-readable summary of a job's report: cost, latency, accuracy, then the layers
+/// the job changed (widths for pruning, zero weights for sparsity).
+fn print_report(rep: &lopper::methods::report::Report) {
+    use lopper::methods::report::Command;
+    let (d, r) = (&rep.dense, &rep.result);
+    let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
+    let how = [rep.scope.as_deref(), rep.pattern.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("{} ({how}; {}):", rep.method, rep.budget);
+    println!(
+        "  MACs {} -> {} ({:.2}x fewer{}), params {} -> {}, zero weights {:.1} % -> {:.1} %",
+        cost::human(d.macs),
+        cost::human(r.macs),
+        d.macs as f64 / r.macs.max(1) as f64,
+        if r.nonzero_macs < r.macs {
+            format!("; {} over non-zero weights", cost::human(r.nonzero_macs))
+        } else {
+            String::new()
+        },
+        cost::human(d.params),
+        cost::human(r.params),
+        100.0 * d.sparsity,
+        100.0 * r.sparsity,
+    );
+    println!(
+        "  latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms; {:.1} s (method {:.1} s, fine-tuning {:.1} s)",
+        d.latency_b1_ms,
+        r.latency_b1_ms,
+        d.latency_b64_ms,
+        r.latency_b64_ms,
+        rep.seconds.method + rep.seconds.finetune,
+        rep.seconds.method,
+        rep.seconds.finetune,
+    );
+    match (rep.command, rep.top1_before_finetune) {
+        (Command::Prune, before) if rep.seconds.finetune > 0.0 || before != r.top1 => println!(
+            "  top-1: dense {} -> pruned {} -> fine-tuned {}",
+            show(d.top1),
+            show(before),
+            show(r.top1)
+        ),
+        _ => println!("  top-1: dense {} -> {}", show(d.top1), show(r.top1)),
+    }
+    for l in &rep.layers {
+        match rep.command {
+            Command::Prune if l.width_before != l.width_after => {
+                println!(
+                    "  {:<24} {:>5} -> {:>5}",
+                    l.name, l.width_before, l.width_after
+                )
+            }
+            Command::Sparsify => println!(
+                "  {:<24} {:>8} weights  {:>6.2} % zero",
+                l.name,
+                l.weights,
+                100.0 * l.sparsity
+            ),
+            _ => {}
+        }
+    }
 }
 
 /// With `--classes` the data are renumbered `0..k`; a model whose head still scores the

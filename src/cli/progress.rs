@@ -1,10 +1,12 @@
 //! The command line's [`Progress`] sink: a bar with ETA and live metrics on a terminal; a
 //! line every few seconds (with ETA) when stderr is a file or pipe, so logs and `lopper
-//! run` steps show that long work advances; nothing with `--json`.
+//! run` steps show that long work advances (`lopper run` forwards its steps' lines). All
+//! of it goes to stderr, so `--json` output on stdout stays clean; `--quiet` silences it.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lopper::util::Progress;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,14 +27,33 @@ struct Unit {
     bar: Option<ProgressBar>,
 }
 
+/// `--quiet` (a global flag): no progress at all.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Sets `--quiet` for every console of this process.
+pub fn set_quiet(q: bool) {
+    QUIET.store(q, Ordering::Relaxed);
+}
+
+/// Whether `--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
 impl Console {
-    /// `quiet` (JSON output): show nothing.
-    pub fn new(quiet: bool) -> Console {
+    /// Progress on stderr unless `--quiet` (JSON output on stdout does not silence it).
+    pub fn new() -> Console {
         Console {
-            quiet,
+            quiet: quiet(),
             tty: std::io::stderr().is_terminal(),
             unit: Mutex::new(None),
         }
+    }
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Console::new()
     }
 }
 

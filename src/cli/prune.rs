@@ -3,11 +3,10 @@
 //! then the report (cost, latency, accuracy, widths). The job itself runs in the library.
 
 use super::choices::{name, BnModeArg, DwrAxes, PruneMethod, ScopeArg, ThresholdArg};
-use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::{Dataset, Split};
-use lopper::graph::cost;
 use lopper::methods::ispasp;
 use lopper::methods::job::{
     self, DwrRun, EngineRun, IspaspRun, Method, Outcome, PruneJob, StampRun, Training,
@@ -38,8 +37,8 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 0)]
     block_ft_samples: usize,
     /// Evaluate on the test set after every fine-tuning epoch (report: finetune_history;
-    /// epoch seconds exclude the evaluation), for accuracy-vs-time curves.
-    #[arg(long)]
+    /// epoch seconds exclude the evaluation), for accuracy-vs-time curves. Old name: --curve.
+    #[arg(long = "eval-every-epoch", alias = "curve")]
     curve: bool,
     /// STAMP: the meta-trained generator (lopper stamp meta-train).
     #[arg(long)]
@@ -69,14 +68,14 @@ pub struct PruneArgs {
     /// LAMP-normalise scores for global ranking.
     #[arg(long)]
     lamp: bool,
-    /// Remove this fraction of prunable channels.
-    #[arg(long, conflicts_with_all = ["target_macs", "target_params"], value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
+    /// Remove this fraction of the prunable channels of every group (old name: --ratio).
+    #[arg(long = "remove-channels", alias = "ratio", conflicts_with_all = ["target_macs", "target_params"], value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     ratio: Option<f64>,
-    /// Keep at most this fraction of the dense MACs (e.g. 0.5).
-    #[arg(long, conflicts_with = "target_params", value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
+    /// Keep at most this fraction of the dense MACs, e.g. 0.5 (old name: --target-macs).
+    #[arg(long = "keep-macs", alias = "target-macs", conflicts_with = "target_params", value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_macs: Option<f64>,
-    /// Keep at most this fraction of the dense parameters.
-    #[arg(long, value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
+    /// Keep at most this fraction of the dense parameters (old name: --target-params).
+    #[arg(long = "keep-params", alias = "target-params", value_parser = super::argcheck::keep_fraction, allow_negative_numbers = true)]
     target_params: Option<f64>,
     /// Kept widths are multiples of this.
     #[arg(long, default_value_t = 1, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
@@ -84,8 +83,9 @@ pub struct PruneArgs {
     /// Per-layer ratio override NODE=RATIO (repeatable).
     #[arg(long = "override")]
     overrides: Vec<String>,
-    /// Samples of the training set for data-driven criteria (default 512; i-SpaSP: 1280
-    /// per module).
+    /// Calibration samples drawn from the training split for data-driven criteria and
+    /// methods (default: the method's reference size, 512; i-SpaSP: 1,280 per module; at
+    /// most the split). More than the split holds is an error.
     #[arg(long, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     calib: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -122,7 +122,7 @@ fn parse_budget(a: &PruneArgs) -> Result<Budget> {
         (Some(r), _, _) => Budget::Ratio(r),
         (_, Some(m), _) => Budget::Macs(m),
         (_, _, Some(p)) => Budget::Params(p),
-        _ => bail!("give a budget: --ratio, --target-macs or --target-params"),
+        _ => bail!("give a budget: --keep-macs, --keep-params or --remove-channels"),
     };
     budget.validate()?;
     Ok(budget)
@@ -217,6 +217,9 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
         }
     }
     let (train_ds, test_ds) = datasets(&a, no_data)?;
+    if !no_data {
+        super::calib_size(a.calib, 0, &train_ds, &a.data.data)?;
+    }
     let dense = resolve_model(
         &a.model,
         (!no_data).then_some(&train_ds),
@@ -231,7 +234,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
             super::labels_for_model(test_ds, &a.data, &dense, true)?,
         )
     };
-    let console = super::progress::Console::new(a.json);
+    let console = super::progress::Console::new();
     let job = PruneJob {
         method: method(&a, overrides)?,
         budget,
@@ -254,7 +257,7 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     } = job::run(&dense, &train_ds, test, &job, &console)?;
     super::write_outputs(&pruned, a.output.as_deref(), &rep, a.json)?;
     if !a.json {
-        print_summary(&rep);
+        super::print_report(&rep);
     }
     Ok(())
 }
@@ -286,35 +289,4 @@ fn datasets(a: &PruneArgs, no_data: bool) -> Result<(Dataset, Dataset)> {
         test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
     }
     Ok((train_ds, test_ds))
-}
-
-/// The human-readable result: cost, latency, accuracy and the widths that changed.
-fn print_summary(rep: &lopper::prune::report::PruneReport) {
-    let show = |x: Option<f64>| x.map_or("n/a".to_string(), pct);
-    println!(
-        "{} ({}, {}): MACs {} -> {} ({:.2}x fewer), params {} -> {}, latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
-        rep.method,
-        rep.scope,
-        rep.budget,
-        cost::human(rep.dense.macs),
-        cost::human(rep.pruned.macs),
-        1.0 / rep.macs_ratio,
-        cost::human(rep.dense.params),
-        cost::human(rep.pruned.params),
-        rep.dense.latency_b1_ms,
-        rep.pruned.latency_b1_ms,
-        rep.dense.latency_b64_ms,
-        rep.pruned.latency_b64_ms
-    );
-    println!(
-        "accuracy: dense {} -> pruned {}{}",
-        show(rep.acc_dense),
-        show(rep.acc_pruned),
-        rep.acc_finetuned
-            .map(|x| format!(" -> fine-tuned {}", pct(x)))
-            .unwrap_or_default()
-    );
-    for w in rep.widths.iter().filter(|w| w.before != w.after) {
-        println!("  {:<24} {:>5} -> {:>5}", w.node, w.before, w.after);
-    }
 }

@@ -33,7 +33,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         exe: std::env::current_exe()?,
         data_dir,
     };
-    let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new(j))?;
+    let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new())?;
     if j {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -51,44 +51,64 @@ pub fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The results as a table: one row per step, the dense model first. MACs are the kept
-/// fraction (for sparse models: the MACs of the non-zero weights); latency is measured on
-/// this machine in lopper's runtime.
+/// The results as a table: one row per step, the dense model first. MACs and params are
+/// kept fractions (for sparse models MACs count the non-zero weights); top-1 is shown right
+/// after the method and after fine-tuning; latency is measured on this machine in lopper's
+/// runtime.
 pub(super) fn print_table(rep: &lopper::recipe::report::RunReport) {
     let dense = rep.dense.result.top1;
-    let dense_latency = rep.steps.iter().find_map(|s| match &s.report {
-        lopper::recipe::report::StepReport::Prune(p) => {
-            Some((p.dense.latency_b1_ms, p.dense.latency_b64_ms))
-        }
-        lopper::recipe::report::StepReport::Sparsify(_) => None,
-    });
-    println!(
-        "\n  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7}",
-        "method", "top-1", "Δ top-1", "MACs", "zeros", "latency b1/b64 ms", "wall s"
-    );
+    let dense_latency = rep
+        .steps
+        .first()
+        .map(|s| (s.report.dense.latency_b1_ms, s.report.dense.latency_b64_ms));
+    let head = [
+        "method",
+        "MACs",
+        "params",
+        "zeros",
+        "top-1 cut",
+        "top-1",
+        "Δ top-1",
+        "b1/b64 ms",
+        "wall s",
+    ];
+    let row = |c: [String; 9]| {
+        println!(
+            "  {:<22} {:>7} {:>7} {:>7} {:>9} {:>7} {:>7} {:>13} {:>7}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+        )
+    };
+    println!();
+    row(head.map(String::from));
     let lat =
         |l: Option<(f64, f64)>| l.map_or("—".to_string(), |(a, b)| format!("{a:.2} / {b:.1}"));
-    println!(
-        "  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7}",
-        "dense",
+    let dash = || "—".to_string();
+    row([
+        "dense".into(),
+        "100.0%".into(),
+        "100.0%".into(),
+        dash(),
+        dash(),
         pct(dense),
-        "",
-        "100.0%",
-        "—",
+        String::new(),
         lat(dense_latency),
-        ""
-    );
+        String::new(),
+    ]);
     for s in &rep.steps {
-        let acc = s.report.accuracy();
-        println!(
-            "  {:<22} {:>8} {:>8} {:>8} {:>9} {:>17} {:>7.1}",
-            s.step.id.trim_end_matches("-s0"),
-            acc.map_or("—".into(), pct),
-            acc.map_or("—".into(), |a| format!("{:+.2}", 100.0 * (a - dense))),
-            pct(s.report.macs_fraction()),
-            s.report.sparsity().map_or("—".into(), pct),
-            lat(Some(s.report.latency_ms())),
-            s.seconds
-        );
+        let r = &s.report;
+        let acc = r.accuracy();
+        row([
+            s.step.id.trim_end_matches("-s0").to_string(),
+            pct(r.macs_fraction()),
+            pct(r.params_fraction()),
+            r.sparsity().map_or_else(dash, pct),
+            r.top1_before_finetune
+                .filter(|_| r.seconds.finetune > 0.0)
+                .map_or_else(dash, pct),
+            acc.map_or_else(dash, pct),
+            acc.map_or_else(dash, |a| format!("{:+.2}", 100.0 * (a - dense))),
+            lat(Some(r.latency_ms())),
+            format!("{:.1}", s.seconds),
+        ]);
     }
 }

@@ -11,13 +11,20 @@ pub struct SensitivityArgs {
     data: DataArgs,
     #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
     method: CriterionArg,
-    /// Comma-separated ratios of each group's channels to remove.
-    #[arg(long, default_value = "0.25,0.5,0.75")]
+    /// Comma-separated fractions of each group's channels to remove (old name: --ratios).
+    #[arg(
+        long = "remove-channels",
+        alias = "ratios",
+        default_value = "0.25,0.5,0.75"
+    )]
     ratios: String,
+    /// Evaluate on only this many test samples.
     #[arg(long, default_value_t = 1000, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     eval_limit: usize,
-    #[arg(long, default_value_t = 512, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
-    calib: usize,
+    /// Calibration samples from the training split for data-driven criteria (default 512,
+    /// at most the split; more than the split holds is an error).
+    #[arg(long, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
+    calib: Option<usize>,
     /// Write the chart here (SVG).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -44,16 +51,17 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         .map(|r| {
             r.trim()
                 .parse::<f64>()
-                .with_context(|| format!("bad ratio '{r}'"))
+                .with_context(|| format!("bad fraction '{r}' in --remove-channels"))
         })
         .collect::<Result<_>>()?;
     if let Some(r) = ratios.iter().find(|r| !(0.0..1.0).contains(*r)) {
-        bail!("ratio {r} must be in [0, 1)");
+        bail!("--remove-channels {r}: a fraction to remove must be in [0, 1)");
     }
     if let Some(o) = &output {
         lopper::util::check_writable(o, "output")?;
     }
     let train_ds = load_split(&d, Split::Train)?;
+    let calib = super::calib_size(calib, 512, &train_ds, &d.data)?;
     let test = load_split(&d, Split::Test)?;
     let test = test.sample(eval_limit.min(test.len()), 0)?;
     let g = resolve_model(&model, Some(&train_ds), d.data_dir.as_deref())?;
@@ -63,7 +71,7 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     let stats = if crit.needs_data() {
         Some(prune::collect_stats(
             &g,
-            &train_ds.sample(calib.min(train_ds.len()), 0)?,
+            &train_ds.sample(calib, 0)?,
             calib,
             64,
         )?)
@@ -73,9 +81,9 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     let dense = train::evaluate(&g, &test, 500)?.top1;
     let rows = prune::sensitivity(&g, &groups, &test, crit, &ratios, stats.as_ref())?;
     if let Some(o) = &output {
-        let series: Vec<lopper::svg::Series> = rows
+        let series: Vec<lopper::charts::Series> = rows
             .iter()
-            .map(|r| lopper::svg::Series {
+            .map(|r| lopper::charts::Series {
                 name: format!("{} ({})", r.layer, r.width),
                 points: std::iter::once((0.0, 100.0 * dense))
                     .chain(
@@ -87,12 +95,19 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
                     .collect(),
             })
             .collect();
-        let svg = lopper::svg::line_chart(
-            &format!("Sensitivity ({method}): {}", model.model),
-            "fraction of the group's channels removed",
-            "top-1 accuracy (%)",
-            &series,
-        );
+        let palette = lopper::charts::Palette::new(series.iter().map(|s| s.name.as_str()));
+        let svg = lopper::charts::line_chart(
+            &lopper::charts::LineChart {
+                title: &format!("Sensitivity ({method}): {}", model.model),
+                x_label: "fraction of the group's channels removed",
+                y_label: "top-1 accuracy (%)",
+                series: &series,
+                reference: Some(("dense", 100.0 * dense)),
+                pareto: false,
+                integer_x: false,
+            },
+            &palette,
+        )?;
         lopper::util::atomic_write(o, svg.as_bytes())?;
     }
     if j {

@@ -3,15 +3,12 @@
 //! sparsity, sparse MACs, dense vs sparse-kernel latency, wall time.
 
 use super::choices::{name, SearchArg, SparsifyMethod as SparsifyMethodArg};
-use super::{load_split, pct, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::Split;
-use lopper::graph::cost;
 use lopper::methods::pts::PotConfig;
-use lopper::methods::sparsify::{
-    self, SparsifyJob, SparsifyMethod, SparsifyOutcome, SparsifyReport,
-};
+use lopper::methods::sparsify::{self, SparsifyJob, SparsifyMethod, SparsifyOutcome};
 use lopper::methods::unipts::{DstConfig, GaConfig, UniptsConfig};
 use lopper::sparse::mask::Pattern;
 use std::path::{Path, PathBuf};
@@ -38,8 +35,9 @@ pub struct SparsifyArgs {
     /// Skip the batch-norm re-estimation of the one-shot baselines.
     #[arg(long)]
     no_recalib: bool,
-    /// UniPTS: sparse-training epochs over the calibration set (reference 100).
-    #[arg(long, default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
+    /// UniPTS: sparse-training epochs over the calibration set, reference 100 (old name:
+    /// --epochs).
+    #[arg(long = "finetune-epochs", alias = "epochs", default_value_t = 10, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     epochs: usize,
     #[arg(long, default_value_t = 0.01, value_parser = super::argcheck::positive, allow_negative_numbers = true)]
     lr: f64,
@@ -77,8 +75,8 @@ pub struct SparsifyArgs {
     /// POT: layer-wise tuning iterations per sparsity level (reference 30).
     #[arg(long, default_value_t = 30, value_parser = super::argcheck::at_least_one, allow_negative_numbers = true)]
     pot_iters: usize,
-    /// UniPTS: evaluate on the test set after every epoch (logging only).
-    #[arg(long)]
+    /// UniPTS: evaluate on the test set after every epoch (logging only). Also: --curve.
+    #[arg(long, alias = "curve")]
     eval_every_epoch: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -102,14 +100,9 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     let target = sparsify::resolve_target(a.sparsity, pattern)?;
     let genome = a.genome_from.as_deref().map(genome_from).transpose()?;
     let train_ds = load_split(&a.data, Split::Train)?;
-    let n_calib = a.calib.unwrap_or(2048.min(train_ds.len()));
-    if n_calib == 0 || n_calib > train_ds.len() {
-        bail!(
-            "calibration set of {} images requested, the training split of {} has {}",
-            n_calib,
-            a.data.data,
-            train_ds.len()
-        );
+    let n_calib = super::calib_size(a.calib, 2048, &train_ds, &a.data.data)?;
+    if n_calib == 0 {
+        bail!("the training split of {} is empty", a.data.data);
     }
     let calib = train_ds.sample(n_calib, a.seed)?;
     let mut test_ds = load_split(&a.data, Split::Test)?;
@@ -128,14 +121,14 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
         curve: a.eval_every_epoch,
         method_name: name(&a.method),
     };
-    let console = super::progress::Console::new(a.json);
+    let console = super::progress::Console::new();
     let SparsifyOutcome {
         graph: sparse,
         report: rep,
     } = sparsify::run(&dense, &calib, &test_ds, &job, &console)?;
     super::write_outputs(&sparse, a.output.as_deref(), &rep, a.json)?;
     if !a.json {
-        print_summary(&rep);
+        super::print_report(&rep);
     }
     Ok(())
 }
@@ -200,38 +193,8 @@ fn genome_from(p: &Path) -> Result<Vec<f64>> {
     }
     let txt = std::fs::read_to_string(p)
         .with_context(|| format!("cannot read report {}", p.display()))?;
-    let rep: SparsifyReport = serde_json::from_str(&txt)
-        .with_context(|| format!("{}: not a sparsify report", p.display()))?;
-    rep.genome()
+    let rep: lopper::methods::report::Report = serde_json::from_str(&txt)
+        .with_context(|| format!("{}: not a lopper report", p.display()))?;
+    sparsify::genome(&rep)
         .with_context(|| format!("{}: no details.genome (not a UniPTS report?)", p.display()))
-}
-
-fn print_summary(rep: &SparsifyReport) {
-    println!(
-        "{} {} at {:.1}% target: realised sparsity {:.2}%, MACs {} -> {} (non-zero), {:.1}s",
-        rep.method,
-        rep.pattern,
-        100.0 * rep.target,
-        100.0 * rep.sparsity,
-        cost::human(rep.dense_macs),
-        cost::human(rep.sparse_macs),
-        rep.seconds
-    );
-    println!(
-        "accuracy: dense {} -> sparse {}; latency b1 {:.2} -> {:.2} ms, b64 {:.1} -> {:.1} ms",
-        pct(rep.acc_dense),
-        pct(rep.acc_sparse),
-        rep.dense_latency_b1_ms,
-        rep.sparse_latency_b1_ms,
-        rep.dense_latency_b64_ms,
-        rep.sparse_latency_b64_ms
-    );
-    for l in &rep.layers {
-        println!(
-            "  {:<24} {:>8} weights  {:>6.2}% zero",
-            l.name,
-            l.numel,
-            100.0 * l.sparsity
-        );
-    }
 }

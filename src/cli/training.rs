@@ -37,8 +37,8 @@ pub struct TrainArgs {
     /// Random-crop padding and horizontal flip (default: on for cifar10).
     #[arg(long)]
     augment: Option<bool>,
-    /// Use only this many training samples (seeded subset).
-    #[arg(long, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
+    /// Train on only this many training samples (seeded subset). Old name: --limit.
+    #[arg(long = "train-limit", alias = "limit", value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     limit: Option<usize>,
     /// Write the trained model here.
     #[arg(short, long)]
@@ -136,7 +136,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     }
-    let console = super::progress::Console::new(a.json);
+    let console = super::progress::Console::new();
     let opts = TrainOpts {
         progress: Some(&console),
         checkpoint: a.checkpoint.clone(),

@@ -5,7 +5,7 @@
 //! lopper reads both back into an identical graph. Writes are atomic.
 
 use super::ops::param::WEIGHT;
-use super::{param_key, Graph, Node, NodeId};
+use super::{param_key, Graph, ModelMeta, Node, NodeId};
 use crate::util::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -20,6 +20,9 @@ pub const FORMAT_VERSION: &str = "1";
 struct GraphJson {
     nodes: Vec<Node>,
     outputs: Vec<NodeId>,
+    /// The imported model's description (absent for lopper's own models).
+    #[serde(default, skip_serializing_if = "ModelMeta::is_empty")]
+    meta: ModelMeta,
 }
 
 /// Serialises tensors plus metadata to safetensors bytes.
@@ -144,6 +147,7 @@ pub fn save_with(g: &Graph, path: &Path, extra: &[(&str, &str)]) -> Result<u64> 
     let graph = serde_json::to_string(&GraphJson {
         nodes: g.nodes.clone(),
         outputs: g.outputs.clone(),
+        meta: g.meta.clone(),
     })?;
     let mut meta = HashMap::new();
     meta.insert("lopper.format".into(), "model".into());
@@ -325,6 +329,7 @@ pub fn graph_from_parts(
         .with_context(|| format!("{origin}: invalid model"))?;
     // A model saved sparse runs on the sparse kernels where they are faster.
     g.set_sparse_kernels(sparse);
+    g.meta = gj.meta;
     Ok(g)
 }
 

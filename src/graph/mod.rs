@@ -12,10 +12,12 @@ pub mod fold;
 pub mod init;
 pub mod io;
 pub mod matrix;
+pub mod meta;
 pub mod ops;
 pub mod shape;
 
 pub use builder::GraphBuilder;
+pub use meta::ModelMeta;
 pub use ops::{Op, OpSpec, ParamKind, ParamSpec};
 pub use shape::Shape;
 
@@ -51,6 +53,8 @@ pub struct Graph {
     /// the sparse (CSR) kernels — a deployment preference, set for models saved sparse.
     /// The compressed weights themselves belong to the plan, not to the graph.
     sparse_kernels: bool,
+    /// The source model's description (doc strings, names, metadata), kept to export.
+    pub meta: ModelMeta,
 }
 
 /// A variable with storage of its own, whatever `t` is.
@@ -141,6 +145,7 @@ impl Graph {
             outputs,
             params,
             sparse_kernels: false,
+            meta: ModelMeta::default(),
         };
         g.validate()?;
         Ok(g)
@@ -327,6 +332,7 @@ impl Graph {
             outputs: self.outputs.clone(),
             params,
             sparse_kernels: self.sparse_kernels,
+            meta: self.meta.clone(),
         })
     }
 
@@ -343,6 +349,15 @@ impl Graph {
             vars.insert(k, owned_var(&t)?);
         }
         Graph::new(nodes, outputs, vars)
+    }
+
+    /// This graph with `src`'s description and deployment preference: every rewrite of a
+    /// graph (surgery, depth, folding, head replacement) ends with it, so what a model says
+    /// about itself survives pruning.
+    pub fn keeping(mut self, src: &Graph) -> Graph {
+        self.meta = src.meta.clone();
+        self.sparse_kernels = src.sparse_kernels;
+        self
     }
 
     /// Whether eval-mode plans use the sparse kernels where weights are sparse enough.

@@ -4,6 +4,7 @@ pub mod dwr;
 pub mod ispasp;
 pub mod job;
 pub mod pts;
+pub mod report;
 pub mod sparsify;
 pub mod stamp;
 pub mod unipts;

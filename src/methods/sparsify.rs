@@ -4,17 +4,16 @@
 
 use crate::data::Dataset;
 use crate::exec::SparsePack;
-use crate::graph::{cost, Graph};
+use crate::graph::Graph;
 use crate::methods::pts::{self, PotConfig};
+use crate::methods::report::{self, Command, Report, Seconds, SCHEMA};
 use crate::methods::unipts::{self, UniptsConfig};
-use crate::prune::report;
 use crate::sparse::bn::{recalibrate_bn, RecalibOpts};
-use crate::sparse::layers::{prunable_layers, sparsity_report, LayerSparsity};
+use crate::sparse::layers::prunable_layers;
 use crate::sparse::mask::{check_sparsity, Pattern};
 use crate::train;
 use crate::util::Progress;
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -70,62 +69,15 @@ pub fn resolve_target(sparsity: Option<f64>, pattern: Pattern) -> Result<f64> {
     Ok(target)
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SparsifyReport {
-    pub method: String,
-    pub pattern: String,
-    pub target: f64,
-    /// Realised fraction of zeros over all conv and linear weights.
-    pub sparsity: f64,
-    pub calib: usize,
-    pub acc_dense: f64,
-    pub acc_sparse: f64,
-    pub dense_macs: u64,
-    /// MACs of the conv/linear layers counted over non-zero weights only.
-    pub sparse_macs: u64,
-    pub dense_latency_b1_ms: f64,
-    pub dense_latency_b64_ms: f64,
-    /// With the sparse kernels on the layers where they are faster.
-    pub sparse_latency_b1_ms: f64,
-    pub sparse_latency_b64_ms: f64,
-    pub seconds: f64,
-    pub layers: Vec<LayerSparsity>,
-    /// Method detail (UniPTS: the genome, the search and the per-epoch training log).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub details: Option<serde_json::Value>,
-    /// Problems the numbers above carry (e.g. non-finite outputs counted as wrong).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-}
-
-impl SparsifyReport {
-    /// The UniPTS genome this report recorded (to share one search between ablations).
-    pub fn genome(&self) -> Option<Vec<f64>> {
-        serde_json::from_value(self.details.as_ref()?.get("genome")?.clone()).ok()
-    }
-}
-
 /// What a job returns: the sparse graph (sparse kernels enabled) and its report.
 pub struct SparsifyOutcome {
     pub graph: Graph,
-    pub report: SparsifyReport,
+    pub report: Report,
 }
 
-/// MACs over non-zero weights: each conv/linear layer's MACs scaled by its density.
-pub fn sparse_macs(g: &Graph) -> Result<u64> {
-    let c = cost::cost(g)?;
-    let (rows, _) = sparsity_report(g)?;
-    let dens: std::collections::HashMap<&str, f64> = rows
-        .iter()
-        .map(|r| (r.name.as_str(), 1.0 - r.sparsity))
-        .collect();
-    Ok(c.nodes
-        .iter()
-        .map(|n| match dens.get(n.name.as_str()) {
-            Some(d) => (n.macs as f64 * d).round() as u64,
-            None => n.macs,
-        })
-        .sum())
+/// The UniPTS genome a report recorded (to share one search between ablations).
+pub fn genome(r: &Report) -> Option<Vec<f64>> {
+    serde_json::from_value(r.details.as_ref()?.get("genome")?.clone()).ok()
 }
 
 /// Sparsifies a copy of `dense` from `calib` and measures it on `test`.
@@ -170,29 +122,30 @@ pub fn run(
     }
     let seconds = t.elapsed().as_secs_f64();
     let acc_sparse = accuracy(&sparse, "sparse")?;
-    let (rows, realised) = sparsity_report(&sparse)?;
     // Inference from here on runs the sparse kernels on the layers sparse enough for them.
     sparse.set_sparse_kernels(true);
     let packed = SparsePack::build(&sparse)?.len();
     progress.line(&format!("{packed} layers run on the sparse kernels"));
-    let report = SparsifyReport {
+    let report = Report {
+        schema: SCHEMA.into(),
+        command: Command::Sparsify,
         method: job.method_name.clone(),
-        pattern: job.pattern.to_string(),
-        target: job.target,
-        sparsity: realised,
-        calib: calib.len(),
-        acc_dense,
-        acc_sparse,
-        dense_macs: cost::cost(dense)?.total_macs,
-        sparse_macs: sparse_macs(&sparse)?,
-        dense_latency_b1_ms: report::latency_ms(dense, 1, 20)?,
-        dense_latency_b64_ms: report::latency_ms(dense, 64, 5)?,
-        sparse_latency_b1_ms: report::latency_ms(&sparse, 1, 20)?,
-        sparse_latency_b64_ms: report::latency_ms(&sparse, 64, 5)?,
-        seconds,
-        layers: rows,
+        budget: format!("zero {} of the weights", job.target),
+        scope: None,
+        pattern: Some(job.pattern.to_string()),
+        calib: Some(calib.len()),
+        dense: report::measure(dense, Some(acc_dense), 4)?,
+        result: report::measure(&sparse, Some(acc_sparse), 4)?,
+        top1_before_finetune: None,
+        seconds: Seconds {
+            method: seconds,
+            finetune: 0.0,
+        },
+        layers: report::layers(dense, &sparse)?,
+        finetune_history: None,
         details,
         warnings: warnings.into_inner(),
+        blocked: Vec::new(),
     };
     Ok(SparsifyOutcome {
         graph: sparse,

@@ -542,7 +542,13 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
 /// Wraps the converted nodes into a model: input/output value infos, opset, metadata.
 fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> Result<Vec<u8>> {
     let mut graph = GraphProto::new();
-    graph.name = "lopper".into();
+    let meta = &g.meta;
+    graph.name = if meta.graph_name.is_empty() {
+        "lopper".into()
+    } else {
+        meta.graph_name.clone()
+    };
+    graph.doc_string = meta.graph_doc.clone();
     graph.node = o.nodes;
     graph.initializer = o.inits;
     graph.input = g
@@ -555,6 +561,11 @@ fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> R
         .iter()
         .map(|&i| value_info(&g.nodes[i].name, &shapes[i]))
         .collect();
+    for v in graph.input.iter_mut().chain(graph.output.iter_mut()) {
+        if let Some(d) = meta.value_docs.get(&v.name) {
+            v.doc_string = d.clone();
+        }
+    }
     let mut m = ModelProto::new();
     m.ir_version = 8;
     m.producer_name = "lopper".into();
@@ -562,11 +573,14 @@ fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> R
     let mut op = OperatorSetIdProto::new();
     op.version = 17;
     m.opset_import = vec![op];
+    m.doc_string = meta.doc.clone();
+    m.domain = meta.domain.clone();
+    m.model_version = meta.model_version;
     m.graph = Some(graph).into();
-    for (k, v) in props {
+    for (k, v) in meta.export_props(props) {
         let mut e = onnx_protobuf::StringStringEntryProto::new();
-        e.key = (*k).into();
-        e.value = (*v).into();
+        e.key = k;
+        e.value = v;
         m.metadata_props.push(e);
     }
     m.write_to_bytes()

@@ -105,7 +105,7 @@ fn rebuild(g: &Graph, drop: &BTreeSet<NodeId>, rewire: &BTreeMap<NodeId, NodeId>
         });
     }
     let outputs = g.outputs.iter().map(|&o| new_id[resolve(o)]).collect();
-    Graph::with_parts(nodes, outputs, params)
+    Ok(Graph::with_parts(nodes, outputs, params)?.keeping(g))
 }
 
 /// Removes residual blocks (given by their Add node): the block's output becomes its
@@ -154,6 +154,7 @@ pub fn with_resolution(g: &Graph, h: usize, w: usize) -> Result<Graph> {
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
         .collect::<Result<_>>()?;
-    Graph::with_parts(nodes, g.outputs.clone(), params)
-        .with_context(|| format!("model does not run at {h}x{w}"))
+    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)
+        .with_context(|| format!("model does not run at {h}x{w}"))?
+        .keeping(g))
 }

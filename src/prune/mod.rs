@@ -5,7 +5,6 @@ pub mod criteria;
 pub mod deps;
 pub mod depth;
 pub mod plan;
-pub mod report;
 pub mod sensitivity;
 pub mod stats;
 pub mod surgery;

@@ -167,7 +167,7 @@ pub fn remove_units(g: &Graph, groups: &Groups, removal: &Removal) -> Result<Gra
             params.insert(key, t.copy()?);
         }
     }
-    Graph::with_parts(nodes, g.outputs.clone(), params)
+    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g))
 }
 
 fn idx(v: &[usize]) -> Result<Tensor> {

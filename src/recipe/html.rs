@@ -2,20 +2,23 @@
 //! scripts, no external resources, so it renders offline in any browser.
 
 use super::report::{RunReport, StepKind};
-use crate::svg::{bar_chart, esc, line_chart, Series};
-use std::collections::BTreeMap;
+use crate::charts::{bar_chart, esc, line_chart, LineChart, Palette, Series};
+use anyhow::Result;
 
-pub fn render(r: &RunReport) -> String {
-    [
+/// The report page. Every chart colours a method the same way (one [`Palette`] over the
+/// recipe's method labels, in recipe order).
+pub fn render(r: &RunReport) -> Result<String> {
+    let palette = Palette::new(r.steps.iter().map(|s| s.step.label.as_str()));
+    Ok([
         header(r),
         results_table(r),
-        cost_charts(r),
-        wall_chart(r),
-        layer_charts(r),
-        training_curves(r),
+        cost_charts(r, &palette)?,
+        wall_chart(r, &palette)?,
+        layer_charts(r, &palette)?,
+        training_curves(r, &palette)?,
         recipe_section(r),
     ]
-    .concat()
+    .concat())
 }
 
 /// Document head, title and the one-paragraph summary.
@@ -48,29 +51,38 @@ fn header(r: &RunReport) -> String {
     h
 }
 
-/// One row per step.
+/// One row per step, the dense model first. MACs are the structure's for structured
+/// methods and those of the non-zero weights for sparsity methods (the cost each reduces),
+/// as the header says.
 fn results_table(r: &RunReport) -> String {
     let dense_acc = r.dense.result.top1;
     let mut h = String::new();
-    h += "<h2>Results</h2>\n<table><tr><th>method</th><th>budget</th><th>seed</th><th>top-1 %</th><th>Δ vs dense</th><th>MACs (of dense)</th><th>sparsity</th><th>latency b1 / b64 ms</th><th>wall s</th></tr>\n";
+    h += "<h2>Results</h2>\n<table><tr><th>method</th><th>budget</th><th>seed</th><th>MACs, % of dense (sparsity methods: non-zero weights)</th><th>params, % of dense</th><th>zero weights</th><th>top-1 % after the method</th><th>top-1 %</th><th>Δ vs dense</th><th>latency b1 / b64 ms</th><th>wall s</th></tr>\n";
+    if let Some(d) = r.steps.first().map(|s| &s.report.dense) {
+        h += &format!(
+            "<tr><td>dense</td><td></td><td></td><td>100.0 %</td><td>100.0 %</td><td>—</td><td></td><td>{:.2}</td><td></td><td>{:.2} / {:.1}</td><td></td></tr>\n",
+            100.0 * dense_acc,
+            d.latency_b1_ms,
+            d.latency_b64_ms
+        );
+    }
     for s in &r.steps {
         let rep = &s.report;
         let acc = rep.accuracy();
         let (b1, b64) = rep.latency_ms();
-        let macs = 100.0 * rep.macs_fraction();
+        let pct = |v: Option<f64>| v.map_or("—".into(), |a| format!("{:.2}", 100.0 * a));
         h += &format!(
-            "<tr><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{macs:.1} %</td><td>{}</td><td>{b1:.2} / {b64:.1}</td><td>{:.1}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} %</td><td>{:.1} %</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{b1:.2} / {b64:.1}</td><td>{:.1}</td></tr>\n",
             esc(&s.step.label),
-            match s.step.kind {
-                StepKind::Sparsify => "sparsity",
-                StepKind::Prune => "MACs ≤",
-            },
-            s.step.budget,
+            esc(&rep.budget),
             s.step.seed,
-            acc.map_or("—".into(), |a| format!("{:.2}", 100.0 * a)),
-            acc.map_or("—".into(), |a| format!("{:+.2}", 100.0 * (a - dense_acc))),
+            100.0 * rep.macs_fraction(),
+            100.0 * rep.params_fraction(),
             rep.sparsity()
                 .map_or("—".into(), |v| format!("{:.1} %", 100.0 * v)),
+            pct(rep.top1_before_finetune.filter(|_| rep.seconds.finetune > 0.0)),
+            pct(acc),
+            acc.map_or("—".into(), |a| format!("{:+.2}", 100.0 * (a - dense_acc))),
             s.seconds
         );
     }
@@ -78,85 +90,110 @@ fn results_table(r: &RunReport) -> String {
     h
 }
 
-/// Accuracy against cost, one series per method label: structured methods against MACs, post-training sparsity against its sparsity (two charts, since the x axes mean different things).
-fn cost_charts(r: &RunReport) -> String {
-    let dense_acc = r.dense.result.top1;
-    let mut h = String::new();
-    let mut by_macs: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut by_sp: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+/// Accuracy against cost, one series per method label, the dense model as a dashed line and
+/// the Pareto front highlighted: structured methods against MACs and against measured
+/// latency; post-training sparsity against its sparsity (the x axes mean different things,
+/// so they are separate charts).
+fn cost_charts(r: &RunReport, palette: &Palette) -> Result<String> {
+    let dense = 100.0 * r.dense.result.top1;
+    let reference = dense.is_finite().then_some(("dense", dense));
+    // Series in recipe order (the legend's order), one per method label.
+    let (mut by_macs, mut by_latency, mut by_sp) = (Vec::new(), Vec::new(), Vec::new());
+    fn add(v: &mut Vec<Series>, name: &str, p: (f64, f64)) {
+        match v.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push(p),
+            None => v.push(Series {
+                name: name.to_string(),
+                points: vec![p],
+            }),
+        }
+    }
     for s in &r.steps {
         let Some(a) = s.report.accuracy() else {
             continue;
         };
+        let label = s.step.label.clone();
         if s.step.kind == StepKind::Prune {
             let m = s.report.macs_fraction();
-            by_macs
-                .entry(s.step.label.clone())
-                .or_default()
-                .push((100.0 * m, 100.0 * a));
+            add(&mut by_macs, &label, (100.0 * m, 100.0 * a));
+            add(
+                &mut by_latency,
+                &label,
+                (s.report.latency_ms().1, 100.0 * a),
+            );
         } else {
-            by_sp
-                .entry(s.step.label.clone())
-                .or_default()
-                .push((100.0 * s.step.budget, 100.0 * a));
+            let sp = s.report.sparsity().unwrap_or(s.step.budget);
+            add(&mut by_sp, &label, (100.0 * sp, 100.0 * a));
         }
     }
-    let series = |m: BTreeMap<String, Vec<(f64, f64)>>, dense_x: f64| -> Vec<Series> {
-        let mut v: Vec<Series> = m
-            .into_iter()
-            .map(|(name, mut points)| {
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series { name, points }
-            })
-            .collect();
-        if dense_acc.is_finite() {
-            v.push(Series {
-                name: "dense".into(),
-                points: vec![(dense_x, 100.0 * dense_acc)],
-            });
-        }
-        v
-    };
-    h += "<h2>Accuracy vs cost</h2>\n";
-    if !by_macs.is_empty() {
-        h += &line_chart(
+    let mut h = String::from("<h2>Accuracy vs cost</h2>\n");
+    let dense_b64 = r.steps.first().map(|s| s.report.dense.latency_b64_ms);
+    for (title, x_label, m) in [
+        (
             "Structured pruning: top-1 vs MACs",
-            "MACs, % of dense",
-            "top-1 %",
-            &series(by_macs, 100.0),
-        );
-    }
-    if !by_sp.is_empty() {
-        h += &line_chart(
+            "MACs, % of dense".to_string(),
+            by_macs,
+        ),
+        (
+            "Structured pruning: top-1 vs measured latency",
+            format!(
+                "latency at batch 64, ms{}",
+                dense_b64
+                    .map(|d| format!(" (dense {d:.1})"))
+                    .unwrap_or_default()
+            ),
+            by_latency,
+        ),
+        (
             "Post-training sparsity: top-1 vs sparsity",
-            "sparsity %",
-            "top-1 %",
-            &series(by_sp, 0.0),
-        );
+            "zero weights, % of conv and linear weights".to_string(),
+            by_sp,
+        ),
+    ] {
+        if m.is_empty() {
+            continue;
+        }
+        h += &line_chart(
+            &LineChart {
+                title,
+                x_label: &x_label,
+                y_label: "top-1 %",
+                series: &m,
+                reference,
+                pareto: !title.contains("sparsity"),
+                integer_x: false,
+            },
+            palette,
+        )?;
     }
-    h
+    Ok(h)
 }
 
-/// Wall time per method (all its steps).
-fn wall_chart(r: &RunReport) -> String {
-    let mut h = String::new();
-    let mut wall: BTreeMap<String, f64> = BTreeMap::new();
+/// Wall time per method (all its steps), in the methods' colours.
+fn wall_chart(r: &RunReport, palette: &Palette) -> Result<String> {
+    let mut wall: Vec<(String, f64)> = Vec::new();
     for s in &r.steps {
-        *wall.entry(s.step.label.clone()).or_default() += s.seconds;
+        match wall.iter_mut().find(|(l, _)| *l == s.step.label) {
+            Some(w) => w.1 += s.seconds,
+            None => wall.push((s.step.label.clone(), s.seconds)),
+        }
     }
-    h += "<h2>Wall time</h2>\n";
-    h += &bar_chart(
-        "Wall time per method (all its steps)",
-        "seconds",
-        &wall.into_iter().collect::<Vec<_>>(),
-    );
-    h
+    Ok(format!(
+        "<h2>Wall time</h2>\n{}",
+        bar_chart(
+            "Wall time per method (all its steps)",
+            "seconds",
+            &wall,
+            None,
+            palette
+        )?
+    ))
 }
 
-/// Per-layer widths (structured) or zero fractions (sparse) of each step.
-fn layer_charts(r: &RunReport) -> String {
-    let mut h = String::new();
-    h += "<h2>Per-layer structure</h2>\n";
+/// Per-layer widths (structured) or zero fractions (sparse) of each step, in the step's
+/// method colour.
+fn layer_charts(r: &RunReport, palette: &Palette) -> Result<String> {
+    let mut h = String::from("<h2>Per-layer structure</h2>\n");
     for s in &r.steps {
         let bars = s.report.layer_bars();
         if bars.is_empty() {
@@ -166,41 +203,54 @@ fn layer_charts(r: &RunReport) -> String {
             StepKind::Sparsify => "zero weights, % per layer",
             StepKind::Prune => "kept width, % of dense",
         };
-        h += &bar_chart(&format!("{} — {}", s.step.id, what), what, &bars);
+        h += &bar_chart(
+            &format!("{} — {}", s.step.id, what),
+            what,
+            &bars,
+            Some(&s.step.label),
+            palette,
+        )?;
     }
-    h
+    Ok(h)
 }
 
-/// Training curves where the step has them (UniPTS sparse training).
-fn training_curves(r: &RunReport) -> String {
-    let mut h = String::new();
+/// Training curves where the step has them (UniPTS sparse training), integer epochs.
+fn training_curves(r: &RunReport, palette: &Palette) -> Result<String> {
     let mut curves = Vec::new();
     for s in &r.steps {
         let pts = s.report.loss_curve();
         if !pts.is_empty() {
             curves.push(Series {
-                name: s.step.id.clone(),
+                name: s.step.label.clone(),
                 points: pts,
             });
         }
     }
-    if !curves.is_empty() {
-        h += "<h2>Training curves</h2>\n";
-        h += &line_chart(
-            "Sparse training: KL to the dense teacher per epoch",
-            "epoch",
-            "KL",
-            &curves,
-        );
+    if curves.is_empty() {
+        return Ok(String::new());
     }
-    h
+    Ok(format!(
+        "<h2>Training curves</h2>\n{}",
+        line_chart(
+            &LineChart {
+                title: "Sparse training: KL divergence to the dense teacher per epoch",
+                x_label: "epoch",
+                y_label: "KL",
+                series: &curves,
+                reference: None,
+                pareto: false,
+                integer_x: true,
+            },
+            palette,
+        )?
+    ))
 }
 
 /// The recipe as run, for reproduction.
 fn recipe_section(r: &RunReport) -> String {
     let mut h = String::new();
     h += "<h2>Recipe</h2>\n<pre>";
-    h += &esc(&serde_json::to_string_pretty(&r.recipe).unwrap_or_default());
+    h += &esc(&toml::to_string_pretty(&r.recipe).unwrap_or_default());
     h += "</pre>\n</body></html>\n";
     h
 }

@@ -105,8 +105,10 @@ pub struct MethodSpec {
     pub name: Spanned<String>,
     /// Display label (default: the name); lets one method appear with different options.
     pub label: Option<String>,
-    /// Structured budgets: kept fraction of the dense MACs, each in (0, 1].
-    pub macs: Option<Spanned<Vec<f64>>>,
+    /// Structured budgets: kept fraction of the dense MACs, each in (0, 1] (old name:
+    /// `macs`).
+    #[serde(alias = "macs")]
+    pub keep_macs: Option<Spanned<Vec<f64>>>,
     /// Sparsity budgets: fraction of zero weights, each in [0, 1).
     pub sparsity: Option<Spanned<Vec<f64>>>,
     /// Extra command-line options of `lopper prune` / `lopper sparsify`
@@ -167,13 +169,13 @@ pub fn parse(src: &str, origin: &str) -> Result<Recipe> {
                 SPARSIFY_METHODS.join(", ")
             );
         }
-        match (structured, &m.macs, &m.sparsity) {
+        match (structured, &m.keep_macs, &m.sparsity) {
             (true, Some(b), None) => {
                 if b.get_ref().is_empty() {
-                    bail!("{}: key 'macs' is empty", at(b.span()));
+                    bail!("{}: key 'keep_macs' is empty", at(b.span()));
                 }
                 if let Some(v) = b.get_ref().iter().find(|v| !(**v > 0.0 && **v <= 1.0)) {
-                    bail!("{}: key 'macs': budget {v} must be in (0, 1]", at(b.span()));
+                    bail!("{}: key 'keep_macs': budget {v} must be in (0, 1]", at(b.span()));
                 }
             }
             (false, None, Some(b)) => {
@@ -185,11 +187,11 @@ pub fn parse(src: &str, origin: &str) -> Result<Recipe> {
                 }
             }
             (true, _, _) => bail!(
-                "{}: structured method '{name}' needs key 'macs' (kept MACs fractions) and no 'sparsity'",
+                "{}: structured method '{name}' needs key 'keep_macs' (kept fractions of the dense MACs) and no 'sparsity'",
                 at(m.name.span())
             ),
             (false, _, _) => bail!(
-                "{}: sparsity method '{name}' needs key 'sparsity' and no 'macs'",
+                "{}: sparsity method '{name}' needs key 'sparsity' and no 'keep_macs'",
                 at(m.name.span())
             ),
         }

@@ -1,12 +1,11 @@
 //! What a recipe run produces: its planned steps, each finished step's cached report, and
 //! the whole run's report (rendered by `html`, written by `run`). Every step report is the
-//! typed report of the library job that produced it ([`PruneReport`], [`SparsifyReport`]),
-//! read back from the step process's JSON; the accessors below are what the HTML report
-//! and the run summary show.
+//! report of the library job that produced it ([`Report`], one schema for pruning and
+//! sparsity), read back from the step process's JSON; the accessors below are what the
+//! HTML report and the run summary show.
 
 use super::Recipe;
-use crate::methods::sparsify::SparsifyReport;
-use crate::prune::report::PruneReport;
+use crate::methods::report::Report;
 use crate::train::EvalResult;
 use serde::{Deserialize, Serialize};
 
@@ -41,66 +40,24 @@ pub struct Step {
     pub args: Vec<String>,
 }
 
-/// A step's report as its process printed it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum StepReport {
-    Prune(Box<PruneReport>),
-    Sparsify(Box<SparsifyReport>),
-}
+/// A step's report as its process printed it: the one schema of every job
+/// ([`crate::methods::report`]), read through the accessors below.
+pub type StepReport = Report;
 
-impl StepReport {
-    /// The headline accuracy: fine-tuned if it was, else right after pruning.
+impl Report {
+    /// The headline accuracy (fine-tuned if it was, else right after the job).
     pub fn accuracy(&self) -> Option<f64> {
-        match self {
-            StepReport::Prune(r) => r.acc_finetuned.or(r.acc_pruned),
-            StepReport::Sparsify(r) => Some(r.acc_sparse),
-        }
-    }
-
-    /// The cost as a fraction of the dense MACs (sparse steps: MACs over non-zero weights).
-    pub fn macs_fraction(&self) -> f64 {
-        match self {
-            StepReport::Prune(r) => r.macs_ratio,
-            StepReport::Sparsify(r) => r.sparse_macs as f64 / r.dense_macs.max(1) as f64,
-        }
+        self.result.top1
     }
 
     /// Fraction of zero weights (sparse steps only).
     pub fn sparsity(&self) -> Option<f64> {
-        match self {
-            StepReport::Prune(_) => None,
-            StepReport::Sparsify(r) => Some(r.sparsity),
-        }
+        (self.command == crate::methods::report::Command::Sparsify).then_some(self.result.sparsity)
     }
 
     /// Measured latency of the result at batch 1 and 64, in ms.
     pub fn latency_ms(&self) -> (f64, f64) {
-        match self {
-            StepReport::Prune(r) => (r.pruned.latency_b1_ms, r.pruned.latency_b64_ms),
-            StepReport::Sparsify(r) => (r.sparse_latency_b1_ms, r.sparse_latency_b64_ms),
-        }
-    }
-
-    /// Per-layer structure: kept width (% of dense) or zero weights (%) per layer.
-    pub fn layer_bars(&self) -> Vec<(String, f64)> {
-        match self {
-            StepReport::Prune(r) => r
-                .widths
-                .iter()
-                .map(|w| {
-                    (
-                        w.node.clone(),
-                        100.0 * w.after as f64 / w.before.max(1) as f64,
-                    )
-                })
-                .collect(),
-            StepReport::Sparsify(r) => r
-                .layers
-                .iter()
-                .map(|l| (l.name.clone(), 100.0 * l.sparsity))
-                .collect(),
-        }
+        (self.result.latency_b1_ms, self.result.latency_b64_ms)
     }
 
     /// The sparse-training loss per epoch (UniPTS), if the step trained.
@@ -112,10 +69,7 @@ impl StepReport {
             #[serde(default)]
             kl: Option<f64>,
         }
-        let StepReport::Sparsify(r) = self else {
-            return Vec::new();
-        };
-        r.details
+        self.details
             .as_ref()
             .and_then(|d| d.get("train"))
             .and_then(|t| serde_json::from_value::<Vec<Epoch>>(t.clone()).ok())

@@ -52,7 +52,7 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
         let budgets = if sparse {
             m.sparsity.as_ref().map(|b| b.get_ref().clone())
         } else {
-            m.macs.as_ref().map(|b| b.get_ref().clone())
+            m.keep_macs.as_ref().map(|b| b.get_ref().clone())
         }
         .unwrap_or_default();
         for &b in &budgets {
@@ -78,7 +78,7 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                         args.extend(["--calib".into(), c.to_string()]);
                     }
                 } else {
-                    args.extend(["--target-macs".into(), b.to_string()]);
+                    args.extend(["--keep-macs".into(), b.to_string()]);
                     args.extend([
                         "--finetune-epochs".into(),
                         r.finetune.epochs.to_string(),
@@ -177,17 +177,24 @@ impl RunLock {
     }
 }
 
-/// Runs a child lopper and parses its JSON stdout. The child dies with this process
-/// (Linux `PR_SET_PDEATHSIG`: SIGTERM when the parent dies, also by kill -9), so no step
-/// keeps working, unseen, after its run was stopped; it holds the run's lock while alive.
+/// Runs a child lopper and parses its JSON stdout. Its stderr (progress lines, warnings)
+/// is forwarded to `progress` line by line as it comes, behind `prefix`, so a long step is
+/// visibly advancing. The child dies with this process (Linux `PR_SET_PDEATHSIG`: SIGTERM
+/// when the parent dies, also by kill -9), so no step keeps working, unseen, after its run
+/// was stopped; it holds the run's lock while alive.
 fn child<T: for<'de> Deserialize<'de>>(
     o: &RunOpts,
     args: &[String],
     what: &str,
     lock: &RunLock,
+    progress: &dyn Progress,
+    prefix: &str,
 ) -> Result<T> {
     let mut cmd = Command::new(&o.exe);
-    cmd.args(args);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
@@ -210,17 +217,38 @@ fn child<T: for<'de> Deserialize<'de>>(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = lock;
-    let out = cmd
-        .output()
+    let mut proc = cmd
+        .spawn()
         .with_context(|| format!("cannot run {}", o.exe.display()))?;
-    if !out.status.success() {
+    let mut stdout = proc.stdout.take().expect("stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut buf).map(|_| buf)
+    });
+    let mut stderr = String::new();
+    if let Some(err) = proc.stderr.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)) {
+            let Ok(line) = line else { break };
+            progress.line(&format!("{prefix}{line}"));
+            stderr.push_str(&line);
+            stderr.push('\n');
+        }
+    }
+    let status = proc
+        .wait()
+        .with_context(|| format!("waiting for {}", o.exe.display()))?;
+    let stdout = reader
+        .join()
+        .map_err(|_| anyhow!("{what}: reading the child's output failed"))?
+        .with_context(|| format!("{what}: reading the child's output"))?;
+    if !status.success() {
         bail!(
             "{what} failed (lopper {}):\n{}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim_end()
+            stderr.trim_end()
         );
     }
-    serde_json::from_slice(&out.stdout)
+    serde_json::from_slice(&stdout)
         .with_context(|| format!("{what}: the child printed no JSON report of the expected form"))
 }
 
@@ -284,7 +312,14 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
                         "training the dense model: lopper {}",
                         args.join(" ")
                     ));
-                    child(o, &args, "training the dense model", &lock)
+                    child(
+                        o,
+                        &args,
+                        "training the dense model",
+                        &lock,
+                        progress,
+                        "  train: ",
+                    )
                 })?;
             if !ran && !p.exists() {
                 bail!(
@@ -301,26 +336,44 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
     eval_args.push("--json".into());
     let (dense, _) = cached(&o.out.join("dense.eval.json"), &eval_args, || {
         log("evaluating the dense model".into());
-        let mut v: DenseEval = child(o, &eval_args, "evaluating the dense model", &lock)?;
+        let mut v: DenseEval = child(
+            o,
+            &eval_args,
+            "evaluating the dense model",
+            &lock,
+            progress,
+            "  eval: ",
+        )?;
         let insp = vec!["inspect".to_string(), dense_path.clone(), "--json".into()];
-        v.cost = child(o, &insp, "inspecting the dense model", &lock).ok();
+        v.cost = child(
+            o,
+            &insp,
+            "inspecting the dense model",
+            &lock,
+            progress,
+            "  ",
+        )
+        .ok();
         Ok(v)
     })?;
     let steps = plan(r, Path::new(&dense_path), o);
     let mut results = Vec::new();
     let mut ran = Vec::new();
+    let mut ran_seconds = 0.0;
     for (i, s) in steps.iter().enumerate() {
         let path = o.out.join("steps").join(format!("{}.json", s.id));
+        let tag = format!("[{}/{}] {}", i + 1, steps.len(), s.id);
         let (res, did) = cached(&path, &s.args, || {
-            log(format!(
-                "[{}/{}] {}: lopper {}",
-                i + 1,
-                steps.len(),
-                s.id,
-                s.args.join(" ")
-            ));
+            log(format!("{tag}: lopper {}", s.args.join(" ")));
             let t = Instant::now();
-            let report = child(o, &s.args, &format!("step {}", s.id), &lock)?;
+            let report = child(
+                o,
+                &s.args,
+                &format!("step {}", s.id),
+                &lock,
+                progress,
+                &format!("  {tag}: "),
+            )?;
             Ok(StepResult {
                 step: s.clone(),
                 report,
@@ -329,8 +382,22 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
         })?;
         if did {
             ran.push(s.id.clone());
+            ran_seconds += res.seconds;
+            // The run's ETA: the steps still to run at the mean time of those run so far
+            // (cached steps cost nothing).
+            let left = steps.len() - i - 1;
+            let eta = ran_seconds / ran.len() as f64 * left as f64;
+            log(format!(
+                "{tag}: done in {}{}",
+                human_secs(res.seconds),
+                if left > 0 {
+                    format!("; {left} step(s) left, run ETA {}", human_secs(eta))
+                } else {
+                    String::new()
+                }
+            ));
         } else {
-            log(format!("[{}/{}] {}: cached", i + 1, steps.len(), s.id));
+            log(format!("{tag}: cached"));
         }
         results.push(res);
     }
@@ -350,8 +417,17 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
         &o.out.join("report.json"),
         serde_json::to_string_pretty(&rep)?.as_bytes(),
     )?;
-    atomic_write(&o.out.join("report.html"), html::render(&rep).as_bytes())?;
+    atomic_write(&o.out.join("report.html"), html::render(&rep)?.as_bytes())?;
     Ok(rep)
+}
+
+/// Seconds as a person reads them: 42 s, 7.5 min, 1.3 h.
+fn human_secs(s: f64) -> String {
+    match s {
+        s if s >= 3600.0 => format!("{:.1} h", s / 3600.0),
+        s if s >= 120.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{s:.0} s"),
+    }
 }
 
 fn cpu_model() -> String {

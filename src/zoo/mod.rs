@@ -33,6 +33,35 @@ pub const MODELS: &[&str] = &[
     "digit_cnn",
 ];
 
+/// Trained models shipped in the repository's `models/` folder (provenance in
+/// `models/README.md`), by name: `lopper eval resnet20-cifar10 --data cifar10` finds
+/// `models/resnet20-cifar10.safetensors`.
+pub const SHIPPED: &[&str] = &[
+    "resnet20-cifar10",
+    "lenet5-mnist",
+    "mlp-mnist",
+    "stamp-ref-fmnist",
+];
+
+/// The file of a shipped model: `models/NAME.safetensors` under `$LOPPER_MODELS`, the
+/// working directory, or the source tree the binary was built from (so it is found from
+/// any directory of a clone).
+pub fn shipped(name: &str) -> Option<std::path::PathBuf> {
+    if !SHIPPED.contains(&name) {
+        return None;
+    }
+    let file = format!("{name}.safetensors");
+    let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("LOPPER_MODELS") {
+        dirs.push(d.into());
+    }
+    dirs.push("models".into());
+    dirs.push(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    dirs.into_iter()
+        .map(|d| d.join(&file))
+        .find(|p| p.is_file())
+}
+
 /// Input shape and class count a model name implies unless overridden.
 fn default_shape(base: &str) -> (Vec<usize>, usize) {
     match base {
@@ -86,7 +115,11 @@ pub fn build(spec: &str, seed: u64) -> Result<Graph> {
                 resnet_cifar(b[6..].parse()?, &shape, k, seed)
             }
             "mobilenetv2" => mobilenet_v2(&shape, k, seed),
-            _ => bail!("unknown model '{base}'; known: {}", MODELS.join(", ")),
+            _ => bail!(
+                "unknown model '{base}'; zoo (random init): {}; trained: digit_recognizer_cnn (shared data), {} (models/); or a .safetensors / .onnx file",
+                MODELS.join(", "),
+                SHIPPED.join(", ")
+            ),
         }
     };
     g.with_context(|| format!("building model '{spec}'"))

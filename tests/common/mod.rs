@@ -88,3 +88,8 @@ pub fn l1_half(g: &Graph, groups: &lopper::prune::Groups) -> (lopper::prune::Rem
     let pruned = remove_units(g, groups, &removal).unwrap();
     (removal, pruned)
 }
+
+/// The kept fraction of the dense MACs in a `lopper.report/1` JSON report.
+pub fn macs_kept(r: &serde_json::Value) -> f64 {
+    r["result"]["macs"].as_f64().unwrap() / r["dense"]["macs"].as_f64().unwrap()
+}

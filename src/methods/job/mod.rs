@@ -19,7 +19,7 @@ pub use stamp::StampRun;
 
 use crate::data::Dataset;
 use crate::graph::Graph;
-use crate::prune::report::{self, PruneReport};
+use crate::methods::report::{self, Command, Report, Seconds, SCHEMA};
 use crate::prune::Budget;
 use crate::train::{self, Schedule, TrainConfig, TrainOpts};
 use crate::util::Progress;
@@ -78,7 +78,7 @@ pub struct PruneJob {
 /// What a job returns: the pruned (and fine-tuned) graph and the report that proves it.
 pub struct Outcome {
     pub graph: Graph,
-    pub report: PruneReport,
+    pub report: Report,
 }
 
 /// The pruning stage's result, before the final fine-tuning.
@@ -207,24 +207,24 @@ pub fn run(
             show(acc_ft)
         ));
     }
-    let ds = report::snapshot(dense, 10)?;
-    let ps = report::snapshot(&pruned, 10)?;
-    let report = PruneReport {
+    let report = Report {
+        schema: SCHEMA.into(),
+        command: Command::Prune,
         method: job.method_name.clone(),
-        scope: job.scope_name.clone(),
         budget: job.budget.to_string(),
-        macs_ratio: ps.macs as f64 / ds.macs as f64,
-        params_ratio: ps.params as f64 / ds.params as f64,
-        dense: ds,
-        pruned: ps,
-        acc_dense,
-        acc_pruned,
-        acc_finetuned: acc_ft,
-        prune_seconds: p.prune_seconds,
-        finetune_seconds: ft_secs,
-        widths: report::widths(dense, &pruned),
-        details: p.details,
+        scope: Some(job.scope_name.clone()),
+        pattern: None,
+        calib: None,
+        dense: report::measure(dense, acc_dense, 10)?,
+        result: report::measure(&pruned, acc_ft.or(acc_pruned), 10)?,
+        top1_before_finetune: acc_pruned,
+        seconds: Seconds {
+            method: p.prune_seconds,
+            finetune: ft_secs,
+        },
+        layers: report::layers(dense, &pruned)?,
         finetune_history: curve,
+        details: p.details,
         warnings: warnings.into_inner(),
         blocked: crate::prune::blocked_groups(dense, &crate::prune::dependency_groups(dense)?),
     };

@@ -14,7 +14,7 @@ use super::external::ExternalData;
 use super::value::{from_proto_with, Const};
 use crate::graph::ops::{Input, Op};
 use crate::graph::shape::Shape;
-use crate::graph::{param_key, Graph, Node, NodeId};
+use crate::graph::{param_key, Graph, ModelMeta, Node, NodeId};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use onnx_protobuf::{Message, ModelProto, NodeProto};
@@ -335,7 +335,9 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
             ctx.rename(id, &o.name);
         }
     }
-    Ok((prune_dead(ctx, outputs)?, notes))
+    let mut graph = prune_dead(ctx, outputs)?;
+    graph.meta = describe(model);
+    Ok((graph, notes))
 }
 
 /// The batch size the file fixes for input `v`, if it fixes one.
@@ -417,6 +419,43 @@ fn prune_dead(ctx: Ctx, outputs: Vec<NodeId>) -> Result<Graph> {
     }
     let outputs = outputs.iter().map(|&o| new_id[o]).collect();
     Graph::with_parts(nodes, outputs, params)
+}
+
+/// The model's own description (doc strings, names, metadata), kept for export.
+fn describe(model: &ModelProto) -> ModelMeta {
+    let g = model.graph.as_ref();
+    let producer = match (
+        model.producer_name.as_str(),
+        model.producer_version.as_str(),
+    ) {
+        ("", _) => String::new(),
+        (n, "") => n.to_string(),
+        (n, v) => format!("{n} {v}"),
+    };
+    let value_docs = g
+        .map(|g| {
+            g.input
+                .iter()
+                .chain(&g.output)
+                .filter(|v| !v.doc_string.is_empty())
+                .map(|v| (v.name.clone(), v.doc_string.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ModelMeta {
+        doc: model.doc_string.clone(),
+        graph_name: g.map(|g| g.name.clone()).unwrap_or_default(),
+        graph_doc: g.map(|g| g.doc_string.clone()).unwrap_or_default(),
+        domain: model.domain.clone(),
+        model_version: model.model_version,
+        producer,
+        props: model
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect(),
+        value_docs,
+    }
 }
 
 /// Bit-identical tensors (same shape, same f32 values).

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Trains the dense models shipped in models/ (the recipes' and the README's starting points)
+# and records their provenance in models/models.toml: the exact command, seed, wall time,
+# CPU, date, the test accuracy as `lopper eval` measures it (correct / total on the full
+# test split) and the file's SHA-1. tests/shipped_models.rs checks every entry (checksum,
+# accuracy to the sample). Resumable: a model already in models/ is kept.
+#   bench/train_shipped.sh                # all
+#   ONLY="lenet5-mnist mlp-mnist" bench/train_shipped.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+L=${LOPPER:-target/release/lopper}
+M=models
+CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+mkdir -p $M runs/shipped
+declare -A CMD DATA EVAL
+CMD[lenet5-mnist]="train lenet5 --data mnist --epochs 3 --lr 0.05 --batch-size 64 --seed 0"
+DATA[lenet5-mnist]=mnist
+CMD[mlp-mnist]="train mlp:784-512-256-10 --data mnist --epochs 3 --lr 0.05 --batch-size 64 --seed 0"
+DATA[mlp-mnist]=mnist
+CMD[stamp-ref-fmnist]="train resnet8@1x28x28 --data fashion-mnist --epochs 3 --lr 0.05 --batch-size 128 --seed 0"
+DATA[stamp-ref-fmnist]=fashion-mnist
+# Phase 1 of bench/train_resnet20.sh (20 epochs, cosine from 0.1, 1 warm-up epoch).
+CMD[resnet20-cifar10]="train resnet20 --data cifar10 --epochs 20 --batch-size 128 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --seed 0 --checkpoint runs/shipped/resnet20-cifar10.ckpt"
+DATA[resnet20-cifar10]=cifar10
+ORDER="lenet5-mnist mlp-mnist stamp-ref-fmnist resnet20-cifar10"
+for name in ${ONLY:-$ORDER}; do
+  out=$M/$name.safetensors
+  if [ ! -f "$out" ]; then
+    resume=""
+    [[ "${CMD[$name]}" == *--checkpoint* && -f runs/shipped/$name.ckpt ]] && resume="--resume"
+    t0=$(date +%s)
+    $L ${CMD[$name]} $resume -o "$out.tmp.safetensors"
+    mv "$out.tmp.safetensors" "$out"
+    echo "$(( $(date +%s) - t0 ))" > runs/shipped/$name.seconds
+  fi
+  ev=$($L eval "$out" --data "${DATA[$name]}" --json --quiet)
+  correct=$(echo "$ev" | jq .result.correct); n=$(echo "$ev" | jq .result.n)
+  secs=$(cat runs/shipped/$name.seconds 2>/dev/null || echo null)
+  cmd="lopper ${CMD[$name]} -o $out"
+  cmd=${cmd/ --checkpoint runs\/shipped\/$name.ckpt/}
+  entry="[[model]]
+name = \"$name\"
+file = \"$name.safetensors\"
+sha1 = \"$(sha1sum "$out" | cut -d' ' -f1)\"
+data = \"${DATA[$name]}\"
+correct = $correct
+total = $n
+command = \"$cmd\"
+seconds = $secs
+cpu = \"$CPU\"
+date = \"$(date -u +%Y-%m-%d)\"
+"
+  # Replace this model's entry in the manifest (entries are separated by blank lines).
+  touch $M/models.toml
+  python3 - "$M/models.toml" "$name" "$entry" <<'PY'
+import sys
+path, name, entry = sys.argv[1:]
+blocks = [b.strip() for b in open(path).read().split("\n\n") if b.strip()]
+keep = [b for b in blocks if f'name = "{name}"' not in b]
+header = [b for b in keep if not b.lstrip().startswith("[[model]]")]
+models = [b for b in keep if b.lstrip().startswith("[[model]]")] + [entry.strip()]
+open(path, "w").write("\n\n".join(header + models) + "\n")
+PY
+  echo "$name: $correct/$n"
+done
