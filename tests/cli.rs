@@ -678,8 +678,11 @@ fn flags_share_one_vocabulary_and_old_names_still_work() {
             assert!(h.contains(f), "{cmd} --help lacks {f}:\n{h}");
         }
     }
-    // Every method and zoo name is listed where a user picks one.
+    // Every method and model name is listed where a user picks one.
     let h = help("prune");
+    for m in lopper::zoo::MODELS.iter().chain(lopper::zoo::SHIPPED) {
+        assert!(h.contains(m), "prune --help lacks model name {m}");
+    }
     for m in ["l1", "taylor", "fpgm", "ispasp", "dwr", "stamp"] {
         assert!(h.contains(m), "prune --help lacks method {m}");
     }

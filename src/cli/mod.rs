@@ -30,7 +30,11 @@ pub(crate) use std::time::Instant;
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Zoo name (e.g. resnet20, mlp:784-300-10, digit_recognizer_cnn) or a saved model file.
+    /// A model file (.safetensors or .onnx), a trained model by name — resnet20-cifar10,
+    /// lenet5-mnist, mlp-mnist, stamp-ref-fmnist (shipped in models/), digit_recognizer_cnn
+    /// (shared data) — or a zoo architecture with random weights: mlp:IN-H1-...-OUT, lenet5,
+    /// resnet8, vgg11, vgg16, resnet20, resnet32, resnet56, resnet110, mobilenetv2,
+    /// digit_cnn (a shape may follow: resnet20@3x32x32#10).
     model: String,
     /// Plain safetensors weights (PyTorch names) to load into a zoo model.
     #[arg(long)]
@@ -128,10 +132,11 @@ fn resolve_model_inner(m: &ModelArgs, data: Option<&Dataset>, dir: Option<&Path>
     }
     if zoo::SHIPPED.contains(&m.model.as_str()) {
         bail!(
-            "the shipped model '{}' is not here: models/{}.safetensors is looked up under $LOPPER_MODELS, the working directory and {}",
+            "the shipped model '{}' is not here: models/{}.safetensors is looked up under $LOPPER_MODELS, the working directory and {}; `ONLY={} bench/train_shipped.sh` trains and records it",
             m.model,
             m.model,
-            env!("CARGO_MANIFEST_DIR")
+            env!("CARGO_MANIFEST_DIR"),
+            m.model
         );
     }
     let (spec, weights) = match shared_model(&m.model, dir) {
