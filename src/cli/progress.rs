@@ -62,11 +62,7 @@ fn eta(started: Instant, done: u64, total: u64) -> String {
         return String::new();
     }
     let secs = started.elapsed().as_secs_f64() * (total - done) as f64 / done as f64;
-    match secs {
-        s if s >= 3600.0 => format!(", ETA {:.1} h", s / 3600.0),
-        s if s >= 120.0 => format!(", ETA {:.0} min", s / 60.0),
-        s => format!(", ETA {s:.0} s"),
-    }
+    format!(", ETA {}", lopper::util::human_secs(secs))
 }
 
 impl Progress for Console {

@@ -58,9 +58,8 @@ pub fn run(a: RunArgs) -> Result<()> {
 pub(super) fn print_table(rep: &lopper::recipe::report::RunReport) {
     let dense = rep.dense.result.top1;
     let dense_latency = rep
-        .steps
-        .first()
-        .map(|s| (s.report.dense.latency_b1_ms, s.report.dense.latency_b64_ms));
+        .dense_measured()
+        .map(|d| (d.latency_b1_ms, d.latency_b64_ms));
     let head = [
         "method",
         "MACs",

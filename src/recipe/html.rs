@@ -58,7 +58,7 @@ fn results_table(r: &RunReport) -> String {
     let dense_acc = r.dense.result.top1;
     let mut h = String::new();
     h += "<h2>Results</h2>\n<table><tr><th>method</th><th>budget</th><th>seed</th><th>MACs, % of dense (sparsity methods: non-zero weights)</th><th>params, % of dense</th><th>zero weights</th><th>top-1 % after the method</th><th>top-1 %</th><th>Δ vs dense</th><th>latency b1 / b64 ms</th><th>wall s</th></tr>\n";
-    if let Some(d) = r.steps.first().map(|s| &s.report.dense) {
+    if let Some(d) = r.dense_measured() {
         h += &format!(
             "<tr><td>dense</td><td></td><td></td><td>100.0 %</td><td>100.0 %</td><td>—</td><td></td><td>{:.2}</td><td></td><td>{:.2} / {:.1}</td><td></td></tr>\n",
             100.0 * dense_acc,
@@ -127,7 +127,7 @@ fn cost_charts(r: &RunReport, palette: &Palette) -> Result<String> {
         }
     }
     let mut h = String::from("<h2>Accuracy vs cost</h2>\n");
-    let dense_b64 = r.steps.first().map(|s| s.report.dense.latency_b64_ms);
+    let dense_b64 = r.dense_measured().map(|d| d.latency_b64_ms);
     for (title, x_label, m) in [
         (
             "Structured pruning: top-1 vs MACs",

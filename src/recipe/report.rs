@@ -124,3 +124,11 @@ pub struct RunReport {
     pub machine: Machine,
     pub seconds: f64,
 }
+
+impl RunReport {
+    /// The dense model as measured by the steps (every step measures it the same way; the
+    /// first one's numbers are shown): `None` for a run without steps.
+    pub fn dense_measured(&self) -> Option<&crate::methods::report::Measured> {
+        self.steps.first().map(|s| &s.report.dense)
+    }
+}

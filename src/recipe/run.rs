@@ -8,7 +8,7 @@ pub use super::report::{
     DenseCost, DenseEval, Machine, RunReport, Step, StepKind, StepReport, StepResult,
 };
 use super::{html, Recipe};
-use crate::util::{atomic_write, Progress};
+use crate::util::{atomic_write, human_secs, Progress};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -419,15 +419,6 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
     )?;
     atomic_write(&o.out.join("report.html"), html::render(&rep)?.as_bytes())?;
     Ok(rep)
-}
-
-/// Seconds as a person reads them: 42 s, 7.5 min, 1.3 h.
-fn human_secs(s: f64) -> String {
-    match s {
-        s if s >= 3600.0 => format!("{:.1} h", s / 3600.0),
-        s if s >= 120.0 => format!("{:.1} min", s / 60.0),
-        s => format!("{s:.0} s"),
-    }
 }
 
 fn cpu_model() -> String {

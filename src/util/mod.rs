@@ -156,6 +156,15 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Seconds as a person reads them: 42 s, 7.5 min, 1.3 h (progress ETAs, run summaries).
+pub fn human_secs(s: f64) -> String {
+    match s {
+        s if s >= 3600.0 => format!("{:.1} h", s / 3600.0),
+        s if s >= 120.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{s:.0} s"),
+    }
+}
+
 /// A 64-bit FNV-1a hash of some bytes (pairs a model file with its report, keys caches,
 /// fingerprints data; not for security).
 pub fn fnv64(bytes: &[u8]) -> u64 {
