@@ -13,7 +13,7 @@ use crate::exec::{Feeds, Mode, Plan, PlanOpts};
 use crate::graph::cost::cost;
 use crate::graph::ops::Op;
 use crate::graph::Graph;
-use crate::sparse::layers::sparsity_report;
+use crate::sparse::layers::{sparsity_report, LayerSparsity};
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,41 @@ impl Report {
             })
             .collect()
     }
+
+    /// The headline accuracy (fine-tuned if it was, else right after the job).
+    pub fn accuracy(&self) -> Option<f64> {
+        self.result.top1
+    }
+
+    /// Fraction of zero weights (sparse steps only).
+    pub fn sparsity(&self) -> Option<f64> {
+        (self.command == Command::Sparsify).then_some(self.result.sparsity)
+    }
+
+    /// Measured latency of the result at batch 1 and 64, in ms.
+    pub fn latency_ms(&self) -> (f64, f64) {
+        (self.result.latency_b1_ms, self.result.latency_b64_ms)
+    }
+
+    /// The sparse-training loss per epoch (UniPTS), if the step trained.
+    pub fn loss_curve(&self) -> Vec<(f64, f64)> {
+        #[derive(Deserialize)]
+        struct Epoch {
+            epoch: usize,
+            loss: f64,
+            #[serde(default)]
+            kl: Option<f64>,
+        }
+        self.details
+            .as_ref()
+            .and_then(|d| d.get("train"))
+            .and_then(|t| serde_json::from_value::<Vec<Epoch>>(t.clone()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            // The KL to the teacher where recorded (never negative), else the objective.
+            .map(|e| (e.epoch as f64, e.kl.unwrap_or(e.loss)))
+            .collect()
+    }
 }
 
 /// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.
@@ -167,8 +202,32 @@ pub fn latency_ms(g: &Graph, b: usize, reps: usize) -> Result<f64> {
 /// Measures `g`: cost, weights, latency (`reps` runs at batch 64, five times as many at
 /// batch 1) and the given accuracy.
 pub fn measure(g: &Graph, top1: Option<f64>, reps: usize) -> Result<Measured> {
-    let c = cost(g)?;
     let (rows, sparsity) = sparsity_report(g)?;
+    measure_with(g, &rows, sparsity, top1, reps)
+}
+
+/// The job's result measured as [`measure`] does, and every conv, transposed-conv and
+/// linear layer of `dense` with its width in `result` (matched by name) and the result's
+/// zero weights — one pass over the result's weights for both.
+pub fn measure_result(
+    dense: &Graph,
+    result: &Graph,
+    top1: Option<f64>,
+    reps: usize,
+) -> Result<(Measured, Vec<Layer>)> {
+    let (rows, sparsity) = sparsity_report(result)?;
+    let measured = measure_with(result, &rows, sparsity, top1, reps)?;
+    Ok((measured, layers(dense, result, &rows)))
+}
+
+fn measure_with(
+    g: &Graph,
+    rows: &[LayerSparsity],
+    sparsity: f64,
+    top1: Option<f64>,
+    reps: usize,
+) -> Result<Measured> {
+    let c = cost(g)?;
     let density: HashMap<&str, f64> = rows
         .iter()
         .map(|r| (r.name.as_str(), 1.0 - r.sparsity))
@@ -192,21 +251,18 @@ pub fn measure(g: &Graph, top1: Option<f64>, reps: usize) -> Result<Measured> {
     })
 }
 
-/// Every conv, transposed-conv and linear layer of `dense`, with its width in `result`
-/// (matched by name) and the result's zero weights.
-pub fn layers(dense: &Graph, result: &Graph) -> Result<Vec<Layer>> {
+fn layers(dense: &Graph, result: &Graph, rows: &[LayerSparsity]) -> Vec<Layer> {
     let width = |op: &Op| match op {
         Op::Conv2d(c) => Some(c.out_channels),
         Op::ConvTranspose2d(c) => Some(c.out_channels),
         Op::Linear(l) => Some(l.out_features),
         _ => None,
     };
-    let (rows, _) = sparsity_report(result)?;
     let zeros: HashMap<&str, (usize, usize)> = rows
         .iter()
         .map(|r| (r.name.as_str(), (r.numel, r.zeros)))
         .collect();
-    Ok(dense
+    dense
         .nodes
         .iter()
         .filter_map(|n| {
@@ -224,5 +280,5 @@ pub fn layers(dense: &Graph, result: &Graph) -> Result<Vec<Layer>> {
                 sparsity: zeros as f64 / weights.max(1) as f64,
             })
         })
-        .collect())
+        .collect()
 }

@@ -126,6 +126,7 @@ pub fn run(
     sparse.set_sparse_kernels(true);
     let packed = SparsePack::build(&sparse)?.len();
     progress.line(&format!("{packed} layers run on the sparse kernels"));
+    let (result, layers) = report::measure_result(dense, &sparse, Some(acc_sparse), 4)?;
     let report = Report {
         schema: SCHEMA.into(),
         command: Command::Sparsify,
@@ -135,13 +136,13 @@ pub fn run(
         pattern: Some(job.pattern.to_string()),
         calib: Some(calib.len()),
         dense: report::measure(dense, Some(acc_dense), 4)?,
-        result: report::measure(&sparse, Some(acc_sparse), 4)?,
+        result,
         top1_before_finetune: None,
         seconds: Seconds {
             method: seconds,
             finetune: 0.0,
         },
-        layers: report::layers(dense, &sparse)?,
+        layers,
         finetune_history: None,
         details,
         warnings: warnings.into_inner(),

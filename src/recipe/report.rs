@@ -1,8 +1,8 @@
 //! What a recipe run produces: its planned steps, each finished step's cached report, and
 //! the whole run's report (rendered by `html`, written by `run`). Every step report is the
 //! report of the library job that produced it ([`Report`], one schema for pruning and
-//! sparsity), read back from the step process's JSON; the accessors below are what the
-//! HTML report and the run summary show.
+//! sparsity), read back from the step process's JSON; its accessors (beside the type) are
+//! what the HTML report and the run summary show.
 
 use super::Recipe;
 use crate::methods::report::Report;
@@ -40,52 +40,12 @@ pub struct Step {
     pub args: Vec<String>,
 }
 
-/// A step's report as its process printed it: the one schema of every job
-/// ([`crate::methods::report`]), read through the accessors below.
-pub type StepReport = Report;
-
-impl Report {
-    /// The headline accuracy (fine-tuned if it was, else right after the job).
-    pub fn accuracy(&self) -> Option<f64> {
-        self.result.top1
-    }
-
-    /// Fraction of zero weights (sparse steps only).
-    pub fn sparsity(&self) -> Option<f64> {
-        (self.command == crate::methods::report::Command::Sparsify).then_some(self.result.sparsity)
-    }
-
-    /// Measured latency of the result at batch 1 and 64, in ms.
-    pub fn latency_ms(&self) -> (f64, f64) {
-        (self.result.latency_b1_ms, self.result.latency_b64_ms)
-    }
-
-    /// The sparse-training loss per epoch (UniPTS), if the step trained.
-    pub fn loss_curve(&self) -> Vec<(f64, f64)> {
-        #[derive(Deserialize)]
-        struct Epoch {
-            epoch: usize,
-            loss: f64,
-            #[serde(default)]
-            kl: Option<f64>,
-        }
-        self.details
-            .as_ref()
-            .and_then(|d| d.get("train"))
-            .and_then(|t| serde_json::from_value::<Vec<Epoch>>(t.clone()).ok())
-            .unwrap_or_default()
-            .into_iter()
-            // The KL to the teacher where recorded (never negative), else the objective.
-            .map(|e| (e.epoch as f64, e.kl.unwrap_or(e.loss)))
-            .collect()
-    }
-}
-
 /// A finished step as cached.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepResult {
     pub step: Step,
-    pub report: StepReport,
+    /// The step's report as its process printed it (the one schema of every job).
+    pub report: Report,
     pub seconds: f64,
 }
 

@@ -4,9 +4,7 @@
 //! whose cache holds the same arguments is not run again, so an interrupted run resumes
 //! where it stopped; changing a step's settings reruns only that step.
 
-pub use super::report::{
-    DenseCost, DenseEval, Machine, RunReport, Step, StepKind, StepReport, StepResult,
-};
+pub use super::report::{DenseCost, DenseEval, Machine, RunReport, Step, StepKind, StepResult};
 use super::{html, Recipe};
 use crate::util::{atomic_write, human_secs, Progress};
 use anyhow::{anyhow, bail, Context, Result};

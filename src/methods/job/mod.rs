@@ -207,6 +207,7 @@ pub fn run(
             show(acc_ft)
         ));
     }
+    let (result, layers) = report::measure_result(dense, &pruned, acc_ft.or(acc_pruned), 10)?;
     let report = Report {
         schema: SCHEMA.into(),
         command: Command::Prune,
@@ -216,13 +217,13 @@ pub fn run(
         pattern: None,
         calib: None,
         dense: report::measure(dense, acc_dense, 10)?,
-        result: report::measure(&pruned, acc_ft.or(acc_pruned), 10)?,
+        result,
         top1_before_finetune: acc_pruned,
         seconds: Seconds {
             method: p.prune_seconds,
             finetune: ft_secs,
         },
-        layers: report::layers(dense, &pruned)?,
+        layers,
         finetune_history: curve,
         details: p.details,
         warnings: warnings.into_inner(),
