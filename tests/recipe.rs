@@ -73,11 +73,48 @@ fn bad_recipes_name_the_line_and_key() {
         e.contains("unknown field `epoch`") && e.contains("line 11"),
         "{e}"
     );
-    let e = err(&TINY.replace("name = \"l1\"", "name = \"stamp\""));
+    // STAMP without a generator is meta-trained by the run; its `meta-` options belong
+    // to STAMP alone and not beside a given generator.
+    let stamp = TINY.replace("name = \"l1\"", "name = \"stamp\"");
+    let r = lopper::recipe::parse(&stamp, "r.toml").unwrap();
+    assert!(r.methods[0].needs_meta_training());
+    let e = err(&TINY.replace(
+        "keep_macs = [0.5, 0.7]",
+        "keep_macs = [0.5, 0.7]\noptions = { meta-iterations = 5 }",
+    ));
     assert!(
-        e.contains("line 12") && e.contains("needs options = { generator"),
+        e.contains("line 12") && e.contains("'meta-iterations' is for method 'stamp'"),
         "{e}"
     );
+    let e = err(&stamp.replace(
+        "keep_macs = [0.5, 0.7]",
+        "keep_macs = [0.5, 0.7]\noptions = { generator = \"g.safetensors\", meta-iterations = 5 }",
+    ));
+    assert!(e.contains("drop one of the two"), "{e}");
+    let o = lopper::recipe::run::RunOpts {
+        out: "OUT".into(),
+        exe: "lopper".into(),
+        data_dir: None,
+    };
+    let stamp = stamp.replace(
+        "keep_macs = [0.5, 0.7]",
+        "keep_macs = [0.5]\noptions = { meta-iterations = 5, set-size = 20 }",
+    );
+    let r = lopper::recipe::parse(&stamp, "r.toml").unwrap();
+    let meta = lopper::recipe::run::meta_training(&r, std::path::Path::new("d.safetensors"), &o);
+    assert_eq!(meta.len(), 1);
+    let (_, g, args) = &meta[0];
+    assert_eq!(args[..3], ["stamp", "meta-train", "d.safetensors"]);
+    assert!(args.contains(&"--iterations=5".to_string()), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--set-size")),
+        "{args:?}"
+    );
+    let steps = lopper::recipe::run::plan(&r, std::path::Path::new("d.safetensors"), &o);
+    let gen = format!("--generator={}", g.display());
+    assert!(steps[0].args.contains(&gen), "{:?}", steps[0].args);
+    assert!(steps[0].args.contains(&"--set-size=20".to_string()));
+    assert!(!steps[0].args.iter().any(|a| a.contains("iterations")));
     let e = err("name = [");
     assert!(e.contains("r.toml (line 1)"), "{e}");
 }

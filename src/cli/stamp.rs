@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use lopper::data::Split;
 use lopper::methods::stamp::{meta, store};
+use lopper::util::Progress;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -92,14 +93,24 @@ pub fn meta_train(a: MetaTrainArgs) -> Result<()> {
     let cfg = a.config();
     let st = meta::Stamp::new(&g, &cfg)?;
     let t = Instant::now();
+    // Progress on stderr (a bar on a terminal, a line every few seconds otherwise), also
+    // with --json; a summary line every 10 iterations.
+    let progress = super::progress::Console::new();
+    progress.start("meta-training", cfg.iterations as u64);
     let hist = st.meta_train(&g, &ds, &cfg, |l| {
-        if !a.json && (l.iteration % 10 == 0 || l.iteration == 1) {
-            eprintln!(
-                "meta-iteration {}/{}: outer CE {:.4}, KL {:.1}, mean E[pi] {:.3}, {:.2}s",
-                l.iteration, cfg.iterations, l.outer_ce, l.kl, l.mean_gate, l.seconds
-            );
+        let status = format!(
+            "outer CE {:.4}, KL {:.1}, mean E[pi] {:.3}",
+            l.outer_ce, l.kl, l.mean_gate
+        );
+        if l.iteration % 10 == 0 || l.iteration == 1 {
+            progress.line(&format!(
+                "meta-iteration {}/{}: {status}, {:.2}s",
+                l.iteration, cfg.iterations, l.seconds
+            ));
         }
+        progress.step(l.iteration as u64, &status);
     })?;
+    progress.finish();
     let secs = t.elapsed().as_secs_f64();
     store::save(&a.output, &g, &st, &cfg)?;
     if a.json {

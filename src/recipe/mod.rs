@@ -112,12 +112,18 @@ pub struct MethodSpec {
     /// Sparsity budgets: fraction of zero weights, each in [0, 1).
     pub sparsity: Option<Spanned<Vec<f64>>>,
     /// Extra command-line options of `lopper prune` / `lopper sparsify`
-    /// (`key = value` becomes `--key value`; `key = true` becomes `--key`).
+    /// (`key = value` becomes `--key value`; `key = true` becomes `--key`). For `stamp`
+    /// without a `generator`, the run meta-trains one on the recipe's data first, and
+    /// `meta-KEY = value` options go to `lopper stamp meta-train` as `--KEY value`.
     #[serde(default)]
     pub options: BTreeMap<String, toml::Value>,
 }
 
 impl MethodSpec {
+    /// A STAMP step whose generator the run meta-trains (no `generator` option given).
+    pub fn needs_meta_training(&self) -> bool {
+        self.name.get_ref() == "stamp" && !self.options.contains_key("generator")
+    }
     pub fn label(&self) -> String {
         self.label
             .clone()
@@ -195,12 +201,21 @@ pub fn parse(src: &str, origin: &str) -> Result<Recipe> {
                 at(m.name.span())
             ),
         }
-        if name == "stamp" && !m.options.contains_key("generator") {
-            bail!(
-                "{}: method 'stamp' needs options = {{ generator = \"G\" }} (a generator from \
-                 lopper stamp meta-train for this model)",
-                at(m.name.span())
-            );
+        if name != "stamp" {
+            if let Some(k) = m.options.keys().find(|k| k.starts_with("meta-")) {
+                bail!(
+                    "{}: option '{k}' is for method 'stamp' (its meta-training), not '{name}'",
+                    at(m.name.span())
+                );
+            }
+        } else if m.options.contains_key("generator") {
+            if let Some(k) = m.options.keys().find(|k| k.starts_with("meta-")) {
+                bail!(
+                    "{}: option '{k}' configures the meta-training of a generator, but this \
+                     method is given one (generator = ...): drop one of the two",
+                    at(m.name.span())
+                );
+            }
         }
         for (k, v) in &m.options {
             if !k

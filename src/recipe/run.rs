@@ -41,6 +41,54 @@ fn data_args(r: &Recipe, o: &RunOpts) -> Vec<String> {
     a
 }
 
+/// Where the run keeps the generator it meta-trains for a STAMP method (by label).
+fn generator_path(o: &RunOpts, label: &str) -> PathBuf {
+    let safe = label.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+    o.out
+        .join("stamp")
+        .join(format!("{safe}-generator.safetensors"))
+}
+
+/// The `lopper stamp meta-train` runs a recipe needs before its steps: one per STAMP
+/// method without a `generator` option, on the dense model and the recipe's data, with its
+/// `meta-KEY` options as `--KEY`. Returns (label, output generator, arguments).
+pub fn meta_training(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<(String, PathBuf, Vec<String>)> {
+    r.methods
+        .iter()
+        .filter(|m| m.needs_meta_training())
+        .map(|m| {
+            let label = m.label();
+            let out = generator_path(o, &label);
+            let mut args = vec![
+                "stamp".to_string(),
+                "meta-train".into(),
+                dense.display().to_string(),
+            ];
+            args.extend(data_args(r, o));
+            args.extend(["--seed".into(), r.seeds[0].to_string()]);
+            for (k, v) in &m.options {
+                if let Some(key) = k.strip_prefix("meta-") {
+                    push_option(&mut args, key, v);
+                }
+            }
+            args.extend(["--json".into(), "-o".into(), out.display().to_string()]);
+            (label, out, args)
+        })
+        .collect()
+}
+
+/// `key = true` → `--key`; `key = false` → nothing; else one `--key=value` word (a value
+/// such as `-1` must not parse as a flag: it reaches the child's range check instead).
+fn push_option(args: &mut Vec<String>, key: &str, v: &toml::Value) {
+    let flag = format!("--{}", key.replace('_', "-"));
+    match (v, opt_str(v)) {
+        (toml::Value::Boolean(true), _) => args.push(flag),
+        (toml::Value::Boolean(false), _) => {}
+        (_, Some(s)) => args.push(format!("{flag}={s}")),
+        _ => {}
+    }
+}
+
 /// The steps of a recipe, in order, for the dense model at `dense`.
 pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
     let mut steps = Vec::new();
@@ -92,15 +140,13 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                 }
                 args.extend(["--seed".into(), seed.to_string()]);
                 for (k, v) in &m.options {
-                    let flag = format!("--{}", k.replace('_', "-"));
-                    match (v, opt_str(v)) {
-                        (toml::Value::Boolean(true), _) => args.push(flag),
-                        (toml::Value::Boolean(false), _) => {}
-                        // One `--key=value` word: a value such as `-1` must not parse
-                        // as a flag (it reaches the child's range check instead).
-                        (_, Some(s)) => args.push(format!("{flag}={s}")),
-                        _ => {}
+                    if !k.starts_with("meta-") {
+                        push_option(&mut args, k, v);
                     }
+                }
+                if m.needs_meta_training() {
+                    let g = generator_path(o, &label);
+                    args.push(format!("--generator={}", g.display()));
                 }
                 let model = o.out.join("steps").join(format!("{id}.safetensors"));
                 args.extend(["--json".into(), "-o".into(), model.display().to_string()]);
@@ -354,6 +400,34 @@ pub fn run(r: &Recipe, o: &RunOpts, progress: &dyn Progress) -> Result<RunReport
         .ok();
         Ok(v)
     })?;
+    // Generators for STAMP methods that were not given one, meta-trained on the dense
+    // model and the recipe's data (cached like the steps).
+    for (label, out, args) in meta_training(r, Path::new(&dense_path), o) {
+        let rec = out.with_extension("json");
+        std::fs::create_dir_all(out.parent().unwrap_or(&o.out))
+            .with_context(|| format!("cannot create {}", o.out.display()))?;
+        let (_, ran): (serde_json::Value, bool) = cached(&rec, &args, || {
+            log(format!(
+                "meta-training the STAMP generator of '{label}': lopper {}",
+                args.join(" ")
+            ));
+            child(
+                o,
+                &args,
+                &format!("meta-training the generator of '{label}'"),
+                &lock,
+                progress,
+                "  stamp: ",
+            )
+        })?;
+        if !ran && !out.exists() {
+            bail!(
+                "{}: cached meta-training but the generator is gone; delete {}",
+                o.out.display(),
+                rec.display()
+            );
+        }
+    }
     let steps = plan(r, Path::new(&dense_path), o);
     let mut results = Vec::new();
     let mut ran = Vec::new();

@@ -35,7 +35,11 @@ fn vand(x: f64, k: usize) -> Vec<f64> {
 /// A fitted predictor: per rank term, coefficient vectors of `P_s`, `Q_s`, `S_s`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Map {
+    /// The largest of the per-axis degrees.
     pub degree: usize,
+    /// Polynomial degree along depth, width and resolution. An axis with only two measured
+    /// values gets a line (degree 1) while the others may be curved.
+    pub degrees: [usize; 3],
     pub p: Vec<Vec<f64>>,
     pub q: Vec<Vec<f64>>,
     pub s: Vec<Vec<f64>>,
@@ -85,16 +89,20 @@ impl Map {
 
 /// Rank-`rank`, degree-`degree` ALS fit with ridge (spec §2.3).
 pub fn fit(points: &[Point], rank: usize, degree: usize, ridge: f64) -> Result<Map> {
+    fit_degrees(points, rank, [degree; 3], ridge)
+}
+
+/// [`fit`] with its own polynomial degree per axis (depth, width, resolution).
+pub fn fit_degrees(points: &[Point], rank: usize, degrees: [usize; 3], ridge: f64) -> Result<Map> {
     if points.is_empty() || rank == 0 {
         bail!("the accuracy predictor needs points and a rank ≥ 1");
     }
-    let k = degree;
     let y: Vec<f64> = points.iter().map(|p| p.acc).collect();
     let mean = y.iter().sum::<f64>() / y.len() as f64;
     let c0 = mean.abs().cbrt().max(1e-3);
     // Deterministic small perturbation breaks the symmetry between rank terms.
     let init = |s: usize, t: usize| -> Vec<f64> {
-        (0..=k)
+        (0..=degrees[t])
             .map(|i| {
                 let base = if i == 0 { c0 } else { 0.0 };
                 base + 1e-3 * (((s * 7 + t * 3 + i) as f64 * 1.618).sin())
@@ -110,6 +118,7 @@ pub fn fit(points: &[Point], rank: usize, degree: usize, ridge: f64) -> Result<M
     for _ in 0..500 {
         let mut change = 0f64;
         for a in 0..3 {
+            let k = degrees[a];
             let (o1, o2) = ((a + 1) % 3, (a + 2) % 3);
             let rows: Vec<Vec<f64>> = points
                 .iter()
@@ -148,7 +157,8 @@ pub fn fit(points: &[Point], rank: usize, degree: usize, ridge: f64) -> Result<M
     }
     let [p, q, s] = f;
     let mut m = Map {
-        degree,
+        degree: degrees.into_iter().max().unwrap_or(0),
+        degrees,
         p,
         q,
         s,
@@ -167,6 +177,11 @@ pub fn fit(points: &[Point], rank: usize, degree: usize, ridge: f64) -> Result<M
 
 /// Leave-one-out RMSE of a rank-1 fit of the given degree.
 pub fn loo_rmse(points: &[Point], degree: usize, ridge: f64) -> Result<f64> {
+    loo_rmse_degrees(points, [degree; 3], ridge)
+}
+
+/// [`loo_rmse`] with a degree per axis.
+pub fn loo_rmse_degrees(points: &[Point], degrees: [usize; 3], ridge: f64) -> Result<f64> {
     let mut se = 0.0;
     for i in 0..points.len() {
         let rest: Vec<Point> = points
@@ -175,7 +190,7 @@ pub fn loo_rmse(points: &[Point], degree: usize, ridge: f64) -> Result<f64> {
             .filter(|&(j, _)| j != i)
             .map(|(_, p)| *p)
             .collect();
-        let m = fit(&rest, 1, degree, ridge)?;
+        let m = fit_degrees(&rest, 1, degrees, ridge)?;
         let p = points[i];
         se += (m.eval(p.d, p.w, p.r) - p.acc).powi(2);
     }
@@ -199,28 +214,35 @@ fn axis_count(points: &[Point], a: usize) -> usize {
     v.len()
 }
 
-/// The degree in 1..=3 with the smallest leave-one-out error, among those leaving at least
-/// two residual degrees of freedom per axis (`K ≤ points per axis − 2`), then the fit,
-/// lowered while the monotonicity guard fails. Returns the map and the LOO errors.
+/// The degree in 1..=3 with the smallest leave-one-out error, then the fit, lowered while
+/// the monotonicity guard fails. Each axis is capped so that it keeps at least two residual
+/// degrees of freedom (`K_a ≤ points on the axis − 2`), but never below a line: an axis
+/// measured at only two values (a network with one block per stage, images too small for
+/// more than one resolution step) is fitted linearly while the others may curve. Returns
+/// the map and the LOO errors.
 pub fn fit_auto(points: &[Point], lo: [f64; 3]) -> Result<(Map, Vec<(usize, f64)>)> {
-    let per_axis = (0..3).map(|a| axis_count(points, a)).min().unwrap_or(0);
-    if per_axis < 3 {
+    let counts: [usize; 3] = std::array::from_fn(|a| axis_count(points, a));
+    if let Some(a) = (0..3).find(|&a| counts[a] < 2) {
         bail!(
-            "the accuracy predictor needs at least 3 distinct values on every axis (got {per_axis}); \
-             collect more depth/width/resolution points"
+            "the accuracy predictor needs at least 2 distinct values on every axis, {} has {} \
+             (the dense point and at least one pruned point); collect more depth/width/resolution points",
+            ["depth", "width", "resolution"][a],
+            counts[a]
         );
     }
-    let max_k = (per_axis - 2).min(3);
+    let caps: [usize; 3] = std::array::from_fn(|a| counts[a].saturating_sub(2).clamp(1, 3));
+    let degrees_for = |k: usize| -> [usize; 3] { std::array::from_fn(|a| k.min(caps[a])) };
+    let max_k = caps.into_iter().max().unwrap_or(1);
     let ridge = 1e-8;
     let mut loo = Vec::new();
     for k in 1..=max_k {
-        loo.push((k, loo_rmse(points, k, ridge)?));
+        loo.push((k, loo_rmse_degrees(points, degrees_for(k), ridge)?));
     }
     let mut order: Vec<(usize, f64)> = loo.clone();
     order.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     let mut k = order[0].0;
     loop {
-        let m = fit(points, 1, k, ridge)?;
+        let m = fit_degrees(points, 1, degrees_for(k), ridge)?;
         if m.min_slope(lo, 12) >= -1e-6 || k == 1 {
             return Ok((m, loo));
         }

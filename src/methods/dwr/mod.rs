@@ -7,7 +7,7 @@ pub mod linalg;
 pub mod map;
 pub mod solve;
 
-pub use map::{fit, fit_auto, loo_rmse, Map, Point};
+pub use map::{fit, fit_auto, fit_degrees, loo_rmse, Map, Point};
 pub use solve::{maximise, Optimum};
 pub mod ops;
 pub mod pipeline;

@@ -74,9 +74,9 @@ pub(super) fn prune(m: &DwrRun, dense: &Graph, budget: Budget, ctx: &Ctx) -> Res
         dwr::snap(dense, &order, &sol.map, t, cfg.lo, cfg.res_step, m.axes)?
     };
     ctx.progress.line(&format!(
-        "DWR: predictor degree {} (LOO {:?}); continuous optimum d {:.3} w {:.3} r {:.3} (F {:.4}); \
+        "DWR: predictor degrees d/w/r {:?} (LOO by degree {:?}); continuous optimum d {:.3} w {:.3} r {:.3} (F {:.4}); \
          snapped: {} blocks removed, width {:.3}, {} px, {} MACs, predicted top-1 {}",
-        sol.map.degree,
+        sol.map.degrees,
         sol.loo,
         sol.optimum.d,
         sol.optimum.w,
