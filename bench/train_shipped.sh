@@ -12,7 +12,7 @@ L=${LOPPER:-target/release/lopper}
 M=models
 CPU=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 mkdir -p $M runs/shipped
-declare -A CMD DATA EVAL
+declare -A CMD DATA CLASSES
 CMD[lenet5-mnist]="train lenet5 --data mnist --epochs 3 --lr 0.05 --batch-size 64 --seed 0"
 DATA[lenet5-mnist]=mnist
 CMD[mlp-mnist]="train mlp:784-512-256-10 --data mnist --epochs 3 --lr 0.05 --batch-size 64 --seed 0"
@@ -22,7 +22,11 @@ DATA[stamp-ref-fmnist]=fashion-mnist
 # One 40-epoch cosine from 0.1 (1 warm-up epoch), Nesterov SGD, batch 128, pad-4 crop + flip.
 CMD[resnet20-cifar10]="train resnet20 --data cifar10 --epochs 40 --batch-size 128 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --seed 0 --checkpoint runs/shipped/resnet20-cifar10.ckpt"
 DATA[resnet20-cifar10]=cifar10
-ORDER="lenet5-mnist mlp-mnist stamp-ref-fmnist resnet20-cifar10"
+# STAMP setting 2's reference net (BENCHMARKS §10): ResNet-20 on CIFAR-10 classes 0-5.
+CMD[stamp-ref-cifar6]="train resnet20 --data cifar10 --classes 0,1,2,3,4,5 --epochs 10 --lr 0.1 --warmup-epochs 1 --batch-size 128 --seed 0 --checkpoint runs/shipped/stamp-ref-cifar6.ckpt"
+DATA[stamp-ref-cifar6]=cifar10
+CLASSES[stamp-ref-cifar6]=0,1,2,3,4,5
+ORDER="lenet5-mnist mlp-mnist stamp-ref-fmnist resnet20-cifar10 stamp-ref-cifar6"
 for name in ${ONLY:-$ORDER}; do
   out=$M/$name.safetensors
   if [ ! -f "$out" ]; then
@@ -33,7 +37,9 @@ for name in ${ONLY:-$ORDER}; do
     mv "$out.tmp.safetensors" "$out"
     echo "$(( $(date +%s) - t0 ))" > runs/shipped/$name.seconds
   fi
-  ev=$($L eval "$out" --data "${DATA[$name]}" --json --quiet)
+  cls=()
+  [ -n "${CLASSES[$name]:-}" ] && cls=(--classes "${CLASSES[$name]}")
+  ev=$($L eval "$out" --data "${DATA[$name]}" "${cls[@]}" --json --quiet)
   correct=$(echo "$ev" | jq .result.correct); n=$(echo "$ev" | jq .result.n)
   secs=$(cat runs/shipped/$name.seconds 2>/dev/null || echo null)
   cmd="lopper ${CMD[$name]} -o $out"
@@ -42,7 +48,8 @@ for name in ${ONLY:-$ORDER}; do
 name = \"$name\"
 file = \"$name.safetensors\"
 sha1 = \"$(sha1sum "$out" | cut -d' ' -f1)\"
-data = \"${DATA[$name]}\"
+data = \"${DATA[$name]}\"${CLASSES[$name]:+
+classes = \"${CLASSES[$name]}\"}
 correct = $correct
 total = $n
 command = \"$cmd\"

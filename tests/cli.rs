@@ -31,12 +31,14 @@ fn demo_trains_prunes_sparsifies_and_reports() {
         "{out}"
     );
     let steps = v["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 10, "six structured and four sparsity methods");
+    assert_eq!(steps.len(), 11, "six structured and five sparsity methods");
     let methods: Vec<&str> = steps
         .iter()
         .map(|s| s["step"]["method"].as_str().unwrap())
         .collect();
-    for m in ["l1", "taylor", "fpgm", "ispasp", "dwr", "stamp", "unipts"] {
+    for m in [
+        "l1", "taylor", "fpgm", "ispasp", "dwr", "stamp", "pot", "unipts",
+    ] {
         assert!(methods.contains(&m), "{m} missing from {methods:?}");
     }
     // STAMP's generator was meta-trained by the run itself.

@@ -115,7 +115,99 @@ fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
         depthwise(l);
         epilogues(l);
         channel_ops(l);
+        sparse_direct(l);
     });
+}
+
+/// The direct sparse convolution (every output width it takes, stride 1 and 2, 1×1 to 5×5,
+/// asymmetric padding, heights that leave no whole tile, an unpadded conv that reads its
+/// input in place) with scale, bias, residual and ReLU, against the dense convolution of
+/// the same weights on candle's reference ops.
+fn sparse_direct(l: Isa) {
+    use lopper::graph::csr::CsrMatrix;
+    use lopper::kernels::csr::SparseWeight;
+    use lopper::kernels::sparse::{conv2d as sparse_conv, SparseEpilogue};
+    let mut rng = Pcg64::seed_from_u64(9);
+    // (input [N, C, H, W], weight [O, C, kh, kw], stride, padding [t, l, b, r]) → OW.
+    let convs = [
+        ([2, 5, 32, 32], [6, 5, 3, 3], 1, [1, 1, 1, 1]), // 32
+        ([2, 4, 19, 16], [5, 4, 3, 3], 1, [1, 1, 1, 1]), // 16, 19 rows
+        ([1, 3, 8, 8], [7, 3, 3, 3], 1, [1, 1, 1, 1]),   // 8
+        ([2, 3, 16, 16], [4, 3, 3, 3], 2, [1, 1, 1, 1]), // 8, stride 2
+        ([1, 6, 28, 28], [3, 6, 5, 5], 1, [2, 2, 2, 2]), // 28
+        ([2, 4, 14, 13], [5, 4, 3, 3], 1, [0, 1, 0, 2]), // 14, asymmetric
+        ([1, 3, 13, 14], [4, 3, 3, 3], 2, [1, 1, 1, 1]), // 7, stride 2
+        ([2, 8, 7, 7], [9, 8, 1, 1], 1, [0, 0, 0, 0]),   // 7, 1×1 in place
+        ([1, 5, 6, 6], [3, 5, 3, 3], 1, [0, 0, 0, 0]),   // 4, unpadded in place
+        ([2, 4, 9, 8], [3, 4, 3, 3], 2, [0, 1, 1, 1]),   // 4, stride 2, odd height
+    ];
+    for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
+        let cfg = ConvCfg {
+            stride: [s, s],
+            padding,
+            dilation: [1, 1],
+            groups: 1,
+        };
+        let x = t(&rand_vec(&mut rng, xd.iter().product(), 1.0), &xd);
+        // ~80 % zeros, one output channel empty.
+        let mut wv = rand_vec(&mut rng, wd.iter().product(), 1.0);
+        let per_o = wv.len() / wd[0];
+        for (i, v) in wv.iter_mut().enumerate() {
+            if rng.gen_bool(0.8) || i / per_o == 1 {
+                *v = 0.0;
+            }
+        }
+        let w = t(&wv, &wd);
+        let (scale, bias) = (
+            rand_vec(&mut rng, wd[0], 1.5),
+            rand_vec(&mut rng, wd[0], 1.0),
+        );
+        kernels::use_reference_ops(true);
+        let y = kernels::conv2d(&x, &w, cfg).unwrap();
+        kernels::use_reference_ops(false);
+        let dims = y.dims().to_vec();
+        let res = rand_vec(&mut rng, y.elem_count(), 1.0);
+        let p = dims[2] * dims[3];
+        let csr = CsrMatrix::from_dense(&wv, wd[0], per_o).unwrap();
+        let sw = SparseWeight::new(csr);
+        for (with_res, relu) in [(false, false), (true, true), (false, true)] {
+            let want: Vec<f32> = vals(&y)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let o = (i / p) % dims[1];
+                    let r = if with_res { res[i] } else { 0.0 };
+                    let z = v * scale[o] + bias[o] + r;
+                    if relu {
+                        z.max(0.0)
+                    } else {
+                        z
+                    }
+                })
+                .collect();
+            let epi = SparseEpilogue {
+                scale: Some(&scale),
+                bias: Some(&bias),
+                relu,
+            };
+            let rt = t(&res, &dims);
+            let got = sparse_conv(&x, &sw, &wd, cfg, &epi, with_res.then_some(&rt)).unwrap();
+            assert_eq!(got.dims(), &dims[..]);
+            let what = format!("sparse direct conv {ci} residual {with_res} relu {relu} ({l:?})");
+            assert_close(&vals(&got), &want, 1e-5, &what);
+            // Batch 1 takes the per-channel parallel path.
+            let one = sparse_conv(
+                &x.narrow(0, 0, 1).unwrap(),
+                &sw,
+                &wd,
+                cfg,
+                &epi,
+                with_res.then(|| rt.narrow(0, 0, 1).unwrap()).as_ref(),
+            )
+            .unwrap();
+            assert_close(&vals(&one), &want[..one.elem_count()], 1e-5, &what);
+        }
+    }
 }
 
 /// Forward and gradient of every activation on values from −12 to 12 (an odd count, so

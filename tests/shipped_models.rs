@@ -21,6 +21,9 @@ struct Entry {
     file: String,
     sha1: String,
     data: String,
+    /// A class subset (`--classes`), for models trained on part of a dataset.
+    #[serde(default)]
+    classes: Option<String>,
     correct: usize,
     total: usize,
     command: String,
@@ -62,8 +65,11 @@ fn every_shipped_model_matches_its_checksum_and_accuracy() {
             e.name
         );
         // By name, as a user would load it.
-        let (ok, out, err) =
-            common::lopper_cli(&["eval", &e.name, "--data", &e.data, "--json", "--quiet"]);
+        let mut args = vec!["eval", &e.name, "--data", &e.data, "--json", "--quiet"];
+        if let Some(c) = &e.classes {
+            args.extend(["--classes", c]);
+        }
+        let (ok, out, err) = common::lopper_cli(&args);
         assert!(ok, "{}: {err}", e.name);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(

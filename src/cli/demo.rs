@@ -1,7 +1,7 @@
 //! `lopper demo`: the main job on the embedded 8x8 digits, no setup needed. It runs the
 //! shipped recipe `recipes/demo-digits.toml` (embedded in the binary): a ResNet-8 trained
 //! here, pruned to half its MACs by six structured methods (STAMP with a generator
-//! meta-trained here) and sparsified to 90 % by four
+//! meta-trained here) and sparsified to 90 % by five
 //! post-training methods, each fine-tuned briefly, then a table and `report.html`.
 
 use super::*;
@@ -30,7 +30,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if !a.json {
         println!(
             "lopper demo: a ResNet-8 on the embedded 8x8 digits ({} epochs), pruned to 50 % of its MACs \
-             (l1, taylor, fpgm, i-SpaSP, DWR, STAMP) and sparsified to 90 % (magnitude, global, wanda, UniPTS), \
+             (l1, taylor, fpgm, i-SpaSP, DWR, STAMP) and sparsified to 90 % (magnitude, global, wanda, POT, UniPTS), \
              each fine-tuned briefly; every number is measured here.\n",
             a.epochs
         );

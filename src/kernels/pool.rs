@@ -96,6 +96,22 @@ impl CustomOp1 for PoolOp {
         let g = self.cfg.geo(l.dims())?;
         let (hw, p) = (g.h * g.w, g.oh * g.ow);
         let mut out = vec![0f32; g.nc * p];
+        if self.cfg.kernel == [1, 1] && self.cfg.padding == [0; 4] {
+            // A 1×1 window (a strided subsample: ResNet option-A shortcuts, strided
+            // slices) is a gather, max and average alike.
+            let [sh, sw] = self.cfg.stride;
+            out.par_chunks_mut(p).enumerate().for_each(|(i, o)| {
+                let xc = &x[i * hw..(i + 1) * hw];
+                for (oy, row) in o.chunks_exact_mut(g.ow).enumerate() {
+                    let src = &xc[oy * sh * g.w..];
+                    for (ox, v) in row.iter_mut().enumerate() {
+                        *v = src[ox * sw];
+                    }
+                }
+            });
+            let d = l.dims();
+            return Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))));
+        }
         out.par_chunks_mut(p).enumerate().for_each(|(i, o)| {
             let xc = &x[i * hw..(i + 1) * hw];
             for oy in 0..g.oh {

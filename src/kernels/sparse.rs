@@ -8,13 +8,15 @@
 //! `yᵀ = W_csr · xᵀ`. Grouped convs are not handled (the pack leaves them dense).
 
 use super::conv::ConvCfg;
-use super::cpu::{with_f32, with_scratch};
+use super::cpu::{assume_init, uninit, with_f32, with_scratch};
 use super::csr::{madd, CsrKernels, SparseWeight};
 use super::im2col::{im2col, Geo};
+use super::simd::{self, Isa};
 use crate::graph::csr::CsrMatrix;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Per-output-channel affine + ReLU (+ residual) applied after the sparse product.
 pub struct SparseEpilogue<'a> {
@@ -63,7 +65,6 @@ pub fn conv2d(
     let (k, p) = (g.k(), g.p());
     let img_in = g.c * g.h * g.w;
     let img_out = g.o * p;
-    let mut out = vec![0f32; g.n * img_out];
     if let Some(r) = residual {
         if r.dims() != [g.n, g.o, g.oh, g.ow] {
             bail!(
@@ -82,25 +83,26 @@ pub fn conv2d(
                 res,
             }
         }
-        let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [f32]| {
+        // Every element is written by `Direct::channel`: no zero-fill first.
+        let mut out = uninit(g.n * img_out);
+        let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [MaybeUninit<f32>]| {
             let res_c = |n: usize, o: usize| rs.map(|r| &r[n * img_out + o * p..][..p]);
             if g.n == 1 {
                 with_scratch(|xp| {
-                    d.pad(&g, &xs[..img_in], xp);
-                    let xp = &*xp;
+                    let xin = d.input(&g, &xs[..img_in], xp);
                     out.par_chunks_mut(p)
                         .enumerate()
                         .with_min_len(2)
-                        .for_each(|(o, oc)| d.channel(&g, xp, o, oc, ce(epi, o, res_c(0, o))));
+                        .for_each(|(o, oc)| d.channel(&g, xin, o, oc, ce(epi, o, res_c(0, o))));
                 });
             } else {
                 out.par_chunks_mut(img_out)
                     .enumerate()
                     .for_each(|(n, out_n)| {
                         with_scratch(|xp| {
-                            d.pad(&g, &xs[n * img_in..(n + 1) * img_in], xp);
+                            let xin = d.input(&g, &xs[n * img_in..(n + 1) * img_in], xp);
                             for (o, oc) in out_n.chunks_mut(p).enumerate() {
-                                d.channel(&g, xp, o, oc, ce(epi, o, res_c(n, o)));
+                                d.channel(&g, xin, o, oc, ce(epi, o, res_c(n, o)));
                             }
                         })
                     });
@@ -113,8 +115,11 @@ pub fn conv2d(
                 Ok(())
             }
         })??;
+        // SAFETY: `Direct::channel` wrote every element of every channel of every image.
+        let out = unsafe { assume_init(out) };
         return Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?);
     }
+    let mut out = vec![0f32; g.n * img_out];
     let res = residual.map(|r| with_f32(r, |v| v.to_vec())).transpose()?;
     with_f32(x, |xs| {
         let one = |buf: &mut Vec<f32>, n: usize, out_n: &mut [f32]| {
@@ -198,21 +203,27 @@ pub fn linear(x: &Tensor, csr: &CsrMatrix, bias: Option<&[f32]>) -> Result<Tenso
 /// Direct sparse convolution (Park et al., "Faster CNNs with direct sparse convolutions",
 /// ICLR 2017) for undilated, ungrouped convs of stride 1 or 2: no im2col. The input is
 /// copied once into a zero-padded buffer — for stride 2 split into its four
-/// (row parity, column parity) phase planes, so every tap again reads a contiguous run —
-/// and a non-zero `(c, ky, kx)` of output channel `o` adds `v · plane[y + ky/s, kx/s ..]` to
-/// output row `y`. A tile of `T` output rows (`T·OW ≤ TILE` floats) stays in registers across
-/// all the channel's non-zeros; the epilogue (scale, bias, residual, ReLU) is applied as
-/// the tile is stored.
+/// (row parity, column parity) phase planes, so every tap again reads a contiguous run; an
+/// unpadded stride-1 conv (every 1×1) reads the image itself — and a non-zero
+/// `(c, ky, kx)` of output channel `o` adds `v · plane[y + ky/s, kx/s ..]` to output row
+/// `y`. A tile of `R` output rows stays in registers across all the channel's non-zeros;
+/// the epilogue (scale, bias, residual, ReLU) is applied as the tile is stored.
 struct Direct<'a> {
     csr: &'a CsrMatrix,
     /// Per non-zero, its offset into one image's padded (phase-split) input at row 0.
     offs: std::sync::Arc<Vec<u32>>,
+    /// The largest of `offs`: one bounds check per image covers every load of the tiles.
+    max_off: usize,
     s: usize,
     /// Padded extent, and the extent of one phase plane.
     hp: usize,
     wp: usize,
     hs: usize,
     ws: usize,
+    /// The padded input is the image itself (stride 1, no padding, nothing cropped).
+    identity: bool,
+    /// The instruction set, chosen once per call.
+    isa: Isa,
 }
 
 impl<'a> Direct<'a> {
@@ -235,15 +246,30 @@ impl<'a> Direct<'a> {
                 })
                 .collect()
         });
+        let max_off = offs.iter().copied().max().unwrap_or(0) as usize;
+        let isa = simd::isa();
         Direct {
             csr,
             offs,
+            max_off,
             s,
             hp,
             wp,
             hs,
             ws,
+            identity: s == 1 && g.pt == 0 && g.pl == 0 && hs == g.h && ws == g.w,
+            isa,
         }
+    }
+
+    /// One image's input as the tiles read it: the image itself when no padding is needed,
+    /// else the padded (phase-split) copy built in `xp`.
+    fn input<'x>(&self, g: &Geo, x: &'x [f32], xp: &'x mut Vec<f32>) -> &'x [f32] {
+        if self.identity {
+            return x;
+        }
+        self.pad(g, x, xp);
+        xp
     }
 
     fn pad(&self, g: &Geo, x: &[f32], xp: &mut Vec<f32>) {
@@ -253,6 +279,7 @@ impl<'a> Direct<'a> {
             // Row by row, each element written once (no zero-fill then copy).
             let w = g.w.min(self.ws.saturating_sub(g.pl));
             let right = self.ws - g.pl - w;
+            xp.reserve(g.c * self.hs * self.ws);
             for c in 0..g.c {
                 for yp in 0..self.hs {
                     match yp.checked_sub(g.pt).filter(|&y| y < g.h) {
@@ -276,42 +303,42 @@ impl<'a> Direct<'a> {
                 }
                 let src = &x[(c * g.h + y) * g.w..][..g.w];
                 let w = g.w.min(self.wp.saturating_sub(g.pl));
-                if s == 1 {
-                    let d = (c * self.hs + yp) * self.ws + g.pl;
-                    xp[d..d + w].copy_from_slice(&src[..w]);
-                } else {
-                    // Stride 2: even and odd padded columns go to their two planes.
-                    let row =
-                        |px: usize| ((c * 4 + (yp % 2) * 2 + px) * self.hs + yp / 2) * self.ws;
-                    let (r0, r1) = (row(0), row(1));
-                    for (xx, &v) in src[..w].iter().enumerate() {
-                        let xq = xx + g.pl;
-                        let d = if xq & 1 == 0 { r0 } else { r1 };
-                        xp[d + (xq >> 1)] = v;
-                    }
+                // Stride 2: even and odd padded columns go to their two planes.
+                let row = |px: usize| ((c * 4 + (yp % 2) * 2 + px) * self.hs + yp / 2) * self.ws;
+                let (r0, r1) = (row(0), row(1));
+                for (xx, &v) in src[..w].iter().enumerate() {
+                    let xq = xx + g.pl;
+                    let d = if xq & 1 == 0 { r0 } else { r1 };
+                    xp[d + (xq >> 1)] = v;
                 }
             }
         }
     }
 
-    /// Output channel `o` of one image (`out`: `[OH·OW]`), epilogue applied.
-    fn channel(&self, g: &Geo, xp: &[f32], o: usize, out: &mut [f32], e: ChanEpi) {
+    /// Output channel `o` of one image (`out`: `[OH·OW]`), epilogue applied, every element
+    /// written.
+    fn channel(&self, g: &Geo, xp: &[f32], o: usize, out: &mut [MaybeUninit<f32>], e: ChanEpi) {
         let (a, z) = (
             self.csr.row_ptr[o] as usize,
             self.csr.row_ptr[o + 1] as usize,
         );
-        let (vals, offs) = (&self.csr.values[a..z], &self.offs[a..z]);
-        let ws = self.ws;
-        match g.ow {
-            32 => tile_dispatch::<32>(vals, offs, xp, ws, g.oh, out, e),
-            16 => tile_dispatch::<16>(vals, offs, xp, ws, g.oh, out, e),
-            8 => tile_dispatch::<8>(vals, offs, xp, ws, g.oh, out, e),
-            28 => tile_dispatch::<28>(vals, offs, xp, ws, g.oh, out, e),
-            14 => tile_dispatch::<14>(vals, offs, xp, ws, g.oh, out, e),
-            7 => tile_dispatch::<7>(vals, offs, xp, ws, g.oh, out, e),
-            4 => tile_dispatch::<4>(vals, offs, xp, ws, g.oh, out, e),
-            w => unreachable!("direct sparse conv called with output width {w}"),
-        }
+        assert_eq!(out.len(), g.oh * g.ow);
+        // The bound every load of `tiles` relies on: offset + last row + one row of output.
+        assert!(
+            a == z || self.max_off + (g.oh - 1) * self.ws + g.ow <= xp.len(),
+            "direct sparse conv: input buffer too small"
+        );
+        let t = Tiles {
+            vals: &self.csr.values[a..z],
+            offs: &self.offs[a..z],
+            xp,
+            wp: self.ws,
+            oh: g.oh,
+            e,
+        };
+        // SAFETY: `simd::isa()` never reports a level the CPU lacks; the bound above
+        // holds for every load.
+        unsafe { run_tiles(self.isa, g.ow, &t, out) }
     }
 }
 
@@ -334,122 +361,228 @@ fn direct_ok(g: &Geo) -> bool {
         && matches!(g.ow, 32 | 16 | 8 | 28 | 14 | 7 | 4)
 }
 
-fn tile_dispatch<const OW: usize>(
-    vals: &[f32],
-    offs: &[u32],
-    xp: &[f32],
+/// The operands of one output channel's tiles.
+struct Tiles<'a> {
+    vals: &'a [f32],
+    offs: &'a [u32],
+    xp: &'a [f32],
     wp: usize,
     oh: usize,
-    out: &mut [f32],
-    e: ChanEpi,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected on this CPU.
-            return unsafe { tiles_avx512::<OW>(vals, offs, xp, wp, oh, out, e) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were detected on this CPU.
-            return unsafe { tiles_avx2::<OW>(vals, offs, xp, wp, oh, out, e) };
+    e: ChanEpi<'a>,
+}
+
+/// Runs one output channel's tiles on the kernel for its width and instruction set.
+///
+/// Register tiles hold 8 vector accumulators — 8 independent FMA chains, enough to hide
+/// the FMA latency (a tile of 4, the earlier AVX-512 layout, ran latency-bound at about one
+/// FMA per cycle). Widths that are a multiple of 8 use explicit vector code: AVX-512 takes
+/// 32 and 16 in 16-float registers (4 and 8 rows per tile) and 8 in 8-float registers
+/// (8 rows); AVX2 takes all three in 8-float registers (2, 4 and 8 rows). The other widths
+/// (28, 14, 7, 4) run a loop the compiler vectorises, with 64-float tiles. Rows that do not
+/// fill a whole tile run one at a time.
+///
+/// # Safety
+/// `isa` is available on this CPU; every `off + (oh − 1)·wp + ow ≤ xp.len()`.
+unsafe fn run_tiles(isa: Isa, ow: usize, t: &Tiles, out: &mut [MaybeUninit<f32>]) {
+    macro_rules! whole_then_rows {
+        ($f:ident, $ow:literal, $r:literal) => {{
+            let full = t.oh / $r * $r;
+            $f::<$ow, $r>(t, 0..full, out);
+            $f::<$ow, 1>(t, full..t.oh, out);
+        }};
+    }
+    macro_rules! generic {
+        ($f:ident) => {
+            match ow {
+                32 => whole_then_rows!($f, 32, 2),
+                28 => whole_then_rows!($f, 28, 2),
+                16 => whole_then_rows!($f, 16, 4),
+                14 => whole_then_rows!($f, 14, 4),
+                8 => whole_then_rows!($f, 8, 8),
+                7 => whole_then_rows!($f, 7, 8),
+                4 => whole_then_rows!($f, 4, 16),
+                w => unreachable!("direct sparse conv called with output width {w}"),
+            }
+        };
+    }
+    // SAFETY (every call below): the caller's bound and instruction set.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => match ow {
+                32 => whole_then_rows!(tiles_zmm, 32, 4),
+                16 => whole_then_rows!(tiles_zmm, 16, 8),
+                8 => whole_then_rows!(tiles_ymm, 8, 8),
+                _ => generic!(tiles_avx512),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => match ow {
+                32 => whole_then_rows!(tiles_ymm, 32, 2),
+                16 => whole_then_rows!(tiles_ymm, 16, 4),
+                8 => whole_then_rows!(tiles_ymm, 8, 8),
+                _ => generic!(tiles_avx2),
+            },
+            _ => generic!(tiles_portable),
         }
     }
-    tiles::<OW, false>(vals, offs, xp, wp, oh, out, e)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tiles_avx512<const OW: usize>(
-    vals: &[f32],
-    offs: &[u32],
-    xp: &[f32],
-    wp: usize,
-    oh: usize,
-    out: &mut [f32],
-    e: ChanEpi,
-) {
-    tiles::<OW, true>(vals, offs, xp, wp, oh, out, e)
+/// Defines an explicit-vector tile kernel over one register type: output rows `rows` of
+/// one channel in tiles of `R` rows of width `OW` (`OW` a multiple of the lane count),
+/// `R·OW/lanes ≤ 8` accumulators, the epilogue applied at the store.
+macro_rules! vector_tiles {
+    ($(#[$m:meta])* $name:ident, $features:literal, $lanes:literal, $vec:ty,
+     $zero:ident, $set1:ident, $loadu:ident, $storeu:ident, $fmadd:ident, $add:ident, $max:ident) => {
+        $(#[$m])*
+        /// # Safety
+        /// The CPU has these features; every `off + (rows.end − 1)·wp + OW ≤ xp.len()`;
+        /// `out` holds the channel's `oh·OW` outputs.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const OW: usize, const R: usize>(
+            t: &Tiles,
+            rows: std::ops::Range<usize>,
+            out: &mut [MaybeUninit<f32>],
+        ) {
+            use std::arch::x86_64::*;
+            let per_row = OW / $lanes;
+            let n = R * per_row;
+            debug_assert!(OW % $lanes == 0 && n <= 8 && rows.end <= t.oh);
+            debug_assert!(out.len() >= t.oh * OW);
+            let (scale, bias, zero) = ($set1(t.e.scale), $set1(t.e.bias), $zero());
+            let mut y0 = rows.start;
+            while y0 + R <= rows.end {
+                let mut acc: [$vec; 8] = [$zero(); 8];
+                for (&v, &off) in t.vals.iter().zip(t.offs) {
+                    let vv = $set1(v);
+                    // SAFETY: the caller's bound covers rows y0..y0 + R.
+                    let base = unsafe { t.xp.as_ptr().add(off as usize + y0 * t.wp) };
+                    for r in 0..R {
+                        for j in 0..per_row {
+                            let i = r * per_row + j;
+                            // SAFETY: as above.
+                            let x = unsafe { $loadu(base.add(r * t.wp + j * $lanes)) };
+                            acc[i] = $fmadd(vv, x, acc[i]);
+                        }
+                    }
+                }
+                let at = y0 * OW;
+                for (i, a) in acc.iter().enumerate().take(n) {
+                    let mut y = $fmadd(*a, scale, bias);
+                    if let Some(res) = t.e.res {
+                        // SAFETY: the residual has the channel's oh·OW values.
+                        y = $add(y, unsafe { $loadu(res.as_ptr().add(at + i * $lanes)) });
+                    }
+                    if t.e.relu {
+                        y = $max(y, zero);
+                    }
+                    // SAFETY: at + (i + 1)·lanes ≤ (y0 + R)·OW ≤ out.len().
+                    unsafe { $storeu(out.as_mut_ptr().add(at + i * $lanes) as *mut f32, y) };
+                }
+                y0 += R;
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tiles_avx2<const OW: usize>(
-    vals: &[f32],
-    offs: &[u32],
-    xp: &[f32],
-    wp: usize,
-    oh: usize,
-    out: &mut [f32],
-    e: ChanEpi,
+vector_tiles!(
+    /// 16-float (AVX-512) register tiles.
+    tiles_zmm, "avx512f", 16, __m512,
+    _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps,
+    _mm512_add_ps, _mm512_max_ps
+);
+vector_tiles!(
+    /// 8-float (AVX2) register tiles.
+    tiles_ymm, "avx2,fma", 8, __m256,
+    _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
+    _mm256_add_ps, _mm256_max_ps
+);
+
+/// Defines the compiler-vectorised tile kernel for one instruction set (see [`tiles`]).
+macro_rules! generic_tiles {
+    ($name:ident, $features:literal, $fma:literal) => {
+        /// # Safety
+        /// The CPU has these features; the bound of [`tiles`].
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const OW: usize, const R: usize>(
+            t: &Tiles,
+            rows: std::ops::Range<usize>,
+            out: &mut [MaybeUninit<f32>],
+        ) {
+            // SAFETY: the caller's bound.
+            unsafe { tiles::<OW, R, $fma>(t, rows, out) }
+        }
+    };
+}
+generic_tiles!(
+    tiles_avx512,
+    "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma",
+    true
+);
+generic_tiles!(tiles_avx2, "avx2,fma", true);
+
+/// # Safety
+/// The bound of [`tiles`].
+unsafe fn tiles_portable<const OW: usize, const R: usize>(
+    t: &Tiles,
+    rows: std::ops::Range<usize>,
+    out: &mut [MaybeUninit<f32>],
 ) {
-    tiles::<OW, true>(vals, offs, xp, wp, oh, out, e)
+    // SAFETY: the caller's bound.
+    unsafe { tiles::<OW, R, false>(t, rows, out) }
 }
 
 #[inline(always)]
-fn store(acc: &[f32], out: &mut [f32], res: Option<&[f32]>, e: &ChanEpi) {
+fn store(acc: &[f32], out: &mut [MaybeUninit<f32>], res: Option<&[f32]>, e: &ChanEpi) {
+    debug_assert_eq!(acc.len(), out.len());
     match res {
         Some(r) => {
             for ((o, a), r) in out.iter_mut().zip(acc).zip(r) {
                 let y = a * e.scale + e.bias + r;
-                *o = if e.relu { y.max(0.0) } else { y };
+                o.write(if e.relu { y.max(0.0) } else { y });
             }
         }
         None => {
             for (o, a) in out.iter_mut().zip(acc) {
                 let y = a * e.scale + e.bias;
-                *o = if e.relu { y.max(0.0) } else { y };
+                o.write(if e.relu { y.max(0.0) } else { y });
             }
         }
     }
 }
 
-/// Output floats per register tile: 8 AVX-512 accumulators, so each non-zero's overhead
-/// (index, broadcast) is spread over 128 multiply-adds.
+/// Output floats of the compiler-vectorised tile (its accumulator array).
 const TILE: usize = 64;
 
+/// Output rows `rows` of one channel in tiles of `R` rows of width `OW` (`R·OW ≤ TILE`),
+/// each tile accumulated over the channel's non-zeros and stored once, epilogue applied.
+///
+/// # Safety
+/// Every `off + (rows.end − 1)·wp + OW ≤ xp.len()` (checked once per image by the caller).
 #[inline(always)]
-fn tiles<const OW: usize, const FMA: bool>(
-    vals: &[f32],
-    offs: &[u32],
-    xp: &[f32],
-    wp: usize,
-    oh: usize,
-    out: &mut [f32],
-    e: ChanEpi,
+unsafe fn tiles<const OW: usize, const R: usize, const FMA: bool>(
+    t: &Tiles,
+    rows: std::ops::Range<usize>,
+    out: &mut [MaybeUninit<f32>],
 ) {
-    let t_rows = (TILE / OW).max(1);
-    let mut y0 = 0;
-    while y0 < oh {
-        let t = t_rows.min(oh - y0);
-        let span = y0 * OW..(y0 + t) * OW;
-        let res = e.res.map(|r| &r[span.clone()]);
-        if t == t_rows {
-            let mut acc = [0f32; TILE];
-            for (&v, &off) in vals.iter().zip(offs) {
-                let base = off as usize + y0 * wp;
-                for r in 0..t_rows {
-                    let src: &[f32; OW] = xp[base + r * wp..][..OW].try_into().unwrap();
-                    for x in 0..OW {
-                        acc[r * OW + x] = madd::<FMA>(v, src[x], acc[r * OW + x]);
-                    }
+    debug_assert!(R * OW <= TILE && rows.end <= t.oh);
+    let mut y0 = rows.start;
+    while y0 + R <= rows.end {
+        let mut acc = [0f32; TILE];
+        for (&v, &off) in t.vals.iter().zip(t.offs) {
+            let base = off as usize + y0 * t.wp;
+            for r in 0..R {
+                // SAFETY: the caller's bound covers rows y0..y0 + R.
+                let src = unsafe { &*(t.xp.as_ptr().add(base + r * t.wp) as *const [f32; OW]) };
+                for x in 0..OW {
+                    acc[r * OW + x] = madd::<FMA>(v, src[x], acc[r * OW + x]);
                 }
-            }
-            store(&acc[..t * OW], &mut out[span], res, &e);
-        } else {
-            for r in 0..t {
-                let mut acc = [0f32; OW];
-                for (&v, &off) in vals.iter().zip(offs) {
-                    let src: &[f32; OW] =
-                        xp[off as usize + (y0 + r) * wp..][..OW].try_into().unwrap();
-                    for x in 0..OW {
-                        acc[x] = madd::<FMA>(v, src[x], acc[x]);
-                    }
-                }
-                let rr = res.map(|q| &q[r * OW..(r + 1) * OW]);
-                store(&acc, &mut out[(y0 + r) * OW..(y0 + r + 1) * OW], rr, &e);
             }
         }
-        y0 += t;
+        let span = y0 * OW..(y0 + R) * OW;
+        let res = t.e.res.map(|q| &q[span.clone()]);
+        store(&acc[..R * OW], &mut out[span], res, &t.e);
+        y0 += R;
     }
 }

@@ -41,6 +41,7 @@ pub const SHIPPED: &[&str] = &[
     "lenet5-mnist",
     "mlp-mnist",
     "stamp-ref-fmnist",
+    "stamp-ref-cifar6",
 ];
 
 /// The file of a shipped model: `models/NAME.safetensors` under `$LOPPER_MODELS`, the
