@@ -140,6 +140,8 @@ fn sparse_direct(l: Isa) {
         ([2, 8, 7, 7], [9, 8, 1, 1], 1, [0, 0, 0, 0]),   // 7, 1×1 in place
         ([1, 5, 6, 6], [3, 5, 3, 3], 1, [0, 0, 0, 0]),   // 4, unpadded in place
         ([2, 4, 9, 8], [3, 4, 3, 3], 2, [0, 1, 1, 1]),   // 4, stride 2, odd height
+        ([1, 3, 12, 16], [4, 3, 5, 5], 1, [1, 2, 3, 2]), // 16 in place, uneven rows
+        ([1, 2, 6, 8], [3, 2, 1, 3], 1, [0, 0, 0, 2]),   // 8 in place, right pad only
     ];
     for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

@@ -11,7 +11,7 @@ use super::conv::ConvCfg;
 use super::cpu::{assume_init, uninit, with_f32, with_scratch};
 use super::csr::{madd, CsrKernels, SparseWeight};
 use super::im2col::{im2col, Geo};
-use super::simd::{self, Isa};
+use super::simd::{self, multiversion, Isa};
 use crate::graph::csr::CsrMatrix;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -215,9 +215,7 @@ struct Direct<'a> {
     /// The largest of `offs`: one bounds check per image covers every load of the tiles.
     max_off: usize,
     s: usize,
-    /// Padded extent, and the extent of one phase plane.
-    hp: usize,
-    wp: usize,
+    /// The extent of one (phase) plane of the padded input.
     hs: usize,
     ws: usize,
     /// The padded input is the image itself (stride 1, no padding, nothing cropped).
@@ -253,8 +251,6 @@ impl<'a> Direct<'a> {
             offs,
             max_off,
             s,
-            hp,
-            wp,
             hs,
             ws,
             identity: s == 1 && g.pt == 0 && g.pl == 0 && hs == g.h && ws == g.w,
@@ -272,47 +268,17 @@ impl<'a> Direct<'a> {
         xp
     }
 
+    /// Builds the padded (for stride 2, phase-split) copy of one image in `xp`. The buffer
+    /// keeps its allocation and old contents across calls; every element is overwritten.
     fn pad(&self, g: &Geo, x: &[f32], xp: &mut Vec<f32>) {
         let s = self.s;
-        xp.clear();
-        if s == 1 {
-            // Row by row, each element written once (no zero-fill then copy).
-            let w = g.w.min(self.ws.saturating_sub(g.pl));
-            let right = self.ws - g.pl - w;
-            xp.reserve(g.c * self.hs * self.ws);
-            for c in 0..g.c {
-                for yp in 0..self.hs {
-                    match yp.checked_sub(g.pt).filter(|&y| y < g.h) {
-                        Some(y) => {
-                            xp.extend(std::iter::repeat_n(0.0, g.pl));
-                            xp.extend_from_slice(&x[(c * g.h + y) * g.w..][..w]);
-                            xp.extend(std::iter::repeat_n(0.0, right));
-                        }
-                        None => xp.extend(std::iter::repeat_n(0.0, self.ws)),
-                    }
-                }
-            }
-            return;
+        let len = g.c * s * s * self.hs * self.ws;
+        if xp.len() < len {
+            xp.resize(len, 0.0);
         }
-        xp.resize(g.c * s * s * self.hs * self.ws, 0.0);
-        for c in 0..g.c {
-            for y in 0..g.h {
-                let yp = y + g.pt;
-                if yp >= self.hp {
-                    break;
-                }
-                let src = &x[(c * g.h + y) * g.w..][..g.w];
-                let w = g.w.min(self.wp.saturating_sub(g.pl));
-                // Stride 2: even and odd padded columns go to their two planes.
-                let row = |px: usize| ((c * 4 + (yp % 2) * 2 + px) * self.hs + yp / 2) * self.ws;
-                let (r0, r1) = (row(0), row(1));
-                for (xx, &v) in src[..w].iter().enumerate() {
-                    let xq = xx + g.pl;
-                    let d = if xq & 1 == 0 { r0 } else { r1 };
-                    xp[d + (xq >> 1)] = v;
-                }
-            }
-        }
+        xp.truncate(len);
+        let d = [g.c, g.h, g.w, s, self.hs, self.ws, g.pt, g.pl];
+        pad_planes(x, xp, d);
     }
 
     /// Output channel `o` of one image (`out`: `[OH·OW]`), epilogue applied, every element
@@ -339,6 +305,95 @@ impl<'a> Direct<'a> {
         // SAFETY: `simd::isa()` never reports a level the CPU lacks; the bound above
         // holds for every load.
         unsafe { run_tiles(self.isa, g.ow, &t, out) }
+    }
+}
+
+multiversion! {
+    /// The zero-padded input planes of one image `[C, H, W]`: for stride `s`, plane
+    /// `(c, py, px)` row `yq` column `k` holds padded pixel `(yq·s + py, k·s + px)`, i.e.
+    /// input pixel `(yq·s + py − pt, k·s + px − pl)` or 0 outside the image. Row by row
+    /// with fixed-size vector moves: a padded row is a few dozen floats, and a
+    /// `memcpy`/`memset` call per row (with `Vec::extend`'s bookkeeping, and for stride 2 a
+    /// branch per element) cost as much as the sparse multiply-adds at 90 % sparsity.
+    fn pad_planes(x: &[f32], xp: &mut [f32], d: [usize; 8]) {
+        let [cn, h, w, s, hs, ws, pt, pl] = d;
+        // Nested loops, not divisions per row (five of them cost more than the copy).
+        let mut rows = xp.chunks_exact_mut(ws);
+        for c in 0..cn {
+            for py in 0..s {
+                for px in 0..s {
+                    for yq in 0..hs {
+                        let Some(row) = rows.next() else { return };
+                        zero_row(row);
+                        let Some(y) = (yq * s + py).checked_sub(pt).filter(|&y| y < h) else {
+                            continue;
+                        };
+                        let src = &x[(c * h + y) * w..][..w];
+                        if s == 1 {
+                            let n = w.min(ws.saturating_sub(pl));
+                            copy_row(&mut row[pl..pl + n], &src[..n]);
+                        } else {
+                            // Columns k with input column k·s + px − pl in [0, W).
+                            let k_lo = pl.saturating_sub(px).div_ceil(s);
+                            let k_hi = ((w + pl).saturating_sub(px)).div_ceil(s).min(ws);
+                            for (k, v) in row.iter_mut().enumerate().take(k_hi).skip(k_lo) {
+                                *v = src[k * s + px - pl];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst = src` for a short row, in fixed-size chunks (the last one overlapping), so the
+/// copy is a few inlined vector moves rather than a `memcpy` call.
+#[inline(always)]
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let n = src.len();
+    debug_assert_eq!(dst.len(), n);
+    macro_rules! chunks {
+        ($k:literal) => {{
+            let mut i = 0;
+            while i + $k <= n {
+                dst[i..i + $k].copy_from_slice(&src[i..i + $k]);
+                i += $k;
+            }
+            if i < n {
+                dst[n - $k..n].copy_from_slice(&src[n - $k..n]);
+            }
+        }};
+    }
+    match n {
+        16.. => chunks!(16),
+        8.. => chunks!(8),
+        4.. => chunks!(4),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// `dst = 0` for a short row, like [`copy_row`].
+#[inline(always)]
+fn zero_row(dst: &mut [f32]) {
+    let n = dst.len();
+    macro_rules! chunks {
+        ($k:literal) => {{
+            let mut i = 0;
+            while i + $k <= n {
+                dst[i..i + $k].fill(0.0);
+                i += $k;
+            }
+            if i < n {
+                dst[n - $k..n].fill(0.0);
+            }
+        }};
+    }
+    match n {
+        16.. => chunks!(16),
+        8.. => chunks!(8),
+        4.. => chunks!(4),
+        _ => dst.fill(0.0),
     }
 }
 
