@@ -121,8 +121,9 @@ fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
 
 /// The direct sparse convolution (every output width it takes, stride 1 and 2, 1×1 to 5×5,
 /// asymmetric padding, heights that leave no whole tile, an unpadded conv that reads its
-/// input in place) with scale, bias, residual and ReLU, against the dense convolution of
-/// the same weights on candle's reference ops.
+/// input in place; and one width it does not take, which runs im2col + SpMM) with scale,
+/// bias, residual and an activation (ReLU in the store, others after it), against the
+/// dense convolution of the same weights on candle's reference ops.
 fn sparse_direct(l: Isa) {
     use lopper::graph::csr::CsrMatrix;
     use lopper::kernels::csr::SparseWeight;
@@ -142,6 +143,7 @@ fn sparse_direct(l: Isa) {
         ([2, 4, 9, 8], [3, 4, 3, 3], 2, [0, 1, 1, 1]),   // 4, stride 2, odd height
         ([1, 3, 12, 16], [4, 3, 5, 5], 1, [1, 2, 3, 2]), // 16 in place, uneven rows
         ([1, 2, 6, 8], [3, 2, 1, 3], 1, [0, 0, 0, 2]),   // 8 in place, right pad only
+        ([2, 3, 10, 10], [4, 3, 3, 3], 1, [1, 1, 1, 1]), // 10: im2col + SpMM instead
     ];
     for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
         let cfg = ConvCfg {
@@ -172,30 +174,40 @@ fn sparse_direct(l: Isa) {
         let p = dims[2] * dims[3];
         let csr = CsrMatrix::from_dense(&wv, wd[0], per_o).unwrap();
         let sw = SparseWeight::new(csr);
-        for (with_res, relu) in [(false, false), (true, true), (false, true)] {
-            let want: Vec<f32> = vals(&y)
+        for (with_res, act) in [
+            (false, None),
+            (true, Some(A::Relu)),
+            (false, Some(A::Relu)),
+            (true, Some(A::Relu6)),
+            (false, Some(A::HardSwish)),
+        ] {
+            let pre: Vec<f32> = vals(&y)
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
                     let o = (i / p) % dims[1];
                     let r = if with_res { res[i] } else { 0.0 };
-                    let z = v * scale[o] + bias[o] + r;
-                    if relu {
-                        z.max(0.0)
-                    } else {
-                        z
-                    }
+                    v * scale[o] + bias[o] + r
                 })
                 .collect();
+            let want = match act {
+                None => pre,
+                Some(k) => {
+                    kernels::use_reference_ops(true);
+                    let a = vals(&kernels::activation(&t(&pre, &dims), k).unwrap());
+                    kernels::use_reference_ops(false);
+                    a
+                }
+            };
             let epi = SparseEpilogue {
                 scale: Some(&scale),
                 bias: Some(&bias),
-                relu,
+                act,
             };
             let rt = t(&res, &dims);
             let got = sparse_conv(&x, &sw, &wd, cfg, &epi, with_res.then_some(&rt)).unwrap();
             assert_eq!(got.dims(), &dims[..]);
-            let what = format!("sparse direct conv {ci} residual {with_res} relu {relu} ({l:?})");
+            let what = format!("sparse direct conv {ci} residual {with_res} {act:?} ({l:?})");
             assert_close(&vals(&got), &want, 1e-5, &what);
             // Batch 1 takes the per-channel parallel path.
             let one = sparse_conv(

@@ -45,11 +45,17 @@ pub const WORKLOADS: &[&str] = &[
     "sparse_mlp_s90_b64",
     "sparse_mlp_nm24_b1",
     "sparse_mlp_nm24_b64",
+    "sparse_mobilenetv2_dense_b1",
+    "sparse_mobilenetv2_dense_b64",
+    "sparse_mobilenetv2_s90_b1",
+    "sparse_mobilenetv2_s90_b64",
 ];
 
-/// A sparse inference workload: ResNet-20 or MLP 784-1024-1024-10 with every conv/linear
-/// layer magnitude-pruned to the given level (dense, 50/70/90 %, 2:4), eval mode with the
-/// sparse kernels enabled (layers below the density threshold stay dense).
+/// A sparse inference workload: ResNet-20, MobileNetV2 (CIFAR) or MLP 784-1024-1024-10
+/// with every conv/linear layer magnitude-pruned to the given level (dense, 50/70/90 %,
+/// 2:4), eval mode with the sparse kernels enabled (layers below the density threshold
+/// stay dense, and so do MobileNetV2's depthwise convs: the sparse pack takes ungrouped
+/// layers — its 1×1 convs, the stem and the classifier).
 fn sparse_workload(name: &str, warmup: usize, steps: usize) -> Result<BenchRow> {
     use crate::methods::pts::uniform_magnitude;
     use crate::sparse::layers::prunable_layers;
@@ -58,6 +64,7 @@ fn sparse_workload(name: &str, warmup: usize, steps: usize) -> Result<BenchRow> 
     let (model, level, batch) = (parts[1], parts[2], &parts[3][1..]);
     let (g, dims) = match model {
         "resnet20" => (zoo::build("resnet20", 0)?, vec![3, 32, 32]),
+        "mobilenetv2" => (zoo::build("mobilenetv2", 0)?, vec![3, 32, 32]),
         _ => (zoo::build("mlp:784-1024-1024-10", 0)?, vec![784]),
     };
     let layers = prunable_layers(&g);

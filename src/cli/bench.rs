@@ -26,6 +26,30 @@ pub struct BenchArgs {
     /// With `--model`: time a training step (forward, cross-entropy, backward, SGD).
     #[arg(long)]
     train: bool,
+    /// After each workload, print where its forward passes spent their time, per op
+    /// category (1×1, depthwise and k×k convs apart, sparse apart). Same as
+    /// LOPPER_PROFILE=1. Needs --model or --filter (the workloads run in this process).
+    #[arg(long)]
+    profile: bool,
+}
+
+/// Prints the per-op profile gathered since the last call (see `exec::profile`).
+fn print_profile(what: &str) {
+    let rows = lopper::exec::profile::take();
+    let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
+    if rows.is_empty() || total == 0.0 {
+        return;
+    }
+    println!("  profile of {what} (forward passes, warm-up included):");
+    for (cat, t, n) in rows {
+        println!(
+            "    {:<28} {:>6.1} %  {:>10.2} ms total  {:>7} runs",
+            cat,
+            100.0 * t.as_secs_f64() / total,
+            t.as_secs_f64() * 1e3,
+            n
+        );
+    }
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -38,10 +62,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
         model,
         batch,
         train,
+        profile,
     } = a;
     lopper::kernels::use_reference_ops(reference);
+    if profile {
+        if model.is_none() && filter.is_empty() {
+            bail!("--profile needs --model or --filter (the workloads then run in this process)");
+        }
+        lopper::exec::profile::enable(true);
+    }
+    let profile = lopper::exec::profile::enabled();
     if let Some(m) = model {
-        return bench_model(&m, batch, train, warmup, steps, reference, j);
+        bench_model(&m, batch, train, warmup, steps, reference, j)?;
+        if profile && !j {
+            print_profile(&m);
+        }
+        return Ok(());
     }
     let print = |r: &lopper::bench::BenchRow| {
         if !j {
@@ -49,6 +85,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "{:<22} {:>10.2} {:>10.2} {:>10.2} {:>6} {:>12.0}",
                 r.name, r.median_ms, r.min_ms, r.max_ms, r.steps, r.peak_rss_mb
             );
+            if profile {
+                print_profile(&r.name);
+            }
         }
     };
     if !j {

@@ -12,6 +12,7 @@ mod fusion;
 mod mode;
 mod node;
 mod plan;
+pub mod profile;
 mod sparse_pack;
 
 pub use mode::Mode;

@@ -139,7 +139,7 @@ fn conv(
         let epi = SparseEpilogue {
             scale: None,
             bias: b.as_deref(),
-            relu: false,
+            act: None,
         };
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
         return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, None);
@@ -154,8 +154,8 @@ fn conv(
 
 /// Eval-mode conv `i` run with its epilogue: bias (with the batch norm folded in, its
 /// weights scaled at plan time), + residual, + activation — one pass over the output
-/// instead of one per node. A conv with compressed sparse weights applies the scale in its
-/// own epilogue (which knows ReLU only: another activation runs after it).
+/// instead of one per node. A conv with compressed sparse weights applies all of it in its
+/// own epilogue.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_folded(
     g: &Graph,
@@ -173,17 +173,12 @@ pub(crate) fn conv_folded(
     let cfg = conv_cfg(c);
     if let Some(sw) = sw {
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
-        let relu = act == Some(ActivationKind::Relu);
         let epi = SparseEpilogue {
             scale: f.scale.as_deref(),
             bias: Some(&f.bias),
-            relu,
+            act,
         };
-        let y = kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, residual)?;
-        return match act {
-            Some(k) if !relu => activation(&y, k),
-            _ => Ok(y),
-        };
+        return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, residual);
     }
     let w = match (
         ctx.weight_masks.and_then(|m| m.get(&i)),

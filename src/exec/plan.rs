@@ -165,11 +165,16 @@ impl Plan {
                 vals[i] = vals[src].take();
                 continue;
             }
+            let t = super::profile::enabled().then(std::time::Instant::now);
             let y = self
                 .run_node(g, i, &vals, xs[0], f, &ctx, sparse)
                 .with_context(|| {
                     format!("forward failed at node '{}' ({})", n.name, n.op.kind())
                 })?;
+            if let Some(t) = t {
+                let sp = sparse.and_then(|p| p.get(i)).is_some();
+                super::profile::record(super::profile::category(g, i, sp), t.elapsed());
+            }
             vals[i] = Some(if self.detach { y.detach() } else { y });
             for &j in &self.release[i] {
                 vals[j] = None;

@@ -7,25 +7,42 @@
 //! single image parallelises over output rows. Linear: gathers for a few rows, otherwise
 //! `yᵀ = W_csr · xᵀ`. Grouped convs are not handled (the pack leaves them dense).
 
+use super::act;
 use super::conv::ConvCfg;
 use super::cpu::{assume_init, uninit, with_f32, with_scratch};
 use super::csr::{madd, CsrKernels, SparseWeight};
 use super::im2col::{im2col, Geo};
 use super::simd::{self, multiversion, Isa};
 use crate::graph::csr::CsrMatrix;
+use crate::graph::ops::ActivationKind;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Per-output-channel affine + ReLU (+ residual) applied after the sparse product.
+/// Per-output-channel affine (+ residual) and activation applied after the sparse product.
 pub struct SparseEpilogue<'a> {
     pub scale: Option<&'a [f32]>,
     pub bias: Option<&'a [f32]>,
-    pub relu: bool,
+    /// Any activation of the IR: ReLU is applied as the tiles are stored, the others in one
+    /// pass over each output channel while it is in cache (a separate op per activation
+    /// cost a full pass over the output: MobileNetV2's ReLU6 after every sparse 1×1 conv).
+    pub act: Option<ActivationKind>,
+}
+
+impl SparseEpilogue<'_> {
+    fn relu(&self) -> bool {
+        self.act == Some(ActivationKind::Relu)
+    }
+
+    /// The activation still to apply after the stores (anything but ReLU).
+    fn after(&self) -> Option<ActivationKind> {
+        self.act.filter(|k| *k != ActivationKind::Relu)
+    }
 }
 
 fn epilogue(e: &SparseEpilogue, out: &mut [f32], p: usize, res: Option<&[f32]>) {
+    let relu = e.relu();
     for (o, row) in out.chunks_exact_mut(p).enumerate() {
         let s = e.scale.map_or(1.0, |s| s[o]);
         let b = e.bias.map_or(0.0, |b| b[o]);
@@ -33,12 +50,15 @@ fn epilogue(e: &SparseEpilogue, out: &mut [f32], p: usize, res: Option<&[f32]>) 
         match r {
             Some(r) => row.iter_mut().zip(r).for_each(|(v, x)| {
                 let y = *v * s + b + x;
-                *v = if e.relu { y.max(0.0) } else { y };
+                *v = if relu { y.max(0.0) } else { y };
             }),
             None => row.iter_mut().for_each(|v| {
                 let y = *v * s + b;
-                *v = if e.relu { y.max(0.0) } else { y };
+                *v = if relu { y.max(0.0) } else { y };
             }),
+        }
+        if let Some(k) = e.after() {
+            act::apply(k, row);
         }
     }
 }
@@ -74,12 +94,12 @@ pub fn conv2d(
         }
     }
     if direct_ok(&g) {
-        let d = Direct::new(&g, sw);
+        let d = Direct::new(&g, sw, epi.after());
         fn ce<'r>(epi: &SparseEpilogue, o: usize, res: Option<&'r [f32]>) -> ChanEpi<'r> {
             ChanEpi {
                 scale: epi.scale.map_or(1.0, |s| s[o]),
                 bias: epi.bias.map_or(0.0, |b| b[o]),
-                relu: epi.relu,
+                relu: epi.relu(),
                 res,
             }
         }
@@ -222,10 +242,12 @@ struct Direct<'a> {
     identity: bool,
     /// The instruction set, chosen once per call.
     isa: Isa,
+    /// The activation applied after the tiles (anything but ReLU, which they apply).
+    after: Option<ActivationKind>,
 }
 
 impl<'a> Direct<'a> {
-    fn new(g: &Geo, sw: &'a SparseWeight) -> Self {
+    fn new(g: &Geo, sw: &'a SparseWeight, after: Option<ActivationKind>) -> Self {
         let csr = &sw.csr;
         let s = g.sh;
         let hp = (g.oh - 1) * s + g.kh;
@@ -255,6 +277,7 @@ impl<'a> Direct<'a> {
             ws,
             identity: s == 1 && g.pt == 0 && g.pl == 0 && hs == g.h && ws == g.w,
             isa,
+            after,
         }
     }
 
@@ -305,6 +328,11 @@ impl<'a> Direct<'a> {
         // SAFETY: `simd::isa()` never reports a level the CPU lacks; the bound above
         // holds for every load.
         unsafe { run_tiles(self.isa, g.ow, &t, out) }
+        if let Some(k) = self.after {
+            // SAFETY: the tiles wrote every element of the channel.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            act::apply(k, out);
+        }
     }
 }
 
@@ -433,17 +461,26 @@ struct Tiles<'a> {
 /// FMA per cycle). Widths that are a multiple of 8 use explicit vector code: AVX-512 takes
 /// 32 and 16 in 16-float registers (4 and 8 rows per tile) and 8 in 8-float registers
 /// (8 rows); AVX2 takes all three in 8-float registers (2, 4 and 8 rows). The other widths
-/// (28, 14, 7, 4) run a loop the compiler vectorises, with 64-float tiles. Rows that do not
-/// fill a whole tile run one at a time.
+/// (28, 14, 7, 4) run a loop the compiler vectorises, with tiles of up to 64 floats. A tile
+/// never has more rows than the image (a 4×4 or 7×7 map is one tile, not 4 or 7 one-row
+/// tiles); rows that do not fill a whole tile run one at a time.
 ///
 /// # Safety
 /// `isa` is available on this CPU; every `off + (oh − 1)·wp + ow ≤ xp.len()`.
 unsafe fn run_tiles(isa: Isa, ow: usize, t: &Tiles, out: &mut [MaybeUninit<f32>]) {
+    // Whole tiles of the first `R` (of those listed) not above the height, then the
+    // remaining rows one at a time.
     macro_rules! whole_then_rows {
-        ($f:ident, $ow:literal, $r:literal) => {{
-            let full = t.oh / $r * $r;
-            $f::<$ow, $r>(t, 0..full, out);
-            $f::<$ow, 1>(t, full..t.oh, out);
+        ($f:ident, $ow:literal, $($r:literal),+) => {{
+            $(
+                if $r <= t.oh {
+                    let full = t.oh / $r * $r;
+                    $f::<$ow, $r>(t, 0..full, out);
+                    $f::<$ow, 1>(t, full..t.oh, out);
+                    return;
+                }
+            )+
+            $f::<$ow, 1>(t, 0..t.oh, out);
         }};
     }
     macro_rules! generic {
@@ -451,11 +488,11 @@ unsafe fn run_tiles(isa: Isa, ow: usize, t: &Tiles, out: &mut [MaybeUninit<f32>]
             match ow {
                 32 => whole_then_rows!($f, 32, 2),
                 28 => whole_then_rows!($f, 28, 2),
-                16 => whole_then_rows!($f, 16, 4),
-                14 => whole_then_rows!($f, 14, 4),
-                8 => whole_then_rows!($f, 8, 8),
-                7 => whole_then_rows!($f, 7, 8),
-                4 => whole_then_rows!($f, 4, 16),
+                16 => whole_then_rows!($f, 16, 4, 2),
+                14 => whole_then_rows!($f, 14, 4, 2),
+                8 => whole_then_rows!($f, 8, 8, 4, 2),
+                7 => whole_then_rows!($f, 7, 8, 7, 4, 2),
+                4 => whole_then_rows!($f, 4, 16, 8, 4, 2),
                 w => unreachable!("direct sparse conv called with output width {w}"),
             }
         };
@@ -465,16 +502,16 @@ unsafe fn run_tiles(isa: Isa, ow: usize, t: &Tiles, out: &mut [MaybeUninit<f32>]
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => match ow {
-                32 => whole_then_rows!(tiles_zmm, 32, 4),
-                16 => whole_then_rows!(tiles_zmm, 16, 8),
-                8 => whole_then_rows!(tiles_ymm, 8, 8),
+                32 => whole_then_rows!(tiles_zmm, 32, 4, 2),
+                16 => whole_then_rows!(tiles_zmm, 16, 8, 4, 2),
+                8 => whole_then_rows!(tiles_ymm, 8, 8, 4, 2),
                 _ => generic!(tiles_avx512),
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => match ow {
                 32 => whole_then_rows!(tiles_ymm, 32, 2),
-                16 => whole_then_rows!(tiles_ymm, 16, 4),
-                8 => whole_then_rows!(tiles_ymm, 8, 8),
+                16 => whole_then_rows!(tiles_ymm, 16, 4, 2),
+                8 => whole_then_rows!(tiles_ymm, 8, 8, 4, 2),
                 _ => generic!(tiles_avx2),
             },
             _ => generic!(tiles_portable),
