@@ -43,10 +43,14 @@ fn data_args(r: &Recipe, o: &RunOpts) -> Vec<String> {
 
 /// Where the run keeps the generator it meta-trains for a STAMP method (by label).
 fn generator_path(o: &RunOpts, label: &str) -> PathBuf {
-    let safe = label.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
     o.out
         .join("stamp")
-        .join(format!("{safe}-generator.safetensors"))
+        .join(format!("{}-generator.safetensors", file_safe(label)))
+}
+
+/// A method label as part of a file name (step ids, generator files).
+fn file_safe(label: &str) -> String {
+    label.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
 }
 
 /// The `lopper stamp meta-train` runs a recipe needs before its steps: one per STAMP
@@ -106,7 +110,7 @@ pub fn plan(r: &Recipe, dense: &Path, o: &RunOpts) -> Vec<Step> {
                 let label = m.label();
                 let id = format!(
                     "{}-{}{}-s{seed}",
-                    label.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+                    file_safe(&label),
                     if sparse { "sp" } else { "macs" },
                     b
                 );
