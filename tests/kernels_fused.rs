@@ -296,6 +296,16 @@ fn depthwise(l: Isa) {
         ([1, 2, 15, 33], 7, [2, 2], [3, 3, 3, 3]),
         ([1, 2, 1, 1], 3, [1, 1], [1, 1, 1, 1]),
         ([1, 2, 6, 6], 3, [1, 2], [1, 0, 1, 2]),
+        // Every register-tile width (4, 8 and 16 columns) with plane counts and vector
+        // counts that do not divide into tasks or tiles, many planes of one geometry (the
+        // zero border is written once per geometry and reused), then another geometry.
+        ([3, 7, 4, 4], 3, [1, 1], [1, 1, 1, 1]),
+        ([2, 5, 7, 7], 3, [1, 1], [1, 1, 1, 1]),
+        ([2, 3, 8, 8], 3, [2, 2], [0, 0, 1, 1]),
+        ([5, 9, 16, 16], 3, [1, 1], [1, 1, 1, 1]),
+        ([3, 4, 32, 32], 3, [2, 2], [1, 1, 1, 1]),
+        ([2, 3, 17, 33], 5, [1, 1], [2, 2, 2, 2]),
+        ([1, 2, 3, 40], 3, [1, 1], [1, 1, 1, 1]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {

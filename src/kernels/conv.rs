@@ -377,7 +377,9 @@ impl Conv2dInferOp {
                 g.o
             );
         }
-        let mut out = vec![0f32; g.n * g.o * g.p()];
+        // SAFETY: every path of the forward stores each output once (depthwise planes,
+        // GEMMs that do not read their destination, an empty reduction zero-filled).
+        let mut out = unsafe { super::cpu::unfilled(g.n * g.o * g.p()) };
         conv_forward_epi(&g, x, w, &mut out, Some(&self.epi), r);
         Ok((CpuStorage::F32(out), Shape::from(out_dims.to_vec())))
     }
@@ -436,7 +438,9 @@ impl CustomOp2 for Conv2dOp {
         let x = slice(s1, l1, "conv2d input")?;
         let w = slice(s2, l2, "conv2d weight")?;
         let g = self.cfg.geo(l1.dims(), l2.dims())?;
-        let mut out = vec![0f32; g.n * g.o * g.p()];
+        // SAFETY: every path of the forward stores each output once (depthwise planes,
+        // GEMMs that do not read their destination, an empty reduction zero-filled).
+        let mut out = unsafe { super::cpu::unfilled(g.n * g.o * g.p()) };
         conv_forward(&g, x, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
@@ -512,7 +516,9 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
             bias: b.to_vec(),
             act: None,
         };
-        let mut out = vec![0f32; g.n * g.o * g.p()];
+        // SAFETY: every path of the forward stores each output once (depthwise planes,
+        // GEMMs that do not read their destination, an empty reduction zero-filled).
+        let mut out = unsafe { super::cpu::unfilled(g.n * g.o * g.p()) };
         conv_forward_epi(&g, x, w, &mut out, Some(&epi), None);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.oh, g.ow))))
     }

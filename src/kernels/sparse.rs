@@ -352,14 +352,14 @@ multiversion! {
                 for px in 0..s {
                     for yq in 0..hs {
                         let Some(row) = rows.next() else { return };
-                        zero_row(row);
+                        super::cpu::zero_row(row);
                         let Some(y) = (yq * s + py).checked_sub(pt).filter(|&y| y < h) else {
                             continue;
                         };
                         let src = &x[(c * h + y) * w..][..w];
                         if s == 1 {
                             let n = w.min(ws.saturating_sub(pl));
-                            copy_row(&mut row[pl..pl + n], &src[..n]);
+                            super::cpu::copy_row(&mut row[pl..pl + n], &src[..n]);
                         } else {
                             // Columns k with input column k·s + px − pl in [0, W).
                             let k_lo = pl.saturating_sub(px).div_ceil(s);
@@ -372,56 +372,6 @@ multiversion! {
                 }
             }
         }
-    }
-}
-
-/// `dst = src` for a short row, in fixed-size chunks (the last one overlapping), so the
-/// copy is a few inlined vector moves rather than a `memcpy` call.
-#[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
-    let n = src.len();
-    debug_assert_eq!(dst.len(), n);
-    macro_rules! chunks {
-        ($k:literal) => {{
-            let mut i = 0;
-            while i + $k <= n {
-                dst[i..i + $k].copy_from_slice(&src[i..i + $k]);
-                i += $k;
-            }
-            if i < n {
-                dst[n - $k..n].copy_from_slice(&src[n - $k..n]);
-            }
-        }};
-    }
-    match n {
-        16.. => chunks!(16),
-        8.. => chunks!(8),
-        4.. => chunks!(4),
-        _ => dst.copy_from_slice(src),
-    }
-}
-
-/// `dst = 0` for a short row, like [`copy_row`].
-#[inline(always)]
-fn zero_row(dst: &mut [f32]) {
-    let n = dst.len();
-    macro_rules! chunks {
-        ($k:literal) => {{
-            let mut i = 0;
-            while i + $k <= n {
-                dst[i..i + $k].fill(0.0);
-                i += $k;
-            }
-            if i < n {
-                dst[n - $k..n].fill(0.0);
-            }
-        }};
-    }
-    match n {
-        16.. => chunks!(16),
-        8.. => chunks!(8),
-        4.. => chunks!(4),
-        _ => dst.fill(0.0),
     }
 }
 
