@@ -372,6 +372,11 @@ fn epilogues(l: Isa) {
         ([2, 5, 9, 7], [6, 5, 3, 3], [2, 2], [0, 1, 1, 0], 1),
         ([2, 6, 5, 5], [7, 6, 1, 1], [1, 1], [0, 0, 0, 0], 1),
         ([1, 6, 6, 6], [4, 3, 3, 3], [1, 1], [1, 1, 1, 1], 2),
+        // Few input channels (the direct path): an RGB stem at stride 2, a 7×7 stem with
+        // asymmetric padding and a row wider than two vectors, a one-channel 5×5.
+        ([2, 3, 19, 21], [5, 3, 3, 3], [2, 2], [1, 1, 1, 1], 1),
+        ([1, 3, 17, 40], [9, 3, 7, 7], [2, 2], [3, 2, 3, 3], 1),
+        ([3, 1, 6, 5], [4, 1, 5, 5], [1, 1], [2, 2, 2, 2], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

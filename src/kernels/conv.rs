@@ -8,9 +8,9 @@
 
 use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
-use super::depthwise;
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
+use super::{depthwise, direct};
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -121,16 +121,26 @@ pub fn conv_forward_epi(
 ) {
     let img_out = g.o * g.p();
     let res_n = |n: usize| res.map(|r| &r[n * img_out..(n + 1) * img_out]);
-    if is_depthwise(g) {
+    // Direct kernels over padded planes: depthwise convs, and dense convs with few input
+    // channels (stems); the rest is im2col + GEMM.
+    type Direct = fn(&Geo, &[f32], &[f32], &mut [f32], Option<(&[f32], Option<ActivationKind>)>);
+    let direct: Option<Direct> = if is_depthwise(g) {
+        Some(depthwise::forward_epi)
+    } else if direct::applies(g) {
+        Some(direct::forward_epi)
+    } else {
+        None
+    };
+    if let Some(run) = direct {
         match (epi, res) {
-            (Some(e), None) => depthwise::forward_epi(g, x, w, out, Some((&e.bias, e.act))),
+            (Some(e), None) => run(g, x, w, out, Some((&e.bias, e.act))),
             (Some(e), Some(_)) => {
-                depthwise::forward(g, x, w, out);
+                run(g, x, w, out, None);
                 out.chunks_exact_mut(img_out)
                     .enumerate()
                     .for_each(|(n, o)| e.apply(o, g.p(), res_n(n)));
             }
-            (None, _) => depthwise::forward(g, x, w, out),
+            (None, _) => run(g, x, w, out, None),
         }
         return;
     }
