@@ -69,6 +69,7 @@ const MODELS: &[&str] = &[
     "digit_cnn",
     "resnet20@3x16x16",
     "mobilenetv2@3x16x16",
+    "vit:32-2-4-4@3x16x16",
 ];
 
 proptest! {

@@ -22,6 +22,7 @@ const MODELS: &[&str] = &[
     "resnet20@3x16x16",
     "resnet56@3x8x8",
     "mobilenetv2@3x16x16",
+    "vit:32-2-4-4@3x16x16",
 ];
 
 /// Concat, squeeze-excitation (broadcast Mul), depthwise conv, flatten->linear: the

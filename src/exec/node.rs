@@ -5,8 +5,8 @@
 use super::{Mode, WeightMask};
 use crate::graph::ops::param::{BIAS, RUNNING_MEAN, RUNNING_VAR, WEIGHT};
 use crate::graph::ops::{
-    ActivationKind, BatchNorm, ChannelAffine, ChannelGather, Conv2d, Dropout, Linear, Op, Pool2d,
-    Reshape,
+    ActivationKind, BatchNorm, ChannelAffine, ChannelGather, Conv2d, Dropout, LayerNorm, Linear,
+    MultiHeadAttention, Op, Pool2d, Reshape,
 };
 use crate::graph::{Graph, NodeId};
 use crate::kernels::csr::SparseWeight;
@@ -92,6 +92,9 @@ pub(crate) fn run(
         Op::Dropout(d) => dropout(d, i, x, ctx),
         Op::Softmax(sm) => Ok(candle_nn::ops::softmax(x, sm.axis + 1)?),
         Op::Identity(_) => Ok(x.clone()),
+        Op::LayerNorm(l) => layer_norm(g, i, l, x),
+        Op::PosEmbed(_) => pos_embed(g, i, x),
+        Op::MultiHeadAttention(a) => attention(a, x),
     }
 }
 
@@ -458,6 +461,51 @@ fn affine(g: &Graph, i: NodeId, a: &ChannelAffine, x: &Tensor) -> Result<Tensor>
     let w = param(g, i, WEIGHT)?.reshape(shape.as_slice())?;
     let b = param(g, i, BIAS)?.reshape(shape.as_slice())?;
     Ok(x.broadcast_mul(&w)?.broadcast_add(&b)?)
+}
+
+/// Per-channel `[1, C, 1, …]` view of a `[C]` parameter, for broadcasting over `x`.
+fn per_channel(g: &Graph, i: NodeId, name: &str, x: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = x.dim(1)?;
+    Ok(param(g, i, name)?.reshape(shape.as_slice())?)
+}
+
+/// LayerNorm across channels (axis 1 of the batch), at every position.
+fn layer_norm(g: &Graph, i: NodeId, l: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(1)?;
+    let y = xc.broadcast_div(&(var + l.eps)?.sqrt()?)?;
+    let w = per_channel(g, i, WEIGHT, x)?;
+    let b = per_channel(g, i, BIAS, x)?;
+    Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+}
+
+/// `x + e`, the `[C, T]` embedding laid over `x`'s positions.
+fn pos_embed(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    shape[0] = 1;
+    let e = param(g, i, WEIGHT)?.reshape(shape.as_slice())?;
+    Ok(x.broadcast_add(&e)?)
+}
+
+/// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`.
+fn attention(a: &MultiHeadAttention, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
+    let (h, d) = (a.heads, a.head_dim);
+    let qkv = x.reshape((n, 3, h, d, t))?;
+    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
+    // [N, H, T, d] queries; [N, H, d, T] keys and values.
+    let q = part(0)?.transpose(2, 3)?.contiguous()?;
+    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+    let logits = (q.matmul(&k)? * a.scale)?;
+    let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+    // O[d, t] = Σ_s V[d, s]·A[t, s].
+    let o = v.matmul(&attn.transpose(2, 3)?.contiguous()?)?;
+    let mut out = dims;
+    out[1] = h * d;
+    Ok(o.reshape(out)?)
 }
 
 fn pool(pc: &Pool2d, x: &Tensor, max: bool) -> Result<Tensor> {

@@ -2,8 +2,8 @@
 //! sequence: GELU, SiLU, per-channel affine), named after the IR node, so the pruned
 //! widths are visible in any ONNX viewer. The batch axis is symbolic (`N`).
 
-use super::value::{f32_proto, i64_proto};
-use crate::graph::ops::{param, ActivationKind, Op, Pool2d, Resize};
+use super::value::{f32_proto, i64_proto, i64_scalar};
+use crate::graph::ops::{param, ActivationKind, MultiHeadAttention, Op, Pool2d, Resize};
 use crate::graph::shape::Shape;
 use crate::graph::{param_key, Graph};
 use anyhow::{anyhow, bail, Result};
@@ -334,8 +334,114 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             name,
             vec![attr_i("axis", sm.axis as i64 + 1)],
         ),
+        Op::LayerNorm(l) => {
+            // ONNX normalises trailing axes: channels moved last, normalised, moved back.
+            let rank = shape.len() + 1;
+            let to_last: Vec<usize> = (0..rank).filter(|&a| a != 1).chain([1]).collect();
+            let mut back = vec![0usize; rank];
+            for (k, &a) in to_last.iter().enumerate() {
+                back[a] = k;
+            }
+            let (t, n) = (format!("{name}.last"), format!("{name}.norm"));
+            o.node("Transpose", &t, &[x], &t, vec![attr_is("perm", &to_last)]);
+            let w = o.init(g, i, param::WEIGHT, None)?;
+            let b = o.init(g, i, param::BIAS, None)?;
+            let attrs = vec![attr_i("axis", -1), attr_f("epsilon", l.eps as f32)];
+            o.node("LayerNormalization", &n, &[&t, &w, &b], &n, attrs);
+            o.node("Transpose", name, &[&n], name, vec![attr_is("perm", &back)]);
+        }
+        Op::PosEmbed(_) => {
+            let mut d = vec![1];
+            d.extend(shape.iter().copied());
+            let e = o.init(g, i, param::WEIGHT, Some(&d))?;
+            o.node("Add", name, &[x, &e], name, vec![]);
+        }
+        Op::MultiHeadAttention(a) => export_attention(o, name, x, a, shape),
     }
     Ok(())
+}
+
+/// Multi-head attention as standard ONNX ops (opset 17): `[N, 3·H·d, T…]` reshaped to
+/// `[N, 3, H, d, T]`, split into q, k, v; `softmax(qᵀk·scale)` over keys; `v·Aᵀ`;
+/// reshaped back to `[N, H·d, T…]` (the head count is in the exported shapes, so a
+/// pruned model's reshapes carry its new count).
+fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, shape: &Shape) {
+    let c = |k: &str| format!("{name}.{k}");
+    let t: usize = shape[1..].iter().product();
+    let (h, d) = (a.heads as i64, a.head_dim as i64);
+    o.inits
+        .push(i64_proto(&c("split_shape"), &[0, 3, h, d, t as i64]));
+    o.node(
+        "Reshape",
+        &c("split"),
+        &[x, &c("split_shape")],
+        &c("split"),
+        vec![],
+    );
+    for (k, part) in ["q", "k", "v"].iter().enumerate() {
+        let idx = c(&format!("{part}_index"));
+        o.inits.push(i64_scalar(&idx, k as i64));
+        o.node(
+            "Gather",
+            &c(part),
+            &[&c("split"), &idx],
+            &c(part),
+            vec![attr_i("axis", 1)],
+        );
+    }
+    o.node(
+        "Transpose",
+        &c("q_t"),
+        &[&c("q")],
+        &c("q_t"),
+        vec![attr_is("perm", &[0, 1, 3, 2])],
+    );
+    o.node(
+        "MatMul",
+        &c("logits"),
+        &[&c("q_t"), &c("k")],
+        &c("logits"),
+        vec![],
+    );
+    o.inits.push(f32_proto(&c("scale"), &[], &[a.scale as f32]));
+    o.node(
+        "Mul",
+        &c("scaled"),
+        &[&c("logits"), &c("scale")],
+        &c("scaled"),
+        vec![],
+    );
+    o.node(
+        "Softmax",
+        &c("attn"),
+        &[&c("scaled")],
+        &c("attn"),
+        vec![attr_i("axis", -1)],
+    );
+    o.node(
+        "Transpose",
+        &c("attn_t"),
+        &[&c("attn")],
+        &c("attn_t"),
+        vec![attr_is("perm", &[0, 1, 3, 2])],
+    );
+    o.node(
+        "MatMul",
+        &c("heads"),
+        &[&c("v"), &c("attn_t")],
+        &c("heads"),
+        vec![],
+    );
+    let mut out = vec![0i64];
+    out.extend(shape.iter().map(|&v| v as i64));
+    o.inits.push(i64_proto(&c("out_shape"), &out));
+    o.node(
+        "Reshape",
+        name,
+        &[&c("heads"), &c("out_shape")],
+        name,
+        vec![],
+    );
 }
 
 /// `Resize` (opset 17 form: X, roi, scales, sizes). A fixed size becomes `sizes` built as

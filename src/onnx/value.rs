@@ -154,6 +154,13 @@ pub fn i64_proto(name: &str, data: &[i64]) -> TensorProto {
     t
 }
 
+/// A rank-0 int64 initialiser (a Gather index that drops its axis).
+pub fn i64_scalar(name: &str, v: i64) -> TensorProto {
+    let mut t = i64_proto(name, &[v]);
+    t.dims = vec![];
+    t
+}
+
 #[cfg(test)]
 mod half_tests {
     use super::*;

@@ -40,6 +40,8 @@ pub enum Block {
     Grouped,
     /// A pass-through op that changes the width, or a join of unequal widths.
     WidthMismatch,
+    /// Normalised across channels (LayerNorm): a transformer's embedding dimension.
+    Normalized,
 }
 
 impl Block {
@@ -50,6 +52,9 @@ impl Block {
             Block::Opaque => "an op whose channel mapping cannot be followed",
             Block::Grouped => "a grouped convolution (widths must stay divisible by its groups)",
             Block::WidthMismatch => "an op joining or passing tensors of different widths",
+            Block::Normalized => {
+                "a normalisation across channels (LayerNorm: the embedding dimension)"
+            }
         }
     }
 }
@@ -266,6 +271,32 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<Blocked>) {
                     el.block(&mut blocked, ins[0], i, Block::Opaque);
                     el.block(&mut blocked, i, i, Block::Opaque);
                 }
+            }
+            Coupling::Normalized => {
+                if ch[ins[0]] == ch[i] {
+                    el.pair(&mut uf, ins[0], i, ch[i]);
+                }
+                el.block(&mut blocked, ins[0], i, Block::Normalized);
+                el.block(&mut blocked, i, i, Block::Normalized);
+            }
+            Coupling::Heads { heads, head_dim }
+                if ch[i] == heads * head_dim && ch[ins[0]] == 3 * heads * head_dim =>
+            {
+                // Head h: its d output channels and its d query, key and value channels.
+                let width = heads * head_dim;
+                for h in 0..heads {
+                    let first = el.e(i, h * head_dim);
+                    for j in h * head_dim..(h + 1) * head_dim {
+                        uf.union(first, el.e(i, j));
+                        for third in 0..3 {
+                            uf.union(first, el.e(ins[0], third * width + j));
+                        }
+                    }
+                }
+            }
+            Coupling::Heads { .. } => {
+                el.block(&mut blocked, ins[0], i, Block::WidthMismatch);
+                el.block(&mut blocked, i, i, Block::WidthMismatch);
             }
             Coupling::Opaque => {
                 ins.iter()

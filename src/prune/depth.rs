@@ -1,10 +1,11 @@
 //! Depth and resolution surgery: removing whole residual blocks, and changing the input
 //! resolution of networks that end in global pooling.
 
-use crate::graph::ops::{Input, Op};
-use crate::graph::{param_key, Graph, Node, NodeId};
+use crate::graph::ops::param::WEIGHT;
+use crate::graph::ops::{Input, Op, PosEmbed};
+use crate::graph::{param_key, Graph, Node, NodeId, Shape};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A residual block: `add = branch(skip) + skip`.
@@ -149,12 +150,54 @@ pub fn with_resolution(g: &Graph, h: usize, w: usize) -> Result<Graph> {
     nodes[inp].op = Op::Input(Input {
         shape: vec![shape[0], h, w],
     });
-    let params: BTreeMap<String, Tensor> = g
+    let mut params: BTreeMap<String, Tensor> = g
         .params()
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
         .collect::<Result<_>>()?;
+    resample_position_embeddings(g, &mut nodes, &mut params)
+        .with_context(|| format!("model does not run at {h}x{w}"))?;
     Ok(Graph::with_parts(nodes, g.outputs.clone(), params)
         .with_context(|| format!("model does not run at {h}x{w}"))?
         .keeping(g))
+}
+
+/// Position embeddings follow a new token count (ViT at another image size): each is
+/// resampled from its old grid of positions to the new one (see [`PosEmbed::resample`]).
+/// `nodes` carry the new input shape; shapes are inferred in order up to each embedding.
+fn resample_position_embeddings(
+    g: &Graph,
+    nodes: &mut [Node],
+    params: &mut BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let old = g.shapes()?;
+    let mut shapes: Vec<Shape> = Vec::with_capacity(nodes.len());
+    for i in 0..nodes.len() {
+        let ins: Vec<&Shape> = nodes[i].inputs.iter().map(|&j| &shapes[j]).collect();
+        if let Op::PosEmbed(p) = &nodes[i].op {
+            let (from, to) = (&old[i][1..], &ins[0][1..]);
+            if from != to {
+                let key = param_key(&nodes[g.param_owner(i)].name, WEIGHT);
+                let w: Vec<f32> = params[&key].flatten_all()?.to_vec1()?;
+                let v = PosEmbed::resample(&w, p.channels, from, to)
+                    .with_context(|| format!("at node '{}'", nodes[i].name))?;
+                let tokens = to.iter().product();
+                params.insert(
+                    key,
+                    Tensor::from_vec(v, (p.channels, tokens), &Device::Cpu)?,
+                );
+                nodes[i].op = Op::PosEmbed(PosEmbed {
+                    channels: p.channels,
+                    tokens,
+                });
+            }
+        }
+        let s = nodes[i]
+            .op
+            .spec()
+            .infer_shape(&ins)
+            .with_context(|| format!("shape inference failed at node '{}'", nodes[i].name))?;
+        shapes.push(s);
+    }
+    Ok(())
 }

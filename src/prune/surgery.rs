@@ -86,6 +86,10 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 Op::BatchNorm(b) => b.num_features = keep[i].len(),
                 Op::ChannelAffine(a) => a.channels = keep[i].len(),
                 Op::PRelu(p) => p.channels = keep[i].len(),
+                Op::LayerNorm(l) => l.channels = keep[i].len(),
+                Op::PosEmbed(p) => p.channels = keep[i].len(),
+                // Whole heads are removed (one unit each): the head count follows.
+                Op::MultiHeadAttention(a) => a.heads = keep[i].len() / a.head_dim.max(1),
                 Op::ChannelGather(gth) => {
                     // Kept outputs read kept inputs (same units); renumber both.
                     let kin = &keep[n.inputs[0]];

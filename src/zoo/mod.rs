@@ -2,18 +2,21 @@
 //!
 //! Names: `mlp:784-1024-1024-10` (sizes), `lenet5`, `vgg11`, `vgg16` (CIFAR, with BN),
 //! `resnet20|32|56|110` (CIFAR, option-A shortcuts), `mobilenetv2` (CIFAR variant),
-//! `digit_cnn` (the architecture of `digit_recognizer_cnn.safetensors`). An optional
+//! `digit_cnn` (the architecture of `digit_recognizer_cnn.safetensors`), `vit` (a small
+//! ViT for 32×32 images; `vit:DIM-DEPTH-HEADS[-PATCH[-MLP]]` sizes it). An optional
 //! `@CxHxW` suffix overrides the input shape, `#K` the number of classes.
 
 mod cnn;
 mod mobilenet;
 mod resnet;
 mod vgg;
+mod vit;
 
 pub use cnn::{digit_cnn, lenet5, mlp};
 pub use mobilenet::mobilenet_v2;
 pub use resnet::resnet_cifar;
 pub use vgg::vgg_cifar;
+pub use vit::{vit, VitConfig};
 
 use crate::graph::Graph;
 use anyhow::{bail, Context, Result};
@@ -30,6 +33,8 @@ pub const MODELS: &[&str] = &[
     "resnet56",
     "resnet110",
     "mobilenetv2",
+    "vit",
+    "vit:DIM-DEPTH-HEADS[-PATCH[-MLP]]",
     "digit_cnn",
 ];
 
@@ -116,6 +121,8 @@ pub fn build(spec: &str, seed: u64) -> Result<Graph> {
                 resnet_cifar(b[6..].parse()?, &shape, k, seed)
             }
             "mobilenetv2" => mobilenet_v2(&shape, k, seed),
+            "vit" => vit(&shape, k, VitConfig::default(), seed),
+            b if b.starts_with("vit:") => vit(&shape, k, VitConfig::parse(&b[4..])?, seed),
             _ => bail!(
                 "unknown model '{base}'; zoo (random init): {}; trained: digit_recognizer_cnn (shared data), {} (models/); or a .safetensors / .onnx file",
                 MODELS.join(", "),

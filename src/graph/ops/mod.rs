@@ -4,15 +4,18 @@
 
 mod activation;
 mod affine;
+mod attention;
 mod batchnorm;
 mod conv;
 mod conv_transpose;
 mod gather;
 mod join;
+mod layer_norm;
 mod linear;
 mod misc;
 mod pad;
 mod pool;
+mod pos_embed;
 mod prelu;
 mod reshape;
 mod resize;
@@ -20,15 +23,18 @@ mod spatial_pad;
 
 pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
+pub use attention::MultiHeadAttention;
 pub use batchnorm::BatchNorm;
 pub use conv::Conv2d;
 pub use conv_transpose::ConvTranspose2d;
 pub use gather::ChannelGather;
 pub use join::{Add, Concat, Max, Min, Mul};
+pub use layer_norm::LayerNorm;
 pub use linear::Linear;
 pub use misc::{Dropout, Identity, Input, Softmax};
 pub use pad::ChannelPad;
 pub use pool::{GlobalAvgPool, Pool2d};
+pub use pos_embed::PosEmbed;
 pub use prelu::PRelu;
 pub use reshape::{Flatten, Reshape, Transpose};
 pub use resize::{CoordMode, Nearest, Resize, ResizeMode, ResizeTarget};
@@ -120,6 +126,14 @@ pub enum Coupling {
     Reshape,
     /// Channels cannot be followed through this op: pruning stops at its boundary.
     Opaque,
+    /// Like `PassThrough`, but the op normalises across the channels (LayerNorm), so
+    /// removing any changes the others: the channels are coupled and kept at full width
+    /// (a transformer's embedding dimension; prunable only on request).
+    Normalized,
+    /// Multi-head attention over stacked q/k/v input channels `[3·heads·head_dim]` with
+    /// output `[heads·head_dim]`: each head (its query, key, value and output channels)
+    /// is one unit.
+    Heads { heads: usize, head_dim: usize },
 }
 
 /// The rule set every operator implements.
@@ -181,6 +195,9 @@ pub enum Op {
     Dropout(Dropout),
     Softmax(Softmax),
     Identity(Identity),
+    LayerNorm(LayerNorm),
+    MultiHeadAttention(MultiHeadAttention),
+    PosEmbed(PosEmbed),
 }
 
 impl Op {
@@ -213,6 +230,9 @@ impl Op {
             Op::Dropout(o) => o,
             Op::Softmax(o) => o,
             Op::Identity(o) => o,
+            Op::LayerNorm(o) => o,
+            Op::MultiHeadAttention(o) => o,
+            Op::PosEmbed(o) => o,
         }
     }
 

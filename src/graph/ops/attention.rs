@@ -1,0 +1,84 @@
+//! Multi-head scaled dot-product self-attention over a channels-first token tensor.
+//!
+//! Input: the fused projections `[3·H·d, T…]` (queries, keys, values stacked on the
+//! channel axis, as one 1×1 conv or linear produces them: PyTorch's `in_proj`), the
+//! positions `T…` being tokens (`[·, T, 1]`) or an image's pixels (`[·, H, W]`).
+//! Output: the heads' results concatenated, `[H·d, T…]`, which the output projection (a
+//! 1×1 conv) mixes. Per head `h`, with `Q_h, K_h, V_h` its `d` rows of each third:
+//! `O_h = V_h · softmax(Q_hᵀ K_h · scale)ᵀ` (softmax over keys).
+//!
+//! Keeping tokens channels-first makes every projection a 1×1 conv, so the GEMM, sparse,
+//! pruning and criteria machinery of convolutions applies to transformers unchanged.
+//!
+//! **Heads are the pruning unit** ([`Coupling::Heads`]): head `h` is its `d` query, key
+//! and value channels and its `d` output channels; removing it shrinks `in_proj` by `3d`
+//! rows, the output projection by `d` input columns and `heads` by one. `scale` is kept
+//! (the head dimension does not change).
+
+use super::{expect_inputs, Coupling, OpSpec};
+use crate::graph::shape::{fmt_shape, numel, Shape};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MultiHeadAttention {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Multiplies the logits (`1/√head_dim` in the original model).
+    pub scale: f64,
+}
+
+impl MultiHeadAttention {
+    pub fn new(heads: usize, head_dim: usize) -> Self {
+        MultiHeadAttention {
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        }
+    }
+
+    /// Width of the output (and of each of the three input thirds).
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+impl OpSpec for MultiHeadAttention {
+    fn kind(&self) -> &'static str {
+        "MultiHeadAttention"
+    }
+
+    fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
+        expect_inputs("MultiHeadAttention", inputs, 1)?;
+        let s = inputs[0];
+        if self.head_dim == 0 {
+            bail!("MultiHeadAttention with a zero head dimension");
+        }
+        if s.len() < 2 || s[0] != 3 * self.width() {
+            bail!(
+                "MultiHeadAttention with {} heads of {} expects 3x{} stacked q/k/v channels \
+                 and at least one position axis, got {}",
+                self.heads,
+                self.head_dim,
+                self.width(),
+                fmt_shape(s)
+            );
+        }
+        let mut out = s.clone();
+        out[0] = self.width();
+        Ok(out)
+    }
+
+    /// `QKᵀ` and `A·V`: `2·H·d·T²` multiply-accumulates per sample.
+    fn macs(&self, inputs: &[&Shape], _output: &Shape) -> u64 {
+        let t = inputs.first().map_or(0, |s| numel(&s[1..])) as u64;
+        2 * self.width() as u64 * t * t
+    }
+
+    fn coupling(&self) -> Coupling {
+        Coupling::Heads {
+            heads: self.heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
