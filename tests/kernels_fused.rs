@@ -116,7 +116,55 @@ fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
         epilogues(l);
         channel_ops(l);
         sparse_direct(l);
+        layer_norm(l);
+        attention(l);
     });
+}
+
+/// Multi-head attention (tokens `[N, 3·H·d, T, 1]` and a `[·, H, W]` map; one head, odd
+/// head dims and token counts), forward and input gradient, against candle's ops.
+fn attention(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(12);
+    for (n, h, d, pos) in [
+        (2, 3, 4, vec![7, 1]),
+        (1, 1, 5, vec![3, 4]),
+        (3, 2, 8, vec![17, 1]),
+    ] {
+        let mut dims = vec![n, 3 * h * d];
+        dims.extend(&pos);
+        let x = rand_vec(&mut rng, dims.iter().product(), 1.5);
+        let scale = 1.0 / (d as f64).sqrt();
+        let [ours, theirs] = both(&[(&x, &dims)], &|ts| {
+            kernels::attention(&ts[0], h, d, scale).unwrap()
+        });
+        let what = format!("attention n{n} h{h} d{d} {pos:?} ({l:?})");
+        assert_close(&ours.0, &theirs.0, 1e-5, &what);
+        assert_close(&ours.1[0], &theirs.1[0], 1e-4, &format!("{what} grad"));
+    }
+}
+
+/// LayerNorm across channels (tokens `[N, C, T, 1]`, an image map, odd widths, one
+/// channel), forward and all three gradients, against candle's ops.
+fn layer_norm(l: Isa) {
+    let mut rng = Pcg64::seed_from_u64(11);
+    for d in [[3, 12, 7, 1], [2, 5, 3, 4], [1, 1, 5, 1], [2, 33, 17, 1]] {
+        let x = rand_vec(&mut rng, d.iter().product(), 2.0);
+        let g = rand_vec(&mut rng, d[1], 1.0);
+        let b = rand_vec(&mut rng, d[1], 1.0);
+        let [ours, theirs] = both(&[(&x, &d), (&g, &[d[1]]), (&b, &[d[1]])], &|ts| {
+            kernels::layer_norm(&ts[0], &ts[1], &ts[2], 1e-5).unwrap()
+        });
+        assert_close(
+            &ours.0,
+            &theirs.0,
+            1e-5,
+            &format!("layer norm {d:?} ({l:?})"),
+        );
+        for k in 0..3 {
+            let what = format!("layer norm {d:?} grad {k} ({l:?})");
+            assert_close(&ours.1[k], &theirs.1[k], 1e-4, &what);
+        }
+    }
 }
 
 /// The direct sparse convolution (every output width it takes, stride 1 and 2, 1×1 to 5×5,

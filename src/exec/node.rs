@@ -463,22 +463,9 @@ fn affine(g: &Graph, i: NodeId, a: &ChannelAffine, x: &Tensor) -> Result<Tensor>
     Ok(x.broadcast_mul(&w)?.broadcast_add(&b)?)
 }
 
-/// Per-channel `[1, C, 1, …]` view of a `[C]` parameter, for broadcasting over `x`.
-fn per_channel(g: &Graph, i: NodeId, name: &str, x: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![1usize; x.rank()];
-    shape[1] = x.dim(1)?;
-    Ok(param(g, i, name)?.reshape(shape.as_slice())?)
-}
-
 /// LayerNorm across channels (axis 1 of the batch), at every position.
 fn layer_norm(g: &Graph, i: NodeId, l: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-    let mean = x.mean_keepdim(1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(1)?;
-    let y = xc.broadcast_div(&(var + l.eps)?.sqrt()?)?;
-    let w = per_channel(g, i, WEIGHT, x)?;
-    let b = per_channel(g, i, BIAS, x)?;
-    Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+    kernels::layer_norm(x, &param(g, i, WEIGHT)?, &param(g, i, BIAS)?, l.eps)
 }
 
 /// `x + e`, the `[C, T]` embedding laid over `x`'s positions.
@@ -491,21 +478,7 @@ fn pos_embed(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`.
 fn attention(a: &MultiHeadAttention, x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
-    let (h, d) = (a.heads, a.head_dim);
-    let qkv = x.reshape((n, 3, h, d, t))?;
-    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
-    // [N, H, T, d] queries; [N, H, d, T] keys and values.
-    let q = part(0)?.transpose(2, 3)?.contiguous()?;
-    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
-    let logits = (q.matmul(&k)? * a.scale)?;
-    let attn = candle_nn::ops::softmax_last_dim(&logits)?;
-    // O[d, t] = Σ_s V[d, s]·A[t, s].
-    let o = v.matmul(&attn.transpose(2, 3)?.contiguous()?)?;
-    let mut out = dims;
-    out[1] = h * d;
-    Ok(o.reshape(out)?)
+    kernels::attention(x, a.heads, a.head_dim, a.scale)
 }
 
 fn pool(pc: &Pool2d, x: &Tensor, max: bool) -> Result<Tensor> {

@@ -4,6 +4,7 @@
 //! is also what the kernel tests compare against.
 
 pub mod act;
+mod attention;
 pub mod batchnorm;
 pub mod channel;
 pub mod conv;
@@ -14,6 +15,7 @@ mod direct;
 pub mod eltwise;
 pub mod gemm;
 pub mod im2col;
+mod layer_norm;
 pub mod linear;
 mod planes;
 pub mod pool;
@@ -327,4 +329,49 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// LayerNorm across channels (axis 1 of `[N, C, P…]`) at every position, `y = x̂·γ + β`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast(x) {
+        let op = layer_norm::LayerNormOp { eps: eps as f32 };
+        return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
+    }
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = x.dim(1)?;
+    let mean = x.mean_keepdim(1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(&gamma.reshape(shape.as_slice())?)?
+        .broadcast_add(&beta.reshape(shape.as_slice())?)?)
+}
+
+/// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`
+/// (per head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys).
+pub fn attention(x: &Tensor, heads: usize, head_dim: usize, scale: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
+    let mut out = dims.clone();
+    out[1] = heads * head_dim;
+    if fast(x) {
+        let op = attention::AttentionOp {
+            heads,
+            head_dim,
+            scale: scale as f32,
+        };
+        let x3 = x.contiguous()?.reshape((n, dims[1], t))?;
+        return Ok(x3.apply_op1(op)?.reshape(out)?);
+    }
+    let qkv = x.reshape((n, 3, heads, head_dim, t))?;
+    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
+    // [N, H, T, d] queries; [N, H, d, T] keys and values.
+    let q = part(0)?.transpose(2, 3)?.contiguous()?;
+    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+    let logits = (q.matmul(&k)? * scale)?;
+    // (candle_nn's `softmax_last_dim` has no backward: the composed form has.)
+    let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    // O[d, t] = Σ_s V[d, s]·A[t, s].
+    let o = v.matmul(&attn.transpose(2, 3)?.contiguous()?)?;
+    Ok(o.reshape(out)?)
 }
