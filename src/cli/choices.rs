@@ -145,6 +145,8 @@ pub enum SparsifyMethod {
     /// One global magnitude threshold.
     Global,
     Wanda,
+    /// Optimal-brain-surgeon updates from the calibration inputs' Gram matrices.
+    Sparsegpt,
     Pot,
     Unipts,
 }

@@ -25,7 +25,7 @@ pub struct SparsifyArgs {
     /// Target fraction of zero weights over all conv and linear layers, in [0, 1).
     #[arg(long, value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     sparsity: Option<f64>,
-    /// unstructured, or N:M such as 2:4 (magnitude, wanda, unipts).
+    /// unstructured, or N:M such as 2:4 (magnitude, wanda, sparsegpt, unipts).
     #[arg(long, default_value = "unstructured")]
     pattern: String,
     /// Calibration images drawn from the training split (no other training data is used);
@@ -145,6 +145,7 @@ fn method(
         SparsifyMethodArg::Magnitude => SparsifyMethod::Magnitude,
         SparsifyMethodArg::Global => SparsifyMethod::Global,
         SparsifyMethodArg::Wanda => SparsifyMethod::Wanda,
+        SparsifyMethodArg::Sparsegpt => SparsifyMethod::SparseGpt,
         SparsifyMethodArg::Pot => SparsifyMethod::Pot(PotConfig {
             iterations: a.pot_iters,
             seed: a.seed,

@@ -26,6 +26,8 @@ pub enum SparsifyMethod {
     Global,
     /// |w|·‖x‖ per output row, from the calibration activations.
     Wanda,
+    /// Layer-wise optimal-brain-surgeon masks and weight updates (Frantar & Alistarh).
+    SparseGpt,
     /// OpenVINO's layer-wise calibrated pruning (no N:M variant).
     Pot(PotConfig),
     /// Searched per-layer sparsity, base-decayed distillation, dynamic sparse training.
@@ -35,7 +37,10 @@ pub enum SparsifyMethod {
 impl SparsifyMethod {
     /// The one-shot baselines end with a batch-norm re-estimation (a free repair).
     fn one_shot(&self) -> bool {
-        matches!(self, Self::Magnitude | Self::Global | Self::Wanda)
+        matches!(
+            self,
+            Self::Magnitude | Self::Global | Self::Wanda | Self::SparseGpt
+        )
     }
 }
 
@@ -92,7 +97,7 @@ pub fn run(
     let nm = matches!(job.pattern, Pattern::NM { .. });
     if nm && matches!(job.method, SparsifyMethod::Global | SparsifyMethod::Pot(_)) {
         bail!(
-            "method '{}' has no N:M variant; use magnitude, wanda or unipts",
+            "method '{}' has no N:M variant; use magnitude, wanda, sparsegpt or unipts",
             job.method_name
         );
     }
@@ -180,6 +185,10 @@ fn sparsify(
         ),
         SparsifyMethod::Wanda => (
             one_shot(&|g| pts::wanda(g, &layers, calib, s, p).map(drop))?,
+            None,
+        ),
+        SparsifyMethod::SparseGpt => (
+            one_shot(&|g| pts::sparsegpt(g, &layers, calib, s, p).map(drop))?,
             None,
         ),
         SparsifyMethod::Pot(cfg) => (pts::pot(dense, calib, s, cfg)?, None),

@@ -24,7 +24,8 @@ pub const PRUNE_METHODS: &[&str] = &[
     "stamp",
 ];
 /// Post-training sparsity methods: `lopper sparsify --method`.
-pub const SPARSIFY_METHODS: &[&str] = &["magnitude", "global", "wanda", "pot", "unipts"];
+pub const SPARSIFY_METHODS: &[&str] =
+    &["magnitude", "global", "wanda", "sparsegpt", "pot", "unipts"];
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
