@@ -262,3 +262,28 @@ fn changing_the_image_size_resamples_the_position_embedding() {
     let w = get(&g, "pos_embed.weight");
     assert_eq!(PosEmbed::resample(&w, 32, &[4, 4], &[4, 4]).unwrap(), w);
 }
+
+/// `--prune-embedding`: the embedding becomes one ordinary group (patch embedding, every
+/// residual add, LayerNorm and position embedding); removing some of its channels gives a
+/// valid, smaller graph whose MACs the cost model predicts.
+#[test]
+fn the_embedding_is_prunable_on_request() {
+    let g = zoo::build("vit:32-2-4-4@3x16x16", 5).unwrap();
+    let g = lopper::prune::allow_embedding_pruning(&g).unwrap();
+    let groups = dependency_groups(&g).unwrap();
+    let gi = groups.owner[g.node_id("patch_embed").unwrap()][0].0;
+    let emb = &groups.groups[gi];
+    assert_eq!(emb.prunable_units().len(), 32);
+    assert_eq!(gi, groups.owner[g.node_id("blocks.1.norm2").unwrap()][0].0);
+    let units: Vec<(usize, usize)> = (0..32).step_by(3).map(|u| (gi, u)).collect();
+    let removal = Removal::from_units(&g, &groups, &units).unwrap();
+    let pruned = remove_units(&g, &groups, &removal).unwrap();
+    assert_eq!(get(&pruned, "pos_embed.weight").len(), (32 - 11) * 16);
+    assert_eq!(get(&pruned, "norm.weight").len(), 32 - 11);
+    let y = forward(&pruned, &input(&pruned, 2, 1), Mode::Eval).unwrap();
+    assert_eq!(y.dims(), &[2, 10]);
+    assert_eq!(
+        predict_cost(&g, &groups, &removal).unwrap().total_macs,
+        cost(&pruned).unwrap().total_macs
+    );
+}

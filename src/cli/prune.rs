@@ -68,6 +68,10 @@ pub struct PruneArgs {
     /// LAMP-normalise scores for global ranking.
     #[arg(long)]
     lamp: bool,
+    /// Transformers: also prune the embedding dimension (the channels through every
+    /// residual add and LayerNorm), which is kept by default.
+    #[arg(long)]
+    prune_embedding: bool,
     /// Remove this fraction of the prunable channels of every group (old name: --ratio).
     #[arg(long = "remove-channels", alias = "ratio", conflicts_with_all = ["target_macs", "target_params"], value_parser = super::argcheck::unit_half_open, allow_negative_numbers = true)]
     ratio: Option<f64>,
@@ -220,11 +224,14 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     if !no_data {
         super::calib_size(a.calib, 0, &train_ds, &a.data.data)?;
     }
-    let dense = resolve_model(
+    let mut dense = resolve_model(
         &a.model,
         (!no_data).then_some(&train_ds),
         a.data.data_dir.as_deref(),
     )?;
+    if a.prune_embedding {
+        dense = lopper::prune::allow_embedding_pruning(&dense)?;
+    }
     // STAMP gives the pruned net a new head for the target's classes: keep the renumbering.
     let (train_ds, test_ds) = if no_data || a.method == PruneMethod::Stamp {
         (train_ds, test_ds)

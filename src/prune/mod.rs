@@ -4,6 +4,7 @@
 pub mod criteria;
 pub mod deps;
 pub mod depth;
+pub mod embedding;
 pub mod plan;
 pub mod sensitivity;
 pub mod stats;
@@ -14,6 +15,7 @@ pub use deps::{
     blocked_groups, dependency_groups, Block, BlockedGroup, Group, Groups, Member, Unit,
 };
 pub use depth::{remove_blocks, residual_blocks, with_resolution, ResidualBlock};
+pub use embedding::allow_embedding_pruning;
 pub use plan::{plan, Budget, PlanConfig, Scope};
 pub use sensitivity::{sensitivity, SensitivityRow};
 pub use surgery::{consumer_masks, predict_cost, remove_units, Removal};

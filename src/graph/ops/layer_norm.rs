@@ -7,7 +7,7 @@
 //! Channels pass through, so its `γ`, `β` are sliced with the group of its input. That
 //! group is the embedding dimension of a transformer; removing one of its channels changes
 //! every position's statistics, so the dependency engine keeps it at full width unless
-//! asked (see [`Coupling::Normalized`]).
+//! asked (see [`Coupling::Normalized`] and `prune_channels`).
 
 use super::param::{BIAS, WEIGHT};
 use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 pub struct LayerNorm {
     pub channels: usize,
     pub eps: f64,
+    /// Let pruning remove channels through this op (its coupling becomes pass-through):
+    /// off by default, set by `lopper prune --prune-embedding`
+    /// ([`crate::prune::allow_embedding_pruning`]).
+    #[serde(default)]
+    pub prune_channels: bool,
 }
 
 impl LayerNorm {
@@ -27,6 +32,7 @@ impl LayerNorm {
         LayerNorm {
             channels,
             eps: 1e-5,
+            prune_channels: false,
         }
     }
 }
@@ -62,6 +68,10 @@ impl OpSpec for LayerNorm {
     }
 
     fn coupling(&self) -> Coupling {
-        Coupling::Normalized
+        if self.prune_channels {
+            Coupling::PassThrough
+        } else {
+            Coupling::Normalized
+        }
     }
 }
