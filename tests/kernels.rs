@@ -237,6 +237,17 @@ fn conv_cases() -> Vec<ConvCase> {
             k: [3, 3],
             cfg: cfg([1, 1], [4; 4], [4, 4], 1),
         },
+        // A map of 64+ positions with two images: the per-image GEMM path (smaller maps
+        // with several images take the batched one).
+        ConvCase {
+            n: 2,
+            c: 3,
+            h: 10,
+            w: 9,
+            o: 4,
+            k: [3, 3],
+            cfg: cfg([1, 1], [1; 4], [1, 1], 1),
+        },
         // The same with a depthwise conv.
         ConvCase {
             n: 1,

@@ -10,7 +10,7 @@ use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
-use super::{depthwise, direct};
+use super::{conv_batched, depthwise, direct};
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -144,6 +144,18 @@ pub fn conv_forward_epi(
         }
         return;
     }
+    if let Some(b) = conv_batched::batch(g) {
+        // Small maps: several images per GEMM, the epilogue per finished batch.
+        let after = |n0: usize, imgs: &mut [f32]| {
+            if let Some(e) = epi {
+                for (i, o) in imgs.chunks_exact_mut(img_out).enumerate() {
+                    e.apply(o, g.p(), res_n(n0 + i));
+                }
+            }
+        };
+        conv_batched::forward(g, x, w, out, b, &after);
+        return;
+    }
     let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
     let img_in = g.c * g.h * g.w;
     let img_out = g.o * p;
@@ -213,6 +225,9 @@ fn gemm_rows(m: usize, p: usize, k: usize, dst: &mut [f32], w: &[f32], col: &[f3
 
 /// Input gradient `[N, C, H, W]` from the output gradient.
 pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if let Some(b) = conv_batched::batch(g) {
+        return conv_batched::backward_input(g, dy, w, b);
+    }
     let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
     if is_depthwise(g) {
         depthwise::backward_input(g, dy, w, &mut dx);
@@ -258,6 +273,9 @@ pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
 pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     if is_depthwise(g) {
         return depthwise::backward_weight(g, x, dy);
+    }
+    if let Some(b) = conv_batched::batch(g) {
+        return conv_batched::backward_weight(g, x, dy, b);
     }
     let (k, p, og, cg) = (g.k(), g.p(), g.og(), g.cg());
     let img_in = g.c * g.h * g.w;

@@ -8,6 +8,7 @@ mod attention;
 pub mod batchnorm;
 pub mod channel;
 pub mod conv;
+mod conv_batched;
 pub mod cpu;
 pub mod csr;
 mod depthwise;
