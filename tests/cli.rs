@@ -830,3 +830,67 @@ fn prune_and_sparsify_reports_share_one_documented_schema() {
     assert!((s["result"]["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.02);
     assert!(s["result"]["nonzero_macs"].as_u64() < s["result"]["macs"].as_u64());
 }
+
+/// A ViT through the CLI: AdamW fine-tuning (`--optimizer adamw`) after pruning heads, FFN
+/// units and, on request, the embedding dimension; the fine-tuning recovers accuracy and
+/// the embedding (LayerNorm widths) shrinks.
+#[test]
+fn prune_a_vit_with_adamw_and_its_embedding() {
+    let d = tmpdir("vit");
+    let dense = d.join("vit.safetensors");
+    let (ok, _, err) = lopper(&[
+        "train",
+        "vit:32-2-4-2@1x8x8",
+        "--data",
+        "digits",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "2e-3",
+        "--weight-decay",
+        "0.05",
+        "--warmup-epochs",
+        "1",
+        "-o",
+        dense.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let out = d.join("p.safetensors");
+    let (ok, stdout, err) = lopper(&[
+        "prune",
+        dense.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--method",
+        "taylor",
+        "--keep-macs",
+        "0.5",
+        "--prune-embedding",
+        "--finetune-epochs",
+        "3",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.05",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(macs_kept(&v) <= 0.5);
+    let (before, after) = (
+        v["top1_before_finetune"].as_f64().unwrap(),
+        v["result"]["top1"].as_f64().unwrap(),
+    );
+    assert!(after > before && after > 0.6, "{before} -> {after}");
+    let g = lopper::graph::io::load(&out).unwrap();
+    let norm = g.params()["norm.weight"].dims()[0];
+    assert!(norm < 32, "embedding kept at {norm}");
+}

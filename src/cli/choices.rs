@@ -160,11 +160,26 @@ pub enum SearchArg {
     None,
 }
 
-/// `train --optimizer`.
+/// `train --optimizer`, `prune --optimizer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OptimizerArg {
     Sgd,
     Adamw,
+}
+
+impl OptimizerArg {
+    /// The optimizer (SGD's momentum and Nesterov flag given; AdamW with PyTorch's betas).
+    pub fn kind(self, momentum: f64, nesterov: bool) -> lopper::train::OptimizerKind {
+        use lopper::train::OptimizerKind;
+        match self {
+            OptimizerArg::Sgd => OptimizerKind::Sgd { momentum, nesterov },
+            OptimizerArg::Adamw => OptimizerKind::Adamw {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        }
+    }
 }
 
 /// `--input-scale`.

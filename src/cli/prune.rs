@@ -68,6 +68,12 @@ pub struct PruneArgs {
     /// LAMP-normalise scores for global ranking.
     #[arg(long)]
     lamp: bool,
+    /// Fine-tuning optimizer (AdamW for transformers; SGD uses Nesterov momentum 0.9).
+    #[arg(long, value_enum, default_value_t = super::choices::OptimizerArg::Sgd)]
+    optimizer: super::choices::OptimizerArg,
+    /// Fine-tuning weight decay.
+    #[arg(long, default_value_t = 5e-4, value_parser = super::argcheck::non_negative, allow_negative_numbers = true)]
+    weight_decay: f64,
     /// Transformers: also prune the embedding dimension (the channels through every
     /// residual add and LayerNorm), which is kept by default.
     #[arg(long)]
@@ -252,6 +258,8 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
             step_epochs: a.step_epochs,
             distill: a.distill,
             curve: a.curve,
+            optimizer: a.optimizer.kind(0.9, true),
+            weight_decay: a.weight_decay,
         },
         seed: a.seed,
         method_name: name(&a.method),

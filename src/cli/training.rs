@@ -3,7 +3,7 @@
 
 use super::choices::OptimizerArg;
 use super::*;
-use lopper::train::{OptimizerKind, Schedule, TrainConfig, TrainOpts};
+use lopper::train::{Schedule, TrainConfig, TrainOpts};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -99,17 +99,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let aug = a
         .augment
         .unwrap_or(train_ds.default_augment != data::Augment::default());
-    let optimizer = match a.optimizer {
-        OptimizerArg::Sgd => OptimizerKind::Sgd {
-            momentum: a.momentum,
-            nesterov: !a.no_nesterov,
-        },
-        OptimizerArg::Adamw => OptimizerKind::Adamw {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-    };
+    let optimizer = a.optimizer.kind(a.momentum, !a.no_nesterov);
     let cfg = TrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,

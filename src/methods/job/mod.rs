@@ -21,7 +21,7 @@ use crate::data::Dataset;
 use crate::graph::Graph;
 use crate::methods::report::{self, Command, Report, Seconds, SCHEMA};
 use crate::prune::Budget;
-use crate::train::{self, Schedule, TrainConfig, TrainOpts};
+use crate::train::{self, OptimizerKind, Schedule, TrainConfig, TrainOpts};
 use crate::util::Progress;
 use anyhow::Result;
 use std::cell::RefCell;
@@ -48,6 +48,10 @@ pub struct Training {
     pub distill: Option<f64>,
     /// Evaluate on the test set after every fine-tuning epoch (accuracy-vs-time curves).
     pub curve: bool,
+    /// The fine-tuning optimizer (SGD with Nesterov momentum; AdamW for transformers) and
+    /// its weight decay.
+    pub optimizer: OptimizerKind,
+    pub weight_decay: f64,
 }
 
 impl Default for Training {
@@ -59,6 +63,8 @@ impl Default for Training {
             step_epochs: 1,
             distill: None,
             curve: false,
+            optimizer: TrainConfig::default().optimizer,
+            weight_decay: TrainConfig::default().weight_decay,
         }
     }
 }
@@ -116,6 +122,8 @@ impl Ctx<'_> {
             epochs,
             batch_size: self.training.batch_size,
             lr: self.training.lr,
+            optimizer: self.training.optimizer.clone(),
+            weight_decay: self.training.weight_decay,
             schedule,
             crop_pad: ds.default_augment.crop_pad,
             hflip: ds.default_augment.hflip,
