@@ -23,6 +23,7 @@ const MODELS: &[&str] = &[
     "resnet56@3x8x8",
     "mobilenetv2@3x16x16",
     "vit:32-2-4-4@3x16x16",
+    "vit:32-2-4-4-2-cls@3x16x16",
 ];
 
 /// Concat, squeeze-excitation (broadcast Mul), depthwise conv, flatten->linear: the

@@ -287,3 +287,27 @@ fn the_embedding_is_prunable_on_request() {
         cost(&pruned).unwrap().total_macs
     );
 }
+
+/// A class-token ViT: the token is one more position (`[D, 1 + T, 1]`), the classifier
+/// reads it back; at another image size the token's embedding is kept and the grid behind
+/// it resampled.
+#[test]
+fn class_token_vit_runs_and_resizes() {
+    let g = zoo::build("vit:32-2-4-4-2-cls@3x16x16", 2).unwrap();
+    let shapes = g.shapes().unwrap();
+    assert_eq!(shapes[g.node_id("class_token").unwrap()], vec![32, 17, 1]);
+    let e: Vec<f32> = (0..32 * 17).map(|i| i as f32).collect();
+    set(&g, "pos_embed.weight", e.clone());
+    let big = lopper::prune::with_resolution(&g, 24, 24).unwrap();
+    let e2 = get(&big, "pos_embed.weight");
+    assert_eq!(e2.len(), 32 * 37);
+    for c in 0..32 {
+        assert_eq!(
+            e2[c * 37],
+            e[c * 17],
+            "class token embedding of channel {c} kept"
+        );
+    }
+    let y = forward(&big, &input(&big, 2, 4), Mode::Eval).unwrap();
+    assert_eq!(y.dims(), &[2, 10]);
+}

@@ -35,7 +35,7 @@ struct ModelArgs {
     /// digit_recognizer_cnn
     /// (shared data) — or a zoo architecture with random weights: mlp:IN-H1-...-OUT, lenet5,
     /// resnet8, vgg11, vgg16, resnet20, resnet32, resnet56, resnet110, mobilenetv2, vit,
-    /// vit:DIM-DEPTH-HEADS[-PATCH[-MLP]], digit_cnn (a shape may follow: resnet20@3x32x32#10).
+    /// vit:DIM-DEPTH-HEADS[-PATCH[-MLP]][-cls], digit_cnn (a shape may follow: resnet20@3x32x32#10).
     model: String,
     /// Plain safetensors weights (PyTorch names) to load into a zoo model.
     #[arg(long)]

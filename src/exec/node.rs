@@ -95,6 +95,8 @@ pub(crate) fn run(
         Op::LayerNorm(l) => layer_norm(g, i, l, x),
         Op::PosEmbed(_) => pos_embed(g, i, x),
         Op::MultiHeadAttention(a) => attention(a, x),
+        Op::ClassToken(_) => class_token(g, i, x),
+        Op::TokenSelect(t) => Ok(x.flatten_from(2)?.narrow(2, t.index, 1)?.squeeze(2)?),
     }
 }
 
@@ -466,6 +468,15 @@ fn affine(g: &Graph, i: NodeId, a: &ChannelAffine, x: &Tensor) -> Result<Tensor>
 /// LayerNorm across channels (axis 1 of the batch), at every position.
 fn layer_norm(g: &Graph, i: NodeId, l: &LayerNorm, x: &Tensor) -> Result<Tensor> {
     kernels::layer_norm(x, &param(g, i, WEIGHT)?, &param(g, i, BIAS)?, l.eps)
+}
+
+/// `[N, C, P…]` → `[N, C, 1 + ΠP, 1]`: the learned token first, then the positions.
+fn class_token(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let tok = param(g, i, WEIGHT)?
+        .reshape((1, c, 1))?
+        .broadcast_as((n, c, 1))?;
+    Ok(Tensor::cat(&[&tok, &x.flatten_from(2)?], 2)?.unsqueeze(3)?)
 }
 
 /// `x + e`, the `[C, T]` embedding laid over `x`'s positions.

@@ -357,6 +357,77 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             o.node("Add", name, &[x, &e], name, vec![]);
         }
         Op::MultiHeadAttention(a) => export_attention(o, name, x, a, shape),
+        Op::ClassToken(ct) => {
+            // [N, C, P…] → [N, C, T]; the token broadcast to [N, C, 1] (Expand to the batch
+            // read from Shape(x)); concatenated first; back to [N, C, 1 + T, 1].
+            let c = |k: &str| format!("{name}.{k}");
+            let ch = ct.channels as i64;
+            o.inits.push(i64_proto(&c("flat_shape"), &[0, ch, -1]));
+            o.node(
+                "Reshape",
+                &c("flat"),
+                &[x, &c("flat_shape")],
+                &c("flat"),
+                vec![],
+            );
+            let tok = o.init(g, i, param::WEIGHT, Some(&[1, ct.channels, 1]))?;
+            o.node("Shape", &c("shape"), &[x], &c("shape"), vec![]);
+            o.inits.push(i64_proto(&c("zero"), &[0]));
+            o.inits.push(i64_proto(&c("one"), &[1]));
+            o.node(
+                "Slice",
+                &c("batch"),
+                &[&c("shape"), &c("zero"), &c("one")],
+                &c("batch"),
+                vec![],
+            );
+            o.inits.push(i64_proto(&c("ones"), &[1, 1]));
+            o.node(
+                "Concat",
+                &c("tshape"),
+                &[&c("batch"), &c("ones")],
+                &c("tshape"),
+                vec![attr_i("axis", 0)],
+            );
+            o.node(
+                "Expand",
+                &c("token"),
+                &[&tok, &c("tshape")],
+                &c("token"),
+                vec![],
+            );
+            o.node(
+                "Concat",
+                &c("cat"),
+                &[&c("token"), &c("flat")],
+                &c("cat"),
+                vec![attr_i("axis", 2)],
+            );
+            let mut out = vec![0i64];
+            out.extend(shape.iter().map(|&v| v as i64));
+            o.inits.push(i64_proto(&c("out_shape"), &out));
+            o.node("Reshape", name, &[&c("cat"), &c("out_shape")], name, vec![]);
+        }
+        Op::TokenSelect(t) => {
+            let c = |k: &str| format!("{name}.{k}");
+            o.inits
+                .push(i64_proto(&c("flat_shape"), &[0, shape[0] as i64, -1]));
+            o.node(
+                "Reshape",
+                &c("flat"),
+                &[x, &c("flat_shape")],
+                &c("flat"),
+                vec![],
+            );
+            o.inits.push(i64_scalar(&c("index"), t.index as i64));
+            o.node(
+                "Gather",
+                name,
+                &[&c("flat"), &c("index")],
+                name,
+                vec![attr_i("axis", 2)],
+            );
+        }
     }
     Ok(())
 }

@@ -179,8 +179,29 @@ fn resample_position_embeddings(
             if from != to {
                 let key = param_key(&nodes[g.param_owner(i)].name, WEIGHT);
                 let w: Vec<f32> = params[&key].flatten_all()?.to_vec1()?;
-                let v = PosEmbed::resample(&w, p.channels, from, to)
-                    .with_context(|| format!("at node '{}'", nodes[i].name))?;
+                // After a class token, its embedding stays and the grid behind it resamples.
+                let j = nodes[i].inputs[0];
+                let v = if let (Op::ClassToken(_), Some(&k)) =
+                    (&nodes[j].op, nodes[j].inputs.first())
+                {
+                    let (gf, gt) = (&old[k][1..], &shapes[k][1..]);
+                    let t0 = gf.iter().product::<usize>() + 1;
+                    let grid: Vec<f32> = (0..p.channels)
+                        .flat_map(|c| w[c * t0 + 1..(c + 1) * t0].to_vec())
+                        .collect();
+                    let r = PosEmbed::resample(&grid, p.channels, gf, gt)
+                        .with_context(|| format!("at node '{}'", nodes[i].name))?;
+                    let t1 = gt.iter().product::<usize>();
+                    (0..p.channels)
+                        .flat_map(|c| {
+                            std::iter::once(w[c * t0])
+                                .chain(r[c * t1..(c + 1) * t1].iter().copied())
+                        })
+                        .collect()
+                } else {
+                    PosEmbed::resample(&w, p.channels, from, to)
+                        .with_context(|| format!("at node '{}'", nodes[i].name))?
+                };
                 let tokens = to.iter().product();
                 params.insert(
                     key,

@@ -88,6 +88,8 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 Op::PRelu(p) => p.channels = keep[i].len(),
                 Op::LayerNorm(l) => l.channels = keep[i].len(),
                 Op::PosEmbed(p) => p.channels = keep[i].len(),
+                Op::ClassToken(c) => c.channels = keep[i].len(),
+                Op::TokenSelect(_) => {}
                 // Whole heads are removed (one unit each): the head count follows.
                 Op::MultiHeadAttention(a) => a.heads = keep[i].len() / a.head_dim.max(1),
                 Op::ChannelGather(gth) => {

@@ -3,7 +3,7 @@
 //! Names: `mlp:784-1024-1024-10` (sizes), `lenet5`, `vgg11`, `vgg16` (CIFAR, with BN),
 //! `resnet20|32|56|110` (CIFAR, option-A shortcuts), `mobilenetv2` (CIFAR variant),
 //! `digit_cnn` (the architecture of `digit_recognizer_cnn.safetensors`), `vit` (a small
-//! ViT for 32×32 images; `vit:DIM-DEPTH-HEADS[-PATCH[-MLP]]` sizes it). An optional
+//! ViT for 32×32 images; `vit:DIM-DEPTH-HEADS[-PATCH[-MLP]][-cls]` sizes it, `-cls` with a class token). An optional
 //! `@CxHxW` suffix overrides the input shape, `#K` the number of classes.
 
 mod cnn;
@@ -34,7 +34,7 @@ pub const MODELS: &[&str] = &[
     "resnet110",
     "mobilenetv2",
     "vit",
-    "vit:DIM-DEPTH-HEADS[-PATCH[-MLP]]",
+    "vit:DIM-DEPTH-HEADS[-PATCH[-MLP]][-cls]",
     "digit_cnn",
 ];
 

@@ -3,14 +3,17 @@
 //! (the 8×8 positions are the tokens; no reshape), projections are 1×1 convs, and
 //! [`MultiHeadAttention`] and [`LayerNorm`] act on the channel axis. Pre-norm blocks
 //! (`x + attn(LN(x))`, `x + FFN(LN(x))`, GELU), a learned position embedding, and mean
-//! pooling over tokens before the classifier (no class token), as in the CIFAR-sized
-//! ViTs of the compact-transformer literature.
+//! pooling over tokens before the classifier, as in the CIFAR-sized ViTs of the
+//! compact-transformer literature (`-cls`: a learned class token and its output instead,
+//! as in ViT-B).
 //!
 //! The pruning units fall out of the ops' coupling rules: heads (q/k/v rows of `in_proj`
 //! plus columns of `out_proj`), FFN hidden units (`fc1` rows plus `fc2` columns), and the
 //! embedding dimension through every residual add and LayerNorm (kept unless asked).
 
-use crate::graph::ops::{ActivationKind, Conv2d, LayerNorm, MultiHeadAttention, Op, PosEmbed};
+use crate::graph::ops::{
+    ActivationKind, ClassToken, Conv2d, LayerNorm, MultiHeadAttention, Op, PosEmbed, TokenSelect,
+};
 use crate::graph::{Graph, GraphBuilder};
 use anyhow::{bail, Result};
 
@@ -22,6 +25,8 @@ pub struct VitConfig {
     pub heads: usize,
     pub patch: usize,
     pub mlp_ratio: usize,
+    /// Classify from a learned class token (ViT-B's head) instead of the token mean.
+    pub class_token: bool,
 }
 
 impl Default for VitConfig {
@@ -33,13 +38,18 @@ impl Default for VitConfig {
             heads: 4,
             patch: 4,
             mlp_ratio: 2,
+            class_token: false,
         }
     }
 }
 
 impl VitConfig {
-    /// Parses `DIM-DEPTH-HEADS[-PATCH[-MLP_RATIO]]`.
+    /// Parses `DIM-DEPTH-HEADS[-PATCH[-MLP_RATIO]][-cls]`.
     pub fn parse(s: &str) -> Result<Self> {
+        let (s, class_token) = match s.strip_suffix("-cls") {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
         let v: Vec<usize> = s
             .split('-')
             .map(|p| p.parse::<usize>())
@@ -57,6 +67,7 @@ impl VitConfig {
             heads: v[2],
             patch: v.get(3).copied().unwrap_or(d.patch),
             mlp_ratio: v.get(4).copied().unwrap_or(d.mlp_ratio),
+            class_token,
         })
     }
 }
@@ -68,6 +79,7 @@ pub fn vit(shape: &[usize], classes: usize, cfg: VitConfig, seed: u64) -> Result
         heads,
         patch,
         mlp_ratio,
+        class_token,
     } = cfg;
     if heads == 0 || !dim.is_multiple_of(heads) {
         bail!("ViT width {dim} is not divisible into {heads} heads");
@@ -87,11 +99,18 @@ pub fn vit(shape: &[usize], classes: usize, cfg: VitConfig, seed: u64) -> Result
         x,
         Conv2d::new(shape[0], dim, patch, patch, 0).with_bias(true),
     )?;
+    if class_token {
+        x = b.add(
+            "class_token",
+            Op::ClassToken(ClassToken { channels: dim }),
+            &[x],
+        )?;
+    }
     x = b.add(
         "pos_embed",
         Op::PosEmbed(PosEmbed {
             channels: dim,
-            tokens,
+            tokens: tokens + usize::from(class_token),
         }),
         &[x],
     )?;
@@ -122,8 +141,12 @@ pub fn vit(shape: &[usize], classes: usize, cfg: VitConfig, seed: u64) -> Result
         x = b.add_nodes(x, y)?;
     }
     let x = b.add("norm", Op::LayerNorm(LayerNorm::new(dim)), &[x])?;
-    let x = b.gap(x)?;
-    let x = b.flatten(x)?;
+    let x = if class_token {
+        b.add("cls", Op::TokenSelect(TokenSelect { index: 0 }), &[x])?
+    } else {
+        let x = b.gap(x)?;
+        b.flatten(x)?
+    };
     let x = b.linear("head", x, dim, classes)?;
     b.finish(&[x])
 }

@@ -25,7 +25,7 @@ def main():
     rng = np.random.default_rng(0)
     failed = False
     with tempfile.TemporaryDirectory() as d:
-        for spec in ("vit@3x32x32", "vit:192-4-3-4-4@3x32x32"):
+        for spec in ("vit@3x32x32", "vit:192-4-3-4-4@3x32x32", "vit:128-4-4-4-2-cls@3x32x32"):
             seed = "1"
             dense = os.path.join(d, "dense.onnx")
             C.lopper("convert", spec, "--init-seed", seed, "-o", dense)

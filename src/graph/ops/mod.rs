@@ -6,6 +6,7 @@ mod activation;
 mod affine;
 mod attention;
 mod batchnorm;
+mod class_token;
 mod conv;
 mod conv_transpose;
 mod gather;
@@ -25,6 +26,7 @@ pub use activation::{Activation, ActivationKind};
 pub use affine::ChannelAffine;
 pub use attention::MultiHeadAttention;
 pub use batchnorm::BatchNorm;
+pub use class_token::{ClassToken, TokenSelect};
 pub use conv::Conv2d;
 pub use conv_transpose::ConvTranspose2d;
 pub use gather::ChannelGather;
@@ -198,6 +200,8 @@ pub enum Op {
     LayerNorm(LayerNorm),
     MultiHeadAttention(MultiHeadAttention),
     PosEmbed(PosEmbed),
+    ClassToken(ClassToken),
+    TokenSelect(TokenSelect),
 }
 
 impl Op {
@@ -233,6 +237,8 @@ impl Op {
             Op::LayerNorm(o) => o,
             Op::MultiHeadAttention(o) => o,
             Op::PosEmbed(o) => o,
+            Op::ClassToken(o) => o,
+            Op::TokenSelect(o) => o,
         }
     }
 
