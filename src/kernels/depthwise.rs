@@ -12,9 +12,7 @@
 
 use super::act;
 use super::im2col::Geo;
-use super::planes::{
-    check_reach, pad_phases, run_plane, span, split_act, tap_offsets, with_padded, Phases, Plane,
-};
+use super::planes::{pad_phases, span, with_padded, Phases, PlaneLayer};
 use super::simd::multiversion;
 use crate::graph::ops::ActivationKind;
 use rayon::prelude::*;
@@ -70,29 +68,13 @@ fn planes_fwd(
     xp: &mut [f32],
 ) {
     let (hw, p, khw) = (g.h * g.w, g.p(), g.kh * g.kw);
-    let taps = tap_offsets(g, ph, 1);
-    check_reach(g, ph, &taps, xp);
-    let ((lo, hi), rest) = split_act(epi.and_then(|e| e.1));
-    let isa = super::simd::isa();
+    let layer = PlaneLayer::new(g, ph, 1, epi.and_then(|e| e.1));
     for (i, o) in out.chunks_exact_mut(p).enumerate() {
         let nc = first + i;
         let c = nc % g.c;
         pad_phases(g, ph, &x[nc * hw..(nc + 1) * hw], xp);
-        let plane = Plane {
-            xp,
-            w: &w[c * khw..(c + 1) * khw],
-            taps: &taps,
-            oh: g.oh,
-            ow: g.ow,
-            step: g.sh * ph.row,
-            bias: epi.map_or(0.0, |e| e.0[c]),
-            lo,
-            hi,
-        };
-        run_plane(isa, &plane, o);
-        if rest.is_some() {
-            act::bias_act(o, 0.0, None, rest);
-        }
+        let bias = epi.map_or(0.0, |e| e.0[c]);
+        layer.run(xp, &w[c * khw..(c + 1) * khw], bias, o);
     }
 }
 

@@ -8,11 +8,8 @@
 //! [`super::planes`], and every output channel is one plane computed by the register-tile
 //! kernels with `C·kh·kw` taps, its bias and clamp applied at the store.
 
-use super::act;
 use super::im2col::Geo;
-use super::planes::{
-    check_reach, pad_phases, run_plane, split_act, tap_offsets, with_padded, Phases, Plane,
-};
+use super::planes::{pad_phases, with_padded, Phases, PlaneLayer};
 use crate::graph::ops::ActivationKind;
 use rayon::prelude::*;
 
@@ -44,29 +41,17 @@ pub fn forward_epi(
     debug_assert!(applies(g));
     let (p, img_in, k) = (g.p(), g.c * g.h * g.w, g.c * g.kh * g.kw);
     let ph = Phases::new(g);
-    let taps = tap_offsets(g, &ph, g.c);
-    let ((lo, hi), rest) = split_act(epi.and_then(|e| e.1));
+    let layer = PlaneLayer::new(g, &ph, g.c, epi.and_then(|e| e.1));
     // Output channels `o0..` of one image from its padded planes `xp`.
     let channels = |xp: &[f32], o0: usize, outs: &mut [f32]| {
-        check_reach(g, &ph, &taps, xp);
-        let isa = super::simd::isa();
         for (j, o) in outs.chunks_exact_mut(p).enumerate() {
             let oc = o0 + j;
-            let plane = Plane {
+            layer.run(
                 xp,
-                w: &w[oc * k..(oc + 1) * k],
-                taps: &taps,
-                oh: g.oh,
-                ow: g.ow,
-                step: g.sh * ph.row,
-                bias: epi.map_or(0.0, |e| e.0[oc]),
-                lo,
-                hi,
-            };
-            run_plane(isa, &plane, o);
-            if rest.is_some() {
-                act::bias_act(o, 0.0, None, rest);
-            }
+                &w[oc * k..(oc + 1) * k],
+                epi.map_or(0.0, |e| e.0[oc]),
+                o,
+            );
         }
     };
     let pad_image = |n: usize, xp: &mut [f32]| {

@@ -95,45 +95,79 @@ pub(super) fn with_padded<R>(
     })
 }
 
-/// Buffer offsets of the taps of a `kh×kw` window over `planes` padded planes (plane
-/// after plane, rows, then columns: PyTorch's weight order `[C, kh, kw]`), relative to
-/// an output vector's first input.
-pub(super) fn tap_offsets(g: &Geo, ph: &Phases, planes: usize) -> Vec<usize> {
-    let mut taps = Vec::with_capacity(planes * g.kh * g.kw);
-    for c in 0..planes {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                taps.push(c * ph.len() + ky * ph.row + (kx % g.sw) * ph.phase + kx / g.sw);
+/// What every output plane of one layer shares: the taps of its window over `planes`
+/// padded input planes, the reach of its vector loads, and its epilogue split into the
+/// clamp the tile kernels apply at the store (ReLU, ReLU6 or none) and the rest.
+pub(super) struct PlaneLayer {
+    taps: Vec<usize>,
+    oh: usize,
+    ow: usize,
+    step: usize,
+    reach: usize,
+    lo: f32,
+    hi: f32,
+    rest: Option<ActivationKind>,
+    isa: Isa,
+}
+
+impl PlaneLayer {
+    pub fn new(g: &Geo, ph: &Phases, planes: usize, act: Option<ActivationKind>) -> PlaneLayer {
+        // Buffer offsets of the taps (plane after plane, rows, then columns: PyTorch's
+        // weight order `[C, kh, kw]`), relative to an output vector's first input.
+        let mut taps = Vec::with_capacity(planes * g.kh * g.kw);
+        for c in 0..planes {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    taps.push(c * ph.len() + ky * ph.row + (kx % g.sw) * ph.phase + kx / g.sw);
+                }
             }
         }
+        let step = g.sh * ph.row;
+        // The last output row's base, plus the largest tap, plus the row rounded up to
+        // BLOCK columns (≥ any tile's lanes): every vector load ends before it.
+        let reach = (g.oh.max(1) - 1) * step
+            + taps.iter().max().copied().unwrap_or(0)
+            + g.ow.div_ceil(BLOCK) * BLOCK;
+        let ((lo, hi), rest) = match act {
+            Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
+            Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
+            a => ((f32::NEG_INFINITY, f32::INFINITY), a),
+        };
+        PlaneLayer {
+            taps,
+            oh: g.oh,
+            ow: g.ow,
+            step,
+            reach,
+            lo,
+            hi,
+            rest,
+            isa: super::simd::isa(),
+        }
     }
-    taps
-}
 
-/// Checks that every vector load of a plane stays in `xp` (the unsafe tile kernels rely
-/// on it): the last output row's base, plus the largest tap, plus the row rounded up to
-/// [`BLOCK`] columns (≥ any tile's lanes).
-pub(super) fn check_reach(g: &Geo, ph: &Phases, taps: &[usize], xp: &[f32]) {
-    let reach = (g.oh - 1) * g.sh * ph.row
-        + taps.iter().max().copied().unwrap_or(0)
-        + g.ow.div_ceil(BLOCK) * BLOCK;
-    assert!(reach <= xp.len(), "padded plane buffer too short");
-}
-
-/// The part of an epilogue activation the tile kernels do at the store (a clamp: ReLU,
-/// ReLU6, or none) and the rest, applied to the finished plane.
-pub(super) fn split_act(act: Option<ActivationKind>) -> ((f32, f32), Option<ActivationKind>) {
-    match act {
-        Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
-        Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
-        a => ((f32::NEG_INFINITY, f32::INFINITY), a),
-    }
-}
-
-/// One plane on the best kernel for its width and `isa`.
-pub(super) fn run_plane(isa: Isa, p: &Plane, o: &mut [f32]) {
-    if !plane_vector(isa, p, o) {
-        plane_tiles(p, o);
+    /// One output plane `o` from the padded planes `xp` with this channel's weights `w`
+    /// (one per tap) and `bias`: the tile kernel, then the rest of the epilogue.
+    pub fn run(&self, xp: &[f32], w: &[f32], bias: f32, o: &mut [f32]) {
+        // The unsafe tile kernels rely on this bound.
+        assert!(self.reach <= xp.len(), "padded plane buffer too short");
+        let p = Plane {
+            xp,
+            w,
+            taps: &self.taps,
+            oh: self.oh,
+            ow: self.ow,
+            step: self.step,
+            bias,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        if !plane_vector(self.isa, &p, o) {
+            plane_tiles(&p, o);
+        }
+        if self.rest.is_some() {
+            super::act::bias_act(o, 0.0, None, self.rest);
+        }
     }
 }
 
@@ -177,17 +211,17 @@ pub(super) fn pad_phases(g: &Geo, ph: &Phases, x: &[f32], buf: &mut [f32]) {
 /// One plane's work for the explicit-vector tiles: the padded input, the channel's
 /// weights and tap offsets, the output and its epilogue (`bias` added at the start, the
 /// result clamped to `[lo, hi]`, which is ReLU, ReLU6 or nothing).
-pub(super) struct Plane<'a> {
-    pub xp: &'a [f32],
-    pub w: &'a [f32],
-    pub taps: &'a [usize],
-    pub oh: usize,
-    pub ow: usize,
+struct Plane<'a> {
+    xp: &'a [f32],
+    w: &'a [f32],
+    taps: &'a [usize],
+    oh: usize,
+    ow: usize,
     /// Padded-buffer distance between consecutive output rows (`sh` padded rows).
-    pub step: usize,
-    pub bias: f32,
-    pub lo: f32,
-    pub hi: f32,
+    step: usize,
+    bias: f32,
+    lo: f32,
+    hi: f32,
 }
 
 /// Defines an explicit-vector depthwise tile kernel over one register type: `T`
@@ -280,7 +314,7 @@ dw_tiles!(
 /// none applies (portable code), so the caller runs [`plane_tiles`].
 #[inline(always)]
 #[allow(unused_variables)]
-pub(super) fn plane_vector(isa: Isa, p: &Plane, o: &mut [f32]) -> bool {
+fn plane_vector(isa: Isa, p: &Plane, o: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `isa` never exceeds what the CPU has; the bound was checked by the caller.
@@ -298,7 +332,7 @@ pub(super) fn plane_vector(isa: Isa, p: &Plane, o: &mut [f32]) -> bool {
 
 /// The portable form of the tile kernels (8 columns × 4 accumulators), for CPUs without
 /// AVX2 and other architectures.
-pub(super) fn plane_tiles(p: &Plane, o: &mut [f32]) {
+fn plane_tiles(p: &Plane, o: &mut [f32]) {
     const V: usize = 8;
     const T: usize = 4;
     let per_row = p.ow.div_ceil(V);

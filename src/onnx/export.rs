@@ -98,6 +98,14 @@ impl Out {
         self.inits.push(f32_proto(&name, &d, &data));
         Ok(name)
     }
+    /// Node `name` = `x` reshaped to the batch (kept: 0) then per-sample `shape`.
+    fn reshape_to(&mut self, name: &str, x: &str, shape: &Shape) {
+        let s = format!("{name}.shape");
+        let mut t = vec![0i64];
+        t.extend(shape.iter().map(|&d| d as i64));
+        self.inits.push(i64_proto(&s, &t));
+        self.node("Reshape", name, &[x, &s], name, vec![]);
+    }
     /// `[x, weight, bias?]` for a conv or linear node, adding the initialisers.
     fn weight_bias(&mut self, g: &Graph, node: usize, x: &str, bias: bool) -> Result<Vec<String>> {
         let mut inputs = vec![x.to_string(), self.init(g, node, param::WEIGHT, None)?];
@@ -257,13 +265,7 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
         }
         Op::GlobalAvgPool(_) => o.node("GlobalAveragePool", name, &[x], name, vec![]),
         Op::Flatten(_) => o.node("Flatten", name, &[x], name, vec![attr_i("axis", 1)]),
-        Op::Reshape(_) => {
-            let s = format!("{name}.shape");
-            let mut t = vec![0i64];
-            t.extend(shape.iter().map(|&d| d as i64));
-            o.inits.push(i64_proto(&s, &t));
-            o.node("Reshape", name, &[x, &s], name, vec![]);
-        }
+        Op::Reshape(_) => o.reshape_to(name, x, shape),
         // ONNX Add is binary; the IR's n-ary add is a Sum.
         Op::Add(_) if ins.len() > 2 => o.node("Sum", name, &ins, name, vec![]),
         Op::Add(_) => o.node("Add", name, &ins, name, vec![]),
@@ -371,13 +373,13 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
                 vec![],
             );
             let tok = o.init(g, i, param::WEIGHT, Some(&[1, ct.channels, 1]))?;
-            o.node("Shape", &c("shape"), &[x], &c("shape"), vec![]);
+            o.node("Shape", &c("input_shape"), &[x], &c("input_shape"), vec![]);
             o.inits.push(i64_proto(&c("zero"), &[0]));
             o.inits.push(i64_proto(&c("one"), &[1]));
             o.node(
                 "Slice",
                 &c("batch"),
-                &[&c("shape"), &c("zero"), &c("one")],
+                &[&c("input_shape"), &c("zero"), &c("one")],
                 &c("batch"),
                 vec![],
             );
@@ -403,10 +405,7 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
                 &c("cat"),
                 vec![attr_i("axis", 2)],
             );
-            let mut out = vec![0i64];
-            out.extend(shape.iter().map(|&v| v as i64));
-            o.inits.push(i64_proto(&c("out_shape"), &out));
-            o.node("Reshape", name, &[&c("cat"), &c("out_shape")], name, vec![]);
+            o.reshape_to(name, &c("cat"), shape);
         }
         Op::TokenSelect(t) => {
             let c = |k: &str| format!("{name}.{k}");
@@ -503,16 +502,7 @@ fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, sh
         &c("heads"),
         vec![],
     );
-    let mut out = vec![0i64];
-    out.extend(shape.iter().map(|&v| v as i64));
-    o.inits.push(i64_proto(&c("out_shape"), &out));
-    o.node(
-        "Reshape",
-        name,
-        &[&c("heads"), &c("out_shape")],
-        name,
-        vec![],
-    );
+    o.reshape_to(name, &c("heads"), shape);
 }
 
 /// `Resize` (opset 17 form: X, roi, scales, sizes). A fixed size becomes `sizes` built as
@@ -553,8 +543,8 @@ fn export_resize(o: &mut Out, name: &str, x: &str, r: &Resize) {
             o.inits.push(i64_proto(&c("start"), &[0]));
             o.inits.push(i64_proto(&c("end"), &[2]));
             o.inits.push(i64_proto(&c("hw"), &[h as i64, w as i64]));
-            o.node("Shape", &c("shape"), &[x], &c("shape"), vec![]);
-            let ins = [c("shape"), c("start"), c("end")];
+            o.node("Shape", &c("input_shape"), &[x], &c("input_shape"), vec![]);
+            let ins = [c("input_shape"), c("start"), c("end")];
             o.node(
                 "Slice",
                 &c("nc"),

@@ -2,8 +2,7 @@
 //! by a constant becomes (e.g. the bias adds of ONNX exports that keep conv bias separate,
 //! or input scaling). Channels pass through, so it is sliced with its group.
 
-use super::param::{BIAS, WEIGHT};
-use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
+use super::{expect_inputs, per_channel_affine, Coupling, OpSpec, ParamSpec};
 use crate::graph::shape::Shape;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -32,15 +31,7 @@ impl OpSpec for ChannelAffine {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mk = |name, init| ParamSpec {
-            name,
-            shape: vec![self.channels],
-            kind: ParamKind::Trainable,
-            init,
-            out_axis: Some(0),
-            in_axis: None,
-        };
-        vec![mk(WEIGHT, InitRule::Ones), mk(BIAS, InitRule::Zeros)]
+        per_channel_affine(self.channels)
     }
 
     fn coupling(&self) -> Coupling {

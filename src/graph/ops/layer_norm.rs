@@ -9,8 +9,7 @@
 //! every position's statistics, so the dependency engine keeps it at full width unless
 //! asked (see [`Coupling::Normalized`] and `prune_channels`).
 
-use super::param::{BIAS, WEIGHT};
-use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
+use super::{expect_inputs, per_channel_affine, Coupling, OpSpec, ParamSpec};
 use crate::graph::shape::{fmt_shape, Shape};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -56,15 +55,7 @@ impl OpSpec for LayerNorm {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mk = |name, init| ParamSpec {
-            name,
-            shape: vec![self.channels],
-            kind: ParamKind::Trainable,
-            init,
-            out_axis: Some(0),
-            in_axis: None,
-        };
-        vec![mk(WEIGHT, InitRule::Ones), mk(BIAS, InitRule::Zeros)]
+        per_channel_affine(self.channels)
     }
 
     fn coupling(&self) -> Coupling {

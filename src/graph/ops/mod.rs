@@ -252,6 +252,23 @@ impl Op {
     }
 }
 
+/// A per-channel `weight` (ones) and `bias` (zeros), both indexed by the output channels:
+/// the affine parameters of ChannelAffine and LayerNorm.
+pub(crate) fn per_channel_affine(channels: usize) -> Vec<ParamSpec> {
+    let mk = |name, init| ParamSpec {
+        name,
+        shape: vec![channels],
+        kind: ParamKind::Trainable,
+        init,
+        out_axis: Some(0),
+        in_axis: None,
+    };
+    vec![
+        mk(param::WEIGHT, InitRule::Ones),
+        mk(param::BIAS, InitRule::Zeros),
+    ]
+}
+
 /// Checks the number of inputs and returns a clear error otherwise.
 pub(crate) fn expect_inputs(kind: &str, inputs: &[&Shape], n: usize) -> Result<()> {
     if inputs.len() != n {
