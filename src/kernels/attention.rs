@@ -22,12 +22,6 @@ pub struct AttentionOp {
     pub scale: f32,
 }
 
-/// The transpose of a row-major `[rows, cols]` block as a GEMM operand (e.g. `Qᵀ` of a
-/// `[d, T]` block: element `(t, j)` is `q[j·T + t]`).
-fn tr(data: &[f32], cols: usize) -> Mat<'_> {
-    Mat::rm_t(data, cols)
-}
-
 multiversion! {
     /// Row-wise `a = softmax(scale·a)` over rows of `n`.
     fn softmax_rows(a: &mut [f32], n: usize, scale: f32) {
@@ -78,7 +72,7 @@ impl AttentionOp {
             t,
             self.head_dim,
             a,
-            tr(q, t),
+            Mat::rm_t(q, t),
             Mat::rm(k, t),
             false,
             false,
@@ -105,7 +99,16 @@ impl CustomOp1 for AttentionOp {
                 let mut a = vec![0f32; tl * tl];
                 self.probs(at(0), at(1), tl, &mut a);
                 // O[j, t] = Σ_s V[j, s]·A[t, s].
-                sgemm(d, tl, tl, o, Mat::rm(at(2), tl), tr(&a, tl), false, false);
+                sgemm(
+                    d,
+                    tl,
+                    tl,
+                    o,
+                    Mat::rm(at(2), tl),
+                    Mat::rm_t(&a, tl),
+                    false,
+                    false,
+                );
             });
         }
         let mut dims = l.dims().to_vec();
@@ -151,14 +154,23 @@ impl CustomOp1 for AttentionOp {
                         tl,
                         d,
                         &mut da,
-                        tr(dout, tl),
+                        Mat::rm_t(dout, tl),
                         Mat::rm(v, tl),
                         false,
                         false,
                     );
                     softmax_back(&a, &mut da, tl, self.scale);
                     // dQ[j, t] = Σ_s K[j, s]·dL[t, s]; dK[j, s] = Σ_t Q[j, t]·dL[t, s].
-                    sgemm(d, tl, tl, dq, Mat::rm(k, tl), tr(&da, tl), false, false);
+                    sgemm(
+                        d,
+                        tl,
+                        tl,
+                        dq,
+                        Mat::rm(k, tl),
+                        Mat::rm_t(&da, tl),
+                        false,
+                        false,
+                    );
                     sgemm(
                         d,
                         tl,

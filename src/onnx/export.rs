@@ -98,6 +98,10 @@ impl Out {
         self.inits.push(f32_proto(&name, &d, &data));
         Ok(name)
     }
+    /// One node named after its single output `out`.
+    fn step(&mut self, op: &str, out: &str, ins: &[&str], attrs: Vec<AttributeProto>) {
+        self.node(op, out, ins, out, attrs);
+    }
     /// Node `name` = `x` reshaped to the batch (kept: 0) then per-sample `shape`.
     fn reshape_to(&mut self, name: &str, x: &str, shape: &Shape) {
         let s = format!("{name}.shape");
@@ -365,44 +369,29 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             let c = |k: &str| format!("{name}.{k}");
             let ch = ct.channels as i64;
             o.inits.push(i64_proto(&c("flat_shape"), &[0, ch, -1]));
-            o.node(
-                "Reshape",
-                &c("flat"),
-                &[x, &c("flat_shape")],
-                &c("flat"),
-                vec![],
-            );
+            o.step("Reshape", &c("flat"), &[x, &c("flat_shape")], vec![]);
             let tok = o.init(g, i, param::WEIGHT, Some(&[1, ct.channels, 1]))?;
-            o.node("Shape", &c("input_shape"), &[x], &c("input_shape"), vec![]);
+            o.step("Shape", &c("input_shape"), &[x], vec![]);
             o.inits.push(i64_proto(&c("zero"), &[0]));
             o.inits.push(i64_proto(&c("one"), &[1]));
-            o.node(
+            o.step(
                 "Slice",
                 &c("batch"),
                 &[&c("input_shape"), &c("zero"), &c("one")],
-                &c("batch"),
                 vec![],
             );
             o.inits.push(i64_proto(&c("ones"), &[1, 1]));
-            o.node(
+            o.step(
                 "Concat",
                 &c("tshape"),
                 &[&c("batch"), &c("ones")],
-                &c("tshape"),
                 vec![attr_i("axis", 0)],
             );
-            o.node(
-                "Expand",
-                &c("token"),
-                &[&tok, &c("tshape")],
-                &c("token"),
-                vec![],
-            );
-            o.node(
+            o.step("Expand", &c("token"), &[&tok, &c("tshape")], vec![]);
+            o.step(
                 "Concat",
                 &c("cat"),
                 &[&c("token"), &c("flat")],
-                &c("cat"),
                 vec![attr_i("axis", 2)],
             );
             o.reshape_to(name, &c("cat"), shape);
@@ -411,13 +400,7 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             let c = |k: &str| format!("{name}.{k}");
             o.inits
                 .push(i64_proto(&c("flat_shape"), &[0, shape[0] as i64, -1]));
-            o.node(
-                "Reshape",
-                &c("flat"),
-                &[x, &c("flat_shape")],
-                &c("flat"),
-                vec![],
-            );
+            o.step("Reshape", &c("flat"), &[x, &c("flat_shape")], vec![]);
             o.inits.push(i64_scalar(&c("index"), t.index as i64));
             o.node(
                 "Gather",
@@ -441,13 +424,7 @@ fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, sh
     let (h, d) = (a.heads as i64, a.head_dim as i64);
     o.inits
         .push(i64_proto(&c("split_shape"), &[0, 3, h, d, t as i64]));
-    o.node(
-        "Reshape",
-        &c("split"),
-        &[x, &c("split_shape")],
-        &c("split"),
-        vec![],
-    );
+    o.step("Reshape", &c("split"), &[x, &c("split_shape")], vec![]);
     for (k, part) in ["q", "k", "v"].iter().enumerate() {
         let idx = c(&format!("{part}_index"));
         o.inits.push(i64_scalar(&idx, k as i64));
@@ -459,49 +436,28 @@ fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, sh
             vec![attr_i("axis", 1)],
         );
     }
-    o.node(
+    o.step(
         "Transpose",
         &c("q_t"),
         &[&c("q")],
-        &c("q_t"),
         vec![attr_is("perm", &[0, 1, 3, 2])],
     );
-    o.node(
-        "MatMul",
-        &c("logits"),
-        &[&c("q_t"), &c("k")],
-        &c("logits"),
-        vec![],
-    );
+    o.step("MatMul", &c("logits"), &[&c("q_t"), &c("k")], vec![]);
     o.inits.push(f32_proto(&c("scale"), &[], &[a.scale as f32]));
-    o.node(
-        "Mul",
-        &c("scaled"),
-        &[&c("logits"), &c("scale")],
-        &c("scaled"),
-        vec![],
-    );
-    o.node(
+    o.step("Mul", &c("scaled"), &[&c("logits"), &c("scale")], vec![]);
+    o.step(
         "Softmax",
         &c("attn"),
         &[&c("scaled")],
-        &c("attn"),
         vec![attr_i("axis", -1)],
     );
-    o.node(
+    o.step(
         "Transpose",
         &c("attn_t"),
         &[&c("attn")],
-        &c("attn_t"),
         vec![attr_is("perm", &[0, 1, 3, 2])],
     );
-    o.node(
-        "MatMul",
-        &c("heads"),
-        &[&c("v"), &c("attn_t")],
-        &c("heads"),
-        vec![],
-    );
+    o.step("MatMul", &c("heads"), &[&c("v"), &c("attn_t")], vec![]);
     o.reshape_to(name, &c("heads"), shape);
 }
 
@@ -543,7 +499,7 @@ fn export_resize(o: &mut Out, name: &str, x: &str, r: &Resize) {
             o.inits.push(i64_proto(&c("start"), &[0]));
             o.inits.push(i64_proto(&c("end"), &[2]));
             o.inits.push(i64_proto(&c("hw"), &[h as i64, w as i64]));
-            o.node("Shape", &c("input_shape"), &[x], &c("input_shape"), vec![]);
+            o.step("Shape", &c("input_shape"), &[x], vec![]);
             let ins = [c("input_shape"), c("start"), c("end")];
             o.node(
                 "Slice",
@@ -631,10 +587,10 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
                 .push(f32_proto(&c("sqrt2"), &[], &[std::f32::consts::SQRT_2]));
             o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
             o.inits.push(f32_proto(&c("half"), &[], &[0.5]));
-            o.node("Div", &c("div"), &[x, &c("sqrt2")], &c("div"), vec![]);
-            o.node("Erf", &c("erf"), &[&c("div")], &c("erf"), vec![]);
-            o.node("Add", &c("add"), &[&c("erf"), &c("one")], &c("add"), vec![]);
-            o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
+            o.step("Div", &c("div"), &[x, &c("sqrt2")], vec![]);
+            o.step("Erf", &c("erf"), &[&c("div")], vec![]);
+            o.step("Add", &c("add"), &[&c("erf"), &c("one")], vec![]);
+            o.step("Mul", &c("mul"), &[x, &c("add")], vec![]);
             o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
         }
         ActivationKind::HardSigmoidWith { alpha, beta } => o.node(
@@ -675,8 +631,8 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
             for (k, v) in [("k0", k0), ("k1", 0.044715), ("one", 1.0), ("half", 0.5)] {
                 o.inits.push(f32_proto(&c(k), &[], &[v]));
             }
-            o.node("Mul", &c("sq"), &[x, x], &c("sq"), vec![]);
-            o.node("Mul", &c("cube"), &[&c("sq"), x], &c("cube"), vec![]);
+            o.step("Mul", &c("sq"), &[x, x], vec![]);
+            o.step("Mul", &c("cube"), &[&c("sq"), x], vec![]);
             o.node(
                 "Mul",
                 &c("k1x3"),
@@ -684,23 +640,11 @@ fn export_activation(o: &mut Out, name: &str, x: &str, kind: ActivationKind) {
                 &c("k1x3"),
                 vec![],
             );
-            o.node("Add", &c("inner"), &[x, &c("k1x3")], &c("inner"), vec![]);
-            o.node(
-                "Mul",
-                &c("scaled"),
-                &[&c("inner"), &c("k0")],
-                &c("scaled"),
-                vec![],
-            );
-            o.node("Tanh", &c("tanh"), &[&c("scaled")], &c("tanh"), vec![]);
-            o.node(
-                "Add",
-                &c("add"),
-                &[&c("tanh"), &c("one")],
-                &c("add"),
-                vec![],
-            );
-            o.node("Mul", &c("mul"), &[x, &c("add")], &c("mul"), vec![]);
+            o.step("Add", &c("inner"), &[x, &c("k1x3")], vec![]);
+            o.step("Mul", &c("scaled"), &[&c("inner"), &c("k0")], vec![]);
+            o.step("Tanh", &c("tanh"), &[&c("scaled")], vec![]);
+            o.step("Add", &c("add"), &[&c("tanh"), &c("one")], vec![]);
+            o.step("Mul", &c("mul"), &[x, &c("add")], vec![]);
             o.node("Mul", name, &[&c("mul"), &c("half")], name, vec![]);
         }
     }
