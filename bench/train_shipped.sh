@@ -41,6 +41,15 @@ for name in ${ONLY:-$ORDER}; do
     $L ${CMD[$name]} $resume -o "$out.tmp.safetensors"
     mv "$out.tmp.safetensors" "$out"
     echo "$(( $(date +%s) - t0 ))" > runs/shipped/$name.seconds
+    # A resumed run: the wall time is the sum of every epoch's, from the checkpoint's history.
+    if [ -n "$resume" ]; then
+      python3 - "runs/shipped/$name.ckpt" > runs/shipped/$name.seconds <<'PY'
+import json, struct, sys
+f = open(sys.argv[1], "rb")
+meta = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))["__metadata__"]
+print(round(sum(e["seconds"] for e in json.loads(meta["lopper.history"]))))
+PY
+    fi
   fi
   cls=()
   [ -n "${CLASSES[$name]:-}" ] && cls=(--classes "${CLASSES[$name]}")

@@ -2,12 +2,14 @@
 //! scalar constant, or two constants), Relu, Clip, LeakyRelu, Sigmoid, HardSigmoid,
 //! HardSwish, Tanh, Softmax, Identity, Dropout.
 
-use super::{tensor, Ctx, Value};
+use super::view;
+use super::{tensor, Ctx, NodeId, Value};
 use crate::graph::ops::param;
 use crate::graph::ops::{
     Activation, ActivationKind, Add, ChannelAffine, Dropout, Identity, Max, Min, Mul, Op, PRelu,
-    Softmax,
+    PosEmbed, Softmax,
 };
+use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
 use anyhow::{anyhow, bail, Result};
@@ -66,9 +68,17 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
     Attrs::new(n).only(&["axis", "broadcast"])?;
     let (a, b) = (&n.input[0], &n.input[1]);
     let op = n.op_type.as_str();
+    if let Some(v) = super::erf_gelu::combine(ctx, label, op, a, b)? {
+        return Ok(v);
+    }
     match (ctx.konst(a).cloned(), ctx.konst(b).cloned()) {
         (Some(x), Some(y)) => Ok(Value::Const(fold(op, &x, &y)?)),
         (None, None) => {
+            if let Some(v) = two_views(ctx, label, op, a, b)? {
+                return Ok(v);
+            }
+            ctx.materialise(a, label)?;
+            ctx.materialise(b, label)?;
             let (x, y) = (ctx.node(a)?, ctx.node(b)?);
             if op == "Mul" {
                 if let Some(v) = self_gate(ctx, (a, x), (b, y)) {
@@ -89,8 +99,31 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
                 Some(_) => bail!("constant {op} tensor (constant on the left) is not supported"),
                 None => (a, ctx.konst(b).cloned().expect("b is constant")),
             };
+            if let Some(v) = view_const(ctx, label, op, name, &c)? {
+                return Ok(v);
+            }
+            ctx.materialise(name, label)?;
             let x = ctx.node(name)?;
             let shape = ctx.shape(x).clone();
+            let mut cd = c.dims.clone();
+            while cd.len() > shape.len() && cd[0] == 1 {
+                cd.remove(0);
+            }
+            if op == "Add" && shape.len() >= 2 && cd == shape && shape[1..].iter().any(|&d| d > 1) {
+                // A full-size constant added to channels-first tokens: a position embedding.
+                let (ch, p) = (shape[0], numel(&shape[1..]));
+                let ir = Op::PosEmbed(PosEmbed {
+                    channels: ch,
+                    tokens: p,
+                });
+                let w = tensor(c.f32s(), &[ch, p])?;
+                return Ok(Value::Node(ctx.add(
+                    label,
+                    ir,
+                    &[x],
+                    vec![(param::WEIGHT, w)],
+                )?));
+            }
             let Some(v) = per_channel(&c, &shape) else {
                 bail!(
                     "constant of shape {:?} is neither a scalar nor per-channel for a tensor of shape {:?}",
@@ -98,44 +131,181 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
                     shape
                 );
             };
-            let ch = shape[0];
-            // A bias add right after a bias-free conv/linear becomes that layer's bias.
-            if op == "Add" && ctx.single_use(name) {
-                let free = match ctx.op_mut(x) {
-                    Op::Conv2d(cv) if !cv.bias => {
-                        cv.bias = true;
-                        true
-                    }
-                    Op::Linear(l) if !l.bias => {
-                        l.bias = true;
-                        true
-                    }
-                    _ => false,
-                };
-                if free {
-                    ctx.set_param(x, param::BIAS, tensor(v, &[ch])?);
-                    return Ok(Value::Node(x));
-                }
-            }
-            let (w, bias): (Vec<f32>, Vec<f32>) = match op {
-                "Add" => (vec![1.0; ch], v),
-                "Sub" => (vec![1.0; ch], v.iter().map(|x| -x).collect()),
-                "Mul" => (v, vec![0.0; ch]),
-                _ => {
-                    if v.contains(&0.0) {
-                        bail!("division by a constant containing zero");
-                    }
-                    (v.iter().map(|x| 1.0 / x).collect(), vec![0.0; ch])
-                }
-            };
-            let params = vec![
-                (param::WEIGHT, tensor(w, &[ch])?),
-                (param::BIAS, tensor(bias, &[ch])?),
-            ];
-            let ir = Op::ChannelAffine(ChannelAffine { channels: ch });
-            Ok(Value::Node(ctx.add(label, ir, &[x], params)?))
+            Ok(Value::Node(per_channel_op(ctx, label, op, name, x, v)?))
         }
     }
+}
+
+/// `x op c` for per-channel values `v` of a node `x` (ONNX name `name`): the bias of the
+/// layer before when that is free, else a channel affine.
+fn per_channel_op(
+    ctx: &mut Ctx,
+    label: &str,
+    op: &str,
+    name: &str,
+    x: NodeId,
+    v: Vec<f32>,
+) -> Result<NodeId> {
+    {
+        let ch = ctx.shape(x)[0];
+        // A bias add right after a bias-free conv/linear becomes that layer's bias.
+        if op == "Add" && ctx.single_use(name) {
+            let free = match ctx.op_mut(x) {
+                Op::Conv2d(cv) if !cv.bias => {
+                    cv.bias = true;
+                    true
+                }
+                Op::Linear(l) if !l.bias => {
+                    l.bias = true;
+                    true
+                }
+                _ => false,
+            };
+            if free {
+                ctx.set_param(x, param::BIAS, tensor(v, &[ch])?);
+                return Ok(x);
+            }
+        }
+        let (w, bias): (Vec<f32>, Vec<f32>) = match op {
+            "Add" => (vec![1.0; ch], v),
+            "Sub" => (vec![1.0; ch], v.iter().map(|x| -x).collect()),
+            "Mul" => (v, vec![0.0; ch]),
+            _ => {
+                if v.contains(&0.0) {
+                    bail!("division by a constant containing zero");
+                }
+                (v.iter().map(|x| 1.0 / x).collect(), vec![0.0; ch])
+            }
+        };
+        let params = vec![
+            (param::WEIGHT, tensor(w, &[ch])?),
+            (param::BIAS, tensor(bias, &[ch])?),
+        ];
+        let ir = Op::ChannelAffine(ChannelAffine { channels: ch });
+        ctx.add(label, ir, &[x], params)
+    }
+}
+
+/// `a op b` where either is a view: on the nodes when both read them channel-last at the
+/// same positions (a residual add of token tensors). `None`: materialise instead.
+fn two_views(ctx: &mut Ctx, label: &str, op: &str, a: &str, b: &str) -> Result<Option<Value>> {
+    if matches!(ctx.values.get(a), Some(Value::Attn(_)))
+        || matches!(ctx.values.get(b), Some(Value::Attn(_)))
+    {
+        bail!("attention scores {op} a computed tensor (an attention mask): not supported yet");
+    }
+    if !ctx.is_view(a) && !ctx.is_view(b) {
+        return Ok(None);
+    }
+    let (Some(va), Some(vb)) = (ctx.view(a), ctx.view(b)) else {
+        return Ok(None);
+    };
+    let ir = match op {
+        "Add" => Op::Add(Add {}),
+        "Mul" => Op::Mul(Mul {}),
+        _ => return Ok(None),
+    };
+    let (ca, cb) = (view::channel_last(ctx, &va), view::channel_last(ctx, &vb));
+    if ca.is_none() || ca != cb || va.index.dims != vb.index.dims {
+        return Ok(None);
+    }
+    let va = view::apply_scale(ctx, label, &va)?;
+    let vb = view::apply_scale(ctx, label, &vb)?;
+    let (mut x, mut y) = (va.node, vb.node);
+    if ctx.shape(x) != ctx.shape(y) {
+        x = view::rank3(ctx, label, x)?;
+        y = view::rank3(ctx, label, y)?;
+    }
+    let z = ctx.add(label, ir, &[x, y], vec![])?;
+    view::settle(ctx, label, va.on(z)).map(Some)
+}
+
+/// A constant operand of a view or of attention scores: a scalar factor becomes the
+/// view's (or the attention's) scale, a per-channel constant of a channel-last view acts on
+/// its node's channels, and a full-size constant added to a channel-last token tensor is a
+/// position embedding. `None`: not one of these (the caller materialises the view).
+fn view_const(
+    ctx: &mut Ctx,
+    label: &str,
+    op: &str,
+    name: &str,
+    c: &Const,
+) -> Result<Option<Value>> {
+    let scalar = (c.numel() == 1).then(|| c.data[0]);
+    if let Some(Value::Attn(mut a)) = ctx.values.get(name).cloned() {
+        return match (op, scalar) {
+            ("Mul", Some(s)) => {
+                a.scale *= s;
+                Ok(Some(Value::Attn(a)))
+            }
+            ("Div", Some(s)) if s != 0.0 => {
+                a.scale /= s;
+                Ok(Some(Value::Attn(a)))
+            }
+            ("Add" | "Sub", _) if c.data.iter().all(|&x| x == 0.0) => Ok(Some(Value::Attn(a))),
+            _ => bail!(
+                "attention scores {op} a constant of shape {:?}: lopper takes scalar scales \
+                 (constant additive masks are not supported)",
+                c.dims
+            ),
+        };
+    }
+    let Some(Value::View(mut v)) = ctx.values.get(name).cloned() else {
+        return Ok(None);
+    };
+    match (op, scalar) {
+        ("Mul", Some(s)) => {
+            v.scale *= s;
+            return Ok(Some(Value::View(v)));
+        }
+        ("Div", Some(s)) if s != 0.0 => {
+            v.scale /= s;
+            return Ok(Some(Value::View(v)));
+        }
+        _ => {}
+    }
+    let Some(cl) = view::channel_last(ctx, &v) else {
+        return Ok(None);
+    };
+    let v = view::apply_scale(ctx, label, &v)?;
+    let ch = cl.channels;
+    let lead_ones =
+        c.dims.len() <= v.index.dims.len() && c.dims.iter().rev().skip(1).all(|&d| d == 1);
+    if scalar.is_some() || (lead_ones && c.dims.last() == Some(&ch)) {
+        let vals = if c.numel() == 1 {
+            vec![c.data[0] as f32; ch]
+        } else {
+            c.f32s()
+        };
+        let y = per_channel_op(ctx, label, op, name, v.node, vals)?;
+        return view::settle(ctx, label, v.on(y)).map(Some);
+    }
+    let mut dims = c.dims.clone();
+    while dims.len() > v.index.dims.len() && dims[0] == 1 {
+        dims.remove(0);
+    }
+    if op == "Add" && dims == v.index.dims && cl.covers_all() {
+        // Position embedding: value (row r, channel k) is added at IR (k, pos[r]).
+        let p = cl.positions;
+        let mut w = vec![0f32; ch * p];
+        for (r, &pr) in cl.pos.iter().enumerate() {
+            for k in 0..ch {
+                w[k * p + pr] = c.data[r * ch + k] as f32;
+            }
+        }
+        let op = Op::PosEmbed(PosEmbed {
+            channels: ch,
+            tokens: p,
+        });
+        let y = ctx.add(
+            label,
+            op,
+            &[v.node],
+            vec![(param::WEIGHT, tensor(w, &[ch, p])?)],
+        )?;
+        return view::settle(ctx, label, v.on(y)).map(Some);
+    }
+    Ok(None)
 }
 
 /// A constant input of Clip (opset ≥ 11) or its attribute (older opsets).
@@ -305,6 +475,16 @@ fn add_activation(
 pub(super) fn softmax(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     a.only(&["axis"])?;
+    if let Some(Value::Attn(mut at)) = ctx.values.get(&n.input[0]).cloned() {
+        let r = at.dims.len() as i64;
+        let k = a.int("axis", if ctx.opset < 13 { 1 } else { -1 });
+        if at.probs || (k != -1 && k != r - 1) {
+            bail!("a softmax of attention scores {:?} over axis {k}: attention normalises over the keys (the last axis) once", at.dims);
+        }
+        at.probs = true;
+        return Ok(Value::Attn(at));
+    }
+    ctx.materialise(&n.input[0], label)?;
     let x = ctx.node(&n.input[0])?;
     let s = ctx.shape(x).clone();
     let rank = s.len() as i64 + 1;

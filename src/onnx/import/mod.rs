@@ -4,11 +4,15 @@
 //! folded; bias adds after Conv/Gemm/MatMul are folded into the layer's bias. Each op
 //! family lives in its own file; anything unsupported is an error naming the node.
 
+mod attention;
 mod elementwise;
+mod erf_gelu;
+mod fold;
 mod nn;
 pub mod registry;
 mod resize;
 mod shape;
+mod view;
 
 use super::external::ExternalData;
 use super::value::{from_proto_with, Const};
@@ -25,6 +29,12 @@ use std::path::Path;
 pub(super) enum Value {
     Node(NodeId),
     Const(Const),
+    /// A node seen through data movements (transformer layouts): see [`view`].
+    View(view::View),
+    /// Attention scores or probabilities on their way to the attention op.
+    Attn(Box<attention::Attn>),
+    /// Part of a GELU written out with Erf.
+    Gelu(Box<erf_gelu::Gelu>),
 }
 
 /// Import state: the IR being built and the value of every ONNX tensor name.
@@ -107,7 +117,47 @@ impl Ctx {
             Value::Const(_) => bail!(
                 "input '{name}' is a constant where a tensor computed from the input is expected"
             ),
+            Value::View(_) => bail!("internal: input '{name}' is a view that was not materialised"),
+            Value::Attn(_) => bail!(
+                "input '{name}' is attention scores or probabilities, read here by something \
+                 other than the softmax and the product with the values"
+            ),
+            Value::Gelu(_) => bail!(
+                "input '{name}' is part of a GELU written with Erf, read here by something \
+                 other than the rest of x·½·(1 + erf(x/√2))"
+            ),
         }
+    }
+    /// The view behind `name` (a computed node is its identity view); `None` for constants
+    /// and attention values.
+    pub(super) fn view(&self, name: &str) -> Option<view::View> {
+        match self.values.get(name)? {
+            Value::Node(n) => Some(view::View::identity(self, *n)),
+            Value::View(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+    /// True if `name` is a view (not a plain node).
+    pub(super) fn is_view(&self, name: &str) -> bool {
+        matches!(self.values.get(name), Some(Value::View(_)))
+    }
+    /// Replaces a view input by its materialised node (for ops that read plain layouts).
+    pub(super) fn materialise(&mut self, name: &str, label: &str) -> Result<()> {
+        if let Some(Value::View(v)) = self.values.get(name).cloned() {
+            let n =
+                view::materialise(self, label, &v).with_context(|| format!("input '{name}'"))?;
+            self.values.insert(name.to_string(), Value::Node(n));
+        }
+        Ok(())
+    }
+    /// A parameter of node `n`, flattened.
+    pub(super) fn param(&self, n: NodeId, p: &str) -> Result<Vec<f32>> {
+        let key = param_key(&self.nodes[n].name, p);
+        let t = self
+            .params
+            .get(&key)
+            .ok_or_else(|| anyhow!("internal: {key} is not set"))?;
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
     pub(super) fn konst(&self, name: &str) -> Option<&Const> {
         match self.values.get(name) {
@@ -583,6 +633,36 @@ fn convert_node(ctx: &mut Ctx, n: &NodeProto, label: &str, opset: i64) -> Result
             n.output.len(),
             e.op_type
         );
+    }
+    if matches!(e.op_type, "Identity" | "Dropout" | "Cast")
+        && matches!(
+            ctx.values.get(&n.input[0]),
+            Some(Value::Attn(_) | Value::Gelu(_))
+        )
+    {
+        // Inference no-ops inside attention or a GELU.
+        return Ok(vec![ctx.value(&n.input[0])?.clone()]);
+    }
+    if view::ELEMENTWISE.contains(&e.op_type) && ctx.is_view(&n.input[0]) {
+        // A per-element op reads the view's node and keeps its index.
+        let Some(Value::View(v)) = ctx.values.get(&n.input[0]).cloned() else {
+            unreachable!("checked")
+        };
+        let v = view::apply_scale(ctx, label, &v)?;
+        ctx.values.insert(n.input[0].clone(), Value::Node(v.node));
+        let out = (e.convert)(ctx, n, label);
+        ctx.values
+            .insert(n.input[0].clone(), Value::View(v.clone()));
+        return match out?.as_slice() {
+            [Value::Node(y)] => Ok(vec![view::settle(ctx, label, v.on(*y))?]),
+            [other] => Ok(vec![other.clone()]),
+            _ => bail!("internal: an element-wise op with several outputs"),
+        };
+    }
+    if !view::AWARE.contains(&e.op_type) {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            ctx.materialise(i, label)?;
+        }
     }
     (e.convert)(ctx, n, label)
 }

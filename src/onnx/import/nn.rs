@@ -1,9 +1,13 @@
 //! Layers with weights and windows: Conv, Gemm, MatMul, BatchNormalization, MaxPool,
-//! AveragePool, GlobalAveragePool.
+//! AveragePool, GlobalAveragePool, LayerNormalization; MatMul of two computed tensors
+//! hands over to [attention](super::attention).
 
-use super::{tensor, Ctx, Value};
+use super::view::{self, View};
+use super::{attention, tensor, Ctx, Value};
 use crate::graph::ops::param;
-use crate::graph::ops::{BatchNorm, Conv2d, ConvTranspose2d, GlobalAvgPool, Linear, Op, Pool2d};
+use crate::graph::ops::{
+    BatchNorm, Conv2d, ConvTranspose2d, GlobalAvgPool, LayerNorm, Linear, Op, Pool2d,
+};
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
 use anyhow::{anyhow, bail, Result};
@@ -238,7 +242,6 @@ pub(super) fn gemm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     if a.int("transA", 0) != 0 {
         bail!("transA = 1 is not supported");
     }
-    let x = ctx.node(&n.input[0])?;
     let b = weight(ctx, n, 1, "B")?.clone();
     let [r, c] = b.dims[..] else {
         bail!("B has shape {:?}, expected a matrix", b.dims);
@@ -263,11 +266,19 @@ pub(super) fn gemm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
         }
         None => None,
     };
+    if let Some(Value::View(v)) = ctx.values.get(&n.input[0]).cloned() {
+        return linear_view(ctx, label, v, w, (o, i), bias);
+    }
+    ctx.materialise(&n.input[0], label)?;
+    let x = ctx.node(&n.input[0])?;
     linear(ctx, label, x, w, (o, i), bias)
 }
 
 pub(super) fn matmul(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
-    let x = ctx.node(&n.input[0])?;
+    let (a, b) = (&n.input[0], &n.input[1]);
+    if ctx.konst(b).is_none() {
+        return activations_product(ctx, label, a, b);
+    }
     let b = weight(ctx, n, 1, "the second operand")?.clone();
     let [k, m] = b.dims[..] else {
         bail!(
@@ -275,7 +286,141 @@ pub(super) fn matmul(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
             b.dims
         );
     };
-    linear(ctx, label, x, transpose(&b.f32s(), k, m), (m, k), None)
+    let w = transpose(&b.f32s(), k, m);
+    if let Some(Value::View(v)) = ctx.values.get(a).cloned() {
+        return linear_view(ctx, label, v, w, (m, k), None);
+    }
+    ctx.materialise(a, label)?;
+    let x = ctx.node(a)?;
+    linear(ctx, label, x, w, (m, k), None)
+}
+
+/// A MatMul of two computed tensors: attention's `q·kᵀ` or `softmax(…)·v`.
+fn activations_product(ctx: &mut Ctx, label: &str, a: &str, b: &str) -> Result<Value> {
+    if let Some(Value::Attn(at)) = ctx.values.get(a).cloned() {
+        let v = ctx.view(b).ok_or_else(|| {
+            anyhow!("attention probabilities times '{b}', which is not a computed tensor")
+        })?;
+        return attention::finish(ctx, label, &at, &v, false);
+    }
+    if let Some(Value::Attn(at)) = ctx.values.get(b).cloned() {
+        let v = ctx.view(a).ok_or_else(|| {
+            anyhow!("'{a}' times attention probabilities, which is not a computed tensor")
+        })?;
+        return attention::finish(ctx, label, &at, &v, true);
+    }
+    match (ctx.view(a), ctx.view(b)) {
+        (Some(q), Some(k)) => attention::scores(ctx, q, k),
+        _ => bail!(
+            "a MatMul of two computed tensors that is not part of attention \
+             (softmax(q·kᵀ)·v) is not supported"
+        ),
+    }
+}
+
+/// A linear layer over the last axis of a channel-last view: a 1×1 convolution of its
+/// node (tokens stay channels-first), seen through the same positions.
+fn linear_view(
+    ctx: &mut Ctx,
+    label: &str,
+    v: View,
+    w: Vec<f32>,
+    (o, i): (usize, usize),
+    bias: Option<Vec<f32>>,
+) -> Result<Value> {
+    let Some(cl) = view::channel_last(ctx, &v) else {
+        bail!(
+            "a linear layer over the last axis of {:?}, which is not the channel axis of the \
+             tensor it rearranges",
+            v.index.dims
+        );
+    };
+    if cl.channels != i {
+        bail!("a linear layer of {i} inputs over {} channels", cl.channels);
+    }
+    let w: Vec<f32> = w.iter().map(|x| x * v.scale as f32).collect();
+    let x = view::rank3(ctx, label, v.node)?;
+    let conv = Conv2d::new(i, o, 1, 1, 0).with_bias(bias.is_some());
+    let mut params = vec![(param::WEIGHT, tensor(w, &[o, i, 1, 1])?)];
+    if let Some(b) = bias {
+        params.push((param::BIAS, tensor(b, &[o])?));
+    }
+    let node = ctx.add(label, Op::Conv2d(conv), &[x], params)?;
+    let prefix = &v.index.dims[..v.index.dims.len() - 1];
+    view::settle(
+        ctx,
+        label,
+        View {
+            node,
+            index: cl.index(prefix, o),
+            scale: 1.0,
+        },
+    )
+}
+
+/// `LayerNormalization` over the last axis: lopper's LayerNorm over the channels of a
+/// channel-last token tensor (or of a flat feature vector).
+pub(super) fn layer_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["axis", "epsilon", "stash_type"])?;
+    let input = &n.input[0];
+    let dims = super::shape::dims_of(ctx, input)?;
+    let ax = a.int("axis", -1);
+    let r = dims.len() as i64;
+    if ax != -1 && ax != r - 1 {
+        bail!(
+            "LayerNormalization over axes {ax}.. of {dims:?}: lopper normalises over the last \
+             (embedding) axis only"
+        );
+    }
+    let scale = weight(ctx, n, 1, "Scale")?.f32s();
+    let c = scale.len();
+    let bias = match n.input.get(2).filter(|s| !s.is_empty()) {
+        Some(_) => weight(ctx, n, 2, "B")?.f32s(),
+        None => vec![0.0; c],
+    };
+    if bias.len() != c {
+        bail!(
+            "LayerNormalization scale has {c} values, its bias {}",
+            bias.len()
+        );
+    }
+    let mut op = LayerNorm::new(c);
+    op.eps = a.float("epsilon", 1e-5) as f64;
+    let params = |scale: Vec<f32>, bias: Vec<f32>| -> Result<_> {
+        Ok(vec![
+            (param::WEIGHT, tensor(scale, &[c])?),
+            (param::BIAS, tensor(bias, &[c])?),
+        ])
+    };
+    match ctx.values.get(input).cloned() {
+        Some(Value::View(v)) => {
+            if view::channel_last(ctx, &v).map(|cl| cl.channels) != Some(c) {
+                bail!(
+                    "LayerNormalization of {dims:?} whose last axis is not the channel axis of \
+                     the tensor it rearranges"
+                );
+            }
+            let v = view::apply_scale(ctx, label, &v)?;
+            let y = ctx.add(label, Op::LayerNorm(op), &[v.node], params(scale, bias)?)?;
+            view::settle(ctx, label, v.on(y))
+        }
+        _ => {
+            let x = ctx.node(input)?;
+            if ctx.shape(x)[..] != [c] {
+                bail!(
+                    "LayerNormalization over the last axis of {dims:?}: lopper normalises \
+                     channels, which here are axis 1"
+                );
+            }
+            Ok(Value::Node(ctx.add(
+                label,
+                Op::LayerNorm(op),
+                &[x],
+                params(scale, bias)?,
+            )?))
+        }
+    }
 }
 
 pub(super) fn batch_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {

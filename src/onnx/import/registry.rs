@@ -3,7 +3,7 @@
 //! "supported:" list of the unsupported-op error and the README's op table are all read
 //! from here (`tests/onnx.rs` checks the README against [`markdown_table`]).
 
-use super::{elementwise as ew, nn, resize, shape, Ctx, Value};
+use super::{elementwise as ew, erf_gelu, fold, nn, resize, shape, Ctx, Value};
 use crate::graph::ops::ActivationKind as A;
 use anyhow::Result;
 use onnx_protobuf::NodeProto;
@@ -47,7 +47,8 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "Conv", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::conv), note: "constant weights; groups (depthwise), dilation, strides, explicit pads and every auto_pad mode" },
     OpEntry { op_type: "ConvTranspose", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::conv_transpose), note: "constant weights; strides, dilations, explicit pads, output_padding, groups (pruned on both channel axes when ungrouped)" },
     OpEntry { op_type: "Gemm", opsets: ALL, inputs: (2, 3), outputs: (1, 1), convert: one!(nn::gemm), note: "constant B (transB either way, transA 0), constant C, alpha, beta" },
-    OpEntry { op_type: "MatMul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(nn::matmul), note: "activation × constant matrix (a linear layer); a following bias Add is folded" },
+    OpEntry { op_type: "MatMul", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(nn::matmul), note: "activation × constant matrix (a linear layer, over the channels of token tensors too); a following bias Add is folded; two computed tensors: attention's q·kᵀ and softmax·v, recognised as multi-head attention" },
+    OpEntry { op_type: "LayerNormalization", opsets: (17, 23), inputs: (2, 3), outputs: (1, 1), convert: one!(nn::layer_norm), note: "over the last (embedding) axis" },
     OpEntry { op_type: "BatchNormalization", opsets: ALL, inputs: (5, 5), outputs: (1, 3), convert: one!(nn::batch_norm), note: "inference form (running statistics)" },
     OpEntry { op_type: "MaxPool", opsets: ALL, inputs: (1, 1), outputs: (1, 2), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode (the Indices output unused)" },
     OpEntry { op_type: "AveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode, count_include_pad" },
@@ -75,22 +76,28 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "Tanh", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: act!(A::Tanh), note: "" },
     OpEntry { op_type: "Resize", opsets: (10, 23), inputs: (1, 4), outputs: (1, 1), convert: one!(resize::resize), note: "nearest (every nearest_mode) and linear on H, W; half_pixel, pytorch_half_pixel, align_corners, asymmetric; constant scales or sizes" },
     OpEntry { op_type: "Upsample", opsets: (7, 9), inputs: (1, 2), outputs: (1, 1), convert: one!(resize::upsample), note: "nearest and linear" },
-    OpEntry { op_type: "Softmax", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::softmax), note: "over any one axis but the batch (opsets < 13: when the flattened axes are one)" },
+    OpEntry { op_type: "Softmax", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::softmax), note: "over any one axis but the batch (opsets < 13: when the flattened axes are one); of attention scores over the keys" },
     OpEntry { op_type: "Identity", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(ew::identity), note: "on tensors and on constants" },
     OpEntry { op_type: "Dropout", opsets: ALL, inputs: (1, 3), outputs: (1, 2), convert: one!(ew::dropout), note: "ratio from the attribute or a constant input (the mask output unused)" },
     OpEntry { op_type: "Flatten", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::flatten), note: "from axis 1" },
     OpEntry { op_type: "Reshape", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::reshape), note: "to a constant or foldable shape that keeps the batch axis" },
-    OpEntry { op_type: "Transpose", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::transpose), note: "constants (folded); tensors: any permutation keeping the batch first (layout no-ops become reshapes, channel shuffles gathers; a transpose that moves the channel axis blocks pruning there)" },
+    OpEntry { op_type: "Transpose", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::transpose), note: "constants (folded); tensors: any permutation (layout no-ops become reshapes, channel shuffles gathers; other data movements are followed as views that layers, LayerNorm and attention read in place, or an IR transpose where a plain op reads them)" },
     OpEntry { op_type: "Squeeze", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(shape::squeeze), note: "axes as attribute or input" },
     OpEntry { op_type: "Unsqueeze", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(shape::squeeze), note: "axes as attribute or input" },
-    OpEntry { op_type: "Concat", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(shape::concat), note: "tensors along any axis but the batch; 1-D constants folded" },
+    OpEntry { op_type: "Concat", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(shape::concat), note: "tensors along any axis but the batch; 1-D constants folded; a learned token before a token tensor (class token)" },
     OpEntry { op_type: "Split", opsets: ALL, inputs: (1, 2), outputs: (1, MANY), convert: shape::split, note: "along channels, sizes as attribute, input or equal parts" },
     OpEntry { op_type: "Slice", opsets: ALL, inputs: (1, 5), outputs: (1, 1), convert: one!(shape::slice_op), note: "constants: any axes and steps (folded); tensors: one axis, positive steps, the channel axis" },
     OpEntry { op_type: "Pad", opsets: ALL, inputs: (1, 4), outputs: (1, 1), convert: one!(shape::pad), note: "H and W: constant (any value), reflect, edge; the channel axis: zeros" },
     OpEntry { op_type: "Constant", opsets: ALL, inputs: (0, 0), outputs: (1, 1), convert: one!(shape::constant), note: "value, value_float(s), value_int(s)" },
     OpEntry { op_type: "ConstantOfShape", opsets: (9, 23), inputs: (1, 1), outputs: (1, 1), convert: one!(shape::constant_of_shape), note: "of a constant shape (folded)" },
     OpEntry { op_type: "Shape", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::shape_of), note: "folded (shapes are static), start/end" },
-    OpEntry { op_type: "Gather", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::gather_op), note: "constant indices: on 1-D constants (folded) or channels of a tensor" },
+    OpEntry { op_type: "Gather", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::gather_op), note: "constant indices: on constants of any rank (folded), channels of a tensor, one token of a token tensor (class token), heads of a projection (attention)" },
+    OpEntry { op_type: "Erf", opsets: (9, 23), inputs: (1, 1), outputs: (1, 1), convert: one!(erf_gelu::erf), note: "constants (folded); as part of GELU, x·½·(1 + erf(x/√2)), in any order of the products" },
+    OpEntry { op_type: "Sqrt", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(fold::unary), note: "of constants (folded)" },
+    OpEntry { op_type: "Mod", opsets: (10, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::binary), note: "of constants (folded)" },
+    OpEntry { op_type: "Equal", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(fold::binary), note: "of constants (folded)" },
+    OpEntry { op_type: "Where", opsets: (9, 23), inputs: (3, 3), outputs: (1, 1), convert: one!(fold::where_op), note: "of constants (folded)" },
+    OpEntry { op_type: "Expand", opsets: (8, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::expand), note: "of constants (folded)" },
     OpEntry { op_type: "Cast", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::cast), note: "of constants (folded) and of float tensors (a no-op)" },
 ];
 

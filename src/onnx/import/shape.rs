@@ -2,10 +2,11 @@
 //! Concat, Pad (channel padding), and constant folding of Shape, Gather, Constant, Cast and
 //! of any of these on constants (the Shape→Gather→Unsqueeze→Concat→Reshape flatten chains).
 
+use super::view::{self, View};
 use super::{Ctx, Value};
 use crate::graph::ops::{
-    ChannelGather, ChannelPad, Concat, Flatten, Identity, Op, PadMode, Pool2d, Reshape, SpatialPad,
-    Transpose,
+    param, ChannelGather, ChannelPad, ClassToken, Concat, Flatten, Identity, Op, PadMode, Pool2d,
+    Reshape, SpatialPad, TokenSelect,
 };
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
@@ -14,12 +15,15 @@ use anyhow::{anyhow, bail, Result};
 use onnx_protobuf::NodeProto;
 
 /// Full-rank dims (batch 1) of an input, constant or computed.
-fn dims_of(ctx: &Ctx, name: &str) -> Result<Vec<usize>> {
-    Ok(match ctx.konst(name) {
-        Some(c) => c.dims.clone(),
-        None => {
+pub(super) fn dims_of(ctx: &Ctx, name: &str) -> Result<Vec<usize>> {
+    Ok(match ctx.value(name)? {
+        Value::Const(c) => c.dims.clone(),
+        Value::View(v) => v.index.dims.clone(),
+        Value::Attn(a) => a.dims.clone(),
+        Value::Gelu(_) => bail!("the shape of a part of an Erf-written GELU is not supported"),
+        Value::Node(n) => {
             let mut d = vec![1];
-            d.extend(ctx.shape(ctx.node(name)?));
+            d.extend(ctx.shape(*n));
             d
         }
     })
@@ -50,7 +54,12 @@ fn axes_input(ctx: &Ctx, n: &NodeProto) -> Result<Option<Vec<i64>>> {
 
 /// A computed tensor reshaped to full-rank `target` (batch first): Identity, Flatten, or an
 /// (opaque) Reshape.
-fn reshape_node(ctx: &mut Ctx, label: &str, x: usize, target: &[usize]) -> Result<Value> {
+pub(super) fn reshape_node(
+    ctx: &mut Ctx,
+    label: &str,
+    x: usize,
+    target: &[usize],
+) -> Result<Value> {
     // A reshape of a reshape reads the original tensor (the intermediate is dropped by
     // dead-node elimination), so a round trip through 5-D layouts costs nothing.
     let x = match ctx.op(x) {
@@ -164,6 +173,13 @@ pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         bail!("Gather indices must be constant");
     };
     let Some(data) = konst else {
+        if let Some(v) = ctx.values.get(&input).and_then(|_| ctx.view(&input)) {
+            let ax = axis(a.int("axis", 0), v.index.dims.len())?;
+            // A channel gather of a plain node stays the IR op it was.
+            if ctx.is_view(&input) || ax != 1 || idx.dims.len() != 1 {
+                return gather_view(ctx, label, v, ax, &idx);
+            }
+        }
         let x = ctx.node(&input)?;
         let rank = ctx.shape(x).len() + 1;
         if axis(a.int("axis", 0), rank)? != 1 || idx.dims.len() != 1 {
@@ -200,6 +216,21 @@ pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         dims: idx.dims.clone(),
         data: out,
     }))
+}
+
+/// `Gather` on a view: the index is gathered. One token of a channel-last token tensor
+/// (`x[:, 0]`, ViT's class token) becomes a `TokenSelect`.
+fn gather_view(ctx: &mut Ctx, label: &str, v: View, ax: usize, idx: &Const) -> Result<Value> {
+    let index = view::take(&v.index, ax, idx)?;
+    let w = v.with_index(index);
+    if w.index.dims.len() == 2 && w.index.dims[0] == 1 {
+        if let Some(cl) = view::channel_last(ctx, &w) {
+            let w = view::apply_scale(ctx, label, &w)?;
+            let op = Op::TokenSelect(TokenSelect { index: cl.pos[0] });
+            return ctx.unary(label, op, w.node);
+        }
+    }
+    view::settle(ctx, label, w)
 }
 
 /// `Squeeze` / `Unsqueeze`: a constant's dims change; a computed tensor is reshaped.
@@ -240,6 +271,13 @@ pub(super) fn squeeze(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             data: c.data,
         })),
         None => {
+            if let Some(Value::View(v)) = ctx.values.get(&input).cloned() {
+                let index = Const {
+                    dims: new.clone(),
+                    data: v.index.data.clone(),
+                };
+                return view::settle(ctx, label, v.with_index(index));
+            }
             let x = ctx.node(&input)?;
             reshape_node(ctx, label, x, &new)
         }
@@ -262,6 +300,12 @@ pub(super) fn concat(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
             data,
         }));
     }
+    if let Some(v) = class_token(ctx, n, label, a.int("axis", 1))? {
+        return Ok(v);
+    }
+    for i in &n.input {
+        ctx.materialise(i, label)?;
+    }
     let xs: Vec<usize> = n.input.iter().map(|i| ctx.node(i)).collect::<Result<_>>()?;
     let rank = ctx.shape(xs[0]).len() + 1;
     let k = axis(a.int("axis", 1), rank)?;
@@ -274,6 +318,65 @@ pub(super) fn concat(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
         &xs,
         vec![],
     )?))
+}
+
+/// `Concat([token, x], axis = tokens)` of a learned `[1, 1, D]` token and a channel-last
+/// token tensor `[1, T, D]` (ViT's class token): a `ClassToken` op.
+fn class_token(ctx: &mut Ctx, n: &NodeProto, label: &str, ax: i64) -> Result<Option<Value>> {
+    let [c, x] = &n.input[..] else {
+        return Ok(None);
+    };
+    let (Some(tok), Some(v)) = (ctx.konst(c).cloned(), ctx.view(x)) else {
+        return Ok(None);
+    };
+    let d = v.index.dims.clone();
+    // Channels-first `[1, D, T]` with the token `[1, D, 1]` along axis 2 (lopper's own
+    // export): the same op.
+    let s = ctx.shape(v.node).clone();
+    let iota = v.index.data.iter().enumerate().all(|(i, &x)| x == i as f64);
+    if d.len() == 3
+        && d[..2] == [1, s[0]]
+        && iota
+        && v.index.numel() == numel(&s)
+        && tok.dims == [1, s[0], 1]
+        && axis(ax, 3)? == 2
+        && v.scale == 1.0
+    {
+        let ch = s[0];
+        let op = Op::ClassToken(ClassToken { channels: ch });
+        let w = super::tensor(tok.f32s(), &[ch])?;
+        let node = ctx.add(label, op, &[v.node], vec![(param::WEIGHT, w)])?;
+        let t = ctx.shape(node)[1];
+        return reshape_node(ctx, &format!("{label}_flat"), node, &[1, ch, t]).map(Some);
+    }
+    let Some(cl) = view::channel_last(ctx, &v) else {
+        return Ok(None);
+    };
+    let ch = cl.channels;
+    let in_order = cl.pos.iter().enumerate().all(|(i, &p)| i == p) && cl.covers_all();
+    if d.len() != 3 || d[0] != 1 || axis(ax, 3)? != 1 || tok.dims != [1, 1, ch] || !in_order {
+        return Ok(None);
+    }
+    let v = view::apply_scale(ctx, label, &v)?;
+    let op = Op::ClassToken(ClassToken { channels: ch });
+    let w = super::tensor(tok.f32s(), &[ch])?;
+    let node = ctx.add(label, op, &[v.node], vec![(param::WEIGHT, w)])?;
+    let t = cl.positions + 1;
+    let out = view::ChannelLast {
+        channels: ch,
+        positions: t,
+        pos: (0..t).collect(),
+    };
+    view::settle(
+        ctx,
+        label,
+        View {
+            node,
+            index: out.index(&[1, t], ch),
+            scale: 1.0,
+        },
+    )
+    .map(Some)
 }
 
 /// `Flatten` from axis 1.
@@ -331,6 +434,13 @@ pub(super) fn reshape(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             data: c.data,
         })),
         None => {
+            if let Some(Value::View(v)) = ctx.values.get(&input).cloned() {
+                let index = Const {
+                    dims: t.clone(),
+                    data: v.index.data.clone(),
+                };
+                return view::settle(ctx, label, v.with_index(index));
+            }
             let x = ctx.node(&input)?;
             reshape_node(ctx, label, x, &t)
         }
@@ -350,7 +460,6 @@ pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         };
         return Ok(Value::Const(permute_const(&c, &perm)?));
     }
-    let x = ctx.node(&input)?;
     let d = dims_of(ctx, &input)?;
     let perm = a
         .ints("perm")
@@ -360,6 +469,19 @@ pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     if sorted != (0..d.len() as i64).collect::<Vec<_>>() {
         bail!("perm {perm:?} is not a permutation of the {} axes", d.len());
     }
+    let moved = |ctx: &mut Ctx, v: View| -> Result<Value> {
+        let p: Vec<usize> = perm.iter().map(|&p| p as usize).collect();
+        let index = permute_const(&v.index, &p)?;
+        view::settle(ctx, label, v.with_index(index))
+    };
+    if let Some(Value::View(v)) = ctx.values.get(&input).cloned() {
+        return moved(ctx, v);
+    }
+    if let Some(Value::Attn(at)) = ctx.values.get(&input).cloned() {
+        let p: Vec<usize> = perm.iter().map(|&p| p as usize).collect();
+        return Ok(Value::Attn(Box::new(super::attention::transpose(&at, &p)?)));
+    }
+    let x = ctx.node(&input)?;
     if let Some(v) = channel_shuffle(ctx, label, x, &d, &perm)? {
         return Ok(v);
     }
@@ -373,17 +495,10 @@ pub(super) fn transpose(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         let new: Vec<usize> = perm.iter().map(|&p| d[p as usize]).collect();
         return reshape_node(ctx, label, x, &new);
     }
-    if perm[0] != 0 {
-        bail!("Transpose with perm {perm:?} on {d:?} moves the batch axis, which is not supported");
-    }
-    // Data moves: a transpose of the per-sample axes.
-    let perm = perm[1..].iter().map(|&p| p as usize - 1).collect();
-    Ok(Value::Node(ctx.add(
-        label,
-        Op::Transpose(Transpose { perm }),
-        &[x],
-        vec![],
-    )?))
+    // Data moves: kept as a view, materialised (as an IR Transpose) only if a plain op
+    // reads it; transformer layouts are consumed by layers and attention as they are.
+    let v = View::identity(ctx, x);
+    moved(ctx, v)
 }
 
 /// `Pad`: zero padding of the channel axis.
@@ -497,7 +612,7 @@ fn channel_shuffle(
 
 /// `[start, end)` with ONNX clamping rules for one axis of length `len`.
 /// A constant with its axes permuted (`out axis i = in axis perm[i]`).
-fn permute_const(c: &Const, perm: &[usize]) -> Result<Const> {
+pub(super) fn permute_const(c: &Const, perm: &[usize]) -> Result<Const> {
     let r = c.dims.len();
     let mut seen = vec![false; r];
     if perm.len() != r
