@@ -372,6 +372,10 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
             lines.join("\n")
         );
     }
+    for o in &g.output {
+        ctx.materialise(&o.name, &o.name)
+            .with_context(|| format!("graph output '{}'", o.name))?;
+    }
     let outputs = g
         .output
         .iter()
