@@ -179,16 +179,26 @@ impl Report {
     }
 }
 
-/// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`.
+/// Seconds one latency measurement may take: past it, fewer runs are timed.
+const LATENCY_BUDGET_S: f64 = 5.0;
+
+/// Median eval-mode latency over `reps` runs after 2 warm-ups, at batch `b`. A model whose
+/// first run is slow (ViT-B/16 at batch 64 takes a minute on 2 cores) gets as many runs as
+/// fit [`LATENCY_BUDGET_S`], at least one: the first run itself when even that is over.
 pub fn latency_ms(g: &Graph, b: usize, reps: usize) -> Result<f64> {
     let xs = crate::exec::random_inputs(g, b)?;
     let x: Vec<&Tensor> = xs.iter().collect();
     // Planned once, as an inference session would (sparse kernels if the graph wants them).
     let plan = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
     let feeds = Feeds::default();
-    for _ in 0..2 {
-        plan.run_inputs(g, &x, &feeds)?;
+    let s = Instant::now();
+    plan.run_inputs(g, &x, &feeds)?;
+    let first = s.elapsed().as_secs_f64();
+    if first > LATENCY_BUDGET_S / 2.0 {
+        return Ok(first * 1e3);
     }
+    plan.run_inputs(g, &x, &feeds)?;
+    let reps = reps.min((LATENCY_BUDGET_S / first) as usize).max(1);
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps {
         let s = Instant::now();

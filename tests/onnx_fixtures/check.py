@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ONNX round trip against onnxruntime (issue 8), on models exported by PyTorch.
 
-For torchvision classifiers (ResNet-18/50, MobileNetV2/V3, EfficientNet-B0, RegNetX,
+For torchvision classifiers (ResNet-18/50, MobileNetV2/V3, EfficientNet-B0, RegNetX, ConvNeXt-T,
 DenseNet-121, ShuffleNetV2, SqueezeNet, GoogLeNet; random init, 10 classes), a
 squeeze-excitation net, a CIFAR ResNet with option-A (strided-slice) shortcuts, a
 UNet-style segmentation net, two torchvision segmentation models (FCN, DeepLabV3), two
@@ -209,6 +209,15 @@ class TwoInput(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(f), 1), 1))
 
 
+def layer_scaled(m):
+    """ConvNeXt initialises its layer scales to 1e-6 (blocks near identity): make them 0.5."""
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "layer_scale"):
+                mod.layer_scale.fill_(0.5)
+    return m
+
+
 def models():
     tv = torchvision.models
     seg = torchvision.models.segmentation
@@ -225,6 +234,8 @@ def models():
         "shufflenet_v2": lambda: tv.shufflenet_v2_x1_0(num_classes=10),
         "squeezenet1_0": lambda: tv.squeezenet1_0(num_classes=10),
         "googlenet": lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+        # Channels-last blocks: permute → LayerNorm → Linear → GELU → Linear → permute.
+        "convnext_tiny": lambda: layer_scaled(tv.convnext_tiny(num_classes=10)),
         "se_net": SENet,
         "resnet_option_a": resnet_option_a,
         "pad_net": PadNet,

@@ -221,6 +221,7 @@ pub(super) fn finish(
     }
     Ok(Value::View(View {
         node,
+        frame: None,
         index: Const { dims, data },
         scale: v.scale,
     }))

@@ -352,6 +352,7 @@ fn linear_view(
         label,
         View {
             node,
+            frame: None,
             index: cl.index(prefix, o),
             scale: 1.0,
         },
@@ -393,34 +394,20 @@ pub(super) fn layer_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Va
             (param::BIAS, tensor(bias, &[c])?),
         ])
     };
-    match ctx.values.get(input).cloned() {
-        Some(Value::View(v)) => {
-            if view::channel_last(ctx, &v).map(|cl| cl.channels) != Some(c) {
-                bail!(
-                    "LayerNormalization of {dims:?} whose last axis is not the channel axis of \
-                     the tensor it rearranges"
-                );
-            }
-            let v = view::apply_scale(ctx, label, &v)?;
-            let y = ctx.add(label, Op::LayerNorm(op), &[v.node], params(scale, bias)?)?;
-            view::settle(ctx, label, v.on(y))
-        }
-        _ => {
-            let x = ctx.node(input)?;
-            if ctx.shape(x)[..] != [c] {
-                bail!(
-                    "LayerNormalization over the last axis of {dims:?}: lopper normalises \
-                     channels, which here are axis 1"
-                );
-            }
-            Ok(Value::Node(ctx.add(
-                label,
-                Op::LayerNorm(op),
-                &[x],
-                params(scale, bias)?,
-            )?))
-        }
+    // Any computed tensor whose last axis is its node's channel axis: a channel-last view,
+    // a flat feature vector, a `[C, 1, 1]` map seen as `[1, 1, 1, C]`.
+    let Some(v) = ctx.view(input) else {
+        bail!("LayerNormalization of '{input}', which is not a computed tensor");
+    };
+    if view::channel_last(ctx, &v).map(|cl| cl.channels) != Some(c) {
+        bail!(
+            "LayerNormalization over the last axis of {dims:?}, which is not the channel axis \
+             of the tensor it reads: lopper normalises channels"
+        );
     }
+    let v = view::apply_scale(ctx, label, &v)?;
+    let y = ctx.add(label, Op::LayerNorm(op), &[v.node], params(scale, bias)?)?;
+    view::settle(ctx, label, v.on(y))
 }
 
 pub(super) fn batch_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {

@@ -372,6 +372,7 @@ fn class_token(ctx: &mut Ctx, n: &NodeProto, label: &str, ax: i64) -> Result<Opt
         label,
         View {
             node,
+            frame: None,
             index: out.index(&[1, t], ch),
             scale: 1.0,
         },
@@ -434,7 +435,11 @@ pub(super) fn reshape(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value
             data: c.data,
         })),
         None => {
-            if let Some(Value::View(v)) = ctx.values.get(&input).cloned() {
+            let x_is_node = !ctx.is_view(&input);
+            if !x_is_node || t.first() != Some(&1) {
+                // A view, or a reshape that merges the batch axis in (the dynamo exporter's
+                // batch-1 `as_strided` decompositions): followed as a view.
+                let v = ctx.view(&input).expect("a computed tensor");
                 let index = Const {
                     dims: t.clone(),
                     data: v.index.data.clone(),

@@ -72,6 +72,9 @@ pub(crate) struct View {
     /// A pending scalar factor: attention exports scale q and k before their product,
     /// which becomes the attention op's scale.
     pub scale: f64,
+    /// The per-sample shape the node was reshaped to where the view began (`None`: the
+    /// node's own): materialising tries transposes of it (YOLO heads' `[3, 9, H, W]`).
+    pub frame: Option<Vec<usize>>,
 }
 
 impl View {
@@ -95,6 +98,7 @@ impl View {
                 data: (0..numel(s)).map(|i| i as f64).collect(),
             },
             scale: 1.0,
+            frame: (src != node).then(|| s.clone()),
         }
     }
 
@@ -104,6 +108,7 @@ impl View {
             node: self.node,
             index,
             scale: self.scale,
+            frame: self.frame.clone(),
         }
     }
 
@@ -114,6 +119,7 @@ impl View {
             node,
             index: self.index.clone(),
             scale: 1.0,
+            frame: self.frame.clone(),
         }
     }
 
@@ -212,6 +218,7 @@ pub(super) fn apply_scale(ctx: &mut Ctx, label: &str, v: &View) -> Result<View> 
         node,
         index: v.index.clone(),
         scale: 1.0,
+        frame: v.frame.clone(),
     })
 }
 
@@ -277,22 +284,33 @@ pub(super) fn materialise(ctx: &mut Ctx, label: &str, v: &View) -> Result<NodeId
     if dims.first() != Some(&1) {
         bail!("the tensor {dims:?} has the batch axis moved from axis 0, which lopper cannot run as a layer input");
     }
-    let iota = Const {
-        dims: s.clone(),
-        data: (0..numel(&s)).map(|i| i as f64).collect(),
-    };
-    if s.len() <= 6 {
-        for perm in permutations(s.len()) {
+    let mut frames = vec![s.clone()];
+    frames.extend(v.frame.clone());
+    for f in frames.into_iter().rev().filter(|f| f.len() <= 6) {
+        let iota = Const {
+            dims: f.clone(),
+            data: (0..numel(&f)).map(|i| i as f64).collect(),
+        };
+        for perm in permutations(f.len()) {
             if permute_const(&iota, &perm)?.data != v.index.data {
                 continue;
             }
+            let mut x = v.node;
+            if f != s {
+                let mut full = vec![1];
+                full.extend(&f);
+                x = match reshape_node(ctx, &format!("{label}_frame"), x, &full)? {
+                    Value::Node(n) => n,
+                    _ => unreachable!("reshape_node returns a node"),
+                };
+            }
             let x = if perm.iter().enumerate().all(|(i, &p)| i == p) {
-                v.node
+                x
             } else {
                 ctx.add(
                     &format!("{label}_transpose"),
                     Op::Transpose(Transpose { perm }),
-                    &[v.node],
+                    &[x],
                     vec![],
                 )?
             };
