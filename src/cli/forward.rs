@@ -1,7 +1,10 @@
-//! Run a model (eval mode) on raw little-endian f32 inputs, one file per graph input, each
-//! `[B, ...that input's shape]`; writes every output as raw f32, one after another in the
-//! graph's output order (for comparisons with other runtimes). `--json` says where each
-//! output starts.
+//! Run a model (eval mode) on raw little-endian inputs, one file per graph input, each
+//! `[B, ...that input's shape]`: f32, except token ids and attention masks (inputs the model
+//! reads through an embedding table or as attention's key mask), which are int64 as
+//! tokenizers write them (`ids.astype("<i8").tofile(...)`: the tokenizer-free path for
+//! BERT-style models). Writes every output as raw f32, one after another in the graph's
+//! output order (for comparisons with other runtimes). `--json` says where each output
+//! starts.
 
 use super::*;
 
@@ -9,7 +12,8 @@ use super::*;
 pub struct ForwardArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Raw f32 input; repeat it once per graph input, in the model's input order.
+    /// Raw input (f32; int64 for token ids and attention masks); repeat it once per graph
+    /// input, in the model's input order.
     #[arg(long, required = true)]
     input: Vec<PathBuf>,
     /// Raw f32 output: every graph output, flattened, one after another.
@@ -43,7 +47,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let xs = input
         .iter()
         .zip(&ids)
-        .map(|(path, &id)| read_f32(path, &g.nodes[id].name, &shapes[id]))
+        .map(|(path, &id)| {
+            let ints = g.token_input(id).is_some();
+            read_raw(path, &g.nodes[id].name, &shapes[id], ints)
+        })
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&candle_core::Tensor> = xs.iter().collect();
     let plan = lopper::exec::Plan::new(
@@ -75,22 +82,31 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads raw f32 samples of `shape` for input `name`; the batch is what the file holds.
-fn read_f32(path: &Path, name: &str, shape: &[usize]) -> Result<candle_core::Tensor> {
+/// Reads raw samples of `shape` for input `name` (little-endian f32, or int64 when
+/// `ints`); the batch is what the file holds.
+fn read_raw(path: &Path, name: &str, shape: &[usize], ints: bool) -> Result<candle_core::Tensor> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let per: usize = shape.iter().product();
-    if bytes.len() % 4 != 0 || bytes.is_empty() || (bytes.len() / 4) % per != 0 {
+    let (w, kind) = if ints { (8, "int64") } else { (4, "f32") };
+    if bytes.len() % w != 0 || bytes.is_empty() || (bytes.len() / w) % per != 0 {
         bail!(
-            "{}: {} bytes are not a whole number of f32 samples of shape {:?} (input '{name}')",
+            "{}: {} bytes are not a whole number of {kind} samples of shape {:?} (input '{name}')",
             path.display(),
             bytes.len(),
             shape
         );
     }
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let v: Vec<f32> = if ints {
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
     let mut dims = vec![v.len() / per];
     dims.extend(shape);
     Ok(candle_core::Tensor::from_vec(

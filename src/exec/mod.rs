@@ -165,7 +165,19 @@ pub fn random_inputs(g: &Graph, b: usize) -> Result<Vec<Tensor>> {
         .map(|i| {
             let mut dims = vec![b];
             dims.extend(&shapes[i]);
-            Ok(Tensor::randn(0f32, 1f32, dims, &candle_core::Device::Cpu)?)
+            let dev = &candle_core::Device::Cpu;
+            Ok(match g.token_input(i) {
+                // Token ids spread over the vocabulary; masks that keep every key.
+                Some(crate::graph::TokenInput::Ids { vocab }) => {
+                    let n: usize = dims.iter().product();
+                    let v: Vec<f32> = (0..n).map(|k| ((k * 7919 + 13) % vocab) as f32).collect();
+                    Tensor::from_vec(v, dims, dev)?
+                }
+                Some(crate::graph::TokenInput::KeyMask) => {
+                    Tensor::ones(dims, candle_core::DType::F32, dev)?
+                }
+                None => Tensor::randn(0f32, 1f32, dims, dev)?,
+            })
         })
         .collect()
 }

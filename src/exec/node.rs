@@ -94,10 +94,43 @@ pub(crate) fn run(
         Op::Identity(_) => Ok(x.clone()),
         Op::LayerNorm(l) => layer_norm(g, i, l, x),
         Op::PosEmbed(_) => pos_embed(g, i, x),
+        Op::MultiHeadAttention(a) if a.masked => Ok(kernels::attention_masked(
+            x, ins[1], a.heads, a.head_dim, a.scale,
+        )?),
         Op::MultiHeadAttention(a) => attention(a, x),
         Op::ClassToken(_) => class_token(g, i, x),
         Op::TokenSelect(t) => Ok(x.flatten_from(2)?.narrow(2, t.index, 1)?.squeeze(2)?),
+        Op::Embedding(_) => embedding(g, i, x),
     }
+}
+
+/// The table's row for every id: `[N, T]` ids (f32) → `[N, D, T, 1]`. Ids are checked on
+/// the host (they come from there): one that is not a row is an error, not a panic.
+fn embedding(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
+    let w = param(g, i, WEIGHT)?;
+    let (n, t) = x.dims2()?;
+    let (vocab, dim) = w.dims2()?;
+    let ids = x.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = ids
+        .iter()
+        .find(|&&v| !(v >= 0.0 && v < vocab as f32 && v.fract() == 0.0))
+    {
+        anyhow::bail!(
+            "token id {bad} at node '{}' is not a row of its {vocab}-entry table",
+            g.nodes[i].name
+        );
+    }
+    let idx = Tensor::from_vec(
+        ids.iter().map(|&v| v as u32).collect::<Vec<_>>(),
+        n * t,
+        x.device(),
+    )?;
+    let rows = w.index_select(&idx, 0)?;
+    Ok(rows
+        .reshape((n, t, dim))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .unsqueeze(3)?)
 }
 
 fn param(g: &Graph, i: NodeId, name: &str) -> Result<Tensor> {

@@ -43,6 +43,13 @@ pub struct Node {
     pub shares: Option<String>,
 }
 
+/// An input of integers: see [`Graph::token_input`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenInput {
+    Ids { vocab: usize },
+    KeyMask,
+}
+
 /// A model: typed nodes in topological order, graph outputs, and parameters.
 #[derive(Debug)]
 pub struct Graph {
@@ -236,6 +243,38 @@ impl Graph {
     }
 
     /// Every Input node, in graph order (the order of the model's inputs).
+    /// What input `i` holds when it is not dense values: token ids (read by an
+    /// `Embedding`; the vocabulary is the smallest table's) or a key mask (read only as
+    /// attention's mask). Integer-valued inputs are read and exported as int64.
+    pub fn token_input(&self, i: NodeId) -> Option<TokenInput> {
+        let readers: Vec<(&Op, usize)> = self
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.inputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &j)| j == i)
+                    .map(move |(k, _)| (&n.op, k))
+            })
+            .collect();
+        let vocab = readers
+            .iter()
+            .filter_map(|(op, _)| match op {
+                Op::Embedding(e) => Some(e.vocab),
+                _ => None,
+            })
+            .min();
+        if let Some(v) = vocab {
+            return Some(TokenInput::Ids { vocab: v });
+        }
+        let mask = !readers.is_empty()
+            && readers
+                .iter()
+                .all(|(op, k)| matches!(op, Op::MultiHeadAttention(a) if a.masked && *k == 1));
+        mask.then_some(TokenInput::KeyMask)
+    }
+
     pub fn input_ids(&self) -> Vec<NodeId> {
         (0..self.nodes.len())
             .filter(|&i| matches!(self.nodes[i].op, Op::Input(_)))

@@ -350,6 +350,31 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 
 /// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`
 /// (per head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys).
+/// [`attention`] with a key mask `[N, T…]` (1 keep, 0 masked): masked keys' logits get
+/// −10⁹ before the softmax (exactly zero weight in f32). Composed candle ops, so it trains
+/// through autograd; no gradient reaches the mask.
+pub fn attention_masked(
+    x: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
+    let mut out = dims.clone();
+    out[1] = heads * head_dim;
+    let qkv = x.contiguous()?.reshape((n, 3, heads, head_dim, t))?;
+    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
+    let q = part(0)?.transpose(2, 3)?.contiguous()?;
+    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+    let bias = ((mask.detach().reshape((n, 1, 1, t))? - 1.0)? * 1e9)?;
+    let logits = (q.matmul(&k)? * scale)?.broadcast_add(&bias)?;
+    let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let o = v.matmul(&attn.transpose(2, 3)?.contiguous()?)?;
+    Ok(o.reshape(out)?)
+}
+
 pub fn attention(x: &Tensor, heads: usize, head_dim: usize, scale: f64) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n, t) = (dims[0], dims[2..].iter().product::<usize>());

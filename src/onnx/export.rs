@@ -45,6 +45,11 @@ fn attr_is(name: &str, v: &[usize]) -> AttributeProto {
 }
 
 fn value_info(name: &str, shape: &Shape) -> ValueInfoProto {
+    typed_value_info(name, shape, 1)
+}
+
+/// A value of ONNX element type `elem` (1 float, 7 int64) with a symbolic batch.
+fn typed_value_info(name: &str, shape: &Shape, elem: i32) -> ValueInfoProto {
     let mut dims = vec![{
         let mut d = Dimension::new();
         d.value = Some(dimension::Value::DimParam("N".into()));
@@ -58,7 +63,7 @@ fn value_info(name: &str, shape: &Shape) -> ValueInfoProto {
     let mut sh = TensorShapeProto::new();
     sh.dim = dims;
     let mut tt = TypeTensor::new();
-    tt.elem_type = 1;
+    tt.elem_type = elem;
     tt.shape = Some(sh).into();
     let mut tp = TypeProto::new();
     tp.value = Some(type_proto::Value::TensorType(tt));
@@ -362,7 +367,7 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             let e = o.init(g, i, param::WEIGHT, Some(&d))?;
             o.node("Add", name, &[x, &e], name, vec![]);
         }
-        Op::MultiHeadAttention(a) => export_attention(o, name, x, a, shape),
+        Op::MultiHeadAttention(a) => export_attention(o, name, x, ins.get(1).copied(), a, shape),
         Op::ClassToken(ct) => {
             // [N, C, P…] → [N, C, T]; the token broadcast to [N, C, 1] (Expand to the batch
             // read from Shape(x)); concatenated first; back to [N, C, 1 + T, 1].
@@ -396,6 +401,25 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             );
             o.reshape_to(name, &c("cat"), shape);
         }
+        Op::Embedding(e) => {
+            // Gather the table's rows by id ([N, T] → [N, T, D]), then channels-first.
+            let c = |k: &str| format!("{name}.{k}");
+            let w = o.init(g, i, param::WEIGHT, None)?;
+            o.step("Cast", &c("ids"), &[x], vec![attr_i("to", 7)]);
+            o.step(
+                "Gather",
+                &c("rows"),
+                &[&w, &c("ids")],
+                vec![attr_i("axis", 0)],
+            );
+            o.step(
+                "Transpose",
+                &c("cf"),
+                &[&c("rows")],
+                vec![attr_is("perm", &[0, 2, 1])],
+            );
+            o.reshape_to(name, &c("cf"), &vec![e.dim, shape[1], 1]);
+        }
         Op::TokenSelect(t) => {
             let c = |k: &str| format!("{name}.{k}");
             o.inits
@@ -418,7 +442,14 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
 /// `[N, 3, H, d, T]`, split into q, k, v; `softmax(qᵀk·scale)` over keys; `v·Aᵀ`;
 /// reshaped back to `[N, H·d, T…]` (the head count is in the exported shapes, so a
 /// pruned model's reshapes carry its new count).
-fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, shape: &Shape) {
+fn export_attention(
+    o: &mut Out,
+    name: &str,
+    x: &str,
+    mask: Option<&str>,
+    a: &MultiHeadAttention,
+    shape: &Shape,
+) {
     let c = |k: &str| format!("{name}.{k}");
     let t: usize = shape[1..].iter().product();
     let (h, d) = (a.heads as i64, a.head_dim as i64);
@@ -445,12 +476,26 @@ fn export_attention(o: &mut Out, name: &str, x: &str, a: &MultiHeadAttention, sh
     o.step("MatMul", &c("logits"), &[&c("q_t"), &c("k")], vec![]);
     o.inits.push(f32_proto(&c("scale"), &[], &[a.scale as f32]));
     o.step("Mul", &c("scaled"), &[&c("logits"), &c("scale")], vec![]);
-    o.step(
-        "Softmax",
-        &c("attn"),
-        &[&c("scaled")],
-        vec![attr_i("axis", -1)],
-    );
+    let mut logits = c("scaled");
+    if let (true, Some(m)) = (a.masked, mask) {
+        // (mask − 1)·10⁹ per key, as [N, 1, 1, T], added to the logits.
+        o.step("Cast", &c("mask_f"), &[m], vec![attr_i("to", 1)]);
+        o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
+        o.inits.push(f32_proto(&c("big"), &[], &[1e9]));
+        o.step("Sub", &c("mask_m1"), &[&c("mask_f"), &c("one")], vec![]);
+        o.step("Mul", &c("mask_bias"), &[&c("mask_m1"), &c("big")], vec![]);
+        o.inits
+            .push(i64_proto(&c("mask_shape"), &[0, 1, 1, t as i64]));
+        o.step(
+            "Reshape",
+            &c("mask_b"),
+            &[&c("mask_bias"), &c("mask_shape")],
+            vec![],
+        );
+        o.step("Add", &c("masked"), &[&c("scaled"), &c("mask_b")], vec![]);
+        logits = c("masked");
+    }
+    o.step("Softmax", &c("attn"), &[&logits], vec![attr_i("axis", -1)]);
     o.step(
         "Transpose",
         &c("attn_t"),
@@ -665,7 +710,11 @@ fn model_bytes(g: &Graph, shapes: &[Shape], o: Out, props: &[(&str, &str)]) -> R
     graph.input = g
         .input_ids()
         .into_iter()
-        .map(|i| value_info(&g.nodes[i].name, &shapes[i]))
+        .map(|i| {
+            // Token ids and key masks are int64, as tokenizers and exporters give them.
+            let elem = if g.token_input(i).is_some() { 7 } else { 1 };
+            typed_value_info(&g.nodes[i].name, &shapes[i], elem)
+        })
         .collect();
     graph.output = g
         .outputs

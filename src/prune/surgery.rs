@@ -89,6 +89,7 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 Op::LayerNorm(l) => l.channels = keep[i].len(),
                 Op::PosEmbed(p) => p.channels = keep[i].len(),
                 Op::ClassToken(c) => c.channels = keep[i].len(),
+                Op::Embedding(e) => e.dim = keep[i].len(),
                 Op::TokenSelect(_) => {}
                 // Whole heads are removed (one unit each): the head count follows.
                 Op::MultiHeadAttention(a) => a.heads = keep[i].len() / a.head_dim.max(1),

@@ -26,6 +26,10 @@ pub struct MultiHeadAttention {
     pub head_dim: usize,
     /// Multiplies the logits (`1/√head_dim` in the original model).
     pub scale: f64,
+    /// A second input, the key mask `[T]` per sample (BERT's `attention_mask`): keys where
+    /// it is 0 get no attention (their logits become −10⁹ before the softmax).
+    #[serde(default)]
+    pub masked: bool,
 }
 
 impl MultiHeadAttention {
@@ -34,6 +38,7 @@ impl MultiHeadAttention {
             heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            masked: false,
         }
     }
 
@@ -49,8 +54,15 @@ impl OpSpec for MultiHeadAttention {
     }
 
     fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape> {
-        expect_inputs("MultiHeadAttention", inputs, 1)?;
+        expect_inputs("MultiHeadAttention", inputs, 1 + usize::from(self.masked))?;
         let s = inputs[0];
+        if self.masked && numel(inputs[1]) != numel(&s[1..]) {
+            bail!(
+                "MultiHeadAttention's key mask {} does not have one value per position of {}",
+                fmt_shape(inputs[1]),
+                fmt_shape(s)
+            );
+        }
         if self.head_dim == 0 {
             bail!("MultiHeadAttention with a zero head dimension");
         }
@@ -73,6 +85,10 @@ impl OpSpec for MultiHeadAttention {
     fn macs(&self, inputs: &[&Shape], _output: &Shape) -> u64 {
         let t = inputs.first().map_or(0, |s| numel(&s[1..])) as u64;
         2 * self.width() as u64 * t * t
+    }
+
+    fn arity(&self) -> Option<usize> {
+        Some(1 + usize::from(self.masked))
     }
 
     fn coupling(&self) -> Coupling {

@@ -9,6 +9,7 @@ mod batchnorm;
 mod class_token;
 mod conv;
 mod conv_transpose;
+mod embedding;
 mod gather;
 mod join;
 mod layer_norm;
@@ -29,6 +30,7 @@ pub use batchnorm::BatchNorm;
 pub use class_token::{ClassToken, TokenSelect};
 pub use conv::Conv2d;
 pub use conv_transpose::ConvTranspose2d;
+pub use embedding::Embedding;
 pub use gather::ChannelGather;
 pub use join::{Add, Concat, Max, Min, Mul};
 pub use layer_norm::LayerNorm;
@@ -202,6 +204,7 @@ pub enum Op {
     PosEmbed(PosEmbed),
     ClassToken(ClassToken),
     TokenSelect(TokenSelect),
+    Embedding(Embedding),
 }
 
 impl Op {
@@ -239,6 +242,7 @@ impl Op {
             Op::PosEmbed(o) => o,
             Op::ClassToken(o) => o,
             Op::TokenSelect(o) => o,
+            Op::Embedding(o) => o,
         }
     }
 

@@ -36,6 +36,8 @@ pub(crate) struct Attn {
     pub scale: f64,
     /// ONNX dims of the scores `[…, T, T]`.
     pub dims: Vec<usize>,
+    /// The key mask's node (`[T]` per sample, 1 keep, 0 masked), if scores were masked.
+    pub mask: Option<NodeId>,
 }
 
 /// The per-head reading of an attention operand.
@@ -120,11 +122,46 @@ pub(super) fn scores(ctx: &Ctx, q: View, k: View) -> Result<Value> {
         k,
         scale: 1.0,
         dims,
+        mask: None,
     })))
 }
 
 /// `softmax(scores)·v`: the attention op over the stacked projections, and its output as a
 /// view `[…, T, d]` like the exporter's.
+/// Scores plus an additive key mask (`Where(mask, 0, -inf)` of a 0/1 tensor): the mask
+/// must give every key one value for all heads and queries (a padding mask, not a causal
+/// one) and read the keys' own positions.
+pub(super) fn with_mask(ctx: &Ctx, a: &Attn, m: &View) -> Result<Value> {
+    if a.probs || a.mask.is_some() {
+        bail!("an attention mask added to probabilities or twice");
+    }
+    let scores = Const {
+        dims: a.dims.clone(),
+        data: vec![0.0; numel(&a.dims)],
+    };
+    let idx = super::fold::map_n(&[&scores, &m.index], |x| x[1])?;
+    if idx.dims != a.dims {
+        bail!(
+            "an attention mask {:?} larger than the scores {:?}",
+            m.index.dims,
+            a.dims
+        );
+    }
+    let tk = *a.dims.last().unwrap_or(&0);
+    let keys = &idx.data[..tk];
+    if idx.data.chunks(tk).any(|row| row != keys) {
+        bail!("an attention mask that differs between heads or queries (e.g. causal) is not supported; lopper takes key padding masks");
+    }
+    let k = heads(ctx, &a.k, true, "key (transposed)")?;
+    let n = numel(ctx.shape(m.node));
+    if n != k.positions || keys.iter().zip(&k.pos).any(|(&e, &p)| e as usize != p) {
+        bail!("an attention mask whose entries are not the keys' positions");
+    }
+    let mut out = a.clone();
+    out.mask = Some(m.node);
+    Ok(Value::Attn(Box::new(out)))
+}
+
 /// The attention probabilities transposed (the last two axes swapped).
 pub(super) fn transpose(a: &Attn, perm: &[usize]) -> Result<Attn> {
     let r = perm.len();
@@ -199,7 +236,10 @@ pub(super) fn finish(
     )?;
     let mut op = MultiHeadAttention::new(hn, d);
     op.scale = a.scale * a.q.scale * a.k.scale;
-    let node = ctx.add(label, Op::MultiHeadAttention(op), &[input], vec![])?;
+    op.masked = a.mask.is_some();
+    let mut ins = vec![input];
+    ins.extend(a.mask);
+    let node = ctx.add(label, Op::MultiHeadAttention(op), &ins, vec![])?;
     let r = a.dims.len();
     let mut dims = a.dims[..r - 2].to_vec();
     let t_n = q.pos.len();

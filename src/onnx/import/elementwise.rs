@@ -2,7 +2,7 @@
 //! scalar constant, or two constants), Relu, Clip, LeakyRelu, Sigmoid, HardSigmoid,
 //! HardSwish, Tanh, Softmax, Identity, Dropout.
 
-use super::view;
+use super::view::{self, View};
 use super::{tensor, Ctx, NodeId, Value};
 use crate::graph::ops::param;
 use crate::graph::ops::{
@@ -99,6 +99,16 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
                 Some(_) => bail!("constant {op} tensor (constant on the left) is not supported"),
                 None => (a, ctx.konst(b).cloned().expect("b is constant")),
             };
+            // A scalar factor of a reshaped tensor (a per-head operand of attention) is
+            // followed as a view's scale, not applied to the reshape.
+            if c.numel() == 1 && matches!(op, "Mul" | "Div") {
+                if let Some(Value::Node(x)) = ctx.values.get(name).cloned() {
+                    let v = View::identity(ctx, x);
+                    if v.node != x {
+                        ctx.values.insert(name.to_string(), Value::View(v));
+                    }
+                }
+            }
             if let Some(v) = view_const(ctx, label, op, name, &c)? {
                 return Ok(v);
             }
@@ -189,10 +199,14 @@ fn per_channel_op(
 /// `a op b` where either is a view: on the nodes when both read them channel-last at the
 /// same positions (a residual add of token tensors). `None`: materialise instead.
 fn two_views(ctx: &mut Ctx, label: &str, op: &str, a: &str, b: &str) -> Result<Option<Value>> {
-    if matches!(ctx.values.get(a), Some(Value::Attn(_)))
-        || matches!(ctx.values.get(b), Some(Value::Attn(_)))
-    {
-        bail!("attention scores {op} a computed tensor (an attention mask): not supported yet");
+    match (ctx.value(a)?.clone(), ctx.value(b)?.clone()) {
+        (Value::Attn(at), Value::Mask(m)) | (Value::Mask(m), Value::Attn(at)) if op == "Add" => {
+            return super::attention::with_mask(ctx, &at, &m).map(Some);
+        }
+        (Value::Attn(_), _) | (_, Value::Attn(_)) => {
+            bail!("attention scores {op} a computed tensor: lopper takes an additive key padding mask, Where(mask, 0, -inf)")
+        }
+        _ => {}
     }
     if !ctx.is_view(a) && !ctx.is_view(b) {
         return Ok(None);

@@ -1,5 +1,5 @@
 //! Constant folding of the arithmetic that exporters leave around shapes and scales:
-//! Sqrt, Erf, Mod, Equal, Where and Expand on constants (PyTorch's TorchScript exporter
+//! Sqrt, Erf, Mod, Equal, Where, GatherElements, IsNaN and Expand on constants (PyTorch's TorchScript exporter
 //! computes the attention scale as `1 / sqrt(sqrt(head_dim))` and broadcasts the class
 //! token through `Equal`/`Where`/`Expand` on the shape). With numpy broadcasting.
 
@@ -136,8 +136,46 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value
     Ok(Value::Const(out))
 }
 
-/// `Where(cond, x, y)` of constants.
+/// `IsNaN`: of a constant (folded); of a computed tensor, the first half of the NaN guard
+/// exporters put after a softmax, `Where(IsNaN(p), 0, p)` (see [`where_op`]).
+pub(super) fn is_nan(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    if let Some(c) = ctx.konst(&n.input[0]) {
+        return Ok(Value::Const(map_n(&[c], |a| {
+            f64::from(u8::from(a[0].is_nan()))
+        })?));
+    }
+    ctx.value(&n.input[0])?;
+    Ok(Value::IsNan(n.input[0].clone()))
+}
+
+/// `Where(cond, x, y)` of constants; `Where(IsNaN(p), 0, p)` is `p` (lopper's softmax
+/// never yields NaN from finite scores).
 pub(super) fn where_op(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    if let Some(Value::IsNan(p)) = ctx.values.get(&n.input[0]) {
+        let zero = ctx
+            .konst(&n.input[1])
+            .is_some_and(|c| c.data.iter().all(|&v| v == 0.0));
+        if zero && *p == n.input[2] {
+            return Ok(ctx.value(p)?.clone());
+        }
+        bail!("Where on IsNaN is supported as the NaN guard Where(IsNaN(p), 0, p)");
+    }
+    if ctx.konst(&n.input[0]).is_none() {
+        // Where(mask, 0, very negative) of a computed 0/1 mask: an additive attention mask.
+        let scalar = |i: usize| {
+            ctx.konst(&n.input[i])
+                .filter(|c| c.numel() == 1)
+                .map(|c| c.data[0])
+        };
+        let v = ctx.view(&n.input[0]);
+        return match (v, scalar(1), scalar(2)) {
+            (Some(v), Some(a), Some(b)) if a == 0.0 && b <= -1e4 => Ok(Value::Mask(v)),
+            _ => bail!(
+                "Where on a computed condition is supported as an attention mask, \
+                 Where(mask, 0, -inf)"
+            ),
+        };
+    }
     let (c, x, y) = (konst(ctx, n, 0)?, konst(ctx, n, 1)?, konst(ctx, n, 2)?);
     Ok(Value::Const(map_n(&[c, x, y], |v| {
         if v[0] != 0.0 {
@@ -146,6 +184,127 @@ pub(super) fn where_op(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Val
             v[2]
         }
     })?))
+}
+
+/// `GatherElements(data, indices, axis)` of constants.
+pub(super) fn gather_elements(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["axis"])?;
+    let (x, idx) = (konst(ctx, n, 0)?, konst(ctx, n, 1)?);
+    let r = x.dims.len() as i64;
+    let ax = a.int("axis", 0);
+    let ax = if ax < 0 { ax + r } else { ax };
+    if !(0..r).contains(&ax) || idx.dims.len() != x.dims.len() {
+        bail!(
+            "GatherElements axis {ax} or index rank {:?} does not fit {:?}",
+            idx.dims,
+            x.dims
+        );
+    }
+    let ax = ax as usize;
+    let strides: Vec<usize> = (0..x.dims.len())
+        .map(|i| x.dims[i + 1..].iter().product())
+        .collect();
+    let mut pos = vec![0usize; idx.dims.len()];
+    let mut data = Vec::with_capacity(idx.numel());
+    for &v in &idx.data {
+        let len = x.dims[ax] as i64;
+        let j = if v < 0.0 { v as i64 + len } else { v as i64 };
+        if j < 0 || j >= len {
+            bail!("GatherElements index {v} is out of range for an axis of {len}");
+        }
+        let at: usize = pos
+            .iter()
+            .enumerate()
+            .map(|(k, &p)| if k == ax { j as usize } else { p } * strides[k])
+            .sum();
+        data.push(x.data[at]);
+        for k in (0..pos.len()).rev() {
+            pos[k] += 1;
+            if pos[k] < idx.dims[k] {
+                break;
+            }
+            pos[k] = 0;
+        }
+    }
+    Ok(Value::Const(Const {
+        dims: idx.dims.clone(),
+        data,
+    }))
+}
+
+/// `And(c, m)` of a constant that is true everywhere and a computed mask: `m` broadcast
+/// (transformers' padding mask combined with an all-true base); of constants, folded.
+pub(super) fn and(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let (a, b) = (&n.input[0], &n.input[1]);
+    match (ctx.konst(a).cloned(), ctx.konst(b).cloned()) {
+        (Some(x), Some(y)) => Ok(Value::Const(map_n(&[&x, &y], |v| {
+            f64::from(u8::from(v[0] != 0.0 && v[1] != 0.0))
+        })?)),
+        (Some(c), None) | (None, Some(c)) => {
+            let m = if ctx.konst(a).is_some() { b } else { a };
+            if c.data.contains(&0.0) {
+                bail!("And of a mask with a constant that is false somewhere (a fixed, e.g. causal, mask) is not supported");
+            }
+            let Some(v) = ctx.view(m) else {
+                bail!("And of '{m}', which is not a computed mask");
+            };
+            let index = map_n(&[&c, &v.index], |x| x[1])?;
+            super::view::settle(ctx, label, v.with_index(index))
+        }
+        (None, None) => bail!("And of two computed masks is not supported"),
+    }
+}
+
+/// `GatherND(data, indices)` (batch_dims 0) with constant indices: of a constant, folded;
+/// of a computed tensor, a view.
+pub(super) fn gather_nd(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
+    let a = Attrs::new(n);
+    a.only(&["batch_dims"])?;
+    if a.int("batch_dims", 0) != 0 {
+        bail!("GatherND with batch_dims > 0 is not supported");
+    }
+    let idx = konst(ctx, n, 1)?.clone();
+    let (data, view) = match ctx.konst(&n.input[0]) {
+        Some(c) => (c.clone(), None),
+        None => {
+            let Some(v) = ctx.view(&n.input[0]) else {
+                bail!("GatherND of '{}', which is not a tensor", n.input[0]);
+            };
+            (v.index.clone(), Some(v))
+        }
+    };
+    let k = *idx.dims.last().unwrap_or(&0);
+    if k == 0 || k > data.dims.len() {
+        bail!(
+            "GatherND index tuples of {k} for data of rank {}",
+            data.dims.len()
+        );
+    }
+    let inner: usize = data.dims[k..].iter().product();
+    let strides: Vec<usize> = (0..k)
+        .map(|i| data.dims[i + 1..].iter().product())
+        .collect();
+    let mut out = Vec::with_capacity(idx.numel() / k * inner);
+    for t in idx.data.chunks_exact(k) {
+        let mut at = 0;
+        for (i, &v) in t.iter().enumerate() {
+            let len = data.dims[i] as i64;
+            let j = if v < 0.0 { v as i64 + len } else { v as i64 };
+            if j < 0 || j >= len {
+                bail!("GatherND index {v} is out of range for an axis of {len}");
+            }
+            at += j as usize * strides[i];
+        }
+        out.extend_from_slice(&data.data[at..at + inner]);
+    }
+    let mut dims = idx.dims[..idx.dims.len() - 1].to_vec();
+    dims.extend(&data.dims[k..]);
+    let c = Const { dims, data: out };
+    match view {
+        None => Ok(Value::Const(c)),
+        Some(v) => super::view::settle(ctx, label, v.with_index(c)),
+    }
 }
 
 /// `Expand(x, shape)` of a constant (bidirectional broadcast, as ONNX defines it).

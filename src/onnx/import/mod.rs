@@ -35,6 +35,11 @@ pub(super) enum Value {
     Attn(Box<attention::Attn>),
     /// Part of a GELU written out with Erf.
     Gelu(Box<erf_gelu::Gelu>),
+    /// `IsNaN` of the named tensor, waiting for its `Where` NaN guard.
+    IsNan(String),
+    /// An additive attention mask: 0 where the view's (0/1) values are 1, a very negative
+    /// number where they are 0 (`Where(mask, 0, -inf)`).
+    Mask(view::View),
 }
 
 /// Import state: the IR being built and the value of every ONNX tensor name.
@@ -125,6 +130,14 @@ impl Ctx {
             Value::Gelu(_) => bail!(
                 "input '{name}' is part of a GELU written with Erf, read here by something \
                  other than the rest of x·½·(1 + erf(x/√2))"
+            ),
+            Value::Mask(_) => bail!(
+                "input '{name}' is an additive attention mask, read here by something other \
+                 than the attention scores"
+            ),
+            Value::IsNan(_) => bail!(
+                "input '{name}' is an IsNaN test, read here by something other than the \
+                 Where NaN guard"
             ),
         }
     }
@@ -529,9 +542,10 @@ fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {
     let T::TensorType(tt) = t else {
         bail!("input '{}' is not a tensor", v.name);
     };
-    if !super::value::is_float_type(tt.elem_type) {
+    let ids = matches!(tt.elem_type, 6 | 7); // int32, int64: token ids
+    if !super::value::is_float_type(tt.elem_type) && !ids {
         bail!(
-            "input '{}' has element type {}; lopper imports models with one floating-point input (images or features), not token ids or other integer inputs",
+            "input '{}' has element type {}; lopper imports floating-point inputs (images, features) and int32/int64 token ids",
             v.name,
             super::value::elem_type_name(tt.elem_type)
         );

@@ -5,8 +5,8 @@
 use super::view::{self, View};
 use super::{Ctx, Value};
 use crate::graph::ops::{
-    param, ChannelGather, ChannelPad, ClassToken, Concat, Flatten, Identity, Op, PadMode, Pool2d,
-    Reshape, SpatialPad, TokenSelect,
+    param, ChannelGather, ChannelPad, ClassToken, Concat, Embedding, Flatten, Identity, Op,
+    PadMode, Pool2d, Reshape, SpatialPad, TokenSelect,
 };
 use crate::graph::shape::numel;
 use crate::onnx::attrs::Attrs;
@@ -20,7 +20,10 @@ pub(super) fn dims_of(ctx: &Ctx, name: &str) -> Result<Vec<usize>> {
         Value::Const(c) => c.dims.clone(),
         Value::View(v) => v.index.dims.clone(),
         Value::Attn(a) => a.dims.clone(),
-        Value::Gelu(_) => bail!("the shape of a part of an Erf-written GELU is not supported"),
+        Value::Mask(v) => v.index.dims.clone(),
+        Value::Gelu(_) | Value::IsNan(_) => {
+            bail!("the shape of a part of a GELU or a NaN guard is not supported")
+        }
         Value::Node(n) => {
             let mut d = vec![1];
             d.extend(ctx.shape(*n));
@@ -170,7 +173,15 @@ pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     let konst = ctx.konst(&input).cloned();
     a.only(&["axis"])?;
     let Some(idx) = ctx.konst(&n.input[1]).cloned() else {
-        bail!("Gather indices must be constant");
+        return match konst {
+            Some(table) if a.int("axis", 0) == 0 && table.dims.len() == 2 => {
+                embedding(ctx, label, &table, &n.input[1])
+            }
+            _ => bail!(
+                "Gather with computed indices is supported as an embedding lookup (a constant \
+                 [vocab, dim] table, axis 0)"
+            ),
+        };
     };
     let Some(data) = konst else {
         if let Some(v) = ctx.values.get(&input).and_then(|_| ctx.view(&input)) {
@@ -201,7 +212,7 @@ pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     };
     let ax = axis(a.int("axis", 0), data.dims.len().max(1))?;
     if data.dims.len() != 1 || ax != 0 {
-        bail!("Gather is only supported on 1-D constants");
+        return Ok(Value::Const(view::take(&data, ax, &idx)?));
     }
     let len = data.dims[0] as i64;
     let mut out = vec![];
@@ -216,6 +227,36 @@ pub(super) fn gather_op(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         dims: idx.dims.clone(),
         data: out,
     }))
+}
+
+/// `Gather(table, ids)` of a constant `[vocab, dim]` table by computed ids `[T]`: an
+/// `Embedding` op, seen as the exporter's `[1, T, dim]` (channel-last over `[dim, T, 1]`).
+fn embedding(ctx: &mut Ctx, label: &str, table: &Const, ids: &str) -> Result<Value> {
+    ctx.materialise(ids, label)?;
+    let x = ctx.node(ids)?;
+    let t = match ctx.shape(x)[..] {
+        [t] => t,
+        ref s => bail!("an embedding lookup of ids with per-sample shape {s:?}; expected [tokens]"),
+    };
+    let (vocab, dim) = (table.dims[0], table.dims[1]);
+    let op = Op::Embedding(Embedding { vocab, dim });
+    let w = super::tensor(table.f32s(), &[vocab, dim])?;
+    let node = ctx.add(label, op, &[x], vec![(param::WEIGHT, w)])?;
+    let cl = view::ChannelLast {
+        channels: dim,
+        positions: t,
+        pos: (0..t).collect(),
+    };
+    view::settle(
+        ctx,
+        label,
+        View {
+            node,
+            frame: None,
+            index: cl.index(&[1, t], dim),
+            scale: 1.0,
+        },
+    )
 }
 
 /// `Gather` on a view: the index is gathered. One token of a channel-last token tensor

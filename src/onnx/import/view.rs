@@ -61,6 +61,9 @@ pub(super) const AWARE: &[&str] = &[
     "Softmax",
     "Shape",
     "Erf",
+    "GatherND",
+    "And",
+    "Where",
 ];
 
 /// An ONNX tensor that is a rearrangement (and a scalar multiple) of an IR node's output.
