@@ -160,3 +160,98 @@ fn attention_lopper_cannot_prune_is_a_clear_error_naming_the_node() {
         "{msg}"
     );
 }
+
+fn i64s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+        .collect()
+}
+
+/// Every output of `g` on `xs`, flattened and laid end to end (what `lopper forward`
+/// writes and the fixture recorded).
+fn run_all(g: &Graph, xs: &[&Tensor]) -> anyhow::Result<Vec<f32>> {
+    use lopper::exec::{Feeds, Plan, PlanOpts};
+    let p = Plan::new(g, Mode::Eval, &PlanOpts::default())?;
+    let outs = p.run_inputs(g, xs, &Feeds::default())?.outputs;
+    Ok(outs.iter().flat_map(vals).collect())
+}
+
+fn bert_inputs(ids: Vec<f32>) -> (Tensor, Tensor) {
+    let mask = i64s(&fixture("bert_tiny.mask.i64"));
+    (
+        Tensor::from_vec(ids, (2, 12), &Device::Cpu).unwrap(),
+        Tensor::from_vec(mask, (2, 12), &Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn a_hugging_face_bert_with_a_padding_mask_imports_matches_onnxruntime_and_prunes_by_heads() {
+    let g = import_bytes(&fixture("bert_tiny.onnx"), "bert_tiny.onnx").unwrap();
+    assert_eq!(count(&g, "Embedding"), 1);
+    assert_eq!(count(&g, "LayerNorm"), 5);
+    assert_eq!(
+        count(&g, "Transpose"),
+        1,
+        "only the last_hidden_state output is laid out [N, T, D]"
+    );
+    let masked: Vec<bool> = g
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            Op::MultiHeadAttention(a) => Some(a.masked && a.heads == 4),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(masked, vec![true, true]);
+    let ids = g.input_ids();
+    assert_eq!(
+        g.token_input(ids[0]),
+        Some(lopper::graph::TokenInput::Ids { vocab: 100 })
+    );
+    assert_eq!(
+        g.token_input(ids[1]),
+        Some(lopper::graph::TokenInput::KeyMask)
+    );
+    let (x, m) = bert_inputs(i64s(&fixture("bert_tiny.ids.i64")));
+    let want = f32s(&fixture("bert_tiny.ort.f32"));
+    let y = run_all(&g, &[&x, &m]).unwrap();
+    let err = max_diff(&y, &want);
+    assert!(err < 1e-4, "lopper vs onnxruntime {err}");
+    // Padding matters: with every key kept the padded sequence's outputs change.
+    let ones = Tensor::ones((2, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(max_diff(&run_all(&g, &[&x, &ones]).unwrap(), &want) > 1e-3);
+
+    let groups = dependency_groups(&g).unwrap();
+    let (_, small) = l1_half(&g, &groups);
+    assert!(cost(&small).unwrap().total_macs < cost(&g).unwrap().total_macs);
+    let y_small = run_all(&small, &[&x, &m]).unwrap();
+    let bytes = export_bytes(&small).unwrap();
+    let back = import_bytes(&bytes, "pruned bert").unwrap();
+    let err = max_diff(&run_all(&back, &[&x, &m]).unwrap(), &y_small);
+    assert!(err < 1e-5, "pruned export round trip {err}");
+    // Token inputs are exported as int64, as tokenizers give them.
+    use onnx_protobuf::Message;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
+    for i in &model.graph.as_ref().unwrap().input {
+        let Some(onnx_protobuf::type_proto::Value::TensorType(t)) =
+            i.type_.as_ref().unwrap().value.as_ref()
+        else {
+            panic!("{} is not a tensor", i.name)
+        };
+        assert_eq!(t.elem_type, 7, "{} is int64", i.name);
+    }
+}
+
+#[test]
+fn a_token_id_outside_the_vocabulary_is_an_error_naming_the_table() {
+    let g = import_bytes(&fixture("bert_tiny.onnx"), "bert_tiny.onnx").unwrap();
+    let mut ids = i64s(&fixture("bert_tiny.ids.i64"));
+    ids[3] = 100.0;
+    let (x, m) = bert_inputs(ids);
+    let err = format!("{:#}", run_all(&g, &[&x, &m]).unwrap_err());
+    assert!(
+        err.contains("token id 100") && err.contains("100-entry"),
+        "{err}"
+    );
+}

@@ -478,21 +478,31 @@ fn export_attention(
     o.step("Mul", &c("scaled"), &[&c("logits"), &c("scale")], vec![]);
     let mut logits = c("scaled");
     if let (true, Some(m)) = (a.masked, mask) {
-        // (mask − 1)·10⁹ per key, as [N, 1, 1, T], added to the logits.
-        o.step("Cast", &c("mask_f"), &[m], vec![attr_i("to", 1)]);
-        o.inits.push(f32_proto(&c("one"), &[], &[1.0]));
-        o.inits.push(f32_proto(&c("big"), &[], &[1e9]));
-        o.step("Sub", &c("mask_m1"), &[&c("mask_f"), &c("one")], vec![]);
-        o.step("Mul", &c("mask_bias"), &[&c("mask_m1"), &c("big")], vec![]);
+        // Where(mask, 0, −10⁹) per key, as [N, 1, 1, T], added to the logits (the form
+        // PyTorch's exporter writes, so lopper reads its own export back).
+        o.step("Cast", &c("mask_bool"), &[m], vec![attr_i("to", 9)]);
         o.inits
             .push(i64_proto(&c("mask_shape"), &[0, 1, 1, t as i64]));
         o.step(
             "Reshape",
             &c("mask_b"),
-            &[&c("mask_bias"), &c("mask_shape")],
+            &[&c("mask_bool"), &c("mask_shape")],
             vec![],
         );
-        o.step("Add", &c("masked"), &[&c("scaled"), &c("mask_b")], vec![]);
+        o.inits.push(f32_proto(&c("zero"), &[], &[0.0]));
+        o.inits.push(f32_proto(&c("neg"), &[], &[-1e9]));
+        o.step(
+            "Where",
+            &c("mask_bias"),
+            &[&c("mask_b"), &c("zero"), &c("neg")],
+            vec![],
+        );
+        o.step(
+            "Add",
+            &c("masked"),
+            &[&c("scaled"), &c("mask_bias")],
+            vec![],
+        );
         logits = c("masked");
     }
     o.step("Softmax", &c("attn"), &[&logits], vec![attr_i("axis", -1)]);
