@@ -31,7 +31,8 @@ pub(crate) use std::time::Instant;
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// A model file (.safetensors or .onnx), a trained model by name — resnet20-cifar10,
-    /// lenet5-mnist, mlp-mnist, stamp-ref-fmnist, stamp-ref-cifar6 (shipped in models/),
+    /// lenet5-mnist, mlp-mnist, stamp-ref-fmnist, stamp-ref-cifar6, vit-cifar10 (shipped in
+    /// models/),
     /// digit_recognizer_cnn
     /// (shared data) — or a zoo architecture with random weights: mlp:IN-H1-...-OUT, lenet5,
     /// resnet8, vgg11, vgg16, resnet20, resnet32, resnet56, resnet110, mobilenetv2, vit,

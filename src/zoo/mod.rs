@@ -47,6 +47,7 @@ pub const SHIPPED: &[&str] = &[
     "mlp-mnist",
     "stamp-ref-fmnist",
     "stamp-ref-cifar6",
+    "vit-cifar10",
 ];
 
 /// The file of a shipped model: `models/NAME.safetensors` under `$LOPPER_MODELS`, the
