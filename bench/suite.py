@@ -137,7 +137,13 @@ def cifar_models(torch):
 
 def imagenet_models(torchvision):
     tv = torchvision.models
+    from torchvision.models.vision_transformer import VisionTransformer
     return {
+        # lopper's zoo `vit` shape (dim 128, 6 blocks of 4 heads, patch 4, FFN 256) with
+        # torchvision's class token: imported from ONNX like every other workload.
+        "vit": (lambda: VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=4,
+                                          hidden_dim=128, mlp_dim=256, num_classes=10), (3, 32, 32)),
+        "vit_b_16": (tv.vit_b_16, (3, 224, 224)),
         "resnet18": (tv.resnet18, (3, 224, 224)), "resnet50": (tv.resnet50, (3, 224, 224)),
         "mobilenet_v3_small": (tv.mobilenet_v3_small, (3, 224, 224)),
         "mobilenet_v3_large": (tv.mobilenet_v3_large, (3, 224, 224)),
@@ -152,8 +158,9 @@ def all_models():
     return m
 
 
-CIFAR = ["mlp", "lenet5", "digit_cnn", "vgg11", "resnet20", "resnet56", "mobilenetv2"]
-IMAGENET = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"]
+CIFAR = ["mlp", "lenet5", "digit_cnn", "vgg11", "resnet20", "resnet56", "mobilenetv2", "vit"]
+IMAGENET = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+            "vit_b_16"]
 
 
 def build(name):
@@ -174,9 +181,10 @@ def export(name):
     x = torch.randn(1, *shape)
     os.makedirs(OUT, exist_ok=True)
     tmp = path + ".tmp"
-    with torch.no_grad():
-        torch.onnx.export(m, x, tmp, opset_version=17, input_names=["input"], output_names=["logits"],
-                          dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    # Not under no_grad: there nn.MultiheadAttention takes a fused path the TorchScript
+    # exporter cannot write (the exported graph is the same for every other model).
+    torch.onnx.export(m, x, tmp, opset_version=17, input_names=["input"], output_names=["logits"],
+                      dynamo=False, dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     os.replace(tmp, path)
     return path
 

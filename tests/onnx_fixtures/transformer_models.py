@@ -9,12 +9,19 @@ with TorchScript). For each: lopper imports it (`lopper forward` on the
 lopper runs in onnxruntime = lopper (<= 1e-4) and faster than the dense export; lopper's
 own latency dense -> pruned is printed beside onnxruntime's.
 
-Usage: python3 tests/onnx_fixtures/transformers.py [--report docs/results/transformers.md]
-(the venv logic of check.py). ONLY="vit_tiny" narrows the run; EXPORTERS="dynamo" too."""
+Usage: python3 tests/onnx_fixtures/transformer_models.py [--report docs/results/transformers.md]
+(the venv logic of check.py, plus transformers 5.25.0). ONLY="vit_tiny bert" narrows the run;
+EXPORTERS="dynamo" too."""
 import json, os, sys, tempfile, time, warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check as C  # noqa: E402  (makes or enters the pinned venv first)
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+
+TRANSFORMERS = "transformers==5.25.0"
+if importlib.util.find_spec("transformers") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", TRANSFORMERS], check=True)
 
 np, torch = C.np, C.torch
 warnings.filterwarnings("ignore")
@@ -159,7 +166,7 @@ def main():
         path = sys.argv[sys.argv.index("--report") + 1]
         with open(path, "w") as f:
             f.write("# Transformer import, pruning and export against onnxruntime\n\n"
-                    f"`python3 tests/onnx_fixtures/transformers.py --report {path}` "
+                    f"`python3 tests/onnx_fixtures/transformer_models.py --report {path}` "
                     f"(torch {torch.__version__}, onnxruntime {C.ort.__version__}; "
                     f"CPU: {C.cpu_model() if hasattr(C, 'cpu_model') else os.popen('lscpu').read().split('Model name:')[1].splitlines()[0].strip()})\n\n"
                     + table + "\n")
