@@ -255,3 +255,52 @@ fn a_token_id_outside_the_vocabulary_is_an_error_naming_the_table() {
         "{err}"
     );
 }
+
+#[test]
+fn a_pytorch_rms_norm_is_recognised_as_one_op_and_reads_back_from_lopper_export() {
+    let g = import_bytes(&fixture("rms_norm.onnx"), "rms_norm.onnx").unwrap();
+    let norms: Vec<(bool, f64)> = g
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            Op::LayerNorm(l) => Some((l.rms, l.eps)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(norms.len(), 1);
+    assert!(norms[0].0 && (norms[0].1 - 1e-6).abs() < 1e-12, "{norms:?}");
+    assert_eq!(count(&g, "ChannelAffine"), 0, "γ folded into the norm");
+    let ids = i64s(&fixture("rms_norm.ids.i64"));
+    let x = Tensor::from_vec(ids, (2, 8), &Device::Cpu).unwrap();
+    let y = run_all(&g, &[&x]).unwrap();
+    let err = max_diff(&y, &f32s(&fixture("rms_norm.ort.f32")));
+    assert!(err < 1e-4, "lopper vs onnxruntime {err}");
+    // lopper's export writes the decomposition PyTorch does; it reads back as the same op.
+    let back = import_bytes(&export_bytes(&g).unwrap(), "rms export").unwrap();
+    assert_eq!(count(&back, "LayerNorm"), 1);
+    assert_eq!(count(&back, "ChannelAffine"), 0);
+    let err = max_diff(&run_all(&back, &[&x]).unwrap(), &y);
+    assert!(err < 1e-5, "export round trip {err}");
+}
+
+#[test]
+fn rms_norm_matches_its_definition() {
+    use lopper::graph::ops::LayerNorm;
+    let x = Tensor::randn(0f32, 1.0, (2, 6, 3, 1), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
+    let mut op = LayerNorm::new(6);
+    op.rms = true;
+    let y = vals(&lopper::kernels::rms_norm(&x, &w, &b, op.eps).unwrap());
+    let (xv, wv, bv) = (vals(&x), vals(&w), vals(&b));
+    for n in 0..2 {
+        for p in 0..3 {
+            let at = |c: usize| n * 18 + c * 3 + p;
+            let ms: f32 = (0..6).map(|c| xv[at(c)] * xv[at(c)]).sum::<f32>() / 6.0;
+            for c in 0..6 {
+                let want = xv[at(c)] / (ms + 1e-5).sqrt() * wv[c] + bv[c];
+                assert!((y[at(c)] - want).abs() < 1e-5, "{} vs {want}", y[at(c)]);
+            }
+        }
+    }
+}

@@ -500,7 +500,11 @@ fn affine(g: &Graph, i: NodeId, a: &ChannelAffine, x: &Tensor) -> Result<Tensor>
 
 /// LayerNorm across channels (axis 1 of the batch), at every position.
 fn layer_norm(g: &Graph, i: NodeId, l: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-    kernels::layer_norm(x, &param(g, i, WEIGHT)?, &param(g, i, BIAS)?, l.eps)
+    let (w, b) = (param(g, i, WEIGHT)?, param(g, i, BIAS)?);
+    if l.rms {
+        return kernels::rms_norm(x, &w, &b, l.eps);
+    }
+    kernels::layer_norm(x, &w, &b, l.eps)
 }
 
 /// `[N, C, P…]` → `[N, C, 1 + ΠP, 1]`: the learned token first, then the positions.

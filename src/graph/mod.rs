@@ -247,17 +247,19 @@ impl Graph {
     /// `Embedding`; the vocabulary is the smallest table's) or a key mask (read only as
     /// attention's mask). Integer-valued inputs are read and exported as int64.
     pub fn token_input(&self, i: NodeId) -> Option<TokenInput> {
-        let readers: Vec<(&Op, usize)> = self
-            .nodes
-            .iter()
-            .flat_map(|n| {
-                n.inputs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &j)| j == i)
-                    .map(move |(k, _)| (&n.op, k))
-            })
-            .collect();
+        // Readers of the input, through identities (an imported Cast).
+        let mut from = vec![i];
+        let mut readers: Vec<(&Op, usize)> = Vec::new();
+        while let Some(j) = from.pop() {
+            for (r, n) in self.nodes.iter().enumerate() {
+                for (k, _) in n.inputs.iter().enumerate().filter(|(_, &x)| x == j) {
+                    match n.op {
+                        Op::Identity(_) => from.push(r),
+                        _ => readers.push((&n.op, k)),
+                    }
+                }
+            }
+        }
         let vocab = readers
             .iter()
             .filter_map(|(op, _)| match op {

@@ -333,6 +333,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// LayerNorm across channels (axis 1 of `[N, C, P…]`) at every position, `y = x̂·γ + β`.
+/// RMSNorm across channels (axis 1): `x / √(mean_c x² + ε) · γ + β`. Composed candle ops
+/// (autograd for training).
+pub fn rms_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = x.dim(1)?;
+    let ms = x.sqr()?.mean_keepdim(1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(&gamma.reshape(shape.as_slice())?)?
+        .broadcast_add(&beta.reshape(shape.as_slice())?)?)
+}
+
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fast(x) {
         let op = layer_norm::LayerNormOp { eps: eps as f32 };

@@ -345,6 +345,27 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
             name,
             vec![attr_i("axis", sm.axis as i64 + 1)],
         ),
+        Op::LayerNorm(l) if l.rms => {
+            // x / √(mean_c x² + ε) · γ + β over the channel axis, as PyTorch decomposes it.
+            let c = |k: &str| format!("{name}.{k}");
+            o.inits.push(f32_proto(&c("two"), &[], &[2.0]));
+            o.inits.push(f32_proto(&c("eps"), &[], &[l.eps as f32]));
+            o.step("Pow", &c("sq"), &[x, &c("two")], vec![]);
+            o.step(
+                "ReduceMean",
+                &c("ms"),
+                &[&c("sq")],
+                vec![attr_is("axes", &[1]), attr_i("keepdims", 1)],
+            );
+            o.step("Add", &c("mse"), &[&c("ms"), &c("eps")], vec![]);
+            o.step("Sqrt", &c("rms"), &[&c("mse")], vec![]);
+            o.step("Reciprocal", &c("inv"), &[&c("rms")], vec![]);
+            o.step("Mul", &c("normed"), &[x, &c("inv")], vec![]);
+            let w = o.init(g, i, param::WEIGHT, Some(&chan(l.channels)))?;
+            let b = o.init(g, i, param::BIAS, Some(&chan(l.channels)))?;
+            o.step("Mul", &c("scaled"), &[&c("normed"), &w], vec![]);
+            o.node("Add", name, &[&c("scaled"), &b], name, vec![]);
+        }
         Op::LayerNorm(l) => {
             // ONNX normalises trailing axes: channels moved last, normalised, moved back.
             let rank = shape.len() + 1;

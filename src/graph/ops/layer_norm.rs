@@ -8,6 +8,9 @@
 //! group is the embedding dimension of a transformer; removing one of its channels changes
 //! every position's statistics, so the dependency engine keeps it at full width unless
 //! asked (see [`Coupling::Normalized`] and `prune_channels`).
+//!
+//! With `rms` it is RMSNorm (LLaMA-style models): no mean is subtracted,
+//! `y = x / √(mean_c x² + ε) · γ + β` (β stays zero when imported).
 
 use super::{expect_inputs, per_channel_affine, Coupling, OpSpec, ParamSpec};
 use crate::graph::shape::{fmt_shape, Shape};
@@ -23,6 +26,9 @@ pub struct LayerNorm {
     /// ([`crate::prune::allow_embedding_pruning`]).
     #[serde(default)]
     pub prune_channels: bool,
+    /// RMSNorm: scale by the root mean square, no centring.
+    #[serde(default)]
+    pub rms: bool,
 }
 
 impl LayerNorm {
@@ -32,6 +38,7 @@ impl LayerNorm {
             channels,
             eps: 1e-5,
             prune_channels: false,
+            rms: false,
         }
     }
 }

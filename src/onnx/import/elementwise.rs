@@ -71,6 +71,9 @@ pub(super) fn binary(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
     if let Some(v) = super::erf_gelu::combine(ctx, label, op, a, b)? {
         return Ok(v);
     }
+    if let Some(v) = super::rms_norm::combine(ctx, label, op, a, b)? {
+        return Ok(v);
+    }
     match (ctx.konst(a).cloned(), ctx.konst(b).cloned()) {
         (Some(x), Some(y)) => Ok(Value::Const(fold(op, &x, &y)?)),
         (None, None) => {
@@ -158,6 +161,28 @@ fn per_channel_op(
 ) -> Result<NodeId> {
     {
         let ch = ctx.shape(x)[0];
+        // A scale or shift right after a LayerNorm (the γ, β of an RMSNorm written out)
+        // becomes its γ, β.
+        if matches!(op, "Mul" | "Add")
+            && ctx.single_use(name)
+            && matches!(ctx.op(x), Op::LayerNorm(_))
+        {
+            let ps: &[&str] = if op == "Mul" {
+                &[param::WEIGHT, param::BIAS]
+            } else {
+                &[param::BIAS]
+            };
+            for &p in ps {
+                let t: Vec<f32> = ctx
+                    .param(x, p)?
+                    .iter()
+                    .zip(&v)
+                    .map(|(a, b)| if op == "Mul" { a * b } else { a + b })
+                    .collect();
+                ctx.set_param(x, p, tensor(t, &[ch])?);
+            }
+            return Ok(x);
+        }
         // A bias add right after a bias-free conv/linear becomes that layer's bias.
         if op == "Add" && ctx.single_use(name) {
             let free = match ctx.op_mut(x) {

@@ -101,11 +101,15 @@ fn erf(x: f64) -> f64 {
     v.copysign(x)
 }
 
-/// `Sqrt`, `Erf` of a constant.
+/// `Sqrt`, `Reciprocal`, `Erf` of a constant (and the RMSNorm parts: see [`super::rms_norm`]).
 pub(super) fn unary(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
+    if let Some(v) = super::rms_norm::unary(ctx, n)? {
+        return Ok(v);
+    }
     let c = konst(ctx, n, 0)?;
     let f: fn(f64) -> f64 = match n.op_type.as_str() {
         "Sqrt" => f64::sqrt,
+        "Reciprocal" => |x| 1.0 / x,
         _ => erf,
     };
     Ok(Value::Const(map_n(&[c], |a| f(a[0]))?))

@@ -11,6 +11,7 @@ mod fold;
 mod nn;
 pub mod registry;
 mod resize;
+mod rms_norm;
 mod shape;
 mod view;
 
@@ -40,6 +41,8 @@ pub(super) enum Value {
     /// An additive attention mask: 0 where the view's (0/1) values are 1, a very negative
     /// number where they are 0 (`Where(mask, 0, -inf)`).
     Mask(view::View),
+    /// Part of an RMSNorm written out.
+    Rms(Box<rms_norm::Rms>),
 }
 
 /// Import state: the IR being built and the value of every ONNX tensor name.
@@ -134,6 +137,10 @@ impl Ctx {
             Value::Mask(_) => bail!(
                 "input '{name}' is an additive attention mask, read here by something other \
                  than the attention scores"
+            ),
+            Value::Rms(_) => bail!(
+                "input '{name}' is part of an RMSNorm written out, read here by something \
+                 other than the rest of x / √(mean(x²) + ε)"
             ),
             Value::IsNan(_) => bail!(
                 "input '{name}' is an IsNaN test, read here by something other than the \
@@ -403,6 +410,17 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
         }
     }
     let mut graph = prune_dead(ctx, outputs)?;
+    // Integer inputs are token ids or attention masks; anything else reading one is refused.
+    for input in g.input.iter().filter(|i| int_input(i)) {
+        let id = graph.nodes.iter().position(|n| n.name == input.name);
+        if id.is_some_and(|i| graph.token_input(i).is_none()) {
+            bail!(
+                "input '{}' has element type int64/int32 and is read as values, not as token ids \
+                 (an embedding lookup) or an attention mask: lopper needs a floating-point input there",
+                input.name
+            );
+        }
+    }
     graph.meta = describe(model);
     Ok((graph, notes))
 }
@@ -529,6 +547,15 @@ fn describe(model: &ModelProto) -> ModelMeta {
 fn same_values(a: &Tensor, b: &Tensor) -> bool {
     let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
     a.dims() == b.dims() && flat(a).zip(flat(b)).is_some_and(|(x, y)| x == y)
+}
+
+/// An input of int32/int64 elements (token ids or a mask).
+fn int_input(v: &onnx_protobuf::ValueInfoProto) -> bool {
+    use onnx_protobuf::type_proto::Value as T;
+    matches!(
+        v.type_.as_ref().and_then(|t| t.value.as_ref()),
+        Some(T::TensorType(tt)) if matches!(tt.elem_type, 6 | 7)
+    )
 }
 
 fn input_dims(v: &onnx_protobuf::ValueInfoProto) -> Result<Vec<usize>> {

@@ -292,6 +292,11 @@ pub(super) fn matmul(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
     }
     ctx.materialise(a, label)?;
     let x = ctx.node(a)?;
+    if ctx.shape(x).len() >= 2 && ctx.shape(x).last() == Some(&k) {
+        // Features on the last axis of a plain tensor ([N, T, F] token features).
+        let v = view::channels_last_of(ctx, label, x)?;
+        return linear_view(ctx, label, v, w, (m, k), None);
+    }
     linear(ctx, label, x, w, (m, k), None)
 }
 
@@ -396,9 +401,16 @@ pub(super) fn layer_norm(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Va
     };
     // Any computed tensor whose last axis is its node's channel axis: a channel-last view,
     // a flat feature vector, a `[C, 1, 1]` map seen as `[1, 1, 1, C]`.
-    let Some(v) = ctx.view(input) else {
+    let Some(mut v) = ctx.view(input) else {
         bail!("LayerNormalization of '{input}', which is not a computed tensor");
     };
+    if view::channel_last(ctx, &v).is_none() && !ctx.is_view(input) {
+        // Features on the last axis of a plain tensor ([N, T, F] token features).
+        let x = ctx.node(input)?;
+        if ctx.shape(x).len() >= 2 {
+            v = view::channels_last_of(ctx, label, x)?;
+        }
+    }
     if view::channel_last(ctx, &v).map(|cl| cl.channels) != Some(c) {
         bail!(
             "LayerNormalization over the last axis of {dims:?}, which is not the channel axis \
@@ -495,7 +507,6 @@ pub(super) fn global_avg_pool(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Resu
 pub(super) fn reduce_mean(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let a = Attrs::new(n);
     a.only(&["axes", "keepdims", "noop_with_empty_axes"])?;
-    let x = ctx.node(&n.input[0])?;
     let axes = match a.ints("axes") {
         Some(v) => v,
         None => match n.input.get(1).filter(|s| !s.is_empty()) {
@@ -506,6 +517,12 @@ pub(super) fn reduce_mean(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<V
             None => vec![],
         },
     };
+    let keep = a.int("keepdims", 1) != 0;
+    if let Some(v) = super::rms_norm::reduce_mean(ctx, n, &axes, keep)? {
+        return Ok(v);
+    }
+    ctx.materialise(&n.input[0], label)?;
+    let x = ctx.node(&n.input[0])?;
     let mut ax: Vec<i64> = axes
         .iter()
         .map(|&v| if v < 0 { v + 4 } else { v })

@@ -3,7 +3,7 @@
 //! "supported:" list of the unsupported-op error and the README's op table are all read
 //! from here (`tests/onnx.rs` checks the README against [`markdown_table`]).
 
-use super::{elementwise as ew, erf_gelu, fold, nn, resize, shape, Ctx, Value};
+use super::{elementwise as ew, erf_gelu, fold, nn, resize, rms_norm, shape, Ctx, Value};
 use crate::graph::ops::ActivationKind as A;
 use anyhow::Result;
 use onnx_protobuf::NodeProto;
@@ -53,7 +53,7 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "MaxPool", opsets: ALL, inputs: (1, 1), outputs: (1, 2), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode (the Indices output unused)" },
     OpEntry { op_type: "AveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::pool), note: "2-D, pads or auto_pad, strides, ceil_mode, count_include_pad" },
     OpEntry { op_type: "GlobalAveragePool", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(nn::global_avg_pool), note: "" },
-    OpEntry { op_type: "ReduceMean", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(nn::reduce_mean), note: "over the spatial axes (global average pooling)" },
+    OpEntry { op_type: "ReduceMean", opsets: ALL, inputs: (1, 2), outputs: (1, 1), convert: one!(nn::reduce_mean), note: "over the spatial axes (global average pooling); the mean square of an RMSNorm" },
     OpEntry { op_type: "Add", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(ew::binary), note: "two tensors (residual), or a per-channel constant (folded into a bias or a channel affine)" },
     OpEntry { op_type: "Sum", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(ew::sum), note: "of computed tensors (broadcast)" },
     OpEntry { op_type: "Max", opsets: ALL, inputs: (1, MANY), outputs: (1, 1), convert: one!(ew::max), note: "of computed tensors (broadcast)" },
@@ -93,7 +93,9 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "Shape", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::shape_of), note: "folded (shapes are static), start/end" },
     OpEntry { op_type: "Gather", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(shape::gather_op), note: "constant indices: on constants of any rank (folded), channels of a tensor, one token of a token tensor (class token), heads of a projection (attention); computed int ids into a constant [vocab, dim] table: an embedding lookup" },
     OpEntry { op_type: "Erf", opsets: (9, 23), inputs: (1, 1), outputs: (1, 1), convert: one!(erf_gelu::erf), note: "constants (folded); as part of GELU, x·½·(1 + erf(x/√2)), in any order of the products" },
-    OpEntry { op_type: "Sqrt", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(fold::unary), note: "of constants (folded)" },
+    OpEntry { op_type: "Sqrt", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(fold::unary), note: "of constants (folded); inside an RMSNorm" },
+    OpEntry { op_type: "Reciprocal", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(fold::unary), note: "of constants (folded); inside an RMSNorm" },
+    OpEntry { op_type: "Pow", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(rms_norm::pow), note: "of constants (folded); x² of an RMSNorm, x / √(mean(x²) + ε) over the channels, recognised as one op" },
     OpEntry { op_type: "Mod", opsets: (10, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::binary), note: "of constants (folded)" },
     OpEntry { op_type: "Equal", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(fold::binary), note: "of constants (folded)" },
     OpEntry { op_type: "Where", opsets: (9, 23), inputs: (3, 3), outputs: (1, 1), convert: one!(fold::where_op), note: "of constants (folded); the NaN guard after a softmax; Where(mask, 0, -inf) as an attention mask" },

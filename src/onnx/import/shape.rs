@@ -21,7 +21,7 @@ pub(super) fn dims_of(ctx: &Ctx, name: &str) -> Result<Vec<usize>> {
         Value::View(v) => v.index.dims.clone(),
         Value::Attn(a) => a.dims.clone(),
         Value::Mask(v) => v.index.dims.clone(),
-        Value::Gelu(_) | Value::IsNan(_) => {
+        Value::Gelu(_) | Value::IsNan(_) | Value::Rms(_) => {
             bail!("the shape of a part of a GELU or a NaN guard is not supported")
         }
         Value::Node(n) => {
@@ -41,7 +41,7 @@ fn axis(a: i64, rank: usize) -> Result<usize> {
 }
 
 /// Axes from the attribute (older opsets) or the second input (opset 13+).
-fn axes_input(ctx: &Ctx, n: &NodeProto) -> Result<Option<Vec<i64>>> {
+pub(super) fn axes_input(ctx: &Ctx, n: &NodeProto) -> Result<Option<Vec<i64>>> {
     if let Some(a) = Attrs::new(n).ints("axes") {
         return Ok(Some(a));
     }

@@ -64,6 +64,10 @@ pub(super) const AWARE: &[&str] = &[
     "GatherND",
     "And",
     "Where",
+    "Pow",
+    "ReduceMean",
+    "Sqrt",
+    "Reciprocal",
 ];
 
 /// An ONNX tensor that is a rearrangement (and a scalar multiple) of an IR node's output.
@@ -222,6 +226,36 @@ pub(super) fn apply_scale(ctx: &mut Ctx, label: &str, v: &View) -> Result<View> 
         index: v.index.clone(),
         scale: 1.0,
         frame: v.frame.clone(),
+    })
+}
+
+/// A plain tensor whose *last* axis holds the features (a float `[N, T, F]` input of
+/// token features) as a channel-last view over one IR transpose that moves that axis first:
+/// the only data movement lopper performs for such inputs.
+pub(super) fn channels_last_of(ctx: &mut Ctx, label: &str, x: NodeId) -> Result<View> {
+    let s = ctx.shape(x).clone();
+    let r = s.len();
+    let mut perm = vec![r - 1];
+    perm.extend(0..r - 1);
+    let t = ctx.add(
+        &format!("{label}_channels"),
+        Op::Transpose(Transpose { perm }),
+        &[x],
+        vec![],
+    )?;
+    let p = numel(&s[..r - 1]);
+    let cl = ChannelLast {
+        channels: s[r - 1],
+        positions: p,
+        pos: (0..p).collect(),
+    };
+    let mut prefix = vec![1];
+    prefix.extend(&s[..r - 1]);
+    Ok(View {
+        node: t,
+        index: cl.index(&prefix, s[r - 1]),
+        scale: 1.0,
+        frame: None,
     })
 }
 
