@@ -352,16 +352,7 @@ fn linear_view(
     }
     let node = ctx.add(label, Op::Conv2d(conv), &[x], params)?;
     let prefix = &v.index.dims[..v.index.dims.len() - 1];
-    view::settle(
-        ctx,
-        label,
-        View {
-            node,
-            frame: None,
-            index: cl.index(prefix, o),
-            scale: 1.0,
-        },
-    )
+    cl.view_of(ctx, label, node, prefix, o)
 }
 
 /// `LayerNormalization` over the last axis: lopper's LayerNorm over the channels of a

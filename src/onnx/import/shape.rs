@@ -242,21 +242,7 @@ fn embedding(ctx: &mut Ctx, label: &str, table: &Const, ids: &str) -> Result<Val
     let op = Op::Embedding(Embedding { vocab, dim });
     let w = super::tensor(table.f32s(), &[vocab, dim])?;
     let node = ctx.add(label, op, &[x], vec![(param::WEIGHT, w)])?;
-    let cl = view::ChannelLast {
-        channels: dim,
-        positions: t,
-        pos: (0..t).collect(),
-    };
-    view::settle(
-        ctx,
-        label,
-        View {
-            node,
-            frame: None,
-            index: cl.index(&[1, t], dim),
-            scale: 1.0,
-        },
-    )
+    view::ChannelLast::tokens(dim, t).view_of(ctx, label, node, &[1, t], dim)
 }
 
 /// `Gather` on a view: the index is gathered. One token of a channel-last token tensor
@@ -403,22 +389,9 @@ fn class_token(ctx: &mut Ctx, n: &NodeProto, label: &str, ax: i64) -> Result<Opt
     let w = super::tensor(tok.f32s(), &[ch])?;
     let node = ctx.add(label, op, &[v.node], vec![(param::WEIGHT, w)])?;
     let t = cl.positions + 1;
-    let out = view::ChannelLast {
-        channels: ch,
-        positions: t,
-        pos: (0..t).collect(),
-    };
-    view::settle(
-        ctx,
-        label,
-        View {
-            node,
-            frame: None,
-            index: out.index(&[1, t], ch),
-            scale: 1.0,
-        },
-    )
-    .map(Some)
+    view::ChannelLast::tokens(ch, t)
+        .view_of(ctx, label, node, &[1, t], ch)
+        .map(Some)
 }
 
 /// `Flatten` from axis 1.

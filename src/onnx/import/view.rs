@@ -175,6 +175,40 @@ impl ChannelLast {
     }
 }
 
+impl ChannelLast {
+    /// Tokens `[1, T, channels]` over a `[channels, T, …]` node whose positions are the
+    /// tokens in order (an embedding lookup, a class token's output).
+    pub fn tokens(channels: usize, t: usize) -> ChannelLast {
+        ChannelLast {
+            channels,
+            positions: t,
+            pos: (0..t).collect(),
+        }
+    }
+
+    /// `node` (a fresh op's output) seen through this reading with `channels` channels,
+    /// the ONNX dims being `prefix` + `[channels]`.
+    pub fn view_of(
+        &self,
+        ctx: &mut Ctx,
+        label: &str,
+        node: NodeId,
+        prefix: &[usize],
+        channels: usize,
+    ) -> Result<Value> {
+        settle(
+            ctx,
+            label,
+            View {
+                node,
+                frame: None,
+                index: self.index(prefix, channels),
+                scale: 1.0,
+            },
+        )
+    }
+}
+
 /// The channel-last reading of `v`, if it has one.
 pub(crate) fn channel_last(ctx: &Ctx, v: &View) -> Option<ChannelLast> {
     let s = ctx.shape(v.node);
