@@ -13,7 +13,7 @@ use lopper::onnx::{export::export_bytes, import::import_bytes};
 use lopper::prune::dependency_groups;
 
 mod common;
-use common::{l1_half, vals};
+use common::{l1_half, max_diff, vals};
 
 const A: usize = 3; // anchors per position
 const K: usize = 4; // values per anchor
@@ -81,14 +81,6 @@ fn run(g: &Graph, xs: &[&Tensor]) -> Vec<Vec<f32>> {
         .iter()
         .map(vals)
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]

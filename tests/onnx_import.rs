@@ -18,7 +18,7 @@ use lopper::prune::dependency_groups;
 use onnx_protobuf::{Message, ModelProto, StringStringEntryProto};
 
 mod common;
-use common::{fresh_dir, l1_half, vals};
+use common::{fresh_dir, l1_half, max_diff, vals};
 
 fn mnist8() -> Vec<u8> {
     std::fs::read(data::data_dir().join("models/mnist-8.onnx")).unwrap()
@@ -67,14 +67,6 @@ fn sha1_hex(b: &[u8]) -> String {
 }
 
 /// Largest absolute difference of two equally long outputs.
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0f32, f32::max)
-}
-
 fn outputs_of(g: &Graph, x: &Tensor) -> Vec<f32> {
     vals(&forward(g, x, Mode::Eval).unwrap())
 }

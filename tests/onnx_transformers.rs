@@ -17,7 +17,7 @@ use lopper::onnx::{export::export_bytes, import::import_bytes};
 use lopper::prune::dependency_groups;
 use lopper::zoo;
 
-use common::{l1_half, vals};
+use common::{l1_half, max_diff, vals};
 
 fn fixture(name: &str) -> Vec<u8> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -31,14 +31,6 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0f32, f32::max)
 }
 
 fn count(g: &Graph, kind: &str) -> usize {

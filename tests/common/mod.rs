@@ -10,6 +10,15 @@ pub fn vals(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// Largest absolute difference of two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max)
+}
+
 /// Gives BN layers (and biases) non-trivial statistics so masking errors cannot hide.
 pub fn randomise_bn(g: &Graph, seed: u64) {
     let mut rng = Pcg64::seed_from_u64(seed);

@@ -67,37 +67,12 @@ def bert():
     return BertModel(cfg).eval()
 
 
-def ort_tokens(path, ids, mask):
-    s = C.ort_session(path)
-    names = [i.name for i in s.get_inputs()]
-    fixed = C.fixed_batch(s) == 1
-    rows = range(len(ids)) if fixed else [slice(None)]
-    runs = [s.run(None, {names[0]: ids[r:r + 1] if fixed else ids, names[1]: mask[r:r + 1] if fixed else mask})
-            for r in rows]
-    outs = [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
-    return np.concatenate([o.ravel() for o in outs])
-
-
 def lopper_tokens(model, ids, mask, d):
     a, b, y = (os.path.join(d, f) for f in ("ids.i64", "mask.i64", "y.f32"))
     ids.astype("<i8").tofile(a)
     mask.astype("<i8").tofile(b)
     C.lopper("forward", model, "--input", a, "--input", b, "-o", y)
     return np.fromfile(y, dtype="<f4")
-
-
-def latency_tokens(path, ids, mask, reps=5):
-    s = C.ort_session(path)
-    names = [i.name for i in s.get_inputs()]
-    feed = {names[0]: ids[:1], names[1]: mask[:1]}
-    for _ in range(2):
-        s.run(None, feed)
-    t = []
-    for _ in range(reps):
-        a = time.perf_counter()
-        s.run(None, feed)
-        t.append((time.perf_counter() - a) * 1e3)
-    return min(t)
 
 
 def check_bert(d, rows):
@@ -110,13 +85,13 @@ def check_bert(d, rows):
     torch.onnx.export(m, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), path,
                       input_names=["input_ids", "attention_mask"],
                       output_names=["last_hidden_state", "pooler_output"])
-    err_dense = C.close(ort_tokens(path, ids, mask), lopper_tokens(path, ids, mask, d))
+    err_dense = C.close(C.ort_run(path, [ids, mask]), lopper_tokens(path, ids, mask, d))
     pst, pon = os.path.join(d, "bert-pruned.safetensors"), os.path.join(d, "bert-pruned.onnx")
     rep = json.loads(C.lopper("prune", path, "--data", "none", "--method", "l1", "--keep-macs", "0.5",
                               "-o", pst, "--json"))
     C.lopper("convert", pst, "-o", pon)
-    err_pruned = C.close(ort_tokens(pon, ids, mask), lopper_tokens(pst, ids, mask, d))
-    ort_d, ort_p = latency_tokens(path, ids, mask), latency_tokens(pon, ids, mask)
+    err_pruned = C.close(C.ort_run(pon, [ids, mask]), lopper_tokens(pst, ids, mask, d))
+    ort_d, ort_p = C.latency(path, [ids, mask], reps=5), C.latency(pon, [ids, mask], reps=5)
     return row("bert (MiniLM-sized, 128 tokens, padding mask)", "dynamo", err_dense, err_pruned, rep,
                ort_d, ort_p, t, rows)
 
