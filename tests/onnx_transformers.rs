@@ -296,3 +296,51 @@ fn rms_norm_matches_its_definition() {
         }
     }
 }
+
+/// `--prune-embedding` on a Hugging Face classifier: the word-embedding table loses the
+/// columns its group loses (with the position embeddings, every LayerNorm and residual
+/// add); the pruned model exports and reads back with the same outputs. A masked-LM BERT,
+/// whose decoder is tied to the table, is refused with both nodes named.
+#[test]
+fn the_embedding_of_a_bert_classifier_prunes_and_tied_embeddings_are_refused() {
+    let g = import_bytes(&fixture("bert_digits.onnx"), "bert_digits.onnx").unwrap();
+    let g = lopper::prune::allow_embedding_pruning(&g).unwrap();
+    let groups = dependency_groups(&g).unwrap();
+    let emb = g
+        .nodes
+        .iter()
+        .position(|n| matches!(n.op, Op::Embedding(_)))
+        .unwrap();
+    let gi = groups.owner[emb][0].0;
+    assert_eq!(groups.groups[gi].prunable_units().len(), 32);
+    let units: Vec<(usize, usize)> = (0..32).step_by(4).map(|u| (gi, u)).collect();
+    let removal = lopper::prune::Removal::from_units(&g, &groups, &units).unwrap();
+    let small = lopper::prune::remove_units(&g, &groups, &removal).unwrap();
+    let Op::Embedding(e) = &small.nodes[emb].op else {
+        panic!("embedding kept its op")
+    };
+    assert_eq!((e.vocab, e.dim), (17, 24));
+    assert_eq!(
+        lopper::prune::predict_cost(&g, &groups, &removal)
+            .unwrap()
+            .total_macs,
+        cost(&small).unwrap().total_macs
+    );
+    let ids: Vec<f32> = (0..2 * 64).map(|i| ((i * 7) % 17) as f32).collect();
+    let x = Tensor::from_vec(ids, (2, 64), &Device::Cpu).unwrap();
+    let mut mask = vec![1f32; 128];
+    mask[100..].iter_mut().for_each(|v| *v = 0.0);
+    let m = Tensor::from_vec(mask, (2, 64), &Device::Cpu).unwrap();
+    let y = run_all(&small, &[&x, &m]).unwrap();
+    assert_eq!(y.len(), 20);
+    let back = import_bytes(&export_bytes(&small).unwrap(), "pruned").unwrap();
+    let err = max_diff(&run_all(&back, &[&x, &m]).unwrap(), &y);
+    assert!(err < 1e-5, "pruned export round trip {err}");
+
+    let mlm = import_bytes(&fixture("bert_mlm.onnx"), "bert_mlm.onnx").unwrap();
+    let e = format!(
+        "{:#}",
+        lopper::prune::allow_embedding_pruning(&mlm).unwrap_err()
+    );
+    assert!(e.contains("tied") && e.contains("node_embedding"), "{e}");
+}

@@ -2,9 +2,10 @@
 //! their rows, channels-first `[D, T, 1]` like every token tensor. BERT's word embeddings,
 //! imported from ONNX `Gather(table, input_ids)`. Weight `[vocab, D]` (PyTorch's layout).
 //!
-//! Its channels are the embedding dimension at its source: the coupling is `Source`, so the
-//! embedding group stays at full width (pruning it would need the table's columns cut with
-//! every LayerNorm; not supported yet).
+//! Its channels are the table's columns (the embedding dimension), decoupled from the ids:
+//! they join the embedding group through every residual add and LayerNorm, which keeps the
+//! group at full width unless embedding pruning is asked for
+//! ([`crate::prune::allow_embedding_pruning`]); then the table loses those columns.
 
 use super::param::WEIGHT;
 use super::{expect_inputs, Coupling, InitRule, OpSpec, ParamKind, ParamSpec};
@@ -41,12 +42,12 @@ impl OpSpec for Embedding {
             shape: vec![self.vocab, self.dim],
             kind: ParamKind::Trainable,
             init: InitRule::Uniform { bound: 0.02 },
-            out_axis: None,
+            out_axis: Some(1),
             in_axis: None,
         }]
     }
 
     fn coupling(&self) -> Coupling {
-        Coupling::Source
+        Coupling::Decouple
     }
 }
