@@ -62,6 +62,7 @@ fn batches_are_normalised_and_augmentation_keeps_shape() {
     let (x, y) = te
         .batch(&[0, 1, 2], None, &candle_core::Device::Cpu)
         .unwrap();
+    let x = x.into_images().unwrap();
     assert_eq!(x.dims(), &[3, 1, 28, 28]);
     assert_eq!(
         y.to_vec1::<u32>().unwrap(),
@@ -82,7 +83,7 @@ fn batches_are_normalised_and_augmentation_keeps_shape() {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-    assert_eq!(xa.dims(), x.dims());
+    assert_eq!(xa.into_images().unwrap().dims(), x.dims());
 }
 
 #[test]

@@ -140,6 +140,19 @@ fn attention(l: Isa) {
         let what = format!("attention n{n} h{h} d{d} {pos:?} ({l:?})");
         assert_close(&ours.0, &theirs.0, 1e-5, &what);
         assert_close(&ours.1[0], &theirs.1[0], 1e-4, &format!("{what} grad"));
+        // With a key padding mask: sequence i has its last i keys masked.
+        let tl: usize = pos.iter().product();
+        let m: Vec<f32> = (0..n * tl)
+            .map(|i| if i % tl + i / tl >= tl { 0.0 } else { 1.0 })
+            .collect();
+        let mut md = vec![n];
+        md.extend(&pos);
+        let [ours, theirs] = both(&[(&x, &dims)], &|ts| {
+            kernels::attention_masked(&ts[0], &t(&m, &md), h, d, scale).unwrap()
+        });
+        let what = format!("masked attention n{n} h{h} d{d} {pos:?} ({l:?})");
+        assert_close(&ours.0, &theirs.0, 1e-5, &what);
+        assert_close(&ours.1[0], &theirs.1[0], 1e-4, &format!("{what} grad"));
     }
 }
 
@@ -162,6 +175,14 @@ fn layer_norm(l: Isa) {
         );
         for k in 0..3 {
             let what = format!("layer norm {d:?} grad {k} ({l:?})");
+            assert_close(&ours.1[k], &theirs.1[k], 1e-4, &what);
+        }
+        let [ours, theirs] = both(&[(&x, &d), (&g, &[d[1]]), (&b, &[d[1]])], &|ts| {
+            kernels::rms_norm(&ts[0], &ts[1], &ts[2], 1e-6).unwrap()
+        });
+        assert_close(&ours.0, &theirs.0, 1e-5, &format!("rms norm {d:?} ({l:?})"));
+        for k in 0..3 {
+            let what = format!("rms norm {d:?} grad {k} ({l:?})");
             assert_close(&ours.1[k], &theirs.1[k], 1e-4, &what);
         }
     }

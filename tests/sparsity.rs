@@ -307,8 +307,11 @@ fn pot_bias_correction_restores_the_output_mean_on_the_mean_input() {
         .unwrap()
         .sample(64, 0)
         .unwrap();
-    let (x, _) = ds
+    let x = ds
         .batch(&(0..64).collect::<Vec<_>>(), None, &Device::Cpu)
+        .unwrap()
+        .0
+        .into_images()
         .unwrap();
     let acts = forward_with(
         &fp,

@@ -1,8 +1,11 @@
-//! In-memory image classification datasets with cheap views.
+//! In-memory classification datasets with cheap views: images, or token sequences.
 //!
-//! Pixels stay as bytes (`N x C x H x W`, shared behind an `Arc`); a view is a list of
-//! sample indices plus an optional label remapping, so class subsets, sample subsets and
-//! calibration sets cost no copy. Batches are normalised to f32 on the fly.
+//! Pixels stay as bytes (`N x C x H x W`, shared behind an `Arc`); token sets hold one
+//! integer array per model input (`input_ids`, `attention_mask`: pre-tokenised text, the
+//! tokenizer-free path). A view is a list of sample indices plus an optional label
+//! remapping, so class subsets, sample subsets and calibration sets cost no copy. Image
+//! batches are normalised to f32 on the fly; token batches are the integers as f32
+//! (exact below 2²⁴, which loading checks).
 
 use super::augment::Augment;
 use anyhow::{bail, Result};
@@ -12,18 +15,55 @@ use rand::SeedableRng;
 use rand_pcg::Pcg64;
 use std::sync::Arc;
 
+/// One integer array of a token dataset: the values of one model input (named like it),
+/// `len` per sample.
+#[derive(Debug, PartialEq)]
+pub struct TokenArray {
+    pub name: String,
+    pub len: usize,
+    pub values: Vec<i64>,
+}
+
+/// The samples themselves.
+#[derive(Clone, Debug)]
+enum Store {
+    Pixels(Arc<Vec<u8>>),
+    Tokens(Arc<Vec<TokenArray>>),
+}
+
+/// A batch of samples as model inputs: one image tensor, or one tensor per token array
+/// (with its name, which says which model input it feeds).
+#[derive(Debug)]
+pub enum Features {
+    Images(Tensor),
+    Tokens(Vec<(String, Tensor)>),
+}
+
+impl Features {
+    /// The image batch; an error for token batches.
+    pub fn into_images(self) -> Result<Tensor> {
+        match self {
+            Features::Images(t) => Ok(t),
+            Features::Tokens(_) => bail!("expected an image batch, got token arrays"),
+        }
+    }
+}
+
+/// Largest token value a batch carries exactly (batches are f32).
+const MAX_TOKEN: i64 = 1 << 24;
+
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub name: String,
     /// Where the samples came from (a file path, or "embedded digits"), for error messages.
     pub origin: String,
-    pixels: Arc<Vec<u8>>,
+    store: Store,
     labels: Arc<Vec<u16>>,
     /// Sample indices of this view into `pixels`/`labels`.
     index: Vec<usize>,
     /// Label remapping of this view (class subsets renumber their classes from 0).
     remap: Option<Vec<Option<u16>>>,
-    /// Per-sample shape `[C, H, W]`.
+    /// Per-sample shape `[C, H, W]` (token sets: `[1, 1, T]`).
     pub shape: [usize; 3],
     pub num_classes: usize,
     /// Value of a full-intensity pixel (255, or 16 for the 8x8 digits).
@@ -80,7 +120,7 @@ impl Dataset {
             name: name.to_string(),
             origin: name.to_string(),
             index: (0..labels.len()).collect(),
-            pixels: Arc::new(pixels),
+            store: Store::Pixels(Arc::new(pixels)),
             labels: Arc::new(labels),
             remap: None,
             shape,
@@ -92,6 +132,66 @@ impl Dataset {
             default_augment: Augment::default(),
             classes,
         })
+    }
+
+    /// A token dataset: one array per model input, every array `len` values per sample
+    /// for the same `labels.len()` samples; values must lie in `0..2²⁴`.
+    pub fn from_tokens(
+        name: &str,
+        arrays: Vec<TokenArray>,
+        labels: Vec<u16>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
+        let n = labels.len();
+        let Some(first) = arrays.first() else {
+            bail!("{name}: a token dataset needs at least one array");
+        };
+        for a in &arrays {
+            if a.len != first.len || a.values.len() != n * a.len {
+                bail!(
+                    "{name}: array '{}' has {} values, not {n} samples of {} (the length of '{}')",
+                    a.name,
+                    a.values.len(),
+                    first.len,
+                    first.name
+                );
+            }
+            if let Some(k) = a.values.iter().position(|&v| !(0..MAX_TOKEN).contains(&v)) {
+                bail!(
+                    "{name}: array '{}' has value {} at sample {}, position {}; token ids and masks must lie in 0..{MAX_TOKEN}",
+                    a.name,
+                    a.values[k],
+                    k / a.len.max(1),
+                    k % a.len.max(1)
+                );
+            }
+        }
+        let t = first.len;
+        let mut d = Dataset::new(
+            name,
+            vec![0; n * t],
+            labels,
+            [1, 1, t],
+            1.0,
+            vec![0.0],
+            vec![1.0],
+            classes,
+        )?;
+        d.store = Store::Tokens(Arc::new(arrays));
+        Ok(d)
+    }
+
+    /// Whether the samples are token arrays (not images).
+    pub fn is_tokens(&self) -> bool {
+        matches!(self.store, Store::Tokens(_))
+    }
+
+    /// Names of the token arrays (empty for images).
+    pub fn token_names(&self) -> Vec<&str> {
+        match &self.store {
+            Store::Tokens(a) => a.iter().map(|a| a.name.as_str()).collect(),
+            Store::Pixels(_) => Vec::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -148,11 +248,32 @@ impl Dataset {
         d
     }
 
-    /// Raw pixel bytes of view sample `i`.
+    /// Raw pixel bytes of view sample `i` (empty for token sets).
     pub fn pixels(&self, i: usize) -> &[u8] {
+        let Store::Pixels(px) = &self.store else {
+            return &[];
+        };
         let per: usize = self.shape.iter().product();
         let j = self.index[i];
-        &self.pixels[j * per..(j + 1) * per]
+        &px[j * per..(j + 1) * per]
+    }
+
+    /// The bytes of view sample `i`, whatever it is (pixels, or every token array's values
+    /// little-endian): what a data fingerprint hashes.
+    pub fn sample_bytes(&self, i: usize) -> std::borrow::Cow<'_, [u8]> {
+        match &self.store {
+            Store::Pixels(_) => std::borrow::Cow::Borrowed(self.pixels(i)),
+            Store::Tokens(arrays) => {
+                let j = self.index[i];
+                std::borrow::Cow::Owned(
+                    arrays
+                        .iter()
+                        .flat_map(|a| &a.values[j * a.len..(j + 1) * a.len])
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                )
+            }
+        }
     }
 
     /// A view over the given positions of this view.
@@ -222,18 +343,57 @@ impl Dataset {
         Ok(d)
     }
 
-    /// A batch of view samples as normalised `[B, C, H, W]` f32 plus `[B]` u32 labels.
-    /// Flat inputs (MLPs) reshape the result themselves.
+    /// A batch of view samples plus `[B]` u32 labels: images as normalised `[B, C, H, W]`
+    /// f32 (flat inputs, MLPs, reshape the result themselves), token arrays as `[B, T]`
+    /// each. Augmentation is for images: asked of a token set, it is an error.
     pub fn batch(
         &self,
         positions: &[usize],
         augment: Option<(&Augment, &mut Pcg64)>,
         device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Features, Tensor)> {
+        let y: Vec<u32> = positions.iter().map(|&p| self.label(p) as u32).collect();
+        let y = Tensor::from_vec(y, positions.len(), device)?;
+        let Store::Tokens(arrays) = &self.store else {
+            let x = self.image_batch(positions, augment, device)?;
+            return Ok((Features::Images(x), y));
+        };
+        if augment.is_some() {
+            bail!(
+                "{}: image augmentation (crop, flip) does not apply to token sequences; turn it off (--augment false)",
+                self.origin
+            );
+        }
+        let xs = arrays
+            .iter()
+            .map(|a| {
+                let v: Vec<f32> = positions
+                    .iter()
+                    .flat_map(|&p| {
+                        let j = self.index[p];
+                        a.values[j * a.len..(j + 1) * a.len]
+                            .iter()
+                            .map(|&v| v as f32)
+                    })
+                    .collect();
+                Ok((
+                    a.name.clone(),
+                    Tensor::from_vec(v, (positions.len(), a.len), device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok((Features::Tokens(xs), y))
+    }
+
+    fn image_batch(
+        &self,
+        positions: &[usize],
+        augment: Option<(&Augment, &mut Pcg64)>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let [c, h, w] = self.shape;
         let per = c * h * w;
         let mut x = vec![0f32; positions.len() * per];
-        let mut y = Vec::with_capacity(positions.len());
         let scale: Vec<f32> = self
             .std
             .iter()
@@ -261,12 +421,8 @@ impl Dataset {
             if let Some((aug, rng)) = aug.as_mut() {
                 aug.apply(dst, self.shape, rng);
             }
-            y.push(self.label(p) as u32);
         }
-        Ok((
-            Tensor::from_vec(x, (positions.len(), c, h, w), device)?,
-            Tensor::from_vec(y, positions.len(), device)?,
-        ))
+        Ok(Tensor::from_vec(x, (positions.len(), c, h, w), device)?)
     }
 
     /// Positions `0..len` in a seeded random order (one epoch).

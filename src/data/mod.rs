@@ -8,9 +8,11 @@ pub mod augment;
 pub mod dataset;
 pub mod idx;
 pub mod jpeg_tar;
+pub mod npy;
 mod registry;
 pub mod resize;
+pub mod tokens;
 
 pub use augment::Augment;
-pub use dataset::Dataset;
+pub use dataset::{Dataset, Features, TokenArray};
 pub use registry::{data_dir, load, load_with, Holdout, Split, DATASETS};

@@ -147,10 +147,12 @@ pub fn load_with(
         }
         other => {
             let p = Path::new(other);
-            if p.exists() {
+            if super::tokens::is_token_folder(p) {
+                super::tokens::token_folder(p, split, holdout)
+            } else if p.exists() {
                 image_folder(p, split, holdout)
             } else {
-                bail!("unknown dataset '{other}'; known: {} (or a path to a .tar/.tar.gz/folder of [train|test/]<class>/*.jpg)", DATASETS.join(", "))
+                bail!("unknown dataset '{other}'; known: {} (or a path to a .tar/.tar.gz/folder of [train|test/]<class>/*.jpg, or a token folder of [train|test/]labels.npy + input_ids.npy)", DATASETS.join(", "))
             }
         }
     }

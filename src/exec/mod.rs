@@ -9,12 +9,14 @@
 //! in one call, for passes that run once; loops over many batches build the plan once.
 
 mod fusion;
+mod inputs;
 mod mode;
 mod node;
 mod plan;
 pub mod profile;
 mod sparse_pack;
 
+pub use inputs::{AsInputs, Inputs};
 pub use mode::Mode;
 pub use node::activation;
 pub use plan::{Feeds, Plan, PlanOpts};
@@ -107,14 +109,19 @@ pub struct ForwardOut {
     pub kept: HashMap<NodeId, Tensor>,
 }
 
-/// Forward of a single-output graph: `x` is `[N, ...input shape]`.
-pub fn forward(g: &Graph, x: &Tensor, mode: Mode) -> Result<Tensor> {
+/// Forward of a single-output graph: `x` is `[N, ...input shape]` (or one such tensor per
+/// graph input, [`Inputs`]).
+pub fn forward(g: &Graph, x: &(impl AsInputs + ?Sized), mode: Mode) -> Result<Tensor> {
     let mut out = forward_with(g, x, &ForwardOpts::new(mode))?;
     Ok(out.outputs.swap_remove(0))
 }
 
 /// Plans and runs one forward with options; see [`ForwardOpts`].
-pub fn forward_with(g: &Graph, x: &Tensor, opts: &ForwardOpts) -> Result<ForwardOut> {
+pub fn forward_with(
+    g: &Graph,
+    x: &(impl AsInputs + ?Sized),
+    opts: &ForwardOpts,
+) -> Result<ForwardOut> {
     // A graph preferring sparse kernels pays the compression once per plan, so one-shot
     // passes run dense; loops that want the sparse kernels build a plan.
     let mut po = opts.plan_opts();

@@ -129,10 +129,15 @@ impl Plan {
         self.sparse.len()
     }
 
-    /// Runs the plan on `x: [N, ...input shape]`; `g` must be the graph it was built for
-    /// and have one input.
-    pub fn run(&self, g: &Graph, x: &Tensor, f: &Feeds) -> Result<ForwardOut> {
-        self.run_inputs(g, &[x], f)
+    /// Runs the plan on `x: [N, ...input shape]` (one tensor per graph input for graphs with
+    /// several, [`super::Inputs`]); `g` must be the graph it was built for.
+    pub fn run(
+        &self,
+        g: &Graph,
+        x: &(impl super::AsInputs + ?Sized),
+        f: &Feeds,
+    ) -> Result<ForwardOut> {
+        self.run_inputs(g, &x.tensors(), f)
     }
 
     /// Runs the plan on one tensor per graph input, in the order of the Input nodes.

@@ -8,12 +8,16 @@
 //! recomputes it (cheaper than keeping `N·H·T²` floats alive between passes) and runs
 //! four GEMMs: `dV = dO·A`, `dA = dOᵀ·V`, `dL = scale·A⊙(dA − rowsum(A⊙dA))`,
 //! `dQ = K·dLᵀ`, `dK = Q·dL`. Parallel over (image, head); each product single-threaded.
+//!
+//! [`MaskedAttentionOp`] is the same with a key padding mask `[N, T]` (1 keep, 0 masked,
+//! BERT's `attention_mask`): a masked key's logit gets −10⁹ before the softmax, so its
+//! weight is exactly zero; the mask gets no gradient.
 
 use super::act;
 use super::cpu::{ce, slice, tensor, with_f32};
 use super::gemm::{sgemm, Mat};
 use super::simd::multiversion;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 pub struct AttentionOp {
@@ -65,8 +69,9 @@ impl AttentionOp {
         Ok((n, e, t))
     }
 
-    /// `A = softmax(scale·QᵀK)` of one head into `a` (`[T, T]`).
-    fn probs(&self, q: &[f32], k: &[f32], t: usize, a: &mut [f32]) {
+    /// `A = softmax(scale·QᵀK + bias)` of one head into `a` (`[T, T]`); `keys` is the
+    /// image's key mask (1 keep, 0 masked), if any.
+    fn probs(&self, q: &[f32], k: &[f32], t: usize, a: &mut [f32], keys: Option<&[f32]>) {
         sgemm(
             t,
             t,
@@ -77,17 +82,27 @@ impl AttentionOp {
             false,
             false,
         );
+        if let Some(m) = keys {
+            // −10⁹ after scaling: −10⁹/scale before it.
+            let off = -1e9 / self.scale;
+            for row in a.chunks_exact_mut(t) {
+                for (v, &keep) in row.iter_mut().zip(m) {
+                    if keep == 0.0 {
+                        *v += off;
+                    }
+                }
+            }
+        }
         softmax_rows(a, t, self.scale);
     }
-}
 
-impl CustomOp1 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "lopper-attention"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "attention input")?;
+    /// The forward on contiguous `x` (`[N, 3e, T]`) with an optional `[N, T]` key mask.
+    fn forward(
+        &self,
+        x: &[f32],
+        l: &Layout,
+        mask: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, e, tl) = self.dims(l)?;
         let (h, d) = (self.heads, self.head_dim);
         let mut out = vec![0f32; n * e * tl];
@@ -97,7 +112,8 @@ impl CustomOp1 for AttentionOp {
                 let base = ni * 3 * e * tl;
                 let at = |third: usize| &x[base + (third * e + hi * d) * tl..][..d * tl];
                 let mut a = vec![0f32; tl * tl];
-                self.probs(at(0), at(1), tl, &mut a);
+                let keys = mask.map(|m| &m[ni * tl..(ni + 1) * tl]);
+                self.probs(at(0), at(1), tl, &mut a, keys);
                 // O[j, t] = Σ_s V[j, s]·A[t, s].
                 sgemm(
                     d,
@@ -115,8 +131,31 @@ impl CustomOp1 for AttentionOp {
         dims[1] = e;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "lopper-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "attention input")?;
+        self.forward(x, l, None)
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, grad, None)?))
+    }
+}
+
+impl AttentionOp {
+    /// The gradient with respect to `x`, recomputing the probabilities (with the key mask).
+    fn backward(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        mask: Option<&[f32]>,
+    ) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         let grad = grad.contiguous()?;
         let (n, e, tl) = self.dims(x.layout())?;
@@ -132,7 +171,8 @@ impl CustomOp1 for AttentionOp {
                     let (q, k, v) = (at(0), at(1), at(2));
                     let dout = &dy[(ni * e + hi * d) * tl..][..d * tl];
                     let mut a = vec![0f32; tl * tl];
-                    self.probs(q, k, tl, &mut a);
+                    let keys = mask.map(|m| &m[ni * tl..(ni + 1) * tl]);
+                    self.probs(q, k, tl, &mut a, keys);
                     let mut g = vec![0f32; 3 * d * tl];
                     let (dq, rest) = g.split_at_mut(d * tl);
                     let (dk, dv) = rest.split_at_mut(d * tl);
@@ -197,6 +237,46 @@ impl CustomOp1 for AttentionOp {
         let dx = with_f32(&x, |xv| with_f32(&grad, |dy| run(xv, dy)))
             .and_then(|r| r)
             .map_err(ce)?;
-        Ok(Some(tensor(dx, x.dims())?))
+        tensor(dx, x.dims())
+    }
+}
+
+/// [`AttentionOp`] with a key padding mask as the second operand (`[N, T]`, 1 keep, 0
+/// masked); no gradient reaches the mask.
+pub struct MaskedAttentionOp(pub AttentionOp);
+
+impl CustomOp2 for MaskedAttentionOp {
+    fn name(&self) -> &'static str {
+        "lopper-attention-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "attention input")?;
+        let m = slice(ms, ml, "attention mask")?;
+        let (n, _, t) = self.0.dims(l)?;
+        if m.len() != n * t {
+            candle_core::bail!(
+                "attention mask of {} values for {n} sequences of {t} tokens",
+                m.len()
+            );
+        }
+        self.0.forward(x, l, Some(m))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let m = mask.flatten_all()?.to_vec1::<f32>()?;
+        Ok((Some(self.0.backward(x, grad, Some(&m))?), None))
     }
 }

@@ -8,6 +8,9 @@
 //! output. The backward recomputes `x̂` (cheaper than storing it) and needs two
 //! per-position sums, `Σ_c dx̂` and `Σ_c dx̂·x̂`. Parallel over images; `γ`/`β` gradients are
 //! per-image partial sums added in image order (deterministic).
+//!
+//! With `rms` set it is RMSNorm (LLaMA's): no centring (the mean is taken as zero, so the
+//! statistic is the root mean square) and the backward loses its `Σ_c dx̂` term.
 
 use super::cpu::{ce, slice, tensor, with_f32};
 use super::simd::multiversion;
@@ -16,6 +19,7 @@ use rayon::prelude::*;
 
 pub struct LayerNormOp {
     pub eps: f32,
+    pub rms: bool,
 }
 
 /// `(N, C, P)` of a `[N, C, …]` shape.
@@ -28,16 +32,19 @@ fn ncp(dims: &[usize]) -> (usize, usize, usize) {
 }
 
 multiversion! {
-    /// Per-position mean and inverse standard deviation of one image's `[C, P]` block.
-    fn stats(x: &[f32], c: usize, p: usize, eps: f32, mean: &mut [f32], inv: &mut [f32]) {
+    /// Per-position mean and inverse standard deviation of one image's `[C, P]` block
+    /// (`rms`: mean zero, inverse root mean square).
+    fn stats(x: &[f32], c: usize, p: usize, eps: f32, rms: bool, mean: &mut [f32], inv: &mut [f32]) {
         mean.fill(0.0);
-        for row in x.chunks_exact(p) {
-            for (m, &v) in mean.iter_mut().zip(row) {
-                *m += v;
-            }
-        }
         let k = 1.0 / c as f32;
-        mean.iter_mut().for_each(|m| *m *= k);
+        if !rms {
+            for row in x.chunks_exact(p) {
+                for (m, &v) in mean.iter_mut().zip(row) {
+                    *m += v;
+                }
+            }
+            mean.iter_mut().for_each(|m| *m *= k);
+        }
         inv.fill(0.0);
         for row in x.chunks_exact(p) {
             for ((s, &v), &m) in inv.iter_mut().zip(row).zip(mean.iter()) {
@@ -76,6 +83,7 @@ multiversion! {
         db: &mut [f32],
         a: &mut [f32],
         b2: &mut [f32],
+        rms: bool,
     ) {
         a.fill(0.0);
         b2.fill(0.0);
@@ -94,6 +102,8 @@ multiversion! {
             db[ci] += sb;
         }
         let k = 1.0 / (x.len() / p) as f32;
+        // RMSNorm has no centring: no Σ_c dx̂ term.
+        let ka = if rms { 0.0 } else { k };
         for (ci, ((xr, dr), o)) in x
             .chunks_exact(p)
             .zip(dy.chunks_exact(p))
@@ -103,7 +113,7 @@ multiversion! {
             let gc = g[ci];
             for (j, ((&v, &d), o)) in xr.iter().zip(dr).zip(o.iter_mut()).enumerate() {
                 let xh = (v - mean[j]) * inv[j];
-                *o = inv[j] * (d * gc - a[j] * k - xh * b2[j] * k);
+                *o = inv[j] * (d * gc - a[j] * ka - xh * b2[j] * k);
             }
         }
     }
@@ -130,14 +140,14 @@ impl CustomOp3 for LayerNormOp {
         if g.len() != c || b.len() != c {
             candle_core::bail!("layer norm over {c} channels with {} weights", g.len());
         }
-        let eps = self.eps;
+        let (eps, rms) = (self.eps, self.rms);
         let mut y = vec![0f32; x.len()];
         if c * p > 0 {
             y.par_chunks_mut(c * p)
                 .zip(x.par_chunks(c * p))
                 .for_each(|(yi, xi)| {
                     let (mut mean, mut inv) = (vec![0f32; p], vec![0f32; p]);
-                    stats(xi, c, p, eps, &mut mean, &mut inv);
+                    stats(xi, c, p, eps, rms, &mut mean, &mut inv);
                     normalise(xi, p, &mean, &inv, g, b, yi);
                 });
         }
@@ -153,7 +163,7 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, c, p) = ncp(x.dims());
-        let eps = self.eps;
+        let (eps, rms) = (self.eps, self.rms);
         let run = |xv: &[f32], dy: &[f32], g: &[f32]| {
             let mut dx = vec![0f32; xv.len()];
             let img = (c * p).max(1);
@@ -163,11 +173,11 @@ impl CustomOp3 for LayerNormOp {
                 .zip(xv.par_chunks(img).zip(dy.par_chunks(img)))
                 .map(|(dxi, (xi, di))| {
                     let (mut mean, mut inv) = (vec![0f32; p], vec![0f32; p]);
-                    stats(xi, c, p, eps, &mut mean, &mut inv);
+                    stats(xi, c, p, eps, rms, &mut mean, &mut inv);
                     let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
                     let (mut a, mut b2) = (vec![0f32; p], vec![0f32; p]);
                     backward_image(
-                        xi, di, g, p, &mean, &inv, dxi, &mut dg, &mut db, &mut a, &mut b2,
+                        xi, di, g, p, &mean, &inv, dxi, &mut dg, &mut db, &mut a, &mut b2, rms,
                     );
                     (dg, db)
                 })

@@ -332,10 +332,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// LayerNorm across channels (axis 1 of `[N, C, P…]`) at every position, `y = x̂·γ + β`.
-/// RMSNorm across channels (axis 1): `x / √(mean_c x² + ε) · γ + β`. Composed candle ops
-/// (autograd for training).
+/// RMSNorm across channels (axis 1): `x / √(mean_c x² + ε) · γ + β` (the layer-norm
+/// kernel without centring; composed candle ops on the reference path).
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast(x) {
+        let op = layer_norm::LayerNormOp {
+            eps: eps as f32,
+            rms: true,
+        };
+        return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
+    }
     let mut shape = vec![1usize; x.rank()];
     shape[1] = x.dim(1)?;
     let ms = x.sqr()?.mean_keepdim(1)?;
@@ -344,9 +350,13 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<T
         .broadcast_add(&beta.reshape(shape.as_slice())?)?)
 }
 
+/// LayerNorm across channels (axis 1 of `[N, C, P…]`) at every position, `y = x̂·γ + β`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fast(x) {
-        let op = layer_norm::LayerNormOp { eps: eps as f32 };
+        let op = layer_norm::LayerNormOp {
+            eps: eps as f32,
+            rms: false,
+        };
         return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
     }
     let mut shape = vec![1usize; x.rank()];
@@ -359,11 +369,8 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
         .broadcast_add(&beta.reshape(shape.as_slice())?)?)
 }
 
-/// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`
-/// (per head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys).
 /// [`attention`] with a key mask `[N, T…]` (1 keep, 0 masked): masked keys' logits get
-/// −10⁹ before the softmax (exactly zero weight in f32). Composed candle ops, so it trains
-/// through autograd; no gradient reaches the mask.
+/// −10⁹ before the softmax (exactly zero weight in f32); no gradient reaches the mask.
 pub fn attention_masked(
     x: &Tensor,
     mask: &Tensor,
@@ -375,6 +382,16 @@ pub fn attention_masked(
     let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
     let mut out = dims.clone();
     out[1] = heads * head_dim;
+    if fast(x) {
+        let op = attention::MaskedAttentionOp(attention::AttentionOp {
+            heads,
+            head_dim,
+            scale: scale as f32,
+        });
+        let x3 = x.contiguous()?.reshape((n, dims[1], t))?;
+        let m = mask.detach().contiguous()?.reshape((n, t))?;
+        return Ok(x3.apply_op2(&m, op)?.reshape(out)?);
+    }
     let qkv = x.contiguous()?.reshape((n, 3, heads, head_dim, t))?;
     let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
     let q = part(0)?.transpose(2, 3)?.contiguous()?;
@@ -386,6 +403,8 @@ pub fn attention_masked(
     Ok(o.reshape(out)?)
 }
 
+/// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`
+/// (per head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys).
 pub fn attention(x: &Tensor, heads: usize, head_dim: usize, scale: f64) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n, t) = (dims[0], dims[2..].iter().product::<usize>());

@@ -70,11 +70,17 @@ pub fn recalibrate_bn(g: &Graph, data: &Dataset, o: &RecalibOpts) -> Result<()> 
         let (x, _) = data.batch(chunk, o.augment.with_rng(&mut rng), &Device::Cpu)?;
         let mut x = fit_input(g, x)?;
         if o.noise > 0.0 {
+            // Noise on float inputs only (token ids and masks stay what they are).
             let nd = rand_distr::Normal::new(0f32, o.noise as f32)?;
-            let e: Vec<f32> = (0..x.elem_count())
-                .map(|_| rand_distr::Distribution::sample(&nd, &mut rng))
-                .collect();
-            x = (&x + Tensor::from_vec(e, x.dims(), &Device::Cpu)?)?;
+            for (t, &id) in x.0.iter_mut().zip(&g.input_ids()) {
+                if g.token_input(id).is_some() {
+                    continue;
+                }
+                let e: Vec<f32> = (0..t.elem_count())
+                    .map(|_| rand_distr::Distribution::sample(&nd, &mut rng))
+                    .collect();
+                *t = (&*t + Tensor::from_vec(e, t.dims(), &Device::Cpu)?)?;
+            }
         }
         let opts = ForwardOpts {
             bn_momentum: o.cumulative.then(|| 1.0 / (k + 1) as f64),

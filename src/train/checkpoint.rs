@@ -70,7 +70,7 @@ impl DataIdentity {
         let mut h = crate::util::Fnv64::default();
         for i in 0..ds.len() {
             h.update(&ds.label(i).to_le_bytes());
-            h.update(ds.pixels(i));
+            h.update(&ds.sample_bytes(i));
         }
         let h = h.finish();
         DataIdentity {

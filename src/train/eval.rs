@@ -3,11 +3,11 @@
 
 use super::loss::cross_entropy;
 use super::metrics::topk_correct;
-use crate::data::Dataset;
-use crate::exec::{Feeds, Mode, Plan, PlanOpts};
-use crate::graph::Graph;
+use crate::data::{Dataset, Features};
+use crate::exec::{Feeds, Inputs, Mode, Plan, PlanOpts};
+use crate::graph::{Graph, TokenInput};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -44,9 +44,66 @@ pub fn output_classes(g: &Graph) -> Result<usize> {
         .with_context(|| format!("output '{}' is a scalar", g.nodes[out].name))
 }
 
-/// Fits a `[B, C, H, W]` batch to the graph's input shape: reshaped for flat inputs (MLPs),
-/// bilinearly resized when only the resolution differs (resolution-pruned models).
-pub fn fit_input(g: &Graph, x: Tensor) -> Result<Tensor> {
+/// The model inputs for a data batch. Images: fitted to the graph's input shape (reshaped
+/// for flat inputs, MLPs; bilinearly resized when only the resolution differs,
+/// resolution-pruned models). Token arrays: matched to the graph's inputs by name (an
+/// attention mask the data lacks is all ones, the tokenizers' default; arrays the model does
+/// not read are ignored), each checked against its input's length.
+pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
+    let ids = g.input_ids();
+    let tokens = ids.iter().any(|&i| g.token_input(i).is_some());
+    match x {
+        Features::Images(x) => {
+            if ids.len() != 1 || tokens {
+                let names: Vec<&str> = ids.iter().map(|&i| g.nodes[i].name.as_str()).collect();
+                bail!(
+                    "the model reads {} ({}); the data are images: give it a token dataset (a folder of .npy arrays named after its inputs)",
+                    if tokens { "token inputs" } else { "several inputs" },
+                    names.join(", ")
+                );
+            }
+            Ok(Inputs(vec![fit_image(g, x)?]))
+        }
+        Features::Tokens(arrays) => {
+            let shapes = g.shapes()?;
+            let b = arrays.first().map_or(0, |(_, t)| t.dims()[0]);
+            let have: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
+            let xs = ids
+                .iter()
+                .map(|&i| {
+                    let name = &g.nodes[i].name;
+                    let want = &shapes[i];
+                    let t = match arrays.iter().find(|(n, _)| n == name) {
+                        Some((_, t)) => t.clone(),
+                        None if g.token_input(i) == Some(TokenInput::KeyMask) => {
+                            let mut d = vec![b];
+                            d.extend(want);
+                            Tensor::ones(d, DType::F32, &Device::Cpu)?
+                        }
+                        None => bail!(
+                            "the model's input '{name}' has no array in the data (arrays: {}); name the .npy file after the input",
+                            have.join(", ")
+                        ),
+                    };
+                    if g.token_input(i).is_none() {
+                        bail!("the model's input '{name}' takes float values, not token ids (the data are token arrays)");
+                    }
+                    if &t.dims()[1..] != want.as_slice() {
+                        bail!(
+                            "data array '{name}' has {:?} values per sample, the model's input takes {:?}",
+                            &t.dims()[1..],
+                            want
+                        );
+                    }
+                    Ok(t)
+                })
+                .collect::<Result<_>>()?;
+            Ok(Inputs(xs))
+        }
+    }
+}
+
+fn fit_image(g: &Graph, x: Tensor) -> Result<Tensor> {
     let want = g.input_shape();
     if &x.dims()[1..] == want.as_slice() {
         return Ok(x);

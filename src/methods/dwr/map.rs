@@ -222,7 +222,9 @@ fn axis_count(points: &[Point], a: usize) -> usize {
 /// the map and the LOO errors.
 pub fn fit_auto(points: &[Point], lo: [f64; 3]) -> Result<(Map, Vec<(usize, f64)>)> {
     let counts: [usize; 3] = std::array::from_fn(|a| axis_count(points, a));
-    if let Some(a) = (0..3).find(|&a| counts[a] < 2) {
+    // An axis pinned by its bounds (the resolution of a model without images) is constant.
+    let pinned: [bool; 3] = std::array::from_fn(|a| lo[a] >= 1.0 - 1e-12);
+    if let Some(a) = (0..3).find(|&a| counts[a] < 2 && !pinned[a]) {
         bail!(
             "the accuracy predictor needs at least 2 distinct values on every axis, {} has {} \
              (the dense point and at least one pruned point); collect more depth/width/resolution points",
@@ -230,7 +232,13 @@ pub fn fit_auto(points: &[Point], lo: [f64; 3]) -> Result<(Map, Vec<(usize, f64)
             counts[a]
         );
     }
-    let caps: [usize; 3] = std::array::from_fn(|a| counts[a].saturating_sub(2).clamp(1, 3));
+    let caps: [usize; 3] = std::array::from_fn(|a| {
+        if pinned[a] {
+            0
+        } else {
+            counts[a].saturating_sub(2).clamp(1, 3)
+        }
+    });
     let degrees_for = |k: usize| -> [usize; 3] { std::array::from_fn(|a| k.min(caps[a])) };
     let max_k = caps.into_iter().max().unwrap_or(1);
     let ridge = 1e-8;

@@ -120,5 +120,9 @@ pub fn prune_width(g: &Graph, keep: f64) -> Result<Graph> {
 
 /// Sets the input resolution to `px × px`.
 pub fn prune_resolution(g: &Graph, px: usize) -> Result<Graph> {
-    with_resolution(g, px, px)
+    match super::pipeline::base_px(g)? {
+        Some(p) if p != px => with_resolution(g, px, px),
+        // The same size, or a model without an image input (its resolution is pinned).
+        _ => g.deep_clone(),
+    }
 }

@@ -60,12 +60,32 @@ struct Cache {
     points: Vec<Collected>,
 }
 
-/// The dense input size (square inputs only).
-pub fn base_px(g: &Graph) -> Result<usize> {
+/// The dense input size: square images only; `None` for models without an image input
+/// (token sequences, flat vectors), which DWR prunes along depth and width alone.
+pub fn base_px(g: &Graph) -> Result<Option<usize>> {
     match g.input_shape()[..] {
-        [_, h, w] if h == w => Ok(h),
-        ref s => bail!("DWR needs a square image input, the model takes {s:?}"),
+        [_, h, w] if h == w => Ok(Some(h)),
+        [_, _, _] => bail!(
+            "DWR needs a square image input, the model takes {:?}",
+            g.input_shape()
+        ),
+        _ => Ok(None),
     }
+}
+
+/// The search bounds for `g`: the resolution axis is pinned at 1 for a model without an
+/// image input.
+pub fn bounds(g: &Graph, lo: [f64; 3]) -> Result<[f64; 3]> {
+    Ok(match base_px(g)? {
+        Some(_) => lo,
+        None => [lo[0], lo[1], 1.0],
+    })
+}
+
+/// The dense input size, 1 standing in for models without an image input (their
+/// resolution never changes: [`bounds`]).
+fn r_base(g: &Graph) -> Result<usize> {
+    Ok(base_px(g)?.unwrap_or(1))
 }
 
 /// Depth, then width, then resolution, from the dense model.
@@ -106,7 +126,9 @@ pub fn collect(
         }
         Ok(())
     };
-    let r0 = base_px(g)?;
+    let r0 = r_base(g)?;
+    let lo = bounds(g, cfg.lo)?;
+    let cfg = &DwrConfig { lo, ..cfg.clone() };
     let c0 = prunable_channels(g)? as f64;
     let dense_cfg = Config {
         blocks_removed: 0,
@@ -261,7 +283,8 @@ pub fn snap(
     axes: [bool; 3],
 ) -> Result<(Config, u64, f64)> {
     let dense = cost(g)?.total_macs as f64;
-    let r0 = base_px(g)?;
+    let r0 = r_base(g)?;
+    let lo = bounds(g, lo)?;
     let mut best: Option<(f64, u64, Config)> = None;
     let max_n = if axes[0] { order.adds.len() } else { 0 };
     for n in 0..=max_n {
@@ -333,8 +356,9 @@ pub fn solve(
     t: f64,
 ) -> Result<Solution> {
     let pts: Vec<Point> = points.iter().map(|c| c.point).collect();
-    let (map, loo) = fit_auto(&pts, cfg.lo)?;
-    let optimum = maximise(&map, t, cfg.lo)?;
+    let lo = bounds(g, cfg.lo)?;
+    let (map, loo) = fit_auto(&pts, lo)?;
+    let optimum = maximise(&map, t, lo)?;
     let (config, macs, predicted) = snap(g, order, &map, t, cfg.lo, cfg.res_step, [true; 3])?;
     Ok(Solution {
         map,

@@ -125,6 +125,81 @@ fn any_removal(g: &Graph, modules: &[TwoLayerModule], ratios: &[f64]) -> Result<
     Removal::from_units(g, &groups, &units)
 }
 
+/// Per-module keep ratios that use a MACs budget up: from the uniform ratio in `cfg.keep`
+/// (e.g. [`keep_for_macs`]), one unit at a time goes back to the module keeping the
+/// smallest fraction of its width, while the pruned MACs stay within `target` × dense.
+/// Flooring one uniform ratio can leave a narrow module far below it (a ViT block's 4
+/// heads at 0.49 keep 1, and the model ends at 36 % of its MACs for a 50 % target).
+/// Returns `cfg.overrides` plus one override per module that gained units; modules with
+/// an override of their own are left alone.
+pub fn fill_macs(
+    g: &Graph,
+    modules: &[TwoLayerModule],
+    cfg: &IspaspConfig,
+    target: f64,
+) -> Result<Vec<(String, f64)>> {
+    let groups = dependency_groups(g)?;
+    let ratios = module_ratios(g, modules, cfg)?;
+    let fixed: Vec<bool> = modules
+        .iter()
+        .map(|m| {
+            cfg.overrides.iter().any(|(name, _)| {
+                g.node_id(name)
+                    .and_then(|id| groups.owner[id].first())
+                    .is_some_and(|o| o.0 == m.group)
+            })
+        })
+        .collect();
+    let mut counts: Vec<usize> = modules
+        .iter()
+        .zip(&ratios)
+        .map(|(m, &r)| kept_units(m.units, r))
+        .collect();
+    let start = counts.clone();
+    let limit = target * cost(g)?.total_macs as f64;
+    let macs = |counts: &[usize]| -> Result<f64> {
+        let units: Vec<(usize, usize)> = modules
+            .iter()
+            .zip(counts)
+            .flat_map(|(m, &k)| (k..m.units).map(move |u| (m.group, u)))
+            .collect();
+        let removal = Removal::from_units(g, &groups, &units)?;
+        Ok(predict_cost(g, &groups, &removal)?.total_macs as f64)
+    };
+    if macs(&counts)? > limit + 0.5 {
+        return Ok(cfg.overrides.clone());
+    }
+    loop {
+        let mut order: Vec<usize> = (0..modules.len())
+            .filter(|&i| !fixed[i] && counts[i] < modules[i].units)
+            .collect();
+        let frac = |i: usize| counts[i] as f64 / modules[i].units as f64;
+        order.sort_by(|&a, &b| frac(a).total_cmp(&frac(b)).then(a.cmp(&b)));
+        let mut added = false;
+        for i in order {
+            counts[i] += 1;
+            if macs(&counts)? <= limit + 0.5 {
+                added = true;
+                break;
+            }
+            counts[i] -= 1;
+        }
+        if !added {
+            break;
+        }
+    }
+    let mut out = cfg.overrides.clone();
+    for (i, m) in modules.iter().enumerate() {
+        if counts[i] != start[i] {
+            out.push((
+                g.nodes[m.hidden].name.clone(),
+                counts[i] as f64 / m.units as f64,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// MACs after pruning every module at its ratio, exactly from the cost model.
 pub fn predicted_macs(g: &Graph, modules: &[TwoLayerModule], ratios: &[f64]) -> Result<u64> {
     let groups = dependency_groups(g)?;

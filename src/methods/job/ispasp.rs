@@ -49,6 +49,10 @@ pub(super) fn prune(m: &IspaspRun, dense: &Graph, budget: Budget, ctx: &Ctx) -> 
             bail!("i-SpaSP takes a removal ratio or a MACs target, not a parameter target")
         }
     };
+    if let Budget::Macs(f) = budget {
+        // The uniform ratio's flooring leaves budget unused: give it back unit by unit.
+        cfg.overrides = ispasp::fill_macs(dense, &modules, &cfg, f)?;
+    }
     ctx.progress.line(&format!(
         "i-SpaSP: {} two-layer modules, keep ratio {:.4}",
         modules.len(),

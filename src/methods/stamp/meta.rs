@@ -215,11 +215,11 @@ impl Stamp {
     fn gated_logits(
         &self,
         g: &Graph,
-        x: &Tensor,
+        x: &crate::exec::Inputs,
         params: &[(Tensor, Tensor)],
         rng: &mut Pcg64,
     ) -> Result<Tensor> {
-        let b = x.dim(0)?;
+        let b = x.batch();
         let z: Vec<Tensor> = params
             .iter()
             .map(|(a, bb)| sample_gates(a, bb, b, TEMPERATURE, rng))
@@ -550,7 +550,7 @@ fn task_batch(
     pool: &[usize],
     n: usize,
     rng: &mut Pcg64,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(crate::exec::Inputs, Tensor)> {
     let pos: Vec<usize> = pool
         .choose_multiple(rng, n.min(pool.len()))
         .copied()

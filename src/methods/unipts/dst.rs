@@ -295,7 +295,7 @@ fn masked_top1(
 }
 
 /// The frozen dense teacher's logits (no gradient, batch statistics not updated).
-fn teacher_logits(teacher: &Graph, x: &Tensor, train_bn: bool) -> Result<Tensor> {
+fn teacher_logits(teacher: &Graph, x: &crate::exec::Inputs, train_bn: bool) -> Result<Tensor> {
     let mode = if train_bn { Mode::Train } else { Mode::Eval };
     let o = ForwardOpts {
         update_stats: false,
