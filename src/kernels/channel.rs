@@ -29,7 +29,7 @@ impl CustomOp1 for GlobalAvgPoolOp {
         let mut y = vec![0f32; nc];
         let inv = 1.0 / p.max(1) as f32;
         y.par_iter_mut().enumerate().for_each(|(i, v)| {
-            *v = x[i * p..(i + 1) * p].iter().sum::<f32>() * inv;
+            *v = super::reduce::row_sum(&x[i * p..(i + 1) * p]) * inv;
         });
         let d = l.dims();
         Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], 1, 1))))
@@ -109,7 +109,7 @@ impl CustomOp2 for ChannelScaleOp {
                     let ds: Vec<f32> = g
                         .par_chunks(p1)
                         .zip(xv.par_chunks(p1))
-                        .map(|(gr, xr)| gr.iter().zip(xr).map(|(a, b)| a * b).sum())
+                        .map(|(gr, xr)| super::reduce::row_dot(gr, xr))
                         .collect();
                     (dx, ds)
                 })

@@ -566,7 +566,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
             let mut db = vec![0f32; o];
             for img in dy.chunks(o * p.max(1)) {
                 for (acc, row) in db.iter_mut().zip(img.chunks(p.max(1))) {
-                    *acc += row.iter().sum::<f32>();
+                    *acc += super::reduce::row_sum(row);
                 }
             }
             db

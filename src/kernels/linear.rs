@@ -30,18 +30,7 @@ multiversion! {
     /// `out[j] = row · x[j]` for each of the `out.len()` inputs of length `i`.
     fn dots(row: &[f32], x: &[f32], i: usize, out: &mut [f32]) {
         for (j, o) in out.iter_mut().enumerate() {
-            let xj = &x[j * i..(j + 1) * i];
-            // Sixteen partial sums, so the loop vectorises (one sum would not reassociate).
-            let mut acc = [0f32; 16];
-            let (rc, xc) = (row.chunks_exact(16), xj.chunks_exact(16));
-            let (rt, xt) = (rc.remainder(), xc.remainder());
-            for (a, b) in rc.zip(xc) {
-                for k in 0..16 {
-                    acc[k] += a[k] * b[k];
-                }
-            }
-            let tail: f32 = rt.iter().zip(xt).map(|(a, b)| a * b).sum();
-            *o = acc.iter().sum::<f32>() + tail;
+            *o = super::reduce::row_dot(row, &x[j * i..(j + 1) * i]);
         }
     }
 }

@@ -20,6 +20,7 @@ mod layer_norm;
 pub mod linear;
 mod planes;
 pub mod pool;
+pub mod reduce;
 pub mod simd;
 pub mod sparse;
 
