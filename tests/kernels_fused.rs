@@ -121,23 +121,29 @@ fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
     });
 }
 
-/// Multi-head attention (tokens `[N, 3·H·d, T, 1]` and a `[·, H, W]` map; one head, odd
-/// head dims and token counts), forward and input gradient, against candle's ops.
+/// Multi-head and grouped-query attention (tokens `[N, (H + 2G)·d, T, 1]` and a `[·, H, W]`
+/// map; one head, odd head dims and token counts), with and without a key mask, forward and
+/// input gradient, against candle's ops.
 fn attention(l: Isa) {
     let mut rng = Pcg64::seed_from_u64(12);
-    for (n, h, d, pos) in [
-        (2, 3, 4, vec![7, 1]),
-        (1, 1, 5, vec![3, 4]),
-        (3, 2, 8, vec![17, 1]),
+    // (images, query heads, key/value heads, head dim, positions): multi-head, then
+    // grouped-query (2 and 3 query heads per kv head) and multi-query attention.
+    for (n, h, kv, d, pos) in [
+        (2, 3, 3, 4, vec![7, 1]),
+        (1, 1, 1, 5, vec![3, 4]),
+        (3, 2, 2, 8, vec![17, 1]),
+        (2, 4, 2, 4, vec![9, 1]),
+        (2, 6, 2, 3, vec![5, 2]),
+        (3, 5, 1, 4, vec![6, 1]),
     ] {
-        let mut dims = vec![n, 3 * h * d];
+        let mut dims = vec![n, (h + 2 * kv) * d];
         dims.extend(&pos);
         let x = rand_vec(&mut rng, dims.iter().product(), 1.5);
         let scale = 1.0 / (d as f64).sqrt();
         let [ours, theirs] = both(&[(&x, &dims)], &|ts| {
-            kernels::attention(&ts[0], h, d, scale).unwrap()
+            kernels::attention(&ts[0], h, kv, d, scale).unwrap()
         });
-        let what = format!("attention n{n} h{h} d{d} {pos:?} ({l:?})");
+        let what = format!("attention n{n} h{h} kv{kv} d{d} {pos:?} ({l:?})");
         assert_close(&ours.0, &theirs.0, 1e-5, &what);
         assert_close(&ours.1[0], &theirs.1[0], 1e-4, &format!("{what} grad"));
         // With a key padding mask: sequence i has its last i keys masked.
@@ -148,9 +154,9 @@ fn attention(l: Isa) {
         let mut md = vec![n];
         md.extend(&pos);
         let [ours, theirs] = both(&[(&x, &dims)], &|ts| {
-            kernels::attention_masked(&ts[0], &t(&m, &md), h, d, scale).unwrap()
+            kernels::attention_masked(&ts[0], &t(&m, &md), h, kv, d, scale).unwrap()
         });
-        let what = format!("masked attention n{n} h{h} d{d} {pos:?} ({l:?})");
+        let what = format!("masked attention n{n} h{h} kv{kv} d{d} {pos:?} ({l:?})");
         assert_close(&ours.0, &theirs.0, 1e-5, &what);
         assert_close(&ours.1[0], &theirs.1[0], 1e-4, &format!("{what} grad"));
     }

@@ -344,3 +344,63 @@ fn the_embedding_of_a_bert_classifier_prunes_and_tied_embeddings_are_refused() {
     );
     assert!(e.contains("tied") && e.contains("node_embedding"), "{e}");
 }
+
+/// Grouped-query attention as Hugging Face writes it (`repeat_kv`: expand + reshape of the
+/// key/value heads) imports as one `MultiHeadAttention` with 2 key/value heads for 4 query
+/// heads, = onnxruntime; a kv group (its key/value head and its 2 query heads) is the
+/// pruning unit: removing one equals zeroing its value rows, the cost model predicts the
+/// MACs, and the pruned model's export (key/value heads gathered per query head) reads back.
+#[test]
+fn grouped_query_attention_imports_prunes_by_kv_group_and_exports_back() {
+    use lopper::prune::{predict_cost, remove_units, Removal};
+    let g = import_bytes(&fixture("gqa.onnx"), "gqa.onnx").unwrap();
+    let (id, a) = g
+        .nodes
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| match &n.op {
+            Op::MultiHeadAttention(a) => Some((i, a.clone())),
+            _ => None,
+        })
+        .expect("attention recognised");
+    assert_eq!((a.heads, a.kv(), a.head_dim), (4, 2, 8));
+    let ids = Tensor::from_vec(i64s(&fixture("gqa.ids.i64")), (2, 8), &Device::Cpu).unwrap();
+    let err = max_diff(&run(&g, &ids), &f32s(&fixture("gqa.ort.f32")));
+    assert!(err < 1e-4, "lopper vs onnxruntime {err}");
+
+    let groups = dependency_groups(&g).unwrap();
+    let gi = groups.owner[id][0].0;
+    assert_eq!(
+        groups.groups[gi].prunable_units().len(),
+        2,
+        "one unit per kv group"
+    );
+    let removal = Removal::from_units(&g, &groups, &[(gi, 0)]).unwrap();
+    let small = remove_units(&g, &groups, &removal).unwrap();
+    let Op::MultiHeadAttention(b) = &small.nodes[id].op else {
+        panic!("attention kept its op")
+    };
+    assert_eq!((b.heads, b.kv()), (2, 1));
+    assert_eq!(
+        predict_cost(&g, &groups, &removal).unwrap().total_macs,
+        cost(&small).unwrap().total_macs
+    );
+    let y_small = run(&small, &ids);
+    // Zeroing kv head 0's value rows (channels 48..56 of the stacked projection) silences
+    // query heads 0 and 1: the dense model then computes what the pruned one does.
+    let proj = g.nodes[id].inputs[0];
+    for p in ["weight", "bias"] {
+        let var = g.param(proj, p).unwrap();
+        let t = var.as_tensor();
+        let mut v = vals(t);
+        let per = v.len() / 64;
+        v[48 * per..56 * per].iter_mut().for_each(|x| *x = 0.0);
+        var.set(&Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let err = max_diff(&run(&g, &ids), &y_small);
+    assert!(err < 1e-5, "removal vs masking {err}");
+    let back = import_bytes(&export_bytes(&small).unwrap(), "pruned gqa").unwrap();
+    let err = max_diff(&run(&back, &ids), &y_small);
+    assert!(err < 1e-5, "pruned export round trip {err}");
+}

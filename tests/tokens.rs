@@ -49,7 +49,7 @@ fn a_bert_classifier_fine_tunes_evaluates_sparsifies_and_prunes_on_token_files()
         "--data",
         d,
         "--epochs",
-        "6",
+        "12",
         "--optimizer",
         "adamw",
         "--lr",
@@ -67,7 +67,7 @@ fn a_bert_classifier_fine_tunes_evaluates_sparsifies_and_prunes_on_token_files()
     assert!(ok, "{err}");
     let top1 = json(&out)["test"]["top1"].as_f64().unwrap();
     // Ten classes: chance is 10 %.
-    assert!(top1 > 0.3, "fine-tuned top-1 {top1}");
+    assert!(top1 > 0.4, "fine-tuned top-1 {top1}");
 
     let (ok, out, err) = lopper(&["eval", t, "--data", d, "--json"]);
     assert!(ok, "{err}");

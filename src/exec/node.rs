@@ -95,7 +95,12 @@ pub(crate) fn run(
         Op::LayerNorm(l) => layer_norm(g, i, l, x),
         Op::PosEmbed(_) => pos_embed(g, i, x),
         Op::MultiHeadAttention(a) if a.masked => Ok(kernels::attention_masked(
-            x, ins[1], a.heads, a.head_dim, a.scale,
+            x,
+            ins[1],
+            a.heads,
+            a.kv(),
+            a.head_dim,
+            a.scale,
         )?),
         Op::MultiHeadAttention(a) => attention(a, x),
         Op::ClassToken(_) => class_token(g, i, x),
@@ -526,7 +531,7 @@ fn pos_embed(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`.
 fn attention(a: &MultiHeadAttention, x: &Tensor) -> Result<Tensor> {
-    kernels::attention(x, a.heads, a.head_dim, a.scale)
+    kernels::attention(x, a.heads, a.kv(), a.head_dim, a.scale)
 }
 
 fn pool(pc: &Pool2d, x: &Tensor, max: bool) -> Result<Tensor> {

@@ -1,5 +1,7 @@
 //! Multi-head self-attention over channels-first tokens, forward and backward, as one
-//! candle custom op on the stacked projections `x = [N, 3·H·d, T]` → `[N, H·d, T]`.
+//! candle custom op on the stacked projections `x = [N, (H + 2G)·d, T]` → `[N, H·d, T]`
+//! (`G` key/value heads: `G = H` for multi-head attention, fewer for grouped-query
+//! attention, query head `h` reading key/value head `h / (H/G)`).
 //!
 //! Per (image, head), with `Q, K, V` its `[d, T]` row blocks (rows contiguous along
 //! tokens, read in place): logits `L = Qᵀ·K` (a `T×T` GEMM), `A = softmax(scale·L)` row by
@@ -23,6 +25,8 @@ use rayon::prelude::*;
 
 pub struct AttentionOp {
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; `heads` for plain multi-head).
+    pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
 }
@@ -56,18 +60,25 @@ multiversion! {
 }
 
 impl AttentionOp {
+    /// `(N, input channels, T)`, checked against the head counts.
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         let d = l.dims();
         let (n, c, t) = (d[0], d[1], d.iter().skip(2).product::<usize>());
-        let e = self.heads * self.head_dim;
-        if c != 3 * e {
+        let (h, g) = (self.heads, self.kv_heads);
+        if g == 0 || h % g != 0 || c != (h + 2 * g) * self.head_dim {
             candle_core::bail!(
-                "attention: {c} input channels for {} heads of {}",
-                self.heads,
+                "attention: {c} input channels for {h} query and {g} key/value heads of {}",
                 self.head_dim
             );
         }
-        Ok((n, e, t))
+        Ok((n, c, t))
+    }
+
+    /// Channel offsets of query head `hi`'s key and value heads within one image.
+    fn kv_rows(&self, hi: usize) -> (usize, usize) {
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        let kv = hi / (h / g);
+        ((h + kv) * d, (h + g + kv) * d)
     }
 
     /// `A = softmax(scale·QᵀK + bias)` of one head into `a` (`[T, T]`); `keys` is the
@@ -97,31 +108,34 @@ impl AttentionOp {
         softmax_rows(a, t, self.scale);
     }
 
-    /// The forward on contiguous `x` (`[N, 3e, T]`) with an optional `[N, T]` key mask.
+    /// The forward on contiguous `x` (`[N, (H + 2G)·d, T]`) with an optional `[N, T]` key
+    /// mask.
     fn forward(
         &self,
         x: &[f32],
         l: &Layout,
         mask: Option<&[f32]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, e, tl) = self.dims(l)?;
+        let (n, c, tl) = self.dims(l)?;
         let (h, d) = (self.heads, self.head_dim);
+        let e = h * d;
         let mut out = vec![0f32; n * e * tl];
         if tl > 0 && d > 0 {
             out.par_chunks_mut(d * tl).enumerate().for_each(|(i, o)| {
                 let (ni, hi) = (i / h, i % h);
-                let base = ni * 3 * e * tl;
-                let at = |third: usize| &x[base + (third * e + hi * d) * tl..][..d * tl];
+                let img = &x[ni * c * tl..(ni + 1) * c * tl];
+                let rows = |r: usize| &img[r * tl..(r + d) * tl];
+                let (kr, vr) = self.kv_rows(hi);
                 let mut a = vec![0f32; tl * tl];
                 let keys = mask.map(|m| &m[ni * tl..(ni + 1) * tl]);
-                self.probs(at(0), at(1), tl, &mut a, keys);
+                self.probs(rows(hi * d), rows(kr), tl, &mut a, keys);
                 // O[j, t] = Σ_s V[j, s]·A[t, s].
                 sgemm(
                     d,
                     tl,
                     tl,
                     o,
-                    Mat::rm(at(2), tl),
+                    Mat::rm(rows(vr), tl),
                     Mat::rm_t(&a, tl),
                     false,
                     false,
@@ -151,6 +165,8 @@ impl CustomOp1 for AttentionOp {
 
 impl AttentionOp {
     /// The gradient with respect to `x`, recomputing the probabilities (with the key mask).
+    /// Parallel over (image, kv group): the group's query heads run in turn, adding into
+    /// the shared key and value gradients.
     fn backward(
         &self,
         x: &Tensor,
@@ -159,79 +175,78 @@ impl AttentionOp {
     ) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         let grad = grad.contiguous()?;
-        let (n, e, tl) = self.dims(x.layout())?;
-        let (h, d) = (self.heads, self.head_dim);
+        let (n, c, tl) = self.dims(x.layout())?;
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (e, r) = (h * d, h / g);
         let run = |xv: &[f32], dy: &[f32]| {
-            // Per (image, head): [dQ | dK | dV], each [d, T].
-            let parts: Vec<Vec<f32>> = (0..n * h)
+            // Per (image, kv group): [dQ of its r heads | dK | dV], each head [d, T].
+            let parts: Vec<Vec<f32>> = (0..n * g)
                 .into_par_iter()
                 .map(|i| {
-                    let (ni, hi) = (i / h, i % h);
-                    let base = ni * 3 * e * tl;
-                    let at = |third: usize| &xv[base + (third * e + hi * d) * tl..][..d * tl];
-                    let (q, k, v) = (at(0), at(1), at(2));
-                    let dout = &dy[(ni * e + hi * d) * tl..][..d * tl];
-                    let mut a = vec![0f32; tl * tl];
+                    let (ni, gi) = (i / g, i % g);
+                    let img = &xv[ni * c * tl..(ni + 1) * c * tl];
+                    let rows = |row: usize| &img[row * tl..(row + d) * tl];
                     let keys = mask.map(|m| &m[ni * tl..(ni + 1) * tl]);
-                    self.probs(q, k, tl, &mut a, keys);
-                    let mut g = vec![0f32; 3 * d * tl];
-                    let (dq, rest) = g.split_at_mut(d * tl);
+                    let mut out = vec![0f32; (r + 2) * d * tl];
+                    let (dqs, rest) = out.split_at_mut(r * d * tl);
                     let (dk, dv) = rest.split_at_mut(d * tl);
-                    // dV[j, s] = Σ_t dO[j, t]·A[t, s].
-                    sgemm(
-                        d,
-                        tl,
-                        tl,
-                        dv,
-                        Mat::rm(dout, tl),
-                        Mat::rm(&a, tl),
-                        false,
-                        false,
-                    );
-                    // dA[t, s] = Σ_j dO[j, t]·V[j, s], then the softmax backward.
+                    let mut a = vec![0f32; tl * tl];
                     let mut da = vec![0f32; tl * tl];
-                    sgemm(
-                        tl,
-                        tl,
-                        d,
-                        &mut da,
-                        Mat::rm_t(dout, tl),
-                        Mat::rm(v, tl),
-                        false,
-                        false,
-                    );
-                    softmax_back(&a, &mut da, tl, self.scale);
-                    // dQ[j, t] = Σ_s K[j, s]·dL[t, s]; dK[j, s] = Σ_t Q[j, t]·dL[t, s].
-                    sgemm(
-                        d,
-                        tl,
-                        tl,
-                        dq,
-                        Mat::rm(k, tl),
-                        Mat::rm_t(&da, tl),
-                        false,
-                        false,
-                    );
-                    sgemm(
-                        d,
-                        tl,
-                        tl,
-                        dk,
-                        Mat::rm(q, tl),
-                        Mat::rm(&da, tl),
-                        false,
-                        false,
-                    );
-                    g
+                    for (j, dq) in dqs.chunks_exact_mut(d * tl).enumerate() {
+                        let hi = gi * r + j;
+                        let (kr, vr) = self.kv_rows(hi);
+                        let (q, k, v) = (rows(hi * d), rows(kr), rows(vr));
+                        let dout = &dy[(ni * e + hi * d) * tl..][..d * tl];
+                        self.probs(q, k, tl, &mut a, keys);
+                        let acc = j > 0;
+                        // dV[j, s] += Σ_t dO[j, t]·A[t, s].
+                        sgemm(
+                            d,
+                            tl,
+                            tl,
+                            dv,
+                            Mat::rm(dout, tl),
+                            Mat::rm(&a, tl),
+                            acc,
+                            false,
+                        );
+                        // dA[t, s] = Σ_j dO[j, t]·V[j, s], then the softmax backward.
+                        sgemm(
+                            tl,
+                            tl,
+                            d,
+                            &mut da,
+                            Mat::rm_t(dout, tl),
+                            Mat::rm(v, tl),
+                            false,
+                            false,
+                        );
+                        softmax_back(&a, &mut da, tl, self.scale);
+                        // dQ[j, t] = Σ_s K[j, s]·dL[t, s]; dK[j, s] += Σ_t Q[j, t]·dL[t, s].
+                        sgemm(
+                            d,
+                            tl,
+                            tl,
+                            dq,
+                            Mat::rm(k, tl),
+                            Mat::rm_t(&da, tl),
+                            false,
+                            false,
+                        );
+                        sgemm(d, tl, tl, dk, Mat::rm(q, tl), Mat::rm(&da, tl), acc, false);
+                    }
+                    out
                 })
                 .collect();
             let mut dx = vec![0f32; xv.len()];
-            for (i, g) in parts.iter().enumerate() {
-                let (ni, hi) = (i / h, i % h);
-                for third in 0..3 {
-                    let dst = ni * 3 * e * tl + (third * e + hi * d) * tl;
-                    dx[dst..dst + d * tl].copy_from_slice(&g[third * d * tl..(third + 1) * d * tl]);
-                }
+            for (i, part) in parts.iter().enumerate() {
+                let (ni, gi) = (i / g, i % g);
+                let img = &mut dx[ni * c * tl..(ni + 1) * c * tl];
+                let (q0, (kr, vr)) = (gi * r * d * tl, self.kv_rows(gi * r));
+                let (dqs, rest) = part.split_at(r * d * tl);
+                img[q0..q0 + r * d * tl].copy_from_slice(dqs);
+                img[kr * tl..(kr + d) * tl].copy_from_slice(&rest[..d * tl]);
+                img[vr * tl..(vr + d) * tl].copy_from_slice(&rest[d * tl..]);
             }
             dx
         };

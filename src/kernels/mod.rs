@@ -376,6 +376,32 @@ pub fn attention_masked(
     x: &Tensor,
     mask: &Tensor,
     heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_with(x, Some(mask), heads, kv_heads, head_dim, scale)
+}
+
+/// Multi-head self-attention on stacked q/k/v channels `[N, (H + 2G)·d, T…]` →
+/// `[N, H·d, T…]` (per query head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys; query
+/// head `h` reads key/value head `h / (H/G)`: `G = H` is plain multi-head attention,
+/// fewer is grouped-query attention).
+pub fn attention(
+    x: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_with(x, None, heads, kv_heads, head_dim, scale)
+}
+
+fn attention_with(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    kv_heads: usize,
     head_dim: usize,
     scale: f64,
 ) -> Result<Tensor> {
@@ -383,49 +409,59 @@ pub fn attention_masked(
     let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
     let mut out = dims.clone();
     out[1] = heads * head_dim;
-    if fast(x) {
-        let op = attention::MaskedAttentionOp(attention::AttentionOp {
-            heads,
-            head_dim,
-            scale: scale as f32,
-        });
-        let x3 = x.contiguous()?.reshape((n, dims[1], t))?;
-        let m = mask.detach().contiguous()?.reshape((n, t))?;
-        return Ok(x3.apply_op2(&m, op)?.reshape(out)?);
+    if kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || dims[1] != (heads + 2 * kv_heads) * head_dim
+    {
+        bail!(
+            "attention: {} input channels for {heads} query and {kv_heads} key/value heads of {head_dim}",
+            dims[1]
+        );
     }
-    let qkv = x.contiguous()?.reshape((n, 3, heads, head_dim, t))?;
-    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
-    let q = part(0)?.transpose(2, 3)?.contiguous()?;
-    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
-    let bias = ((mask.detach().reshape((n, 1, 1, t))? - 1.0)? * 1e9)?;
-    let logits = (q.matmul(&k)? * scale)?.broadcast_add(&bias)?;
-    let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
-    let o = v.matmul(&attn.transpose(2, 3)?.contiguous()?)?;
-    Ok(o.reshape(out)?)
-}
-
-/// Multi-head self-attention on stacked q/k/v channels `[N, 3·H·d, T…]` → `[N, H·d, T…]`
-/// (per head `O = V·softmax(scale·QᵀK)ᵀ`, softmax over keys).
-pub fn attention(x: &Tensor, heads: usize, head_dim: usize, scale: f64) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (n, t) = (dims[0], dims[2..].iter().product::<usize>());
-    let mut out = dims.clone();
-    out[1] = heads * head_dim;
     if fast(x) {
         let op = attention::AttentionOp {
             heads,
+            kv_heads,
             head_dim,
             scale: scale as f32,
         };
         let x3 = x.contiguous()?.reshape((n, dims[1], t))?;
-        return Ok(x3.apply_op1(op)?.reshape(out)?);
+        let y = match mask {
+            Some(m) => {
+                let m = m.detach().contiguous()?.reshape((n, t))?;
+                x3.apply_op2(&m, attention::MaskedAttentionOp(op))?
+            }
+            None => x3.apply_op1(op)?,
+        };
+        return Ok(y.reshape(out)?);
     }
-    let qkv = x.reshape((n, 3, heads, head_dim, t))?;
-    let part = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(1, k, 1)?.squeeze(1)?) };
-    // [N, H, T, d] queries; [N, H, d, T] keys and values.
-    let q = part(0)?.transpose(2, 3)?.contiguous()?;
-    let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
-    let logits = (q.matmul(&k)? * scale)?;
+    let x = x.contiguous()?.reshape((n, dims[1], t))?;
+    let (e, kvw) = (heads * head_dim, kv_heads * head_dim);
+    // [N, H, T, d] queries; [N, H, d, T] keys and values (each kv head repeated for its
+    // query heads).
+    let q = x
+        .narrow(1, 0, e)?
+        .reshape((n, heads, head_dim, t))?
+        .transpose(2, 3)?
+        .contiguous()?;
+    let per_q = |start: usize| -> Result<Tensor> {
+        let part = x
+            .narrow(1, start, kvw)?
+            .reshape((n, kv_heads, head_dim, t))?;
+        if kv_heads == heads {
+            return Ok(part.contiguous()?);
+        }
+        let r = heads / kv_heads;
+        let idx: Vec<u32> = (0..heads).map(|h| (h / r) as u32).collect();
+        let idx = Tensor::from_vec(idx, heads, x.device())?;
+        Ok(part.contiguous()?.index_select(&idx, 1)?)
+    };
+    let (k, v) = (per_q(e)?, per_q(e + kvw)?);
+    let mut logits = (q.matmul(&k)? * scale)?;
+    if let Some(m) = mask {
+        let bias = ((m.detach().reshape((n, 1, 1, t))? - 1.0)? * 1e9)?;
+        logits = logits.broadcast_add(&bias)?;
+    }
     // (candle_nn's `softmax_last_dim` has no backward: the composed form has.)
     let attn = candle_nn::ops::softmax(&logits, D::Minus1)?;
     // O[d, t] = Σ_s V[d, s]·A[t, s].

@@ -460,7 +460,8 @@ fn export_node(o: &mut Out, g: &Graph, i: usize, shape: &Shape) -> Result<()> {
 }
 
 /// Multi-head attention as standard ONNX ops (opset 17): `[N, 3·H·d, T…]` reshaped to
-/// `[N, 3, H, d, T]`, split into q, k, v; `softmax(qᵀk·scale)` over keys; `v·Aᵀ`;
+/// `[N, 3, H, d, T]`, split into q, k, v (grouped-query: split into `H`, `G`, `G` heads and
+/// the key/value heads gathered per query head); `softmax(qᵀk·scale)` over keys; `v·Aᵀ`;
 /// reshaped back to `[N, H·d, T…]` (the head count is in the exported shapes, so a
 /// pruned model's reshapes carry its new count).
 fn export_attention(
@@ -474,19 +475,46 @@ fn export_attention(
     let c = |k: &str| format!("{name}.{k}");
     let t: usize = shape[1..].iter().product();
     let (h, d) = (a.heads as i64, a.head_dim as i64);
-    o.inits
-        .push(i64_proto(&c("split_shape"), &[0, 3, h, d, t as i64]));
-    o.step("Reshape", &c("split"), &[x, &c("split_shape")], vec![]);
-    for (k, part) in ["q", "k", "v"].iter().enumerate() {
-        let idx = c(&format!("{part}_index"));
-        o.inits.push(i64_scalar(&idx, k as i64));
-        o.node(
-            "Gather",
-            &c(part),
-            &[&c("split"), &idx],
-            &c(part),
-            vec![attr_i("axis", 1)],
-        );
+    if a.kv() == a.heads {
+        o.inits
+            .push(i64_proto(&c("split_shape"), &[0, 3, h, d, t as i64]));
+        o.step("Reshape", &c("split"), &[x, &c("split_shape")], vec![]);
+        for (k, part) in ["q", "k", "v"].iter().enumerate() {
+            let idx = c(&format!("{part}_index"));
+            o.inits.push(i64_scalar(&idx, k as i64));
+            o.node(
+                "Gather",
+                &c(part),
+                &[&c("split"), &idx],
+                &c(part),
+                vec![attr_i("axis", 1)],
+            );
+        }
+    } else {
+        // Grouped-query: the input is H query, G key and G value heads; each part is
+        // gathered on the head axis, a key/value head once per query head reading it (the
+        // reshape is 5-D like the one above, `[N, 1, H + 2G, d, T]`, then squeezed).
+        let g = a.kv() as i64;
+        let r = h / g;
+        o.inits.push(i64_proto(
+            &c("split_shape"),
+            &[0, 1, h + 2 * g, d, t as i64],
+        ));
+        o.step("Reshape", &c("split"), &[x, &c("split_shape")], vec![]);
+        o.inits.push(i64_proto(&c("squeeze_axes"), &[1]));
+        for (part, first, step) in [("q", 0, 1), ("k", h, r), ("v", h + g, r)] {
+            let idx = c(&format!("{part}_heads"));
+            let heads: Vec<i64> = (0..h).map(|q| first + q / step).collect();
+            o.inits.push(i64_proto(&idx, &heads));
+            let picked = c(&format!("{part}_picked"));
+            o.step(
+                "Gather",
+                &picked,
+                &[&c("split"), &idx],
+                vec![attr_i("axis", 2)],
+            );
+            o.step("Squeeze", &c(part), &[&picked, &c("squeeze_axes")], vec![]);
+        }
     }
     o.step(
         "Transpose",

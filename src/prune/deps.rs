@@ -279,18 +279,28 @@ fn couple(g: &Graph, shapes: &[Shape], el: &Elements) -> (Uf, Vec<Blocked>) {
                 el.block(&mut blocked, ins[0], i, Block::Normalized);
                 el.block(&mut blocked, i, i, Block::Normalized);
             }
-            Coupling::Heads { heads, head_dim }
-                if ch[i] == heads * head_dim && ch[ins[0]] == 3 * heads * head_dim =>
+            Coupling::Heads {
+                heads,
+                head_dim,
+                kv_heads,
+            } if kv_heads > 0
+                && heads % kv_heads == 0
+                && ch[i] == heads * head_dim
+                && ch[ins[0]] == (heads + 2 * kv_heads) * head_dim =>
             {
-                // Head h: its d output channels and its d query, key and value channels.
-                let width = heads * head_dim;
-                for h in 0..heads {
-                    let first = el.e(i, h * head_dim);
-                    for j in h * head_dim..(h + 1) * head_dim {
+                // kv group g: its key and value heads, its r = heads/kv_heads query heads
+                // and their output channels.
+                let (q_end, r) = (heads * head_dim, heads / kv_heads);
+                let kv_width = kv_heads * head_dim;
+                for g in 0..kv_heads {
+                    let first = el.e(i, g * r * head_dim);
+                    for j in g * r * head_dim..(g + 1) * r * head_dim {
                         uf.union(first, el.e(i, j));
-                        for third in 0..3 {
-                            uf.union(first, el.e(ins[0], third * width + j));
-                        }
+                        uf.union(first, el.e(ins[0], j));
+                    }
+                    for j in g * head_dim..(g + 1) * head_dim {
+                        uf.union(first, el.e(ins[0], q_end + j));
+                        uf.union(first, el.e(ins[0], q_end + kv_width + j));
                     }
                 }
             }

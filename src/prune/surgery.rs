@@ -92,7 +92,14 @@ fn shrink_nodes(g: &Graph, keep: &[Vec<usize>], channels: &[usize]) -> Vec<Node>
                 Op::Embedding(e) => e.dim = keep[i].len(),
                 Op::TokenSelect(_) => {}
                 // Whole heads are removed (one unit each): the head count follows.
-                Op::MultiHeadAttention(a) => a.heads = keep[i].len() / a.head_dim.max(1),
+                Op::MultiHeadAttention(a) => {
+                    // Whole kv groups go: the query heads per kv head stay.
+                    let r = a.heads / a.kv().max(1);
+                    a.heads = keep[i].len() / a.head_dim.max(1);
+                    if a.kv_heads != 0 {
+                        a.kv_heads = a.heads / r.max(1);
+                    }
+                }
                 Op::ChannelGather(gth) => {
                     // Kept outputs read kept inputs (same units); renumber both.
                     let kin = &keep[n.inputs[0]];

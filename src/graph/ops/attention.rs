@@ -14,6 +14,12 @@
 //! and value channels and its `d` output channels; removing it shrinks `in_proj` by `3d`
 //! rows, the output projection by `d` input columns and `heads` by one. `scale` is kept
 //! (the head dimension does not change).
+//!
+//! **Grouped-query attention** (`kv_heads` < `heads`, LLaMA-2/3's GQA, MQA at 1): the input
+//! is `[(H + 2G)·d, T…]`, the `H` query heads then `G` key and `G` value heads; query head
+//! `h` attends with key/value head `h / (H/G)`. The pruning unit is then a kv group: its key
+//! and value head, its `H/G` query heads and their output channels, so every kept kv head
+//! keeps the same number of query heads.
 
 use super::{expect_inputs, Coupling, OpSpec};
 use crate::graph::shape::{fmt_shape, numel, Shape};
@@ -30,6 +36,13 @@ pub struct MultiHeadAttention {
     /// it is 0 get no attention (their logits become −10⁹ before the softmax).
     #[serde(default)]
     pub masked: bool,
+    /// Key/value heads (grouped-query attention); 0 means one per query head.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kv_heads: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl MultiHeadAttention {
@@ -39,12 +52,27 @@ impl MultiHeadAttention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             masked: false,
+            kv_heads: 0,
         }
     }
 
-    /// Width of the output (and of each of the three input thirds).
+    /// Width of the output (and of the query part of the input).
     pub fn width(&self) -> usize {
         self.heads * self.head_dim
+    }
+
+    /// Key/value heads: `kv_heads`, or `heads` for plain multi-head attention.
+    pub fn kv(&self) -> usize {
+        if self.kv_heads == 0 {
+            self.heads
+        } else {
+            self.kv_heads
+        }
+    }
+
+    /// Input channels: the queries, then the keys and the values.
+    pub fn in_channels(&self) -> usize {
+        (self.heads + 2 * self.kv()) * self.head_dim
     }
 }
 
@@ -66,13 +94,20 @@ impl OpSpec for MultiHeadAttention {
         if self.head_dim == 0 {
             bail!("MultiHeadAttention with a zero head dimension");
         }
-        if s.len() < 2 || s[0] != 3 * self.width() {
+        let kv = self.kv();
+        if kv == 0 || !self.heads.is_multiple_of(kv) {
             bail!(
-                "MultiHeadAttention with {} heads of {} expects 3x{} stacked q/k/v channels \
+                "MultiHeadAttention with {} query heads and {kv} key/value heads: the query heads must be a whole multiple of the key/value heads",
+                self.heads
+            );
+        }
+        if s.len() < 2 || s[0] != self.in_channels() {
+            bail!(
+                "MultiHeadAttention with {} heads ({kv} key/value heads) of {} expects {} stacked q/k/v channels \
                  and at least one position axis, got {}",
                 self.heads,
                 self.head_dim,
-                self.width(),
+                self.in_channels(),
                 fmt_shape(s)
             );
         }
@@ -95,6 +130,7 @@ impl OpSpec for MultiHeadAttention {
         Coupling::Heads {
             heads: self.heads,
             head_dim: self.head_dim,
+            kv_heads: self.kv(),
         }
     }
 }

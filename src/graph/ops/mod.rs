@@ -134,10 +134,15 @@ pub enum Coupling {
     /// removing any changes the others: the channels are coupled and kept at full width
     /// (a transformer's embedding dimension; prunable only on request).
     Normalized,
-    /// Multi-head attention over stacked q/k/v input channels `[3·heads·head_dim]` with
-    /// output `[heads·head_dim]`: each head (its query, key, value and output channels)
-    /// is one unit.
-    Heads { heads: usize, head_dim: usize },
+    /// Multi-head attention over stacked q/k/v input channels `[(heads + 2·kv_heads)·head_dim]`
+    /// with output `[heads·head_dim]`: each kv group (its key and value head, the
+    /// `heads/kv_heads` query heads that read them and their output channels) is one unit;
+    /// with `kv_heads == heads`, each head.
+    Heads {
+        heads: usize,
+        head_dim: usize,
+        kv_heads: usize,
+    },
 }
 
 /// The rule set every operator implements.

@@ -197,10 +197,28 @@ pub(super) fn finish(
         bail!("a product of attention probabilities with values whose orientation is not softmax(q·kᵀ)·v or v·softmax(q·kᵀ)ᵀ");
     }
     let q = heads(ctx, &a.q, false, "query")?;
-    let k = heads(ctx, &a.k, true, "key (transposed)")?;
-    let vv = heads(ctx, v, v_first, "value")?;
+    let mut k = heads(ctx, &a.k, true, "key (transposed)")?;
+    let mut vv = heads(ctx, v, v_first, "value")?;
     let (hn, d) = (q.chans.len(), q.chans[0].len());
-    if k.chans.len() != hn || vv.chans.len() != hn || vv.chans[0].len() != d {
+    // Grouped-query attention: runs of `r` query heads reading one key/value head.
+    let r = (1..=hn)
+        .rev()
+        .find(|&r| {
+            hn % r == 0
+                && k.chans.len() == hn
+                && vv.chans.len() == hn
+                && (0..hn)
+                    .all(|b| k.chans[b] == k.chans[b / r * r] && vv.chans[b] == vv.chans[b / r * r])
+        })
+        .unwrap_or(1);
+    if r > 1 {
+        k.chans = k.chans.iter().step_by(r).cloned().collect();
+        vv.chans = vv.chans.iter().step_by(r).cloned().collect();
+    } else if k.chans.len() == hn && (1..hn).any(|b| (0..b).any(|c| k.chans[c] == k.chans[b])) {
+        bail!("attention whose query heads share key/value heads other than in runs (heads h·r … h·r + r − 1 reading kv head h): not supported");
+    }
+    let kv_heads = hn / r;
+    if k.chans.len() != kv_heads || vv.chans.len() != kv_heads || vv.chans[0].len() != d {
         bail!(
             "attention with {hn} heads of {d} for queries but {} of {} for values",
             vv.chans.len(),
@@ -235,6 +253,9 @@ pub(super) fn finish(
         ],
     )?;
     let mut op = MultiHeadAttention::new(hn, d);
+    if kv_heads != hn {
+        op.kv_heads = kv_heads;
+    }
     op.scale = a.scale * a.q.scale * a.k.scale;
     op.masked = a.mask.is_some();
     let mut ins = vec![input];

@@ -311,25 +311,39 @@ pub(super) fn gather_nd(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     }
 }
 
-/// `Expand(x, shape)` of a constant (bidirectional broadcast, as ONNX defines it).
-pub(super) fn expand(ctx: &mut Ctx, n: &NodeProto, _label: &str) -> Result<Value> {
-    let x = konst(ctx, n, 0)?;
+/// `Expand(x, shape)` (bidirectional broadcast, as ONNX defines it): of a constant,
+/// folded; of a computed tensor, a view whose repeated entries read the same elements
+/// (Hugging Face's `repeat_kv` of grouped-query attention).
+pub(super) fn expand(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value> {
     let shape = konst(ctx, n, 1)?;
     let target: Vec<usize> = shape
         .ints()
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| anyhow!("Expand to a negative size {d}")))
         .collect::<Result<_>>()?;
+    let (x, view) = match ctx.konst(&n.input[0]) {
+        Some(c) => (c.clone(), None),
+        None => {
+            let Some(v) = ctx.view(&n.input[0]) else {
+                bail!("Expand of '{}', which is not a tensor", n.input[0]);
+            };
+            (v.index.clone(), Some(v))
+        }
+    };
     let ones = Const {
         dims: target,
         data: vec![],
     };
     let dims = broadcast(&x.dims, &ones.dims)?;
     let src = sources(&x.dims, &dims);
-    Ok(Value::Const(Const {
+    let c = Const {
         data: src.iter().map(|&i| x.data[i]).collect(),
         dims,
-    }))
+    };
+    match view {
+        None => Ok(Value::Const(c)),
+        Some(v) => super::view::settle(ctx, label, v.with_index(c)),
+    }
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub(super) const OPS: &[OpEntry] = &[
     OpEntry { op_type: "IsNaN", opsets: (9, 23), inputs: (1, 1), outputs: (1, 1), convert: one!(fold::is_nan), note: "of constants (folded); the NaN guard Where(IsNaN(p), 0, p) after a softmax" },
     OpEntry { op_type: "GatherND", opsets: (11, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::gather_nd), note: "constant indices, batch_dims 0: of constants (folded) or of an attention mask" },
     OpEntry { op_type: "And", opsets: ALL, inputs: (2, 2), outputs: (1, 1), convert: one!(fold::and), note: "of constants (folded); an attention mask with an all-true constant" },
-    OpEntry { op_type: "Expand", opsets: (8, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::expand), note: "of constants (folded)" },
+    OpEntry { op_type: "Expand", opsets: (8, 23), inputs: (2, 2), outputs: (1, 1), convert: one!(fold::expand), note: "of constants (folded); of computed tensors as views (grouped-query attention's repeated key/value heads)" },
     OpEntry { op_type: "Cast", opsets: ALL, inputs: (1, 1), outputs: (1, 1), convert: one!(shape::cast), note: "of constants (folded) and of float tensors (a no-op)" },
 ];
 

@@ -68,6 +68,7 @@ pub(super) const AWARE: &[&str] = &[
     "ReduceMean",
     "Sqrt",
     "Reciprocal",
+    "Expand",
 ];
 
 /// An ONNX tensor that is a rearrangement (and a scalar multiple) of an IR node's output.
