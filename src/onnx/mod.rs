@@ -22,9 +22,14 @@ pub fn load(path: &Path) -> Result<Graph> {
 /// [`import::import_noting`]).
 pub fn load_noting(path: &Path) -> Result<(Graph, Vec<String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let what = path.display().to_string();
+    // The file's bytes go as soon as they are parsed (a large model's weights would
+    // otherwise be held three times during the import).
+    let model = import::parse(&bytes, &what)?;
+    drop(bytes);
     // External data files are resolved against the model's own folder.
     let dir = path.parent().unwrap_or(Path::new("."));
-    import::import_noting(&bytes, &path.display().to_string(), Some(dir))
+    import::import_model(model, &what, Some(dir))
 }
 
 /// Exports `g` to `path` atomically (refusing non-finite weights).

@@ -242,6 +242,11 @@ pub fn import_bytes_at(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<G
 /// [`import_bytes_at`], also returning what the import changed that a user should know
 /// (e.g. a batch fixed in the file, made symbolic).
 pub fn import_noting(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<(Graph, Vec<String>)> {
+    import_model(parse(bytes, what)?, what, dir)
+}
+
+/// The ONNX model in `bytes` (`what` names them in errors).
+pub fn parse(bytes: &[u8], what: &str) -> Result<ModelProto> {
     if bytes.is_empty() {
         bail!("{what}: the file is empty (0 bytes), not an ONNX model");
     }
@@ -250,10 +255,33 @@ pub fn import_noting(bytes: &[u8], what: &str, dir: Option<&Path>) -> Result<(Gr
     if model.graph.is_none() && model.opset_import.is_empty() {
         bail!("{what}: not an ONNX model (no graph and no opset; is it another kind of file?)");
     }
-    convert(&model, &mut ExternalData::new(dir)).with_context(|| format!("importing {what}"))
+    Ok(model)
 }
 
-fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<String>)> {
+/// [`import_noting`] of a parsed model, which it consumes: each initialiser's bytes are
+/// freed once the nodes reading it are converted.
+pub fn import_model(
+    model: ModelProto,
+    what: &str,
+    dir: Option<&Path>,
+) -> Result<(Graph, Vec<String>)> {
+    convert(model, &mut ExternalData::new(dir)).with_context(|| format!("importing {what}"))
+}
+
+fn convert(mut model: ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<String>)> {
+    // Initialisers are decoded (to f64 constants) just before their first reader, and they
+    // and every other constant are dropped after their last: decoding them all up front
+    // and keeping the protobuf's copy held extra copies of every weight (ViT-B/16 peaked at
+    // 3.2 GB for 346 MB of weights).
+    let mut lazy: HashMap<String, onnx_protobuf::TensorProto> = model
+        .graph
+        .as_mut()
+        .map(|g| std::mem::take(&mut g.initializer))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let model = &model;
     let opset = model
         .opset_import
         .iter()
@@ -293,14 +321,11 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
     for o in &g.output {
         *ctx.uses.entry(o.name.clone()).or_default() += 1;
     }
-    for t in &g.initializer {
-        ctx.values
-            .insert(t.name.clone(), Value::Const(from_proto_with(t, ext)?));
-    }
+    let mut remaining = ctx.uses.clone();
     let inputs: Vec<_> = g
         .input
         .iter()
-        .filter(|i| !ctx.values.contains_key(&i.name))
+        .filter(|i| !lazy.contains_key(i.name.as_str()))
         .collect();
     if inputs.is_empty() {
         bail!("the graph has no non-constant input");
@@ -346,6 +371,14 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
             skipped += 1;
             continue;
         }
+        for i in &n.input {
+            if let Some(t) = lazy.get(i) {
+                if !ctx.values.contains_key(i) {
+                    ctx.values
+                        .insert(i.clone(), Value::Const(from_proto_with(t, ext)?));
+                }
+            }
+        }
         let before = ctx.nodes.len();
         let out = if !n.domain.is_empty() && n.domain != "ai.onnx" {
             Err(anyhow!(
@@ -373,6 +406,17 @@ fn convert(model: &ModelProto, ext: &mut ExternalData) -> Result<(Graph, Vec<Str
             Err(e) => {
                 errors.push(e);
                 failed.extend(n.output.iter().map(String::as_str));
+            }
+        }
+        // A constant (an initialiser or a folded result) or a view (its per-element index)
+        // that no later node reads is dropped.
+        for i in &n.input {
+            if let Some(k) = remaining.get_mut(i) {
+                *k = k.saturating_sub(1);
+                if *k == 0 && matches!(ctx.values.get(i), Some(Value::Const(_) | Value::View(_))) {
+                    ctx.values.remove(i);
+                    lazy.remove(i);
+                }
             }
         }
     }
