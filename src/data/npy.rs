@@ -82,7 +82,13 @@ pub fn int64_bytes(shape: &[usize], values: &[i64]) -> Vec<u8> {
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut h = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': {tuple}, }}");
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    npy_bytes("<i8", &tuple, &data)
+}
+
+/// A version-1 `.npy` file: the header (padded to 64 bytes, as NumPy writes it) and `data`.
+fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + h.len() + 1) % 64 != 0 {
         h.push(' ');
     }
@@ -90,7 +96,7 @@ pub fn int64_bytes(shape: &[usize], values: &[i64]) -> Vec<u8> {
     let mut b = b"\x93NUMPY\x01\x00".to_vec();
     b.extend((h.len() as u16).to_le_bytes());
     b.extend(h.as_bytes());
-    b.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    b.extend(data);
     b
 }
 
@@ -117,38 +123,25 @@ fn field<'a>(header: &'a str, key: &str) -> Result<&'a str> {
 mod tests {
     use super::*;
 
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend((h.len() as u16).to_le_bytes());
-        b.extend(h.as_bytes());
-        b.extend(data);
-        b
-    }
-
     #[test]
     fn reads_what_numpy_writes_and_names_what_is_wrong() {
         let d: Vec<u8> = [3i64, -1, 7, 0, 1, 2]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let a = parse_ints(&npy("<i8", "(2, 3)", &d)).unwrap();
+        let a = parse_ints(&npy_bytes("<i8", "(2, 3)", &d)).unwrap();
         assert_eq!(a.shape, vec![2, 3]);
         assert_eq!(a.values, vec![3, -1, 7, 0, 1, 2]);
-        let a = parse_ints(&npy("|b1", "(4,)", &[1, 0, 1, 1])).unwrap();
+        let a = parse_ints(&npy_bytes("|b1", "(4,)", &[1, 0, 1, 1])).unwrap();
         assert_eq!((a.shape, a.values), (vec![4], vec![1, 0, 1, 1]));
         let e = format!(
             "{:#}",
-            parse_ints(&npy("<i8", "(2, 3)", &d[..40])).unwrap_err()
+            parse_ints(&npy_bytes("<i8", "(2, 3)", &d[..40])).unwrap_err()
         );
         assert!(e.contains("truncated"), "{e}");
         let e = format!(
             "{:#}",
-            parse_ints(&npy("<f4", "(1,)", &[0; 4])).unwrap_err()
+            parse_ints(&npy_bytes("<f4", "(1,)", &[0; 4])).unwrap_err()
         );
         assert!(e.contains("'<f4'"), "{e}");
         assert!(parse_ints(b"PK\x03\x04 a zip").is_err());

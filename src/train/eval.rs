@@ -65,14 +65,16 @@ pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
             Ok(Inputs(vec![fit_image(g, x)?]))
         }
         Features::Tokens(arrays) => {
-            let shapes = g.shapes()?;
             let b = arrays.first().map_or(0, |(_, t)| t.dims()[0]);
             let have: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
             let xs = ids
                 .iter()
                 .map(|&i| {
                     let name = &g.nodes[i].name;
-                    let want = &shapes[i];
+                    let crate::graph::ops::Op::Input(input) = &g.nodes[i].op else {
+                        bail!("graph input '{name}' is not an Input op");
+                    };
+                    let want = &input.shape;
                     let t = match arrays.iter().find(|(n, _)| n == name) {
                         Some((_, t)) => t.clone(),
                         None if g.token_input(i) == Some(TokenInput::KeyMask) => {
