@@ -16,9 +16,12 @@ PY="${PYTHON:-python3}"
 # CUDA 13 ones ship nvcc itself, in one toolkit-shaped folder (nvidia/cu13).
 PKGS="nvidia-cuda-nvcc==13.4.92 nvidia-cuda-runtime==13.4.92 nvidia-cuda-crt==13.4.92 nvidia-nvvm==13.4.92
   nvidia-cuda-cccl==13.3.5.0.6 nvidia-cuda-nvrtc==13.4.92 nvidia-cublas==13.4.3.11 nvidia-curand==10.4.4.72"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+# Installed once per package list (a marker records it, so a failed or older install is
+# redone).
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$PKGS" ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q $PKGS
+  echo "$PKGS" > "$VENV/.installed"
 fi
 ROOT="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 # Unversioned library names the linker looks for.
