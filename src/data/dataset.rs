@@ -103,6 +103,31 @@ impl Dataset {
                 shape
             );
         }
+        Dataset::over(
+            name,
+            Store::Pixels(Arc::new(pixels)),
+            labels,
+            shape,
+            max_value,
+            mean,
+            std,
+            classes,
+        )
+    }
+
+    /// The dataset over `store` (whose size the caller checked): labels checked against
+    /// the classes.
+    #[allow(clippy::too_many_arguments)]
+    fn over(
+        name: &str,
+        store: Store,
+        labels: Vec<u16>,
+        shape: [usize; 3],
+        max_value: f32,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
         if !classes.is_empty() {
             if let Some(i) = labels.iter().position(|&l| l as usize >= classes.len()) {
                 bail!(
@@ -120,7 +145,7 @@ impl Dataset {
             name: name.to_string(),
             origin: name.to_string(),
             index: (0..labels.len()).collect(),
-            store: Store::Pixels(Arc::new(pixels)),
+            store,
             labels: Arc::new(labels),
             remap: None,
             shape,
@@ -167,18 +192,17 @@ impl Dataset {
             }
         }
         let t = first.len;
-        let mut d = Dataset::new(
+        let store = Store::Tokens(Arc::new(arrays));
+        Dataset::over(
             name,
-            vec![0; n * t],
+            store,
             labels,
             [1, 1, t],
             1.0,
             vec![0.0],
             vec![1.0],
             classes,
-        )?;
-        d.store = Store::Tokens(Arc::new(arrays));
-        Ok(d)
+        )
     }
 
     /// Whether the samples are token arrays (not images).
