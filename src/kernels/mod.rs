@@ -333,15 +333,20 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
+/// LayerNorm (`rms` false) or RMSNorm on lopper's kernel.
+fn fused_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, rms: bool) -> Result<Tensor> {
+    let op = layer_norm::LayerNormOp {
+        eps: eps as f32,
+        rms,
+    };
+    Ok(x.contiguous()?.apply_op3(gamma, beta, op)?)
+}
+
 /// RMSNorm across channels (axis 1): `x / √(mean_c x² + ε) · γ + β` (the layer-norm
 /// kernel without centring; composed candle ops on the reference path).
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fast(x) {
-        let op = layer_norm::LayerNormOp {
-            eps: eps as f32,
-            rms: true,
-        };
-        return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
+        return fused_norm(x, gamma, beta, eps, true);
     }
     let mut shape = vec![1usize; x.rank()];
     shape[1] = x.dim(1)?;
@@ -354,11 +359,7 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<T
 /// LayerNorm across channels (axis 1 of `[N, C, P…]`) at every position, `y = x̂·γ + β`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fast(x) {
-        let op = layer_norm::LayerNormOp {
-            eps: eps as f32,
-            rms: false,
-        };
-        return Ok(x.contiguous()?.apply_op3(gamma, beta, op)?);
+        return fused_norm(x, gamma, beta, eps, false);
     }
     let mut shape = vec![1usize; x.rank()];
     shape[1] = x.dim(1)?;

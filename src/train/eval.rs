@@ -51,7 +51,9 @@ pub fn output_classes(g: &Graph) -> Result<usize> {
 /// not read are ignored), each checked against its input's length.
 pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
     let ids = g.input_ids();
-    let tokens = ids.iter().any(|&i| g.token_input(i).is_some());
+    // What each input is (token ids, a key mask, or float values), worked out once.
+    let kinds: Vec<Option<TokenInput>> = ids.iter().map(|&i| g.token_input(i)).collect();
+    let tokens = kinds.iter().any(Option::is_some);
     match x {
         Features::Images(x) => {
             if ids.len() != 1 || tokens {
@@ -69,7 +71,8 @@ pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
             let have: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
             let xs = ids
                 .iter()
-                .map(|&i| {
+                .zip(&kinds)
+                .map(|(&i, &kind)| {
                     let name = &g.nodes[i].name;
                     let crate::graph::ops::Op::Input(input) = &g.nodes[i].op else {
                         bail!("graph input '{name}' is not an Input op");
@@ -77,7 +80,7 @@ pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
                     let want = &input.shape;
                     let t = match arrays.iter().find(|(n, _)| n == name) {
                         Some((_, t)) => t.clone(),
-                        None if g.token_input(i) == Some(TokenInput::KeyMask) => {
+                        None if kind == Some(TokenInput::KeyMask) => {
                             let mut d = vec![b];
                             d.extend(want);
                             Tensor::ones(d, DType::F32, &Device::Cpu)?
@@ -87,7 +90,7 @@ pub fn fit_input(g: &Graph, x: Features) -> Result<Inputs> {
                             have.join(", ")
                         ),
                     };
-                    if g.token_input(i).is_none() {
+                    if kind.is_none() {
                         bail!("the model's input '{name}' takes float values, not token ids (the data are token arrays)");
                     }
                     if &t.dims()[1..] != want.as_slice() {

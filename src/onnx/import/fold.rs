@@ -3,6 +3,7 @@
 //! computes the attention scale as `1 / sqrt(sqrt(head_dim))` and broadcasts the class
 //! token through `Equal`/`Where`/`Expand` on the shape). With numpy broadcasting.
 
+use super::view::View;
 use super::{Ctx, Value};
 use crate::onnx::attrs::Attrs;
 use crate::onnx::value::Const;
@@ -269,15 +270,7 @@ pub(super) fn gather_nd(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
         bail!("GatherND with batch_dims > 0 is not supported");
     }
     let idx = konst(ctx, n, 1)?.clone();
-    let (data, view) = match ctx.konst(&n.input[0]) {
-        Some(c) => (c.clone(), None),
-        None => {
-            let Some(v) = ctx.view(&n.input[0]) else {
-                bail!("GatherND of '{}', which is not a tensor", n.input[0]);
-            };
-            (v.index.clone(), Some(v))
-        }
-    };
+    let (data, view) = moved_data(ctx, n)?;
     let k = *idx.dims.last().unwrap_or(&0);
     if k == 0 || k > data.dims.len() {
         bail!(
@@ -305,6 +298,23 @@ pub(super) fn gather_nd(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Val
     let mut dims = idx.dims[..idx.dims.len() - 1].to_vec();
     dims.extend(&data.dims[k..]);
     let c = Const { dims, data: out };
+    moved(ctx, label, c, view)
+}
+
+/// The data a data-movement op (GatherND, Expand) rearranges: a constant's values, or a
+/// computed tensor's view index (the same rearrangement then applies to it).
+fn moved_data(ctx: &Ctx, n: &NodeProto) -> Result<(Const, Option<View>)> {
+    if let Some(c) = ctx.konst(&n.input[0]) {
+        return Ok((c.clone(), None));
+    }
+    let Some(v) = ctx.view(&n.input[0]) else {
+        bail!("{} of '{}', which is not a tensor", n.op_type, n.input[0]);
+    };
+    Ok((v.index.clone(), Some(v)))
+}
+
+/// The rearranged data of [`moved_data`]: a constant, or the view with its new index.
+fn moved(ctx: &mut Ctx, label: &str, c: Const, view: Option<View>) -> Result<Value> {
     match view {
         None => Ok(Value::Const(c)),
         Some(v) => super::view::settle(ctx, label, v.with_index(c)),
@@ -321,15 +331,7 @@ pub(super) fn expand(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| anyhow!("Expand to a negative size {d}")))
         .collect::<Result<_>>()?;
-    let (x, view) = match ctx.konst(&n.input[0]) {
-        Some(c) => (c.clone(), None),
-        None => {
-            let Some(v) = ctx.view(&n.input[0]) else {
-                bail!("Expand of '{}', which is not a tensor", n.input[0]);
-            };
-            (v.index.clone(), Some(v))
-        }
-    };
+    let (x, view) = moved_data(ctx, n)?;
     let ones = Const {
         dims: target,
         data: vec![],
@@ -340,10 +342,7 @@ pub(super) fn expand(ctx: &mut Ctx, n: &NodeProto, label: &str) -> Result<Value>
         data: src.iter().map(|&i| x.data[i]).collect(),
         dims,
     };
-    match view {
-        None => Ok(Value::Const(c)),
-        Some(v) => super::view::settle(ctx, label, v.with_index(c)),
-    }
+    moved(ctx, label, c, view)
 }
 
 #[cfg(test)]
