@@ -579,6 +579,17 @@ fn pooling_matches_finite_differences_and_candle() {
             },
             [2, 2, 14, 14],
         ),
+        (
+            // Asymmetric padding (TF "same"), ceil mode, padding excluded from the mean.
+            PoolCfg {
+                kernel: [3, 2],
+                stride: [2, 3],
+                padding: [0, 1, 2, 0],
+                ceil_mode: true,
+                count_include_pad: false,
+            },
+            [1, 3, 9, 10],
+        ),
     ];
     for (cfg, dims) in cases {
         for max in [true, false] {

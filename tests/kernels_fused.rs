@@ -478,6 +478,20 @@ fn epilogues(l: Isa) {
             let what = format!("conv {ci} + bias grad {g} ({l:?})");
             assert_close(&ours.1[g], &theirs.1[g], 1e-4, &what);
         }
+        // The same with its ReLU fused (a training conv without batch norm).
+        let [ours, theirs] = both(&[(&xv, &xd), (&wv, &wd), (&bias, &[wd[0]])], &|ts| {
+            kernels::conv2d_bias_act(&ts[0], &ts[1], &ts[2], cfg, true).unwrap()
+        });
+        assert_close(
+            &ours.0,
+            &theirs.0,
+            1e-5,
+            &format!("conv {ci} + bias + relu ({l:?})"),
+        );
+        for g in 0..3 {
+            let what = format!("conv {ci} + bias + relu grad {g} ({l:?})");
+            assert_close(&ours.1[g], &theirs.1[g], 1e-4, &what);
+        }
         let y0 = kernels::conv2d(&x, &w, cfg).unwrap();
         let res = t(&rand_vec(&mut rng, y0.elem_count(), 1.0), y0.dims());
         for &k in KINDS {

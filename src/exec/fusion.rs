@@ -21,8 +21,8 @@ pub struct Epi {
 
 #[derive(Debug)]
 pub struct Fusion {
-    /// `fused_relu[i]`: node `i` (BatchNorm or a two-input Add of equal shapes) applies the
-    /// ReLU of its only consumer.
+    /// `fused_relu[i]`: node `i` (BatchNorm, a two-input Add of equal shapes, or in
+    /// training a conv with a bias) applies the ReLU of its only consumer.
     pub fused_relu: Vec<bool>,
     /// `alias[j] = Some(i)`: node `j` (fused into an earlier node) takes node `i`'s value.
     pub alias: Vec<Option<NodeId>>,
@@ -127,6 +127,8 @@ pub fn plan(
         let fusable = match &node.op {
             Op::BatchNorm(_) => true,
             Op::Add(_) => plain_add(g, i, shapes),
+            // Training a conv with a bias and no batch norm (eval mode has epilogues).
+            Op::Conv2d(c) => !eval && c.bias,
             _ => false,
         };
         if !fusable || alias[i].is_some() {

@@ -40,7 +40,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Runs node `i` on its input values (`input` is the graph input, for the Input node);
-/// `relu` applies a fused ReLU (batch norm, add); `sw` its compressed weight, if planned.
+/// `relu` applies a fused ReLU (batch norm, add, a training conv with a bias); `sw` its compressed weight, if planned.
 pub(crate) fn run(
     g: &Graph,
     i: NodeId,
@@ -59,7 +59,7 @@ pub(crate) fn run(
     };
     match op {
         Op::Input(_) => Ok(input.clone()),
-        Op::Conv2d(c) => conv(g, i, c, x, ctx, sw),
+        Op::Conv2d(c) => conv(g, i, c, x, ctx, sw, relu),
         Op::Linear(l) => linear(g, i, l, x, ctx, sw),
         Op::BatchNorm(bn) => batch_norm(g, i, bn, x, ctx, relu),
         Op::Activation(a) => activation(x, a.kind),
@@ -174,6 +174,7 @@ fn conv(
     x: &Tensor,
     ctx: &Ctx,
     sw: Option<&SparseWeight>,
+    relu: bool,
 ) -> Result<Tensor> {
     let cfg = conv_cfg(c);
     if let Some(sw) = sw {
@@ -182,14 +183,14 @@ fn conv(
         let epi = SparseEpilogue {
             scale: None,
             bias: b.as_deref(),
-            act: None,
+            act: relu.then_some(ActivationKind::Relu),
         };
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
         return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, None);
     }
     let w = weight(g, i, ctx)?;
     if c.bias {
-        kernels::conv2d_bias(x, &w, &param(g, i, BIAS)?, cfg)
+        kernels::conv2d_bias_act(x, &w, &param(g, i, BIAS)?, cfg, relu)
     } else {
         kernels::conv2d(x, &w, cfg)
     }

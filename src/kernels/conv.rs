@@ -517,6 +517,10 @@ fn conv_grads(
 /// the conv on narrow layers).
 pub struct Conv2dBiasOp {
     pub cfg: ConvCfg,
+    /// Applies a ReLU in the output pass (training a conv without batch norm); the
+    /// backward masks the incoming gradient by the saved output instead of candle's
+    /// five-op ReLU gradient.
+    pub relu: bool,
 }
 
 impl candle_core::CustomOp3 for Conv2dBiasOp {
@@ -542,7 +546,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         }
         let epi = Epilogue {
             bias: b.to_vec(),
-            act: None,
+            act: self.relu.then_some(ActivationKind::Relu),
         };
         // SAFETY: every path of the forward stores each output once (depthwise planes,
         // GEMMs that do not read their destination, an empty reduction zero-filled).
@@ -556,9 +560,16 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let masked;
+        let grad = if self.relu {
+            masked = relu_masked(res, grad)?;
+            &masked
+        } else {
+            grad
+        };
         let (dx, dw) = conv_grads(&self.cfg, x, w, grad)?;
         let o = b.elem_count();
         let db = with_f32(grad, |dy| {
@@ -574,4 +585,24 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         .map_err(ce)?;
         Ok((dx, dw, Some(tensor(db, b.dims())?)))
     }
+}
+
+/// `dy` where the ReLU's output `y` is positive, else 0 (PyTorch's `threshold_backward`).
+fn relu_masked(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    let out = with_f32(y, |yv| {
+        with_f32(dy, |g| {
+            let mut d = vec![0f32; yv.len()];
+            d.par_chunks_mut(1 << 15)
+                .zip(yv.par_chunks(1 << 15).zip(g.par_chunks(1 << 15)))
+                .for_each(|(d, (yc, gc))| {
+                    for ((d, &y), &g) in d.iter_mut().zip(yc).zip(gc) {
+                        *d = if y > 0.0 { g } else { 0.0 };
+                    }
+                });
+            d
+        })
+    })
+    .and_then(|r| r)
+    .map_err(ce)?;
+    tensor(out, y.dims())
 }

@@ -80,12 +80,25 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
 
 /// 2-D convolution plus a per-channel bias `b: [O]`, with gradients for all three.
 pub fn conv2d_bias(x: &Tensor, w: &Tensor, b: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
+    conv2d_bias_act(x, w, b, cfg, false)
+}
+
+/// [`conv2d_bias`] followed by a ReLU when `relu`, fused into one op with its gradient
+/// (training a conv without batch norm: one pass each way instead of candle's five).
+pub fn conv2d_bias_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    cfg: ConvCfg,
+    relu: bool,
+) -> Result<Tensor> {
     if fast(x) {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        return Ok(x.apply_op3(&w, &b.contiguous()?, conv::Conv2dBiasOp { cfg })?);
+        return Ok(x.apply_op3(&w, &b.contiguous()?, conv::Conv2dBiasOp { cfg, relu })?);
     }
     let o = b.elem_count();
-    Ok(conv2d(x, w, cfg)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?)
+    let y = conv2d(x, w, cfg)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?;
+    Ok(if relu { y.relu()? } else { y })
 }
 
 /// Inference conv with a per-channel bias and optional activation fused into its output
