@@ -130,7 +130,7 @@ pub fn backward_input(g: &Geo, dy: &[f32], w: &[f32], b: usize) -> Vec<f32> {
             if g.is_pointwise() {
                 dxn.copy_from_slice(&tmp);
             } else {
-                col2im(g, &tmp, dxn);
+                col2im(g, &mut tmp, dxn);
             }
         }
     }

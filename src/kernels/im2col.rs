@@ -207,7 +207,62 @@ fn copy_small(dst: &mut [f32], src: &[f32]) {
 }
 
 /// Scatter-adds `col[K x P]` into one image group `dx[cg, h, w]` (which is not cleared).
-pub fn col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
+/// `col` is scratch: the "same" stride-1 path zeroes its wrapped-around border columns.
+pub fn col2im(g: &Geo, col: &mut [f32], dx: &mut [f32]) {
+    if is_same_stride1(g) && g.pl < g.w && g.pt < g.h {
+        return col2im_same(g, col, dx);
+    }
+    general_col2im(g, col, dx)
+}
+
+/// col2im for "same" stride-1 convolutions, the mirror of [`im2col_same`]: each row is
+/// the plane shifted by one constant offset, so once the columns that would wrap into
+/// the neighbouring image row are zeroed, the row adds to the plane in one contiguous
+/// (vectorised) pass. Row by row this was 12 % of a ResNet-20 training step, its 8- to
+/// 32-wide rows paying the loop overhead.
+fn col2im_same(g: &Geo, col: &mut [f32], dx: &mut [f32]) {
+    let (h, w, p) = (g.h, g.w, g.p());
+    let mut row = 0;
+    for c in 0..g.cg() {
+        let dc = &mut dx[c * h * w..(c + 1) * h * w];
+        for ky in 0..g.kh {
+            let dy = ky as isize - g.pt as isize;
+            for kx in 0..g.kw {
+                let dxo = kx as isize - g.pl as isize;
+                let src = &mut col[row * p..(row + 1) * p];
+                row += 1;
+                let ylo = (-dy).max(0) as usize;
+                let yhi = ((h as isize - dy).min(h as isize)).max(ylo as isize) as usize;
+                if yhi <= ylo {
+                    continue;
+                }
+                if dxo > 0 {
+                    for oy in ylo..yhi {
+                        src[oy * w + w - dxo as usize..(oy + 1) * w].fill(0.0);
+                    }
+                } else if dxo < 0 {
+                    for oy in ylo..yhi {
+                        src[oy * w..oy * w + (-dxo) as usize].fill(0.0);
+                    }
+                }
+                // dc[q + s] += src[q] for q in [ylo*w, yhi*w), clipped to the plane.
+                let s = dy * w as isize + dxo;
+                let q0 = ((ylo * w) as isize).max(-s) as usize;
+                let q1 = ((yhi * w) as isize).min((h * w) as isize - s) as usize;
+                if q1 > q0 {
+                    let d0 = (q0 as isize + s) as usize;
+                    dc[d0..d0 + (q1 - q0)]
+                        .iter_mut()
+                        .zip(&src[q0..q1])
+                        .for_each(|(a, &b)| *a += b);
+                }
+            }
+        }
+    }
+}
+
+/// col2im for any geometry, row by row.
+fn general_col2im(g: &Geo, col: &[f32], dx: &mut [f32]) {
     let p = g.p();
     let mut row = 0;
     for c in 0..g.cg() {
@@ -260,20 +315,31 @@ pub fn to_channels_last(g: &Geo, x: &[f32], xt: &mut Vec<f32>) {
 /// `(ky, kx, c)`, so each tap is one contiguous copy of `cg` values.
 pub fn im2col_t_cl(g: &Geo, xt: &[f32], col_t: &mut [f32]) {
     let (cg, k) = (g.cg(), g.k());
+    // Bounds are resolved once per (row, tap), not per pixel and tap: a tap's valid
+    // columns are one range, so the inner loop is a run of plain `cg`-long copies.
+    let xr: Vec<(usize, usize)> = (0..g.kw).map(|kx| g.valid_x(kx)).collect();
     for oy in 0..g.oh {
-        for ox in 0..g.ow {
-            let row = &mut col_t[(oy * g.ow + ox) * k..(oy * g.ow + ox + 1) * k];
-            for ky in 0..g.kh {
-                let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                for kx in 0..g.kw {
-                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
-                    let dst = &mut row[(ky * g.kw + kx) * cg..(ky * g.kw + kx + 1) * cg];
-                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                        dst.fill(0.0);
-                    } else {
-                        let p = iy as usize * g.w + ix as usize;
-                        copy_small(dst, &xt[p * cg..(p + 1) * cg]);
-                    }
+        let out_row = &mut col_t[oy * g.ow * k..(oy + 1) * g.ow * k];
+        for ky in 0..g.kh {
+            let (ylo, yhi) = g.valid_y(ky);
+            let inside = oy >= ylo && oy < yhi;
+            let iy = if inside {
+                oy * g.sh + ky * g.dh - g.pt
+            } else {
+                0
+            };
+            for (kx, &(xlo, xhi)) in xr.iter().enumerate() {
+                let tap = (ky * g.kw + kx) * cg;
+                let (lo, hi) = if inside { (xlo, xhi) } else { (g.ow, g.ow) };
+                for ox in (0..lo.min(g.ow)).chain(hi.max(lo)..g.ow) {
+                    out_row[ox * k + tap..ox * k + tap + cg].fill(0.0);
+                }
+                for ox in lo..hi {
+                    let p = iy * g.w + ox * g.sw + kx * g.dw - g.pl;
+                    copy_small(
+                        &mut out_row[ox * k + tap..ox * k + tap + cg],
+                        &xt[p * cg..(p + 1) * cg],
+                    );
                 }
             }
         }
@@ -341,6 +407,64 @@ mod tests {
             im2col_same(&g, &x, &mut a);
             general_im2col(&g, &x, &mut b);
             assert_eq!(a, b, "{h}x{w} k{k} p{pad}");
+            // And the scatter-add back: the same-padding path equals the general one.
+            let col: Vec<f32> = (0..g.k() * g.p()).map(|i| (i % 13) as f32 - 6.0).collect();
+            let (mut da, mut db) = (vec![0.5f32; 2 * h * w], vec![0.5f32; 2 * h * w]);
+            col2im_same(&g, &mut col.clone(), &mut da);
+            general_col2im(&g, &col, &mut db);
+            assert_eq!(da, db, "col2im {h}x{w} k{k} p{pad}");
+        }
+    }
+
+    #[test]
+    fn pixel_major_im2col_is_the_permuted_transpose_of_im2col() {
+        // (h, w, k, stride, [pt, pl], dilation): stride 2, asymmetric and no padding,
+        // dilation, a kernel wider than the padded row.
+        for &(h, w, k, st, [pt, pl], d) in &[
+            (5, 7, 3, 1, [1, 1], 1),
+            (9, 6, 3, 2, [0, 1], 1),
+            (7, 7, 3, 1, [2, 2], 2),
+            (4, 3, 5, 1, [2, 2], 1),
+            (6, 8, 1, 2, [0, 0], 1),
+        ] {
+            let span = d * (k - 1) + 1;
+            let (oh, ow) = ((h + 2 * pt - span) / st + 1, (w + 2 * pl - span) / st + 1);
+            let g = Geo {
+                n: 1,
+                c: 3,
+                h,
+                w,
+                o: 1,
+                kh: k,
+                kw: k,
+                oh,
+                ow,
+                sh: st,
+                sw: st,
+                pt,
+                pl,
+                dh: d,
+                dw: d,
+                groups: 1,
+            };
+            let x: Vec<f32> = (0..3 * h * w).map(|i| i as f32 + 1.0).collect();
+            let mut col = vec![-1f32; g.k() * g.p()];
+            general_im2col(&g, &x, &mut col);
+            let mut xt = Vec::new();
+            to_channels_last(&g, &x, &mut xt);
+            let mut col_t = vec![-2f32; g.k() * g.p()];
+            im2col_t_cl(&g, &xt, &mut col_t);
+            for c in 0..3 {
+                for t in 0..k * k {
+                    for q in 0..g.p() {
+                        assert_eq!(
+                            col_t[q * g.k() + t * 3 + c],
+                            col[(c * k * k + t) * g.p() + q],
+                            "{h}x{w} k{k} s{st} pad {pt},{pl} d{d}: c{c} tap{t} px{q}"
+                        );
+                    }
+                }
+            }
         }
     }
 }
