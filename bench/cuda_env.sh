@@ -30,23 +30,39 @@ for l in "$ROOT"/lib/lib*.so.*; do
 done
 [ -e "$ROOT/lib64" ] || ln -sfn "$ROOT/lib" "$ROOT/lib64"
 # The driver (libcuda) comes with the GPU's driver, not with any wheel; linking needs its
-# symbols, so a link-time stub is built from the names candle's cudarc binds (what the CUDA
-# toolkit's lib/stubs/libcuda.so is). Its soname is the driver's, so a binary built here
-# loads the real driver on a GPU machine; the stub is never on the runtime library path.
-if [ ! -e "$ROOT/lib/stubs/libcuda.so" ]; then
+# symbols, so a stub is built from the names candle's cudarc binds (what the CUDA toolkit's
+# lib/stubs/libcuda.so is). Its soname is the driver's, so a binary built here loads the
+# real driver on a GPU machine. Every stub entry point answers CUDA_ERROR_NO_DEVICE (100)
+# and the two error-string calls answer properly, so on a machine without a driver the
+# CUDA binary starts, runs on the CPU, and `--device cuda` fails with a clear message
+# instead of the loader refusing the binary. The stub goes on the runtime library path
+# only where no real driver is installed.
+STUB_VERSION=2
+if [ "$(cat "$ROOT/lib/stubs/.version" 2>/dev/null)" != "$STUB_VERSION" ]; then
   (cd "$HERE" && cargo fetch -q)
   CUDARC="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)"
   mkdir -p "$ROOT/lib/stubs"
-  grep -ohE "^\s+fn cu[A-Za-z0-9_]+\(" "$CUDARC"/src/driver/sys/mod.rs \
-    | grep -oE "cu[A-Za-z0-9_]+" | sort -u | sed 's/.*/int &(void) { return 999; }/' \
-    > "$ROOT/lib/stubs/libcuda_stub.c"
+  {
+    echo 'int cuGetErrorString(int e, const char **s) { *s = e == 100 ? "no CUDA-capable device: this machine has no NVIDIA driver (lopper'"'"'s stub libcuda answered)" : "CUDA error (stub driver)"; return 0; }'
+    echo 'int cuGetErrorName(int e, const char **s) { *s = e == 100 ? "CUDA_ERROR_NO_DEVICE" : "CUDA_ERROR_UNKNOWN"; return 0; }'
+    grep -ohE "^\s+fn cu[A-Za-z0-9_]+\(" "$CUDARC"/src/driver/sys/mod.rs \
+      | grep -oE "cu[A-Za-z0-9_]+" | sort -u | grep -vxE "cuGetErrorString|cuGetErrorName" \
+      | sed 's/.*/int &(void) { return 100; }/'
+  } > "$ROOT/lib/stubs/libcuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib/stubs/libcuda.so" \
     "$ROOT/lib/stubs/libcuda_stub.c"
+  ln -sf libcuda.so "$ROOT/lib/stubs/libcuda.so.1"
+  echo "$STUB_VERSION" > "$ROOT/lib/stubs/.version"
 fi
 set +u
 export CUDA_ROOT="$ROOT" CUDA_PATH="$ROOT" CUDA_HOME="$ROOT"
 export PATH="$ROOT/bin:$PATH"
 export LD_LIBRARY_PATH="$ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Link time always finds the stub; run time only where the real driver is absent.
+export LIBRARY_PATH="$ROOT/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+if ! ldconfig -p 2>/dev/null | grep -q "libcuda.so.1 "; then
+  export LD_LIBRARY_PATH="$ROOT/lib/stubs:$LD_LIBRARY_PATH"
+fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 set +e +o pipefail
 echo "cuda_env: nvcc $(nvcc --version | tail -1), compute cap $CUDA_COMPUTE_CAP, root $ROOT" >&2

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod charts;
 pub mod data;
+pub mod device;
 pub mod exec;
 pub mod graph;
 pub mod kernels;

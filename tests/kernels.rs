@@ -607,16 +607,19 @@ fn pooling_matches_finite_differences_and_candle() {
             });
             assert_close(&ours.1[0], &fx, 1e-3, &format!("{what} dx fd"));
             if let Some(theirs) = theirs {
-                assert_close(&ours.0, &theirs.0, 1e-6, &format!("{what} vs candle fwd"));
-                if !max {
-                    // candle's max-pool backward is known to be wrong (0.25x); avg is right.
-                    assert_close(
-                        &ours.1[0],
-                        &theirs.1[0],
-                        1e-5,
-                        &format!("{what} vs candle grad"),
-                    );
-                }
+                assert_close(
+                    &ours.0,
+                    &theirs.0,
+                    1e-6,
+                    &format!("{what} vs reference fwd"),
+                );
+                // (candle's own max_pool2d gradient is 0.25x; the reference is not it.)
+                assert_close(
+                    &ours.1[0],
+                    &theirs.1[0],
+                    1e-5,
+                    &format!("{what} vs reference grad"),
+                );
             }
         }
     }
@@ -624,51 +627,12 @@ fn pooling_matches_finite_differences_and_candle() {
 
 type Run = (Vec<f64>, Vec<Vec<f64>>);
 
+/// lopper's pooling kernel and the composed-op reference every other device runs (any
+/// padding, stride and ceil mode since issue 21).
 fn both_backends_or_ours(x: &[f64], dims: &[usize], cfg: PoolCfg, max: bool) -> (Run, Option<Run>) {
-    let plain = cfg.padding == [0; 4]
-        && !cfg.ceil_mode
-        && cfg.kernel == cfg.stride
-        && dims[2] % cfg.kernel[0] == 0;
     let f = |t: &[Tensor]| kernels::pool2d(&t[0], cfg, max).unwrap();
-    if plain {
-        let [a, b] = both_backends(&[(x, dims)], &f);
-        (a, Some(b))
-    } else {
-        let [a] = both_backends_ours_only(&[(x, dims)], &f);
-        (a, None)
-    }
-}
-
-fn both_backends_ours_only(
-    inputs: &[(&[f64], &[usize])],
-    f: &dyn Fn(&[Tensor]) -> Tensor,
-) -> [Run; 1] {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|(v, d)| Var::from_tensor(&t32(v, d)).unwrap())
-        .collect();
-    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&ts);
-    let dy = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
-        .unwrap()
-        .affine(0.37, 0.0)
-        .unwrap()
-        .sin()
-        .unwrap()
-        .reshape(y.dims())
-        .unwrap();
-    let grads = (y.clone() * dy)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    [(
-        v32(&y),
-        vars.iter()
-            .map(|v| v32(grads.get(v.as_tensor()).unwrap()))
-            .collect(),
-    )]
+    let [a, b] = both_backends(&[(x, dims)], &f);
+    (a, Some(b))
 }
 
 #[test]
@@ -776,4 +740,27 @@ fn eval_pass_values_do_not_record_their_inputs() {
     assert!(!forward(&g, &x, Mode::Eval).unwrap().track_op());
     // Training passes keep the record (the backward needs it).
     assert!(forward(&g, &x, Mode::Train).unwrap().track_op());
+}
+
+/// Ties (the zeros after a ReLU): the max-pool gradient goes to the first maximum of each
+/// window, in lopper's kernel and in the reference other devices run, as in PyTorch.
+#[test]
+fn max_pool_ties_send_the_gradient_to_the_first_maximum() {
+    let cfg = PoolCfg {
+        kernel: [2, 2],
+        stride: [2, 2],
+        padding: [0; 4],
+        ceil_mode: false,
+        count_include_pad: true,
+    };
+    let mut x = vec![0f64; 16];
+    x[5] = 1.0; // window (0,0) has a unique maximum at (1,1)
+    let (ours, theirs) = both_backends_or_ours(&x, &[1, 1, 4, 4], cfg, true);
+    let theirs = theirs.unwrap();
+    let dx_ours = &ours.1[0];
+    let nonzero: Vec<usize> = (0..16).filter(|&i| dx_ours[i] != 0.0).collect();
+    // Window (0,0) sends its gradient to 5, the unique maximum, but the upstream gradient
+    // there is sin(0) = 0; the three all-zero windows send theirs to their first input.
+    assert_eq!(nonzero, vec![2, 8, 10], "{dx_ours:?}");
+    assert_eq!(dx_ours, &theirs.1[0]);
 }

@@ -95,6 +95,7 @@ fn bad_recipes_name_the_line_and_key() {
         out: "OUT".into(),
         exe: "lopper".into(),
         data_dir: None,
+        device: None,
     };
     let stamp = stamp.replace(
         "keep_macs = [0.5, 0.7]",

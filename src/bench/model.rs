@@ -36,7 +36,12 @@ pub fn time_model(g: &Graph, label: &str, o: &ModelBench) -> Result<BenchRow> {
         let f = infer(g)?;
         // Batch-1 steps are short: time more of them for a stable median.
         let steps = if o.batch == 1 { o.steps * 5 } else { o.steps };
-        return time(&name, o.warmup, steps, || f(&xs));
+        // A GPU runs asynchronously: each timed step ends when the device is done.
+        let dev = g.device();
+        return time(&name, o.warmup, steps, || {
+            f(&xs)?;
+            Ok(dev.synchronize()?)
+        });
     }
     let shapes = g.shapes()?;
     let out = &shapes[g.outputs[0]];
@@ -46,7 +51,9 @@ pub fn time_model(g: &Graph, label: &str, o: &ModelBench) -> Result<BenchRow> {
              '{label}' outputs [batch, {out:?}]"
         );
     }
+    let dev = g.device();
     let (x, y) = data(o.batch, &dims, out[0])?;
+    let (x, y) = (x.to_device(&dev)?, y.to_device(&dev)?);
     let mut opt = Optimizer::new(
         OptimizerKind::Sgd {
             momentum: 0.9,
@@ -54,5 +61,8 @@ pub fn time_model(g: &Graph, label: &str, o: &ModelBench) -> Result<BenchRow> {
         },
         5e-4,
     );
-    time(&name, o.warmup, o.steps, || train_step(g, &mut opt, &x, &y))
+    time(&name, o.warmup, o.steps, || {
+        train_step(g, &mut opt, &x, &y)?;
+        Ok(dev.synchronize()?)
+    })
 }

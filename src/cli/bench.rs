@@ -4,6 +4,8 @@ use super::*;
 
 #[derive(Args)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long, default_value_t = 30, value_parser = argcheck::at_least_one, allow_negative_numbers = true)]
     steps: usize,
     #[arg(long, default_value_t = 5)]
@@ -63,7 +65,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         batch,
         train,
         profile,
+        device,
     } = a;
+    let dev = device.open()?;
+    if !dev.is_cpu() && model.is_none() {
+        bail!("--device {}: the fixed workloads are CPU workloads; time a model on another device with --model", device.device);
+    }
     lopper::kernels::use_reference_ops(reference);
     if profile {
         if model.is_none() && filter.is_empty() {
@@ -73,7 +80,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let profile = lopper::exec::profile::enabled();
     if let Some(m) = model {
-        bench_model(&m, batch, train, warmup, steps, reference, j)?;
+        bench_model(&m, &dev, batch, train, warmup, steps, reference, j)?;
         if profile && !j {
             print_profile(&m);
         }
@@ -144,8 +151,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 /// `lopper bench --model`: one row for one model, batch and mode.
+#[allow(clippy::too_many_arguments)]
 fn bench_model(
     m: &str,
+    dev: &candle_core::Device,
     batch: usize,
     train: bool,
     warmup: usize,
@@ -158,7 +167,7 @@ fn bench_model(
         weights: None,
         init_seed: 0,
     };
-    let g = resolve_model(&args, None, None)?;
+    let g = on_device(resolve_model(&args, None, None)?, dev)?;
     let label = Path::new(m)
         .file_stem()
         .map_or(m.to_string(), |s| s.to_string_lossy().into_owned());

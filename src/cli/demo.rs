@@ -39,6 +39,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         out: a.out.clone(),
         exe: std::env::current_exe()?,
         data_dir: None,
+        device: None,
     };
     let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new())?;
     if a.json {

@@ -5,6 +5,8 @@ use super::*;
 #[derive(Args)]
 pub struct EvalArgs {
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
@@ -25,12 +27,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         batch_size,
         eval_limit,
         json: j,
+        device,
     } = a;
+    let dev = device.open()?;
     let mut ds = load_split(&d, Split::Test)?;
     if let Some(n) = eval_limit {
         ds = ds.sample(n.min(ds.len()), 0)?;
     }
-    let g = resolve_model(&model, Some(&ds), d.data_dir.as_deref())?;
+    let g = on_device(
+        resolve_model(&model, Some(&ds), d.data_dir.as_deref())?,
+        &dev,
+    )?;
     let ds = labels_for_model(ds, &d, &g, j)?;
     let t = Instant::now();
     let ev = train::evaluate(&g, &ds, batch_size)?;

@@ -11,6 +11,8 @@ use super::*;
 #[derive(Args)]
 pub struct ForwardArgs {
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     model: ModelArgs,
     /// Raw input (f32; int64 for token ids and attention masks); repeat it once per graph
     /// input, in the model's input order.
@@ -30,9 +32,11 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         input,
         output,
         json,
+        device,
     } = a;
+    let dev = device.open()?;
     lopper::util::check_writable(&output, "output")?;
-    let g = resolve_model(&model, None, None)?;
+    let g = on_device(resolve_model(&model, None, None)?, &dev)?;
     let ids = g.input_ids();
     if input.len() != ids.len() {
         let names: Vec<&str> = ids.iter().map(|&i| g.nodes[i].name.as_str()).collect();

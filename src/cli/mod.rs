@@ -46,6 +46,30 @@ struct ModelArgs {
     init_seed: u64,
 }
 
+/// Where the model runs (every command that runs one).
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// cpu, cuda (= cuda:0) or cuda:N. CUDA needs a build with `--features cuda` and an
+    /// NVIDIA GPU with its driver; lopper's own kernels are CPU kernels, other devices run
+    /// candle's ops.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl DeviceArgs {
+    /// Opens the device: called before any data is read, so a wrong `--device` fails fast.
+    fn open(&self) -> Result<candle_core::Device> {
+        lopper::device::open(&self.device)
+    }
+}
+
+/// `g` with its parameters on `dev`.
+fn on_device(mut g: Graph, dev: &candle_core::Device) -> Result<Graph> {
+    g.to_device(dev)
+        .with_context(|| format!("moving the model to {}", lopper::device::name(dev)))?;
+    Ok(g)
+}
+
 #[derive(Args, Clone)]
 struct DataArgs {
     /// Dataset: digits (embedded), mnist, fashion-mnist, cifar10, or a path to a JPEG

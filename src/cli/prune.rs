@@ -3,7 +3,7 @@
 //! then the report (cost, latency, accuracy, widths). The job itself runs in the library.
 
 use super::choices::{name, BnModeArg, DwrAxes, PruneMethod, ScopeArg, ThresholdArg};
-use super::{load_split, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, DeviceArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::{Dataset, Split};
@@ -16,6 +16,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct PruneArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -202,6 +204,7 @@ fn method(a: &PruneArgs, overrides: Vec<(String, f64)>) -> Result<Method> {
 }
 
 pub fn cmd_prune(a: PruneArgs) -> Result<()> {
+    let dev = a.device.open()?;
     if let Some(o) = &a.output {
         lopper::util::check_model_output(o)?;
     }
@@ -230,10 +233,13 @@ pub fn cmd_prune(a: PruneArgs) -> Result<()> {
     if !no_data {
         super::calib_size(a.calib, 0, &train_ds, &a.data.data)?;
     }
-    let mut dense = resolve_model(
-        &a.model,
-        (!no_data).then_some(&train_ds),
-        a.data.data_dir.as_deref(),
+    let mut dense = super::on_device(
+        resolve_model(
+            &a.model,
+            (!no_data).then_some(&train_ds),
+            a.data.data_dir.as_deref(),
+        )?,
+        &dev,
     )?;
     if a.prune_embedding {
         dense = lopper::prune::allow_embedding_pruning(&dense)?;

@@ -14,6 +14,9 @@ pub struct RunArgs {
     data_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    /// Device every step's model runs on (cpu, cuda, cuda:N), passed to each step.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -22,7 +25,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         out,
         data_dir,
         json: j,
+        device,
     } = a;
+    // Fail before the first step if the device cannot be opened.
+    lopper::device::open(&device)?;
     let r = lopper::recipe::load(&recipe)?;
     let out = match out {
         Some(o) => o,
@@ -32,6 +38,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         out: out.clone(),
         exe: std::env::current_exe()?,
         data_dir,
+        device: (device != "cpu").then_some(device),
     };
     let rep = lopper::recipe::run::run(&r, &opts, &super::progress::Console::new())?;
     if j {

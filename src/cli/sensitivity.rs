@@ -6,6 +6,8 @@ use super::*;
 #[derive(Args)]
 pub struct SensitivityArgs {
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
@@ -42,7 +44,9 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         calib,
         output,
         json: j,
+        device,
     } = a;
+    let dev = device.open()?;
     use lopper::prune;
     let crit = method.criterion();
     let method = super::choices::name(&method);
@@ -64,7 +68,10 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     let calib = super::calib_size(calib, 512, &train_ds, &d.data)?;
     let test = load_split(&d, Split::Test)?;
     let test = test.sample(eval_limit.min(test.len()), 0)?;
-    let g = resolve_model(&model, Some(&train_ds), d.data_dir.as_deref())?;
+    let g = on_device(
+        resolve_model(&model, Some(&train_ds), d.data_dir.as_deref())?,
+        &dev,
+    )?;
     let train_ds = labels_for_model(train_ds, &d, &g, j)?;
     let test = labels_for_model(test, &d, &g, true)?;
     let groups = prune::dependency_groups(&g)?;

@@ -3,7 +3,7 @@
 //! sparsity, sparse MACs, dense vs sparse-kernel latency, wall time.
 
 use super::choices::{name, SearchArg, SparsifyMethod as SparsifyMethodArg};
-use super::{load_split, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, DeviceArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lopper::data::Split;
@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct SparsifyArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -90,6 +92,7 @@ pub struct SparsifyArgs {
 }
 
 pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
+    let dev = a.device.open()?;
     if let Some(o) = &a.output {
         lopper::util::check_model_output(o)?;
     }
@@ -109,7 +112,10 @@ pub fn cmd_sparsify(a: SparsifyArgs) -> Result<()> {
     if let Some(n) = a.eval_limit {
         test_ds = test_ds.sample(n.min(test_ds.len()), 0)?;
     }
-    let dense = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let dense = super::on_device(
+        resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?,
+        &dev,
+    )?;
     let calib = super::labels_for_model(calib, &a.data, &dense, a.json)?;
     let test_ds = super::labels_for_model(test_ds, &a.data, &dense, true)?;
     let job = SparsifyJob {

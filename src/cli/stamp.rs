@@ -1,7 +1,7 @@
 //! `lopper stamp meta-train`: meta-trains STAMP's set encoder and mask generator on the
 //! reference data and writes the generator file `lopper prune --method stamp` reads.
 
-use super::{load_split, resolve_model, DataArgs, ModelArgs};
+use super::{load_split, resolve_model, DataArgs, DeviceArgs, ModelArgs};
 use anyhow::Result;
 use clap::Args;
 use lopper::data::Split;
@@ -33,6 +33,8 @@ pub fn run(a: StampArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct MetaTrainArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -87,9 +89,13 @@ impl MetaTrainArgs {
 }
 
 pub fn meta_train(a: MetaTrainArgs) -> Result<()> {
+    let dev = a.device.open()?;
     lopper::util::check_writable(&a.output, "generator output")?;
     let ds = load_split(&a.data, Split::Train)?;
-    let g = resolve_model(&a.model, Some(&ds), a.data.data_dir.as_deref())?;
+    let g = super::on_device(
+        resolve_model(&a.model, Some(&ds), a.data.data_dir.as_deref())?,
+        &dev,
+    )?;
     let cfg = a.config();
     let st = meta::Stamp::new(&g, &cfg)?;
     let t = Instant::now();

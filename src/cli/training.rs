@@ -8,6 +8,8 @@ use lopper::train::{Schedule, TrainConfig, TrainOpts};
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     data: DataArgs,
@@ -81,6 +83,7 @@ fn parse_schedule(s: &str) -> Result<Schedule> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let dev = a.device.open()?;
     if let Some(o) = &a.output {
         lopper::util::check_model_output(o)?;
     }
@@ -92,7 +95,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         train_ds = train_ds.sample(n, a.seed)?;
     }
     let test_ds = load_split(&a.data, Split::Test)?;
-    let g = resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?;
+    let g = on_device(
+        resolve_model(&a.model, Some(&train_ds), a.data.data_dir.as_deref())?,
+        &dev,
+    )?;
     let train_ds = labels_for_model(train_ds, &a.data, &g, a.json)?;
     let test_ds = labels_for_model(test_ds, &a.data, &g, true)?;
     // --augment true gives the CIFAR recipe to any dataset; by default, the dataset's own.

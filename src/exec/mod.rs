@@ -159,7 +159,14 @@ pub fn apply_node(g: &Graph, i: NodeId, ins: &[&Tensor], mode: Mode) -> Result<T
         bn_momentum: None,
         weight_masks: None,
     };
-    node::run(g, i, ins, ins[0], &ctx, false, None)
+    // Values computed on the host (methods' probes) go to the parameters' device.
+    let dev = g.device();
+    let moved = ins
+        .iter()
+        .map(|t| t.to_device(&dev))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ins: Vec<&Tensor> = moved.iter().collect();
+    node::run(g, i, &ins, ins[0], &ctx, false, None)
         .with_context(|| format!("running node '{}'", g.nodes[i].name))
 }
 
@@ -172,7 +179,7 @@ pub fn random_inputs(g: &Graph, b: usize) -> Result<Vec<Tensor>> {
         .map(|i| {
             let mut dims = vec![b];
             dims.extend(&shapes[i]);
-            let dev = &candle_core::Device::Cpu;
+            let dev = &g.device();
             Ok(match g.token_input(i) {
                 // Token ids spread over the vocabulary; masks that keep every key.
                 Some(crate::graph::TokenInput::Ids { vocab }) => {

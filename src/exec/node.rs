@@ -115,6 +115,17 @@ fn embedding(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
     let w = param(g, i, WEIGHT)?;
     let (n, t) = x.dims2()?;
     let (vocab, dim) = w.dims2()?;
+    if !x.device().is_cpu() {
+        // Off the CPU the ids were checked on the host by `fit_input` before they moved:
+        // reading them back would synchronise the device every step.
+        let idx = x.flatten_all()?.to_dtype(candle_core::DType::U32)?;
+        let rows = w.index_select(&idx, 0)?;
+        return Ok(rows
+            .reshape((n, t, dim))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .unsqueeze(3)?);
+    }
     let ids = x.flatten_all()?.to_vec1::<f32>()?;
     if let Some(bad) = ids
         .iter()
@@ -160,9 +171,9 @@ fn weight(g: &Graph, i: NodeId, ctx: &Ctx) -> Result<Tensor> {
             None => w.clone(),
             Some(m) if m.straight_through => {
                 // w + sg(m⊙w − w): value m⊙w, gradient identity.
-                (w + (w * &m.mask)?.sub(w)?.detach())?
+                (w + (w * &m.mask.to_device(w.device())?)?.sub(w)?.detach())?
             }
-            Some(m) => (w * &m.mask)?,
+            Some(m) => (w * &m.mask.to_device(w.device())?)?,
         },
     )
 }
@@ -304,6 +315,13 @@ fn batch_norm(
                 .map(|(o, b)| (1.0 - m) * o + m * b * k)
                 .collect()
         };
+        if let Some((mean, var)) = &st.on_device {
+            // Off the CPU: the same averages as tensor ops, nothing read back.
+            let (om, ov) = (rm.as_tensor(), rv.as_tensor());
+            rm.set(&(om.affine(1.0 - m as f64, 0.0)? + mean.affine(m as f64, 0.0)?)?)?;
+            rv.set(&(ov.affine(1.0 - m as f64, 0.0)? + var.affine((m * unbias) as f64, 0.0)?)?)?;
+            return Ok(y);
+        }
         let old_m = rm.as_tensor().to_vec1::<f32>()?;
         let old_v = rv.as_tensor().to_vec1::<f32>()?;
         let dev = rm.device();
@@ -476,7 +494,7 @@ pub(crate) fn resize_matrices(
     for (i, n) in g.nodes.iter().enumerate() {
         if let Op::Resize(r) = &n.op {
             let s = &shapes[n.inputs[0]];
-            m.insert(i, resize_pair(r, s[1], s[2], &candle_core::Device::Cpu)?);
+            m.insert(i, resize_pair(r, s[1], s[2], &g.device())?);
         }
     }
     Ok(m)

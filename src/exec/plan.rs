@@ -158,8 +158,11 @@ impl Plan {
         // apply then.
         let sparse = f.weight_masks.is_none().then_some(&self.sparse);
         let mut vals: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
+        // Inputs go to the device of the parameters (a no-op on the CPU): callers batch
+        // on the host, and one copy per input per pass is the only transfer a forward makes.
+        let dev = g.device();
         for (&(id, _), &x) in self.inputs.iter().zip(xs) {
-            vals[id] = Some(x.clone());
+            vals[id] = Some(x.to_device(&dev)?);
         }
         for (i, n) in g.nodes.iter().enumerate() {
             if vals[i].is_some() {
@@ -273,7 +276,7 @@ impl Plan {
             .collect::<Result<_>>()?;
         let masked;
         if let Some(m) = f.input_masks.and_then(|m| m.get(&i)) {
-            masked = ins[0].broadcast_mul(m)?;
+            masked = ins[0].broadcast_mul(&m.to_device(ins[0].device())?)?;
             ins[0] = &masked;
         }
         let sw = sparse.and_then(|p| p.get(i));

@@ -51,7 +51,7 @@ pub fn fold_batchnorm(g: &Graph) -> Result<Graph> {
         }
         nodes[j].op = Op::Identity(Identity {});
     }
-    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g))
+    Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g)
 }
 
 /// The per-output-channel affine `(s, b')` that folding batch norm `bn` into conv `conv`

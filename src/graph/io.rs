@@ -156,8 +156,8 @@ pub fn save_with(g: &Graph, path: &Path, extra: &[(&str, &str)]) -> Result<u64> 
     let mut tensors: BTreeMap<String, Tensor> = g
         .params()
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     // A shared weight is stored once, under its owner's key; loading ties it again.
     for n in g.nodes.iter().filter(|n| n.shares.is_some()) {
         for p in n.op.spec().params() {

@@ -395,10 +395,36 @@ impl Graph {
     /// This graph with `src`'s description and deployment preference: every rewrite of a
     /// graph (surgery, depth, folding, head replacement) ends with it, so what a model says
     /// about itself survives pruning.
-    pub fn keeping(mut self, src: &Graph) -> Graph {
+    /// The parameters move to `src`'s device (rewrites build new tensors on the host).
+    pub fn keeping(mut self, src: &Graph) -> Result<Graph> {
         self.meta = src.meta.clone();
         self.sparse_kernels = src.sparse_kernels;
-        self
+        self.to_device(&src.device())?;
+        Ok(self)
+    }
+
+    /// The device the parameters live on (the CPU for a graph without parameters).
+    pub fn device(&self) -> candle_core::Device {
+        self.params
+            .values()
+            .next()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu)
+    }
+
+    /// Moves every parameter to `dev` (a no-op for those already there); shared
+    /// parameters stay shared.
+    pub fn to_device(&mut self, dev: &candle_core::Device) -> Result<()> {
+        if self.params.values().all(|v| v.device().same_device(dev)) {
+            return Ok(());
+        }
+        let mut moved = BTreeMap::new();
+        for (k, v) in &self.params {
+            moved.insert(k.clone(), Var::from_tensor(&v.as_tensor().to_device(dev)?)?);
+        }
+        tie(&self.nodes, &mut moved)?;
+        self.params = moved;
+        Ok(())
     }
 
     /// Whether eval-mode plans use the sparse kernels where weights are sparse enough.

@@ -16,6 +16,9 @@ pub struct BatchStats {
     pub var: Vec<f32>,
     /// Elements per channel that formed the statistics.
     pub count: usize,
+    /// Off the CPU: the statistics as `[C]` tensors on the device (`mean` and `var` are
+    /// then empty), so updating the running averages reads nothing back to the host.
+    pub on_device: Option<(candle_core::Tensor, candle_core::Tensor)>,
 }
 
 pub struct BatchNormOp {
@@ -96,6 +99,7 @@ impl CustomOp3 for BatchNormOp {
                 mean: stats.iter().map(|s| s.0).collect(),
                 var: stats.iter().map(|s| s.1).collect(),
                 count: n * s,
+                on_device: None,
             });
         }
         let (mean, inv) = self.mean_invstd(c)?;

@@ -20,6 +20,7 @@ mod layer_norm;
 pub mod linear;
 mod planes;
 pub mod pool;
+mod pool_ref;
 pub mod reduce;
 pub mod simd;
 pub mod sparse;
@@ -98,7 +99,7 @@ pub fn conv2d_bias_act(
     }
     let o = b.elem_count();
     let y = conv2d(x, w, cfg)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?;
-    Ok(if relu { y.relu()? } else { y })
+    Ok(if relu { relu_pt(&y)? } else { y })
 }
 
 /// Inference conv with a per-channel bias and optional activation fused into its output
@@ -135,18 +136,40 @@ pub fn conv2d_epilogue(
     }
 }
 
+/// `x` clamped to `[lo, hi]` with PyTorch's gradient (`hardtanh_backward`: 1 strictly
+/// inside, 0 on the bounds), which lopper's CPU kernel has too. candle's `clamp` passes
+/// the gradient at the bounds, and values sit exactly on a bound all the time (the zeros a
+/// previous clamp made): on another device that made MobileNetV2's gradients differ from
+/// the CPU's by 10 % (`tests/device_parity.rs`). Values are exactly `clamp`'s:
+/// `x·1 + 0` inside, `x·0 + bound` outside.
+fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    let inside = x
+        .gt(lo as f64)?
+        .mul(&x.lt(hi as f64)?)?
+        .to_dtype(x.dtype())?;
+    let bound = (x.le(lo as f64)?.to_dtype(x.dtype())? * lo as f64)?
+        .add(&(x.ge(hi as f64)?.to_dtype(x.dtype())? * hi as f64)?)?;
+    Ok(x.mul(&inside.detach())?.add(&bound.detach())?)
+}
+
+/// ReLU with PyTorch's gradient (0 at 0, as lopper's CPU kernels and fused ReLUs have it;
+/// candle's `relu` passes the gradient at 0, where the zeros of a previous ReLU and of
+/// all-zero conv windows sit).
+fn relu_pt(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mul(&x.gt(0.0)?.to_dtype(x.dtype())?.detach())?)
+}
+
 /// An activation with its gradient: lopper's vectorised kernel on CPU, candle's ops on
-/// other devices and as the reference. A stand-alone ReLU keeps candle's op (already a
-/// single vectorised pass): training runs stay bit-for-bit what they were, which the
-/// recorded results depend on; eval-mode ReLUs are fused into the layer before them.
+/// other devices and as the reference, with the same gradients at every kink (the
+/// PyTorch convention: the gradient of ReLU at 0 and of a clamp on its bounds is 0).
 pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
     use ActivationKind as A;
-    if fast(x) && kind != A::Relu {
+    if fast(x) {
         return Ok(x.contiguous()?.apply_op1(act::ActOp(kind))?);
     }
     Ok(match kind {
-        A::Relu => x.relu()?,
-        A::Relu6 => x.clamp(0f32, 6f32)?,
+        A::Relu => relu_pt(x)?,
+        A::Relu6 => clamp(x, 0.0, 6.0)?,
         A::LeakyRelu { slope } => {
             let s = (x * slope as f64)?;
             if slope <= 1.0 {
@@ -158,13 +181,13 @@ pub fn activation(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
         A::Gelu => x.gelu_erf()?,
         A::Silu => x.silu()?,
         A::Sigmoid => candle_nn::ops::sigmoid(x)?,
-        A::HardSigmoid => ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
-        A::HardSwish => x.mul(&((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?)?,
+        A::HardSigmoid => (clamp(&(x + 3.0)?, 0.0, 6.0)? / 6.0)?,
+        A::HardSwish => x.mul(&(clamp(&(x + 3.0)?, 0.0, 6.0)? / 6.0)?)?,
         A::Tanh => x.tanh()?,
         A::HardSigmoidWith { alpha, beta } => {
-            x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)?
+            clamp(&x.affine(alpha as f64, beta as f64)?, 0.0, 1.0)?
         }
-        A::Clip { lo, hi } => x.clamp(lo, hi)?,
+        A::Clip { lo, hi } => clamp(x, lo, hi)?,
         A::Elu { alpha } => elu(x, alpha as f64)?,
         A::Selu { alpha, gamma } => (elu(x, alpha as f64)? * gamma as f64)?,
         A::Softplus => softplus(x)?,
@@ -233,9 +256,10 @@ pub fn batch_norm(
             let var = xc.sqr()?.mean_keepdim(axes.as_slice())?;
             let count = x.elem_count() / c;
             let st = BatchStats {
-                mean: mean.flatten_all()?.to_vec1()?,
-                var: var.flatten_all()?.to_vec1()?,
+                mean: Vec::new(),
+                var: Vec::new(),
                 count,
+                on_device: Some((mean.flatten_all()?.detach(), var.flatten_all()?.detach())),
             };
             (mean, var, Some(st))
         }
@@ -245,7 +269,7 @@ pub fn batch_norm(
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .broadcast_mul(&gamma.reshape(shape.as_slice())?)?
         .broadcast_add(&beta.reshape(shape.as_slice())?)?;
-    Ok((if relu { y.relu()? } else { y }, stats))
+    Ok((if relu { relu_pt(&y)? } else { y }, stats))
 }
 
 /// Max or average pooling.
@@ -263,16 +287,8 @@ pub fn pool2d(x: &Tensor, cfg: PoolCfg, max: bool) -> Result<Tensor> {
             .narrow(5, 0, 1)?
             .reshape((n, c, h / sh, w / sw))?);
     }
-    let plain = cfg.padding == [0; 4] && !cfg.ceil_mode && cfg.kernel == cfg.stride;
-    if !plain {
-        bail!("reference pooling supports only kernel == stride without padding");
-    }
-    let k = (cfg.kernel[0], cfg.kernel[1]);
-    Ok(if max {
-        x.max_pool2d(k)?
-    } else {
-        x.avg_pool2d(k)?
-    })
+    // Not candle's max_pool2d: its gradient is 0.25x for 2x2 windows (pool_ref.rs).
+    pool_ref::pool2d(x, &cfg, max)
 }
 
 /// `relu(a + b)` for equal shapes.
@@ -282,7 +298,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op2(&b.contiguous()?, eltwise::AddReluOp)?);
     }
-    Ok(a.broadcast_add(b)?.relu()?)
+    relu_pt(&a.broadcast_add(b)?)
 }
 
 /// Inference `f(x·Wᵀ + b)` with the activation in the output pass (no gradient).

@@ -106,7 +106,7 @@ fn rebuild(g: &Graph, drop: &BTreeSet<NodeId>, rewire: &BTreeMap<NodeId, NodeId>
         });
     }
     let outputs = g.outputs.iter().map(|&o| new_id[resolve(o)]).collect();
-    Ok(Graph::with_parts(nodes, outputs, params)?.keeping(g))
+    Graph::with_parts(nodes, outputs, params)?.keeping(g)
 }
 
 /// Removes residual blocks (given by their Add node): the block's output becomes its
@@ -157,9 +157,9 @@ pub fn with_resolution(g: &Graph, h: usize, w: usize) -> Result<Graph> {
         .collect::<Result<_>>()?;
     resample_position_embeddings(g, &mut nodes, &mut params)
         .with_context(|| format!("model does not run at {h}x{w}"))?;
-    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)
+    Graph::with_parts(nodes, g.outputs.clone(), params)
         .with_context(|| format!("model does not run at {h}x{w}"))?
-        .keeping(g))
+        .keeping(g)
 }
 
 /// Position embeddings follow a new token count (ViT at another image size): each is

@@ -34,7 +34,7 @@ pub fn allow_embedding_pruning(g: &Graph) -> Result<Graph> {
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
         .collect::<Result<_>>()?;
-    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g))
+    Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g)
 }
 
 /// The first embedding table that equals a conv's or linear layer's weight (same shape up

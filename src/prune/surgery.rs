@@ -169,26 +169,26 @@ pub fn remove_units(g: &Graph, groups: &Groups, removal: &Removal) -> Result<Gra
             let mut t = g.params()[&key].as_tensor().clone();
             if let Some(ax) = p.out_axis {
                 if keep[i].len() != groups.channels[i] {
-                    t = t.index_select(&idx(&keep[i])?, ax)?;
+                    t = t.index_select(&idx(&keep[i], t.device())?, ax)?;
                 }
             }
             if let Some(ax) = p.in_axis {
                 let src = n.inputs[0];
                 if keep[src].len() != groups.channels[src] {
-                    t = t.index_select(&idx(&keep[src])?, ax)?;
+                    t = t.index_select(&idx(&keep[src], t.device())?, ax)?;
                 }
             }
             params.insert(key, t.copy()?);
         }
     }
-    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g))
+    Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g)
 }
 
-fn idx(v: &[usize]) -> Result<Tensor> {
+fn idx(v: &[usize], dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(
         v.iter().map(|&x| x as u32).collect::<Vec<_>>(),
         v.len(),
-        &Device::Cpu,
+        dev,
     )?)
 }
 

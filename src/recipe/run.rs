@@ -18,6 +18,8 @@ pub struct RunOpts {
     /// The lopper executable to run steps with.
     pub exe: PathBuf,
     pub data_dir: Option<PathBuf>,
+    /// `--device` for every step that runs a model (`None`: the CPU).
+    pub device: Option<String>,
 }
 
 fn opt_str(v: &toml::Value) -> Option<String> {
@@ -37,6 +39,10 @@ fn data_args(r: &Recipe, o: &RunOpts) -> Vec<String> {
     }
     if let Some(s) = &r.data.input_scale {
         a.extend(["--input-scale".into(), s.clone()]);
+    }
+    // Every step given the data runs a model (train, eval, prune, sparsify, stamp).
+    if let Some(d) = &o.device {
+        a.extend(["--device".into(), d.clone()]);
     }
     a
 }

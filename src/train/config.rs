@@ -62,6 +62,10 @@ pub struct TrainOpts<'a> {
     pub test: Option<&'a Dataset>,
     /// Stop after this many epochs in this call (for interrupt/resume tests), if set.
     pub stop_after: Option<usize>,
+    /// Take the path a GPU takes even on the CPU: tensor-op optimizer updates, the loss
+    /// and accuracy summed on the device and read back every
+    /// [`crate::train::SYNC_EVERY`] steps. Always on for a graph off the CPU.
+    pub device_path: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

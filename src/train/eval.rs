@@ -131,7 +131,7 @@ fn fit_image(g: &Graph, x: Tensor) -> Result<Tensor> {
 
 /// Top-1/top-5 accuracy and mean loss in eval mode.
 pub fn evaluate(g: &Graph, ds: &Dataset, batch: usize) -> Result<EvalResult> {
-    let dev = Device::Cpu;
+    let dev = g.device();
     ds.check_labels(output_classes(g)?)?;
     let (mut c1, mut c5, mut bad, mut loss) = (0usize, 0usize, 0usize, 0f64);
     let pos: Vec<usize> = (0..ds.len()).collect();

@@ -6,8 +6,10 @@ use candle_nn::ops::{log_softmax, softmax};
 
 /// Mean cross-entropy of `[B, K]` logits against `[B]` u32 labels, with label smoothing
 /// `eps` (target `1 - eps` on the label plus `eps / K` everywhere, PyTorch's definition).
+/// Labels batched on the host move to the logits' device.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Result<Tensor> {
     let logp = log_softmax(logits, D::Minus1)?;
+    let labels = labels.to_device(logits.device())?;
     let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
     if eps <= 0.0 {
         return Ok(nll);

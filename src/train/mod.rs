@@ -14,4 +14,4 @@ pub use config::{EpochLog, Teacher, TrainConfig, TrainOpts, TrainResult};
 pub use eval::{evaluate, fit_input, output_classes, EvalResult};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::Schedule;
-pub use trainer::train;
+pub use trainer::{train, SYNC_EVERY};

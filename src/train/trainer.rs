@@ -14,7 +14,7 @@ use crate::exec::{forward_with, ForwardOpts, Mode};
 use crate::graph::Graph;
 use crate::util::Silent;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
 use std::time::Instant;
@@ -38,7 +38,9 @@ pub fn train(
         t.check_labels(output_classes(g)?)?;
     }
     let params = g.trainable();
-    let mut opt = Optimizer::new(cfg.optimizer.clone(), cfg.weight_decay);
+    let device_path = opts.device_path || !g.device().is_cpu();
+    let mut opt =
+        Optimizer::new(cfg.optimizer.clone(), cfg.weight_decay).with_tensor_ops(device_path);
     let mut history = Vec::new();
     let mut start_epoch = 0;
     // Hashing the pixels costs a pass over the data: only for checkpointed runs, once.
@@ -103,7 +105,7 @@ pub fn train(
         }
         history.push(log);
         if let Some(path) = &opts.checkpoint {
-            let (st, steps) = opt.state();
+            let (st, steps) = opt.state()?;
             checkpoint::save(
                 path,
                 &Checkpoint {
@@ -170,6 +172,10 @@ fn resume(
     Ok(None)
 }
 
+/// On the device path, the loss and accuracy sums are read back every this many steps
+/// (and at the end of an epoch): each read synchronises a GPU.
+pub const SYNC_EVERY: usize = 25;
+
 /// What one training step needs besides the batch: fixed for the whole run.
 struct Step<'a> {
     g: &'a Graph,
@@ -196,6 +202,11 @@ impl Step<'_> {
     ) -> Result<(f64, usize, usize, f64)> {
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = self.cfg.lr;
+        let dev = self.g.device();
+        let device_path = self.opts.device_path || !dev.is_cpu();
+        // Device path: [Σ loss·n, Σ correct] on the device since the last read.
+        let mut pending: Option<Tensor> = None;
+        let steps = order.len().div_ceil(self.cfg.batch_size);
         for (bi, chunk) in order.chunks(self.cfg.batch_size).enumerate() {
             let step = epoch * self.steps_per_epoch + bi;
             lr = lr_at(
@@ -206,9 +217,7 @@ impl Step<'_> {
                 self.warmup,
                 self.steps_per_epoch,
             );
-            let (x, y) = self
-                .data
-                .batch(chunk, self.augment.with_rng(rng), &Device::Cpu)?;
+            let (x, y) = self.data.batch(chunk, self.augment.with_rng(rng), &dev)?;
             let x = fit_input(self.g, x)?;
             let fo = ForwardOpts {
                 seed: self.cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -222,16 +231,47 @@ impl Step<'_> {
                 loss = ((loss * (1.0 - t.alpha))?
                     + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
             }
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
+            if device_path {
+                // Nothing leaves the device inside the step: the sums are read every
+                // SYNC_EVERY steps (a NaN loss is caught there, a few steps late).
+                let y = y.to_device(&dev)?;
+                let hits = logits
+                    .detach()
+                    .argmax(candle_core::D::Minus1)?
+                    .eq(&y)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .sum_all()?;
+                let lsum = loss.detach().affine(chunk.len() as f64, 0.0)?;
+                let both = Tensor::stack(&[lsum, hits], 0)?;
+                pending = Some(match pending.take() {
+                    Some(p) => (p + both)?,
+                    None => both,
+                });
+                let grads = crate::exec::in_pool(|| loss.backward())?;
+                opt.step(self.params, &grads, lr)?;
+                seen += chunk.len();
+                if (bi + 1) % SYNC_EVERY != 0 && bi + 1 != steps {
+                    continue;
+                }
+                let read = crate::device::to_host(&pending.take().expect("sums pending"))?;
+                if !read[0].is_finite() {
+                    bail!("training loss became {} by epoch {} step {bi} (lr {lr:.4}); lower the learning rate", read[0], epoch + 1);
+                }
+                loss_sum += read[0] as f64;
+                correct += read[1] as usize;
+            } else {
+                let lv = crate::device::scalar(&loss)? as f64;
+                if !lv.is_finite() {
+                    bail!("training loss became {lv} at epoch {} step {bi} (lr {lr:.4}); lower the learning rate", epoch + 1);
+                }
+                let grads = crate::exec::in_pool(|| loss.backward())?;
+                opt.step(self.params, &grads, lr)?;
+                crate::device::count_host_read();
+                let c1 = topk_correct(&logits, &y)?.top1;
+                loss_sum += lv * chunk.len() as f64;
+                correct += c1;
+                seen += chunk.len();
             }
-            let grads = crate::exec::in_pool(|| loss.backward())?;
-            opt.step(self.params, &grads, lr)?;
-            let c1 = topk_correct(&logits, &y)?.top1;
-            loss_sum += lv * chunk.len() as f64;
-            correct += c1;
-            seen += chunk.len();
             pb.step(
                 bi as u64 + 1,
                 &format!(

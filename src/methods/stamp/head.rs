@@ -35,5 +35,5 @@ pub fn with_head(g: &Graph, classes: usize, seed: u64) -> Result<Graph> {
     for (name, t) in Init::new(seed).op_params(&op)? {
         params.insert(param_key(&nodes[i].name, name), t);
     }
-    Ok(Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g))
+    Graph::with_parts(nodes, g.outputs.clone(), params)?.keeping(g)
 }

@@ -135,7 +135,9 @@ pub fn feature_node(g: &Graph) -> Result<NodeId> {
         .context("the model has no spatial feature map to encode samples with")
 }
 
-/// Features `[n, C]` of samples `pos` (eval mode, pretrained weights).
+/// Features `[n, C]` of samples `pos` (eval mode, pretrained weights), on the host: the
+/// set encoder and the mask generator are small and stay on the CPU whatever device the
+/// backbone runs on (their masks move to it, differentiably, in the gated forward).
 pub fn features(g: &Graph, node: NodeId, data: &Dataset, pos: &[usize]) -> Result<Tensor> {
     let (x, _) = data.batch(pos, None, &Device::Cpu)?;
     let x = fit_input(g, x)?;
@@ -147,7 +149,10 @@ pub fn features(g: &Graph, node: NodeId, data: &Dataset, pos: &[usize]) -> Resul
             ..ForwardOpts::new(Mode::Eval)
         },
     )?;
-    Ok(out.kept[&node].flatten_from(2)?.mean(2)?)
+    Ok(out.kept[&node]
+        .flatten_from(2)?
+        .mean(2)?
+        .to_device(&Device::Cpu)?)
 }
 
 impl Stamp {
@@ -358,7 +363,8 @@ impl Stamp {
         // Outer loss on held-out task data, differentiable in the gate parameters.
         let (x, y) = task_batch(&theta, data, &task.val, cfg.outer_batch, rng)?;
         let logits = self.gated_logits(&theta, &x, &params, rng)?;
-        let ce = cross_entropy(&logits, &y, 0.0)?;
+        // The gate parameters live on the host: the task loss joins their KL terms there.
+        let ce = cross_entropy(&logits, &y, 0.0)?.to_device(&Device::Cpu)?;
         let mut loss = ce.clone();
         let (mut kl, mut gates) = (0.0, (0.0, 0usize));
         for (a, b) in &params {

@@ -151,7 +151,7 @@ pub fn train(
     if data.is_empty() {
         bail!("calibration set '{}' is empty", data.name);
     }
-    let dev = Device::Cpu;
+    let dev = student.device();
     let params = student.trainable();
     let mut opt = Optimizer::new(
         OptimizerKind::Sgd {
@@ -188,7 +188,7 @@ pub fn train(
             if cfg.dynamic && t > 0 {
                 flips += refresh(student, layers, budget, &mut masks)?;
             }
-            let wm = weight_masks(layers, &masks, cfg.dynamic)?;
+            let wm = weight_masks(&dev, layers, &masks, cfg.dynamic)?;
             let (x, _) = data.batch(chunk, augment.with_rng(&mut rng), &dev)?;
             let x = fit_input(student, x)?;
             let tl = teacher_logits(teacher, &x, cfg.teacher_train_bn)?;
@@ -261,6 +261,7 @@ fn refresh(
 /// The executor's weight masks for the current top-k masks (straight-through when the
 /// masks are dynamic, so the gradient reaches every latent weight).
 fn weight_masks(
+    dev: &Device,
     layers: &[SparseLayer],
     masks: &[Vec<f32>],
     dynamic: bool,
@@ -269,7 +270,7 @@ fn weight_masks(
         .iter()
         .zip(masks)
         .map(|(l, m)| {
-            let mask = Tensor::from_vec(m.clone(), l.shape.as_slice(), &Device::Cpu)?;
+            let mask = Tensor::from_vec(m.clone(), l.shape.as_slice(), dev)?;
             Ok((
                 l.node,
                 WeightMask {
