@@ -50,6 +50,7 @@ timed() {
   if ! "$@" >"$OUT/last.log" 2>&1; then
     echo "FAILED: $*" >&2
     tail -5 "$OUT/last.log" >&2
+    touch "$OUT/failed"
     echo "nan"
     return
   fi
@@ -85,3 +86,7 @@ for s in train prune sparsify; do
   printf "%-44s" "$label"
   for d in "${DEVICES[@]}"; do printf "%12.1f" "${T[$s,$d]}"; done; echo
 done
+if [ -e "$OUT/failed" ]; then
+  echo "gpu_check: a step failed (see above)" >&2
+  exit 1
+fi
