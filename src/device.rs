@@ -39,8 +39,12 @@ pub fn open(spec: &str) -> Result<Device> {
         );
     }
     Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace to driver errors when RUST_BACKTRACE is set: the
+        // driver's own words are the first line.
+        let e = e.to_string();
+        let why = e.lines().next().unwrap_or("").trim();
         anyhow::anyhow!(
-            "--device {spec}: CUDA device {ordinal} cannot be opened ({e}); is there an \
+            "--device {spec}: CUDA device {ordinal} cannot be opened ({why}); is there an \
              NVIDIA GPU with its driver on this machine? Use --device cpu otherwise"
         )
     })
