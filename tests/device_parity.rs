@@ -71,9 +71,20 @@ fn networks_agree_between_cpu_kernels_and_the_device_under_test() {
         ("lenet5", 4),
         ("digit_cnn", 4),
         ("vit:32-2-4-4-64@3x16x16#10", 3),
+        // Models we did not build: the ONNX Model Zoo's MNIST CNN (CNTK's exporter: conv
+        // with "same" padding and a bias, max pools 2×2 and 3×3) and a ViT from PyTorch's
+        // dynamo exporter.
+        ("onnx:models/mnist-8.onnx", 4),
+        ("onnx:tests/fixtures/vit_tiny_dynamo.onnx", 2),
     ];
     for (name, batch) in cases {
-        let g = zoo::build(name, 7).unwrap();
+        let g = match name.strip_prefix("onnx:") {
+            Some(p) if p.starts_with("models/") => {
+                lopper::onnx::load(&lopper::data::data_dir().join(p)).unwrap()
+            }
+            Some(p) => lopper::onnx::load(std::path::Path::new(p)).unwrap(),
+            None => zoo::build(name, 7).unwrap(),
+        };
         let mut on_dev = g.deep_clone().unwrap();
         on_dev.to_device(&dev).unwrap();
         assert!(on_dev.device().same_device(&dev));

@@ -565,7 +565,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let masked;
         let grad = if self.relu {
-            masked = relu_masked(res, grad)?;
+            masked = super::eltwise::relu_grad(res, grad)?;
             &masked
         } else {
             grad
@@ -585,24 +585,4 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         .map_err(ce)?;
         Ok((dx, dw, Some(tensor(db, b.dims())?)))
     }
-}
-
-/// `dy` where the ReLU's output `y` is positive, else 0 (PyTorch's `threshold_backward`).
-fn relu_masked(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-    let out = with_f32(y, |yv| {
-        with_f32(dy, |g| {
-            let mut d = vec![0f32; yv.len()];
-            d.par_chunks_mut(1 << 15)
-                .zip(yv.par_chunks(1 << 15).zip(g.par_chunks(1 << 15)))
-                .for_each(|(d, (yc, gc))| {
-                    for ((d, &y), &g) in d.iter_mut().zip(yc).zip(gc) {
-                        *d = if y > 0.0 { g } else { 0.0 };
-                    }
-                });
-            d
-        })
-    })
-    .and_then(|r| r)
-    .map_err(ce)?;
-    tensor(out, y.dims())
 }

@@ -47,22 +47,29 @@ impl CustomOp2 for AddReluOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = with_f32(res, |y| {
-            with_f32(grad, |g| {
-                let mut d = vec![0f32; g.len()];
-                d.par_chunks_mut(CHUNK)
-                    .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                    .for_each(|(d, (y, g))| {
-                        for i in 0..d.len() {
-                            d[i] = if y[i] > 0.0 { g[i] } else { 0.0 };
-                        }
-                    });
-                d
-            })
-        })
-        .and_then(|r| r)
-        .map_err(ce)?;
-        let t = tensor(g, a.dims())?;
+        let g = relu_grad(res, grad)?;
+        let t = g.reshape(a.dims())?;
         Ok((Some(t.clone()), Some(t)))
     }
+}
+
+/// The gradient through a ReLU from its output: `dy` where `y > 0`, else 0 (PyTorch's
+/// `threshold_backward`). Shared by every op with a fused ReLU (add, a training conv).
+pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    let d = with_f32(y, |y| {
+        with_f32(dy, |g| {
+            let mut d = vec![0f32; g.len()];
+            d.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(d, (y, g))| {
+                    for i in 0..d.len() {
+                        d[i] = if y[i] > 0.0 { g[i] } else { 0.0 };
+                    }
+                });
+            d
+        })
+    })
+    .and_then(|r| r)
+    .map_err(ce)?;
+    tensor(d, y.dims())
 }
