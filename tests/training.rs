@@ -115,3 +115,29 @@ fn lenet5_reaches_98_8_percent_on_mnist_in_3_epochs() {
     assert!(ev.top1 >= 0.988, "LeNet-5 MNIST top-1 {}", ev.top1);
     let _ = Mode::Eval;
 }
+
+/// A device-path run (issue 21: the GPU's path, here on the CPU) checkpointed after one
+/// epoch and resumed (its optimizer state moved to the host in the checkpoint and back)
+/// ends where the uninterrupted run ends.
+#[test]
+fn device_path_checkpoints_resume_exactly() {
+    let tr = data::load("digits", Split::Train, None).unwrap();
+    let c = cfg(2);
+    let ck = std::env::temp_dir().join(format!("lopper-device-ck-{}.ckpt", std::process::id()));
+    let _ = std::fs::remove_file(&ck);
+    let dev_opts = |checkpoint: Option<std::path::PathBuf>, stop_after| TrainOpts {
+        device_path: true,
+        checkpoint,
+        stop_after,
+        ..Default::default()
+    };
+    let straight = zoo::build("resnet8@1x8x8", 5).unwrap();
+    train::train(&straight, &tr, &c, &dev_opts(None, None)).unwrap();
+    let first = zoo::build("resnet8@1x8x8", 5).unwrap();
+    train::train(&first, &tr, &c, &dev_opts(Some(ck.clone()), Some(1))).unwrap();
+    let resumed = zoo::build("resnet8@1x8x8", 42).unwrap();
+    let r = train::train(&resumed, &tr, &c, &dev_opts(Some(ck.clone()), None)).unwrap();
+    assert_eq!(r.history.len(), 2);
+    assert_eq!(params_of(&straight), params_of(&resumed));
+    let _ = std::fs::remove_file(&ck);
+}
