@@ -141,3 +141,22 @@ fn device_path_checkpoints_resume_exactly() {
     assert_eq!(params_of(&straight), params_of(&resumed));
     let _ = std::fs::remove_file(&ck);
 }
+
+/// On the device path (the GPU's, here on the CPU) a diverging loss is the same clear
+/// error, raised at the next read-back instead of at once.
+#[test]
+fn nan_loss_on_the_device_path_is_a_clear_error() {
+    let tr = data::load("digits", Split::Train, None).unwrap();
+    let g = zoo::build("mlp:64-32-10", 0).unwrap();
+    let c = TrainConfig {
+        lr: 1e30,
+        weight_decay: 0.0,
+        ..cfg(2)
+    };
+    let opts = TrainOpts {
+        device_path: true,
+        ..Default::default()
+    };
+    let e = format!("{:#}", train::train(&g, &tr, &c, &opts).unwrap_err());
+    assert!(e.contains("loss became"), "{e}");
+}

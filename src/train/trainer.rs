@@ -234,7 +234,6 @@ impl Step<'_> {
             if device_path {
                 // Nothing leaves the device inside the step: the sums are read every
                 // SYNC_EVERY steps (a NaN loss is caught there, a few steps late).
-                let y = y.to_device(&dev)?;
                 let hits = logits
                     .detach()
                     .argmax(candle_core::D::Minus1)?
