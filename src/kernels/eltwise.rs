@@ -58,7 +58,8 @@ impl CustomOp2 for AddReluOp {
 pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
     let d = with_f32(y, |y| {
         with_f32(dy, |g| {
-            let mut d = vec![0f32; g.len()];
+            // SAFETY: the loop below stores every element.
+            let mut d = unsafe { super::cpu::unfilled(g.len()) };
             d.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
                 .for_each(|(d, (y, g))| {
