@@ -99,6 +99,13 @@ fn runnable(args: &[String], cwd: &Path) -> bool {
     if ["demo", "run", "bench"].contains(&args[0].as_str()) {
         return false;
     }
+    // A GPU command needs a GPU (it is still parsed).
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--device" && w[1].starts_with("cuda"))
+    {
+        return false;
+    }
     let Some(model) = args.get(1 + usize::from(args[0] == "stamp")) else {
         return false;
     };
