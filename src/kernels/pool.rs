@@ -123,35 +123,41 @@ impl CustomOp1 for PoolOp {
             .collect();
         let max = self.max;
         let cfg = &self.cfg;
-        out.par_chunks_mut(p).enumerate().for_each_init(
-            || vec![0f32; g.w],
-            |acc, (i, o)| {
-                let xc = &x[i * hw..(i + 1) * hw];
-                for (oy, orow) in o.chunks_exact_mut(g.ow).enumerate() {
-                    let (y0, y1, _, _, _) = cfg.window(&g, oy, 0);
-                    let init = if max { f32::NEG_INFINITY } else { 0.0 };
-                    acc.fill(init);
-                    for yy in y0..y1 {
-                        let row = &xc[yy * g.w..(yy + 1) * g.w];
-                        if max {
-                            acc.iter_mut().zip(row).for_each(|(a, &v)| *a = a.max(v));
-                        } else {
-                            acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+        // Planes per work item: a small map (a batch-1 digit CNN's 32×28×28) pays more in
+        // thread hand-offs than its reductions cost, so it stays on fewer threads.
+        let per_item = (1usize << 15).div_ceil((hw * self.cfg.kernel[0]).max(1));
+        out.par_chunks_mut(p)
+            .enumerate()
+            .with_min_len(per_item)
+            .for_each_init(
+                || vec![0f32; g.w],
+                |acc, (i, o)| {
+                    let xc = &x[i * hw..(i + 1) * hw];
+                    for (oy, orow) in o.chunks_exact_mut(g.ow).enumerate() {
+                        let (y0, y1, _, _, _) = cfg.window(&g, oy, 0);
+                        let init = if max { f32::NEG_INFINITY } else { 0.0 };
+                        acc.fill(init);
+                        for yy in y0..y1 {
+                            let row = &xc[yy * g.w..(yy + 1) * g.w];
+                            if max {
+                                acc.iter_mut().zip(row).for_each(|(a, &v)| *a = a.max(v));
+                            } else {
+                                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                            }
+                        }
+                        for (ox, v) in orow.iter_mut().enumerate() {
+                            let (x0, x1) = cols[ox];
+                            let win = &acc[x0..x1];
+                            *v = if max {
+                                win.iter().fold(init, |m, &a| m.max(a))
+                            } else {
+                                let div = cfg.window(&g, oy, ox).4;
+                                win.iter().sum::<f32>() / div
+                            };
                         }
                     }
-                    for (ox, v) in orow.iter_mut().enumerate() {
-                        let (x0, x1) = cols[ox];
-                        let win = &acc[x0..x1];
-                        *v = if max {
-                            win.iter().fold(init, |m, &a| m.max(a))
-                        } else {
-                            let div = cfg.window(&g, oy, ox).4;
-                            win.iter().sum::<f32>() / div
-                        };
-                    }
-                }
-            },
-        );
+                },
+            );
         let d = l.dims();
         Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))))
     }
