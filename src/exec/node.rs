@@ -115,32 +115,27 @@ fn embedding(g: &Graph, i: NodeId, x: &Tensor) -> Result<Tensor> {
     let w = param(g, i, WEIGHT)?;
     let (n, t) = x.dims2()?;
     let (vocab, dim) = w.dims2()?;
-    if !x.device().is_cpu() {
+    let idx = if x.device().is_cpu() {
+        let ids = x.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&v| !(v >= 0.0 && v < vocab as f32 && v.fract() == 0.0))
+        {
+            anyhow::bail!(
+                "token id {bad} at node '{}' is not a row of its {vocab}-entry table",
+                g.nodes[i].name
+            );
+        }
+        Tensor::from_vec(
+            ids.iter().map(|&v| v as u32).collect::<Vec<_>>(),
+            n * t,
+            x.device(),
+        )?
+    } else {
         // Off the CPU the ids were checked on the host by `fit_input` before they moved:
         // reading them back would synchronise the device every step.
-        let idx = x.flatten_all()?.to_dtype(candle_core::DType::U32)?;
-        let rows = w.index_select(&idx, 0)?;
-        return Ok(rows
-            .reshape((n, t, dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .unsqueeze(3)?);
-    }
-    let ids = x.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(bad) = ids
-        .iter()
-        .find(|&&v| !(v >= 0.0 && v < vocab as f32 && v.fract() == 0.0))
-    {
-        anyhow::bail!(
-            "token id {bad} at node '{}' is not a row of its {vocab}-entry table",
-            g.nodes[i].name
-        );
-    }
-    let idx = Tensor::from_vec(
-        ids.iter().map(|&v| v as u32).collect::<Vec<_>>(),
-        n * t,
-        x.device(),
-    )?;
+        x.flatten_all()?.to_dtype(candle_core::DType::U32)?
+    };
     let rows = w.index_select(&idx, 0)?;
     Ok(rows
         .reshape((n, t, dim))?

@@ -21,6 +21,9 @@ pub struct PoolOp {
     pub max: bool,
 }
 
+/// A half-open range of input rows or columns.
+type Span = (usize, usize);
+
 struct PGeo {
     nc: usize,
     h: usize,
@@ -58,6 +61,24 @@ impl PoolCfg {
                 self.padding[3],
             )?,
         })
+    }
+
+    /// The clipped input rows `[y0, y1)` of every output row and columns `[x0, x1)` of
+    /// every output column (a window is their product), worked out once per call.
+    fn spans(&self, g: &PGeo) -> (Vec<Span>, Vec<Span>) {
+        let rows = (0..g.oh)
+            .map(|oy| {
+                let (y0, y1, ..) = self.window(g, oy, 0);
+                (y0, y1)
+            })
+            .collect();
+        let cols = (0..g.ow)
+            .map(|ox| {
+                let (_, _, x0, x1, _) = self.window(g, 0, ox);
+                (x0, x1)
+            })
+            .collect();
+        (rows, cols)
     }
 
     /// Input window `[y0, y1) x [x0, x1)` clipped to the image, and the divisor for
@@ -115,12 +136,7 @@ impl CustomOp1 for PoolOp {
         // Separable: each output row first reduces its input rows elementwise (contiguous,
         // vectorised), then each output column reduces its window of that row. The
         // per-output window loop this replaces was 11 % of ResNet-18's forward at b8.
-        let cols: Vec<(usize, usize)> = (0..g.ow)
-            .map(|ox| {
-                let (_, _, x0, x1, _) = self.cfg.window(&g, 0, ox);
-                (x0, x1)
-            })
-            .collect();
+        let (rows, cols) = self.cfg.spans(&g);
         let max = self.max;
         let cfg = &self.cfg;
         // Planes per work item: a small map (a batch-1 digit CNN's 32×28×28) pays more in
@@ -134,7 +150,7 @@ impl CustomOp1 for PoolOp {
                 |acc, (i, o)| {
                     let xc = &x[i * hw..(i + 1) * hw];
                     for (oy, orow) in o.chunks_exact_mut(g.ow).enumerate() {
-                        let (y0, y1, _, _, _) = cfg.window(&g, oy, 0);
+                        let (y0, y1) = rows[oy];
                         let init = if max { f32::NEG_INFINITY } else { 0.0 };
                         acc.fill(init);
                         for yy in y0..y1 {
@@ -168,18 +184,7 @@ impl CustomOp1 for PoolOp {
         let dx = with_f32(x, |xv| {
             with_f32(grad, |gv| {
                 let mut dx = vec![0f32; g.nc * hw];
-                let rows: Vec<(usize, usize)> = (0..g.oh)
-                    .map(|oy| {
-                        let (y0, y1, ..) = self.cfg.window(&g, oy, 0);
-                        (y0, y1)
-                    })
-                    .collect();
-                let cols: Vec<(usize, usize)> = (0..g.ow)
-                    .map(|ox| {
-                        let (_, _, x0, x1, _) = self.cfg.window(&g, 0, ox);
-                        (x0, x1)
-                    })
-                    .collect();
+                let (rows, cols) = self.cfg.spans(&g);
                 dx.par_chunks_mut(hw).enumerate().for_each(|(i, d)| {
                     let xc = &xv[i * hw..(i + 1) * hw];
                     let gc = &gv[i * p..(i + 1) * p];

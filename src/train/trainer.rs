@@ -66,6 +66,7 @@ pub fn train(
         total,
         warmup,
         augment,
+        device_path,
     };
     let t0 = Instant::now();
     for (ran, epoch) in (start_epoch..cfg.epochs).enumerate() {
@@ -187,6 +188,8 @@ struct Step<'a> {
     total: usize,
     warmup: usize,
     augment: Augment,
+    /// The GPU's path (see [`TrainOpts::device_path`]): decided once per run.
+    device_path: bool,
 }
 
 impl Step<'_> {
@@ -203,7 +206,6 @@ impl Step<'_> {
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = self.cfg.lr;
         let dev = self.g.device();
-        let device_path = self.opts.device_path || !dev.is_cpu();
         // Device path: [Σ loss·n, Σ correct] on the device since the last read.
         let mut pending: Option<Tensor> = None;
         let steps = order.len().div_ceil(self.cfg.batch_size);
@@ -231,7 +233,7 @@ impl Step<'_> {
                 loss = ((loss * (1.0 - t.alpha))?
                     + (distillation(&logits, &tl, t.temperature)? * t.alpha)?)?;
             }
-            if device_path {
+            if self.device_path {
                 // Nothing leaves the device inside the step: the sums are read every
                 // SYNC_EVERY steps (a NaN loss is caught there, a few steps late).
                 let hits = logits
