@@ -6,6 +6,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use lopper::graph::ops::ActivationKind as A;
+use lopper::kernels::conv_tiles::{set_mode, TileMode};
 use lopper::kernels::simd::{force, Isa};
 use lopper::kernels::{self, ConvCfg};
 use rand::{Rng, SeedableRng};
@@ -112,8 +113,14 @@ fn each_level(check: impl Fn(Isa)) {
 fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
     each_level(|l| {
         activations(l);
-        depthwise(l);
-        epilogues(l);
+        // The convolutions twice: with the register tiles where their rule puts them,
+        // and wherever they can run (shapes the rule gives to im2col + GEMM).
+        for mode in [TileMode::Auto, TileMode::Always] {
+            set_mode(mode);
+            depthwise(l);
+            epilogues(l);
+        }
+        set_mode(TileMode::Auto);
         channel_ops(l);
         sparse_direct(l);
         layer_norm(l);
@@ -452,6 +459,20 @@ fn epilogues(l: Isa) {
         ([2, 3, 19, 21], [5, 3, 3, 3], [2, 2], [1, 1, 1, 1], 1),
         ([1, 3, 17, 40], [9, 3, 7, 7], [2, 2], [3, 2, 3, 3], 1),
         ([3, 1, 6, 5], [4, 1, 5, 5], [1, 1], [2, 2, 2, 2], 1),
+        // Five or more channels per group (the register-tile path): odd widths with a
+        // remainder channel block, per image; grouped at stride 2 with
+        // asymmetric padding at batch 1 (the shared-image path); a map of several bands
+        // at batch 1; a tiny map; a 7×7 window; a 5×5 at stride 2 on a wide row.
+        ([2, 7, 11, 13], [9, 7, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([1, 12, 9, 11], [10, 6, 3, 3], [2, 2], [0, 1, 2, 1], 2),
+        ([1, 6, 60, 50], [3, 6, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([3, 5, 6, 4], [5, 5, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([2, 5, 12, 12], [3, 5, 7, 7], [1, 1], [3, 3, 3, 3], 1),
+        ([1, 16, 20, 37], [6, 16, 5, 5], [2, 2], [2, 2, 1, 2], 1),
+        // Stride 1 with five or more output channels: the input gradient runs on the
+        // tiles too (asymmetric padding, a 5×5 at batch 1).
+        ([2, 6, 13, 17], [8, 6, 3, 3], [1, 1], [1, 0, 1, 2], 1),
+        ([1, 5, 18, 18], [7, 5, 5, 5], [1, 1], [2, 2, 2, 2], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

@@ -10,7 +10,7 @@ use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
-use super::{conv_batched, depthwise, direct};
+use super::{conv_batched, conv_tiles, depthwise, direct};
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -144,6 +144,10 @@ pub fn conv_forward_epi(
         }
         return;
     }
+    if conv_tiles::applies(g) {
+        conv_tiles::forward_epi(g, x, w, out, epi.map(|e| (&e.bias[..], e.act)), res);
+        return;
+    }
     if let Some(b) = conv_batched::batch(g) {
         // Small maps: several images per GEMM, the epilogue per finished batch.
         let after = |n0: usize, imgs: &mut [f32]| {
@@ -225,6 +229,15 @@ fn gemm_rows(m: usize, p: usize, k: usize, dst: &mut [f32], w: &[f32], col: &[f3
 
 /// Input gradient `[N, C, H, W]` from the output gradient.
 pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if let Some(t) = conv_tiles::transposed(g) {
+        // Stride 1: the input gradient is a conv of dy with the flipped, transposed
+        // filters, on the register tiles (no GEMM into columns and col2im back).
+        let wt = conv_tiles::flip_transpose(g, w);
+        // SAFETY: the tile forward stores every output.
+        let mut dx = unsafe { super::cpu::unfilled(g.n * g.c * g.h * g.w) };
+        conv_tiles::forward_epi(&t, dy, &wt, &mut dx, None, None);
+        return dx;
+    }
     if let Some(b) = conv_batched::batch(g) {
         return conv_batched::backward_input(g, dy, w, b);
     }

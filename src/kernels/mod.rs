@@ -9,6 +9,7 @@ pub mod batchnorm;
 pub mod channel;
 pub mod conv;
 mod conv_batched;
+pub mod conv_tiles;
 pub mod cpu;
 pub mod csr;
 mod depthwise;

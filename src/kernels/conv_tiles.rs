@@ -1,0 +1,761 @@
+//! Direct convolution in register tiles for dense and grouped convs with a window larger
+//! than 1×1 (the 3×3 convs that are most of a ResNet's or VGG's time).
+//!
+//! im2col + GEMM writes a `C·kh·kw × P` column matrix per image and the GEMM packs it
+//! again: on ResNet-20 at batch 64 a quarter of the conv time was that copying. Here the
+//! input is copied once into zero-padded planes (`C·H·W`, not `C·kh·kw·H·W`), and a tile
+//! of `R` output channels × `T` output vectors is accumulated in registers: per filter
+//! tap, `T` unaligned vector loads and `R` broadcast weights feed `R·T` FMAs (4 × 6 on
+//! AVX-512, 10 loads per 24 FMAs; the GEMM micro-kernel's ratio).
+//!
+//! **Layout.** Each padded channel is split into stride phases along both axes (`sh·sw`
+//! sub-planes of `rows × cols`), so that output `(oy, ox)` under tap `(ky, kx)` reads
+//! sub-plane `(ky mod sh, kx mod sw)` at `(oy + ky / sh, ox + kx / sw)`. Output positions
+//! are then flattened as `q = oy·cols + ox`: a tap is one constant offset for every `q`,
+//! vectors run across row ends (the `cols − ow` extra columns per row are computed and
+//! dropped), and narrow maps fill whole vectors — an 8×8 map is 5 AVX-512 vectors, where
+//! per-row vectors would run at half width. Any stride and asymmetric padding.
+//!
+//! **Order.** Positions are cut into bands; within a band every block of `R` output
+//! channels runs over the band's vectors, so the band's input stays in cache while the
+//! weights stream. Each finished block is copied from the flattened layout into the
+//! output with its activation and residual (the bias starts the accumulators).
+//!
+//! Pruned layers keep their efficiency: remainder channels and vectors get exact-size
+//! tiles (`R`, `T` are const parameters, dispatched per remainder), not padded ones.
+//! x86-64 with AVX2 or AVX-512 only; elsewhere (and for dilated convs) im2col + GEMM.
+
+use super::act;
+use super::cpu::copy_row;
+use super::im2col::Geo;
+use super::planes::span;
+use super::simd::{multiversion, Isa};
+use crate::graph::ops::ActivationKind;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// When the tile path runs: by its own rule, never, or wherever it can (tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileMode {
+    Auto = 0,
+    Off = 1,
+    Always = 2,
+}
+
+static MODE: AtomicU8 = AtomicU8::new(TileMode::Auto as u8);
+
+/// Sets the mode process-wide: `Off` for A/B measurements against im2col + GEMM,
+/// `Always` for tests that run the tiles on shapes the rule would give to the GEMM.
+/// `LOPPER_CONV_TILES=0` at start-up is `Off`.
+pub fn set_mode(mode: TileMode) {
+    MODE.store(mode as u8, Ordering::Relaxed);
+}
+
+fn mode() -> TileMode {
+    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ENV_OFF.get_or_init(|| std::env::var("LOPPER_CONV_TILES").is_ok_and(|v| v == "0")) {
+        return TileMode::Off;
+    }
+    match MODE.load(Ordering::Relaxed) {
+        1 => TileMode::Off,
+        2 => TileMode::Always,
+        _ => TileMode::Auto,
+    }
+}
+
+/// Whether the tile path takes this conv: a vector ISA and an undilated window (what
+/// the kernels support), and by the rule (unless forced): a window larger than 1×1 (a
+/// 1×1 conv is a GEMM without im2col), enough input channels per group that each
+/// weight's reuse pays for the padding copy (the few-channel stems have
+/// [`super::direct`]; depthwise convs theirs), and enough of the lanes used.
+pub fn applies(g: &Geo) -> bool {
+    let supported = cfg!(target_arch = "x86_64")
+        && super::simd::isa() != Isa::Portable
+        && g.dh == 1
+        && g.dw == 1
+        && g.oh > 0
+        && g.ow > 0;
+    supported
+        && match mode() {
+            TileMode::Off => false,
+            TileMode::Always => true,
+            TileMode::Auto => g.kh * g.kw > 1 && g.cg() >= 5 && dense_enough(g),
+        }
+}
+
+/// The geometry whose forward is `g`'s input gradient, when that runs on the tiles: a
+/// stride-1 conv's input gradient is the conv of the output gradient (`O` channels, the
+/// output's size) with the filters flipped and transposed ([`flip_transpose`]), padded by
+/// `k − 1 − p` before (after: whatever reaches the input's size).
+pub fn transposed(g: &Geo) -> Option<Geo> {
+    if g.sh != 1 || g.sw != 1 || g.pt >= g.kh || g.pl >= g.kw {
+        return None;
+    }
+    let t = Geo {
+        n: g.n,
+        c: g.o,
+        h: g.oh,
+        w: g.ow,
+        o: g.c,
+        kh: g.kh,
+        kw: g.kw,
+        oh: g.h,
+        ow: g.w,
+        sh: 1,
+        sw: 1,
+        pt: g.kh - 1 - g.pt,
+        pl: g.kw - 1 - g.pl,
+        dh: g.dh,
+        dw: g.dw,
+        groups: g.groups,
+    };
+    Some(t).filter(applies)
+}
+
+/// Filters `[O, C/g, kh, kw]` → `[C, O/g, kh, kw]`, each window rotated by 180°, for the
+/// input gradient of [`transposed`].
+pub fn flip_transpose(g: &Geo, w: &[f32]) -> Vec<f32> {
+    let (og, cg, khw) = (g.og(), g.cg(), g.kh * g.kw);
+    let mut out = vec![0f32; g.c * og * khw];
+    for gi in 0..g.groups {
+        for oi in 0..og {
+            for ci in 0..cg {
+                let src = &w[((gi * og + oi) * cg + ci) * khw..][..khw];
+                let dst = &mut out[((gi * cg + ci) * og + oi) * khw..][..khw];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// At least this share of the vector lanes must be real outputs, not the extra columns
+/// of the flattened rows, for the tiles to beat im2col + GEMM (whose micro-kernel reads
+/// packed, aligned panels). Measured per layer on an AMD EPYC (AVX-512, 2 threads): a
+/// 16×16 map (89 %) and larger win, by 10–40 % with few channels; 8×8 (80 %) and 7×7
+/// (77 %) lose by 10–25 % with 64–512 channels; 4×4 and 2×2 maps (50 %, 25 %) run at
+/// half speed or worse, where several images per GEMM ([`super::conv_batched`]) win.
+const MIN_LANE_USE: f32 = 0.85;
+
+fn dense_enough(g: &Geo) -> bool {
+    let (lanes, _, _) = shape(super::simd::isa());
+    let vecs = Grid::new(g).q(g).div_ceil(lanes);
+    g.p() as f32 >= MIN_LANE_USE * (vecs * lanes) as f32
+}
+
+/// The padded, phase-split layout of one input channel for a geometry.
+#[derive(Clone, Copy, Debug)]
+struct Grid {
+    /// Rows and columns of a sub-plane.
+    rows: usize,
+    cols: usize,
+    /// Floats per channel (`sh·sw` sub-planes).
+    plane: usize,
+}
+
+impl Grid {
+    fn new(g: &Geo) -> Grid {
+        let rows = g.oh + (g.kh - 1) / g.sh;
+        let cols = g.ow + (g.kw - 1) / g.sw;
+        Grid {
+            rows,
+            cols,
+            plane: g.sh * g.sw * rows * cols,
+        }
+    }
+
+    /// Offset of tap `(c, ky, kx)` from an output position's flattened index.
+    fn tap(&self, g: &Geo, c: usize, ky: usize, kx: usize) -> usize {
+        let sub = self.rows * self.cols;
+        c * self.plane
+            + ((ky % g.sh) * g.sw + kx % g.sw) * sub
+            + (ky / g.sh) * self.cols
+            + kx / g.sw
+    }
+
+    /// Flattened output positions (`oh` rows of `cols`).
+    fn q(&self, g: &Geo) -> usize {
+        g.oh * self.cols
+    }
+}
+
+multiversion! {
+/// Copies channel `x` (`h × w`) into the interior of its padded sub-planes `dst`
+/// (`grid.plane` floats) whose border is already zero: the border cells are the same for
+/// every channel and image of a geometry, so they are zeroed once per buffer and geometry
+/// (see [`forward_epi`]), not per row (where they were a tenth of the copy's time).
+/// Compiled per ISA: in baseline x86-64 code the copy was 12 % of ResNet-20's inference.
+fn pad_channel(g: &Geo, grid: &Grid, x: &[f32], dst: &mut [f32]) {
+    let sub = grid.rows * grid.cols;
+    for py in 0..g.sh {
+        for px in 0..g.sw {
+            let base = (py * g.sw + px) * sub;
+            // Sub-plane columns j hold input column j·sw + px − pl: valid in [lo, hi).
+            let (lo, hi) = span(px as isize - g.pl as isize, g.sw, g.w, grid.cols);
+            if lo >= hi {
+                continue;
+            }
+            let first = (lo * g.sw + px) - g.pl;
+            for i in 0..grid.rows {
+                let y = (i * g.sh + py) as isize - g.pt as isize;
+                if y < 0 || y as usize >= g.h {
+                    continue;
+                }
+                let d = &mut dst[base + i * grid.cols + lo..base + i * grid.cols + hi];
+                let src = &x[y as usize * g.w..(y as usize + 1) * g.w];
+                if g.sw == 1 {
+                    copy_row(d, &src[first..first + d.len()]);
+                } else if g.sw == 2 {
+                    // Every other column, as pairs (vector shuffles, not a scalar loop).
+                    let pairs = src[first..].chunks_exact(2);
+                    let n = pairs.len().min(d.len());
+                    for (v, pair) in d[..n].iter_mut().zip(pairs) {
+                        *v = pair[0];
+                    }
+                    if n < d.len() {
+                        d[n] = src[first + 2 * n];
+                    }
+                } else {
+                    for (j, v) in d.iter_mut().enumerate() {
+                        *v = src[first + j * g.sw];
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// Vector width and tile limits of an ISA: (lanes, max R, max T).
+fn shape(isa: Isa) -> (usize, usize, usize) {
+    match isa {
+        Isa::Avx512 => (16, 4, 6),
+        _ => (8, 4, 3),
+    }
+}
+
+/// One tile's operands. `x` points at the group's padded input plus the tile's first
+/// position; `w` at the first channel's weight row (rows `k` apart, one weight per tap);
+/// `bias` at the first channel's bias.
+struct Tile {
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    bias: *const f32,
+    out: Out,
+}
+
+/// Where a tile's results go.
+enum Out {
+    /// AVX-512: straight into the output. `out` (and `res`, or null) point at the first
+    /// channel's plane (planes `p` apart); vector `t` keeps the lanes of `mask[t]`, packed
+    /// (compressed) to output position `idx[t]`; the result is clamped to `[lo, hi]`.
+    Direct {
+        out: *mut f32,
+        res: *const f32,
+        p: usize,
+        mask: *const u16,
+        idx: *const u32,
+        lo: f32,
+        hi: f32,
+    },
+    /// AVX2 (no compress): into a flattened scratch, rows `ds` apart.
+    Scratch { dst: *mut f32, ds: usize },
+}
+
+/// `R` channels × `T` vectors of one tile on AVX-512 (see the module doc): the bias
+/// starts the accumulators, each tap is `T` loads, `R` broadcasts and `R·T` FMAs, and
+/// each finished vector is compressed to its valid lanes, given its residual and clamp
+/// and stored with a mask.
+///
+/// # Safety
+/// The CPU has AVX-512F; every `x + tap + t·16 + 16` stays inside the padded buffer;
+/// `w` holds `R` rows of `taps.len()` (stride `k`), `bias` `R` values; `out` is
+/// `Out::Direct` whose planes hold `idx[t] + popcount(mask[t])` for every `t < T`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+// Index loops over the register arrays: what the compiler keeps in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile_zmm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) {
+    use std::arch::x86_64::*;
+    let Out::Direct {
+        out,
+        res,
+        p,
+        mask,
+        idx,
+        lo,
+        hi,
+    } = tile.out
+    else {
+        unreachable!("AVX-512 tiles store directly")
+    };
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for r in 0..R {
+            let b = _mm512_set1_ps(*tile.bias.add(r));
+            for t in 0..T {
+                acc[r][t] = b;
+            }
+        }
+        for (i, &off) in taps.iter().enumerate() {
+            let xp = tile.x.add(off);
+            let mut xs = [_mm512_setzero_ps(); T];
+            for t in 0..T {
+                xs[t] = _mm512_loadu_ps(xp.add(t * 16));
+            }
+            for r in 0..R {
+                let wv = _mm512_set1_ps(*tile.w.add(r * tile.k + i));
+                for t in 0..T {
+                    acc[r][t] = _mm512_fmadd_ps(wv, xs[t], acc[r][t]);
+                }
+            }
+        }
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        for t in 0..T {
+            let m = *mask.add(t);
+            if m == 0 {
+                continue;
+            }
+            let low: u16 = ((1u32 << m.count_ones()) - 1) as u16;
+            let at = *idx.add(t) as usize;
+            for r in 0..R {
+                let mut v = _mm512_maskz_compress_ps(m, acc[r][t]);
+                if !res.is_null() {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(low, res.add(r * p + at)));
+                }
+                // Bound first, value second: a NaN passes through.
+                v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+                _mm512_mask_storeu_ps(out.add(r * p + at), low, v);
+            }
+        }
+    }
+}
+
+/// `R` channels × `T` vectors on AVX2, stored flattened into the scratch.
+///
+/// # Safety
+/// As [`tile_zmm`] with AVX2+FMA and 8-float vectors; `out` is `Out::Scratch` with `R`
+/// rows of `T·8` (stride `ds`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// Index loops over the register arrays: what the compiler keeps in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile_ymm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) {
+    use std::arch::x86_64::*;
+    let Out::Scratch { dst, ds } = tile.out else {
+        unreachable!("AVX2 tiles store to the scratch")
+    };
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for r in 0..R {
+            let b = _mm256_set1_ps(*tile.bias.add(r));
+            for t in 0..T {
+                acc[r][t] = b;
+            }
+        }
+        for (i, &off) in taps.iter().enumerate() {
+            let xp = tile.x.add(off);
+            let mut xs = [_mm256_setzero_ps(); T];
+            for t in 0..T {
+                xs[t] = _mm256_loadu_ps(xp.add(t * 8));
+            }
+            for r in 0..R {
+                let wv = _mm256_set1_ps(*tile.w.add(r * tile.k + i));
+                for t in 0..T {
+                    acc[r][t] = _mm256_fmadd_ps(wv, xs[t], acc[r][t]);
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                _mm256_storeu_ps(dst.add(r * ds + t * 8), acc[r][t]);
+            }
+        }
+    }
+}
+
+/// Runs the tile kernel for `r ≤ 4` channels and `t ≤ 6` (AVX-512) or `≤ 3` (AVX2)
+/// vectors.
+///
+/// # Safety
+/// As the tile kernels; `isa` is what the CPU has (never Portable here).
+#[allow(unused_variables)]
+unsafe fn run_tile(isa: Isa, r: usize, t: usize, tile: &Tile, taps: &[usize]) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        macro_rules! dispatch {
+            ($f:ident; $($r:literal),*; $($t:literal),*) => {
+                dispatch!(@r $f, r, t; [$($r),*]; [$($t),*])
+            };
+            (@r $f:ident, $rv:ident, $tv:ident; [$($r:literal),*]; $ts:tt) => {
+                match $rv {
+                    $($r => dispatch!(@t $f, $r, $tv; $ts),)*
+                    _ => unreachable!("tile rows"),
+                }
+            };
+            (@t $f:ident, $r:literal, $tv:ident; [$($t:literal),*]) => {
+                match $tv {
+                    $($t => $f::<$r, $t>(tile, taps),)*
+                    _ => unreachable!("tile vectors"),
+                }
+            };
+        }
+        match isa {
+            Isa::Avx512 => dispatch!(tile_zmm; 1, 2, 3, 4; 1, 2, 3, 4, 5, 6),
+            _ => dispatch!(tile_ymm; 1, 2, 3, 4; 1, 2, 3),
+        }
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks holding copies write disjoint (channel, position) regions.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// What every tile of one conv shares.
+struct Layer<'a> {
+    g: &'a Geo,
+    grid: Grid,
+    /// Tap offsets within a group, in weight order `(c, ky, kx)`.
+    taps: Vec<usize>,
+    w: &'a [f32],
+    bias: Vec<f32>,
+    /// The clamp applied at the store (ReLU, ReLU6 or none) and any other activation,
+    /// applied after.
+    lo: f32,
+    hi: f32,
+    rest: Option<ActivationKind>,
+    isa: Isa,
+    lanes: usize,
+    rmax: usize,
+    tmax: usize,
+    /// Vectors of flattened positions per image and per band.
+    vecs: usize,
+    band: usize,
+    /// Per vector (AVX-512): its valid lanes and the output position of the first.
+    mask: Vec<u16>,
+    idx: Vec<u32>,
+}
+
+impl<'a> Layer<'a> {
+    fn new(g: &'a Geo, w: &'a [f32], epi: Option<(&[f32], Option<ActivationKind>)>) -> Self {
+        let grid = Grid::new(g);
+        let mut taps = Vec::with_capacity(g.k());
+        for c in 0..g.cg() {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    taps.push(grid.tap(g, c, ky, kx));
+                }
+            }
+        }
+        let isa = super::simd::isa();
+        let (lanes, rmax, tmax) = shape(isa);
+        let q = grid.q(g);
+        let vecs = q.div_ceil(lanes);
+        // Output position of flattened index `q` (or of the next valid one).
+        let pos = |q: usize| (q / grid.cols) * g.ow + (q % grid.cols).min(g.ow);
+        let (mut mask, mut idx) = (Vec::new(), Vec::new());
+        if isa == Isa::Avx512 {
+            for v in 0..vecs {
+                let mut m = 0u16;
+                for l in 0..16 {
+                    let qi = v * 16 + l;
+                    if qi < q && qi % grid.cols < g.ow {
+                        m |= 1 << l;
+                    }
+                }
+                mask.push(m);
+                idx.push(pos(v * 16) as u32);
+            }
+        }
+        let ((lo, hi), rest) = match epi.and_then(|e| e.1) {
+            Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
+            Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
+            a => ((f32::NEG_INFINITY, f32::INFINITY), a),
+        };
+        Layer {
+            g,
+            grid,
+            taps,
+            w,
+            bias: epi.map_or_else(|| vec![0.0; g.o], |e| e.0.to_vec()),
+            lo,
+            hi,
+            rest,
+            isa,
+            lanes,
+            rmax,
+            tmax,
+            vecs,
+            // Four full tiles of vectors per band: the band's input rows stay in L1/L2
+            // while every channel block runs over them.
+            band: 4 * tmax,
+            mask,
+            idx,
+        }
+    }
+
+    /// Floats of the padded buffer of one image: every channel, and room for the last
+    /// vector's loads past the last plane.
+    fn padded_len(&self) -> usize {
+        let max_tap = self.taps.iter().max().copied().unwrap_or(0);
+        let last_group = (self.g.groups - 1) * self.g.cg() * self.grid.plane;
+        (self.g.c * self.grid.plane).max(last_group + max_tap + self.vecs * self.lanes)
+    }
+
+    fn bands(&self) -> usize {
+        self.vecs.div_ceil(self.band)
+    }
+
+    /// Pads image `xn` into `xp`.
+    fn pad(&self, xn: &[f32], xp: &mut [f32]) {
+        let hw = self.g.h * self.g.w;
+        let pl = self.grid.plane;
+        for (c, d) in xp[..self.g.c * pl].chunks_exact_mut(pl).enumerate() {
+            pad_channel(self.g, &self.grid, &xn[c * hw..(c + 1) * hw], d);
+        }
+    }
+
+    /// What decides which cells of the padded buffer are border (always zero).
+    fn key(&self) -> [usize; 9] {
+        let g = self.g;
+        [
+            g.c,
+            g.h,
+            g.w,
+            g.sh,
+            g.sw,
+            g.pt,
+            g.pl,
+            self.grid.rows,
+            self.grid.cols,
+        ]
+    }
+
+    /// Output channels `o0..o1` (within one group) over band `b` of one image, written
+    /// into `out` (the image's `[O, P]` output, through a raw pointer since tasks share
+    /// it) with the activation and residual `res` (the image's, same shape).
+    ///
+    /// # Safety
+    /// `out` points at this image's `O·P` outputs; no other task writes channels
+    /// `o0..o1` of band `b`; `xp` is this image's padded buffer of `padded_len()`.
+    unsafe fn block(
+        &self,
+        xp: &[f32],
+        b: usize,
+        (o0, o1): (usize, usize),
+        scratch: &mut Vec<f32>,
+        out: OutPtr,
+        res: Option<&[f32]>,
+    ) {
+        let g = self.g;
+        let (lanes, cols) = (self.lanes, self.grid.cols);
+        let v0 = b * self.band;
+        let nv = self.band.min(self.vecs - v0);
+        let width = nv * lanes;
+        let direct = self.isa == Isa::Avx512;
+        if !direct {
+            scratch.resize(self.rmax * width, 0.0);
+        }
+        let (k, og, p) = (g.k(), g.og(), g.p());
+        let gi = o0 / og;
+        debug_assert!(o1 <= (gi + 1) * og);
+        let gbase = gi * g.cg() * self.grid.plane;
+        assert!(
+            gbase + self.taps.iter().max().copied().unwrap_or(0) + self.vecs * lanes <= xp.len(),
+            "conv tiles: padded buffer too short"
+        );
+        let q0 = v0 * lanes;
+        let q1 = (q0 + width).min(self.grid.q(g));
+        // Output positions this band covers (contiguous in the output).
+        let (p0, p1) = (
+            (q0 / cols) * g.ow + (q0 % cols).min(g.ow),
+            (q1 / cols) * g.ow + (q1 % cols).min(g.ow),
+        );
+        let mut oc = o0;
+        while oc < o1 {
+            let r = self.rmax.min(o1 - oc);
+            let mut t0 = 0;
+            while t0 < nv {
+                let t = self.tmax.min(nv - t0);
+                let tile = Tile {
+                    x: xp[gbase + q0 + t0 * lanes..].as_ptr(),
+                    w: self.w[oc * k..].as_ptr(),
+                    k,
+                    bias: self.bias[oc..].as_ptr(),
+                    out: if direct {
+                        Out::Direct {
+                            // SAFETY (of the add): channel oc's plane is in the image.
+                            out: unsafe { out.0.add(oc * p) },
+                            res: res.map_or(std::ptr::null(), |r| r[oc * p..].as_ptr()),
+                            p,
+                            mask: self.mask[v0 + t0..].as_ptr(),
+                            idx: self.idx[v0 + t0..].as_ptr(),
+                            lo: self.lo,
+                            hi: self.hi,
+                        }
+                    } else {
+                        Out::Scratch {
+                            dst: scratch[t0 * lanes..].as_mut_ptr(),
+                            ds: width,
+                        }
+                    },
+                };
+                // SAFETY: the assert above bounds every load; w has r rows of k from oc
+                // (oc + r ≤ o1 ≤ O); bias r values; the direct stores land in channels
+                // oc..oc+r at the positions of their vectors (< P); the scratch has r
+                // rows of width ≥ t0·lanes + t·lanes.
+                unsafe { run_tile(self.isa, r, t, &tile, &self.taps) };
+                t0 += t;
+            }
+            for j in 0..r {
+                let ch = oc + j;
+                if direct {
+                    if self.rest.is_some() {
+                        // SAFETY: this task's channel ch, positions p0..p1.
+                        let d = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add(ch * p + p0), p1 - p0)
+                        };
+                        act::bias_act(d, 0.0, None, self.rest);
+                    }
+                    continue;
+                }
+                // Flattened rows → output rows, with the epilogue.
+                let src = &scratch[j * width..(j + 1) * width];
+                let mut q = q0;
+                while q < q1 {
+                    let (oy, ox) = (q / cols, q % cols);
+                    let end = (oy * cols + cols).min(q1);
+                    if ox < g.ow {
+                        let n = (g.ow - ox).min(end - q);
+                        let at = ch * p + oy * g.ow + ox;
+                        // SAFETY: channel ch, row oy, columns ox..ox+n of this image; only
+                        // this task writes them (the caller's contract).
+                        let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
+                        d.copy_from_slice(&src[q - q0..q - q0 + n]);
+                        let rs = res.map(|r| &r[at..at + n]);
+                        let a = self.act();
+                        if rs.is_some() || a.is_some() {
+                            act::bias_act(d, 0.0, rs, a);
+                        }
+                    }
+                    q = end;
+                }
+            }
+            oc += r;
+        }
+    }
+
+    /// The whole activation (for the scratch path, which applies it after the copy).
+    fn act(&self) -> Option<ActivationKind> {
+        match (self.lo, self.hi) {
+            (0.0, 6.0) => Some(ActivationKind::Relu6),
+            (0.0, _) => Some(ActivationKind::Relu),
+            _ => self.rest,
+        }
+    }
+}
+
+/// A thread's padded-input buffer (with the geometry its zero border was written for)
+/// and its scratch.
+struct Bufs {
+    xp: Vec<f32>,
+    key: Option<[usize; 9]>,
+    scratch: Vec<f32>,
+}
+
+thread_local! {
+    static BUFS: std::cell::RefCell<Bufs> = const {
+        std::cell::RefCell::new(Bufs { xp: Vec::new(), key: None, scratch: Vec::new() })
+    };
+}
+
+/// `out [N, O, OH, OW] = conv(x, w) + bias`, then the activation, with `res` (same shape
+/// as `out`) added before it. `out` needs no initialisation.
+pub fn forward_epi(
+    g: &Geo,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    epi: Option<(&[f32], Option<ActivationKind>)>,
+    res: Option<&[f32]>,
+) {
+    debug_assert!(applies(g));
+    let layer = Layer::new(g, w, epi);
+    let (img_in, img_out) = (g.c * g.h * g.w, g.o * g.p());
+    assert!(x.len() >= g.n * img_in && out.len() >= g.n * img_out && w.len() >= g.o * g.k());
+    let plen = layer.padded_len();
+    let (og, rmax) = (g.og(), layer.rmax);
+    // Channel blocks of whole tiles, never across a group.
+    let blocks: Vec<(usize, usize)> = (0..g.groups)
+        .flat_map(|gi| {
+            (gi * og..(gi + 1) * og)
+                .step_by(layer.rmax)
+                .map(move |o| (o, (o + rmax).min((gi + 1) * og)))
+        })
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    if g.n >= threads {
+        // One task per image, padded into the thread's own buffer.
+        out.par_chunks_mut(img_out)
+            .enumerate()
+            .for_each(|(n, img)| {
+                BUFS.with(|b| {
+                    let Bufs { xp, key, scratch } = &mut *b.borrow_mut();
+                    if *key != Some(layer.key()) || xp.len() < plen {
+                        // A new geometry: zero the whole buffer once (border and slack).
+                        xp.clear();
+                        xp.resize(plen, 0.0);
+                        *key = Some(layer.key());
+                    }
+                    let xp = &mut xp[..plen];
+                    layer.pad(&x[n * img_in..(n + 1) * img_in], xp);
+                    let outp = OutPtr(img.as_mut_ptr());
+                    let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
+                    for b in 0..layer.bands() {
+                        for &blk in &blocks {
+                            // SAFETY: this task owns the image; blocks and bands are disjoint.
+                            unsafe { layer.block(xp, b, blk, scratch, outp, rn) };
+                        }
+                    }
+                })
+            });
+        return;
+    }
+    // Few images (batch 1): each padded once, its (band, channel range) pieces shared
+    // out; channel ranges are whole blocks, split finely enough to balance the threads.
+    let mut xp = vec![0f32; plen];
+    let bands = layer.bands();
+    let splits = (4 * threads).div_ceil(bands).clamp(1, blocks.len());
+    let per = blocks.len().div_ceil(splits);
+    for n in 0..g.n {
+        let xn = &x[n * img_in..(n + 1) * img_in];
+        let pl = layer.grid.plane;
+        xp[..g.c * pl]
+            .par_chunks_mut(pl)
+            .enumerate()
+            .for_each(|(c, d)| {
+                pad_channel(g, &layer.grid, &xn[c * g.h * g.w..(c + 1) * g.h * g.w], d)
+            });
+        let outp = OutPtr(out[n * img_out..(n + 1) * img_out].as_mut_ptr());
+        let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
+        let xp = &xp;
+        let blocks = &blocks;
+        let layer = &layer;
+        (0..bands * splits).into_par_iter().for_each(move |task| {
+            let (b, s) = (task / splits, task % splits);
+            BUFS.with(|bufs| {
+                let scratch = &mut bufs.borrow_mut().scratch;
+                for &blk in blocks.iter().skip(s * per).take(per) {
+                    // SAFETY: (band, block) pairs are disjoint across tasks.
+                    unsafe { layer.block(xp, b, blk, scratch, outp, rn) };
+                }
+            })
+        });
+    }
+}
