@@ -473,6 +473,11 @@ fn epilogues(l: Isa) {
         // tiles too (asymmetric padding, a 5×5 at batch 1).
         ([2, 6, 13, 17], [8, 6, 3, 3], [1, 1], [1, 0, 1, 2], 1),
         ([1, 5, 18, 18], [7, 5, 5, 5], [1, 1], [2, 2, 2, 2], 1),
+        // Batch 1 with at most 32 positions (the weight-streaming thin tiles): one
+        // vector with a remainder row block, two vectors, a 1×1 with a short reduction.
+        ([1, 9, 4, 4], [13, 9, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([1, 6, 5, 5], [7, 6, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([1, 10, 3, 5], [6, 10, 1, 1], [1, 1], [0, 0, 0, 0], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

@@ -165,6 +165,21 @@ pub fn conv_forward_epi(
     let img_out = g.o * p;
     let one = |buf: &mut Vec<f32>, n: usize, out_n: &mut [f32], par: bool| {
         let xn = &x[n * img_in..(n + 1) * img_in];
+        if par && g.groups == 1 && conv_tiles::thin_applies(p) {
+            // A lone image with few positions: stream the weights once (no GEMM packing).
+            let need = k * p + conv_tiles::THIN_SLACK;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            if g.is_pointwise() {
+                buf[..k * p].copy_from_slice(xn);
+            } else {
+                im2col(g, xn, &mut buf[..k * p]);
+            }
+            let e = epi.map(|e| (&e.bias[..], e.act));
+            conv_tiles::thin((g.o, k, p), &buf[..need], w, out_n, e, res_n(n));
+            return;
+        }
         for gi in 0..g.groups {
             let xg = &xn[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
             let col: &[f32] = if g.is_pointwise() {

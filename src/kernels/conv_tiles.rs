@@ -377,6 +377,82 @@ unsafe fn tile_ymm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) 
     }
 }
 
+/// The thin product's tile: `R` rows × `T ≤ 2` vectors of `col` (rows `p` apart), with
+/// the reduction split four ways: one accumulator chain per row and vector would wait on
+/// the FMA latency (4 cycles) at every step, and a thin tile has too few of them.
+///
+/// # Safety
+/// As [`tile_zmm`], with `x` the column matrix (`k` rows of `p`, `T` vectors readable
+/// from each row).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn thin_zmm<const R: usize, const T: usize>(tile: &Tile, k: usize, p: usize) {
+    use std::arch::x86_64::*;
+    const J: usize = 4;
+    let Out::Direct {
+        out,
+        res,
+        p: ps,
+        mask,
+        idx,
+        lo,
+        hi,
+    } = tile.out
+    else {
+        unreachable!("thin tiles store directly")
+    };
+    unsafe {
+        let mut acc = [[[_mm512_setzero_ps(); T]; R]; J];
+        let mut i = 0;
+        while i + J <= k {
+            for j in 0..J {
+                let xp = tile.x.add((i + j) * p);
+                let mut xs = [_mm512_setzero_ps(); T];
+                for t in 0..T {
+                    xs[t] = _mm512_loadu_ps(xp.add(t * 16));
+                }
+                for r in 0..R {
+                    let wv = _mm512_set1_ps(*tile.w.add(r * tile.k + i + j));
+                    for t in 0..T {
+                        acc[j][r][t] = _mm512_fmadd_ps(wv, xs[t], acc[j][r][t]);
+                    }
+                }
+            }
+            i += J;
+        }
+        while i < k {
+            let xp = tile.x.add(i * p);
+            for r in 0..R {
+                let wv = _mm512_set1_ps(*tile.w.add(r * tile.k + i));
+                for t in 0..T {
+                    acc[0][r][t] =
+                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(t * 16)), acc[0][r][t]);
+                }
+            }
+            i += 1;
+        }
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        for r in 0..R {
+            let b = _mm512_set1_ps(*tile.bias.add(r));
+            for t in 0..T {
+                let sum = _mm512_add_ps(
+                    _mm512_add_ps(acc[0][r][t], acc[1][r][t]),
+                    _mm512_add_ps(acc[2][r][t], acc[3][r][t]),
+                );
+                let m = *mask.add(t);
+                let at = *idx.add(t) as usize;
+                let mut v = _mm512_add_ps(sum, b);
+                if !res.is_null() {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res.add(r * ps + at)));
+                }
+                v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+                _mm512_mask_storeu_ps(out.add(r * ps + at), m, v);
+            }
+        }
+    }
+}
+
 /// Runs the tile kernel for `r ≤ 4` channels and `t ≤ 6` (AVX-512) or `≤ 3` (AVX2)
 /// vectors.
 ///
@@ -416,6 +492,13 @@ struct OutPtr(*mut f32);
 // SAFETY: the tasks holding copies write disjoint (channel, position) regions.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// What every tile of one conv shares.
 struct Layer<'a> {
@@ -758,4 +841,104 @@ pub fn forward_epi(
             })
         });
     }
+}
+
+/// Whether a lone image's product `out[O × P] = w[O × K] · col[K × P]` with few
+/// positions runs on [`thin`]: AVX-512, and at most two vectors of positions (the 2×2
+/// to 5×5 maps of CIFAR nets' last stages at batch 1).
+pub fn thin_applies(p: usize) -> bool {
+    mode() != TileMode::Off && super::simd::isa() == Isa::Avx512 && p > 0 && p <= 32
+}
+
+/// Floats [`thin`] may read past the end of `col` (its last row's vector).
+pub const THIN_SLACK: usize = 16;
+
+/// `out[O × P] = epilogue(w[O × K] · col[K × P])` for a product with few columns, as
+/// register tiles that stream the weights once: a GEMM packs the whole weight matrix for
+/// a product this thin (9.4 MB for VGG's 512-channel 3×3 layers, re-read to do 4 FMAs
+/// per element on a 2×2 map), which made those layers memory-bound at ~20 GB/s. Here
+/// each tile of 4 rows reads its weights once as broadcasts against `col`'s rows (one
+/// or two vectors, masked to `P`); blocks of rows are split across the threads.
+/// `col` holds `K·P + THIN_SLACK` floats.
+pub fn thin(
+    (o, k, p): (usize, usize, usize),
+    col: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    epi: Option<(&[f32], Option<ActivationKind>)>,
+    res: Option<&[f32]>,
+) {
+    assert!(thin_applies(p) && col.len() >= k * p + THIN_SLACK && w.len() >= o * k);
+    assert!(out.len() >= o * p && res.is_none_or(|r| r.len() >= o * p));
+    let vecs = p.div_ceil(16);
+    let mask: Vec<u16> = (0..vecs)
+        .map(|v| {
+            let n = (p - v * 16).min(16);
+            ((1u32 << n) - 1) as u16
+        })
+        .collect();
+    let idx: Vec<u32> = (0..vecs).map(|v| (v * 16) as u32).collect();
+    let zeros;
+    let bias = match epi {
+        Some((b, _)) => b,
+        None => {
+            zeros = vec![0f32; o];
+            &zeros
+        }
+    };
+    let ((lo, hi), rest) = match epi.and_then(|e| e.1) {
+        Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
+        Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
+        a => ((f32::NEG_INFINITY, f32::INFINITY), a),
+    };
+    let outp = OutPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    // Blocks of 4 rows, a few per task so that both threads stay busy to the end.
+    let per = o.div_ceil(4).div_ceil(4 * threads).max(1) * 4;
+    (0..o.div_ceil(per)).into_par_iter().for_each(|b| {
+        let (o0, o1) = (b * per, ((b + 1) * per).min(o));
+        let mut oc = o0;
+        while oc < o1 {
+            let r = 4.min(o1 - oc);
+            let tile = Tile {
+                x: col.as_ptr(),
+                w: w[oc * k..].as_ptr(),
+                k,
+                bias: bias[oc..].as_ptr(),
+                out: Out::Direct {
+                    // SAFETY (of the add): row oc is inside out (oc < o, o·p ≤ len).
+                    out: unsafe { outp.get().add(oc * p) },
+                    res: res.map_or(std::ptr::null(), |r| r[oc * p..].as_ptr()),
+                    p,
+                    mask: mask.as_ptr(),
+                    idx: idx.as_ptr(),
+                    lo,
+                    hi,
+                },
+            };
+            // SAFETY: loads reach (k−1)·p + vecs·16 ≤ k·p + 16 ≤ col.len(); w has r rows
+            // of k from oc; bias r values; the stores write rows oc..oc+r, columns < p
+            // (the masks, which start at lane 0: idx is t·16), which only this task writes.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match (r, vecs) {
+                    (4, 1) => thin_zmm::<4, 1>(&tile, k, p),
+                    (4, _) => thin_zmm::<4, 2>(&tile, k, p),
+                    (3, 1) => thin_zmm::<3, 1>(&tile, k, p),
+                    (3, _) => thin_zmm::<3, 2>(&tile, k, p),
+                    (2, 1) => thin_zmm::<2, 1>(&tile, k, p),
+                    (2, _) => thin_zmm::<2, 2>(&tile, k, p),
+                    (_, 1) => thin_zmm::<1, 1>(&tile, k, p),
+                    _ => thin_zmm::<1, 2>(&tile, k, p),
+                }
+            }
+            oc += r;
+        }
+        if rest.is_some() {
+            // SAFETY: rows o0..o1 belong to this task.
+            let rows =
+                unsafe { std::slice::from_raw_parts_mut(outp.get().add(o0 * p), (o1 - o0) * p) };
+            act::bias_act(rows, 0.0, None, rest);
+        }
+    });
 }
