@@ -388,6 +388,10 @@ fn depthwise(l: Isa) {
         ([3, 4, 32, 32], 3, [2, 2], [1, 1, 1, 1]),
         ([2, 3, 17, 33], 5, [1, 1], [2, 2, 2, 2]),
         ([1, 2, 3, 40], 3, [1, 1], [1, 1, 1, 1]),
+        // "Same" output at stride 1 with the padding all on one side (the flattened,
+        // copy-free path).
+        ([1, 3, 6, 7], 3, [1, 1], [0, 0, 2, 2]),
+        ([2, 3, 6, 7], 3, [1, 1], [2, 1, 0, 1]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {

@@ -51,7 +51,7 @@ pub fn set_mode(mode: TileMode) {
     MODE.store(mode as u8, Ordering::Relaxed);
 }
 
-fn mode() -> TileMode {
+pub(crate) fn mode() -> TileMode {
     static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ENV_OFF.get_or_init(|| std::env::var("LOPPER_CONV_TILES").is_ok_and(|v| v == "0")) {
         return TileMode::Off;

@@ -162,6 +162,9 @@ pub fn forward_epi(
         });
         return;
     }
+    if super::dw_flat::applies(g) {
+        return super::dw_flat::forward_epi(g, x, w, out, epi);
+    }
     // The phase layout (dilation 1) is the same for every plane.
     let ph = Phases::new(g);
     // ~8 tasks per thread balance the load; a task is at least one plane.
@@ -176,6 +179,27 @@ pub fn forward_epi(
 
 pub fn backward_input(g: &Geo, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (hw, p, khw) = (g.h * g.w, g.p(), g.kh * g.kw);
+    if g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.pt < g.kh && g.pl < g.kw {
+        // Stride 1: the input gradient is the forward of `dy` with each window rotated
+        // by 180° and the padding mirrored (`k − 1 − p` before), on the forward's tile
+        // kernels; the scatter below ran at ~1 GFLOP/s (75 ms for a 112×112 batch-8
+        // layer whose forward takes 3.5 ms).
+        let t = Geo {
+            h: g.oh,
+            w: g.ow,
+            oh: g.h,
+            ow: g.w,
+            pt: g.kh - 1 - g.pt,
+            pl: g.kw - 1 - g.pl,
+            ..*g
+        };
+        let flipped: Vec<f32> = w
+            .chunks_exact(khw)
+            .flat_map(|c| c.iter().rev().copied())
+            .collect();
+        forward_epi(&t, dy, &flipped, dx, None);
+        return;
+    }
     dx.par_chunks_mut(hw.max(1))
         .enumerate()
         .for_each(|(nc, dxc)| {

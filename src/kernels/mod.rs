@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod csr;
 mod depthwise;
 mod direct;
+mod dw_flat;
 pub mod eltwise;
 pub mod gemm;
 pub mod im2col;
