@@ -19,9 +19,21 @@ fn gemv_rows(w: &[f32], i: usize, x: &[f32], n: usize, yt: &mut [f32]) {
     yt.par_chunks_mut(n * 64)
         .enumerate()
         .for_each(|(blk, out)| {
-            for (rr, o) in out.chunks_mut(n).enumerate() {
-                let r = blk * 64 + rr;
-                dots(&w[r * i..(r + 1) * i], x, i, o);
+            let r0 = blk * 64;
+            let rows = out.len() / n;
+            let quads = rows / 4;
+            for q in 0..quads {
+                let r = r0 + 4 * q;
+                dots4(
+                    &w[r * i..(r + 4) * i],
+                    x,
+                    i,
+                    &mut out[4 * q * n..4 * (q + 1) * n],
+                );
+            }
+            for rr in 4 * quads..rows {
+                let r = r0 + rr;
+                dots(&w[r * i..(r + 1) * i], x, i, &mut out[rr * n..(rr + 1) * n]);
             }
         });
 }
@@ -35,24 +47,66 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`dots`] for four consecutive weight rows (`rows`: `4 × i`) at once: `out[r·n + j]
+    /// = rows[r] · x[j]`. One dot product is a single chain of dependent vector FMAs
+    /// (four cycles each), so a lone row ran at a quarter of the load rate; four rows
+    /// give four independent chains and read each input vector once for all four (the
+    /// MLP's batch-1 inference).
+    fn dots4(rows: &[f32], x: &[f32], i: usize, out: &mut [f32]) {
+        const L: usize = 16;
+        let n = out.len() / 4;
+        let (r0, r1, r2, r3) = (&rows[..i], &rows[i..2 * i], &rows[2 * i..3 * i], &rows[3 * i..4 * i]);
+        for j in 0..n {
+            let xj = &x[j * i..(j + 1) * i];
+            let mut acc = [[0f32; L]; 4];
+            let full = i / L * L;
+            let quads = r0[..full]
+                .chunks_exact(L)
+                .zip(r1[..full].chunks_exact(L))
+                .zip(r2[..full].chunks_exact(L).zip(r3[..full].chunks_exact(L)));
+            for (xv, ((a, b), (c, d))) in xj[..full].chunks_exact(L).zip(quads) {
+                for l in 0..L {
+                    acc[0][l] += a[l] * xv[l];
+                    acc[1][l] += b[l] * xv[l];
+                    acc[2][l] += c[l] * xv[l];
+                    acc[3][l] += d[l] * xv[l];
+                }
+            }
+            for (k, row) in [r0, r1, r2, r3].into_iter().enumerate() {
+                let tail: f32 = row[full..].iter().zip(&xj[full..]).map(|(a, b)| a * b).sum();
+                out[k * n + j] = tail + acc[k].iter().sum::<f32>();
+            }
+        }
+    }
+}
+
 /// `y[r, c] = yt[c, r] + b[c]` for `yt: [o, n]`, in tiles that stay in cache.
 fn transpose_bias(yt: &[f32], o: usize, n: usize, b: &[f32], y: &mut [f32]) {
     const T: usize = 32;
-    y.par_chunks_mut((T * o).max(1))
-        .enumerate()
-        .for_each(|(rb, ys)| {
-            let r0 = rb * T;
-            let rows = ys.len() / o.max(1);
-            for c0 in (0..o).step_by(T) {
-                for r in 0..rows {
-                    let yr = &mut ys[r * o..(r + 1) * o];
-                    for c in c0..(c0 + T).min(o) {
-                        yr[c] = yt[c * n + r0 + r] + b[c];
-                    }
+    let block = |(rb, ys): (usize, &mut [f32])| {
+        let r0 = rb * T;
+        let rows = ys.len() / o.max(1);
+        for c0 in (0..o).step_by(T) {
+            for r in 0..rows {
+                let yr = &mut ys[r * o..(r + 1) * o];
+                for c in c0..(c0 + T).min(o) {
+                    yr[c] = yt[c * n + r0 + r] + b[c];
                 }
             }
-        });
+        }
+    };
+    let chunks = y.chunks_mut((T * o).max(1)).enumerate();
+    if n * o <= SMALL {
+        chunks.for_each(block);
+    } else {
+        y.par_chunks_mut((T * o).max(1)).enumerate().for_each(block);
+    }
 }
+
+/// Outputs up to this many floats are finished on the calling thread: handing a few
+/// microseconds of work to the other thread costs more than it saves (batch 1).
+const SMALL: usize = 1 << 14;
 
 pub struct LinearOp {
     pub act: Option<ActivationKind>,
@@ -107,7 +161,11 @@ impl CustomOp3 for LinearOp {
         let mut y = vec![0f32; n * o];
         transpose_bias(&yt, o, n, b, &mut y);
         if let Some(k) = self.act {
-            y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+            if n * o <= SMALL {
+                y.chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+            } else {
+                y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+            }
         }
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }

@@ -1,0 +1,130 @@
+//! Per-layer A/B of lopper's convolution paths: every conv shape below runs with the
+//! register tiles (and the other direct paths that follow the tile mode: thin batch-1
+//! products, flattened depthwise) and with them off (im2col + GEMM, the per-row
+//! depthwise), alternately, best of six rounds; forward and input gradient.
+//!
+//! `cargo run --release --example conv_paths [dense|thin|depthwise]` — the numbers behind
+//! the rules in `kernels/conv_tiles.rs` and `kernels/dw_flat.rs` (BENCHMARKS §19).
+
+use lopper::kernels::conv::{conv_backward_input, conv_forward};
+use lopper::kernels::conv_tiles::{set_mode, TileMode};
+use lopper::kernels::im2col::Geo;
+use std::time::Instant;
+
+/// `(batch, in channels, map side, out channels, stride)`.
+type Shape = (usize, usize, usize, usize, usize);
+
+const DENSE: &[Shape] = &[
+    (64, 16, 32, 16, 1),
+    (64, 32, 16, 32, 1),
+    (64, 64, 8, 64, 1),
+    (64, 32, 32, 32, 2),
+    (64, 64, 16, 128, 1),
+    (64, 256, 8, 256, 1),
+    (1, 64, 56, 64, 1),
+    (1, 256, 14, 256, 1),
+    (1, 512, 7, 512, 1),
+    (8, 64, 56, 64, 1),
+    (8, 512, 7, 512, 1),
+];
+
+const THIN: &[Shape] = &[
+    (1, 256, 4, 512, 1),
+    (1, 512, 4, 512, 1),
+    (1, 512, 2, 512, 1),
+];
+
+const DEPTHWISE: &[Shape] = &[
+    (64, 96, 32, 96, 1),
+    (64, 144, 16, 144, 1),
+    (64, 384, 8, 384, 1),
+    (64, 960, 4, 960, 1),
+    (8, 96, 112, 96, 1),
+    (8, 240, 28, 240, 1),
+    (8, 480, 14, 480, 1),
+    (8, 960, 7, 960, 1),
+];
+
+/// A 3×3 conv with padding 1 (depthwise: one group per channel).
+fn geo(&(n, c, hw, o, s): &Shape, depthwise: bool) -> Geo {
+    let oh = (hw + 2 - 3) / s + 1;
+    Geo {
+        n,
+        c,
+        h: hw,
+        w: hw,
+        o,
+        kh: 3,
+        kw: 3,
+        oh,
+        ow: oh,
+        sh: s,
+        sw: s,
+        pt: 1,
+        pl: 1,
+        dh: 1,
+        dw: 1,
+        groups: if depthwise { c } else { 1 },
+    }
+}
+
+fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "dense".into());
+    let (shapes, depthwise) = match which.as_str() {
+        "dense" => (DENSE, false),
+        "thin" => (THIN, false),
+        "depthwise" => (DEPTHWISE, true),
+        other => {
+            eprintln!("unknown shape set '{other}': dense, thin or depthwise");
+            std::process::exit(2);
+        }
+    };
+    println!("{which}: best of 6 alternating rounds, ms (GFLOP/s)");
+    for s in shapes {
+        let g = geo(s, depthwise);
+        let k = g.k();
+        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w)
+            .map(|i| (i * 7 % 13) as f32 * 0.1)
+            .collect();
+        let w: Vec<f32> = (0..g.o * k).map(|i| (i * 5 % 11) as f32 * 0.01).collect();
+        let dy: Vec<f32> = (0..g.n * g.o * g.p())
+            .map(|i| (i * 3 % 7) as f32 * 0.1)
+            .collect();
+        let mut out = vec![0f32; g.n * g.o * g.p()];
+        let macs = g.n * g.o * k * g.p();
+        let reps = (2e9 / macs as f64).ceil() as usize;
+        let mut best = [[f64::MAX; 2]; 2];
+        for _ in 0..6 {
+            for (i, mode) in [TileMode::Auto, TileMode::Off].into_iter().enumerate() {
+                set_mode(mode);
+                let t = Instant::now();
+                for _ in 0..reps {
+                    conv_forward(&g, &x, &w, &mut out);
+                }
+                best[0][i] = best[0][i].min(t.elapsed().as_secs_f64() / reps as f64);
+                let t = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(conv_backward_input(&g, &dy, &w));
+                }
+                best[1][i] = best[1][i].min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+        }
+        set_mode(TileMode::Auto);
+        let gf = |t: f64| 2.0 * macs as f64 / t / 1e9;
+        println!(
+            "n{} c{} {}x{} o{} s{}: forward {:.3} ({:.0}) vs off {:.3} ({:.0}) | input grad {:.3} vs off {:.3}",
+            s.0,
+            s.1,
+            s.2,
+            s.2,
+            s.3,
+            s.4,
+            best[0][0] * 1e3,
+            gf(best[0][0]),
+            best[0][1] * 1e3,
+            gf(best[0][1]),
+            best[1][0] * 1e3,
+            best[1][1] * 1e3
+        );
+    }
+}
