@@ -1,6 +1,7 @@
 //! Residual `relu(a + b)` fused into one pass, with its backward.
 
 use super::cpu::{ce, slice, tensor, with_f32};
+use super::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -29,14 +30,11 @@ impl CustomOp2 for AddReluOp {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; a.len()];
+        // SAFETY: the loop below stores every element.
+        let mut out = unsafe { super::cpu::unfilled(a.len()) };
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for i in 0..o.len() {
-                    o[i] = (a[i] + b[i]).max(0.0);
-                }
-            });
+            .for_each(|(o, (a, b))| add_relu(o, a, b));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -62,15 +60,30 @@ pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> 
             let mut d = unsafe { super::cpu::unfilled(g.len()) };
             d.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(d, (y, g))| {
-                    for i in 0..d.len() {
-                        d[i] = if y[i] > 0.0 { g[i] } else { 0.0 };
-                    }
-                });
+                .for_each(|(d, (y, g))| relu_mask(d, y, g));
             d
         })
     })
     .and_then(|r| r)
     .map_err(ce)?;
     tensor(d, y.dims())
+}
+
+multiversion! {
+    /// `o = max(a + b, 0)`, compiled per ISA (in baseline x86-64 code the residual adds
+    /// and their gradients were 4-wide SSE loops: a fifth of ResNet-20's training step).
+    fn add_relu(o: &mut [f32], a: &[f32], b: &[f32]) {
+        for (o, (&a, &b)) in o.iter_mut().zip(a.iter().zip(b)) {
+            *o = (a + b).max(0.0);
+        }
+    }
+}
+
+multiversion! {
+    /// `d = g` where `y > 0`, else 0.
+    fn relu_mask(d: &mut [f32], y: &[f32], g: &[f32]) {
+        for (d, (&y, &g)) in d.iter_mut().zip(y.iter().zip(g)) {
+            *d = if y > 0.0 { g } else { 0.0 };
+        }
+    }
 }
