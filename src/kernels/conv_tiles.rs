@@ -26,9 +26,8 @@
 //! x86-64 with AVX2 or AVX-512 only; elsewhere (and for dilated convs) im2col + GEMM.
 
 use super::act;
-use super::cpu::copy_row;
 use super::im2col::Geo;
-use super::planes::span;
+use super::planes::{clamp_split, copy_strided, span};
 use super::simd::{multiversion, Isa};
 use crate::graph::ops::ActivationKind;
 use rayon::prelude::*;
@@ -204,24 +203,7 @@ fn pad_channel(g: &Geo, grid: &Grid, x: &[f32], dst: &mut [f32]) {
                     continue;
                 }
                 let d = &mut dst[base + i * grid.cols + lo..base + i * grid.cols + hi];
-                let src = &x[y as usize * g.w..(y as usize + 1) * g.w];
-                if g.sw == 1 {
-                    copy_row(d, &src[first..first + d.len()]);
-                } else if g.sw == 2 {
-                    // Every other column, as pairs (vector shuffles, not a scalar loop).
-                    let pairs = src[first..].chunks_exact(2);
-                    let n = pairs.len().min(d.len());
-                    for (v, pair) in d[..n].iter_mut().zip(pairs) {
-                        *v = pair[0];
-                    }
-                    if n < d.len() {
-                        d[n] = src[first + 2 * n];
-                    }
-                } else {
-                    for (j, v) in d.iter_mut().enumerate() {
-                        *v = src[first + j * g.sw];
-                    }
-                }
+                copy_strided(d, &x[y as usize * g.w..(y as usize + 1) * g.w], first, g.sw);
             }
         }
     }
@@ -265,6 +247,36 @@ enum Out {
     Scratch { dst: *mut f32, ds: usize },
 }
 
+/// The accumulation shared by the AVX-512 and AVX2 tile kernels (they differ in register
+/// type and store): `R × T` accumulators start at the bias; per tap, `T` unaligned loads
+/// and `R` broadcast weights feed `R·T` FMAs. Expands inside the kernels' `unsafe` block.
+macro_rules! accumulate {
+    ($tile:expr, $taps:expr, $r:ident, $t:ident, $lanes:literal, $zero:ident, $set1:ident,
+     $loadu:ident, $fmadd:ident) => {{
+        let mut acc = [[$zero(); $t]; $r];
+        for r in 0..$r {
+            let b = $set1(*$tile.bias.add(r));
+            for t in 0..$t {
+                acc[r][t] = b;
+            }
+        }
+        for (i, &off) in $taps.iter().enumerate() {
+            let xp = $tile.x.add(off);
+            let mut xs = [$zero(); $t];
+            for t in 0..$t {
+                xs[t] = $loadu(xp.add(t * $lanes));
+            }
+            for r in 0..$r {
+                let wv = $set1(*$tile.w.add(r * $tile.k + i));
+                for t in 0..$t {
+                    acc[r][t] = $fmadd(wv, xs[t], acc[r][t]);
+                }
+            }
+        }
+        acc
+    }};
+}
+
 /// `R` channels × `T` vectors of one tile on AVX-512 (see the module doc): the bias
 /// starts the accumulators, each tap is `T` loads, `R` broadcasts and `R·T` FMAs, and
 /// each finished vector is compressed to its valid lanes, given its residual and clamp
@@ -293,26 +305,17 @@ unsafe fn tile_zmm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) 
         unreachable!("AVX-512 tiles store directly")
     };
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for r in 0..R {
-            let b = _mm512_set1_ps(*tile.bias.add(r));
-            for t in 0..T {
-                acc[r][t] = b;
-            }
-        }
-        for (i, &off) in taps.iter().enumerate() {
-            let xp = tile.x.add(off);
-            let mut xs = [_mm512_setzero_ps(); T];
-            for t in 0..T {
-                xs[t] = _mm512_loadu_ps(xp.add(t * 16));
-            }
-            for r in 0..R {
-                let wv = _mm512_set1_ps(*tile.w.add(r * tile.k + i));
-                for t in 0..T {
-                    acc[r][t] = _mm512_fmadd_ps(wv, xs[t], acc[r][t]);
-                }
-            }
-        }
+        let acc = accumulate!(
+            tile,
+            taps,
+            R,
+            T,
+            16,
+            _mm512_setzero_ps,
+            _mm512_set1_ps,
+            _mm512_loadu_ps,
+            _mm512_fmadd_ps
+        );
         let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
         for t in 0..T {
             let m = *mask.add(t);
@@ -349,26 +352,17 @@ unsafe fn tile_ymm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) 
         unreachable!("AVX2 tiles store to the scratch")
     };
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        for r in 0..R {
-            let b = _mm256_set1_ps(*tile.bias.add(r));
-            for t in 0..T {
-                acc[r][t] = b;
-            }
-        }
-        for (i, &off) in taps.iter().enumerate() {
-            let xp = tile.x.add(off);
-            let mut xs = [_mm256_setzero_ps(); T];
-            for t in 0..T {
-                xs[t] = _mm256_loadu_ps(xp.add(t * 8));
-            }
-            for r in 0..R {
-                let wv = _mm256_set1_ps(*tile.w.add(r * tile.k + i));
-                for t in 0..T {
-                    acc[r][t] = _mm256_fmadd_ps(wv, xs[t], acc[r][t]);
-                }
-            }
-        }
+        let acc = accumulate!(
+            tile,
+            taps,
+            R,
+            T,
+            8,
+            _mm256_setzero_ps,
+            _mm256_set1_ps,
+            _mm256_loadu_ps,
+            _mm256_fmadd_ps
+        );
         for r in 0..R {
             for t in 0..T {
                 _mm256_storeu_ps(dst.add(r * ds + t * 8), acc[r][t]);
@@ -556,11 +550,7 @@ impl<'a> Layer<'a> {
                 idx.push(pos(v * 16) as u32);
             }
         }
-        let ((lo, hi), rest) = match epi.and_then(|e| e.1) {
-            Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
-            Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
-            a => ((f32::NEG_INFINITY, f32::INFINITY), a),
-        };
+        let ((lo, hi), rest) = clamp_split(epi.and_then(|e| e.1));
         Layer {
             g,
             grid,
@@ -886,11 +876,7 @@ pub fn thin(
             &zeros
         }
     };
-    let ((lo, hi), rest) = match epi.and_then(|e| e.1) {
-        Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
-        Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
-        a => ((f32::NEG_INFINITY, f32::INFINITY), a),
-    };
+    let ((lo, hi), rest) = clamp_split(epi.and_then(|e| e.1));
     let outp = OutPtr(out.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
     // Blocks of 4 rows, a few per task so that both threads stay busy to the end.

@@ -152,11 +152,7 @@ pub fn forward_epi(
     assert!(applies(g) && x.len() >= out.len());
     let (p, khw) = (g.p(), g.kh * g.kw);
     let m = Masks::new(g);
-    let ((lo, hi), rest) = match epi.and_then(|e| e.1) {
-        Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
-        Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
-        a => ((f32::NEG_INFINITY, f32::INFINITY), a),
-    };
+    let ((lo, hi), rest) = super::planes::clamp_split(epi.and_then(|e| e.1));
     let planes = out.len() / p;
     // ~8 tasks per thread balance the load; a task is at least one plane.
     let per = planes

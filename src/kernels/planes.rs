@@ -29,6 +29,40 @@ pub(super) fn span(off: isize, s: usize, len: usize, out: usize) -> (usize, usiz
     (lo, hi.max(lo))
 }
 
+/// An epilogue activation split into the clamp a register-tile kernel applies at its
+/// store (ReLU → `[0, ∞)`, ReLU6 → `[0, 6]`, none → unbounded) and any other activation,
+/// applied after. Shared by every direct conv kernel.
+pub(super) fn clamp_split(act: Option<ActivationKind>) -> ((f32, f32), Option<ActivationKind>) {
+    match act {
+        Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
+        Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
+        a => ((f32::NEG_INFINITY, f32::INFINITY), a),
+    }
+}
+
+/// `d[j] = src[first + j·s]`: one padded row's interior from an input row. Stride 2 as
+/// pairs (vector shuffles; a strided index loop stayed scalar and was 11 % of
+/// MobileNetV3-small at batch 1). Inlined into the callers' per-ISA copies.
+#[inline(always)]
+pub(super) fn copy_strided(d: &mut [f32], src: &[f32], first: usize, s: usize) {
+    if s == 1 {
+        super::cpu::copy_row(d, &src[first..first + d.len()]);
+    } else if s == 2 {
+        let pairs = src[first..].chunks_exact(2);
+        let n = pairs.len().min(d.len());
+        for (v, pair) in d[..n].iter_mut().zip(pairs) {
+            *v = pair[0];
+        }
+        if n < d.len() {
+            d[n] = src[first + 2 * n];
+        }
+    } else {
+        for (j, v) in d.iter_mut().enumerate() {
+            *v = src[first + j * s];
+        }
+    }
+}
+
 /// Padded rows are laid out for output rows rounded up to this many columns (one
 /// AVX-512 register), so a tile's vector loads never leave the buffer.
 pub(super) const BLOCK: usize = 16;
@@ -128,11 +162,7 @@ impl PlaneLayer {
         let reach = (g.oh.max(1) - 1) * step
             + taps.iter().max().copied().unwrap_or(0)
             + g.ow.div_ceil(BLOCK) * BLOCK;
-        let ((lo, hi), rest) = match act {
-            Some(ActivationKind::Relu) => ((0.0, f32::INFINITY), None),
-            Some(ActivationKind::Relu6) => ((0.0, 6.0), None),
-            a => ((f32::NEG_INFINITY, f32::INFINITY), a),
-        };
+        let ((lo, hi), rest) = clamp_split(act);
         PlaneLayer {
             taps,
             oh: g.oh,
@@ -185,24 +215,7 @@ pub(super) fn pad_phases(g: &Geo, ph: &Phases, x: &[f32], buf: &mut [f32]) {
         for r in r0..r1 {
             let src = &x[(r - g.pt) * g.w..(r - g.pt + 1) * g.w];
             let d = &mut buf[r * ph.row + q * ph.phase..][lo..hi];
-            if g.sw == 1 {
-                super::cpu::copy_row(d, &src[first..first + (hi - lo)]);
-            } else if g.sw == 2 {
-                // Every other column, as pairs (vector shuffles; a strided index loop
-                // stayed scalar and was 11 % of MobileNetV3-small at batch 1).
-                let pairs = src[first..].chunks_exact(2);
-                let n = pairs.len().min(d.len());
-                for (v, pair) in d[..n].iter_mut().zip(pairs) {
-                    *v = pair[0];
-                }
-                if n < d.len() {
-                    d[n] = src[first + 2 * n];
-                }
-            } else {
-                for (j, v) in d.iter_mut().enumerate() {
-                    *v = src[first + j * g.sw];
-                }
-            }
+            copy_strided(d, src, first, g.sw);
         }
     }
 }
