@@ -241,20 +241,60 @@ struct Tile {
 
 /// Where a tile's results go.
 enum Out {
-    /// AVX-512: straight into the output. `out` (and `res`, or null) point at the first
-    /// channel's plane (planes `p` apart); vector `t` keeps the lanes of `mask[t]`, packed
-    /// (compressed) to output position `idx[t]`; the result is clamped to `[lo, hi]`.
-    Direct {
-        out: *mut f32,
-        res: *const f32,
-        p: usize,
-        mask: *const u16,
-        idx: *const u32,
-        lo: f32,
-        hi: f32,
-    },
+    /// AVX-512: straight into the output.
+    Direct(Store),
     /// AVX2 (no compress): into a flattened scratch, rows `ds` apart.
     Scratch { dst: *mut f32, ds: usize },
+}
+
+impl Out {
+    /// The direct store of the AVX-512 kernels.
+    fn direct(&self) -> &Store {
+        match self {
+            Out::Direct(s) => s,
+            Out::Scratch { .. } => unreachable!("AVX-512 tiles store directly"),
+        }
+    }
+}
+
+/// The AVX-512 store: `out` (and `res`, or null) point at the first channel's plane
+/// (planes `p` apart); vector `t` keeps the lanes of `mask[t]`, packed (compressed) to
+/// output position `idx[t]`; the result is clamped to `[lo, hi]`.
+struct Store {
+    out: *mut f32,
+    res: *const f32,
+    p: usize,
+    mask: *const u16,
+    idx: *const u32,
+    lo: f32,
+    hi: f32,
+}
+
+impl Store {
+    /// Stores `v` (its first lanes, those of `keep`) as channel `r`'s outputs from
+    /// position `at`: plus the residual, clamped (bound first, value second: a NaN passes
+    /// through). Shared by the tile and thin kernels.
+    ///
+    /// # Safety
+    /// AVX-512F; the lanes of `keep` from `at` are inside channel `r`'s plane.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn put(&self, v: std::arch::x86_64::__m512, r: usize, at: usize, keep: u16) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let mut v = v;
+            if !self.res.is_null() {
+                let rv = _mm512_maskz_loadu_ps(keep, self.res.add(r * self.p + at));
+                v = _mm512_add_ps(v, rv);
+            }
+            v = _mm512_min_ps(
+                _mm512_set1_ps(self.hi),
+                _mm512_max_ps(_mm512_set1_ps(self.lo), v),
+            );
+            _mm512_mask_storeu_ps(self.out.add(r * self.p + at), keep, v);
+        }
+    }
 }
 
 /// The accumulation shared by the AVX-512 and AVX2 tile kernels (they differ in register
@@ -302,18 +342,7 @@ macro_rules! accumulate {
 #[allow(clippy::needless_range_loop)]
 unsafe fn tile_zmm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) {
     use std::arch::x86_64::*;
-    let Out::Direct {
-        out,
-        res,
-        p,
-        mask,
-        idx,
-        lo,
-        hi,
-    } = tile.out
-    else {
-        unreachable!("AVX-512 tiles store directly")
-    };
+    let st = tile.out.direct();
     unsafe {
         let acc = accumulate!(
             tile,
@@ -326,22 +355,15 @@ unsafe fn tile_zmm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) 
             _mm512_loadu_ps,
             _mm512_fmadd_ps
         );
-        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
         for t in 0..T {
-            let m = *mask.add(t);
+            let m = *st.mask.add(t);
             if m == 0 {
                 continue;
             }
             let low: u16 = ((1u32 << m.count_ones()) - 1) as u16;
-            let at = *idx.add(t) as usize;
+            let at = *st.idx.add(t) as usize;
             for r in 0..R {
-                let mut v = _mm512_maskz_compress_ps(m, acc[r][t]);
-                if !res.is_null() {
-                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(low, res.add(r * p + at)));
-                }
-                // Bound first, value second: a NaN passes through.
-                v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-                _mm512_mask_storeu_ps(out.add(r * p + at), low, v);
+                st.put(_mm512_maskz_compress_ps(m, acc[r][t]), r, at, low);
             }
         }
     }
@@ -394,18 +416,7 @@ unsafe fn tile_ymm<const R: usize, const T: usize>(tile: &Tile, taps: &[usize]) 
 unsafe fn thin_zmm<const R: usize, const T: usize>(tile: &Tile, k: usize, p: usize) {
     use std::arch::x86_64::*;
     const J: usize = 4;
-    let Out::Direct {
-        out,
-        res,
-        p: ps,
-        mask,
-        idx,
-        lo,
-        hi,
-    } = tile.out
-    else {
-        unreachable!("thin tiles store directly")
-    };
+    let st = tile.out.direct();
     unsafe {
         let mut acc = [[[_mm512_setzero_ps(); T]; R]; J];
         let mut i = 0;
@@ -436,7 +447,6 @@ unsafe fn thin_zmm<const R: usize, const T: usize>(tile: &Tile, k: usize, p: usi
             }
             i += 1;
         }
-        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
         for r in 0..R {
             let b = _mm512_set1_ps(*tile.bias.add(r));
             for t in 0..T {
@@ -444,14 +454,9 @@ unsafe fn thin_zmm<const R: usize, const T: usize>(tile: &Tile, k: usize, p: usi
                     _mm512_add_ps(acc[0][r][t], acc[1][r][t]),
                     _mm512_add_ps(acc[2][r][t], acc[3][r][t]),
                 );
-                let m = *mask.add(t);
-                let at = *idx.add(t) as usize;
-                let mut v = _mm512_add_ps(sum, b);
-                if !res.is_null() {
-                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res.add(r * ps + at)));
-                }
-                v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-                _mm512_mask_storeu_ps(out.add(r * ps + at), m, v);
+                // The thin masks start at lane 0: no compress needed.
+                let (m, at) = (*st.mask.add(t), *st.idx.add(t) as usize);
+                st.put(_mm512_add_ps(sum, b), r, at, m);
             }
         }
     }
@@ -517,6 +522,8 @@ struct Layer<'a> {
     lo: f32,
     hi: f32,
     rest: Option<ActivationKind>,
+    /// The whole activation (the AVX2 scratch path applies it after the copy).
+    act: Option<ActivationKind>,
     isa: Isa,
     lanes: usize,
     rmax: usize,
@@ -570,6 +577,7 @@ impl<'a> Layer<'a> {
             lo,
             hi,
             rest,
+            act: epi.and_then(|e| e.1),
             isa,
             lanes,
             rmax,
@@ -672,7 +680,7 @@ impl<'a> Layer<'a> {
                     k,
                     bias: self.bias[oc..].as_ptr(),
                     out: if direct {
-                        Out::Direct {
+                        Out::Direct(Store {
                             // SAFETY (of the add): channel oc's plane is in the image.
                             out: unsafe { out.0.add(oc * p) },
                             res: res.map_or(std::ptr::null(), |r| r[oc * p..].as_ptr()),
@@ -681,7 +689,7 @@ impl<'a> Layer<'a> {
                             idx: self.idx[v0 + t0..].as_ptr(),
                             lo: self.lo,
                             hi: self.hi,
-                        }
+                        })
                     } else {
                         Out::Scratch {
                             dst: scratch[t0 * lanes..].as_mut_ptr(),
@@ -722,7 +730,7 @@ impl<'a> Layer<'a> {
                         let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), n) };
                         d.copy_from_slice(&src[q - q0..q - q0 + n]);
                         let rs = res.map(|r| &r[at..at + n]);
-                        let a = self.act();
+                        let a = self.act;
                         if rs.is_some() || a.is_some() {
                             act::bias_act(d, 0.0, rs, a);
                         }
@@ -731,15 +739,6 @@ impl<'a> Layer<'a> {
                 }
             }
             oc += r;
-        }
-    }
-
-    /// The whole activation (for the scratch path, which applies it after the copy).
-    fn act(&self) -> Option<ActivationKind> {
-        match (self.lo, self.hi) {
-            (0.0, 6.0) => Some(ActivationKind::Relu6),
-            (0.0, _) => Some(ActivationKind::Relu),
-            _ => self.rest,
         }
     }
 }
@@ -901,7 +900,7 @@ pub fn thin(
                 w: w[oc * k..].as_ptr(),
                 k,
                 bias: bias[oc..].as_ptr(),
-                out: Out::Direct {
+                out: Out::Direct(Store {
                     // SAFETY (of the add): row oc is inside out (oc < o, o·p ≤ len).
                     out: unsafe { outp.get().add(oc * p) },
                     res: res.map_or(std::ptr::null(), |r| r[oc * p..].as_ptr()),
@@ -910,7 +909,7 @@ pub fn thin(
                     idx: idx.as_ptr(),
                     lo,
                     hi,
-                },
+                }),
             };
             // SAFETY: loads reach (k−1)·p + vecs·16 ≤ k·p + 16 ≤ col.len(); w has r rows
             // of k from oc; bias r values; the stores write rows oc..oc+r, columns < p
