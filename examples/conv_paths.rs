@@ -26,12 +26,34 @@ const DENSE: &[Shape] = &[
     (1, 512, 7, 512, 1),
     (8, 64, 56, 64, 1),
     (8, 512, 7, 512, 1),
+    (64, 512, 4, 512, 1),
+    (64, 512, 2, 512, 1),
+    (8, 256, 14, 256, 1),
+    (8, 128, 28, 128, 1),
+    (8, 256, 28, 256, 2),
 ];
 
 const THIN: &[Shape] = &[
     (1, 256, 4, 512, 1),
     (1, 512, 4, 512, 1),
     (1, 512, 2, 512, 1),
+];
+
+const POINTWISE: &[Shape] = &[
+    (8, 16, 56, 64, 1),
+    (8, 24, 28, 72, 1),
+    (8, 72, 28, 24, 1),
+    (8, 40, 14, 240, 1),
+    (8, 240, 14, 40, 1),
+    (8, 96, 7, 576, 1),
+    (8, 576, 7, 96, 1),
+    (64, 16, 32, 96, 1),
+    (64, 144, 16, 32, 1),
+    (64, 384, 8, 64, 1),
+    (64, 960, 4, 320, 1),
+    (8, 64, 56, 256, 1),
+    (8, 256, 56, 64, 1),
+    (8, 512, 7, 2048, 1),
 ];
 
 const DEPTHWISE: &[Shape] = &[
@@ -45,23 +67,24 @@ const DEPTHWISE: &[Shape] = &[
     (8, 960, 7, 960, 1),
 ];
 
-/// A 3×3 conv with padding 1 (depthwise: one group per channel).
-fn geo(&(n, c, hw, o, s): &Shape, depthwise: bool) -> Geo {
-    let oh = (hw + 2 - 3) / s + 1;
+/// A 3×3 conv with padding 1 (depthwise: one group per channel), or a 1×1 conv.
+fn geo(&(n, c, hw, o, s): &Shape, depthwise: bool, k: usize) -> Geo {
+    let pad = k / 2;
+    let oh = (hw + 2 * pad - k) / s + 1;
     Geo {
         n,
         c,
         h: hw,
         w: hw,
         o,
-        kh: 3,
-        kw: 3,
+        kh: k,
+        kw: k,
         oh,
         ow: oh,
         sh: s,
         sw: s,
-        pt: 1,
-        pl: 1,
+        pt: pad,
+        pl: pad,
         dh: 1,
         dw: 1,
         groups: if depthwise { c } else { 1 },
@@ -74,6 +97,7 @@ fn main() {
         "dense" => (DENSE, false),
         "thin" => (THIN, false),
         "depthwise" => (DEPTHWISE, true),
+        "pointwise" => (POINTWISE, false),
         other => {
             eprintln!("unknown shape set '{other}': dense, thin or depthwise");
             std::process::exit(2);
@@ -81,7 +105,14 @@ fn main() {
     };
     println!("{which}: best of 6 alternating rounds, ms (GFLOP/s)");
     for s in shapes {
-        let g = geo(s, depthwise);
+        let pointwise = which == "pointwise";
+        let g = geo(s, depthwise, if pointwise { 1 } else { 3 });
+        // 1×1 convs are GEMMs by rule: compare the tiles forced against that.
+        let modes = if pointwise {
+            [TileMode::Always, TileMode::Auto]
+        } else {
+            [TileMode::Auto, TileMode::Off]
+        };
         let k = g.k();
         let x: Vec<f32> = (0..g.n * g.c * g.h * g.w)
             .map(|i| (i * 7 % 13) as f32 * 0.1)
@@ -95,7 +126,7 @@ fn main() {
         let reps = (2e9 / macs as f64).ceil() as usize;
         let mut best = [[f64::MAX; 2]; 2];
         for _ in 0..6 {
-            for (i, mode) in [TileMode::Auto, TileMode::Off].into_iter().enumerate() {
+            for (i, mode) in modes.into_iter().enumerate() {
                 set_mode(mode);
                 let t = Instant::now();
                 for _ in 0..reps {

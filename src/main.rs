@@ -84,7 +84,8 @@ fn main() {
         return;
     }
     cli::progress::set_quiet(cli.quiet);
-    if let Err(e) = run(cli.cmd) {
+    let cmd = cli.cmd;
+    if let Err(e) = lopper::util::on_pool(move || run(cmd)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

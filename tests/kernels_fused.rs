@@ -113,9 +113,10 @@ fn each_level(check: impl Fn(Isa)) {
 fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
     each_level(|l| {
         activations(l);
-        // The convolutions twice: with the register tiles where their rule puts them,
-        // and wherever they can run (shapes the rule gives to im2col + GEMM).
-        for mode in [TileMode::Auto, TileMode::Always] {
+        // The convolutions three times: with the register tiles where their rules put
+        // them, and each kind of tile wherever it can run (shapes the rule gives to
+        // im2col + GEMM or to the other tiles).
+        for mode in [TileMode::Auto, TileMode::Always, TileMode::ChanVec] {
             set_mode(mode);
             depthwise(l);
             epilogues(l);
@@ -482,6 +483,13 @@ fn epilogues(l: Isa) {
         ([1, 9, 4, 4], [13, 9, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         ([1, 6, 5, 5], [7, 6, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         ([1, 10, 3, 5], [6, 10, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        // Small maps with many channels (the channel-vector tiles): two input-channel
+        // blocks and a remainder channel block with asymmetric padding; batch 1 at stride
+        // 2 with more channel blocks than one tile group (split across threads); a 2×2
+        // map at batch 3.
+        ([2, 120, 5, 7], [37, 120, 3, 3], [1, 1], [1, 0, 1, 2], 1),
+        ([1, 30, 10, 9], [80, 30, 3, 3], [2, 2], [1, 1, 0, 1], 1),
+        ([3, 16, 2, 2], [33, 16, 3, 3], [1, 1], [1, 1, 1, 1], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

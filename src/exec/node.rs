@@ -28,6 +28,13 @@ pub(crate) struct Folded {
     /// The scaled dense weight (absent without a batch norm, and when the conv runs on
     /// the sparse kernel, which applies `s` in its epilogue).
     pub weight: Option<Tensor>,
+    /// The weight in the channel-vector kernel's layout, packed at the second call (a
+    /// plan run once, as `exec::forward` does, packs nothing beyond the kernel's own
+    /// per-call rule), if that kernel takes the conv's geometry (`None` inside: it does
+    /// not); kept for the plan's lifetime.
+    pub packed: std::sync::OnceLock<Option<std::sync::Arc<Vec<f32>>>>,
+    /// Calls so far, for `packed`.
+    pub calls: std::sync::atomic::AtomicUsize,
 }
 
 /// The run-time state a node's kernel may need.
@@ -230,6 +237,7 @@ pub(crate) fn conv_folded(
         };
         return kernels::sparse::conv2d(x, sw, &w_dims, cfg, &epi, residual);
     }
+    let masked = ctx.weight_masks.and_then(|m| m.get(&i)).is_some();
     let w = match (
         ctx.weight_masks.and_then(|m| m.get(&i)),
         &f.weight,
@@ -245,7 +253,28 @@ pub(crate) fn conv_folded(
             Tensor::from_vec(wv, w.dims(), w.device())?
         }
     };
-    kernels::conv2d_epilogue(x, &w, f.bias.clone(), act, residual, cfg)
+    // Unmasked weights are the plan's (a snapshot, like the folded bias): pack them once.
+    let second = f.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+    let packed = if masked || !second {
+        None
+    } else {
+        f.packed.get_or_init(|| pack_for(&w, x, cfg)).clone()
+    };
+    kernels::conv2d_epilogue_packed(x, &w, packed, f.bias.clone(), act, residual, cfg)
+}
+
+/// `w` packed for the channel-vector conv kernel if it takes this conv's geometry on the
+/// CPU (else `None`, and the conv runs as it would unpacked).
+fn pack_for(w: &Tensor, x: &Tensor, cfg: ConvCfg) -> Option<std::sync::Arc<Vec<f32>>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || kernels::reference_ops() {
+        return None;
+    }
+    let geo = cfg.geo(x.dims(), w.dims()).ok()?;
+    if !kernels::conv_chanvec::applies_packed(&geo) {
+        return None;
+    }
+    let wv: Vec<f32> = w.flatten_all().ok()?.to_vec1().ok()?;
+    Some(std::sync::Arc::new(kernels::conv_chanvec::pack(&geo, &wv)))
 }
 
 /// Eval-mode linear layer `i` with the activation after it fused into its output pass.

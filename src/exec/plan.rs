@@ -343,6 +343,8 @@ fn fold(g: &Graph, i: NodeId, bn: Option<NodeId>, sparse: bool) -> Result<Folded
             scale: None,
             bias,
             weight: None,
+            packed: Default::default(),
+            calls: Default::default(),
         });
     };
     let (scale, bias) = conv_bn_affine(g, i, bn)?;
@@ -358,5 +360,7 @@ fn fold(g: &Graph, i: NodeId, bn: Option<NodeId>, sparse: bool) -> Result<Folded
         scale: Some(scale),
         bias,
         weight,
+        packed: Default::default(),
+        calls: Default::default(),
     })
 }

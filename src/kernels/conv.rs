@@ -10,7 +10,7 @@ use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
-use super::{conv_batched, conv_tiles, depthwise, direct};
+use super::{conv_batched, conv_chanvec, conv_tiles, depthwise, direct};
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -119,6 +119,20 @@ pub fn conv_forward_epi(
     epi: Option<&Epilogue>,
     res: Option<&[f32]>,
 ) {
+    conv_forward_packed(g, x, w, None, out, epi, res)
+}
+
+/// [`conv_forward_epi`] with the weights also given in the channel-vector kernel's packed
+/// layout ([`conv_chanvec::pack`], kept by an eval plan), used if that kernel runs.
+pub fn conv_forward_packed(
+    g: &Geo,
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&[f32]>,
+    out: &mut [f32],
+    epi: Option<&Epilogue>,
+    res: Option<&[f32]>,
+) {
     let img_out = g.o * g.p();
     let res_n = |n: usize| res.map(|r| &r[n * img_out..(n + 1) * img_out]);
     // Direct kernels over padded planes: depthwise convs, and dense convs with few input
@@ -142,6 +156,15 @@ pub fn conv_forward_epi(
             }
             (None, _) => run(g, x, w, out, None),
         }
+        return;
+    }
+    let chanvec = match packed {
+        Some(_) => conv_chanvec::applies_packed(g),
+        None => conv_chanvec::applies(g),
+    };
+    if chanvec {
+        let e = epi.map(|e| (&e.bias[..], e.act));
+        conv_chanvec::forward_epi(g, x, w, packed, out, e, res);
         return;
     }
     if conv_tiles::applies(g) {
@@ -251,6 +274,14 @@ pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
         // SAFETY: the tile forward stores every output.
         let mut dx = unsafe { super::cpu::unfilled(g.n * g.c * g.h * g.w) };
         conv_tiles::forward_epi(&t, dy, &wt, &mut dx, None, None);
+        return dx;
+    }
+    if let Some(t) = conv_tiles::transposed_geo(g).filter(conv_chanvec::applies) {
+        // The same on the channel-vector tiles (small maps), packed in one pass.
+        let wp = conv_chanvec::pack_flipped(g, w);
+        // SAFETY: the channel-vector forward stores every output.
+        let mut dx = unsafe { super::cpu::unfilled(g.n * g.c * g.h * g.w) };
+        conv_chanvec::forward_epi(&t, dy, &[], Some(&wp), &mut dx, None, None);
         return dx;
     }
     if let Some(b) = conv_batched::batch(g) {
@@ -404,6 +435,8 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
 pub struct Conv2dInferOp {
     pub cfg: ConvCfg,
     pub epi: Epilogue,
+    /// The weights packed for the channel-vector kernel, if the caller keeps them.
+    pub packed: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl Conv2dInferOp {
@@ -436,7 +469,11 @@ impl Conv2dInferOp {
         // SAFETY: every path of the forward stores each output once (depthwise planes,
         // GEMMs that do not read their destination, an empty reduction zero-filled).
         let mut out = unsafe { super::cpu::unfilled(g.n * g.o * g.p()) };
-        conv_forward_epi(&g, x, w, &mut out, Some(&self.epi), r);
+        let packed = self.packed.as_deref().map(|p| &p[..]);
+        if packed.is_some_and(|p| p.len() != conv_chanvec::packed_len(&g)) {
+            candle_core::bail!("conv2d: packed weights do not match {:?}", l2.dims());
+        }
+        conv_forward_packed(&g, x, w, packed, &mut out, Some(&self.epi), r);
         Ok((CpuStorage::F32(out), Shape::from(out_dims.to_vec())))
     }
 }

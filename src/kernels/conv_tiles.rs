@@ -39,6 +39,8 @@ pub enum TileMode {
     Auto = 0,
     Off = 1,
     Always = 2,
+    /// The channel-vector kernel ([`super::conv_chanvec`]) wherever it can run (tests).
+    ChanVec = 3,
 }
 
 static MODE: AtomicU8 = AtomicU8::new(TileMode::Auto as u8);
@@ -58,6 +60,7 @@ pub(crate) fn mode() -> TileMode {
     match MODE.load(Ordering::Relaxed) {
         1 => TileMode::Off,
         2 => TileMode::Always,
+        3 => TileMode::ChanVec,
         _ => TileMode::Auto,
     }
 }
@@ -76,7 +79,7 @@ pub fn applies(g: &Geo) -> bool {
         && g.ow > 0;
     supported
         && match mode() {
-            TileMode::Off => false,
+            TileMode::Off | TileMode::ChanVec => false,
             TileMode::Always => true,
             TileMode::Auto => {
                 // AVX2 tiles (4 × 3 registers of 8 floats, through a scratch) ran ResNet-20
@@ -97,6 +100,11 @@ pub fn applies(g: &Geo) -> bool {
 /// output's size) with the filters flipped and transposed ([`flip_transpose`]), padded by
 /// `k − 1 − p` before (after: whatever reaches the input's size).
 pub fn transposed(g: &Geo) -> Option<Geo> {
+    transposed_geo(g).filter(applies)
+}
+
+/// The geometry of [`transposed`], whichever kernel runs it.
+pub fn transposed_geo(g: &Geo) -> Option<Geo> {
     if g.sh != 1 || g.sw != 1 || g.pt >= g.kh || g.pl >= g.kw {
         return None;
     }
@@ -118,7 +126,7 @@ pub fn transposed(g: &Geo) -> Option<Geo> {
         dw: g.dw,
         groups: g.groups,
     };
-    Some(t).filter(applies)
+    Some(t)
 }
 
 /// Filters `[O, C/g, kh, kw]` → `[C, O/g, kh, kw]`, each window rotated by 180°, for the
@@ -156,16 +164,16 @@ fn dense_enough(g: &Geo) -> bool {
 
 /// The padded, phase-split layout of one input channel for a geometry.
 #[derive(Clone, Copy, Debug)]
-struct Grid {
+pub(super) struct Grid {
     /// Rows and columns of a sub-plane.
-    rows: usize,
-    cols: usize,
+    pub rows: usize,
+    pub cols: usize,
     /// Floats per channel (`sh·sw` sub-planes).
-    plane: usize,
+    pub plane: usize,
 }
 
 impl Grid {
-    fn new(g: &Geo) -> Grid {
+    pub fn new(g: &Geo) -> Grid {
         let rows = g.oh + (g.kh - 1) / g.sh;
         let cols = g.ow + (g.kw - 1) / g.sw;
         Grid {
@@ -176,7 +184,7 @@ impl Grid {
     }
 
     /// Offset of tap `(c, ky, kx)` from an output position's flattened index.
-    fn tap(&self, g: &Geo, c: usize, ky: usize, kx: usize) -> usize {
+    pub fn tap(&self, g: &Geo, c: usize, ky: usize, kx: usize) -> usize {
         let sub = self.rows * self.cols;
         c * self.plane
             + ((ky % g.sh) * g.sw + kx % g.sw) * sub
@@ -196,7 +204,7 @@ multiversion! {
 /// every channel and image of a geometry, so they are zeroed once per buffer and geometry
 /// (see [`forward_epi`]), not per row (where they were a tenth of the copy's time).
 /// Compiled per ISA: in baseline x86-64 code the copy was 12 % of ResNet-20's inference.
-fn pad_channel(g: &Geo, grid: &Grid, x: &[f32], dst: &mut [f32]) {
+pub(super) fn pad_channel(g: &Geo, grid: &Grid, x: &[f32], dst: &mut [f32]) {
     let sub = grid.rows * grid.cols;
     for py in 0..g.sh {
         for px in 0..g.sw {

@@ -9,6 +9,7 @@ pub mod batchnorm;
 pub mod channel;
 pub mod conv;
 mod conv_batched;
+pub mod conv_chanvec;
 pub mod conv_tiles;
 pub mod cpu;
 pub mod csr;
@@ -115,10 +116,25 @@ pub fn conv2d_epilogue(
     residual: Option<&Tensor>,
     cfg: ConvCfg,
 ) -> Result<Tensor> {
+    conv2d_epilogue_packed(x, w, None, bias, act, residual, cfg)
+}
+
+/// [`conv2d_epilogue`] with `w` also packed for the channel-vector kernel
+/// ([`conv_chanvec::pack`]), as an eval plan keeps it: used where that kernel runs.
+pub fn conv2d_epilogue_packed(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<std::sync::Arc<Vec<f32>>>,
+    bias: Vec<f32>,
+    act: Option<ActivationKind>,
+    residual: Option<&Tensor>,
+    cfg: ConvCfg,
+) -> Result<Tensor> {
     if fast(x) {
         let op = conv::Conv2dInferOp {
             cfg,
             epi: conv::Epilogue { bias, act },
+            packed,
         };
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         return Ok(match residual {

@@ -235,7 +235,9 @@ impl RunLock {
 /// is forwarded to `progress` line by line as it comes, behind `prefix`, so a long step is
 /// visibly advancing. The child dies with this process (Linux `PR_SET_PDEATHSIG`: SIGTERM
 /// when the parent dies, also by kill -9), so no step keeps working, unseen, after its run
-/// was stopped; it holds the run's lock while alive.
+/// was stopped; it holds the run's lock while alive. (The signal follows the spawning
+/// thread: a thread of the worker pool the command runs on, which lives as long as the
+/// process.)
 fn child<T: for<'de> Deserialize<'de>>(
     o: &RunOpts,
     args: &[String],

@@ -232,6 +232,21 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Runs `f` on a thread of rayon's global pool and waits for it.
+///
+/// A kernel's parallel loop called from outside the pool is injected into it and the
+/// caller sleeps until a worker has finished: two thread switches per op. At batch 1 a
+/// whole forward pass is 20–60 µs, and LeNet-5's profile was over half kernel scheduling
+/// (`sched_yield`, futex wake-ups). From a worker, a loop too small to split runs inline
+/// and a larger one is shared by work stealing. The pool's threads get a main-sized stack.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Only the first build can succeed; a pool already built (tests, a library user) stays.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(16 << 20)
+        .build_global();
+    rayon::scope(|_| f())
+}
+
 /// Process-wide runtime settings for CPU training; call first thing in `main`.
 ///
 /// 1. Keeps freed tensor buffers inside the process (glibc): otherwise every per-step

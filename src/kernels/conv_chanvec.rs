@@ -1,0 +1,462 @@
+//! Direct convolution with vectors along the output channels, for dense convs on small
+//! maps (the 8×8 to 2×2 stages of CIFAR nets, the 14×14 and 7×7 stages of ImageNet nets).
+//!
+//! The register tiles of [`super::conv_tiles`] put output positions in the vector lanes:
+//! a 7×7 map flattened over its padded rows leaves a fifth of the lanes idle, and a 4×4
+//! or 2×2 map half or more, so those layers went to im2col + GEMM, which copies the input
+//! `kh·kw` times and packs it again. Here the lanes hold 16 output channels instead (the
+//! layout onnxruntime's NCHWc kernels compute in): a tile of `R` channel blocks × `T`
+//! output positions takes, per input channel and tap, `R` vector loads of weights packed
+//! as `[O/16][C][kh·kw][16]` and `T` broadcasts of input values, for `R·T` FMAs (4 × 6 on
+//! AVX-512, the GEMM micro-kernel's ratio) at any map size, stride and padding: the input
+//! is the zero-padded, stride-phase layout of the position tiles ([`Grid`]).
+//!
+//! **Order.** Input channels are cut into blocks whose weights (for one group of `R`
+//! channel blocks) stay in L2; within a block, every group of channel blocks sweeps all
+//! positions. Partial sums live in a position-major scratch (`[P][O]`, 16-channel vectors
+//! contiguous) and are finally transposed into NCHW with the bias, residual and
+//! activation. With `K = C·kh·kw ≥ 256` accumulation steps per output that transpose is
+//! a few per cent of the work.
+//!
+//! The packed weights are built per call, or once per eval plan (see `exec`). x86-64
+//! with AVX-512 only; elsewhere the other paths run.
+
+use super::act;
+use super::conv_tiles::{mode, pad_channel, Grid, TileMode};
+use super::im2col::Geo;
+use super::simd::Isa;
+use crate::graph::ops::ActivationKind;
+use rayon::prelude::*;
+
+/// Lanes of a vector: output channels per block.
+const L: usize = 16;
+/// Channel blocks (registers of weights) per tile.
+const RMAX: usize = 4;
+/// Output positions (broadcasts) per tile.
+const TMAX: usize = 6;
+/// Output positions a task's tiles sweep with each block of weights: small maps run
+/// several images per task (a 2×2 map at batch 64 read the 9.4 MB of a 512-channel
+/// layer's weights once per image).
+const MIN_POSITIONS: usize = 64;
+/// Accumulation steps (input channels × taps) per input-channel block: the weights of a
+/// tile group's block, `RMAX·16·4` bytes a step, are 256 KB and stay in L2.
+const STEPS_PER_BLOCK: usize = 1024;
+
+/// Whether this kernel takes the conv, packing its weights per call: [`eligible`], and
+/// (by rule) enough output positions in the batch that the packing costs little. At
+/// batch 1 a 7×7 map's 49 positions made the packing of a 512-channel layer (9.4 MB)
+/// cost as much as the conv (1.2 ms against 0.7 for im2col + GEMM, per layer on an AMD
+/// EPYC); an eval plan packs once ([`applies_packed`]).
+pub fn applies(g: &Geo) -> bool {
+    eligible(g) && (mode() == TileMode::ChanVec || g.n * g.p() >= MIN_REUSE)
+}
+
+/// Whether this kernel takes the conv when its weights come packed.
+pub fn applies_packed(g: &Geo) -> bool {
+    eligible(g)
+}
+
+/// Output positions per call below which packing per call does not pay.
+const MIN_REUSE: usize = 256;
+
+/// AVX-512, ungrouped, undilated; by rule, a window larger than 1×1 on a map the
+/// position tiles leave (too few lanes used), with at least 32 output channels (two
+/// blocks) and 256 accumulation steps (so the final transpose is cheap).
+/// `TileMode::ChanVec` forces it wherever it can run; `Off` and `Always` never.
+pub fn eligible(g: &Geo) -> bool {
+    let supported = cfg!(target_arch = "x86_64")
+        && super::simd::isa() == Isa::Avx512
+        && g.groups == 1
+        && g.dh == 1
+        && g.dw == 1
+        && g.oh > 0
+        && g.ow > 0
+        && g.o > 0
+        && g.c > 0;
+    supported
+        && match mode() {
+            TileMode::Off | TileMode::Always => false,
+            TileMode::ChanVec => true,
+            TileMode::Auto => {
+                g.kh * g.kw > 1
+                    && g.o >= 32
+                    && g.k() >= 256
+                    && !env_off()
+                    && !super::conv_tiles::applies(g)
+            }
+        }
+}
+
+/// `LOPPER_CHANVEC=0` at start-up takes this kernel out of the rule (A/B runs against
+/// the other paths; `LOPPER_CONV_TILES=0` turns off every direct path).
+fn env_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LOPPER_CHANVEC").is_ok_and(|v| v == "0"))
+}
+
+/// Floats of the packed weights of `g`: `O` rounded up to whole blocks.
+pub fn packed_len(g: &Geo) -> usize {
+    g.o.div_ceil(L) * L * g.k()
+}
+
+/// Weights `[O, C, kh, kw]` → `[O/16][C][kh·kw][16]`, the last block's missing channels
+/// zero.
+pub fn pack(g: &Geo, w: &[f32]) -> Vec<f32> {
+    let (k, taps) = (g.k(), g.kh * g.kw);
+    let mut out = vec![0f32; packed_len(g)];
+    out.par_chunks_mut(L * k).enumerate().for_each(|(ob, blk)| {
+        for l in 0..L.min(g.o - ob * L) {
+            let row = &w[(ob * L + l) * k..(ob * L + l + 1) * k];
+            for (ci, wc) in row.chunks_exact(taps).enumerate() {
+                for (t, &v) in wc.iter().enumerate() {
+                    blk[(ci * taps + t) * L + l] = v;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The packed weights of [`super::conv_tiles::transposed_geo`]`(g)` (the input
+/// gradient as a conv) straight from `g`'s weights `[O, C, kh, kw]`: block `cb` holds, per
+/// output-gradient channel `o` and tap, the 16 input channels `cb·16..` of the window
+/// rotated by 180° (one pass instead of a transpose and a pack).
+pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let k = g.o * taps;
+    let mut out = vec![0f32; g.c.div_ceil(L) * L * k];
+    out.par_chunks_mut(L * k).enumerate().for_each(|(cb, blk)| {
+        for l in 0..L.min(g.c - cb * L) {
+            let c = cb * L + l;
+            for o in 0..g.o {
+                let src = &w[(o * g.c + c) * taps..(o * g.c + c + 1) * taps];
+                for (t, &v) in src.iter().rev().enumerate() {
+                    blk[(o * taps + t) * L + l] = v;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// One call's fixed operands.
+struct Layer<'a> {
+    g: &'a Geo,
+    grid: Grid,
+    /// Images per task: enough that a tile group's weights serve [`MIN_POSITIONS`].
+    imgs: usize,
+    /// Padded-input offset of each output position of `imgs` images (padded images
+    /// `C·plane` apart), and of each tap.
+    offs: Vec<usize>,
+    taps: Vec<usize>,
+    w: &'a [f32],
+    /// Input channels per block.
+    cb: usize,
+}
+
+/// A thread's padded input and partial-sum scratch.
+struct Bufs {
+    xp: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static BUFS: std::cell::RefCell<Bufs> =
+        const { std::cell::RefCell::new(Bufs { xp: Vec::new(), acc: Vec::new() }) };
+}
+
+/// A raw output pointer shared by tasks that write disjoint channel rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks holding copies write disjoint output channels.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Layer<'_> {
+    /// Floats of one padded image.
+    fn img_len(&self) -> usize {
+        self.g.c * self.grid.plane
+    }
+
+    /// Pads the images of `xs` (whole images) into `xp` (all of it written: the border
+    /// is zeroed here).
+    fn pad(&self, xs: &[f32], xp: &mut [f32]) {
+        let (g, pl, hw) = (self.g, self.grid.plane, self.g.h * self.g.w);
+        xp.fill(0.0);
+        for (xn, d) in xs
+            .chunks_exact(g.c * hw)
+            .zip(xp.chunks_exact_mut(self.img_len()))
+        {
+            for (c, dc) in d.chunks_exact_mut(pl).enumerate() {
+                pad_channel(g, &self.grid, &xn[c * hw..(c + 1) * hw], dc);
+            }
+        }
+    }
+
+    /// Output channel blocks `b0..b1` of `imgs` padded images in `xp`: accumulate into
+    /// `acc` (`imgs·P × (b1 − b0)·16`), then transpose into `out` (the first image's NCHW
+    /// output, the others after it) with the epilogue; `res` likewise.
+    ///
+    /// # Safety
+    /// `out` holds the images' `O·P` outputs each and no other task writes channels
+    /// `b0·16..b1·16` of them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn blocks(
+        &self,
+        xp: &[f32],
+        imgs: usize,
+        (b0, b1): (usize, usize),
+        acc: &mut Vec<f32>,
+        out: OutPtr,
+        epi: Option<(&[f32], Option<ActivationKind>)>,
+        res: Option<&[f32]>,
+    ) {
+        let g = self.g;
+        let (k, ntaps) = (g.k(), self.taps.len());
+        let p = imgs * g.p();
+        let width = (b1 - b0) * L;
+        if acc.len() < p * width {
+            acc.resize(p * width, 0.0);
+        }
+        assert!(imgs <= self.imgs && xp.len() >= imgs * self.img_len());
+        assert!(self.w.len() >= b1 * L * k);
+        let mut c0 = 0;
+        while c0 < g.c {
+            let cb = self.cb.min(g.c - c0);
+            let mut ob = b0;
+            while ob < b1 {
+                let r = RMAX.min(b1 - ob);
+                let mut q0 = 0;
+                while q0 < p {
+                    let t = TMAX.min(p - q0);
+                    let tile = Tile {
+                        x: xp[c0 * self.grid.plane..].as_ptr(),
+                        plane: self.grid.plane,
+                        offs: &self.offs[q0..q0 + t],
+                        taps: &self.taps,
+                        cb,
+                        w: self.w[(ob * k + c0 * ntaps) * L..].as_ptr(),
+                        wstride: k * L,
+                        acc: acc[q0 * width + (ob - b0) * L..].as_mut_ptr(),
+                        astride: width,
+                        first: c0 == 0,
+                    };
+                    // SAFETY: every tap of every position of the block's channels is
+                    // inside xp (the grid covers the window of every output); weights
+                    // r blocks of k·16 from block ob ≤ b1; acc rows t of width.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        run(r, t, &tile)
+                    };
+                    q0 += t;
+                }
+                ob += r;
+            }
+            c0 += cb;
+        }
+        // Transpose into NCHW with the epilogue.
+        let (pi, o1) = (g.p(), (b1 * L).min(g.o));
+        for n in 0..imgs {
+            for o in b0 * L..o1 {
+                let at = (n * g.o + o) * pi;
+                // SAFETY: channel o of image n, owned by this task (the contract).
+                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), pi) };
+                let (col, acc) = (o - b0 * L, &acc[n * pi * width..]);
+                for (q, v) in row.iter_mut().enumerate() {
+                    *v = acc[q * width + col];
+                }
+                let b = epi.map_or(0.0, |e| e.0[o]);
+                let a = epi.and_then(|e| e.1);
+                let r = res.map(|r| &r[at..at + pi]);
+                if b != 0.0 || a.is_some() || r.is_some() {
+                    act::bias_act(row, b, r, a);
+                }
+            }
+        }
+    }
+}
+
+/// One tile's operands: `x` at the block's first padded input channel (`plane` apart),
+/// the tile's position offsets and the tap offsets, `cb` channels; `w` at the first
+/// channel block's weights for the block's first channel (blocks `wstride` apart), `acc`
+/// at the tile's first position and block (positions `astride` apart).
+struct Tile<'a> {
+    x: *const f32,
+    plane: usize,
+    offs: &'a [usize],
+    taps: &'a [usize],
+    cb: usize,
+    w: *const f32,
+    wstride: usize,
+    acc: *mut f32,
+    astride: usize,
+    first: bool,
+}
+
+/// `R` channel blocks × `T` positions.
+///
+/// # Safety
+/// AVX-512F; the operands as [`Tile`] describes, in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile<const R: usize, const T: usize>(k: &Tile) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let mut a = [[_mm512_setzero_ps(); T]; R];
+        if !k.first {
+            for t in 0..T {
+                for r in 0..R {
+                    a[r][t] = _mm512_loadu_ps(k.acc.add(t * k.astride + r * L));
+                }
+            }
+        }
+        let offs: [usize; T] = std::array::from_fn(|t| k.offs[t]);
+        let ntaps = k.taps.len();
+        let (mut xc, mut wc) = (k.x, k.w);
+        for _ in 0..k.cb {
+            for (ti, &tap) in k.taps.iter().enumerate() {
+                let mut wv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = _mm512_loadu_ps(wc.add(r * k.wstride + ti * L));
+                }
+                for t in 0..T {
+                    let xv = _mm512_set1_ps(*xc.add(offs[t] + tap));
+                    for r in 0..R {
+                        a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+                    }
+                }
+            }
+            xc = xc.add(k.plane);
+            wc = wc.add(ntaps * L);
+        }
+        for t in 0..T {
+            for r in 0..R {
+                _mm512_storeu_ps(k.acc.add(t * k.astride + r * L), a[r][t]);
+            }
+        }
+    }
+}
+
+/// Dispatches a tile to its exact-size kernel (remainder blocks and positions included).
+///
+/// # Safety
+/// As [`tile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ TMAX`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run(r: usize, t: usize, k: &Tile) {
+    macro_rules! arms {
+        ($($r:literal, $t:literal);*) => {
+            match (r, t) {
+                $(($r, $t) => unsafe { tile::<$r, $t>(k) },)*
+                _ => unreachable!("tile {r}×{t} outside the dispatch table"),
+            }
+        };
+    }
+    arms!(1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
+          3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+}
+
+/// `out [N, O, OH, OW] = conv(x, w) + bias`, then the activation, with `res` added
+/// before it; `packed` is [`pack`]`(g, w)` if the caller keeps one (else built here).
+/// `out` needs no initialisation.
+pub fn forward_epi(
+    g: &Geo,
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&[f32]>,
+    out: &mut [f32],
+    epi: Option<(&[f32], Option<ActivationKind>)>,
+    res: Option<&[f32]>,
+) {
+    assert!(if packed.is_some() {
+        applies_packed(g)
+    } else {
+        applies(g)
+    });
+    let owned;
+    let wp = match packed {
+        Some(p) => p,
+        None => {
+            owned = pack(g, w);
+            &owned
+        }
+    };
+    assert!(wp.len() >= packed_len(g), "packed conv weights too short");
+    let (img_in, img_out) = (g.c * g.h * g.w, g.o * g.p());
+    assert!(x.len() >= g.n * img_in && out.len() >= g.n * img_out);
+    let threads = rayon::current_num_threads().max(1);
+    let grid = Grid::new(g);
+    // Images per task: enough positions for the weights' reuse, but a task per thread;
+    // fewer images than threads are one task group sharing the channel blocks.
+    let imgs = if g.n >= threads {
+        MIN_POSITIONS.div_ceil(g.p()).min(g.n / threads).max(1)
+    } else {
+        g.n
+    };
+    let img_len = g.c * grid.plane;
+    let offs = (0..imgs * g.p())
+        .map(|i| {
+            let (n, q) = (i / g.p(), i % g.p());
+            n * img_len + (q / g.ow) * grid.cols + q % g.ow
+        })
+        .collect();
+    let taps = (0..g.kh)
+        .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| grid.tap(g, 0, ky, kx))
+        .collect();
+    let layer = Layer {
+        g,
+        grid,
+        imgs,
+        offs,
+        taps,
+        w: wp,
+        cb: (STEPS_PER_BLOCK / (g.kh * g.kw)).max(1),
+    };
+    let nb = g.o.div_ceil(L);
+    if g.n >= threads {
+        // One task per run of `imgs` images, padded into the thread's own buffer.
+        out[..g.n * img_out]
+            .par_chunks_mut(imgs * img_out)
+            .enumerate()
+            .for_each(|(ti, o)| {
+                let (n0, m) = (ti * imgs, o.len() / img_out);
+                BUFS.with(|b| {
+                    let Bufs { xp, acc } = &mut *b.borrow_mut();
+                    xp.resize(m * img_len, 0.0);
+                    layer.pad(&x[n0 * img_in..(n0 + m) * img_in], xp);
+                    let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
+                    let outp = OutPtr(o.as_mut_ptr());
+                    // SAFETY: this task owns the images.
+                    unsafe { layer.blocks(xp, m, (0, nb), acc, outp, epi, rn) };
+                })
+            });
+        return;
+    }
+    // Fewer images than threads: padded once, their channel blocks shared out in whole
+    // tile groups.
+    let mut xp = vec![0f32; g.n * img_len];
+    layer.pad(&x[..g.n * img_in], &mut xp);
+    let groups = nb.div_ceil(RMAX);
+    let splits = (2 * threads).min(groups).max(1);
+    let per = groups.div_ceil(splits) * RMAX;
+    let outp = OutPtr(out.as_mut_ptr());
+    let (xp, layer) = (&xp, &layer);
+    (0..splits).into_par_iter().for_each(move |s| {
+        let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
+        if b0 >= b1 {
+            return;
+        }
+        BUFS.with(|b| {
+            let acc = &mut b.borrow_mut().acc;
+            // SAFETY: the splits own disjoint channel blocks.
+            unsafe { layer.blocks(xp, g.n, (b0, b1), acc, outp, epi, res) };
+        })
+    });
+}
