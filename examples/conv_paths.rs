@@ -6,7 +6,7 @@
 //! `cargo run --release --example conv_paths [dense|thin|depthwise]` — the numbers behind
 //! the rules in `kernels/conv_tiles.rs` and `kernels/dw_flat.rs` (BENCHMARKS §19).
 
-use lopper::kernels::conv::{conv_backward_input, conv_forward};
+use lopper::kernels::conv::{conv_backward_input, conv_backward_weight, conv_forward};
 use lopper::kernels::conv_tiles::{set_mode, TileMode};
 use lopper::kernels::im2col::Geo;
 use std::time::Instant;
@@ -31,6 +31,9 @@ const DENSE: &[Shape] = &[
     (8, 256, 14, 256, 1),
     (8, 128, 28, 128, 1),
     (8, 256, 28, 256, 2),
+    (8, 64, 56, 128, 2),
+    (8, 128, 56, 128, 2),
+    (1, 128, 28, 256, 2),
 ];
 
 const THIN: &[Shape] = &[
@@ -55,6 +58,9 @@ const POINTWISE: &[Shape] = &[
     (8, 256, 56, 64, 1),
     (8, 512, 7, 2048, 1),
 ];
+
+/// 7×7 stride-2 stems (ResNets at 224).
+const STEM: &[Shape] = &[(1, 3, 224, 64, 2), (8, 3, 224, 64, 2)];
 
 const DEPTHWISE: &[Shape] = &[
     (64, 96, 32, 96, 1),
@@ -98,6 +104,7 @@ fn main() {
         "thin" => (THIN, false),
         "depthwise" => (DEPTHWISE, true),
         "pointwise" => (POINTWISE, false),
+        "stem" => (STEM, false),
         other => {
             eprintln!("unknown shape set '{other}': dense, thin or depthwise");
             std::process::exit(2);
@@ -106,9 +113,17 @@ fn main() {
     println!("{which}: best of 6 alternating rounds, ms (GFLOP/s)");
     for s in shapes {
         let pointwise = which == "pointwise";
-        let g = geo(s, depthwise, if pointwise { 1 } else { 3 });
+        let k = match which.as_str() {
+            "pointwise" => 1,
+            "stem" => 7,
+            _ => 3,
+        };
+        let g = geo(s, depthwise, k);
         // 1×1 convs are GEMMs by rule: compare the tiles forced against that.
-        let modes = if pointwise {
+        // `CONV_PATHS_FORCE=chanvec`: the channel-vector tiles forced against the rule.
+        let modes = if std::env::var("CONV_PATHS_FORCE").is_ok_and(|v| v == "chanvec") {
+            [TileMode::ChanVec, TileMode::Auto]
+        } else if pointwise {
             [TileMode::Always, TileMode::Auto]
         } else {
             [TileMode::Auto, TileMode::Off]
@@ -125,6 +140,7 @@ fn main() {
         let macs = g.n * g.o * k * g.p();
         let reps = (2e9 / macs as f64).ceil() as usize;
         let mut best = [[f64::MAX; 2]; 2];
+        let mut wgrad = [f64::MAX; 2];
         for _ in 0..6 {
             for (i, mode) in modes.into_iter().enumerate() {
                 set_mode(mode);
@@ -138,12 +154,17 @@ fn main() {
                     std::hint::black_box(conv_backward_input(&g, &dy, &w));
                 }
                 best[1][i] = best[1][i].min(t.elapsed().as_secs_f64() / reps as f64);
+                let t = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(conv_backward_weight(&g, &x, &dy));
+                }
+                wgrad[i] = wgrad[i].min(t.elapsed().as_secs_f64() / reps as f64);
             }
         }
         set_mode(TileMode::Auto);
         let gf = |t: f64| 2.0 * macs as f64 / t / 1e9;
         println!(
-            "n{} c{} {}x{} o{} s{}: forward {:.3} ({:.0}) vs off {:.3} ({:.0}) | input grad {:.3} vs off {:.3}",
+            "n{} c{} {}x{} o{} s{}: forward {:.3} ({:.0}) vs off {:.3} ({:.0}) | input grad {:.3} vs off {:.3} | weight grad {:.3} ({:.0}) vs off {:.3} ({:.0})",
             s.0,
             s.1,
             s.2,
@@ -155,7 +176,11 @@ fn main() {
             best[0][1] * 1e3,
             gf(best[0][1]),
             best[1][0] * 1e3,
-            best[1][1] * 1e3
+            best[1][1] * 1e3,
+            wgrad[0] * 1e3,
+            gf(wgrad[0]),
+            wgrad[1] * 1e3,
+            gf(wgrad[1])
         );
     }
 }

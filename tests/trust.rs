@@ -601,7 +601,9 @@ fn outputs_are_byte_identical_across_runs() {
 /// Children of `pid` (Linux), whichever of its threads started them (lopper's commands
 /// run on a thread of its worker pool).
 fn children(pid: u32) -> Vec<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
     tasks
         .flatten()
         .flat_map(|t| {

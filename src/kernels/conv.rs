@@ -333,6 +333,9 @@ pub fn conv_backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     if is_depthwise(g) {
         return depthwise::backward_weight(g, x, dy);
     }
+    if conv_chanvec::weight_grad_applies(g) {
+        return conv_chanvec::backward_weight(g, x, dy);
+    }
     if let Some(b) = conv_batched::batch(g) {
         return conv_batched::backward_weight(g, x, dy, b);
     }

@@ -24,7 +24,7 @@
 use super::act;
 use super::conv_tiles::{mode, pad_channel, Grid, TileMode};
 use super::im2col::Geo;
-use super::simd::Isa;
+use super::simd::{multiversion, Isa};
 use crate::graph::ops::ActivationKind;
 use rayon::prelude::*;
 
@@ -59,9 +59,13 @@ pub fn applies_packed(g: &Geo) -> bool {
 /// Output positions per call below which packing per call does not pay.
 const MIN_REUSE: usize = 256;
 
-/// AVX-512, ungrouped, undilated; by rule, a window larger than 1×1 on a map the
-/// position tiles leave (too few lanes used), with at least 32 output channels (two
-/// blocks) and 256 accumulation steps (so the final transpose is cheap).
+/// AVX-512, ungrouped, undilated; by rule, a window larger than 1×1 with at least 32
+/// output channels (two blocks) and 256 accumulation steps (so the final transpose is
+/// cheap), on a map the position tiles leave (too few lanes used), or strided with at
+/// least 128 input channels: per layer on an AMD EPYC at batch 8, 128→128 at 56×56
+/// stride 2 ran at 379 GFLOP/s against 332 on the position tiles, 256→256 at 28×28 at
+/// 415 against 313 (their stride-phase planes make every tap a separate sub-plane),
+/// 64→128 even (`examples/conv_paths.rs`).
 /// `TileMode::ChanVec` forces it wherever it can run; `Off` and `Always` never.
 pub fn eligible(g: &Geo) -> bool {
     let supported = cfg!(target_arch = "x86_64")
@@ -82,7 +86,7 @@ pub fn eligible(g: &Geo) -> bool {
                     && g.o >= 32
                     && g.k() >= 256
                     && !env_off()
-                    && !super::conv_tiles::applies(g)
+                    && (!super::conv_tiles::applies(g) || (g.sh * g.sw > 1 && g.c >= 128))
             }
         }
 }
@@ -137,6 +141,24 @@ pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
         }
     });
     out
+}
+
+multiversion! {
+    /// `dst[j·ld + i] = src[i·sl + j]` for `i < rows`, `j < cols`: a transpose in 16 × 16
+    /// blocks, each of which fills whole cache lines of `dst` (a row-by-row transpose
+    /// wrote every value to a different line).
+    fn transpose(src: &[f32], sl: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+        for i0 in (0..rows).step_by(16) {
+            for j0 in (0..cols).step_by(16) {
+                for i in i0..(i0 + 16).min(rows) {
+                    let s = &src[i * sl..];
+                    for j in j0..(j0 + 16).min(cols) {
+                        dst[j * ld + i] = s[j];
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One call's fixed operands.
@@ -263,14 +285,14 @@ impl Layer<'_> {
         // Transpose into NCHW with the epilogue.
         let (pi, o1) = (g.p(), (b1 * L).min(g.o));
         for n in 0..imgs {
+            let at = (n * g.o + b0 * L) * pi;
+            // SAFETY: channels b0·16..o1 of image n, owned by this task (the contract).
+            let rows =
+                unsafe { std::slice::from_raw_parts_mut(out.get().add(at), (o1 - b0 * L) * pi) };
+            transpose(&acc[n * pi * width..], width, pi, o1 - b0 * L, rows, pi);
             for o in b0 * L..o1 {
                 let at = (n * g.o + o) * pi;
-                // SAFETY: channel o of image n, owned by this task (the contract).
-                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), pi) };
-                let (col, acc) = (o - b0 * L, &acc[n * pi * width..]);
-                for (q, v) in row.iter_mut().enumerate() {
-                    *v = acc[q * width + col];
-                }
+                let row = &mut rows[(o - b0 * L) * pi..(o - b0 * L + 1) * pi];
                 let b = epi.map_or(0.0, |e| e.0[o]);
                 let a = epi.and_then(|e| e.1);
                 let r = res.map(|r| &r[at..at + pi]);
@@ -459,4 +481,215 @@ pub fn forward_epi(
             unsafe { layer.blocks(xp, g.n, (b0, b1), acc, outp, epi, res) };
         })
     });
+}
+
+/// Whether [`backward_weight`] takes the weight gradient of `g`: AVX-512, ungrouped,
+/// undilated, a window larger than 1×1 (a 1×1 conv's weight gradient is a GEMM on the
+/// input as it is), at least 32 output channels; by rule, maps under 256 positions or
+/// batches of at most 8, where the GEMM's per-image reductions are short. Per layer on an
+/// AMD EPYC (`examples/conv_paths.rs`): 2×2 at batch 64, 512 channels, 308 GFLOP/s
+/// against 158; 4×4 370 against 247; 7×7 at batch 1 155 against 11; 56×56 at batch 8
+/// 329 against 202; but 16×16 at batch 64 with 128 channels 300 against 364, which stays
+/// on the GEMM. Follows the tile mode like the forward.
+pub fn weight_grad_applies(g: &Geo) -> bool {
+    cfg!(target_arch = "x86_64")
+        && super::simd::isa() == Isa::Avx512
+        && g.groups == 1
+        && g.dh == 1
+        && g.dw == 1
+        && g.p() > 0
+        && g.o >= 32
+        && g.kh * g.kw > 1
+        && match mode() {
+            TileMode::Off | TileMode::Always => false,
+            TileMode::ChanVec => true,
+            TileMode::Auto => !env_off() && (g.p() < 256 || g.n <= 8),
+        }
+}
+
+/// Positions of a weight-gradient sweep: one tile group's output-gradient rows for them
+/// (`RMAX·16` floats each, 128 KB) stay in L2 while every pair tile reads them.
+const WG_CHUNK: usize = 512;
+
+/// The weight gradient `dW [O, C, kh, kw] = Σ_{n,q} dy[n, o, q] · x_pad[n, c, q + tap]` in
+/// channel-vector tiles: the output gradient transposed once to position-major rows of
+/// 16-channel vectors, a tile of `R` channel blocks × `T` (input channel, tap) pairs
+/// takes, per output position, `R` vector loads of it and `T` broadcasts of padded input
+/// for `R·T` FMAs. im2col + GEMM ran the 2×2 maps of a CIFAR VGG at 114 GFLOP/s (its
+/// reduction is over only `B·4` columns per batch of images, and the column matrix is
+/// copied twice). Tasks own disjoint (channel group, pair range) blocks and sum over
+/// every position in a fixed order: deterministic for any thread count.
+pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert!(weight_grad_applies(g));
+    let (p, k) = (g.p(), g.k());
+    let (img_in, img_out) = (g.c * g.h * g.w, g.o * p);
+    assert!(x.len() >= g.n * img_in && dy.len() >= g.n * img_out);
+    let grid = Grid::new(g);
+    let img_len = g.c * grid.plane;
+    let m = g.n * p;
+    let opad = g.o.div_ceil(L) * L;
+    // Position-major output gradient, padded channels zero.
+    // SAFETY: each image's block is filled below: transposed channels, zero padding.
+    let mut dyt = unsafe { super::cpu::unfilled(m * opad) };
+    dyt.par_chunks_mut(p * opad).enumerate().for_each(|(n, d)| {
+        transpose(&dy[n * img_out..(n + 1) * img_out], p, g.o, p, d, opad);
+        if opad > g.o {
+            for row in d.chunks_exact_mut(opad) {
+                row[g.o..].fill(0.0);
+            }
+        }
+    });
+    // Padded inputs, all images.
+    let mut xp = vec![0f32; g.n * img_len];
+    xp.par_chunks_mut(img_len).enumerate().for_each(|(n, d)| {
+        let xn = &x[n * img_in..(n + 1) * img_in];
+        for (c, dc) in d.chunks_exact_mut(grid.plane).enumerate() {
+            pad_channel(g, &grid, &xn[c * g.h * g.w..(c + 1) * g.h * g.w], dc);
+        }
+    });
+    let offs: Vec<usize> = (0..m)
+        .map(|i| {
+            let (n, q) = (i / p, i % p);
+            n * img_len + (q / g.ow) * grid.cols + q % g.ow
+        })
+        .collect();
+    // (c, tap) pairs in dW's order.
+    let pairs: Vec<usize> = (0..g.c)
+        .flat_map(|c| (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (c, ky, kx))))
+        .map(|(c, ky, kx)| grid.tap(g, c, ky, kx))
+        .collect();
+    debug_assert_eq!(pairs.len(), k);
+    let nb = opad / L;
+    let groups = nb.div_ceil(RMAX);
+    // Tasks: channel groups × pair ranges (whole tiles), ~2 per thread (every range
+    // re-reads its group's output-gradient rows).
+    let threads = rayon::current_num_threads().max(1);
+    let ranges = (2 * threads).div_ceil(groups).max(1);
+    let per = k.div_ceil(ranges).next_multiple_of(TMAX);
+    let ranges = k.div_ceil(per);
+    let mut dw = vec![0f32; g.o * k];
+    let out = OutPtr(dw.as_mut_ptr());
+    let (dyt, xp, offs, pairs) = (&dyt, &xp, &offs, &pairs);
+    (0..groups * ranges).into_par_iter().for_each(move |task| {
+        let (gi, ri) = (task / ranges, task % ranges);
+        let (b0, b1) = (gi * RMAX, ((gi + 1) * RMAX).min(nb));
+        let (p0, p1) = (ri * per, ((ri + 1) * per).min(k));
+        let width = (b1 - b0) * L;
+        // Partial sums, pair-major: [p1 − p0][width].
+        let mut acc = vec![0f32; (p1 - p0) * width];
+        let mut m0 = 0;
+        while m0 < m {
+            let mc = WG_CHUNK.min(m - m0);
+            let mut pi = p0;
+            while pi < p1 {
+                let t = TMAX.min(p1 - pi);
+                let tile = WTile {
+                    x: xp.as_ptr(),
+                    offs: &offs[m0..m0 + mc],
+                    pairs: &pairs[pi..pi + t],
+                    dy: dyt[m0 * opad + b0 * L..].as_ptr(),
+                    dstride: opad,
+                    acc: acc[(pi - p0) * width..].as_mut_ptr(),
+                    astride: width,
+                    first: m0 == 0,
+                };
+                // SAFETY: every pair's tap of every position is inside xp (the grid
+                // covers each output's window); dy rows of the chunk hold the blocks
+                // b0..b1; acc holds t rows of width from pi.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    run_w(b1 - b0, t, &tile)
+                };
+                pi += t;
+            }
+            m0 += mc;
+        }
+        // Pair-major partial sums → dW rows (this task's channels and pairs only).
+        // In 16-pair blocks, so that each dW row is written a cache line at a time.
+        for j0 in (p0..p1).step_by(16) {
+            for o in b0 * L..(b1 * L).min(g.o) {
+                let col = o - b0 * L;
+                for j in j0..(j0 + 16).min(p1) {
+                    // SAFETY: row o, pairs p0..p1 of dW belong to this task alone.
+                    unsafe { *out.get().add(o * k + j) = acc[(j - p0) * width + col] };
+                }
+            }
+        }
+    });
+    dw
+}
+
+/// One weight-gradient tile's operands: the padded inputs, the chunk's position offsets
+/// and the tile's pair offsets; `dy` at the chunk's first position-major row and the
+/// group's first block (rows `dstride` apart); `acc` at the tile's first pair (rows
+/// `astride` apart).
+struct WTile<'a> {
+    x: *const f32,
+    offs: &'a [usize],
+    pairs: &'a [usize],
+    dy: *const f32,
+    dstride: usize,
+    acc: *mut f32,
+    astride: usize,
+    first: bool,
+}
+
+/// `R` channel blocks × `T` pairs over the chunk's positions.
+///
+/// # Safety
+/// AVX-512F; the operands as [`WTile`] describes, in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn wtile<const R: usize, const T: usize>(k: &WTile) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let mut a = [[_mm512_setzero_ps(); T]; R];
+        if !k.first {
+            for t in 0..T {
+                for r in 0..R {
+                    a[r][t] = _mm512_loadu_ps(k.acc.add(t * k.astride + r * L));
+                }
+            }
+        }
+        let pairs: [usize; T] = std::array::from_fn(|t| k.pairs[t]);
+        let mut dy = k.dy;
+        for &off in k.offs {
+            let mut dv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                dv[r] = _mm512_loadu_ps(dy.add(r * L));
+            }
+            let xb = k.x.add(off);
+            for t in 0..T {
+                let xv = _mm512_set1_ps(*xb.add(pairs[t]));
+                for r in 0..R {
+                    a[r][t] = _mm512_fmadd_ps(dv[r], xv, a[r][t]);
+                }
+            }
+            dy = dy.add(k.dstride);
+        }
+        for t in 0..T {
+            for r in 0..R {
+                _mm512_storeu_ps(k.acc.add(t * k.astride + r * L), a[r][t]);
+            }
+        }
+    }
+}
+
+/// Dispatches a weight-gradient tile to its exact-size kernel.
+///
+/// # Safety
+/// As [`wtile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ TMAX`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_w(r: usize, t: usize, k: &WTile) {
+    macro_rules! arms {
+        ($($r:literal, $t:literal);*) => {
+            match (r, t) {
+                $(($r, $t) => unsafe { wtile::<$r, $t>(k) },)*
+                _ => unreachable!("tile {r}×{t} outside the dispatch table"),
+            }
+        };
+    }
+    arms!(1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
+          3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
 }
