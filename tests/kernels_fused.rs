@@ -393,6 +393,10 @@ fn depthwise(l: Isa) {
         // copy-free path).
         ([1, 3, 6, 7], 3, [1, 1], [0, 0, 2, 2]),
         ([2, 3, 6, 7], 3, [1, 1], [2, 1, 0, 1]),
+        // The same on rows of 16 or more (the padded per-row path: a masked-load
+        // version without the copy ran 2× slower): one-sided, and a 7×7 window.
+        ([1, 2, 5, 21], 3, [1, 1], [0, 0, 2, 2]),
+        ([2, 2, 9, 20], 7, [1, 1], [3, 3, 3, 3]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {
