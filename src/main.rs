@@ -85,7 +85,12 @@ fn main() {
     }
     cli::progress::set_quiet(cli.quiet);
     let cmd = cli.cmd;
-    if let Err(e) = lopper::util::on_pool(move || run(cmd)) {
+    let result = if std::env::var("LOPPER_ON_POOL").is_ok_and(|v| v == "0") {
+        run(cmd)
+    } else {
+        lopper::util::on_pool(move || run(cmd))
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -22,9 +22,10 @@
 //! with AVX-512 only; elsewhere the other paths run.
 
 use super::act;
-use super::conv_tiles::{mode, pad_channel, Grid, TileMode};
+use super::conv_tiles::{mode, pad_channel, Grid, OutPtr, TileMode};
+use super::cpu::transpose;
 use super::im2col::Geo;
-use super::simd::{multiversion, Isa};
+use super::simd::Isa;
 use crate::graph::ops::ActivationKind;
 use rayon::prelude::*;
 
@@ -143,24 +144,6 @@ pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
     out
 }
 
-multiversion! {
-    /// `dst[j·ld + i] = src[i·sl + j]` for `i < rows`, `j < cols`: a transpose in 16 × 16
-    /// blocks, each of which fills whole cache lines of `dst` (a row-by-row transpose
-    /// wrote every value to a different line).
-    fn transpose(src: &[f32], sl: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
-        for i0 in (0..rows).step_by(16) {
-            for j0 in (0..cols).step_by(16) {
-                for i in i0..(i0 + 16).min(rows) {
-                    let s = &src[i * sl..];
-                    for j in j0..(j0 + 16).min(cols) {
-                        dst[j * ld + i] = s[j];
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// One call's fixed operands.
 struct Layer<'a> {
     g: &'a Geo,
@@ -185,19 +168,6 @@ struct Bufs {
 thread_local! {
     static BUFS: std::cell::RefCell<Bufs> =
         const { std::cell::RefCell::new(Bufs { xp: Vec::new(), acc: Vec::new() }) };
-}
-
-/// A raw output pointer shared by tasks that write disjoint channel rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks holding copies write disjoint output channels.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Layer<'_> {
@@ -366,22 +336,29 @@ unsafe fn tile<const R: usize, const T: usize>(k: &Tile) {
     }
 }
 
-/// Dispatches a tile to its exact-size kernel (remainder blocks and positions included).
+/// Calls `$f::<R, T>($k)` for the run-time `($r, $t)`, `1 ≤ R ≤ RMAX`, `1 ≤ T ≤ TMAX`:
+/// every tile, remainders included, runs on its exact-size kernel.
+macro_rules! exact {
+    ($f:ident, $r:expr, $t:expr, $k:expr) => {
+        exact!(@ $f, $r, $t, $k; 1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
+               3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+    };
+    (@ $f:ident, $r:expr, $t:expr, $k:expr; $($a:literal, $b:literal);*) => {
+        match ($r, $t) {
+            $(($a, $b) => $f::<$a, $b>($k),)*
+            (r, t) => unreachable!("tile {r}×{t} outside the dispatch table"),
+        }
+    };
+}
+
+/// Dispatches a forward tile to its exact-size kernel.
 ///
 /// # Safety
 /// As [`tile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ TMAX`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn run(r: usize, t: usize, k: &Tile) {
-    macro_rules! arms {
-        ($($r:literal, $t:literal);*) => {
-            match (r, t) {
-                $(($r, $t) => unsafe { tile::<$r, $t>(k) },)*
-                _ => unreachable!("tile {r}×{t} outside the dispatch table"),
-            }
-        };
-    }
-    arms!(1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
-          3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+    // SAFETY: the caller's contract.
+    unsafe { exact!(tile, r, t, k) }
 }
 
 /// `out [N, O, OH, OW] = conv(x, w) + bias`, then the activation, with `res` added
@@ -682,14 +659,6 @@ unsafe fn wtile<const R: usize, const T: usize>(k: &WTile) {
 /// As [`wtile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ TMAX`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn run_w(r: usize, t: usize, k: &WTile) {
-    macro_rules! arms {
-        ($($r:literal, $t:literal);*) => {
-            match (r, t) {
-                $(($r, $t) => unsafe { wtile::<$r, $t>(k) },)*
-                _ => unreachable!("tile {r}×{t} outside the dispatch table"),
-            }
-        };
-    }
-    arms!(1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
-          3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+    // SAFETY: the caller's contract.
+    unsafe { exact!(wtile, r, t, k) }
 }

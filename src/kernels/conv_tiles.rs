@@ -505,14 +505,14 @@ unsafe fn run_tile(isa: Isa, r: usize, t: usize, tile: &Tile, taps: &[usize]) {
 
 /// A raw output pointer shared by tasks that write disjoint regions.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub *mut f32);
 // SAFETY: the tasks holding copies write disjoint (channel, position) regions.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }

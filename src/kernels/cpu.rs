@@ -137,3 +137,21 @@ pub unsafe fn unfilled(n: usize) -> Vec<f32> {
     // SAFETY: the caller's contract.
     unsafe { assume_init(uninit(n)) }
 }
+
+super::simd::multiversion! {
+    /// `dst[j·ld + i] = src[i·sl + j]` for `i < rows`, `j < cols` (a strided source and
+    /// destination), in 16 × 16 blocks, each of which fills whole cache lines of `dst` (a
+    /// row-by-row transpose writes every value to a different line).
+    pub fn transpose(src: &[f32], sl: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+        for i0 in (0..rows).step_by(16) {
+            for j0 in (0..cols).step_by(16) {
+                for i in i0..(i0 + 16).min(rows) {
+                    let s = &src[i * sl..];
+                    for j in j0..(j0 + 16).min(cols) {
+                        dst[j * ld + i] = s[j];
+                    }
+                }
+            }
+        }
+    }
+}

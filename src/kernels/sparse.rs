@@ -9,7 +9,7 @@
 
 use super::act;
 use super::conv::ConvCfg;
-use super::cpu::{assume_init, uninit, with_f32, with_scratch};
+use super::cpu::{assume_init, transpose, uninit, with_f32, with_scratch};
 use super::csr::{madd, CsrKernels, SparseWeight};
 use super::im2col::{im2col, Geo};
 use super::simd::{self, multiversion, Isa};
@@ -176,21 +176,6 @@ pub fn conv2d(
     Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?)
 }
 
-/// `dst[c, r] = src[r, c]` for a row-major `rows × cols` source, in 16×16 blocks so both
-/// sides stay in cache lines.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const B: usize = 16;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-}
-
 /// Sparse `x·Wᵀ + b` for `x: [M, in]`.
 pub fn linear(x: &Tensor, csr: &CsrMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
@@ -207,10 +192,10 @@ pub fn linear(x: &Tensor, csr: &CsrMatrix, bias: Option<&[f32]>) -> Result<Tenso
             csr.spmv_rows(xs, m, &mut y);
         } else {
             let mut xt = vec![0f32; k * m];
-            transpose(xs, m, k, &mut xt);
+            transpose(xs, k, m, k, &mut xt, m);
             let mut yt = vec![0f32; o * m];
             csr.spmm(&xt, m, &mut yt);
-            transpose(&yt, o, m, &mut y);
+            transpose(&yt, m, o, m, &mut y, o);
         }
     })?;
     if let Some(b) = bias {
