@@ -494,6 +494,8 @@ fn epilogues(l: Isa) {
         ([2, 120, 5, 7], [37, 120, 3, 3], [1, 1], [1, 0, 1, 2], 1),
         ([1, 30, 10, 9], [80, 30, 3, 3], [2, 2], [1, 1, 0, 1], 1),
         ([3, 16, 2, 2], [33, 16, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        // Batch 1 with one tile group of channel blocks: split by positions instead.
+        ([1, 32, 8, 8], [40, 32, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         // A weight gradient summed over more positions than one sweep takes.
         ([2, 8, 20, 20], [32, 8, 3, 3], [1, 1], [1, 1, 1, 1], 1),
     ];

@@ -191,19 +191,21 @@ impl Layer<'_> {
         }
     }
 
-    /// Output channel blocks `b0..b1` of `imgs` padded images in `xp`: accumulate into
-    /// `acc` (`imgs·P × (b1 − b0)·16`), then transpose into `out` (the first image's NCHW
-    /// output, the others after it) with the epilogue; `res` likewise.
+    /// Output channel blocks `b0..b1` of `imgs` padded images in `xp`, at positions
+    /// `qa..qb` of the images' `imgs·P`: accumulate into `acc` (`(qb − qa) × (b1 − b0)·16`),
+    /// then transpose into `out` (the first image's NCHW output, the others after it)
+    /// with the epilogue; `res` likewise.
     ///
     /// # Safety
     /// `out` holds the images' `O·P` outputs each and no other task writes channels
-    /// `b0·16..b1·16` of them.
+    /// `b0·16..b1·16` at these positions.
     #[allow(clippy::too_many_arguments)]
     unsafe fn blocks(
         &self,
         xp: &[f32],
         imgs: usize,
         (b0, b1): (usize, usize),
+        (qa, qb): (usize, usize),
         acc: &mut Vec<f32>,
         out: OutPtr,
         epi: Option<(&[f32], Option<ActivationKind>)>,
@@ -211,22 +213,21 @@ impl Layer<'_> {
     ) {
         let g = self.g;
         let (k, ntaps) = (g.k(), self.taps.len());
-        let p = imgs * g.p();
         let width = (b1 - b0) * L;
-        if acc.len() < p * width {
-            acc.resize(p * width, 0.0);
+        if acc.len() < (qb - qa) * width {
+            acc.resize((qb - qa) * width, 0.0);
         }
         assert!(imgs <= self.imgs && xp.len() >= imgs * self.img_len());
-        assert!(self.w.len() >= b1 * L * k);
+        assert!(qb <= imgs * g.p() && self.w.len() >= b1 * L * k);
         let mut c0 = 0;
         while c0 < g.c {
             let cb = self.cb.min(g.c - c0);
             let mut ob = b0;
             while ob < b1 {
                 let r = RMAX.min(b1 - ob);
-                let mut q0 = 0;
-                while q0 < p {
-                    let t = TMAX.min(p - q0);
+                let mut q0 = qa;
+                while q0 < qb {
+                    let t = TMAX.min(qb - q0);
                     let tile = Tile {
                         x: xp[c0 * self.grid.plane..].as_ptr(),
                         plane: self.grid.plane,
@@ -235,7 +236,7 @@ impl Layer<'_> {
                         cb,
                         w: self.w[(ob * k + c0 * ntaps) * L..].as_ptr(),
                         wstride: k * L,
-                        acc: acc[q0 * width + (ob - b0) * L..].as_mut_ptr(),
+                        acc: acc[(q0 - qa) * width + (ob - b0) * L..].as_mut_ptr(),
                         astride: width,
                         first: c0 == 0,
                     };
@@ -252,20 +253,32 @@ impl Layer<'_> {
             }
             c0 += cb;
         }
-        // Transpose into NCHW with the epilogue.
+        // Transpose each image's part into NCHW rows (through a small block in cache,
+        // since other tasks may own the rest of the rows) with the epilogue.
         let (pi, o1) = (g.p(), (b1 * L).min(g.o));
-        for n in 0..imgs {
-            let at = (n * g.o + b0 * L) * pi;
-            // SAFETY: channels b0·16..o1 of image n, owned by this task (the contract).
-            let rows =
-                unsafe { std::slice::from_raw_parts_mut(out.get().add(at), (o1 - b0 * L) * pi) };
-            transpose(&acc[n * pi * width..], width, pi, o1 - b0 * L, rows, pi);
-            for o in b0 * L..o1 {
-                let at = (n * g.o + o) * pi;
-                let row = &mut rows[(o - b0 * L) * pi..(o - b0 * L + 1) * pi];
+        let nch = o1 - b0 * L;
+        let mut tmp = Vec::new();
+        for n in qa / pi..qb.div_ceil(pi) {
+            let (lo, hi) = (qa.max(n * pi) - n * pi, qb.min((n + 1) * pi) - n * pi);
+            let len = hi - lo;
+            tmp.resize(nch * len, 0.0);
+            transpose(
+                &acc[(n * pi + lo - qa) * width..],
+                width,
+                len,
+                nch,
+                &mut tmp,
+                len,
+            );
+            for (c, src) in tmp.chunks_exact(len).enumerate() {
+                let o = b0 * L + c;
+                let at = (n * g.o + o) * pi + lo;
+                // SAFETY: channel o of image n at positions lo..hi, owned by this task.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), len) };
+                row.copy_from_slice(src);
                 let b = epi.map_or(0.0, |e| e.0[o]);
                 let a = epi.and_then(|e| e.1);
-                let r = res.map(|r| &r[at..at + pi]);
+                let r = res.map(|r| &r[at..at + len]);
                 if b != 0.0 || a.is_some() || r.is_some() {
                     act::bias_act(row, b, r, a);
                 }
@@ -433,31 +446,42 @@ pub fn forward_epi(
                     let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
                     let outp = OutPtr(o.as_mut_ptr());
                     // SAFETY: this task owns the images.
-                    unsafe { layer.blocks(xp, m, (0, nb), acc, outp, epi, rn) };
+                    unsafe { layer.blocks(xp, m, (0, nb), (0, m * g.p()), acc, outp, epi, rn) };
                 })
             });
         return;
     }
-    // Fewer images than threads: padded once, their channel blocks shared out in whole
-    // tile groups.
+    // Fewer images than threads: padded once, shared out as (tile groups of channel
+    // blocks × position ranges); position ranges too, or a 64-channel layer at batch 1
+    // (one tile group) would run on one thread.
     let mut xp = vec![0f32; g.n * img_len];
     layer.pad(&x[..g.n * img_in], &mut xp);
     let groups = nb.div_ceil(RMAX);
-    let splits = (2 * threads).min(groups).max(1);
-    let per = groups.div_ceil(splits) * RMAX;
+    let csplits = (2 * threads).min(groups).max(1);
+    let per = groups.div_ceil(csplits) * RMAX;
+    let total = g.n * g.p();
+    let psplits = (2 * threads)
+        .div_ceil(csplits)
+        .min(total / (4 * TMAX))
+        .max(1);
+    let pper = total.div_ceil(psplits);
     let outp = OutPtr(out.as_mut_ptr());
     let (xp, layer) = (&xp, &layer);
-    (0..splits).into_par_iter().for_each(move |s| {
-        let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
-        if b0 >= b1 {
-            return;
-        }
-        BUFS.with(|b| {
-            let acc = &mut b.borrow_mut().acc;
-            // SAFETY: the splits own disjoint channel blocks.
-            unsafe { layer.blocks(xp, g.n, (b0, b1), acc, outp, epi, res) };
-        })
-    });
+    (0..csplits * psplits)
+        .into_par_iter()
+        .for_each(move |task| {
+            let (s, ps) = (task / psplits, task % psplits);
+            let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
+            let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
+            if b0 >= b1 || qa >= qb {
+                return;
+            }
+            BUFS.with(|b| {
+                let acc = &mut b.borrow_mut().acc;
+                // SAFETY: the tasks own disjoint (channel block, position) ranges.
+                unsafe { layer.blocks(xp, g.n, (b0, b1), (qa, qb), acc, outp, epi, res) };
+            })
+        });
 }
 
 /// Whether [`backward_weight`] takes the weight gradient of `g`: AVX-512, ungrouped,
