@@ -153,7 +153,9 @@ pub fn flip_transpose(g: &Geo, w: &[f32]) -> Vec<f32> {
 /// packed, aligned panels). Measured per layer on an AMD EPYC (AVX-512, 2 threads): a
 /// 16×16 map (89 %) and larger win, by 10–40 % with few channels; 8×8 (80 %) and 7×7
 /// (77 %) lose by 10–25 % with 64–512 channels; 4×4 and 2×2 maps (50 %, 25 %) run at
-/// half speed or worse, where several images per GEMM ([`super::conv_batched`]) win.
+/// half speed or worse. Those maps go to the channel-vector tiles
+/// ([`super::conv_chanvec`], whose lanes are output channels) where they apply, else to
+/// several images per GEMM ([`super::conv_batched`]).
 const MIN_LANE_USE: f32 = 0.85;
 
 fn dense_enough(g: &Geo) -> bool {
