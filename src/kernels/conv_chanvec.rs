@@ -21,6 +21,9 @@
 //! The packed weights are built per call, or once per eval plan (see `exec`). x86-64
 //! with AVX-512 only; elsewhere the other paths run.
 
+// The kernels are x86-64 only; elsewhere `applies` is false and they are not built.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_macros))]
+
 use super::act;
 use super::conv_tiles::{mode, pad_channel, Grid, OutPtr, TileMode};
 use super::cpu::transpose;
@@ -236,9 +239,11 @@ impl Layer<'_> {
                         cb,
                         w: self.w[(ob * k + c0 * ntaps) * L..].as_ptr(),
                         wstride: k * L,
-                        acc: acc[(q0 - qa) * width + (ob - b0) * L..].as_mut_ptr(),
-                        astride: width,
-                        first: c0 == 0,
+                        acc: Acc {
+                            at: acc[(q0 - qa) * width + (ob - b0) * L..].as_mut_ptr(),
+                            stride: width,
+                            first: c0 == 0,
+                        },
                     };
                     // SAFETY: every tap of every position of the block's channels is
                     // inside xp (the grid covers the window of every output); weights
@@ -290,7 +295,7 @@ impl Layer<'_> {
 /// One tile's operands: `x` at the block's first padded input channel (`plane` apart),
 /// the tile's position offsets and the tap offsets, `cb` channels; `w` at the first
 /// channel block's weights for the block's first channel (blocks `wstride` apart), `acc`
-/// at the tile's first position and block (positions `astride` apart).
+/// at the tile's first position and block (positions its `stride` apart).
 struct Tile<'a> {
     x: *const f32,
     plane: usize,
@@ -299,9 +304,56 @@ struct Tile<'a> {
     cb: usize,
     w: *const f32,
     wstride: usize,
-    acc: *mut f32,
-    astride: usize,
+    acc: Acc,
+}
+
+/// A tile's partial sums in a scratch: `T` rows `stride` floats apart of `R` channel
+/// blocks from `at`; they start at zero in the first sweep (`first`), else from there.
+struct Acc {
+    at: *mut f32,
+    stride: usize,
     first: bool,
+}
+
+/// The accumulators of `a`.
+///
+/// # Safety
+/// AVX-512F; unless `first`, `a` holds `T` rows of `R` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_acc<const R: usize, const T: usize>(a: &Acc) -> [[std::arch::x86_64::__m512; T]; R] {
+    use std::arch::x86_64::*;
+    let mut v = [[_mm512_setzero_ps(); T]; R];
+    if !a.first {
+        for (r, vr) in v.iter_mut().enumerate() {
+            for (t, x) in vr.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                *x = unsafe { _mm512_loadu_ps(a.at.add(t * a.stride + r * L)) };
+            }
+        }
+    }
+    v
+}
+
+/// Stores the accumulators `v` to `a`.
+///
+/// # Safety
+/// AVX-512F; `a` holds `T` rows of `R` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_acc<const R: usize, const T: usize>(
+    a: &Acc,
+    v: &[[std::arch::x86_64::__m512; T]; R],
+) {
+    use std::arch::x86_64::*;
+    for (r, vr) in v.iter().enumerate() {
+        for (t, x) in vr.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_ps(a.at.add(t * a.stride + r * L), *x) };
+        }
+    }
 }
 
 /// `R` channel blocks × `T` positions.
@@ -314,14 +366,7 @@ struct Tile<'a> {
 unsafe fn tile<const R: usize, const T: usize>(k: &Tile) {
     use std::arch::x86_64::*;
     unsafe {
-        let mut a = [[_mm512_setzero_ps(); T]; R];
-        if !k.first {
-            for t in 0..T {
-                for r in 0..R {
-                    a[r][t] = _mm512_loadu_ps(k.acc.add(t * k.astride + r * L));
-                }
-            }
-        }
+        let mut a = load_acc::<R, T>(&k.acc);
         let offs: [usize; T] = std::array::from_fn(|t| k.offs[t]);
         let ntaps = k.taps.len();
         let (mut xc, mut wc) = (k.x, k.w);
@@ -341,11 +386,7 @@ unsafe fn tile<const R: usize, const T: usize>(k: &Tile) {
             xc = xc.add(k.plane);
             wc = wc.add(ntaps * L);
         }
-        for t in 0..T {
-            for r in 0..R {
-                _mm512_storeu_ps(k.acc.add(t * k.astride + r * L), a[r][t]);
-            }
-        }
+        store_acc::<R, T>(&k.acc, &a);
     }
 }
 
@@ -590,9 +631,11 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
                     pairs: &pairs[pi..pi + t],
                     dy: dyt[m0 * opad + b0 * L..].as_ptr(),
                     dstride: opad,
-                    acc: acc[(pi - p0) * width..].as_mut_ptr(),
-                    astride: width,
-                    first: m0 == 0,
+                    acc: Acc {
+                        at: acc[(pi - p0) * width..].as_mut_ptr(),
+                        stride: width,
+                        first: m0 == 0,
+                    },
                 };
                 // SAFETY: every pair's tap of every position is inside xp (the grid
                 // covers each output's window); dy rows of the chunk hold the blocks
@@ -622,17 +665,15 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 /// One weight-gradient tile's operands: the padded inputs, the chunk's position offsets
 /// and the tile's pair offsets; `dy` at the chunk's first position-major row and the
-/// group's first block (rows `dstride` apart); `acc` at the tile's first pair (rows
-/// `astride` apart).
+/// group's first block (rows `dstride` apart); `acc` at the tile's first pair (rows its
+/// `stride` apart).
 struct WTile<'a> {
     x: *const f32,
     offs: &'a [usize],
     pairs: &'a [usize],
     dy: *const f32,
     dstride: usize,
-    acc: *mut f32,
-    astride: usize,
-    first: bool,
+    acc: Acc,
 }
 
 /// `R` channel blocks × `T` pairs over the chunk's positions.
@@ -645,14 +686,7 @@ struct WTile<'a> {
 unsafe fn wtile<const R: usize, const T: usize>(k: &WTile) {
     use std::arch::x86_64::*;
     unsafe {
-        let mut a = [[_mm512_setzero_ps(); T]; R];
-        if !k.first {
-            for t in 0..T {
-                for r in 0..R {
-                    a[r][t] = _mm512_loadu_ps(k.acc.add(t * k.astride + r * L));
-                }
-            }
-        }
+        let mut a = load_acc::<R, T>(&k.acc);
         let pairs: [usize; T] = std::array::from_fn(|t| k.pairs[t]);
         let mut dy = k.dy;
         for &off in k.offs {
@@ -669,11 +703,7 @@ unsafe fn wtile<const R: usize, const T: usize>(k: &WTile) {
             }
             dy = dy.add(k.dstride);
         }
-        for t in 0..T {
-            for r in 0..R {
-                _mm512_storeu_ps(k.acc.add(t * k.astride + r * L), a[r][t]);
-            }
-        }
+        store_acc::<R, T>(&k.acc, &a);
     }
 }
 

@@ -25,6 +25,13 @@
 //! tiles (`R`, `T` are const parameters, dispatched per remainder), not padded ones.
 //! x86-64 with AVX2 or AVX-512 only; elsewhere (and for dilated convs) im2col + GEMM.
 
+// The explicit-vector kernels are x86-64 only; elsewhere `applies` is false and they are
+// not built.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_macros)
+)]
+
 use super::act;
 use super::im2col::Geo;
 use super::planes::{clamp_split, copy_strided, span};

@@ -11,6 +11,13 @@
 //! in the padding (left/right columns, rows above/below). The masks depend only on the
 //! geometry and are computed once per call.
 
+// The explicit-vector kernels are x86-64 only; elsewhere `applies` is false and they are
+// not built.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_macros)
+)]
+
 use super::act;
 use super::im2col::Geo;
 use super::simd::Isa;
