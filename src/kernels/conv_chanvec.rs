@@ -22,7 +22,10 @@
 //! with AVX-512 only; elsewhere the other paths run.
 
 // The kernels are x86-64 only; elsewhere `applies` is false and they are not built.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_macros))]
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_macros)
+)]
 
 use super::act;
 use super::conv_tiles::{mode, pad_channel, Grid, OutPtr, TileMode};
