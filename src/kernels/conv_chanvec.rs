@@ -150,6 +150,27 @@ pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Image `xn` (`C·H·W`) into its padded planes `d` (`C·plane`), border zeroed here.
+fn pad_image(g: &Geo, grid: &Grid, xn: &[f32], d: &mut [f32]) {
+    let hw = g.h * g.w;
+    d.fill(0.0);
+    for (c, dc) in d.chunks_exact_mut(grid.plane).enumerate() {
+        pad_channel(g, grid, &xn[c * hw..(c + 1) * hw], dc);
+    }
+}
+
+/// The padded-input offset of every output position of `imgs` images (padded images
+/// `C·plane` apart), in NCHW position order.
+fn position_offsets(g: &Geo, grid: &Grid, imgs: usize) -> Vec<usize> {
+    let (p, img_len) = (g.p(), g.c * grid.plane);
+    (0..imgs * p)
+        .map(|i| {
+            let (n, q) = (i / p, i % p);
+            n * img_len + (q / g.ow) * grid.cols + q % g.ow
+        })
+        .collect()
+}
+
 /// One call's fixed operands.
 struct Layer<'a> {
     g: &'a Geo,
@@ -185,15 +206,12 @@ impl Layer<'_> {
     /// Pads the images of `xs` (whole images) into `xp` (all of it written: the border
     /// is zeroed here).
     fn pad(&self, xs: &[f32], xp: &mut [f32]) {
-        let (g, pl, hw) = (self.g, self.grid.plane, self.g.h * self.g.w);
-        xp.fill(0.0);
+        let img = self.g.c * self.g.h * self.g.w;
         for (xn, d) in xs
-            .chunks_exact(g.c * hw)
+            .chunks_exact(img)
             .zip(xp.chunks_exact_mut(self.img_len()))
         {
-            for (c, dc) in d.chunks_exact_mut(pl).enumerate() {
-                pad_channel(g, &self.grid, &xn[c * hw..(c + 1) * hw], dc);
-            }
+            pad_image(self.g, &self.grid, xn, d);
         }
     }
 
@@ -456,12 +474,7 @@ pub fn forward_epi(
         g.n
     };
     let img_len = g.c * grid.plane;
-    let offs = (0..imgs * g.p())
-        .map(|i| {
-            let (n, q) = (i / g.p(), i % g.p());
-            n * img_len + (q / g.ow) * grid.cols + q % g.ow
-        })
-        .collect();
+    let offs = position_offsets(g, &grid, imgs);
     let taps = (0..g.kh)
         .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
         .map(|(ky, kx)| grid.tap(g, 0, ky, kx))
@@ -586,18 +599,10 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     });
     // Padded inputs, all images.
     let mut xp = vec![0f32; g.n * img_len];
-    xp.par_chunks_mut(img_len).enumerate().for_each(|(n, d)| {
-        let xn = &x[n * img_in..(n + 1) * img_in];
-        for (c, dc) in d.chunks_exact_mut(grid.plane).enumerate() {
-            pad_channel(g, &grid, &xn[c * g.h * g.w..(c + 1) * g.h * g.w], dc);
-        }
-    });
-    let offs: Vec<usize> = (0..m)
-        .map(|i| {
-            let (n, q) = (i / p, i % p);
-            n * img_len + (q / g.ow) * grid.cols + q % g.ow
-        })
-        .collect();
+    xp.par_chunks_mut(img_len)
+        .enumerate()
+        .for_each(|(n, d)| pad_image(g, &grid, &x[n * img_in..(n + 1) * img_in], d));
+    let offs = position_offsets(g, &grid, g.n);
     // (c, tap) pairs in dW's order.
     let pairs: Vec<usize> = (0..g.c)
         .flat_map(|c| (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (c, ky, kx))))
