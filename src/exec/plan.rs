@@ -181,7 +181,12 @@ impl Plan {
                 })?;
             if let Some(t) = t {
                 let sp = sparse.and_then(|p| p.get(i)).is_some();
-                super::profile::record(super::profile::category(g, i, sp), t.elapsed());
+                let dims = super::profile::by_shape()
+                    .then(|| n.inputs.first().and_then(|&j| vals[j].as_ref()))
+                    .flatten()
+                    .map(|v| v.dims().to_vec());
+                let cat = super::profile::category(g, i, sp, dims.as_deref());
+                super::profile::record(cat, t.elapsed());
             }
             vals[i] = Some(if self.detach { y.detach() } else { y });
             for &j in &self.release[i] {

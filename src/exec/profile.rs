@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// 0: not decided, 1: off, 2: on.
+/// 0: not decided, 1: off, 2: on, 3: on with input shapes.
 static ON: AtomicU8 = AtomicU8::new(0);
 /// Category → (total time, node runs).
 static TABLE: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::new());
@@ -19,14 +19,25 @@ static TABLE: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::ne
 /// Whether profiling is on (`LOPPER_PROFILE` set to anything but `0`, or [`enable`]).
 pub fn enabled() -> bool {
     match ON.load(Ordering::Relaxed) {
-        2 => true,
+        2 | 3 => true,
         1 => false,
         _ => {
-            let on = std::env::var("LOPPER_PROFILE").is_ok_and(|v| v != "0");
-            ON.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
+            let v = std::env::var("LOPPER_PROFILE").unwrap_or_default();
+            let state = match v.as_str() {
+                "" | "0" => 1,
+                "shapes" => 3,
+                _ => 2,
+            };
+            ON.store(state, Ordering::Relaxed);
+            state > 1
         }
     }
+}
+
+/// Whether each row is split further by the node's input shape (`LOPPER_PROFILE=shapes`):
+/// which 1×1 conv of a model, not only that 1×1 convs, take the time.
+pub fn by_shape() -> bool {
+    enabled() && ON.load(Ordering::Relaxed) == 3
 }
 
 /// Turns profiling on or off for this process.
@@ -36,7 +47,7 @@ pub fn enable(on: bool) {
 
 /// The category of node `i`: its op kind, a conv split by shape, `(sparse)` when it ran on
 /// the compressed weights.
-pub fn category(g: &Graph, i: NodeId, sparse: bool) -> String {
+pub fn category(g: &Graph, i: NodeId, sparse: bool, input: Option<&[usize]>) -> String {
     let kind = match &g.nodes[i].op {
         Op::Conv2d(c) if c.groups > 1 && c.groups == c.in_channels => {
             format!("conv depthwise {}x{}", c.kernel[0], c.kernel[1])
@@ -45,6 +56,11 @@ pub fn category(g: &Graph, i: NodeId, sparse: bool) -> String {
         Op::Conv2d(c) if c.groups > 1 => format!("conv grouped {}x{}", c.kernel[0], c.kernel[1]),
         Op::Conv2d(c) => format!("conv {}x{}", c.kernel[0], c.kernel[1]),
         op => op.kind().to_string(),
+    };
+    let kind = match (input, &g.nodes[i].op) {
+        (Some(d), Op::Conv2d(c)) => format!("{kind} {d:?}->{} s{}", c.out_channels, c.stride[0]),
+        (Some(d), _) => format!("{kind} {d:?}"),
+        _ => kind,
     };
     if sparse {
         format!("{kind} (sparse)")

@@ -252,7 +252,11 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// 1. Keeps freed tensor buffers inside the process (glibc): otherwise every per-step
 ///    activation buffer above 128 KiB is a fresh `mmap` whose pages fault in on first
 ///    touch and whose `munmap` flushes both cores' TLBs (ResNet-20 b64 train step
-///    ~320 ms -> ~250 ms here).
+///    ~320 ms -> ~250 ms here). glibc caps the mmap threshold at 32 MiB, so buffers above
+///    it (EfficientNet-B0's 112×112×96 expansion at batch 8 is 38.5 MB) still faulted in
+///    on every pass: no mmap at all (`M_MMAP_MAX` 0) took its b8 forward from ~58 to
+///    ~47 ms and 10× fewer page faults, at a lower peak RSS (BENCHMARKS §21).
+///    `LOPPER_MALLOC=0` leaves glibc's defaults (A/B).
 /// 2. Stops candle's element-wise worker threads from spinning after each job (default
 ///    25,000 iterations), which otherwise steals a core from our kernels. 0 was measured
 ///    no worse than 1,000 (the earlier setting) on an AVX2 and an AVX-512 EPYC, and up
@@ -262,12 +266,16 @@ pub fn tune_runtime() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before heavy allocation.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-        // One arena: kernels allocate on pool threads and free on others, and per-thread
-        // arenas each kept their own freed memory (training peak RSS +60 %, measured).
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+    if std::env::var_os("LOPPER_MALLOC").is_none_or(|v| v != "0") {
+        // SAFETY: mallopt only changes allocator thresholds; called before heavy allocation.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            // Large blocks come from the heap too (glibc still maps when the heap cannot grow).
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+            // One arena: kernels allocate on pool threads and free on others, and per-thread
+            // arenas each kept their own freed memory (training peak RSS +60 %, measured).
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
