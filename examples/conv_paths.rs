@@ -71,6 +71,11 @@ const DEPTHWISE: &[Shape] = &[
     (8, 240, 28, 240, 1),
     (8, 480, 14, 480, 1),
     (8, 960, 7, 960, 1),
+    (8, 144, 56, 144, 2),
+    (8, 240, 28, 240, 2),
+    (8, 672, 14, 672, 2),
+    (1, 672, 14, 672, 1),
+    (1, 32, 112, 32, 1),
 ];
 
 /// A 3×3 conv with padding 1 (depthwise: one group per channel), or a 1×1 conv.
@@ -102,7 +107,7 @@ fn main() {
     let (shapes, depthwise) = match which.as_str() {
         "dense" => (DENSE, false),
         "thin" => (THIN, false),
-        "depthwise" => (DEPTHWISE, true),
+        "depthwise" | "depthwise5" => (DEPTHWISE, true),
         "pointwise" => (POINTWISE, false),
         "stem" => (STEM, false),
         other => {
@@ -111,10 +116,18 @@ fn main() {
         }
     };
     println!("{which}: best of 6 alternating rounds, ms (GFLOP/s)");
-    for s in shapes {
+    // `CONV_PATHS_ONLY=i`: only the i-th shape of the set (profiling one layer).
+    let only: Option<usize> = std::env::var("CONV_PATHS_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for (si, s) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != si) {
+            continue;
+        }
         let pointwise = which == "pointwise";
         let k = match which.as_str() {
             "pointwise" => 1,
+            "depthwise5" => 5,
             "stem" => 7,
             _ => 3,
         };

@@ -397,6 +397,15 @@ fn depthwise(l: Isa) {
         // version without the copy ran 2× slower): one-sided, and a 7×7 window.
         ([1, 2, 5, 21], 3, [1, 1], [0, 0, 2, 2]),
         ([2, 2, 9, 20], 7, [1, 1], [3, 3, 3, 3]),
+        // Channel-vector tiles (rows up to 28 wide): a whole 16-channel block and a tail
+        // block, every tile width (4..8) with a short last tile, stride 2 with asymmetric
+        // padding, one image split into row-range tasks, a 4×4 map.
+        ([2, 35, 9, 11], 5, [2, 2], [1, 2, 2, 1]),
+        ([1, 17, 14, 14], 3, [1, 1], [1, 1, 1, 1]),
+        ([3, 16, 7, 7], 7, [1, 1], [3, 3, 3, 3]),
+        ([1, 16, 28, 27], 3, [1, 1], [0, 1, 2, 1]),
+        ([1, 33, 13, 26], 5, [2, 2], [2, 2, 2, 2]),
+        ([4, 20, 4, 4], 3, [1, 1], [1, 1, 1, 1]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {

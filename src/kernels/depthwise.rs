@@ -162,6 +162,9 @@ pub fn forward_epi(
         });
         return;
     }
+    if super::dw_chanvec::applies(g) {
+        return super::dw_chanvec::forward_epi(g, x, w, out, epi);
+    }
     if super::dw_flat::applies(g) {
         return super::dw_flat::forward_epi(g, x, w, out, epi);
     }

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod csr;
 mod depthwise;
 mod direct;
+mod dw_chanvec;
 mod dw_flat;
 pub mod eltwise;
 pub mod gemm;

@@ -1,0 +1,404 @@
+//! Depthwise convolution with vectors along 16 channels (AVX-512), the layout
+//! onnxruntime's NCHWc depthwise kernel computes in.
+//!
+//! The plane kernels ([`super::depthwise`], [`super::dw_flat`]) put output positions in
+//! the vector lanes: a 7- or 14-wide row fills half a vector or needs masked loads, and
+//! each output costs `kh·kw` separate FMAs over short runs. Here a task takes 16 channels
+//! of one image, transposes their input rows into a zero-padded `[row][col][16]` grid (so
+//! padding, asymmetric included, and any map width cost nothing in the inner loop), and
+//! computes `T` adjacent outputs of a row per tile: for each filter row, the row's `kw`
+//! weight vectors stay in registers and each of the `(T − 1)·s + kw` input vectors under
+//! the tile is loaded once and multiplied into every output that uses it. The results
+//! (bias added in registers) are transposed back into the NCHW planes, where the
+//! activation runs on whole rows. Per layer on an AMD EPYC (`examples/conv_paths.rs
+//! depthwise5`), see [`applies`].
+
+// The explicit-vector kernels are x86-64 only; elsewhere `applies` is false.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_macros, unused_imports)
+)]
+
+use super::act;
+use super::conv_tiles::OutPtr;
+use super::im2col::Geo;
+use super::simd::Isa;
+use crate::graph::ops::ActivationKind;
+use rayon::prelude::*;
+
+/// Channels per vector.
+const L: usize = 16;
+
+/// Whether this kernel takes depthwise conv `g` (the caller checked one filter per
+/// channel): AVX-512, undilated, a square 3×3, 5×5 or 7×7 window, stride 1 or 2, padding
+/// inside the window; not with the tile kernels off (A/B) or `LOPPER_DWCV=0`.
+pub fn applies(g: &Geo) -> bool {
+    cfg!(target_arch = "x86_64")
+        && super::simd::isa() == Isa::Avx512
+        && super::conv_tiles::mode() != super::conv_tiles::TileMode::Off
+        && !env_off()
+        && g.dh == 1
+        && g.dw == 1
+        && g.kh == g.kw
+        && matches!(g.kh, 3 | 5 | 7)
+        && g.sh == g.sw
+        && matches!(g.sh, 1 | 2)
+        && g.pt < g.kh
+        && g.pl < g.kw
+        && g.p() > 0
+        && g.ow <= MAX_WIDTH
+}
+
+/// Output rows wider than this stay on the plane kernels. Per layer on an AMD EPYC
+/// (batch 8 unless noted, ms, this kernel against the plane kernels): 3×3 at 7×7 0.10
+/// against 0.16, 14×14 0.15 / 0.22, 28×28 0.28 / 0.41, 8×8 batch 64 0.37 / 0.50, 4×4
+/// 0.31 / 0.48; 5×5 at 7×7 0.17 / 0.33, 14×14 0.24 / 0.44, 28×28 0.43 / 0.66. At 32×32
+/// (2.3 / 1.3 ms, 3×3 batch 64) and 112×112 (4.4 / 3.0) the sixteen input and output
+/// planes a task streams side by side cost more than the lanes the plane kernels waste.
+const MAX_WIDTH: usize = 28;
+
+fn env_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LOPPER_DWCV").is_ok_and(|v| v == "0"))
+}
+
+/// Outputs per tile for rows `ow` wide: the width in 4..=8 that wastes the fewest lanes
+/// of the last tile of a row (7 for 7-, 14- and 28-wide rows), the widest on ties.
+fn tile_width(ow: usize) -> usize {
+    (4..=8)
+        .rev()
+        .min_by_key(|&t| ow.div_ceil(t) * t - ow)
+        .unwrap_or(8)
+}
+
+/// One call's shape: the grid and output-buffer geometry shared by every task.
+struct Shape<'a> {
+    g: &'a Geo,
+    /// Grid columns: every input column a tile of the rounded row reads.
+    cols: usize,
+}
+
+impl Shape<'_> {
+    /// Grid rows for output rows `oy0..oy1`.
+    fn rows(&self, oy0: usize, oy1: usize) -> usize {
+        (oy1 - oy0 - 1) * self.g.sh + self.g.kh
+    }
+}
+
+/// A thread's grid and output scratch.
+#[derive(Default)]
+struct Bufs {
+    grid: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
+}
+
+/// Weights `[C, kh·kw]` as `[C/16][kh·kw][16]` (missing channels zero), and the bias
+/// likewise `[C/16][16]`.
+fn pack(g: &Geo, w: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    let (k, nb) = (g.kh * g.kw, g.c.div_ceil(L));
+    let mut wp = vec![0f32; nb * k * L];
+    let mut bp = vec![0f32; nb * L];
+    for c in 0..g.c {
+        let (b, l) = (c / L, c % L);
+        for t in 0..k {
+            wp[(b * k + t) * L + l] = w[c * k + t];
+        }
+        bp[c] = bias.map_or(0.0, |b| b[c]);
+    }
+    (wp, bp)
+}
+
+/// `out [N, C, OH, OW] = depthwise(x, w) + bias`, then the activation. `out` needs no
+/// initialisation.
+pub fn forward_epi(
+    g: &Geo,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    epi: Option<(&[f32], Option<ActivationKind>)>,
+) {
+    assert!(applies(g));
+    let (hw, p) = (g.h * g.w, g.p());
+    assert!(x.len() >= g.n * g.c * hw && out.len() >= g.n * g.c * p);
+    assert!(w.len() >= g.c * g.kh * g.kw);
+    let (wp, bp) = pack(g, w, epi.map(|e| e.0));
+    let t = tile_width(g.ow);
+    let owt = g.ow.div_ceil(t) * t;
+    let shape = Shape {
+        g,
+        cols: (owt - 1) * g.sw + g.kw,
+    };
+    let nb = g.c.div_ceil(L);
+    // Tasks: (image, channel block, run of output rows); rows split until there are
+    // ~4 tasks per thread (batch 1 with few channels), each at least 2 rows.
+    let threads = rayon::current_num_threads().max(1);
+    let splits = (4 * threads)
+        .div_ceil(g.n * nb)
+        .min(g.oh.div_ceil(2))
+        .max(1);
+    // A task's grid and output rows stay in L2 (~160 KB): 112×112 maps in one task ran
+    // 1.5× slower than the plane kernels, from memory.
+    let row_bytes = (g.sh + 1) * shape.cols * L * 4;
+    let per = g.oh.div_ceil(splits).min((160 << 10) / row_bytes).max(1);
+    let splits = g.oh.div_ceil(per);
+    let outp = OutPtr(out.as_mut_ptr());
+    let act = epi.and_then(|e| e.1);
+    let (shape, wp, bp) = (&shape, &wp, &bp);
+    (0..g.n * nb * splits)
+        .into_par_iter()
+        .for_each(move |task| {
+            let (n, b, s) = (task / (nb * splits), task / splits % nb, task % splits);
+            let (oy0, oy1) = (s * per, ((s + 1) * per).min(g.oh));
+            let (c0, cn) = (b * L, L.min(g.c - b * L));
+            BUFS.with(|bufs| {
+                let Bufs { grid, acc } = &mut *bufs.borrow_mut();
+                let xs = &x[(n * g.c + c0) * hw..];
+                fill_grid(shape, xs, cn, oy0, oy1, grid);
+                let rows = oy1 - oy0;
+                acc.resize(rows * owt * L, 0.0);
+                let k = g.kh * g.kw;
+                let tile = Tile {
+                    grid: grid.as_ptr(),
+                    cols: shape.cols,
+                    w: wp[b * k * L..].as_ptr(),
+                    bias: bp[b * L..].as_ptr(),
+                    acc: acc.as_mut_ptr(),
+                };
+                // SAFETY: the grid holds rows(oy0, oy1) rows of `cols` 16-channel columns,
+                // which covers every tap of every tile of the rounded rows; acc holds
+                // rows × owt outputs; weights k vectors and bias one from the block's.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    run(g.kh, g.sh, t, &tile, rows, owt)
+                };
+                // Back into the NCHW planes: channels c0.., rows oy0..oy1 of image n, owned
+                // by this task.
+                let base = (n * g.c + c0) * p + oy0 * g.ow;
+                // SAFETY: AVX-512F (`applies`); acc holds rows × owt outputs; the cn planes'
+                // rows oy0..oy1 are this task's.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    from_acc(acc.as_ptr(), rows, owt, g.ow, outp.get().add(base), p, cn)
+                };
+                if let Some(a) = act {
+                    for c in 0..cn {
+                        // SAFETY: as above, rows oy0..oy1 of plane c0 + c.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                outp.get().add(base + c * p),
+                                rows * g.ow,
+                            )
+                        };
+                        act::bias_act(row, 0.0, None, Some(a));
+                    }
+                }
+            })
+        });
+}
+
+/// Transposes input rows of channels `cn` (planes `h·w` apart in `xs`) under output rows
+/// `oy0..oy1` into `grid` (`[row][col][16]`), zero outside the input and in missing
+/// channels.
+fn fill_grid(s: &Shape, xs: &[f32], cn: usize, oy0: usize, oy1: usize, grid: &mut Vec<f32>) {
+    let g = s.g;
+    let rows = s.rows(oy0, oy1);
+    let line = s.cols * L;
+    grid.clear();
+    grid.resize(rows * line, 0.0);
+    // The input rows inside the plane, as one run of flattened positions.
+    let r0 = g.pt.saturating_sub(oy0 * g.sh);
+    let iy0 = (oy0 * g.sh + r0) - g.pt;
+    let iy1 = (oy0 * g.sh + rows).saturating_sub(g.pt).min(g.h);
+    if iy0 >= iy1 {
+        return;
+    }
+    let hw = g.h * g.w;
+    assert!(xs.len() >= (cn - 1) * hw + iy1 * g.w);
+    let wn = g.w.min(s.cols - g.pl);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F (`applies`); the source run lies inside each of the cn planes
+    // (asserted), and each position's column is stored only if it lies in the grid row.
+    unsafe {
+        to_grid(
+            xs[iy0 * g.w..].as_ptr(),
+            hw,
+            cn,
+            (iy1 - iy0) * g.w,
+            g.w,
+            wn,
+            grid[(r0 * s.cols + g.pl) * L..].as_mut_ptr(),
+            s.cols,
+        )
+    };
+}
+
+/// Positions `0..len` of `cn` planes (`sl` apart from `src`, rows `w` wide) into a grid of
+/// rows `cols` positions wide from `dst` (columns `wn` and beyond of a row dropped): 16
+/// positions at a time, loaded from the 16 planes, transposed in registers, stored as
+/// 16-channel vectors.
+///
+/// # Safety
+/// AVX-512F; `src` readable for `len` floats in each of `cn ≤ 16` planes; `dst` writable
+/// for `len / w` rows of `wn` vectors, `cols · 16` floats apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn to_grid(
+    src: *const f32,
+    sl: usize,
+    cn: usize,
+    len: usize,
+    w: usize,
+    wn: usize,
+    dst: *mut f32,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let (mut q0, mut y, mut x) = (0, 0, 0);
+    while q0 < len {
+        let n = (len - q0).min(L);
+        let m: __mmask16 = if n == L { 0xffff } else { (1u16 << n) - 1 };
+        let mut r = [_mm512_setzero_ps(); L];
+        for (c, v) in r.iter_mut().enumerate().take(cn) {
+            // SAFETY: positions q0..q0 + n of plane c; the prefetch (a hint, never a
+            // fault) a few lines ahead in the same plane: 16 planes read side by side
+            // are more streams than the hardware prefetcher follows.
+            unsafe {
+                *v = _mm512_maskz_loadu_ps(m, src.add(c * sl + q0));
+                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 4 * L) as *const i8);
+            }
+        }
+        let t = super::cpu::transpose16(r);
+        for v in t.iter().take(n) {
+            if x < wn {
+                // SAFETY: row y, column x of the grid.
+                unsafe { _mm512_storeu_ps(dst.add((y * cols + x) * L), *v) };
+            }
+            x += 1;
+            if x == w {
+                (y, x) = (y + 1, 0);
+            }
+        }
+        q0 += n;
+    }
+}
+
+/// Output rows `rows` (`[row][owt][16]` in `acc`, the first `ow` of each row valid) into
+/// `cn` planes from `dst` (`p` apart; the rows' `rows · ow` positions contiguous): 16
+/// positions at a time, transposed in registers, stored as plane runs.
+///
+/// # Safety
+/// AVX-512F; `acc` readable as described; `dst` writable for `rows · ow` floats in each of
+/// `cn ≤ 16` planes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn from_acc(
+    acc: *const f32,
+    rows: usize,
+    owt: usize,
+    ow: usize,
+    dst: *mut f32,
+    p: usize,
+    cn: usize,
+) {
+    use std::arch::x86_64::*;
+    let len = rows * ow;
+    let (mut q0, mut y, mut x) = (0, 0, 0);
+    while q0 < len {
+        let n = (len - q0).min(L);
+        let m: __mmask16 = if n == L { 0xffff } else { (1u16 << n) - 1 };
+        let mut r = [_mm512_setzero_ps(); L];
+        for v in r.iter_mut().take(n) {
+            // SAFETY: output (y, x), inside the rows.
+            *v = unsafe { _mm512_loadu_ps(acc.add((y * owt + x) * L)) };
+            x += 1;
+            if x == ow {
+                (y, x) = (y + 1, 0);
+            }
+        }
+        let t = super::cpu::transpose16(r);
+        for (c, v) in t.iter().enumerate().take(cn) {
+            // SAFETY: positions q0..q0 + n of plane c.
+            unsafe { _mm512_mask_storeu_ps(dst.add(c * p + q0), m, *v) };
+        }
+        q0 += n;
+    }
+}
+
+/// A task's operands: the grid (`cols` 16-channel columns per row), the block's packed
+/// weights and bias, and the output scratch (`[row][owt][16]`).
+struct Tile {
+    grid: *const f32,
+    cols: usize,
+    w: *const f32,
+    bias: *const f32,
+    acc: *mut f32,
+}
+
+/// Output rows `0..rows` (grid rows `S` apart) in tiles of `T` outputs, filter `K×K`.
+///
+/// # Safety
+/// AVX-512F; the operands as [`Tile`] describes, in bounds for `rows` rows of `owt`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn rows_kst<const K: usize, const S: usize, const T: usize>(
+    k: &Tile,
+    rows: usize,
+    owt: usize,
+) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let bias = _mm512_loadu_ps(k.bias);
+        let line = k.cols * L;
+        for r in 0..rows {
+            for ox in (0..owt).step_by(T) {
+                let mut acc = [bias; T];
+                for ky in 0..K {
+                    let mut wv = [_mm512_setzero_ps(); K];
+                    for kx in 0..K {
+                        wv[kx] = _mm512_loadu_ps(k.w.add((ky * K + kx) * L));
+                    }
+                    let src = k.grid.add((r * S + ky) * line + ox * S * L);
+                    // Input column j serves output t under tap kx = j − t·S.
+                    for j in 0..(T - 1) * S + K {
+                        let xv = _mm512_loadu_ps(src.add(j * L));
+                        for t in 0..T {
+                            if j >= t * S && j - t * S < K {
+                                acc[t] = _mm512_fmadd_ps(xv, wv[j - t * S], acc[t]);
+                            }
+                        }
+                    }
+                }
+                let dst = k.acc.add((r * owt + ox) * L);
+                for t in 0..T {
+                    _mm512_storeu_ps(dst.add(t * L), acc[t]);
+                }
+            }
+        }
+    }
+}
+
+/// Calls [`rows_kst`] for the run-time window, stride and tile width.
+///
+/// # Safety
+/// As [`rows_kst`]; `k` in 3, 5, 7, `s` in 1, 2, `t` in 4..=8.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run(kk: usize, s: usize, t: usize, k: &Tile, rows: usize, owt: usize) {
+    macro_rules! table {
+        ($($a:literal, $b:literal, $c:literal);*) => {
+            match (kk, s, t) {
+                // SAFETY: the caller's contract.
+                $(($a, $b, $c) => unsafe { rows_kst::<$a, $b, $c>(k, rows, owt) },)*
+                other => unreachable!("depthwise tile {other:?} outside the dispatch table"),
+            }
+        };
+    }
+    table!(3,1,4; 3,1,5; 3,1,6; 3,1,7; 3,1,8; 3,2,4; 3,2,5; 3,2,6; 3,2,7; 3,2,8;
+           5,1,4; 5,1,5; 5,1,6; 5,1,7; 5,1,8; 5,2,4; 5,2,5; 5,2,6; 5,2,7; 5,2,8;
+           7,1,4; 7,1,5; 7,1,6; 7,1,7; 7,1,8; 7,2,4; 7,2,5; 7,2,6; 7,2,7; 7,2,8)
+}
