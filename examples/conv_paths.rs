@@ -69,6 +69,19 @@ const POINTWISE: &[Shape] = &[
 /// 7×7 stride-2 stems (ResNets at 224).
 const STEM: &[Shape] = &[(1, 3, 224, 64, 2), (8, 3, 224, 64, 2)];
 
+/// 3×3 stride-2 RGB stems (MobileNets, EfficientNet at 224).
+const STEM3: &[Shape] = &[
+    (1, 3, 224, 16, 2),
+    (1, 3, 224, 32, 2),
+    (8, 3, 224, 16, 2),
+    (8, 3, 224, 32, 2),
+    // First convs of the CIFAR and MNIST nets (stride 1).
+    (64, 3, 32, 16, 1),
+    (1, 3, 32, 16, 1),
+    (64, 1, 28, 32, 1),
+    (1, 1, 28, 32, 1),
+];
+
 const DEPTHWISE: &[Shape] = &[
     (64, 96, 32, 96, 1),
     (64, 144, 16, 144, 1),
@@ -117,6 +130,7 @@ fn main() {
         "depthwise" | "depthwise5" => (DEPTHWISE, true),
         "pointwise" => (POINTWISE, false),
         "stem" => (STEM, false),
+        "stem3" => (STEM3, false),
         other => {
             eprintln!("unknown shape set '{other}': dense, thin or depthwise");
             std::process::exit(2);
@@ -136,6 +150,7 @@ fn main() {
             "pointwise" => 1,
             "depthwise5" => 5,
             "stem" => 7,
+            "stem3" => 3,
             _ => 3,
         };
         let g = geo(s, depthwise, k);
@@ -143,7 +158,7 @@ fn main() {
         // `CONV_PATHS_FORCE=chanvec`: the channel-vector tiles forced against the rule.
         let modes = if std::env::var("CONV_PATHS_FORCE").is_ok_and(|v| v == "chanvec") {
             [TileMode::ChanVec, TileMode::Auto]
-        } else if pointwise {
+        } else if pointwise || which.starts_with("stem") {
             [TileMode::Always, TileMode::Auto]
         } else {
             [TileMode::Auto, TileMode::Off]

@@ -94,9 +94,10 @@ pub fn applies(g: &Geo) -> bool {
                 // with LOPPER_ISA=avx2 (the GEMM crate keeps AVX-512 there); not measured
                 // on an AVX2-only CPU, so by rule only AVX-512 takes the tiles. The AVX2
                 // kernels stay correct and tested (`Always`).
+                // Few input channels: RGB and grey stems the direct path leaves here.
                 super::simd::isa() == Isa::Avx512
                     && g.kh * g.kw > 1
-                    && g.cg() >= 5
+                    && (g.cg() >= 5 || g.groups == 1 && g.c <= super::direct::MAX_CHANNELS)
                     && dense_enough(g)
             }
         }

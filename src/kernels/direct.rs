@@ -15,12 +15,24 @@ use rayon::prelude::*;
 
 /// At most this many input channels take the direct path (beyond, the GEMM's reuse of
 /// each input across output channels wins).
-const MAX_CHANNELS: usize = 4;
+pub const MAX_CHANNELS: usize = 4;
 
 /// Whether the direct path applies: an ungrouped, undilated conv with few input channels
-/// and a non-empty output.
+/// and a non-empty output; with AVX-512, only outputs of at most 16 K values (ResNet-20's
+/// stem at batch 1): the position tiles ([`super::conv_tiles`]) run larger stems faster,
+/// per layer on an AMD EPYC (`examples/conv_paths.rs stem3`, `stem`): 3→32 3×3 stride 2
+/// at 224, batch 1, 0.23 ms against 0.36, batch 8 1.19 against 1.70; 3→64 7×7 stride 2
+/// batch 1 0.77 against 1.69, batch 8 7.0 against 11.2; MNIST's 1→32 at batch 64 0.20
+/// against 0.43; but 3→16 at 32×32, batch 1, 0.051 against 0.020.
 pub fn applies(g: &Geo) -> bool {
-    g.groups == 1
+    let tiles = super::simd::isa() == super::simd::Isa::Avx512
+        && match super::conv_tiles::mode() {
+            super::conv_tiles::TileMode::Always => true,
+            super::conv_tiles::TileMode::Auto => g.n * g.o * g.p() > 1 << 14,
+            _ => false,
+        };
+    !tiles
+        && g.groups == 1
         && g.dh == 1
         && g.dw == 1
         && g.c <= MAX_CHANNELS
