@@ -560,8 +560,15 @@ fn epilogues(l: Isa) {
             }
         }
     }
-    // A few rows (the weight-streaming path) and many (the GEMM path), odd widths.
-    for (n, i, o) in [(3, 37, 19), (1, 70, 131), (9, 37, 19)] {
+    // A few rows (the weight-streaming path) and many (the GEMM path), odd widths; with
+    // ≥ 64 outputs the GEMM splits them into per-thread row blocks (a short last block).
+    for (n, i, o) in [
+        (3, 37, 19),
+        (1, 70, 131),
+        (9, 37, 19),
+        (7, 33, 70),
+        (20, 64, 131),
+    ] {
         linear_epilogues(&mut rng, n, i, o, l);
     }
 }

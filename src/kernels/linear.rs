@@ -104,6 +104,54 @@ fn transpose_bias(yt: &[f32], o: usize, n: usize, b: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y = act(x·Wᵀ + b)` with the output features split into one block of `rows` per
+/// thread: each block is a single-threaded GEMM `yᵀ[rows, n] = W[rows, i]·xᵀ`, transposed
+/// into its columns of `y` with the bias and activation while in cache. The GEMM's own
+/// threading synchronises inside the product, and the transpose and activation after it
+/// ran on one thread (the MLP's 1024→1024 layer at batch 64 ran at ~190 GFLOP/s against
+/// onnxruntime's ~300; the conv GEMM path splits its rows the same way).
+fn split_rows(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (n, i, o): (usize, usize, usize),
+    rows: usize,
+    act: Option<ActivationKind>,
+) -> Vec<f32> {
+    let mut yt = vec![0f32; o * n];
+    // SAFETY: every element is written by one block's transpose below.
+    let mut y = unsafe { super::cpu::unfilled(n * o) };
+    let yp = super::conv_tiles::OutPtr(y.as_mut_ptr());
+    yt.par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(bi, ytb)| {
+            let (o0, ob) = (bi * rows, ytb.len() / n);
+            sgemm(
+                ob,
+                n,
+                i,
+                ytb,
+                Mat::rm(&w[o0 * i..(o0 + ob) * i], i),
+                Mat::rm_t(x, i),
+                false,
+                false,
+            );
+            // SAFETY: columns o0..o0 + ob of every row of y: this block's alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), (n - 1) * o + ob) };
+            super::cpu::transpose(ytb, n, ob, n, dst, o);
+            for r in 0..n {
+                let row = &mut dst[r * o..r * o + ob];
+                for (v, &bv) in row.iter_mut().zip(&b[o0..o0 + ob]) {
+                    *v += bv;
+                }
+                if let Some(k) = act {
+                    act::apply(k, row);
+                }
+            }
+        });
+    y
+}
+
 /// Outputs up to this many floats are finished on the calling thread: handing a few
 /// microseconds of work to the other thread costs more than it saves (batch 1).
 const SMALL: usize = 1 << 14;
@@ -143,6 +191,15 @@ impl CustomOp3 for LinearOp {
         // yᵀ = W·xᵀ: the weight is the GEMM's left operand in its stored layout; as the
         // right operand `Wᵀ` it is repacked on every call (measured: the MLP's b64
         // inference spent a third of its time there).
+        let threads = rayon::current_num_threads();
+        // Blocks of whole micro-kernel tiles (16 rows), at least two tiles each.
+        let rows = o.div_ceil(threads.max(1)).next_multiple_of(16);
+        if n > 4 && threads > 1 && rows < o && rows >= 32 {
+            return Ok((
+                CpuStorage::F32(split_rows(x, w, b, (n, i, o), rows, self.act)),
+                Shape::from((n, o)),
+            ));
+        }
         let mut yt = vec![0f32; o * n];
         if n <= 4 {
             gemv_rows(w, i, x, n, &mut yt);
