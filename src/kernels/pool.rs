@@ -134,6 +134,27 @@ impl CustomOp1 for PoolOp {
             let d = l.dims();
             return Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))));
         }
+        if self.max
+            && self.cfg.kernel == [2, 2]
+            && self.cfg.stride == [2, 2]
+            && self.cfg.padding == [0; 4]
+            && g.h % 2 == 0
+            && g.w % 2 == 0
+        {
+            // The 2×2/2 max pool of most CNNs on even maps: output row R of the whole
+            // [N·C·OH] stack reads input rows 2R and 2R + 1, across plane boundaries, so
+            // it is one flat loop in large parallel chunks. Per plane, a 14×14 map's
+            // seven short rows cost more in set-up than in work (the digit CNN's 64×14×14
+            // pool at batch 64 took 0.34 ms, onnxruntime's 0.055).
+            let rows_out = g.nc * g.oh;
+            let per = (1usize << 14).div_ceil(g.ow.max(1)).max(1);
+            out.par_chunks_mut(per * g.ow)
+                .enumerate()
+                .for_each(|(t, o)| max2x2_rows(x, g.w, t * per, o));
+            debug_assert_eq!(out.len(), rows_out * g.ow);
+            let d = l.dims();
+            return Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))));
+        }
         // Separable: each output row first reduces its input rows elementwise (contiguous,
         // vectorised), then each output column reduces its window of that row. The
         // per-output window loop this replaces was 11 % of ResNet-18's forward at b8.
@@ -231,6 +252,21 @@ impl CustomOp1 for PoolOp {
         .and_then(|r| r)
         .map_err(ce)?;
         Ok(Some(tensor(dx, x.dims())?))
+    }
+}
+
+multiversion! {
+    /// Output rows `r0..` of a 2×2/2 max pool over input rows `w` wide (`o` holds whole
+    /// output rows of `w / 2`): row `r` is the pairwise max of input rows `2r`, `2r + 1`.
+    fn max2x2_rows(x: &[f32], w: usize, r0: usize, o: &mut [f32]) {
+        let ow = w / 2;
+        for (r, orow) in o.chunks_exact_mut(ow).enumerate() {
+            let a = &x[2 * (r0 + r) * w..][..w];
+            let b = &x[(2 * (r0 + r) + 1) * w..][..w];
+            for ((v, pa), pb) in orow.iter_mut().zip(a.chunks_exact(2)).zip(b.chunks_exact(2)) {
+                *v = pa[0].max(pa[1]).max(pb[0].max(pb[1]));
+            }
+        }
     }
 }
 
