@@ -264,9 +264,7 @@ fn gemm_rows(
     after: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) {
     let threads = rayon::current_num_threads();
-    // Blocks of whole micro-kernel tiles (16 rows), at least two tiles each.
-    let rows = m.div_ceil(threads.max(1)).next_multiple_of(16);
-    if !par || threads < 2 || rows >= m || rows < 32 {
+    let Some(rows) = super::gemm::row_blocks(m).filter(|_| par) else {
         sgemm(m, p, k, dst, Mat::rm(w, k), Mat::rm(col, p), false, par);
         // Shared out only when there is enough of it to pay for the fork and join.
         if par && threads > 1 && m * p >= 1 << 15 {
@@ -279,7 +277,7 @@ fn gemm_rows(
             after(0, &mut dst[..m * p]);
         }
         return;
-    }
+    };
     dst.par_chunks_mut(rows * p)
         .enumerate()
         .for_each(|(bi, d)| {

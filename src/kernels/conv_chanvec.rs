@@ -102,7 +102,7 @@ pub fn eligible(g: &Geo) -> bool {
 /// the other paths; `LOPPER_CONV_TILES=0` turns off every direct path).
 fn env_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("LOPPER_CHANVEC").is_ok_and(|v| v == "0"))
+    super::simd::env_off(&OFF, "LOPPER_CHANVEC")
 }
 
 /// Floats of the packed weights of `g`: `O` rounded up to whole blocks.

@@ -59,7 +59,7 @@ const MAX_WIDTH: usize = 28;
 
 fn env_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("LOPPER_DWCV").is_ok_and(|v| v == "0"))
+    super::simd::env_off(&OFF, "LOPPER_DWCV")
 }
 
 /// Outputs per tile for rows `ow` wide: the width in 4..=8 that wastes the fewest lanes

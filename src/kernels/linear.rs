@@ -191,10 +191,7 @@ impl CustomOp3 for LinearOp {
         // yᵀ = W·xᵀ: the weight is the GEMM's left operand in its stored layout; as the
         // right operand `Wᵀ` it is repacked on every call (measured: the MLP's b64
         // inference spent a third of its time there).
-        let threads = rayon::current_num_threads();
-        // Blocks of whole micro-kernel tiles (16 rows), at least two tiles each.
-        let rows = o.div_ceil(threads.max(1)).next_multiple_of(16);
-        if n > 4 && threads > 1 && rows < o && rows >= 32 {
+        if let Some(rows) = super::gemm::row_blocks(o).filter(|_| n > 4) {
             return Ok((
                 CpuStorage::F32(split_rows(x, w, b, (n, i, o), rows, self.act)),
                 Shape::from((n, o)),

@@ -98,3 +98,9 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Whether environment variable `var` is `0` (a kernel path turned off for A/B runs),
+/// read once into `cell`.
+pub fn env_off(cell: &'static std::sync::OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "0"))
+}
