@@ -96,6 +96,14 @@ const DEPTHWISE: &[Shape] = &[
     (8, 672, 14, 672, 2),
     (1, 672, 14, 672, 1),
     (1, 32, 112, 32, 1),
+    // Batch-1 stride-2 layers of the ImageNet mobile nets at 224.
+    (1, 16, 112, 16, 2),
+    (1, 64, 112, 64, 2),
+    (1, 96, 112, 96, 2),
+    (1, 72, 56, 72, 2),
+    (1, 144, 56, 144, 2),
+    (1, 96, 28, 96, 2),
+    (1, 288, 14, 288, 2),
 ];
 
 /// A 3×3 conv with padding 1 (depthwise: one group per channel), or a 1×1 conv.
@@ -141,6 +149,8 @@ fn main() {
     let only: Option<usize> = std::env::var("CONV_PATHS_ONLY")
         .ok()
         .and_then(|v| v.parse().ok());
+    // `CONV_PATHS_FWD_ONLY=1`: forward timings only (profiling a forward path).
+    let fwd_only = std::env::var_os("CONV_PATHS_FWD_ONLY").is_some();
     for (si, s) in shapes.iter().enumerate() {
         if only.is_some_and(|o| o != si) {
             continue;
@@ -184,6 +194,9 @@ fn main() {
                     conv_forward(&g, &x, &w, &mut out);
                 }
                 best[0][i] = best[0][i].min(t.elapsed().as_secs_f64() / reps as f64);
+                if fwd_only {
+                    continue;
+                }
                 let t = Instant::now();
                 for _ in 0..reps {
                     std::hint::black_box(conv_backward_input(&g, &dy, &w));

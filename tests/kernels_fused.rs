@@ -507,6 +507,12 @@ fn epilogues(l: Isa) {
         ([1, 32, 8, 8], [40, 32, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         // A weight gradient summed over more positions than one sweep takes.
         ([2, 8, 20, 20], [32, 8, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        // 1×1 convs over 1×1 maps (squeeze-excitation) run as linear layers: batch 1
+        // with more rows than one weight-streaming task, a few images, and enough images
+        // for the GEMM's per-thread row blocks; odd widths.
+        ([1, 70, 1, 1], [131, 70, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([3, 37, 1, 1], [19, 37, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([9, 33, 1, 1], [70, 33, 1, 1], [1, 1], [0, 0, 0, 0], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

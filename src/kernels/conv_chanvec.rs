@@ -162,13 +162,14 @@ fn pad_image(g: &Geo, grid: &Grid, xn: &[f32], d: &mut [f32]) {
 /// The padded-input offset of every output position of `imgs` images (padded images
 /// `C·plane` apart), in NCHW position order.
 fn position_offsets(g: &Geo, grid: &Grid, imgs: usize) -> Vec<usize> {
-    let (p, img_len) = (g.p(), g.c * grid.plane);
-    (0..imgs * p)
-        .map(|i| {
-            let (n, q) = (i / p, i % p);
-            n * img_len + (q / g.ow) * grid.cols + q % g.ow
-        })
-        .collect()
+    let img_len = g.c * grid.plane;
+    let mut offs = Vec::with_capacity(imgs * g.p());
+    for n in 0..imgs {
+        for oy in 0..g.oh {
+            offs.extend((0..g.ow).map(|ox| n * img_len + oy * grid.cols + ox));
+        }
+    }
+    offs
 }
 
 /// One call's fixed operands.

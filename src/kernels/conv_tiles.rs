@@ -587,12 +587,18 @@ impl<'a> Layer<'a> {
         let pos = |q: usize| (q / grid.cols) * g.ow + (q % grid.cols).min(g.ow);
         let (mut mask, mut idx) = (Vec::new(), Vec::new());
         if isa == Isa::Avx512 {
+            // The column of each flattened index counted along, not divided out per lane:
+            // at 112×112 the divisions took longer than a batch-1 stem's FMAs.
+            let mut col = 0;
             for v in 0..vecs {
                 let mut m = 0u16;
                 for l in 0..16 {
-                    let qi = v * 16 + l;
-                    if qi < q && qi % grid.cols < g.ow {
+                    if v * 16 + l < q && col < g.ow {
                         m |= 1 << l;
+                    }
+                    col += 1;
+                    if col == grid.cols {
+                        col = 0;
                     }
                 }
                 mask.push(m);

@@ -71,6 +71,12 @@ impl Masks {
             }
         }
         let mut masks = Vec::with_capacity(vecs * offs.len());
+        // Each lane's (row, column), counted along rather than divided out per lane and
+        // tap (the divisions cost more than a small plane's FMAs).
+        let lanes: Vec<(isize, isize)> = (0..g.h as isize)
+            .flat_map(|oy| (0..w).map(move |ox| (oy, ox)))
+            .take(p)
+            .collect();
         for v in 0..vecs {
             for ky in 0..g.kh as isize {
                 for kx in 0..g.kw as isize {
@@ -80,7 +86,7 @@ impl Masks {
                         if q >= p {
                             break;
                         }
-                        let (oy, ox) = ((q / g.w) as isize, (q % g.w) as isize);
+                        let (oy, ox) = lanes[q];
                         let (iy, ix) = (oy + ky - g.pt as isize, ox + kx - g.pl as isize);
                         if iy >= 0 && iy < h && ix >= 0 && ix < w {
                             m |= 1 << l;

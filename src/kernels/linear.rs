@@ -16,10 +16,13 @@ use rayon::prelude::*;
 /// `yt[r, j] = W[r, :] · x[j, :]` for a few inputs `x: [n, i]` (n ≤ 4): the weight is
 /// streamed once, its rows split across threads (memory-bound; a GEMM would pack it).
 fn gemv_rows(w: &[f32], i: usize, x: &[f32], n: usize, yt: &mut [f32]) {
-    yt.par_chunks_mut(n * 64)
+    // Rows per task: at least 32 K weights each, so that a squeeze-excitation layer's
+    // few-microsecond product is not split across threads.
+    let per = 64.max((1 << 15) / i.max(1)).next_multiple_of(4);
+    yt.par_chunks_mut(n * per)
         .enumerate()
         .for_each(|(blk, out)| {
-            let r0 = blk * 64;
+            let r0 = blk * per;
             let rows = out.len() / n;
             let quads = rows / 4;
             for q in 0..quads {
@@ -156,6 +159,49 @@ fn split_rows(
 /// microseconds of work to the other thread costs more than it saves (batch 1).
 const SMALL: usize = 1 << 14;
 
+/// `y[n × o] = act(x[n × i]·Wᵀ + b)` for a row-major `x` and the PyTorch `[o, i]` weight.
+/// Also a 1×1 conv over 1×1 maps (squeeze-excitation's two layers: `[N, C, 1, 1]` is
+/// `[N, C]`), which the conv's position tiles would run one lane in sixteen.
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (n, i, o): (usize, usize, usize),
+    act: Option<ActivationKind>,
+) -> Vec<f32> {
+    // yᵀ = W·xᵀ: the weight is the GEMM's left operand in its stored layout; as the
+    // right operand `Wᵀ` it is repacked on every call (measured: the MLP's b64
+    // inference spent a third of its time there).
+    if let Some(rows) = super::gemm::row_blocks(o).filter(|_| n > 4) {
+        return split_rows(x, w, b, (n, i, o), rows, act);
+    }
+    let mut yt = vec![0f32; o * n];
+    if n <= 4 {
+        gemv_rows(w, i, x, n, &mut yt);
+    } else {
+        sgemm(
+            o,
+            n,
+            i,
+            &mut yt,
+            Mat::rm(w, i),
+            Mat::rm_t(x, i),
+            false,
+            true,
+        );
+    }
+    let mut y = vec![0f32; n * o];
+    transpose_bias(&yt, o, n, b, &mut y);
+    if let Some(k) = act {
+        if n * o <= SMALL {
+            y.chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+        } else {
+            y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+        }
+    }
+    y
+}
+
 pub struct LinearOp {
     pub act: Option<ActivationKind>,
 }
@@ -188,40 +234,10 @@ impl CustomOp3 for LinearOp {
         if b.len() != o {
             candle_core::bail!("linear: bias has {} values for {o} outputs", b.len());
         }
-        // yᵀ = W·xᵀ: the weight is the GEMM's left operand in its stored layout; as the
-        // right operand `Wᵀ` it is repacked on every call (measured: the MLP's b64
-        // inference spent a third of its time there).
-        if let Some(rows) = super::gemm::row_blocks(o).filter(|_| n > 4) {
-            return Ok((
-                CpuStorage::F32(split_rows(x, w, b, (n, i, o), rows, self.act)),
-                Shape::from((n, o)),
-            ));
-        }
-        let mut yt = vec![0f32; o * n];
-        if n <= 4 {
-            gemv_rows(w, i, x, n, &mut yt);
-        } else {
-            sgemm(
-                o,
-                n,
-                i,
-                &mut yt,
-                Mat::rm(w, i),
-                Mat::rm_t(x, i),
-                false,
-                true,
-            );
-        }
-        let mut y = vec![0f32; n * o];
-        transpose_bias(&yt, o, n, b, &mut y);
-        if let Some(k) = self.act {
-            if n * o <= SMALL {
-                y.chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
-            } else {
-                y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
-            }
-        }
-        Ok((CpuStorage::F32(y), Shape::from((n, o))))
+        Ok((
+            CpuStorage::F32(forward(x, w, b, (n, i, o), self.act)),
+            Shape::from((n, o)),
+        ))
     }
 
     fn bwd(

@@ -244,7 +244,8 @@ struct Plane<'a> {
 /// separate multiplies and adds.)
 macro_rules! dw_tiles {
     ($(#[$m:meta])* $name:ident, $features:literal, $lanes:literal, $vec:ty,
-     $set1:ident, $loadu:ident, $storeu:ident, $fmadd:ident, $max:ident, $min:ident) => {
+     $set1:ident, $loadu:ident, $storeu:ident, $part:ident, $fmadd:ident, $max:ident,
+     $min:ident) => {
         $(#[$m])*
         /// # Safety
         /// The CPU has these features; every load stays inside `p.xp` (checked by the
@@ -293,10 +294,8 @@ macro_rules! dw_tiles {
                         // SAFETY: off + lanes ≤ oh·ow = o.len().
                         unsafe { $storeu(o.as_mut_ptr().add(off), y) };
                     } else {
-                        let mut tmp = [0f32; $lanes];
-                        // SAFETY: tmp holds one vector.
-                        unsafe { $storeu(tmp.as_mut_ptr(), y) };
-                        o[off..off + n].copy_from_slice(&tmp[..n]);
+                        // SAFETY: off + n ≤ oh·ow = o.len().
+                        unsafe { $part(o.as_mut_ptr().add(off), y, n) };
                     }
                 }
                 if end {
@@ -307,20 +306,74 @@ macro_rules! dw_tiles {
     };
 }
 
+/// Stores the first `n` lanes of `y` at `dst` (a row's last, partial vector): a masked
+/// store, where a copy through a stack buffer was a `memmove` call per row (a tenth of a
+/// stride-2 depthwise layer with 28-wide rows).
+///
+/// # Safety
+/// AVX-512F; `dst..dst + n` is writable, `n < 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn part_zmm(dst: *mut f32, y: std::arch::x86_64::__m512, n: usize) {
+    // SAFETY: the caller's contract; masked-off lanes are not written.
+    unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(dst, ((1u32 << n) - 1) as u16, y) }
+}
+
+/// Lane mask of the first `n` of `N ≤ 8` 32-bit lanes, for `maskstore`.
+#[cfg(target_arch = "x86_64")]
+const fn first_lanes<const N: usize>(n: usize) -> [i32; 8] {
+    let mut m = [0i32; 8];
+    let mut i = 0;
+    while i < N && i < n {
+        m[i] = -1;
+        i += 1;
+    }
+    m
+}
+
+/// [`part_zmm`] for 8-float vectors.
+///
+/// # Safety
+/// AVX2; `dst..dst + n` is writable, `n < 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn part_ymm(dst: *mut f32, y: std::arch::x86_64::__m256, n: usize) {
+    use std::arch::x86_64::*;
+    let m = first_lanes::<8>(n);
+    // SAFETY: the caller's contract; masked-off lanes are not written.
+    unsafe { _mm256_maskstore_ps(dst, _mm256_loadu_si256(m.as_ptr().cast()), y) }
+}
+
+/// [`part_zmm`] for 4-float vectors.
+///
+/// # Safety
+/// AVX2; `dst..dst + n` is writable, `n < 4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn part_xmm(dst: *mut f32, y: std::arch::x86_64::__m128, n: usize) {
+    use std::arch::x86_64::*;
+    let m = first_lanes::<4>(n);
+    // SAFETY: the caller's contract; masked-off lanes are not written.
+    unsafe { _mm_maskstore_ps(dst, _mm_loadu_si128(m.as_ptr().cast()), y) }
+}
+
 dw_tiles!(
     /// 16-float (AVX-512) tiles, for rows wider than 8.
     dw_zmm, "avx512f", 16, __m512,
-    _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_max_ps, _mm512_min_ps
+    _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, part_zmm, _mm512_fmadd_ps, _mm512_max_ps, _mm512_min_ps
 );
 dw_tiles!(
     /// 8-float (AVX2) tiles: rows of 5–8 columns on AVX-512, every row on AVX2.
     dw_ymm, "avx2,fma", 8, __m256,
-    _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_max_ps, _mm256_min_ps
+    _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, part_ymm, _mm256_fmadd_ps, _mm256_max_ps, _mm256_min_ps
 );
 dw_tiles!(
     /// 4-float tiles for rows of at most 4 columns (the 4x4 maps of CIFAR nets).
     dw_xmm, "avx2,fma", 4, __m128,
-    _mm_set1_ps, _mm_loadu_ps, _mm_storeu_ps, _mm_fmadd_ps, _mm_max_ps, _mm_min_ps
+    _mm_set1_ps, _mm_loadu_ps, _mm_storeu_ps, part_xmm, _mm_fmadd_ps, _mm_max_ps, _mm_min_ps
 );
 
 /// Runs one plane on the best tile kernel for its width and the ISA in use; `false` when
