@@ -227,6 +227,15 @@ fn sparse_direct(l: Isa) {
         ([1, 3, 12, 16], [4, 3, 5, 5], 1, [1, 2, 3, 2]), // 16 in place, uneven rows
         ([1, 2, 6, 8], [3, 2, 1, 3], 1, [0, 0, 0, 2]),   // 8 in place, right pad only
         ([2, 3, 10, 10], [4, 3, 3, 3], 1, [1, 1, 1, 1]), // 10: im2col + SpMM instead
+        // Pointwise convs on flattened positions (AVX-512): a 4×4 map (one vector, the
+        // non-zeros split eight ways), 8×8 (four vectors), 2×2 (a partial vector),
+        // 5×7 (two whole vectors and a partial one), 16×9 (eight vectors and a tail
+        // of one), with more non-zeros per channel than one round of partial sums.
+        ([2, 40, 4, 4], [9, 40, 1, 1], 1, [0, 0, 0, 0]),
+        ([2, 12, 8, 8], [5, 12, 1, 1], 1, [0, 0, 0, 0]),
+        ([2, 30, 2, 2], [7, 30, 1, 1], 1, [0, 0, 0, 0]),
+        ([1, 11, 5, 7], [6, 11, 1, 1], 1, [0, 0, 0, 0]),
+        ([2, 20, 16, 9], [5, 20, 1, 1], 1, [0, 0, 0, 0]),
     ];
     for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
         let cfg = ConvCfg {
