@@ -413,11 +413,14 @@ multiversion! {
                             let n = w.min(ws.saturating_sub(pl));
                             super::cpu::copy_row(&mut row[pl..pl + n], &src[..n]);
                         } else {
-                            // Columns k with input column k·s + px − pl in [0, W).
+                            // Columns k with input column k·s + px − pl in [0, W), copied
+                            // as pairs by the planes' strided copy (the index loop here
+                            // compiled to scalar moves).
                             let k_lo = pl.saturating_sub(px).div_ceil(s);
                             let k_hi = ((w + pl).saturating_sub(px)).div_ceil(s).min(ws);
-                            for (k, v) in row.iter_mut().enumerate().take(k_hi).skip(k_lo) {
-                                *v = src[k * s + px - pl];
+                            if k_lo < k_hi {
+                                let first = k_lo * s + px - pl;
+                                super::planes::copy_strided(&mut row[k_lo..k_hi], src, first, s);
                             }
                         }
                     }
