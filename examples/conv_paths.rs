@@ -64,6 +64,13 @@ const POINTWISE: &[Shape] = &[
     (1, 80, 14, 480, 1),
     (1, 40, 28, 240, 1),
     (1, 24, 56, 144, 1),
+    // Batch-1 projections back to few channels (MobileNetV3, EfficientNet).
+    (1, 72, 56, 24, 1),
+    (1, 120, 28, 40, 1),
+    (1, 240, 14, 40, 1),
+    (1, 480, 14, 80, 1),
+    (1, 672, 14, 112, 1),
+    (1, 960, 7, 160, 1),
 ];
 
 /// 7×7 stride-2 stems (ResNets at 224).
