@@ -349,6 +349,9 @@ impl<'a> Direct<'a> {
         unsafe {
             flat_zmm(&f, o0, out, res)
         };
+        // Elsewhere `flat` is never set.
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (f, res);
         if let Some(k) = after {
             // SAFETY: the tiles wrote every element of these channels.
             let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
