@@ -273,14 +273,14 @@ fn linear_1x1(
         }
     };
     let act = epi.and_then(|e| e.act);
-    let y = super::linear::forward(x, w, bias, dims, if res.is_some() { None } else { act });
-    out[..y.len()].copy_from_slice(&y);
+    let y = &mut out[..g.n * g.o];
+    super::linear::forward(x, w, bias, dims, if res.is_some() { None } else { act }, y);
     if let Some(r) = res {
-        for (o, &rv) in out.iter_mut().zip(r) {
+        for (o, &rv) in y.iter_mut().zip(r) {
             *o += rv;
         }
         if let Some(k) = act {
-            act::apply(k, &mut out[..y.len()]);
+            act::apply(k, y);
         }
     }
 }

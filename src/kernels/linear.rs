@@ -120,10 +120,10 @@ fn split_rows(
     (n, i, o): (usize, usize, usize),
     rows: usize,
     act: Option<ActivationKind>,
-) -> Vec<f32> {
+    y: &mut [f32],
+) {
+    assert!(y.len() >= n * o);
     let mut yt = vec![0f32; o * n];
-    // SAFETY: every element is written by one block's transpose below.
-    let mut y = unsafe { super::cpu::unfilled(n * o) };
     let yp = super::conv_tiles::OutPtr(y.as_mut_ptr());
     yt.par_chunks_mut(rows * n)
         .enumerate()
@@ -152,7 +152,6 @@ fn split_rows(
                 }
             }
         });
-    y
 }
 
 /// Outputs up to this many floats are finished on the calling thread: handing a few
@@ -161,19 +160,22 @@ const SMALL: usize = 1 << 14;
 
 /// `y[n × o] = act(x[n × i]·Wᵀ + b)` for a row-major `x` and the PyTorch `[o, i]` weight.
 /// Also a 1×1 conv over 1×1 maps (squeeze-excitation's two layers: `[N, C, 1, 1]` is
-/// `[N, C]`), which the conv's position tiles would run one lane in sixteen.
+/// `[N, C]`), which the conv's position tiles would run one lane in sixteen. Every
+/// element of `y[..n·o]` is written.
 pub fn forward(
     x: &[f32],
     w: &[f32],
     b: &[f32],
     (n, i, o): (usize, usize, usize),
     act: Option<ActivationKind>,
-) -> Vec<f32> {
+    y: &mut [f32],
+) {
+    let y = &mut y[..n * o];
     // yᵀ = W·xᵀ: the weight is the GEMM's left operand in its stored layout; as the
     // right operand `Wᵀ` it is repacked on every call (measured: the MLP's b64
     // inference spent a third of its time there).
     if let Some(rows) = super::gemm::row_blocks(o).filter(|_| n > 4) {
-        return split_rows(x, w, b, (n, i, o), rows, act);
+        return split_rows(x, w, b, (n, i, o), rows, act, y);
     }
     let mut yt = vec![0f32; o * n];
     if n <= 4 {
@@ -190,8 +192,7 @@ pub fn forward(
             true,
         );
     }
-    let mut y = vec![0f32; n * o];
-    transpose_bias(&yt, o, n, b, &mut y);
+    transpose_bias(&yt, o, n, b, y);
     if let Some(k) = act {
         if n * o <= SMALL {
             y.chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
@@ -199,7 +200,6 @@ pub fn forward(
             y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
         }
     }
-    y
 }
 
 pub struct LinearOp {
@@ -234,10 +234,10 @@ impl CustomOp3 for LinearOp {
         if b.len() != o {
             candle_core::bail!("linear: bias has {} values for {o} outputs", b.len());
         }
-        Ok((
-            CpuStorage::F32(forward(x, w, b, (n, i, o), self.act)),
-            Shape::from((n, o)),
-        ))
+        // SAFETY: `forward` writes every element.
+        let mut y = unsafe { super::cpu::unfilled(n * o) };
+        forward(x, w, b, (n, i, o), self.act, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 
     fn bwd(

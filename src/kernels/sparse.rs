@@ -504,12 +504,19 @@ unsafe fn flat_zmm(f: &Flat, o0: usize, out: &mut [MaybeUninit<f32>], res: Optio
     for (j, oc) in out.chunks_exact_mut(p).enumerate() {
         let o = o0 + j;
         let (a, z) = (f.csr.row_ptr[o] as usize, f.csr.row_ptr[o + 1] as usize);
-        let ch = FlatChannel {
+        // The row tiles' operands, the map as one row of `P` (the clamp comes from `f`).
+        let ch = Tiles {
             vals: &f.csr.values[a..z],
             offs: &f.offs[a..z],
-            scale: f.scale.map_or(1.0, |s| s[o]),
-            bias: f.bias.map_or(0.0, |b| b[o]),
-            res: res.map(|r| &r[j * p..(j + 1) * p]),
+            xp: f.x,
+            wp: p,
+            oh: 1,
+            e: ChanEpi {
+                scale: f.scale.map_or(1.0, |s| s[o]),
+                bias: f.bias.map_or(0.0, |b| b[o]),
+                relu: false,
+                res: res.map(|r| &r[j * p..(j + 1) * p]),
+            },
         };
         let mut v = 0;
         while v < vecs {
@@ -533,28 +540,18 @@ unsafe fn flat_zmm(f: &Flat, o0: usize, out: &mut [MaybeUninit<f32>], res: Optio
     }
 }
 
-/// One output channel's operands in [`flat_zmm`].
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct FlatChannel<'a> {
-    vals: &'a [f32],
-    offs: &'a [u32],
-    scale: f32,
-    bias: f32,
-    res: Option<&'a [f32]>,
-}
-
 /// Vectors `v0..v0 + T` of one channel (see [`flat_zmm`]); the map's last vector
 /// (`vecs − 1`) keeps the lanes of `last`.
 ///
 /// # Safety
-/// As [`flat_zmm`]; `v0 + T ≤ vecs`; `out` and `ch.res` hold the channel's `P` values.
+/// As [`flat_zmm`]; `v0 + T ≤ vecs`; `out` and `ch.e.res` hold the channel's `P` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::needless_range_loop)]
 unsafe fn flat_tile<const T: usize, const S: usize>(
     f: &Flat,
-    ch: &FlatChannel,
+    ch: &Tiles,
     v0: usize,
     vecs: usize,
     last: u16,
@@ -562,7 +559,7 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
 ) {
     use std::arch::x86_64::*;
     let mask: [u16; T] = std::array::from_fn(|i| if v0 + i + 1 == vecs { last } else { u16::MAX });
-    let x = f.x.as_ptr();
+    let x = ch.xp.as_ptr();
     let nnz = ch.vals.len();
     // SAFETY: every load is inside plane `off` (masked at the map's end); the stores and
     // residual loads inside the channel's `P` values.
@@ -589,7 +586,7 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
             }
             i += 1;
         }
-        let (scale, bias) = (_mm512_set1_ps(ch.scale), _mm512_set1_ps(ch.bias));
+        let (scale, bias) = (_mm512_set1_ps(ch.e.scale), _mm512_set1_ps(ch.e.bias));
         let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
         let o = out.as_mut_ptr() as *mut f32;
         for j in 0..T {
@@ -599,7 +596,7 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
             }
             let at = (v0 + j) * 16;
             let mut y = _mm512_fmadd_ps(sum, scale, bias);
-            if let Some(r) = ch.res {
+            if let Some(r) = ch.e.res {
                 y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], r.as_ptr().add(at)));
             }
             // Bound first, value second: a NaN passes through, as in the other kernels.
