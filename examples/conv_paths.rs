@@ -6,9 +6,12 @@
 //! `cargo run --release --example conv_paths [dense|thin|depthwise]` — the numbers behind
 //! the rules in `kernels/conv_tiles.rs` and `kernels/dw_flat.rs` (BENCHMARKS §19).
 
-use lopper::kernels::conv::{conv_backward_input, conv_backward_weight, conv_forward};
+use lopper::kernels::conv::{
+    conv_backward_input, conv_backward_weight, conv_forward, conv_forward_packed, PackedWeight,
+};
 use lopper::kernels::conv_tiles::{set_mode, TileMode};
 use lopper::kernels::im2col::Geo;
+use lopper::kernels::panel;
 use std::time::Instant;
 
 /// `(batch, in channels, map side, out channels, stride)`.
@@ -71,6 +74,19 @@ const POINTWISE: &[Shape] = &[
     (1, 480, 14, 80, 1),
     (1, 672, 14, 112, 1),
     (1, 960, 7, 160, 1),
+    // ResNet-50 at batch 8 and 1 (bottleneck 1×1 convs).
+    (8, 128, 28, 512, 1),
+    (8, 256, 14, 1024, 1),
+    (8, 1024, 14, 256, 1),
+    (8, 2048, 7, 512, 1),
+    (1, 64, 56, 256, 1),
+    (1, 256, 14, 1024, 1),
+    (1, 512, 7, 2048, 1),
+    (1, 2048, 7, 512, 1),
+    // EfficientNet-B0 at batch 8.
+    (8, 1152, 7, 192, 1),
+    (8, 112, 14, 672, 1),
+    (8, 672, 14, 112, 1),
 ];
 
 /// 7×7 stride-2 stems (ResNets at 224).
@@ -193,12 +209,28 @@ fn main() {
         let reps = (2e9 / macs as f64).ceil() as usize;
         let mut best = [[f64::MAX; 2]; 2];
         let mut wgrad = [f64::MAX; 2];
+        // The 1×1 set: the register-tile panels with the weight packed once (as an eval
+        // plan has it; `CONV_PATHS_PANEL=unpacked`: packed per call) against the GEMM
+        // paths with the panels off.
+        let prepacked = std::env::var("CONV_PATHS_PANEL").map_or(true, |v| v != "unpacked");
+        let packed = pointwise.then(|| {
+            panel::set_enabled(true);
+            PackedWeight::for_geo(&g, &w)
+        });
+        let packed = packed.flatten().filter(|_| prepacked);
         for _ in 0..6 {
             for (i, mode) in modes.into_iter().enumerate() {
                 set_mode(mode);
+                if pointwise {
+                    panel::set_enabled(i == 0);
+                }
                 let t = Instant::now();
                 for _ in 0..reps {
-                    conv_forward(&g, &x, &w, &mut out);
+                    if i == 0 && packed.is_some() {
+                        conv_forward_packed(&g, &x, &w, packed.as_ref(), &mut out, None, None);
+                    } else {
+                        conv_forward(&g, &x, &w, &mut out);
+                    }
                 }
                 best[0][i] = best[0][i].min(t.elapsed().as_secs_f64() / reps as f64);
                 if fwd_only {
@@ -217,6 +249,7 @@ fn main() {
             }
         }
         set_mode(TileMode::Auto);
+        panel::set_enabled(true);
         let gf = |t: f64| 2.0 * macs as f64 / t / 1e9;
         println!(
             "n{} c{} {}x{} o{} s{}: forward {:.3} ({:.0}) vs off {:.3} ({:.0}) | input grad {:.3} vs off {:.3} | weight grad {:.3} ({:.0}) vs off {:.3} ({:.0})",

@@ -122,6 +122,7 @@ fn every_kernel_matches_the_reference_at_every_instruction_set_level() {
             epilogues(l);
         }
         set_mode(TileMode::Auto);
+        packed_weights(l);
         channel_ops(l);
         sparse_direct(l);
         layer_norm(l);
@@ -522,6 +523,16 @@ fn epilogues(l: Isa) {
         ([1, 70, 1, 1], [131, 70, 1, 1], [1, 1], [0, 0, 0, 0], 1),
         ([3, 37, 1, 1], [19, 37, 1, 1], [1, 1], [0, 0, 0, 0], 1),
         ([9, 33, 1, 1], [70, 33, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        // 1×1 convs on the register-tile panels (AVX-512): the batch's positions one
+        // column space, so tiles span images (5×5 maps, three to a tile with a short
+        // last tile; 2×3 maps, many runs per tile); a 7×7 expansion; a contraction at
+        // batch 1 large enough to be split across threads, rows not a multiple of six;
+        // a long accumulation with panels split between tasks.
+        ([3, 20, 5, 5], [13, 20, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([4, 96, 2, 3], [50, 96, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([2, 40, 7, 7], [70, 40, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([1, 64, 16, 17], [17, 64, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        ([2, 300, 9, 9], [37, 300, 1, 1], [1, 1], [0, 0, 0, 0], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {
@@ -604,6 +615,107 @@ fn linear_epilogues(rng: &mut Pcg64, n: usize, i: usize, o: usize, l: Isa) {
             2e-5,
             &format!("linear {n}x{i}x{o} + {k:?} ({l:?})"),
         );
+    }
+}
+
+/// Weights packed once, as an eval plan keeps them: 1×1 convs on the register-tile
+/// panels (tiles spanning images, partial row panels, every epilogue with and without a
+/// residual) and linear layers (batch rows not a multiple of six, outputs not a multiple
+/// of 64, every activation, with and without a bias), against the reference ops. On the
+/// levels without AVX-512 the packed weights are ignored (the same comparison).
+fn packed_weights(l: Isa) {
+    use lopper::kernels::conv::{conv_forward_packed, Epilogue, PackedWeight};
+    use lopper::kernels::im2col::Geo;
+    use lopper::kernels::panel;
+    let mut rng = Pcg64::seed_from_u64(11);
+    for (n, c, h, w, o) in [
+        (3, 20, 5, 5, 13),
+        (2, 33, 7, 7, 64),
+        (5, 96, 4, 4, 65),
+        (1, 130, 9, 11, 7),
+        (2, 40, 16, 16, 24),
+    ] {
+        let g = Geo {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh: 1,
+            kw: 1,
+            oh: h,
+            ow: w,
+            sh: 1,
+            sw: 1,
+            pt: 0,
+            pl: 0,
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        };
+        let xv = rand_vec(&mut rng, n * c * h * w, 1.0);
+        let wv = rand_vec(&mut rng, o * c, 1.0);
+        let bias = rand_vec(&mut rng, o, 1.0);
+        let res = rand_vec(&mut rng, n * o * h * w, 1.0);
+        let packed = PackedWeight::for_geo(&g, &wv);
+        if l == Isa::Avx512 {
+            assert!(
+                matches!(packed, Some(PackedWeight::Panels(_))),
+                "{n}x{c}x{h}x{w}->{o} not on the panels"
+            );
+        }
+        let cfg = ConvCfg {
+            stride: [1, 1],
+            padding: [0, 0, 0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        for k in KINDS.iter().map(|&k| Some(k)).chain([None]) {
+            for r in [None, Some(&res[..])] {
+                let epi = Epilogue {
+                    bias: bias.clone(),
+                    act: k,
+                };
+                let mut ours = vec![f32::NAN; n * o * h * w];
+                conv_forward_packed(&g, &xv, &wv, packed.as_ref(), &mut ours, Some(&epi), r);
+                kernels::use_reference_ops(true);
+                let (x, wt) = (t(&xv, &[n, c, h, w]), t(&wv, &[o, c, 1, 1]));
+                let rt = r.map(|r| t(r, &[n, o, h, w]));
+                let theirs = kernels::conv2d_epilogue(&x, &wt, bias.clone(), k, rt.as_ref(), cfg);
+                kernels::use_reference_ops(false);
+                let what = format!(
+                    "packed 1x1 {n}x{c}x{h}x{w}->{o} {k:?} residual {} ({l:?})",
+                    r.is_some()
+                );
+                assert_close(&ours, &vals(&theirs.unwrap()), 2e-5, &what);
+            }
+        }
+    }
+    for (n, i, o) in [
+        (5, 37, 19),
+        (6, 64, 64),
+        (13, 33, 131),
+        (64, 70, 10),
+        (29, 200, 65),
+    ] {
+        let xv = rand_vec(&mut rng, n * i, 1.0);
+        let wv = rand_vec(&mut rng, o * i, 1.0);
+        let bv = rand_vec(&mut rng, o, 1.0);
+        let packed = std::sync::Arc::new(panel::pack_cols(&wv, o, i));
+        let (x, w, b) = (t(&xv, &[n, i]), t(&wv, &[o, i]), t(&bv, &[o]));
+        for k in KINDS.iter().map(|&k| Some(k)).chain([None]) {
+            for bias in [Some(&b), None] {
+                let ours = kernels::linear_packed(&x, &w, bias, k, Some(packed.clone()));
+                kernels::use_reference_ops(true);
+                let theirs = kernels::linear_packed(&x, &w, bias, k, None);
+                kernels::use_reference_ops(false);
+                let what = format!(
+                    "packed linear {n}x{i}x{o} {k:?} bias {} ({l:?})",
+                    bias.is_some()
+                );
+                assert_close(&vals(&ours.unwrap()), &vals(&theirs.unwrap()), 2e-5, &what);
+            }
+        }
     }
 }
 

@@ -32,8 +32,16 @@ pub(crate) struct Folded {
     /// plan run once, as `exec::forward` does, packs nothing beyond the kernel's own
     /// per-call rule), if that kernel takes the conv's geometry (`None` inside: it does
     /// not); kept for the plan's lifetime.
-    pub packed: std::sync::OnceLock<Option<std::sync::Arc<Vec<f32>>>>,
+    pub packed: std::sync::OnceLock<Option<std::sync::Arc<kernels::conv::PackedWeight>>>,
     /// Calls so far, for `packed`.
+    pub calls: std::sync::atomic::AtomicUsize,
+}
+
+/// An eval-mode linear layer's weight packed for the register-tile panels, at the second
+/// call (as [`Folded::packed`]), kept for the plan's lifetime.
+#[derive(Debug, Default)]
+pub(crate) struct LinearPack {
+    pub packed: std::sync::OnceLock<Option<std::sync::Arc<Vec<f32>>>>,
     pub calls: std::sync::atomic::AtomicUsize,
 }
 
@@ -263,37 +271,69 @@ pub(crate) fn conv_folded(
     kernels::conv2d_epilogue_packed(x, &w, packed, f.bias.clone(), act, residual, cfg)
 }
 
-/// `w` packed for the channel-vector conv kernel if it takes this conv's geometry on the
-/// CPU (else `None`, and the conv runs as it would unpacked).
-fn pack_for(w: &Tensor, x: &Tensor, cfg: ConvCfg) -> Option<std::sync::Arc<Vec<f32>>> {
+/// `w` packed for the kernel that takes this conv's geometry on the CPU, if that kernel
+/// uses packed weights (else `None`, and the conv runs as it would unpacked).
+fn pack_for(
+    w: &Tensor,
+    x: &Tensor,
+    cfg: ConvCfg,
+) -> Option<std::sync::Arc<kernels::conv::PackedWeight>> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || kernels::reference_ops() {
         return None;
     }
     let geo = cfg.geo(x.dims(), w.dims()).ok()?;
-    if !kernels::conv_chanvec::applies_packed(&geo) {
-        return None;
-    }
     let wv: Vec<f32> = w.flatten_all().ok()?.to_vec1().ok()?;
-    Some(std::sync::Arc::new(kernels::conv_chanvec::pack(&geo, &wv)))
+    kernels::conv::PackedWeight::for_geo(&geo, &wv).map(std::sync::Arc::new)
 }
 
-/// Eval-mode linear layer `i` with the activation after it fused into its output pass.
+/// Eval-mode linear layer `i` with the activation after it (if any) fused into its
+/// output pass, and its weight packed once for the plan (`pack`).
 pub(crate) fn linear_act(
     g: &Graph,
     i: NodeId,
     x: &Tensor,
-    act: ActivationKind,
+    act: Option<ActivationKind>,
     ctx: &Ctx,
     sw: Option<&SparseWeight>,
+    pack: Option<&LinearPack>,
 ) -> Result<Tensor> {
     let Op::Linear(l) = &g.nodes[i].op else {
         anyhow::bail!("internal: linear epilogue on a non-linear node");
     };
-    if sw.is_some() || !l.bias {
-        return activation(&linear(g, i, l, x, ctx, sw)?, act);
+    let masked = ctx
+        .weight_masks
+        .and_then(|m| m.get(&g.param_owner(i)))
+        .is_some();
+    if sw.is_some() || (!l.bias && pack.is_none()) {
+        let y = linear(g, i, l, x, ctx, sw)?;
+        return match act {
+            Some(k) => activation(&y, k),
+            None => Ok(y),
+        };
     }
-    let b = param(g, i, BIAS)?;
-    kernels::linear_act(x, &weight(g, i, ctx)?, &b, act)
+    let w = weight(g, i, ctx)?;
+    let b = l.bias.then(|| param(g, i, BIAS)).transpose()?;
+    // Unmasked weights are the plan's: pack them once (at the second call, as convs do).
+    let packed = pack.filter(|_| !masked).and_then(|p| {
+        let second = p.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+        second
+            .then(|| p.packed.get_or_init(|| pack_linear(&w, x)).clone())
+            .flatten()
+    });
+    kernels::linear_packed(x, &w, b.as_ref(), act, packed)
+}
+
+/// `w` packed for the register-tile panels, if they run on this machine and device.
+fn pack_linear(w: &Tensor, x: &Tensor) -> Option<std::sync::Arc<Vec<f32>>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || kernels::reference_ops() {
+        return None;
+    }
+    if !kernels::panel::enabled() || w.rank() != 2 {
+        return None;
+    }
+    let (o, i) = (w.dim(0).ok()?, w.dim(1).ok()?);
+    let wv: Vec<f32> = w.flatten_all().ok()?.to_vec1().ok()?;
+    Some(std::sync::Arc::new(kernels::panel::pack_cols(&wv, o, i)))
 }
 
 fn linear(

@@ -9,7 +9,7 @@
 //! training.
 
 use super::fusion::{plan as plan_fusion, Epi, Fusion};
-use super::node::{self, Ctx, Folded};
+use super::node::{self, Ctx, Folded, LinearPack};
 use super::sparse_pack::SparsePack;
 use super::{ForwardOut, Mode, WeightMask};
 use crate::graph::fold::{conv_bn_affine, scale_rows};
@@ -63,6 +63,8 @@ pub struct Plan {
     /// `release[i]`: the values that are dead once node `i` ran (eval mode).
     release: Vec<Vec<NodeId>>,
     folded: HashMap<NodeId, Folded>,
+    /// Inference: each dense linear layer's weight, packed once (see [`LinearPack`]).
+    linear: HashMap<NodeId, LinearPack>,
     sparse: SparsePack,
     /// No gradient is taken through this pass: each value is detached from candle's op
     /// graph as it is made. (The weights are variables, so every output would otherwise
@@ -96,6 +98,14 @@ impl Plan {
             }
             folded.insert(i, fold(g, i, e.bn, sparse.get(i).is_some())?);
         }
+        let linear = if rewrites {
+            (0..g.nodes.len())
+                .filter(|&i| matches!(g.nodes[i].op, Op::Linear(_)) && sparse.get(i).is_none())
+                .map(|i| (i, LinearPack::default()))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let release = if mode.releases_intermediates() {
             release_points(g, &consumers, &fusion, &o.keep)
         } else {
@@ -115,6 +125,7 @@ impl Plan {
             release,
             detach: rewrites,
             folded,
+            linear,
             sparse,
             resize,
         })
@@ -292,7 +303,10 @@ impl Plan {
                 node::conv_folded(g, i, fold, ins[0], e.act, residual, ctx, sw)
             }
             (None, Some(Epi { act: Some(act), .. })) => {
-                node::linear_act(g, i, ins[0], act, ctx, sw)
+                node::linear_act(g, i, ins[0], Some(act), ctx, sw, self.linear.get(&i))
+            }
+            (None, _) if self.linear.contains_key(&i) => {
+                node::linear_act(g, i, ins[0], None, ctx, sw, self.linear.get(&i))
             }
             _ => match self.resize.get(&i) {
                 Some((ah, awt)) => node::resize_by(ins[0], ah, awt),

@@ -291,6 +291,18 @@ pub fn grad(k: A, x: f32, dy: f32) -> f32 {
     grad_fn!(k, d => d(x, dy))
 }
 
+/// `xs[i] = f(xs[i])`, inlined into the caller: a kernel compiled for AVX-512 applies the
+/// activation to a row of its register tile, in L1, with the caller's vector width (no
+/// dispatch per call, which the short rows of a tile would pay for).
+#[inline(always)]
+pub fn apply_inline(k: A, xs: &mut [f32]) {
+    forward_fn!(k, f => {
+        for v in xs.iter_mut() {
+            *v = f(*v);
+        }
+    })
+}
+
 multiversion! {
     /// `xs[i] = f(xs[i])`.
     pub fn apply(k: A, xs: &mut [f32]) {

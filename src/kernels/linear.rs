@@ -204,6 +204,9 @@ pub fn forward(
 
 pub struct LinearOp {
     pub act: Option<ActivationKind>,
+    /// The weight as [`super::panel::pack_cols`] made it, kept by an eval plan: more than
+    /// a few rows run on the register-tile panels without packing the weight per call.
+    pub packed: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 fn dims(x: &[usize], w: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
@@ -234,9 +237,16 @@ impl CustomOp3 for LinearOp {
         if b.len() != o {
             candle_core::bail!("linear: bias has {} values for {o} outputs", b.len());
         }
-        // SAFETY: `forward` writes every element.
+        // SAFETY: `forward` and `panel::linear` write every element.
         let mut y = unsafe { super::cpu::unfilled(n * o) };
-        forward(x, w, b, (n, i, o), self.act, &mut y);
+        match &self.packed {
+            Some(p)
+                if n > 4 && p.len() == super::panel::cols_len(o, i) && super::panel::enabled() =>
+            {
+                super::panel::linear(p, (n, i, o), x, Some(b), self.act, &mut y)
+            }
+            _ => forward(x, w, b, (n, i, o), self.act, &mut y),
+        }
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 

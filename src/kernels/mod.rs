@@ -22,6 +22,7 @@ pub mod gemm;
 pub mod im2col;
 mod layer_norm;
 pub mod linear;
+pub mod panel;
 mod planes;
 pub mod pool;
 mod pool_ref;
@@ -120,12 +121,12 @@ pub fn conv2d_epilogue(
     conv2d_epilogue_packed(x, w, None, bias, act, residual, cfg)
 }
 
-/// [`conv2d_epilogue`] with `w` also packed for the channel-vector kernel
-/// ([`conv_chanvec::pack`]), as an eval plan keeps it: used where that kernel runs.
+/// [`conv2d_epilogue`] with `w` also packed for the kernel that takes the conv
+/// ([`conv::PackedWeight::for_geo`]), as an eval plan keeps it.
 pub fn conv2d_epilogue_packed(
     x: &Tensor,
     w: &Tensor,
-    packed: Option<std::sync::Arc<Vec<f32>>>,
+    packed: Option<std::sync::Arc<conv::PackedWeight>>,
     bias: Vec<f32>,
     act: Option<ActivationKind>,
     residual: Option<&Tensor>,
@@ -326,10 +327,41 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: &Tensor, act: ActivationKind) -> Re
         return Ok(x.contiguous()?.apply_op3(
             &w.contiguous()?,
             b,
-            linear::LinearOp { act: Some(act) },
+            linear::LinearOp {
+                act: Some(act),
+                packed: None,
+            },
         )?);
     }
     activation(&linear(x, w, Some(b))?, act)
+}
+
+/// Inference linear layer `act(x·wᵀ + b)` with `w` also packed for the register-tile
+/// panels ([`panel::pack_cols`]), as an eval plan keeps it. No gradient.
+pub fn linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Option<ActivationKind>,
+    packed: Option<Arc<Vec<f32>>>,
+) -> Result<Tensor> {
+    if fast(x) {
+        let zeros;
+        let b = match b {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(w.dim(0)?, DType::F32, x.device())?;
+                &zeros
+            }
+        };
+        let op = linear::LinearOp { act, packed };
+        return Ok(x.contiguous()?.apply_op3(&w.contiguous()?, b, op)?);
+    }
+    let y = linear(x, w, b)?;
+    match act {
+        Some(k) => activation(&y, k),
+        None => Ok(y),
+    }
 }
 
 /// Global average pooling `[N, C, H, W] -> [N, C, 1, 1]`.
@@ -370,7 +402,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             return Ok(x.contiguous()?.apply_op3(
                 &w.contiguous()?,
                 b,
-                linear::LinearOp { act: None },
+                linear::LinearOp {
+                    act: None,
+                    packed: None,
+                },
             )?);
         }
     }
