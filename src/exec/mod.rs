@@ -20,7 +20,7 @@ pub use inputs::{AsInputs, Inputs};
 pub use mode::Mode;
 pub use node::activation;
 pub use plan::{Feeds, Plan, PlanOpts};
-pub use sparse_pack::{SparsePack, MAX_CONV_DENSITY, MAX_LINEAR_DENSITY};
+pub use sparse_pack::{max_linear_density, SparsePack, MAX_CONV_DENSITY, MAX_LINEAR_DENSITY};
 
 use crate::graph::{Graph, NodeId};
 use anyhow::{Context, Result};

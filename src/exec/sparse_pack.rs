@@ -12,9 +12,23 @@ use std::collections::HashMap;
 /// A layer runs on the sparse kernel when at most this fraction of its weights is non-zero:
 /// the measured crossovers on the benchmark machine (BENCHMARKS.md §8). Convolutions: the
 /// direct sparse conv at density 0.3 is as fast as the dense GEMM path on ResNet-20, so
-/// 0.25; linear layers: the SpMM still wins at 0.3 on the MLP, not at 0.5, so 0.4.
+/// 0.25; linear layers: the SpMM still wins at 0.3 on the MLP against the GEMM crate, not
+/// at 0.5, so 0.4 ([`max_linear_density`]: lower where the dense layer runs on the
+/// register-tile panels).
 pub const MAX_CONV_DENSITY: f64 = 0.25;
 pub const MAX_LINEAR_DENSITY: f64 = 0.4;
+
+/// The linear layers' limit on this machine: with the dense layer on the register-tile
+/// panels (AVX-512, its weight packed per plan), the MLP at batch 64 ran dense in 0.49
+/// ms, sparse in 0.70 at density 0.3 and 0.33 at 0.1 (crossover near 0.19), so 0.15;
+/// elsewhere [`MAX_LINEAR_DENSITY`].
+pub fn max_linear_density() -> f64 {
+    if crate::kernels::panel::enabled() {
+        0.15
+    } else {
+        MAX_LINEAR_DENSITY
+    }
+}
 
 /// CSR weights of the layers that run sparse at inference, keyed by node.
 #[derive(Debug, Default)]
@@ -24,9 +38,9 @@ pub struct SparsePack {
 
 impl SparsePack {
     /// Compresses every ungrouped conv with density at most [`MAX_CONV_DENSITY`] and every
-    /// linear layer with density at most [`MAX_LINEAR_DENSITY`].
+    /// linear layer with density at most [`max_linear_density`].
     pub fn build(g: &Graph) -> Result<SparsePack> {
-        SparsePack::build_with(g, MAX_CONV_DENSITY, MAX_LINEAR_DENSITY)
+        SparsePack::build_with(g, MAX_CONV_DENSITY, max_linear_density())
     }
 
     /// [`SparsePack::build`] with explicit density limits.

@@ -317,14 +317,14 @@ impl Store {
         unsafe {
             let mut v = v;
             if !self.res.is_null() {
-                let rv = _mm512_maskz_loadu_ps(keep, self.res.add(r * self.p + at));
+                let rv = super::simd::load16(self.res.add(r * self.p + at), keep);
                 v = _mm512_add_ps(v, rv);
             }
             v = _mm512_min_ps(
                 _mm512_set1_ps(self.hi),
                 _mm512_max_ps(_mm512_set1_ps(self.lo), v),
             );
-            _mm512_mask_storeu_ps(self.out.add(r * self.p + at), keep, v);
+            super::simd::store16(self.out.add(r * self.p + at), keep, v);
         }
     }
 }

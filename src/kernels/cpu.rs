@@ -213,11 +213,11 @@ unsafe fn transpose_avx512(
             unsafe {
                 let mut r = [_mm512_setzero_ps(); 16];
                 for (i, v) in r.iter_mut().enumerate().take(ni) {
-                    *v = _mm512_maskz_loadu_ps(mj, src.add((i0 + i) * sl + j0));
+                    *v = super::simd::load16(src.add((i0 + i) * sl + j0), mj);
                 }
                 let t = transpose16(r);
                 for (j, v) in t.iter().enumerate().take(nj) {
-                    _mm512_mask_storeu_ps(dst.add((j0 + j) * ld + i0), mi, *v);
+                    super::simd::store16(dst.add((j0 + j) * ld + i0), mi, *v);
                 }
             }
         }

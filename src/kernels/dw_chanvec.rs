@@ -268,7 +268,7 @@ unsafe fn to_grid(
             // fault) a few lines ahead in the same plane: 16 planes read side by side
             // are more streams than the hardware prefetcher follows.
             unsafe {
-                *v = _mm512_maskz_loadu_ps(m, src.add(c * sl + q0));
+                *v = super::simd::load16(src.add(c * sl + q0), m);
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 4 * L) as *const i8);
             }
         }
@@ -323,7 +323,7 @@ unsafe fn from_acc(
         let t = super::cpu::transpose16(r);
         for (c, v) in t.iter().enumerate().take(cn) {
             // SAFETY: positions q0..q0 + n of plane c.
-            unsafe { _mm512_mask_storeu_ps(dst.add(c * p + q0), m, *v) };
+            unsafe { super::simd::store16(dst.add(c * p + q0), m, *v) };
         }
         q0 += n;
     }

@@ -148,7 +148,7 @@ unsafe fn plane(
             let keep: u16 = ((1u32 << valid) - 1) as u16;
             let y = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[t]));
             // SAFETY: lanes < valid are positions < p of o.
-            unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr().add(v * 16), keep, y) };
+            unsafe { super::simd::store16(o.as_mut_ptr().add(v * 16), keep, y) };
         }
         v0 += n;
     }

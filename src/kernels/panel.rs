@@ -25,6 +25,8 @@
 //! AVX-512 only (the tile is 24 accumulators of the 32 registers); elsewhere the callers
 //! keep the GEMM-crate paths. `LOPPER_PANEL=0` turns it off for A/B runs.
 
+#[cfg(target_arch = "x86_64")]
+use super::simd::{load16 as load, store16 as store};
 use crate::graph::ops::ActivationKind as A;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -178,44 +180,6 @@ fn lanes(v: usize, a: usize, len: usize) -> u16 {
     let lo = a.saturating_sub(16 * v).min(16);
     let hi = (a + len).saturating_sub(16 * v).min(16);
     (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
-}
-
-/// A masked store, plain where every lane is stored: on the AMD EPYC (Zen 5) a masked
-/// 512-bit store is several times slower (16→96 at 112×112, batch 8: 3.12 ms with
-/// every store masked, 1.82 with full vectors stored plainly).
-///
-/// # Safety
-/// The lanes of `m` at `p` writable; AVX-512 present.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn store(p: *mut f32, m: u16, v: std::arch::x86_64::__m512) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract.
-    unsafe {
-        if m == u16::MAX {
-            _mm512_storeu_ps(p, v)
-        } else {
-            _mm512_mask_storeu_ps(p, m, v)
-        }
-    }
-}
-
-/// A masked load (zeros in the other lanes), plain where every lane is loaded.
-///
-/// # Safety
-/// The lanes of `m` at `p` readable; AVX-512 present.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load(p: *const f32, m: u16) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract.
-    unsafe {
-        if m == u16::MAX {
-            _mm512_loadu_ps(p)
-        } else {
-            _mm512_maskz_loadu_ps(m, p)
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

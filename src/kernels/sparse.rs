@@ -597,11 +597,11 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
             let at = (v0 + j) * 16;
             let mut y = _mm512_fmadd_ps(sum, scale, bias);
             if let Some(r) = ch.e.res {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[j], r.as_ptr().add(at)));
+                y = _mm512_add_ps(y, super::simd::load16(r.as_ptr().add(at), mask[j]));
             }
             // Bound first, value second: a NaN passes through, as in the other kernels.
             y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
-            _mm512_mask_storeu_ps(o.add(at), mask[j], y);
+            super::simd::store16(o.add(at), mask[j], y);
         }
     }
 }
