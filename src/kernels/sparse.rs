@@ -407,15 +407,24 @@ multiversion! {
                 for px in 0..s {
                     for yq in 0..hs {
                         let Some(row) = rows.next() else { return };
-                        super::cpu::zero_row(row);
                         let Some(y) = (yq * s + py).checked_sub(pt).filter(|&y| y < h) else {
+                            super::cpu::zero_row(row);
                             continue;
                         };
                         let src = &x[(c * h + y) * w..][..w];
                         if s == 1 {
                             let n = w.min(ws.saturating_sub(pl));
+                            if ws >= 8 && pl <= 4 && ws - (pl + n) <= 4 {
+                                // Only the borders zeroed (fixed-size stores, no `memset`
+                                // call), the interior copied over the first.
+                                row[..4].copy_from_slice(&[0.0; 4]);
+                                row[ws - 4..].copy_from_slice(&[0.0; 4]);
+                            } else {
+                                super::cpu::zero_row(row);
+                            }
                             super::cpu::copy_row(&mut row[pl..pl + n], &src[..n]);
                         } else {
+                            super::cpu::zero_row(row);
                             // Columns k with input column k·s + px − pl in [0, W), copied
                             // as pairs by the planes' strided copy (the index loop here
                             // compiled to scalar moves).
