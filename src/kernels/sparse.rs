@@ -129,8 +129,7 @@ pub fn conv2d(
                 return;
             }
             if g.n == 1 {
-                with_scratch(|xp| {
-                    let xin = d.input(&g, &xs[..img_in], xp);
+                d.with_input(&g, &xs[..img_in], |xin| {
                     out.par_chunks_mut(p)
                         .enumerate()
                         .with_min_len(2)
@@ -140,8 +139,7 @@ pub fn conv2d(
                 out.par_chunks_mut(img_out)
                     .enumerate()
                     .for_each(|(n, out_n)| {
-                        with_scratch(|xp| {
-                            let xin = d.input(&g, &xs[n * img_in..(n + 1) * img_in], xp);
+                        d.with_input(&g, &xs[n * img_in..(n + 1) * img_in], |xin| {
                             for (o, oc) in out_n.chunks_mut(p).enumerate() {
                                 d.channel(&g, xin, o, oc, ce(epi, o, res_c(n, o)));
                             }
@@ -290,27 +288,50 @@ impl<'a> Direct<'a> {
         }
     }
 
-    /// One image's input as the tiles read it: the image itself when no padding is needed,
-    /// else the padded (phase-split) copy built in `xp`.
-    fn input<'x>(&self, g: &Geo, x: &'x [f32], xp: &'x mut Vec<f32>) -> &'x [f32] {
+    /// Runs `f` on one image's input as the tiles read it: the image itself when no
+    /// padding is needed, else its padded (phase-split) copy. The copy lives in a
+    /// per-thread buffer kept per geometry ([`PADDED`]), whose padding stays zero from
+    /// call to call, so only the image's own pixels are written (at 90 % sparsity
+    /// rewriting the zeros too took as long as a third of the multiply-adds).
+    fn with_input<R>(&self, g: &Geo, x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
         if self.identity {
-            return x;
+            return f(x);
         }
-        self.pad(g, x, xp);
-        xp
-    }
-
-    /// Builds the padded (for stride 2, phase-split) copy of one image in `xp`. The buffer
-    /// keeps its allocation and old contents across calls; every element is overwritten.
-    fn pad(&self, g: &Geo, x: &[f32], xp: &mut Vec<f32>) {
         let s = self.s;
+        let key = [g.c, g.h, g.w, s, self.hs, self.ws, g.pt, g.pl];
         let len = g.c * s * s * self.hs * self.ws;
-        if xp.len() < len {
-            xp.resize(len, 0.0);
-        }
-        xp.truncate(len);
-        let d = [g.c, g.h, g.w, s, self.hs, self.ws, g.pt, g.pl];
-        pad_planes(x, xp, d);
+        PADDED.with(|cache| {
+            let Ok(mut cache) = cache.try_borrow_mut() else {
+                // Re-entered (a pool thread ran another conv while this one waits):
+                // a fresh buffer.
+                let mut xp = vec![0f32; len];
+                pad_interior(x, &mut xp, key);
+                return f(&xp);
+            };
+            let at = match cache.iter().position(|(k, _)| *k == key) {
+                Some(at) => at,
+                None if len > PADDED_FLOATS => {
+                    // Too large to keep (a 224×224 stem's planes): a fresh buffer.
+                    drop(cache);
+                    let mut xp = vec![0f32; len];
+                    pad_interior(x, &mut xp, key);
+                    return f(&xp);
+                }
+                None => {
+                    // Oldest out until the new one fits the budget.
+                    while cache.len() == PADDED_KEPT
+                        || cache.iter().map(|(_, v)| v.len()).sum::<usize>() + len > PADDED_FLOATS
+                    {
+                        cache.remove(0);
+                    }
+                    cache.push((key, vec![0f32; len]));
+                    cache.len() - 1
+                }
+            };
+            let xp = &mut cache[at].1;
+            pad_interior(x, xp, key);
+            f(xp)
+        })
     }
 
     /// Output channels `o0..o0 + out.len() / P` of one image of a pointwise conv on
@@ -391,15 +412,30 @@ impl<'a> Direct<'a> {
     }
 }
 
+/// Padded input buffers kept per thread, per geometry (`[C, H, W, s, hs, ws, pt, pl]`),
+/// for [`Direct::with_input`]: their padding is zero once and stays so.
+type PaddedCache = Vec<([usize; 8], Vec<f32>)>;
+
+thread_local! {
+    static PADDED: std::cell::RefCell<PaddedCache> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Geometries kept per thread (ResNet-20 has six: three stages, two strided convs, and
+/// the shortcut's), and their floats at most (16 MB).
+const PADDED_KEPT: usize = 8;
+const PADDED_FLOATS: usize = 1 << 22;
+
 multiversion! {
-    /// The zero-padded input planes of one image `[C, H, W]`: for stride `s`, plane
-    /// `(c, py, px)` row `yq` column `k` holds padded pixel `(yq·s + py, k·s + px)`, i.e.
-    /// input pixel `(yq·s + py − pt, k·s + px − pl)` or 0 outside the image. Row by row
-    /// with fixed-size vector moves: a padded row is a few dozen floats, and a
-    /// `memcpy`/`memset` call per row (with `Vec::extend`'s bookkeeping, and for stride 2 a
-    /// branch per element) cost as much as the sparse multiply-adds at 90 % sparsity.
-    fn pad_planes(x: &[f32], xp: &mut [f32], d: [usize; 8]) {
+    /// Writes one image `[C, H, W]` into its zero-padded planes, whose padding must be
+    /// zero already: for stride `s`, plane `(c, py, px)` row `yq` column `k` holds padded
+    /// pixel `(yq·s + py, k·s + px)`, i.e. input pixel `(yq·s + py − pt, k·s + px − pl)`,
+    /// or (untouched) 0 outside the image. Row by row with fixed-size vector moves: a
+    /// padded row is a few dozen floats, and a `memcpy` call per row (with `Vec::extend`'s
+    /// bookkeeping, and for stride 2 a branch per element) cost as much as the sparse
+    /// multiply-adds at 90 % sparsity.
+    fn pad_interior(x: &[f32], xp: &mut [f32], d: [usize; 8]) {
         let [cn, h, w, s, hs, ws, pt, pl] = d;
+        assert!(xp.len() >= cn * s * s * hs * ws && x.len() >= cn * h * w);
         // Nested loops, not divisions per row (five of them cost more than the copy).
         let mut rows = xp.chunks_exact_mut(ws);
         for c in 0..cn {
@@ -408,23 +444,13 @@ multiversion! {
                     for yq in 0..hs {
                         let Some(row) = rows.next() else { return };
                         let Some(y) = (yq * s + py).checked_sub(pt).filter(|&y| y < h) else {
-                            super::cpu::zero_row(row);
                             continue;
                         };
                         let src = &x[(c * h + y) * w..][..w];
                         if s == 1 {
                             let n = w.min(ws.saturating_sub(pl));
-                            if ws >= 8 && pl <= 4 && ws - (pl + n) <= 4 {
-                                // Only the borders zeroed (fixed-size stores, no `memset`
-                                // call), the interior copied over the first.
-                                row[..4].copy_from_slice(&[0.0; 4]);
-                                row[ws - 4..].copy_from_slice(&[0.0; 4]);
-                            } else {
-                                super::cpu::zero_row(row);
-                            }
                             super::cpu::copy_row(&mut row[pl..pl + n], &src[..n]);
                         } else {
-                            super::cpu::zero_row(row);
                             // Columns k with input column k·s + px − pl in [0, W), copied
                             // as pairs by the planes' strided copy (the index loop here
                             // compiled to scalar moves).
