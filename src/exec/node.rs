@@ -282,6 +282,9 @@ fn pack_for(
         return None;
     }
     let geo = cfg.geo(x.dims(), w.dims()).ok()?;
+    if !kernels::conv::PackedWeight::wanted(&geo) {
+        return None;
+    }
     let wv: Vec<f32> = w.flatten_all().ok()?.to_vec1().ok()?;
     kernels::conv::PackedWeight::for_geo(&geo, &wv).map(std::sync::Arc::new)
 }

@@ -137,6 +137,11 @@ pub enum PackedWeight {
 }
 
 impl PackedWeight {
+    /// Whether the kernel that takes `g` runs on packed weights.
+    pub fn wanted(g: &Geo) -> bool {
+        pointwise_panels(g) || conv_chanvec::applies_packed(g)
+    }
+
     /// The packed weights of `w` for the kernel that takes `g`, if that kernel uses any.
     pub fn for_geo(g: &Geo, w: &[f32]) -> Option<PackedWeight> {
         if pointwise_panels(g) {

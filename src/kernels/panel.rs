@@ -64,25 +64,30 @@ pub fn set_enabled(on: bool) {
     STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
+/// `w[rows × k]` (row-major) in panels of `width` rows, each accumulation step's `width`
+/// values together (`panel[kk·width + r] = w[panel·width + r][kk]`); rows past `rows` zero.
+fn pack(w: &[f32], rows: usize, k: usize, width: usize) -> Vec<f32> {
+    assert!(w.len() >= rows * k, "panel::pack: weight too short");
+    let mut out = vec![0f32; rows.div_ceil(width) * width * k];
+    for (pi, panel) in out.chunks_exact_mut(width * k.max(1)).enumerate() {
+        for r in 0..width.min(rows - pi * width) {
+            let row = &w[(pi * width + r) * k..][..k];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * width + r] = v;
+            }
+        }
+    }
+    out
+}
+
 /// Floats of [`pack_rows`]`(_, m, k)`.
 pub fn rows_len(m: usize, k: usize) -> usize {
     m.div_ceil(MR) * MR * k
 }
 
-/// `w[m × k]` (row-major: a 1×1 conv's `[O, C]`) in panels of `MR` rows, each
-/// accumulation step's `MR` weights together; rows past `m` are zero.
+/// A 1×1 conv's `w[O × C]` in panels of `MR` output channels (the tile's broadcast rows).
 pub fn pack_rows(w: &[f32], m: usize, k: usize) -> Vec<f32> {
-    assert!(w.len() >= m * k, "pack_rows: weight too short");
-    let mut out = vec![0f32; rows_len(m, k)];
-    for (pi, panel) in out.chunks_exact_mut(MR * k.max(1)).enumerate() {
-        for r in 0..MR.min(m - pi * MR) {
-            let row = &w[(pi * MR + r) * k..][..k];
-            for (kk, &v) in row.iter().enumerate() {
-                panel[kk * MR + r] = v;
-            }
-        }
-    }
-    out
+    pack(w, m, k, MR)
 }
 
 /// Floats of [`pack_cols`]`(_, o, i)`.
@@ -90,20 +95,10 @@ pub fn cols_len(o: usize, i: usize) -> usize {
     o.div_ceil(NR) * NR * i
 }
 
-/// A linear layer's `w[o × i]` as `Wᵀ` in panels of `NR` output features, each input
-/// feature's `NR` weights together; features past `o` are zero.
+/// A linear layer's `w[O × I]` as `Wᵀ` in panels of `NR` output features (the tile's
+/// vector columns).
 pub fn pack_cols(w: &[f32], o: usize, i: usize) -> Vec<f32> {
-    assert!(w.len() >= o * i, "pack_cols: weight too short");
-    let mut out = vec![0f32; cols_len(o, i)];
-    for (q, panel) in out.chunks_exact_mut(NR * i.max(1)).enumerate() {
-        for j in 0..NR.min(o - q * NR) {
-            let row = &w[(q * NR + j) * i..][..i];
-            for (kk, &v) in row.iter().enumerate() {
-                panel[kk * NR + j] = v;
-            }
-        }
-    }
-    out
+    pack(w, o, i, NR)
 }
 
 /// The activations the tile applies in registers (a clamp); the rest run over the
