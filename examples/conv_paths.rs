@@ -130,6 +130,10 @@ const DEPTHWISE: &[Shape] = &[
     (1, 144, 56, 144, 2),
     (1, 96, 28, 96, 2),
     (1, 288, 14, 288, 2),
+    // Batch-1 small maps of MobileNetV2 (CIFAR).
+    (1, 960, 4, 960, 1),
+    (1, 384, 8, 384, 1),
+    (1, 576, 8, 576, 2),
 ];
 
 /// A 3×3 conv with padding 1 (depthwise: one group per channel), or a 1×1 conv.
