@@ -106,6 +106,8 @@ const STEM3: &[Shape] = &[
     (1, 3, 32, 16, 1),
     (64, 1, 28, 32, 1),
     (1, 1, 28, 32, 1),
+    // A pruned MobileNetV3 stem (16 channels rounded to 8).
+    (8, 3, 224, 8, 2),
 ];
 
 const DEPTHWISE: &[Shape] = &[
