@@ -200,16 +200,25 @@ unsafe fn tile<const V: usize, const PACKED: bool, const TAIL: bool>(t: &Tile, e
         }
         // Constant bounds throughout (unrolled: the accumulators stay in registers).
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        // One accumulation step's column vectors (the last one masked with `TAIL`). The
+        // two orientations below differ only in where a row's scalar lies; each keeps its
+        // own loop so that both compile to a plain step of loads, broadcasts and FMAs.
+        macro_rules! load_b {
+            ($bp:expr) => {{
+                let bv: [__m512; V] = std::array::from_fn(|v| {
+                    if TAIL && v == V - 1 {
+                        _mm512_maskz_loadu_ps(t.b_tail, $bp.add(16 * v))
+                    } else {
+                        _mm512_loadu_ps($bp.add(16 * v))
+                    }
+                });
+                bv
+            }};
+        }
         if PACKED {
             let mut ap = t.a;
             for _ in 0..t.k {
-                let bv: [__m512; V] = std::array::from_fn(|v| {
-                    if TAIL && v == V - 1 {
-                        _mm512_maskz_loadu_ps(t.b_tail, bp.add(16 * v))
-                    } else {
-                        _mm512_loadu_ps(bp.add(16 * v))
-                    }
-                });
+                let bv = load_b!(bp);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let s = _mm512_set1_ps(*ap.add(r));
                     for v in 0..V {
@@ -222,13 +231,7 @@ unsafe fn tile<const V: usize, const PACKED: bool, const TAIL: bool>(t: &Tile, e
         } else {
             let ar = t.a_rows;
             for kk in 0..t.k {
-                let bv: [__m512; V] = std::array::from_fn(|v| {
-                    if TAIL && v == V - 1 {
-                        _mm512_maskz_loadu_ps(t.b_tail, bp.add(16 * v))
-                    } else {
-                        _mm512_loadu_ps(bp.add(16 * v))
-                    }
-                });
+                let bv = load_b!(bp);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let s = _mm512_set1_ps(*ar[r].add(kk));
                     for v in 0..V {
