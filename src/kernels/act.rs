@@ -304,13 +304,9 @@ pub fn apply_inline(k: A, xs: &mut [f32]) {
 }
 
 multiversion! {
-    /// `xs[i] = f(xs[i])`.
+    /// `xs[i] = f(xs[i])`, dispatched on the instruction set.
     pub fn apply(k: A, xs: &mut [f32]) {
-        forward_fn!(k, f => {
-            for v in xs.iter_mut() {
-                *v = f(*v);
-            }
-        })
+        apply_inline(k, xs)
     }
 }
 

@@ -403,14 +403,18 @@ unsafe fn pack_run(x: *const f32, ld: usize, k: usize, a: usize, len: usize, buf
     }
 }
 
-/// How many ways to split each of `tiles` independent column chunks' `panels` row
-/// panels so that the pool has a few tasks per thread (1 on one thread or a small call).
-fn groups(tiles: usize, panels: usize, macs: usize) -> usize {
+/// How to split each of `tiles` independent column chunks' `panels` panels so that the
+/// pool has a few tasks per thread: `(per, groups)`, panels per task and tasks per chunk
+/// (one group on one thread or in a small call).
+fn groups(tiles: usize, panels: usize, macs: usize) -> (usize, usize) {
     let threads = rayon::current_num_threads();
-    if threads == 1 || macs < SEQ_MACS {
-        return 1;
-    }
-    (4 * threads).div_ceil(tiles.max(1)).clamp(1, panels.max(1))
+    let want = if threads == 1 || macs < SEQ_MACS {
+        1
+    } else {
+        (4 * threads).div_ceil(tiles.max(1)).clamp(1, panels.max(1))
+    };
+    let per = panels.div_ceil(want).max(1);
+    (per, panels.div_ceil(per))
 }
 
 /// Runs `units` tasks, on the pool unless the call is small.
@@ -470,9 +474,7 @@ pub fn conv(
         .min(total.div_ceil(tasks).next_multiple_of(NR))
         .max(NR);
     let chunks = total.div_ceil(nc);
-    let gs = groups(chunks, pn, macs);
-    let per = pn.div_ceil(gs);
-    let gs = pn.div_ceil(per);
+    let (per, gs) = groups(chunks, pn, macs);
     let (clamp, act) = split_act(act);
     let dst = Out(out.as_mut_ptr());
     let run = |u: usize| {
@@ -587,9 +589,7 @@ pub fn linear(
     }
     let (qn, rt) = (o.div_ceil(NR), n.div_ceil(MR));
     let macs = n * i * o;
-    let gs = groups(qn, rt, macs);
-    let per = rt.div_ceil(gs);
-    let gs = rt.div_ceil(per);
+    let (per, gs) = groups(qn, rt, macs);
     let (clamp, act) = split_act(act);
     let dst = Out(y.as_mut_ptr());
     let run = |u: usize| {
