@@ -167,6 +167,12 @@ fn geo(&(n, c, hw, o, s): &Shape, depthwise: bool, k: usize) -> Geo {
 }
 
 fn main() {
+    // On a pool thread, as `lopper bench` runs a plan: from outside the pool every
+    // parallel loop is injected and the caller sleeps on a futex (tens of µs a call).
+    lopper::util::on_pool(paths);
+}
+
+fn paths() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "dense".into());
     let (shapes, depthwise) = match which.as_str() {
         "dense" => (DENSE, false),

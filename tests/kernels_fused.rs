@@ -691,6 +691,69 @@ fn packed_weights(l: Isa) {
             }
         }
     }
+    // Depthwise convs with their weights packed once (16-channel vectors): channel counts
+    // off the multiple of 16, small maps, stride 2, asymmetric padding, 3×3 and 5×5.
+    for (n, c, h, w, k, s, pad) in [
+        (1, 40, 4, 4, 3, 1, [1, 1, 1, 1]),
+        (2, 17, 7, 7, 5, 1, [2, 2, 2, 2]),
+        (1, 96, 8, 8, 3, 2, [0, 0, 1, 1]),
+        (3, 33, 5, 9, 3, 1, [1, 0, 1, 2]),
+        (1, 50, 14, 14, 5, 2, [1, 1, 2, 2]),
+    ] {
+        let (oh, ow) = (
+            (h + pad[0] + pad[2] - k) / s + 1,
+            (w + pad[1] + pad[3] - k) / s + 1,
+        );
+        let g = Geo {
+            n,
+            c,
+            h,
+            w,
+            o: c,
+            kh: k,
+            kw: k,
+            oh,
+            ow,
+            sh: s,
+            sw: s,
+            pt: pad[0],
+            pl: pad[1],
+            dh: 1,
+            dw: 1,
+            groups: c,
+        };
+        let xv = rand_vec(&mut rng, n * c * h * w, 1.0);
+        let wv = rand_vec(&mut rng, c * k * k, 1.0);
+        let bias = rand_vec(&mut rng, c, 1.0);
+        let packed = PackedWeight::for_geo(&g, &wv);
+        if l == Isa::Avx512 {
+            assert!(
+                matches!(packed, Some(PackedWeight::Depthwise(_))),
+                "depthwise {n}x{c}x{h}x{w} k{k} s{s} not packed"
+            );
+        }
+        let cfg = ConvCfg {
+            stride: [s, s],
+            padding: pad,
+            dilation: [1, 1],
+            groups: c,
+        };
+        for act in KINDS.iter().map(|&k| Some(k)).chain([None]) {
+            let epi = Epilogue {
+                bias: bias.clone(),
+                act,
+            };
+            let mut ours = vec![f32::NAN; n * c * oh * ow];
+            conv_forward_packed(&g, &xv, &wv, packed.as_ref(), &mut ours, Some(&epi), None);
+            kernels::use_reference_ops(true);
+            let (x, wt) = (t(&xv, &[n, c, h, w]), t(&wv, &[c, 1, k, k]));
+            let theirs = kernels::conv2d_epilogue(&x, &wt, bias.clone(), act, None, cfg);
+            kernels::use_reference_ops(false);
+            let what =
+                format!("packed depthwise {n}x{c}x{h}x{w} k{k} s{s} {pad:?} {act:?} ({l:?})");
+            assert_close(&ours, &vals(&theirs.unwrap()), 2e-5, &what);
+        }
+    }
     for (n, i, o) in [
         (5, 37, 19),
         (6, 64, 64),
@@ -722,27 +785,37 @@ fn packed_weights(l: Isa) {
 /// Global average pooling and the squeeze-excitation product, forward and gradients.
 fn channel_ops(l: Isa) {
     let mut rng = Pcg64::seed_from_u64(4);
-    let (xd, sd) = ([3, 5, 7, 9], [3, 5, 1, 1]);
-    let x = rand_vec(&mut rng, xd.iter().product(), 1.0);
-    let s = rand_vec(&mut rng, sd.iter().product(), 1.0);
-    let [ours, theirs] = both(&[(&x, &xd)], &|ts| {
-        kernels::global_avg_pool(&ts[0]).unwrap()
-    });
-    assert_close(&ours.0, &theirs.0, 1e-6, &format!("GAP ({l:?})"));
-    assert_close(&ours.1[0], &theirs.1[0], 1e-6, &format!("GAP grad ({l:?})"));
-    for swap in [false, true] {
-        let [ours, theirs] = both(&[(&x, &xd), (&s, &sd)], &|ts| {
-            let (a, b) = if swap {
-                (&ts[1], &ts[0])
-            } else {
-                (&ts[0], &ts[1])
-            };
-            kernels::mul(a, b).unwrap()
+    // The second shape spans several tasks of ~16 K values, the last one partial.
+    for (xd, sd) in [
+        ([3, 5, 7, 9], [3, 5, 1, 1]),
+        ([2, 700, 5, 5], [2, 700, 1, 1]),
+    ] {
+        let x = rand_vec(&mut rng, xd.iter().product(), 1.0);
+        let s = rand_vec(&mut rng, sd.iter().product(), 1.0);
+        let [ours, theirs] = both(&[(&x, &xd)], &|ts| {
+            kernels::global_avg_pool(&ts[0]).unwrap()
         });
-        assert_close(&ours.0, &theirs.0, 1e-6, &format!("gate ({l:?})"));
-        for g in 0..2 {
-            let what = format!("gate grad {g} swap {swap} ({l:?})");
-            assert_close(&ours.1[g], &theirs.1[g], 1e-5, &what);
+        assert_close(&ours.0, &theirs.0, 1e-6, &format!("GAP {xd:?} ({l:?})"));
+        assert_close(
+            &ours.1[0],
+            &theirs.1[0],
+            1e-6,
+            &format!("GAP grad {xd:?} ({l:?})"),
+        );
+        for swap in [false, true] {
+            let [ours, theirs] = both(&[(&x, &xd), (&s, &sd)], &|ts| {
+                let (a, b) = if swap {
+                    (&ts[1], &ts[0])
+                } else {
+                    (&ts[0], &ts[1])
+                };
+                kernels::mul(a, b).unwrap()
+            });
+            assert_close(&ours.0, &theirs.0, 1e-6, &format!("gate {xd:?} ({l:?})"));
+            for g in 0..2 {
+                let what = format!("gate grad {g} swap {swap} {xd:?} ({l:?})");
+                assert_close(&ours.1[g], &theirs.1[g], 1e-5, &what);
+            }
         }
     }
 }

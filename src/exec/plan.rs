@@ -153,7 +153,15 @@ impl Plan {
 
     /// Runs the plan on one tensor per graph input, in the order of the Input nodes.
     pub fn run_inputs(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {
-        super::in_pool(|| self.run_in_pool(g, xs, f))
+        super::in_pool(|| {
+            // An inference pass is many short layers back to back: its kernels' loops go
+            // to the spinning pool (`kernels::par`); training keeps rayon throughout.
+            if self.mode == super::Mode::Eval {
+                crate::kernels::par::engaged(|| self.run_in_pool(g, xs, f))
+            } else {
+                self.run_in_pool(g, xs, f)
+            }
+        })
     }
 
     fn run_in_pool(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {

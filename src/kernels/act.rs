@@ -363,7 +363,7 @@ impl CustomOp1 for ActOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "activation input")?;
         let mut y = x.to_vec();
-        y.par_chunks_mut(CHUNK).for_each(|c| apply(self.0, c));
+        super::par::chunks_mut(&mut y[..], CHUNK, |_, c| apply(self.0, c));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -28,8 +28,13 @@ impl CustomOp1 for GlobalAvgPoolOp {
         let (nc, p) = planes(l.dims(), "global pool")?;
         let mut y = vec![0f32; nc];
         let inv = 1.0 / p.max(1) as f32;
-        y.par_iter_mut().enumerate().for_each(|(i, v)| {
-            *v = super::reduce::row_sum(&x[i * p..(i + 1) * p]) * inv;
+        // Planes per task: ~16 K inputs (a 4×4 map's 1280 planes were 1280 tasks).
+        let per = (1usize << 14).div_ceil(p.max(1));
+        super::par::chunks_mut(&mut y[..], per, |t, ys| {
+            for (j, v) in ys.iter_mut().enumerate() {
+                let i = t * per + j;
+                *v = super::reduce::row_sum(&x[i * p..(i + 1) * p]) * inv;
+            }
         });
         let d = l.dims();
         Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], 1, 1))))
@@ -76,13 +81,18 @@ impl CustomOp2 for ChannelScaleOp {
             );
         }
         let mut y = vec![0f32; nc * p];
-        y.par_chunks_mut(p.max(1))
-            .zip(x.par_chunks(p.max(1)).zip(s.par_iter()))
-            .for_each(|(o, (xr, &sv))| {
-                for (a, &b) in o.iter_mut().zip(xr) {
+        // Planes per task: ~16 K values.
+        let p1 = p.max(1);
+        let per = (1usize << 14).div_ceil(p1);
+        super::par::chunks_mut(&mut y[..], per * p1, |t, ys| {
+            for (j, o) in ys.chunks_mut(p1).enumerate() {
+                let i = t * per + j;
+                let sv = s[i];
+                for (a, &b) in o.iter_mut().zip(&x[i * p1..(i + 1) * p1]) {
                     *a = b * sv;
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

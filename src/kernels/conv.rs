@@ -10,7 +10,7 @@ use super::act;
 use super::cpu::{ce, reduction_chunks, slice, tensor, with_f32, with_scratch};
 use super::gemm::{sgemm, Mat};
 use super::im2col::{col2im, im2col, im2col_t_cl, to_channels_last, Geo};
-use super::{conv_batched, conv_chanvec, conv_tiles, depthwise, direct, panel};
+use super::{conv_batched, conv_chanvec, conv_tiles, depthwise, direct, dw_chanvec, panel};
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -134,12 +134,16 @@ pub enum PackedWeight {
     ChanVec(Vec<f32>),
     /// [`panel::pack_rows`]: the 1×1 conv's register-tile panels.
     Panels(Vec<f32>),
+    /// [`dw_chanvec::pack`]: a depthwise conv's 16-channel weight vectors.
+    Depthwise(Vec<f32>),
 }
 
 impl PackedWeight {
     /// Whether the kernel that takes `g` runs on packed weights.
     pub fn wanted(g: &Geo) -> bool {
-        pointwise_panels(g) || conv_chanvec::applies_packed(g)
+        pointwise_panels(g)
+            || conv_chanvec::applies_packed(g)
+            || (is_depthwise(g) && dw_chanvec::applies(g))
     }
 
     /// The packed weights of `w` for the kernel that takes `g`, if that kernel uses any.
@@ -148,6 +152,8 @@ impl PackedWeight {
             Some(PackedWeight::Panels(panel::pack_rows(w, g.o, g.c)))
         } else if conv_chanvec::applies_packed(g) {
             Some(PackedWeight::ChanVec(conv_chanvec::pack(g, w)))
+        } else if is_depthwise(g) && dw_chanvec::applies(g) {
+            Some(PackedWeight::Depthwise(dw_chanvec::pack(g, w)))
         } else {
             None
         }
@@ -158,6 +164,7 @@ impl PackedWeight {
         match self {
             PackedWeight::ChanVec(v) => v.len() == conv_chanvec::packed_len(g),
             PackedWeight::Panels(v) => v.len() == panel::rows_len(g.o, g.c),
+            PackedWeight::Depthwise(v) => v.len() == dw_chanvec::packed_len(g),
         }
     }
 }
@@ -175,7 +182,7 @@ fn pointwise_panels(g: &Geo) -> bool {
     g.is_pointwise()
         && g.groups == 1
         && g.p() >= 2
-        && (g.c >= g.o || g.p() < 128)
+        && (g.c >= g.o || g.p() < 128 || std::env::var_os("LOPPER_PW_ALL").is_some())
         && panel::enabled()
 }
 
@@ -211,30 +218,34 @@ pub fn conv_forward_packed(
         panel::conv(panels, (g.o, g.c), x, (g.n, g.p()), bias, act, res, out);
         return;
     }
+    let dw_packed = match packed {
+        Some(p @ PackedWeight::Depthwise(v)) if p.fits(g) => Some(&v[..]),
+        _ => None,
+    };
     let packed = match packed {
         Some(PackedWeight::ChanVec(p)) => Some(&p[..]),
         _ => None,
     };
     // Direct kernels over padded planes: depthwise convs, and dense convs with few input
     // channels (stems); the rest is im2col + GEMM.
-    type Direct = fn(&Geo, &[f32], &[f32], &mut [f32], Option<(&[f32], Option<ActivationKind>)>);
-    let direct: Option<Direct> = if is_depthwise(g) {
-        Some(depthwise::forward_epi)
-    } else if direct::applies(g) {
-        Some(direct::forward_epi)
-    } else {
-        None
-    };
-    if let Some(run) = direct {
+    let depthwise = is_depthwise(g);
+    if depthwise || direct::applies(g) {
+        let run = |out: &mut [f32], e: Option<(&[f32], Option<ActivationKind>)>| {
+            if depthwise {
+                depthwise::forward_epi(g, x, w, dw_packed, out, e)
+            } else {
+                direct::forward_epi(g, x, w, out, e)
+            }
+        };
         match (epi, res) {
-            (Some(e), None) => run(g, x, w, out, Some((&e.bias, e.act))),
+            (Some(e), None) => run(out, Some((&e.bias, e.act))),
             (Some(e), Some(_)) => {
-                run(g, x, w, out, None);
+                run(out, None);
                 out.chunks_exact_mut(img_out)
                     .enumerate()
                     .for_each(|(n, o)| e.apply(o, g.p(), res_n(n)));
             }
-            (None, _) => run(g, x, w, out, None),
+            (None, _) => run(out, None),
         }
         return;
     }
@@ -315,9 +326,9 @@ pub fn conv_forward_packed(
             }
         });
     } else {
-        out.par_chunks_mut(img_out)
-            .enumerate()
-            .for_each(|(n, out_n)| with_scratch(|buf| one(buf, n, out_n, false)));
+        super::par::chunks_mut(&mut out[..], img_out, |n, out_n| {
+            with_scratch(|buf| one(buf, n, out_n, false))
+        });
     }
 }
 
@@ -378,32 +389,27 @@ fn gemm_rows(
         // Shared out only when there is enough of it to pay for the fork and join.
         if par && threads > 1 && m * p >= 1 << 15 {
             let per = m.div_ceil(threads);
-            dst[..m * p]
-                .par_chunks_mut(per * p)
-                .enumerate()
-                .for_each(|(bi, d)| after(bi * per, d));
+            super::par::chunks_mut(&mut dst[..m * p], per * p, |bi, d| after(bi * per, d));
         } else {
             after(0, &mut dst[..m * p]);
         }
         return;
     };
-    dst.par_chunks_mut(rows * p)
-        .enumerate()
-        .for_each(|(bi, d)| {
-            let r0 = bi * rows;
-            let mb = d.len() / p;
-            sgemm(
-                mb,
-                p,
-                k,
-                d,
-                Mat::rm(&w[r0 * k..(r0 + mb) * k], k),
-                Mat::rm(col, p),
-                false,
-                false,
-            );
-            after(r0, d);
-        });
+    super::par::chunks_mut(&mut dst[..], rows * p, |bi, d| {
+        let r0 = bi * rows;
+        let mb = d.len() / p;
+        sgemm(
+            mb,
+            p,
+            k,
+            d,
+            Mat::rm(&w[r0 * k..(r0 + mb) * k], k),
+            Mat::rm(col, p),
+            false,
+            false,
+        );
+        after(r0, d);
+    });
 }
 
 /// Input gradient `[N, C, H, W]` from the output gradient.
@@ -462,9 +468,9 @@ pub fn conv_backward_input(g: &Geo, dy: &[f32], w: &[f32]) -> Vec<f32> {
             }
         });
     } else {
-        dx.par_chunks_mut(img_in)
-            .enumerate()
-            .for_each(|(n, dx_n)| with_scratch(|buf| one(buf, n, dx_n, false)));
+        super::par::chunks_mut(&mut dx[..], img_in, |n, dx_n| {
+            with_scratch(|buf| one(buf, n, dx_n, false))
+        });
     }
     dx
 }

@@ -33,7 +33,6 @@ use super::cpu::transpose;
 use super::im2col::Geo;
 use super::simd::Isa;
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 
 /// Lanes of a vector: output channels per block.
 const L: usize = 16;
@@ -115,7 +114,7 @@ pub fn packed_len(g: &Geo) -> usize {
 pub fn pack(g: &Geo, w: &[f32]) -> Vec<f32> {
     let (k, taps) = (g.k(), g.kh * g.kw);
     let mut out = vec![0f32; packed_len(g)];
-    out.par_chunks_mut(L * k).enumerate().for_each(|(ob, blk)| {
+    super::par::chunks_mut(&mut out[..], L * k, |ob, blk| {
         for l in 0..L.min(g.o - ob * L) {
             let row = &w[(ob * L + l) * k..(ob * L + l + 1) * k];
             for (ci, wc) in row.chunks_exact(taps).enumerate() {
@@ -136,7 +135,7 @@ pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
     let taps = g.kh * g.kw;
     let k = g.o * taps;
     let mut out = vec![0f32; g.c.div_ceil(L) * L * k];
-    out.par_chunks_mut(L * k).enumerate().for_each(|(cb, blk)| {
+    super::par::chunks_mut(&mut out[..], L * k, |cb, blk| {
         for l in 0..L.min(g.c - cb * L) {
             let c = cb * L + l;
             for o in 0..g.o {
@@ -492,21 +491,18 @@ pub fn forward_epi(
     let nb = g.o.div_ceil(L);
     if g.n >= threads {
         // One task per run of `imgs` images, padded into the thread's own buffer.
-        out[..g.n * img_out]
-            .par_chunks_mut(imgs * img_out)
-            .enumerate()
-            .for_each(|(ti, o)| {
-                let (n0, m) = (ti * imgs, o.len() / img_out);
-                BUFS.with(|b| {
-                    let Bufs { xp, acc } = &mut *b.borrow_mut();
-                    xp.resize(m * img_len, 0.0);
-                    layer.pad(&x[n0 * img_in..(n0 + m) * img_in], xp);
-                    let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
-                    let outp = OutPtr(o.as_mut_ptr());
-                    // SAFETY: this task owns the images.
-                    unsafe { layer.blocks(xp, m, (0, nb), (0, m * g.p()), acc, outp, epi, rn) };
-                })
-            });
+        super::par::chunks_mut(&mut out[..g.n * img_out], imgs * img_out, |ti, o| {
+            let (n0, m) = (ti * imgs, o.len() / img_out);
+            BUFS.with(|b| {
+                let Bufs { xp, acc } = &mut *b.borrow_mut();
+                xp.resize(m * img_len, 0.0);
+                layer.pad(&x[n0 * img_in..(n0 + m) * img_in], xp);
+                let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
+                let outp = OutPtr(o.as_mut_ptr());
+                // SAFETY: this task owns the images.
+                unsafe { layer.blocks(xp, m, (0, nb), (0, m * g.p()), acc, outp, epi, rn) };
+            })
+        });
         return;
     }
     // Fewer images than threads: padded once, shared out as (tile groups of channel
@@ -525,21 +521,19 @@ pub fn forward_epi(
     let pper = total.div_ceil(psplits);
     let outp = OutPtr(out.as_mut_ptr());
     let (xp, layer) = (&xp, &layer);
-    (0..csplits * psplits)
-        .into_par_iter()
-        .for_each(move |task| {
-            let (s, ps) = (task / psplits, task % psplits);
-            let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
-            let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
-            if b0 >= b1 || qa >= qb {
-                return;
-            }
-            BUFS.with(|b| {
-                let acc = &mut b.borrow_mut().acc;
-                // SAFETY: the tasks own disjoint (channel block, position) ranges.
-                unsafe { layer.blocks(xp, g.n, (b0, b1), (qa, qb), acc, outp, epi, res) };
-            })
-        });
+    super::par::for_each(csplits * psplits, move |task| {
+        let (s, ps) = (task / psplits, task % psplits);
+        let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
+        let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
+        if b0 >= b1 || qa >= qb {
+            return;
+        }
+        BUFS.with(|b| {
+            let acc = &mut b.borrow_mut().acc;
+            // SAFETY: the tasks own disjoint (channel block, position) ranges.
+            unsafe { layer.blocks(xp, g.n, (b0, b1), (qa, qb), acc, outp, epi, res) };
+        })
+    });
 }
 
 /// Whether [`backward_weight`] takes the weight gradient of `g`: AVX-512, ungrouped,
@@ -590,7 +584,7 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     // Position-major output gradient, padded channels zero.
     // SAFETY: each image's block is filled below: transposed channels, zero padding.
     let mut dyt = unsafe { super::cpu::unfilled(m * opad) };
-    dyt.par_chunks_mut(p * opad).enumerate().for_each(|(n, d)| {
+    super::par::chunks_mut(&mut dyt[..], p * opad, |n, d| {
         transpose(&dy[n * img_out..(n + 1) * img_out], p, g.o, p, d, opad);
         if opad > g.o {
             for row in d.chunks_exact_mut(opad) {
@@ -600,9 +594,9 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     });
     // Padded inputs, all images.
     let mut xp = vec![0f32; g.n * img_len];
-    xp.par_chunks_mut(img_len)
-        .enumerate()
-        .for_each(|(n, d)| pad_image(g, &grid, &x[n * img_in..(n + 1) * img_in], d));
+    super::par::chunks_mut(&mut xp[..], img_len, |n, d| {
+        pad_image(g, &grid, &x[n * img_in..(n + 1) * img_in], d)
+    });
     let offs = position_offsets(g, &grid, g.n);
     // (c, tap) pairs in dW's order.
     let pairs: Vec<usize> = (0..g.c)
@@ -621,7 +615,7 @@ pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dw = vec![0f32; g.o * k];
     let out = OutPtr(dw.as_mut_ptr());
     let (dyt, xp, offs, pairs) = (&dyt, &xp, &offs, &pairs);
-    (0..groups * ranges).into_par_iter().for_each(move |task| {
+    super::par::for_each(groups * ranges, move |task| {
         let (gi, ri) = (task / ranges, task % ranges);
         let (b0, b1) = (gi * RMAX, ((gi + 1) * RMAX).min(nb));
         let (p0, p1) = (ri * per, ((ri + 1) * per).min(k));

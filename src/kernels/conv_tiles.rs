@@ -37,7 +37,6 @@ use super::im2col::Geo;
 use super::planes::{clamp_split, copy_strided, span};
 use super::simd::{multiversion, Isa};
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// When the tile path runs: by its own rule, never, or wherever it can (tests).
@@ -822,29 +821,27 @@ pub fn forward_epi(
     let threads = rayon::current_num_threads().max(1);
     if g.n >= threads {
         // One task per image, padded into the thread's own buffer.
-        out.par_chunks_mut(img_out)
-            .enumerate()
-            .for_each(|(n, img)| {
-                BUFS.with(|b| {
-                    let Bufs { xp, key, scratch } = &mut *b.borrow_mut();
-                    if *key != Some(layer.key()) || xp.len() < plen {
-                        // A new geometry: zero the whole buffer once (border and slack).
-                        xp.clear();
-                        xp.resize(plen, 0.0);
-                        *key = Some(layer.key());
+        super::par::chunks_mut(&mut out[..], img_out, |n, img| {
+            BUFS.with(|b| {
+                let Bufs { xp, key, scratch } = &mut *b.borrow_mut();
+                if *key != Some(layer.key()) || xp.len() < plen {
+                    // A new geometry: zero the whole buffer once (border and slack).
+                    xp.clear();
+                    xp.resize(plen, 0.0);
+                    *key = Some(layer.key());
+                }
+                let xp = &mut xp[..plen];
+                layer.pad(&x[n * img_in..(n + 1) * img_in], xp);
+                let outp = OutPtr(img.as_mut_ptr());
+                let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
+                for b in 0..layer.bands() {
+                    for &blk in &blocks {
+                        // SAFETY: this task owns the image; blocks and bands are disjoint.
+                        unsafe { layer.block(xp, b, blk, scratch, outp, rn) };
                     }
-                    let xp = &mut xp[..plen];
-                    layer.pad(&x[n * img_in..(n + 1) * img_in], xp);
-                    let outp = OutPtr(img.as_mut_ptr());
-                    let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
-                    for b in 0..layer.bands() {
-                        for &blk in &blocks {
-                            // SAFETY: this task owns the image; blocks and bands are disjoint.
-                            unsafe { layer.block(xp, b, blk, scratch, outp, rn) };
-                        }
-                    }
-                })
-            });
+                }
+            })
+        });
         return;
     }
     // Few images (batch 1): each padded once, its (band, channel range) pieces shared
@@ -856,18 +853,15 @@ pub fn forward_epi(
     for n in 0..g.n {
         let xn = &x[n * img_in..(n + 1) * img_in];
         let pl = layer.grid.plane;
-        xp[..g.c * pl]
-            .par_chunks_mut(pl)
-            .enumerate()
-            .for_each(|(c, d)| {
-                pad_channel(g, &layer.grid, &xn[c * g.h * g.w..(c + 1) * g.h * g.w], d)
-            });
+        super::par::chunks_mut(&mut xp[..g.c * pl], pl, |c, d| {
+            pad_channel(g, &layer.grid, &xn[c * g.h * g.w..(c + 1) * g.h * g.w], d)
+        });
         let outp = OutPtr(out[n * img_out..(n + 1) * img_out].as_mut_ptr());
         let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
         let xp = &xp;
         let blocks = &blocks;
         let layer = &layer;
-        (0..bands * splits).into_par_iter().for_each(move |task| {
+        super::par::for_each(bands * splits, move |task| {
             let (b, s) = (task / splits, task % splits);
             BUFS.with(|bufs| {
                 let scratch = &mut bufs.borrow_mut().scratch;
@@ -928,7 +922,7 @@ pub fn thin(
     let threads = rayon::current_num_threads().max(1);
     // Blocks of 4 rows, a few per task so that both threads stay busy to the end.
     let per = o.div_ceil(4).div_ceil(4 * threads).max(1) * 4;
-    (0..o.div_ceil(per)).into_par_iter().for_each(|b| {
+    super::par::for_each(o.div_ceil(per), |b| {
         let (o0, o1) = (b * per, ((b + 1) * per).min(o));
         let mut oc = o0;
         while oc < o1 {

@@ -15,7 +15,6 @@ use super::im2col::Geo;
 use super::planes::{pad_phases, span, with_padded, Phases, PlaneLayer};
 use super::simd::multiversion;
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 
 /// The input row of output row `oy` and tap row `ky`, if inside.
 #[inline(always)]
@@ -139,11 +138,13 @@ multiversion! {
 
 /// Forward of every plane, with the per-channel `bias` and activation applied as each
 /// plane is finished (`epi`), or none. Parallel over runs of planes, so that each task
-/// pays the dispatch and the scratch set-up once.
+/// pays the dispatch and the scratch set-up once. `packed`: the weights as
+/// [`super::dw_chanvec::pack`] lays them out (kept by an eval plan), if that kernel runs.
 pub fn forward_epi(
     g: &Geo,
     x: &[f32],
     w: &[f32],
+    packed: Option<&[f32]>,
     out: &mut [f32],
     epi: Option<(&[f32], Option<ActivationKind>)>,
 ) {
@@ -153,7 +154,7 @@ pub fn forward_epi(
     }
     let planes = out.len() / p;
     if g.dh != 1 || g.dw != 1 || g.kh * g.kw > 49 {
-        out.par_chunks_mut(p).enumerate().for_each(|(nc, o)| {
+        super::par::chunks_mut(&mut out[..], p, |nc, o| {
             let c = nc % g.c;
             plane_fwd_any(g, &x[nc * hw..(nc + 1) * hw], &w[c * khw..(c + 1) * khw], o);
             if let Some((b, a)) = epi {
@@ -163,7 +164,7 @@ pub fn forward_epi(
         return;
     }
     if super::dw_chanvec::applies(g) {
-        return super::dw_chanvec::forward_epi(g, x, w, out, epi);
+        return super::dw_chanvec::forward_epi(g, x, w, packed, out, epi);
     }
     if super::dw_flat::applies(g) {
         return super::dw_flat::forward_epi(g, x, w, out, epi);
@@ -173,7 +174,7 @@ pub fn forward_epi(
     // ~8 tasks per thread balance the load; a task is at least one plane.
     let tasks = (rayon::current_num_threads() * 8).max(1);
     let per = planes.div_ceil(tasks).max(1);
-    out.par_chunks_mut(p * per).enumerate().for_each(|(ti, o)| {
+    super::par::chunks_mut(&mut out[..], p * per, |ti, o| {
         with_padded(g, &ph, 1, |xp| {
             planes_fwd(g, &ph, x, w, o, ti * per, epi, xp)
         });
@@ -200,26 +201,24 @@ pub fn backward_input(g: &Geo, dy: &[f32], w: &[f32], dx: &mut [f32]) {
             .chunks_exact(khw)
             .flat_map(|c| c.iter().rev().copied())
             .collect();
-        forward_epi(&t, dy, &flipped, dx, None);
+        forward_epi(&t, dy, &flipped, None, dx, None);
         return;
     }
-    dx.par_chunks_mut(hw.max(1))
-        .enumerate()
-        .for_each(|(nc, dxc)| {
-            let c = nc % g.c;
-            plane_bwd_input(
-                g,
-                &dy[nc * p..(nc + 1) * p],
-                &w[c * khw..(c + 1) * khw],
-                dxc,
-            );
-        });
+    super::par::chunks_mut(&mut dx[..], hw.max(1), |nc, dxc| {
+        let c = nc % g.c;
+        plane_bwd_input(
+            g,
+            &dy[nc * p..(nc + 1) * p],
+            &w[c * khw..(c + 1) * khw],
+            dxc,
+        );
+    });
 }
 
 pub fn backward_weight(g: &Geo, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (hw, p, khw) = (g.h * g.w, g.p(), g.kh * g.kw);
     let mut dw = vec![0f32; g.c * khw];
-    dw.par_chunks_mut(khw).enumerate().for_each(|(c, dwc)| {
+    super::par::chunks_mut(&mut dw[..], khw, |c, dwc| {
         for n in 0..g.n {
             let nc = n * g.c + c;
             plane_bwd_weight(

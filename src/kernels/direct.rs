@@ -11,7 +11,6 @@
 use super::im2col::Geo;
 use super::planes::{pad_phases, with_padded, Phases, PlaneLayer};
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 
 /// At most this many input channels take the direct path (beyond, the GEMM's reuse of
 /// each input across output channels wins).
@@ -75,14 +74,12 @@ pub fn forward_epi(
     let threads = rayon::current_num_threads().max(1);
     if g.n >= threads {
         // Enough images: one task per image, padded once into the thread's buffer.
-        out.par_chunks_mut(g.o * p)
-            .enumerate()
-            .for_each(|(n, img)| {
-                with_padded(g, &ph, g.c, |xp| {
-                    pad_image(n, xp);
-                    channels(xp, 0, img);
-                })
-            });
+        super::par::chunks_mut(&mut out[..], g.o * p, |n, img| {
+            with_padded(g, &ph, g.c, |xp| {
+                pad_image(n, xp);
+                channels(xp, 0, img);
+            })
+        });
     } else {
         // Few images (batch 1): each padded once into a shared buffer, its output channels
         // split across the threads (padding per task repeated the copy of a large image).
@@ -90,9 +87,9 @@ pub fn forward_epi(
         let ob = g.o.div_ceil(4 * threads).max(1);
         for (n, img) in out.chunks_mut(g.o * p).enumerate() {
             pad_image(n, &mut xp);
-            img.par_chunks_mut(ob * p)
-                .enumerate()
-                .for_each(|(bi, outs)| channels(&xp, bi * ob, outs));
+            super::par::chunks_mut(&mut img[..], ob * p, |bi, outs| {
+                channels(&xp, bi * ob, outs)
+            });
         }
     }
 }

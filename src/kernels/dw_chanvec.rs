@@ -24,7 +24,6 @@ use super::conv_tiles::OutPtr;
 use super::im2col::Geo;
 use super::simd::Isa;
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 
 /// Channels per vector.
 const L: usize = 16;
@@ -96,36 +95,54 @@ thread_local! {
     static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
 }
 
-/// Weights `[C, kh·kw]` as `[C/16][kh·kw][16]` (missing channels zero), and the bias
-/// likewise `[C/16][16]`.
-fn pack(g: &Geo, w: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-    let (k, nb) = (g.kh * g.kw, g.c.div_ceil(L));
-    let mut wp = vec![0f32; nb * k * L];
-    let mut bp = vec![0f32; nb * L];
+/// Floats of [`pack`]'s layout for `g`.
+pub fn packed_len(g: &Geo) -> usize {
+    g.c.div_ceil(L) * g.kh * g.kw * L
+}
+
+/// Weights `[C, kh·kw]` as `[C/16][kh·kw][16]` (missing channels zero): packed once by an
+/// eval plan ([`super::conv::PackedWeight`]); per call otherwise (at batch 1 on 4×4 maps
+/// the packing was a third of the layer).
+pub fn pack(g: &Geo, w: &[f32]) -> Vec<f32> {
+    let k = g.kh * g.kw;
+    let mut wp = vec![0f32; packed_len(g)];
     for c in 0..g.c {
         let (b, l) = (c / L, c % L);
         for t in 0..k {
             wp[(b * k + t) * L + l] = w[c * k + t];
         }
-        bp[c] = bias.map_or(0.0, |b| b[c]);
     }
-    (wp, bp)
+    wp
 }
 
-/// `out [N, C, OH, OW] = depthwise(x, w) + bias`, then the activation. `out` needs no
-/// initialisation.
+/// `out [N, C, OH, OW] = depthwise(x, w) + bias`, then the activation, with the weights
+/// `packed` by [`pack`] if given. `out` needs no initialisation.
 pub fn forward_epi(
     g: &Geo,
     x: &[f32],
     w: &[f32],
+    packed: Option<&[f32]>,
     out: &mut [f32],
     epi: Option<(&[f32], Option<ActivationKind>)>,
 ) {
     assert!(applies(g));
     let (hw, p) = (g.h * g.w, g.p());
     assert!(x.len() >= g.n * g.c * hw && out.len() >= g.n * g.c * p);
-    assert!(w.len() >= g.c * g.kh * g.kw);
-    let (wp, bp) = pack(g, w, epi.map(|e| e.0));
+    let own;
+    let wp = match packed {
+        Some(v) => v,
+        None => {
+            own = pack(g, w);
+            &own[..]
+        }
+    };
+    assert_eq!(
+        wp.len(),
+        packed_len(g),
+        "depthwise packed weights for another shape"
+    );
+    let bias = epi.map(|e| e.0);
+    assert!(bias.is_none_or(|b| b.len() >= g.c));
     let t = tile_width(g.ow);
     let owt = g.ow.div_ceil(t) * t;
     let shape = Shape {
@@ -147,57 +164,49 @@ pub fn forward_epi(
     let splits = g.oh.div_ceil(per);
     let outp = OutPtr(out.as_mut_ptr());
     let act = epi.and_then(|e| e.1);
-    let (shape, wp, bp) = (&shape, &wp, &bp);
-    (0..g.n * nb * splits)
-        .into_par_iter()
-        .for_each(move |task| {
-            let (n, b, s) = (task / (nb * splits), task / splits % nb, task % splits);
-            let (oy0, oy1) = (s * per, ((s + 1) * per).min(g.oh));
-            let (c0, cn) = (b * L, L.min(g.c - b * L));
-            BUFS.with(|bufs| {
-                let Bufs { grid, acc } = &mut *bufs.borrow_mut();
-                let xs = &x[(n * g.c + c0) * hw..];
-                fill_grid(shape, xs, cn, oy0, oy1, grid);
-                let rows = oy1 - oy0;
-                acc.resize(rows * owt * L, 0.0);
-                let k = g.kh * g.kw;
-                let tile = Tile {
-                    grid: grid.as_ptr(),
-                    cols: shape.cols,
-                    w: wp[b * k * L..].as_ptr(),
-                    bias: bp[b * L..].as_ptr(),
-                    acc: acc.as_mut_ptr(),
-                };
-                // SAFETY: the grid holds rows(oy0, oy1) rows of `cols` 16-channel columns,
-                // which covers every tap of every tile of the rounded rows; acc holds
-                // rows × owt outputs; weights k vectors and bias one from the block's.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    run(g.kh, g.sh, t, &tile, rows, owt)
-                };
-                // Back into the NCHW planes: channels c0.., rows oy0..oy1 of image n, owned
-                // by this task.
-                let base = (n * g.c + c0) * p + oy0 * g.ow;
-                // SAFETY: AVX-512F (`applies`); acc holds rows × owt outputs; the cn planes'
-                // rows oy0..oy1 are this task's.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    from_acc(acc.as_ptr(), rows, owt, g.ow, outp.get().add(base), p, cn)
-                };
-                if let Some(a) = act {
-                    for c in 0..cn {
-                        // SAFETY: as above, rows oy0..oy1 of plane c0 + c.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                outp.get().add(base + c * p),
-                                rows * g.ow,
-                            )
-                        };
-                        act::bias_act(row, 0.0, None, Some(a));
-                    }
-                }
-            })
-        });
+    let shape = &shape;
+    super::par::for_each(g.n * nb * splits, move |task| {
+        let (n, b, s) = (task / (nb * splits), task / splits % nb, task % splits);
+        let (oy0, oy1) = (s * per, ((s + 1) * per).min(g.oh));
+        let (c0, cn) = (b * L, L.min(g.c - b * L));
+        BUFS.with(|bufs| {
+            let Bufs { grid, acc } = &mut *bufs.borrow_mut();
+            let xs = &x[(n * g.c + c0) * hw..];
+            fill_grid(shape, xs, cn, oy0, oy1, grid);
+            let rows = oy1 - oy0;
+            acc.resize(rows * owt * L, 0.0);
+            let k = g.kh * g.kw;
+            let tile = Tile {
+                grid: grid.as_ptr(),
+                cols: shape.cols,
+                w: wp[b * k * L..].as_ptr(),
+                bias: bias.map_or(std::ptr::null(), |b| b[c0..].as_ptr()),
+                bias_lanes: cn,
+                acc: acc.as_mut_ptr(),
+            };
+            // SAFETY: the grid holds rows(oy0, oy1) rows of `cols` 16-channel columns,
+            // which covers every tap of every tile of the rounded rows; acc holds
+            // rows × owt outputs; weights k vectors from the block's, the bias (if any) cn values.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                run(g.kh, g.sh, t, &tile, rows, owt)
+            };
+            // The activation over the task's outputs while they are in L1, in one pass
+            // (per output plane, a 4×4 map's 16 values were a call each).
+            if let Some(a) = act {
+                act::apply(a, acc);
+            }
+            // Back into the NCHW planes: channels c0.., rows oy0..oy1 of image n, owned
+            // by this task.
+            let base = (n * g.c + c0) * p + oy0 * g.ow;
+            // SAFETY: AVX-512F (`applies`); acc holds rows × owt outputs; the cn planes'
+            // rows oy0..oy1 are this task's.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                from_acc(acc.as_ptr(), rows, owt, g.ow, outp.get().add(base), p, cn)
+            };
+        })
+    });
 }
 
 /// Transposes input rows of channels `cn` (planes `h·w` apart in `xs`) under output rows
@@ -335,7 +344,9 @@ struct Tile {
     grid: *const f32,
     cols: usize,
     w: *const f32,
+    /// The block's first channel's bias (`bias_lanes` of them), or null.
     bias: *const f32,
+    bias_lanes: usize,
     acc: *mut f32,
 }
 
@@ -353,7 +364,11 @@ unsafe fn rows_kst<const K: usize, const S: usize, const T: usize>(
 ) {
     use std::arch::x86_64::*;
     unsafe {
-        let bias = _mm512_loadu_ps(k.bias);
+        let bias = if k.bias.is_null() {
+            _mm512_setzero_ps()
+        } else {
+            _mm512_maskz_loadu_ps(((1u32 << k.bias_lanes) - 1) as u16, k.bias)
+        };
         let line = k.cols * L;
         for r in 0..rows {
             for ox in (0..owt).step_by(T) {

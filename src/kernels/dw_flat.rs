@@ -22,7 +22,6 @@ use super::act;
 use super::im2col::Geo;
 use super::simd::Isa;
 use crate::graph::ops::ActivationKind;
-use rayon::prelude::*;
 
 /// Whether this path takes the conv (off with the register tiles, for A/B runs): AVX-512, depthwise-shaped planes (the caller's
 /// check), stride 1, undilated, output the input's size, a window of at most 7×7, rows
@@ -171,30 +170,28 @@ pub fn forward_epi(
     let per = planes
         .div_ceil((rayon::current_num_threads() * 8).max(1))
         .max(1);
-    out.par_chunks_mut(p * per)
-        .enumerate()
-        .for_each(|(ti, os)| {
-            for (i, o) in os.chunks_exact_mut(p).enumerate() {
-                let nc = ti * per + i;
-                let c = nc % g.c;
-                let bias = epi.map_or(0.0, |e| e.0[c]);
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `applies` checked AVX-512; the plane and weights are in bounds.
-                unsafe {
-                    plane(
-                        &m,
-                        p,
-                        &x[nc * p..(nc + 1) * p],
-                        &w[c * khw..(c + 1) * khw],
-                        bias,
-                        lo,
-                        hi,
-                        o,
-                    )
-                };
-                if rest.is_some() {
-                    act::bias_act(o, 0.0, None, rest);
-                }
+    super::par::chunks_mut(&mut out[..], p * per, |ti, os| {
+        for (i, o) in os.chunks_exact_mut(p).enumerate() {
+            let nc = ti * per + i;
+            let c = nc % g.c;
+            let bias = epi.map_or(0.0, |e| e.0[c]);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked AVX-512; the plane and weights are in bounds.
+            unsafe {
+                plane(
+                    &m,
+                    p,
+                    &x[nc * p..(nc + 1) * p],
+                    &w[c * khw..(c + 1) * khw],
+                    bias,
+                    lo,
+                    hi,
+                    o,
+                )
+            };
+            if rest.is_some() {
+                act::bias_act(o, 0.0, None, rest);
             }
-        });
+        }
+    });
 }

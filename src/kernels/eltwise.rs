@@ -32,9 +32,10 @@ impl CustomOp2 for AddReluOp {
         }
         // SAFETY: the loop below stores every element.
         let mut out = unsafe { super::cpu::unfilled(a.len()) };
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| add_relu(o, a, b));
+        super::par::chunks_mut(&mut out[..], CHUNK, |i, o| {
+            let r = i * CHUNK..i * CHUNK + o.len();
+            add_relu(o, &a[r.clone()], &b[r])
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

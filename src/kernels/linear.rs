@@ -9,7 +9,6 @@ use super::gemm::{sgemm, Mat};
 use super::simd::multiversion;
 use crate::graph::ops::ActivationKind;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `y = f(x·Wᵀ + b)`; `act` (inference only: no gradient through it) is applied to each
 /// output row in the same pass.
@@ -19,26 +18,24 @@ fn gemv_rows(w: &[f32], i: usize, x: &[f32], n: usize, yt: &mut [f32]) {
     // Rows per task: at least 32 K weights each, so that a squeeze-excitation layer's
     // few-microsecond product is not split across threads.
     let per = 64.max((1 << 15) / i.max(1)).next_multiple_of(4);
-    yt.par_chunks_mut(n * per)
-        .enumerate()
-        .for_each(|(blk, out)| {
-            let r0 = blk * per;
-            let rows = out.len() / n;
-            let quads = rows / 4;
-            for q in 0..quads {
-                let r = r0 + 4 * q;
-                dots4(
-                    &w[r * i..(r + 4) * i],
-                    x,
-                    i,
-                    &mut out[4 * q * n..4 * (q + 1) * n],
-                );
-            }
-            for rr in 4 * quads..rows {
-                let r = r0 + rr;
-                dots(&w[r * i..(r + 1) * i], x, i, &mut out[rr * n..(rr + 1) * n]);
-            }
-        });
+    super::par::chunks_mut(&mut yt[..], n * per, |blk, out| {
+        let r0 = blk * per;
+        let rows = out.len() / n;
+        let quads = rows / 4;
+        for q in 0..quads {
+            let r = r0 + 4 * q;
+            dots4(
+                &w[r * i..(r + 4) * i],
+                x,
+                i,
+                &mut out[4 * q * n..4 * (q + 1) * n],
+            );
+        }
+        for rr in 4 * quads..rows {
+            let r = r0 + rr;
+            dots(&w[r * i..(r + 1) * i], x, i, &mut out[rr * n..(rr + 1) * n]);
+        }
+    });
 }
 
 multiversion! {
@@ -103,7 +100,7 @@ fn transpose_bias(yt: &[f32], o: usize, n: usize, b: &[f32], y: &mut [f32]) {
     if n * o <= SMALL {
         chunks.for_each(block);
     } else {
-        y.par_chunks_mut((T * o).max(1)).enumerate().for_each(block);
+        super::par::chunks_mut(y, (T * o).max(1), |i, c| block((i, c)));
     }
 }
 
@@ -125,33 +122,31 @@ fn split_rows(
     assert!(y.len() >= n * o);
     let mut yt = vec![0f32; o * n];
     let yp = super::conv_tiles::OutPtr(y.as_mut_ptr());
-    yt.par_chunks_mut(rows * n)
-        .enumerate()
-        .for_each(|(bi, ytb)| {
-            let (o0, ob) = (bi * rows, ytb.len() / n);
-            sgemm(
-                ob,
-                n,
-                i,
-                ytb,
-                Mat::rm(&w[o0 * i..(o0 + ob) * i], i),
-                Mat::rm_t(x, i),
-                false,
-                false,
-            );
-            // SAFETY: columns o0..o0 + ob of every row of y: this block's alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), (n - 1) * o + ob) };
-            super::cpu::transpose(ytb, n, ob, n, dst, o);
-            for r in 0..n {
-                let row = &mut dst[r * o..r * o + ob];
-                for (v, &bv) in row.iter_mut().zip(&b[o0..o0 + ob]) {
-                    *v += bv;
-                }
-                if let Some(k) = act {
-                    act::apply(k, row);
-                }
+    super::par::chunks_mut(&mut yt[..], rows * n, |bi, ytb| {
+        let (o0, ob) = (bi * rows, ytb.len() / n);
+        sgemm(
+            ob,
+            n,
+            i,
+            ytb,
+            Mat::rm(&w[o0 * i..(o0 + ob) * i], i),
+            Mat::rm_t(x, i),
+            false,
+            false,
+        );
+        // SAFETY: columns o0..o0 + ob of every row of y: this block's alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(o0), (n - 1) * o + ob) };
+        super::cpu::transpose(ytb, n, ob, n, dst, o);
+        for r in 0..n {
+            let row = &mut dst[r * o..r * o + ob];
+            for (v, &bv) in row.iter_mut().zip(&b[o0..o0 + ob]) {
+                *v += bv;
             }
-        });
+            if let Some(k) = act {
+                act::apply(k, row);
+            }
+        }
+    });
 }
 
 /// Outputs up to this many floats are finished on the calling thread: handing a few
@@ -197,7 +192,7 @@ pub fn forward(
         if n * o <= SMALL {
             y.chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
         } else {
-            y.par_chunks_mut(o.max(1)).for_each(|r| act::apply(k, r));
+            super::par::chunks_mut(y, o.max(1), |_, r| act::apply(k, r));
         }
     }
 }

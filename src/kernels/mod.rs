@@ -23,6 +23,7 @@ pub mod im2col;
 mod layer_norm;
 pub mod linear;
 pub mod panel;
+pub mod par;
 mod planes;
 pub mod pool;
 mod pool_ref;

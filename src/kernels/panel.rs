@@ -28,7 +28,6 @@
 #[cfg(target_arch = "x86_64")]
 use super::simd::{load16 as load, store16 as store};
 use crate::graph::ops::ActivationKind as A;
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Broadcast rows per register tile (output channels of a conv, batch rows of a linear).
@@ -422,7 +421,7 @@ fn for_units(units: usize, macs: usize, run: impl Fn(usize) + Sync + Send) {
     if units <= 1 || macs < SEQ_MACS || rayon::current_num_threads() == 1 {
         (0..units).for_each(run);
     } else {
-        (0..units).into_par_iter().for_each(run);
+        super::par::for_each(units, run);
     }
 }
 

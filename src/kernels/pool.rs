@@ -122,7 +122,7 @@ impl CustomOp1 for PoolOp {
             // A 1×1 window (a strided subsample: ResNet option-A shortcuts, strided
             // slices) is a gather, max and average alike.
             let [sh, sw] = self.cfg.stride;
-            out.par_chunks_mut(p).enumerate().for_each(|(i, o)| {
+            super::par::chunks_mut(&mut out[..], p, |i, o| {
                 let xc = &x[i * hw..(i + 1) * hw];
                 for (oy, row) in o.chunks_exact_mut(g.ow).enumerate() {
                     let src = &xc[oy * sh * g.w..];
@@ -148,9 +148,9 @@ impl CustomOp1 for PoolOp {
             // pool at batch 64 took 0.34 ms, onnxruntime's 0.055).
             let rows_out = g.nc * g.oh;
             let per = (1usize << 14).div_ceil(g.ow.max(1)).max(1);
-            out.par_chunks_mut(per * g.ow)
-                .enumerate()
-                .for_each(|(t, o)| max2x2_rows(x, g.w, t * per, o));
+            super::par::chunks_mut(&mut out[..], per * g.ow, |t, o| {
+                max2x2_rows(x, g.w, t * per, o)
+            });
             debug_assert_eq!(out.len(), rows_out * g.ow);
             let d = l.dims();
             return Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))));
@@ -215,7 +215,7 @@ impl CustomOp1 for PoolOp {
             with_f32(grad, |gv| {
                 let mut dx = vec![0f32; g.nc * hw];
                 let (rows, cols) = self.cfg.spans(&g);
-                dx.par_chunks_mut(hw).enumerate().for_each(|(i, d)| {
+                super::par::chunks_mut(&mut dx[..], hw, |i, d| {
                     let xc = &xv[i * hw..(i + 1) * hw];
                     let gc = &gv[i * p..(i + 1) * p];
                     for (oy, &(y0, y1)) in rows.iter().enumerate() {
