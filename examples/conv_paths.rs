@@ -25,6 +25,10 @@ const DENSE: &[Shape] = &[
     (64, 64, 16, 128, 1),
     (64, 256, 8, 256, 1),
     (1, 64, 56, 64, 1),
+    // Batch-1 CIFAR ResNet stages.
+    (1, 16, 32, 16, 1),
+    (1, 32, 16, 32, 1),
+    (1, 64, 8, 64, 1),
     (1, 256, 14, 256, 1),
     (1, 512, 7, 512, 1),
     (8, 64, 56, 64, 1),
@@ -169,7 +173,8 @@ fn geo(&(n, c, hw, o, s): &Shape, depthwise: bool, k: usize) -> Geo {
 fn main() {
     // On a pool thread, as `lopper bench` runs a plan: from outside the pool every
     // parallel loop is injected and the caller sleeps on a futex (tens of µs a call).
-    lopper::util::on_pool(paths);
+    // Engaged as an inference plan's forward is (its loops on the spinning pool).
+    lopper::util::on_pool(|| lopper::kernels::par::engaged(paths));
 }
 
 fn paths() {
@@ -232,11 +237,11 @@ fn paths() {
         // plan has it; `CONV_PATHS_PANEL=unpacked`: packed per call) against the GEMM
         // paths with the panels off.
         let prepacked = std::env::var("CONV_PATHS_PANEL").map_or(true, |v| v != "unpacked");
-        let packed = pointwise.then(|| {
-            panel::set_enabled(true);
-            PackedWeight::for_geo(&g, &w)
-        });
-        let packed = packed.flatten().filter(|_| prepacked);
+        // Other sets: the weights packed once where an eval plan packs them (the
+        // channel-vector tiles, depthwise vectors), in the first mode only.
+        set_mode(modes[0]);
+        panel::set_enabled(true);
+        let packed = PackedWeight::for_geo(&g, &w).filter(|_| prepacked);
         for _ in 0..6 {
             for (i, mode) in modes.into_iter().enumerate() {
                 set_mode(mode);

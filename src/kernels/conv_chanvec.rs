@@ -67,11 +67,12 @@ const MIN_REUSE: usize = 256;
 
 /// AVX-512, ungrouped, undilated; by rule, a window larger than 1×1 with at least 32
 /// output channels (two blocks) and 256 accumulation steps (so the final transpose is
-/// cheap), on a map the position tiles leave (too few lanes used), or strided with at
-/// least 128 input channels: per layer on an AMD EPYC at batch 8, 128→128 at 56×56
-/// stride 2 ran at 379 GFLOP/s against 332 on the position tiles, 256→256 at 28×28 at
-/// 415 against 313 (their stride-phase planes make every tap a separate sub-plane),
-/// 64→128 even (`examples/conv_paths.rs`).
+/// cheap), on a map the position tiles leave (too few lanes used), a stride-1 map of at
+/// most [`MAX_TILE_MAP`] positions, or strided with at least 128 input channels: per
+/// layer on an AMD EPYC at batch 8, 128→128 at 56×56 stride 2 ran at 379 GFLOP/s
+/// against 332 on the position tiles, 256→256 at 28×28 at 415 against 313 (their
+/// stride-phase planes make every tap a separate sub-plane), 64→128 even
+/// (`examples/conv_paths.rs`).
 /// `TileMode::ChanVec` forces it wherever it can run; `Off` and `Always` never.
 pub fn eligible(g: &Geo) -> bool {
     let supported = cfg!(target_arch = "x86_64")
@@ -92,10 +93,19 @@ pub fn eligible(g: &Geo) -> bool {
                     && g.o >= 32
                     && g.k() >= 256
                     && !env_off()
-                    && (!super::conv_tiles::applies(g) || (g.sh * g.sw > 1 && g.c >= 128))
+                    && (!super::conv_tiles::applies(g)
+                        || (g.sh * g.sw > 1 && g.c >= 128)
+                        || (g.sh * g.sw == 1 && g.p() <= MAX_TILE_MAP))
             }
         }
 }
+
+/// Stride-1 maps of at most this many positions (14×14) come here even where the
+/// position tiles could run: a padded 14-wide row fills 14 of 16 lanes there, all 16
+/// output channels here. Whole models on an AMD EPYC, alternated three times: the digit
+/// CNN at batch 64 5.64–5.81 → 5.48–5.61 ms, ResNet-18 at batch 8 68.4–68.8 → 66.6–66.9,
+/// ResNet-50 at batch 8 158.8–161.9 → 155.8–156.0; ResNet-20/56 and VGG-11 unchanged.
+const MAX_TILE_MAP: usize = 196;
 
 /// `LOPPER_CHANVEC=0` at start-up takes this kernel out of the rule (A/B runs against
 /// the other paths; `LOPPER_CONV_TILES=0` turns off every direct path).
