@@ -634,6 +634,14 @@ fn packed_weights(l: Isa) {
         (5, 96, 4, 4, 65),
         (1, 130, 9, 11, 7),
         (2, 40, 16, 16, 24),
+        // Positions as rows (`panel::conv_rows`, 128 input channels or more): batch-1
+        // 7×7, 4×4 and 14×14 maps, three 3×3 images, output channels off the multiple
+        // of 64, row groups split across tasks; and a 7×7 map with 64 (the panels).
+        (1, 64, 7, 7, 130),
+        (1, 160, 4, 4, 96),
+        (1, 136, 14, 14, 200),
+        (1, 512, 7, 7, 70),
+        (3, 130, 3, 3, 40),
     ] {
         let g = Geo {
             n,
@@ -660,7 +668,10 @@ fn packed_weights(l: Isa) {
         let packed = PackedWeight::for_geo(&g, &wv);
         if l == Isa::Avx512 {
             assert!(
-                matches!(packed, Some(PackedWeight::Panels(_))),
+                matches!(
+                    packed,
+                    Some(PackedWeight::Panels(_) | PackedWeight::Columns(_))
+                ),
                 "{n}x{c}x{h}x{w}->{o} not on the panels"
             );
         }

@@ -188,7 +188,7 @@ super::simd::multiversion! {
 /// `j < cols`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_avx512(
+pub(super) unsafe fn transpose_avx512(
     src: *const f32,
     sl: usize,
     rows: usize,

@@ -151,8 +151,9 @@ struct Run {
 struct Tile<'a> {
     /// `PACKED`: the row panel (step `kk`'s `MR` values at `a + kk·MR`); otherwise unused.
     a: *const f32,
-    /// Not `PACKED`: each row's first value (step `kk` at `rows[r] + kk`).
+    /// Not `PACKED`: each row's first value (step `kk` at `rows[r] + kk·lda`).
     a_rows: [*const f32; MR],
+    lda: usize,
     /// Step `kk`'s columns at `b + kk·ldb`: whole vectors (packed and zero-padded, or
     /// in place with the last vector's lanes `b_tail` when `TAIL`).
     b: *const f32,
@@ -229,14 +230,16 @@ unsafe fn tile<const V: usize, const PACKED: bool, const TAIL: bool>(t: &Tile, e
             }
         } else {
             let ar = t.a_rows;
-            for kk in 0..t.k {
+            let mut off = 0;
+            for _ in 0..t.k {
                 let bv = load_b!(bp);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let s = _mm512_set1_ps(*ar[r].add(kk));
+                    let s = _mm512_set1_ps(*ar[r].add(off));
                     for v in 0..V {
                         acc_r[v] = _mm512_fmadd_ps(s, bv[v], acc_r[v]);
                     }
                 }
+                off += t.lda;
                 bp = bp.add(t.ldb);
             }
         }
@@ -544,6 +547,7 @@ pub fn conv(
                         let tile = Tile {
                             a: panels.as_ptr().add(pi * MR * c),
                             a_rows: [std::ptr::null(); MR],
+                            lda: 0,
                             b: bs[ti].0,
                             ldb: bs[ti].1,
                             b_tail: bs[ti].2,
@@ -611,6 +615,7 @@ pub fn linear(
                 let tile = Tile {
                     a: std::ptr::null(),
                     a_rows: std::array::from_fn(|r| x.as_ptr().add((r0 + r).min(n - 1) * i)),
+                    lda: 1,
                     b: panels.as_ptr().add(q * NR * i),
                     ldb: NR,
                     b_tail: u16::MAX,
@@ -633,4 +638,122 @@ pub fn linear(
         }
     };
     for_units(qn * gs, macs, run);
+}
+
+/// Rows (output positions) a task computes into its scratch before transposing them out.
+const ROW_GROUP: usize = 64;
+
+/// A batch of 1×1 convs with the positions as broadcast rows and 64 output channels in
+/// the lanes: `out[n][O, P] = act(W·x[n] + bias + res[n])`, with `panels` =
+/// [`pack_cols`]`(W, O, C)` (the linear layer's layout: `W` is `[O, C]`).
+///
+/// [`conv`] puts positions in the lanes: a 7×7 map at batch 1 fills 49 of 64, a 14×14 map
+/// 196 of 256, a 4×4 map 16 of 64. Here a tile is 6 positions (read from the NCHW planes,
+/// `P` apart per channel) × 64 channels, so only the last tile of an image's rows is
+/// short. A task takes one image and one panel of 64 output channels (its weights stay
+/// in L2 while it sweeps the image's rows), computes up to [`ROW_GROUP`] positions into a
+/// `[row][64]` scratch with the bias and clamp in registers, and transposes them into the
+/// channel planes (the residual, and an activation after it, on the transposed rows).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_rows(
+    panels: &[f32],
+    (o, c): (usize, usize),
+    x: &[f32],
+    (n, p): (usize, usize),
+    bias: Option<&[f32]>,
+    act: Option<A>,
+    res: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(enabled(), "panel::conv_rows without AVX-512");
+    assert!(panels.len() >= cols_len(o, c) && bias.is_none_or(|b| b.len() >= o));
+    assert!(x.len() >= n * c * p && out.len() >= n * o * p);
+    assert!(res.is_none_or(|r| r.len() >= n * o * p));
+    if n == 0 || o == 0 || p == 0 {
+        return;
+    }
+    let qn = o.div_ceil(NR);
+    let groups = p.div_ceil(ROW_GROUP);
+    let macs = n * o * c * p;
+    // Row groups split across tasks only when images × panels leave threads idle.
+    let threads = rayon::current_num_threads().max(1);
+    let gsplit = if macs < SEQ_MACS {
+        1
+    } else {
+        (2 * threads).div_ceil(n * qn).clamp(1, groups)
+    };
+    let gper = groups.div_ceil(gsplit);
+    // Without a residual the activation goes with the bias into the tile; with one, it
+    // follows the residual on the transposed rows.
+    let (clamp, tile_act) = if res.is_none() {
+        split_act(act)
+    } else {
+        (None, None)
+    };
+    let dst = Out(out.as_mut_ptr());
+    let run = |u: usize| {
+        let (img, q, gs) = (u / (qn * gsplit), u / gsplit % qn, u % gsplit);
+        let j0 = q * NR;
+        let cols = (o - j0).min(NR);
+        let xi = &x[img * c * p..(img + 1) * c * p];
+        ROWS_SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.resize(ROW_GROUP * NR, 0.0);
+            for gi in gs * gper..((gs + 1) * gper).min(groups) {
+                let (g0, g1) = (gi * ROW_GROUP, ((gi + 1) * ROW_GROUP).min(p));
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512 (asserted); panel `q` has `NR·c` floats; tile rows past
+                // the image read its last position again and are not stored; the scratch
+                // holds ROW_GROUP rows of NR; this task alone writes channels
+                // j0..j0 + cols at positions g0..g1 of image `img` (and reads the
+                // residual there).
+                unsafe {
+                    let sp = s.as_mut_ptr();
+                    for r0 in (g0..g1).step_by(MR) {
+                        let runs = [Run {
+                            a: 0,
+                            len: cols,
+                            dst: sp.add((r0 - g0) * NR),
+                            res: std::ptr::null(),
+                        }];
+                        let tile = Tile {
+                            a: std::ptr::null(),
+                            a_rows: std::array::from_fn(|r| xi.as_ptr().add((r0 + r).min(p - 1))),
+                            lda: p,
+                            b: panels.as_ptr().add(q * NR * c),
+                            ldb: NR,
+                            b_tail: u16::MAX,
+                            k: c,
+                            rows: (g1 - r0).min(MR),
+                            ldc: NR,
+                            base: 0,
+                            runs: &runs,
+                        };
+                        let e = Epi {
+                            bias_row: std::ptr::null(),
+                            bias_col: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j0)),
+                            clamp,
+                            act: tile_act,
+                        };
+                        run_tile::<false>(&tile, &e);
+                    }
+                    let base = img * o * p + j0 * p + g0;
+                    super::cpu::transpose_avx512(sp, NR, g1 - g0, cols, dst.get().add(base), p);
+                    if let Some(r) = res {
+                        for f in 0..cols {
+                            let at = base + f * p;
+                            let row = std::slice::from_raw_parts_mut(dst.get().add(at), g1 - g0);
+                            super::act::bias_act(row, 0.0, Some(&r[at..at + g1 - g0]), act);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    for_units(n * qn * gsplit, macs, run);
+}
+
+thread_local! {
+    /// [`conv_rows`]' `[row][64]` scratch per thread.
+    static ROWS_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
