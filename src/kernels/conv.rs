@@ -229,32 +229,26 @@ pub fn conv_forward_packed(
         linear_1x1(g, x, w, out, epi, res);
         return;
     }
-    if pointwise_rows(g) {
+    // 1×1 convs on the register-tile panels, positions as rows or in the lanes.
+    let rows = pointwise_rows(g);
+    if rows || pointwise_panels(g) {
         let own;
-        let cols = match packed {
-            Some(PackedWeight::Columns(p)) => &p[..],
+        let wp = match packed {
+            Some(PackedWeight::Columns(p)) if rows => &p[..],
+            Some(PackedWeight::Panels(p)) if !rows => &p[..],
             _ => {
-                own = panel::pack_cols(w, g.o, g.c);
+                own = if rows {
+                    panel::pack_cols(w, g.o, g.c)
+                } else {
+                    panel::pack_rows(w, g.o, g.c)
+                };
                 &own[..]
             }
         };
         let (bias, act) = (epi.map(|e| &e.bias[..]), epi.and_then(|e| e.act));
         let res = epi.and(res);
-        panel::conv_rows(cols, (g.o, g.c), x, (g.n, g.p()), bias, act, res, out);
-        return;
-    }
-    if pointwise_panels(g) {
-        let own;
-        let panels = match packed {
-            Some(PackedWeight::Panels(p)) => &p[..],
-            _ => {
-                own = panel::pack_rows(w, g.o, g.c);
-                &own[..]
-            }
-        };
-        let (bias, act) = (epi.map(|e| &e.bias[..]), epi.and_then(|e| e.act));
-        let res = epi.and(res);
-        panel::conv(panels, (g.o, g.c), x, (g.n, g.p()), bias, act, res, out);
+        let run = if rows { panel::conv_rows } else { panel::conv };
+        run(wp, (g.o, g.c), x, (g.n, g.p()), bias, act, res, out);
         return;
     }
     let dw_packed = match packed {

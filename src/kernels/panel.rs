@@ -433,6 +433,27 @@ fn for_units(units: usize, macs: usize, run: impl Fn(usize) + Sync + Send) {
 /// alike within the noise).
 const CHUNK_FLOATS: usize = 1 << 14;
 
+/// The operands of a batch of 1×1 convs fit (`packed`: the packed weight is long enough).
+#[allow(clippy::too_many_arguments)]
+fn check_conv(
+    kernel: &str,
+    packed: bool,
+    (o, c): (usize, usize),
+    x: &[f32],
+    (n, p): (usize, usize),
+    bias: Option<&[f32]>,
+    res: Option<&[f32]>,
+    out: &[f32],
+) {
+    assert!(enabled(), "panel::{kernel} without AVX-512");
+    assert!(
+        packed && bias.is_none_or(|b| b.len() >= o),
+        "panel::{kernel}: weights"
+    );
+    assert!(x.len() >= n * c * p && out.len() >= n * o * p);
+    assert!(res.is_none_or(|r| r.len() >= n * o * p));
+}
+
 /// A batch of 1×1 convs: `out[n][O, P] = act(W·x[n] + bias + res[n])` for `x`
 /// `[N, C, P]`, with `panels` = [`pack_rows`]`(W, O, C)`. Every output is written.
 ///
@@ -454,10 +475,16 @@ pub fn conv(
     res: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!(enabled(), "panel::conv without AVX-512");
-    assert!(panels.len() >= rows_len(o, c) && bias.is_none_or(|b| b.len() >= o));
-    assert!(x.len() >= n * c * p && out.len() >= n * o * p);
-    assert!(res.is_none_or(|r| r.len() >= n * o * p));
+    check_conv(
+        "conv",
+        panels.len() >= rows_len(o, c),
+        (o, c),
+        x,
+        (n, p),
+        bias,
+        res,
+        out,
+    );
     assert!(p >= 2, "panel::conv: 1×1 maps are linear layers");
     if n == 0 || o == 0 {
         return;
@@ -665,10 +692,16 @@ pub fn conv_rows(
     res: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!(enabled(), "panel::conv_rows without AVX-512");
-    assert!(panels.len() >= cols_len(o, c) && bias.is_none_or(|b| b.len() >= o));
-    assert!(x.len() >= n * c * p && out.len() >= n * o * p);
-    assert!(res.is_none_or(|r| r.len() >= n * o * p));
+    check_conv(
+        "conv_rows",
+        panels.len() >= cols_len(o, c),
+        (o, c),
+        x,
+        (n, p),
+        bias,
+        res,
+        out,
+    );
     if n == 0 || o == 0 || p == 0 {
         return;
     }
