@@ -191,7 +191,14 @@ fn pointwise_rows(g: &Geo) -> bool {
         && cols * 8 < lanes * 7
         && g.c >= 128
         && panel::enabled()
-        && std::env::var_os("LOPPER_NO_ROWS").is_none()
+        && !rows_off()
+}
+
+/// `LOPPER_NO_ROWS` set (to anything but `0`) keeps [`pointwise_rows`] off for A/B runs;
+/// read once.
+fn rows_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LOPPER_NO_ROWS").is_ok_and(|v| v != "0"))
 }
 
 /// Whether a 1×1 conv runs on the register-tile panels ([`panel::conv`]): ungrouped, at
