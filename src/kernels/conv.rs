@@ -252,10 +252,18 @@ pub fn conv_forward_packed(
                 &own[..]
             }
         };
-        let (bias, act) = (epi.map(|e| &e.bias[..]), epi.and_then(|e| e.act));
-        let res = epi.and(res);
+        let a = panel::Pointwise {
+            o: g.o,
+            c: g.c,
+            x,
+            n: g.n,
+            p: g.p(),
+            bias: epi.map(|e| &e.bias[..]),
+            act: epi.and_then(|e| e.act),
+            res: epi.and(res),
+        };
         let run = if rows { panel::conv_rows } else { panel::conv };
-        run(wp, (g.o, g.c), x, (g.n, g.p()), bias, act, res, out);
+        run(wp, &a, out);
         return;
     }
     let dw_packed = match packed {

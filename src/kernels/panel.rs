@@ -433,25 +433,33 @@ fn for_units(units: usize, macs: usize, run: impl Fn(usize) + Sync + Send) {
 /// alike within the noise).
 const CHUNK_FLOATS: usize = 1 << 14;
 
-/// The operands of a batch of 1×1 convs fit (`packed`: the packed weight is long enough).
-#[allow(clippy::too_many_arguments)]
-fn check_conv(
-    kernel: &str,
-    packed: bool,
-    (o, c): (usize, usize),
-    x: &[f32],
-    (n, p): (usize, usize),
-    bias: Option<&[f32]>,
-    res: Option<&[f32]>,
-    out: &[f32],
-) {
-    assert!(enabled(), "panel::{kernel} without AVX-512");
-    assert!(
-        packed && bias.is_none_or(|b| b.len() >= o),
-        "panel::{kernel}: weights"
-    );
-    assert!(x.len() >= n * c * p && out.len() >= n * o * p);
-    assert!(res.is_none_or(|r| r.len() >= n * o * p));
+/// A batch of 1×1 convs' operands besides the packed weight and the output: `O` output
+/// and `C` input channels, `x` `[N, C, P]`, the per-channel bias, the activation and the
+/// residual `[N, O, P]` (added before the activation).
+#[derive(Clone, Copy)]
+pub struct Pointwise<'a> {
+    pub o: usize,
+    pub c: usize,
+    pub x: &'a [f32],
+    pub n: usize,
+    pub p: usize,
+    pub bias: Option<&'a [f32]>,
+    pub act: Option<A>,
+    pub res: Option<&'a [f32]>,
+}
+
+impl Pointwise<'_> {
+    /// The operands fit `out` (`packed`: the packed weight is long enough).
+    fn check(&self, kernel: &str, packed: bool, out: &[f32]) {
+        let (o, c, n, p) = (self.o, self.c, self.n, self.p);
+        assert!(enabled(), "panel::{kernel} without AVX-512");
+        assert!(
+            packed && self.bias.is_none_or(|b| b.len() >= o),
+            "panel::{kernel}: weights"
+        );
+        assert!(self.x.len() >= n * c * p && out.len() >= n * o * p);
+        assert!(self.res.is_none_or(|r| r.len() >= n * o * p));
+    }
 }
 
 /// A batch of 1×1 convs: `out[n][O, P] = act(W·x[n] + bias + res[n])` for `x`
@@ -464,27 +472,18 @@ fn check_conv(
 /// one that spans images is first copied into `NR`-wide rows (zero-padded). Copying every
 /// tile was measured slower (144→24 at 56×56, batch 8: 0.58 against 0.50 ms) and made
 /// no difference on the power-of-two maps where the rows share L1 sets.
-#[allow(clippy::too_many_arguments)]
-pub fn conv(
-    panels: &[f32],
-    (o, c): (usize, usize),
-    x: &[f32],
-    (n, p): (usize, usize),
-    bias: Option<&[f32]>,
-    act: Option<A>,
-    res: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    check_conv(
-        "conv",
-        panels.len() >= rows_len(o, c),
-        (o, c),
+pub fn conv(panels: &[f32], a: &Pointwise, out: &mut [f32]) {
+    a.check("conv", panels.len() >= rows_len(a.o, a.c), out);
+    let Pointwise {
+        o,
+        c,
         x,
-        (n, p),
+        n,
+        p,
         bias,
+        act,
         res,
-        out,
-    );
+    } = *a;
     assert!(p >= 2, "panel::conv: 1×1 maps are linear layers");
     if n == 0 || o == 0 {
         return;
@@ -681,27 +680,18 @@ const ROW_GROUP: usize = 64;
 /// in L2 while it sweeps the image's rows), computes up to [`ROW_GROUP`] positions into a
 /// `[row][64]` scratch with the bias and clamp in registers, and transposes them into the
 /// channel planes (the residual, and an activation after it, on the transposed rows).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_rows(
-    panels: &[f32],
-    (o, c): (usize, usize),
-    x: &[f32],
-    (n, p): (usize, usize),
-    bias: Option<&[f32]>,
-    act: Option<A>,
-    res: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    check_conv(
-        "conv_rows",
-        panels.len() >= cols_len(o, c),
-        (o, c),
+pub fn conv_rows(panels: &[f32], a: &Pointwise, out: &mut [f32]) {
+    a.check("conv_rows", panels.len() >= cols_len(a.o, a.c), out);
+    let Pointwise {
+        o,
+        c,
         x,
-        (n, p),
+        n,
+        p,
         bias,
+        act,
         res,
-        out,
-    );
+    } = *a;
     if n == 0 || o == 0 || p == 0 {
         return;
     }
