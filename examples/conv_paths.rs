@@ -69,6 +69,7 @@ const POINTWISE: &[Shape] = &[
     (8, 256, 56, 64, 1),
     (8, 512, 7, 2048, 1),
     // Batch 1 (EfficientNet-B0's expansions and projections).
+    (1, 16, 112, 96, 1),
     (1, 112, 14, 672, 1),
     (1, 192, 7, 1152, 1),
     (1, 1152, 7, 192, 1),

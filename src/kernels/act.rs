@@ -303,9 +303,20 @@ pub fn apply_inline(k: A, xs: &mut [f32]) {
     })
 }
 
+/// `xs[i] = f(xs[i])`, dispatched on the instruction set.
+pub fn apply(k: A, xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::act_zmm::covers(k) && super::simd::isa() == super::simd::Isa::Avx512 {
+        // SAFETY: AVX-512 checked.
+        unsafe { super::act_zmm::bias_act(xs, 0.0, None, k) };
+        return;
+    }
+    apply_scalar(k, xs)
+}
+
 multiversion! {
-    /// `xs[i] = f(xs[i])`, dispatched on the instruction set.
-    pub fn apply(k: A, xs: &mut [f32]) {
+    /// [`apply`] in the scalar forms the compiler vectorises.
+    fn apply_scalar(k: A, xs: &mut [f32]) {
         apply_inline(k, xs)
     }
 }
@@ -321,9 +332,22 @@ multiversion! {
     }
 }
 
+/// The epilogue of one output row: `row = f(row + b + res)` (`res` and `f` optional).
+pub fn bias_act(row: &mut [f32], b: f32, res: Option<&[f32]>, k: Option<A>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = k.filter(|&k| super::act_zmm::covers(k)) {
+        if super::simd::isa() == super::simd::Isa::Avx512 {
+            // SAFETY: AVX-512 checked.
+            unsafe { super::act_zmm::bias_act(row, b, res, k) };
+            return;
+        }
+    }
+    bias_act_scalar(row, b, res, k)
+}
+
 multiversion! {
-    /// The epilogue of one output row: `row = f(row + b + res)` (`res` and `f` optional).
-    pub fn bias_act(row: &mut [f32], b: f32, res: Option<&[f32]>, k: Option<A>) {
+    /// [`bias_act`] in the scalar forms the compiler vectorises.
+    fn bias_act_scalar(row: &mut [f32], b: f32, res: Option<&[f32]>, k: Option<A>) {
         match (res, k) {
             (Some(r), None) => {
                 for (v, &x) in row.iter_mut().zip(r) {

@@ -4,6 +4,7 @@
 //! is also what the kernel tests compare against.
 
 pub mod act;
+mod act_zmm;
 mod attention;
 pub mod batchnorm;
 pub mod channel;

@@ -355,7 +355,7 @@ unsafe fn act_rows(t: &Tile, k: A) {
             // SAFETY: row `r` of the run was just stored by the tile.
             let row =
                 unsafe { std::slice::from_raw_parts_mut(run.dst.add(t.base + r * t.ldc), run.len) };
-            super::act::apply_inline(k, row);
+            super::act::apply(k, row);
         }
     }
 }
