@@ -416,6 +416,17 @@ fn depthwise(l: Isa) {
         ([1, 16, 28, 27], 3, [1, 1], [0, 1, 2, 1]),
         ([1, 33, 13, 26], 5, [2, 2], [2, 2, 2, 2]),
         ([4, 20, 4, 4], 3, [1, 1], [1, 1, 1, 1]),
+        // 3×3 stride 2 on rows wider than 28 outputs (read in place, `dw_s2`): two
+        // images and an odd output height (a last single row), a whole number of
+        // vectors with the padding on the right only, five vectors (a block of four and
+        // one), no left padding, no right padding, the row's last value read as the
+        // value after a vector's two loads.
+        ([2, 3, 9, 61], 3, [2, 2], [1, 1, 1, 1]),
+        ([1, 2, 6, 64], 3, [2, 2], [0, 0, 1, 1]),
+        ([1, 3, 7, 150], 3, [2, 2], [1, 1, 1, 1]),
+        ([1, 2, 5, 58], 3, [2, 2], [1, 0, 1, 1]),
+        ([1, 2, 8, 66], 3, [2, 2], [0, 1, 0, 0]),
+        ([1, 2, 4, 64], 3, [2, 2], [1, 1, 1, 1]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {
@@ -431,19 +442,14 @@ fn depthwise(l: Isa) {
         let want = naive_depthwise(&x, &w, d, [k, k], &cfg);
         assert_close(&y, &want, 1e-5, &format!("depthwise case {ci} ({l:?})"));
         // Fused epilogue: bias and an activation.
+        // (A clamp applied at the store, or an activation after it, by turns.)
         let bias = rand_vec(&mut rng, d[1], 1.0);
-        let ye = kernels::conv2d_epilogue(
-            &t(&x, &d),
-            &t(&w, &wd),
-            bias.clone(),
-            Some(A::HardSwish),
-            None,
-            cfg,
-        )
-        .unwrap();
+        let act = if ci % 2 == 0 { A::HardSwish } else { A::Relu6 };
+        let ye =
+            kernels::conv2d_epilogue(&t(&x, &d), &t(&w, &wd), bias.clone(), Some(act), None, cfg)
+                .unwrap();
         kernels::use_reference_ops(true);
-        let yr =
-            kernels::conv2d_epilogue(&t(&x, &d), &t(&w, &wd), bias, Some(A::HardSwish), None, cfg);
+        let yr = kernels::conv2d_epilogue(&t(&x, &d), &t(&w, &wd), bias, Some(act), None, cfg);
         kernels::use_reference_ops(false);
         if let Ok(yr) = yr {
             let what = format!("depthwise epilogue case {ci} ({l:?})");

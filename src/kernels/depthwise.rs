@@ -169,6 +169,9 @@ pub fn forward_epi(
     if super::dw_flat::applies(g) {
         return super::dw_flat::forward_epi(g, x, w, out, epi);
     }
+    if super::dw_s2::applies(g) {
+        return super::dw_s2::forward_epi(g, x, w, out, epi);
+    }
     // The phase layout (dilation 1) is the same for every plane.
     let ph = Phases::new(g);
     // ~8 tasks per thread balance the load; a task is at least one plane.

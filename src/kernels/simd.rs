@@ -44,19 +44,27 @@ fn parse(s: &str) -> Option<Isa> {
 }
 
 /// The level in use: the best this CPU has, lowered by `LOPPER_ISA` or [`force`].
+/// Inlined (one relaxed load): kernels ask per row, and as a call it showed in profiles
+/// (7 % of a stride-2 depthwise layer's padding copy).
+#[inline(always)]
 pub fn isa() -> Isa {
     match CHOSEN.load(Ordering::Relaxed) {
         3 => Isa::Avx512,
         2 => Isa::Avx2,
         1 => Isa::Portable,
-        _ => {
-            let best = detect();
-            let want = std::env::var("LOPPER_ISA").ok().and_then(|s| parse(&s));
-            let isa = want.map_or(best, |w| w.min(best));
-            CHOSEN.store(isa as u8, Ordering::Relaxed);
-            isa
-        }
+        _ => choose(),
     }
+}
+
+/// The first call's choice of [`isa`].
+#[cold]
+#[inline(never)]
+fn choose() -> Isa {
+    let best = detect();
+    let want = std::env::var("LOPPER_ISA").ok().and_then(|s| parse(&s));
+    let isa = want.map_or(best, |w| w.min(best));
+    CHOSEN.store(isa as u8, Ordering::Relaxed);
+    isa
 }
 
 /// Pins the level (never above what the CPU has); `None` returns to the best available.
