@@ -416,7 +416,7 @@ fn depthwise(l: Isa) {
         ([1, 16, 28, 27], 3, [1, 1], [0, 1, 2, 1]),
         ([1, 33, 13, 26], 5, [2, 2], [2, 2, 2, 2]),
         ([4, 20, 4, 4], 3, [1, 1], [1, 1, 1, 1]),
-        // 3×3 stride 2 on rows wider than 28 outputs (read in place, `dw_s2`): two
+        // 3×3 stride 2 on rows wider than 28 outputs (read in place, `dw_wide`): two
         // images and an odd output height (a last single row), a whole number of
         // vectors with the padding on the right only, five vectors (a block of four and
         // one), no left padding, no right padding, the row's last value read as the
@@ -427,6 +427,14 @@ fn depthwise(l: Isa) {
         ([1, 2, 5, 58], 3, [2, 2], [1, 0, 1, 1]),
         ([1, 2, 8, 66], 3, [2, 2], [0, 1, 0, 0]),
         ([1, 2, 4, 64], 3, [2, 2], [1, 1, 1, 1]),
+        // The same kernel at stride 1 (four output rows at a time): three vectors (a
+        // block of two and one) and a last group of three rows, padding on one side only
+        // (a last group of two), none on the left with two on the right (a last single
+        // row), none above or below.
+        ([2, 3, 7, 33], 3, [1, 1], [1, 1, 1, 1]),
+        ([1, 2, 6, 40], 3, [1, 1], [0, 0, 2, 2]),
+        ([1, 2, 9, 30], 3, [1, 1], [1, 0, 1, 2]),
+        ([1, 2, 5, 32], 3, [1, 1], [0, 1, 0, 1]),
     ];
     for (ci, &(d, k, stride, padding)) in cases.iter().enumerate() {
         let cfg = ConvCfg {

@@ -169,8 +169,8 @@ pub fn forward_epi(
     if super::dw_flat::applies(g) {
         return super::dw_flat::forward_epi(g, x, w, out, epi);
     }
-    if super::dw_s2::applies(g) {
-        return super::dw_s2::forward_epi(g, x, w, out, epi);
+    if super::dw_wide::applies(g) {
+        return super::dw_wide::forward_epi(g, x, w, out, epi);
     }
     // The phase layout (dilation 1) is the same for every plane.
     let ph = Phases::new(g);

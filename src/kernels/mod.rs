@@ -18,7 +18,7 @@ mod depthwise;
 mod direct;
 mod dw_chanvec;
 mod dw_flat;
-mod dw_s2;
+mod dw_wide;
 pub mod eltwise;
 pub mod gemm;
 pub mod im2col;
