@@ -291,18 +291,6 @@ pub fn grad(k: A, x: f32, dy: f32) -> f32 {
     grad_fn!(k, d => d(x, dy))
 }
 
-/// `xs[i] = f(xs[i])`, inlined into the caller: a kernel compiled for AVX-512 applies the
-/// activation to a row of its register tile, in L1, with the caller's vector width (no
-/// dispatch per call, which the short rows of a tile would pay for).
-#[inline(always)]
-pub fn apply_inline(k: A, xs: &mut [f32]) {
-    forward_fn!(k, f => {
-        for v in xs.iter_mut() {
-            *v = f(*v);
-        }
-    })
-}
-
 /// `xs[i] = f(xs[i])`, dispatched on the instruction set.
 pub fn apply(k: A, xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -315,9 +303,13 @@ pub fn apply(k: A, xs: &mut [f32]) {
 }
 
 multiversion! {
-    /// [`apply`] in the scalar forms the compiler vectorises.
+    /// [`apply`] in the scalar forms the compiler vectorises (each kind's loop monomorphic).
     fn apply_scalar(k: A, xs: &mut [f32]) {
-        apply_inline(k, xs)
+        forward_fn!(k, f => {
+            for v in xs.iter_mut() {
+                *v = f(*v);
+            }
+        })
     }
 }
 
