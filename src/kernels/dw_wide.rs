@@ -320,17 +320,12 @@ unsafe fn block_s1<const NB: usize, const R: usize>(
     }
 }
 
-/// Asks for `row` in L1.
+/// Asks for `row` in L1, line by line.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_row(row: &[f32]) {
     for j in (0..row.len()).step_by(16) {
-        // SAFETY: a prefetch of an address inside the slice (no access is made).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                row.as_ptr().add(j) as *const i8,
-            )
-        };
+        super::simd::prefetch(row, j);
     }
 }
 

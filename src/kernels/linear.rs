@@ -100,17 +100,9 @@ multiversion! {
 /// Prefetches column `col` of the four rows of `ahead` (`4 × i`).
 #[inline(always)]
 fn prefetch_lines(ahead: &[f32], i: usize, col: usize) {
-    #[cfg(target_arch = "x86_64")]
     for k in 0..4 {
-        // SAFETY: a prefetch of an address inside the slice (no access is made).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                ahead.as_ptr().add(k * i + col) as *const i8,
-            )
-        };
+        super::simd::prefetch(ahead, k * i + col);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (ahead, i, col);
 }
 
 /// `y[r, c] = yt[c, r] + b[c]` for `yt: [o, n]`, in tiles that stay in cache.

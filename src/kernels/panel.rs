@@ -382,6 +382,61 @@ unsafe fn run_tile<const PACKED: bool>(t: &Tile, e: &Epi) {
     }
 }
 
+/// A tile of broadcast rows against one column panel ([`pack_cols`]): what the linear
+/// layer and the 1×1 conv with positions as rows ([`conv_rows`]) run.
+#[cfg(target_arch = "x86_64")]
+struct ColTile {
+    /// The panel's `k` steps of `NR` columns.
+    panel: *const f32,
+    /// Each tile row's first value; step `kk` at `+ kk·lda`.
+    a_rows: [*const f32; MR],
+    lda: usize,
+    k: usize,
+    /// Rows and columns stored, row `r` at `dst + r·ldc`.
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldc: usize,
+    /// The bias of the tile's first column (one per column), or null.
+    bias_col: *const f32,
+}
+
+/// Runs a [`ColTile`] with its clamp and activation.
+///
+/// # Safety
+/// AVX-512 present; the rows read `k` steps inside their operand, the panel holds `NR·k`
+/// floats, the `rows × cols` stored values are the caller's alone.
+#[cfg(target_arch = "x86_64")]
+unsafe fn col_tile(t: ColTile, clamp: Option<(f32, f32)>, act: Option<A>) {
+    let runs = [Run {
+        a: 0,
+        len: t.cols,
+        dst: t.dst,
+        res: std::ptr::null(),
+    }];
+    let tile = Tile {
+        a: std::ptr::null(),
+        a_rows: t.a_rows,
+        lda: t.lda,
+        b: t.panel,
+        ldb: NR,
+        b_tail: u16::MAX,
+        k: t.k,
+        rows: t.rows,
+        ldc: t.ldc,
+        base: 0,
+        runs: &runs,
+    };
+    let e = Epi {
+        bias_row: std::ptr::null(),
+        bias_col: t.bias_col,
+        clamp,
+        act,
+    };
+    // SAFETY: the caller's contract.
+    unsafe { run_tile::<false>(&tile, &e) }
+}
+
 /// Copies `x[kk·ld + from .. + len]` for `kk < k` to `buf[kk·NR + a ..]` (one run of a
 /// column tile).
 ///
@@ -632,32 +687,21 @@ pub fn linear(
             // task's alone; AVX-512 checked above.
             unsafe {
                 let cols = (o - j0).min(NR);
-                let runs = [Run {
-                    a: 0,
-                    len: cols,
-                    dst: dst.get().add(r0 * o + j0),
-                    res: std::ptr::null(),
-                }];
-                let tile = Tile {
-                    a: std::ptr::null(),
-                    a_rows: std::array::from_fn(|r| x.as_ptr().add((r0 + r).min(n - 1) * i)),
-                    lda: 1,
-                    b: panels.as_ptr().add(q * NR * i),
-                    ldb: NR,
-                    b_tail: u16::MAX,
-                    k: i,
-                    rows: (n - r0).min(MR),
-                    ldc: o,
-                    base: 0,
-                    runs: &runs,
-                };
-                let e = Epi {
-                    bias_row: std::ptr::null(),
-                    bias_col: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j0)),
+                col_tile(
+                    ColTile {
+                        panel: panels.as_ptr().add(q * NR * i),
+                        a_rows: std::array::from_fn(|r| x.as_ptr().add((r0 + r).min(n - 1) * i)),
+                        lda: 1,
+                        k: i,
+                        rows: (n - r0).min(MR),
+                        cols,
+                        dst: dst.get().add(r0 * o + j0),
+                        ldc: o,
+                        bias_col: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j0)),
+                    },
                     clamp,
                     act,
-                };
-                run_tile::<false>(&tile, &e);
+                );
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (r0, j0, &dst, clamp);
@@ -733,32 +777,23 @@ pub fn conv_rows(panels: &[f32], a: &Pointwise, out: &mut [f32]) {
                 unsafe {
                     let sp = s.as_mut_ptr();
                     for r0 in (g0..g1).step_by(MR) {
-                        let runs = [Run {
-                            a: 0,
-                            len: cols,
-                            dst: sp.add((r0 - g0) * NR),
-                            res: std::ptr::null(),
-                        }];
-                        let tile = Tile {
-                            a: std::ptr::null(),
-                            a_rows: std::array::from_fn(|r| xi.as_ptr().add((r0 + r).min(p - 1))),
-                            lda: p,
-                            b: panels.as_ptr().add(q * NR * c),
-                            ldb: NR,
-                            b_tail: u16::MAX,
-                            k: c,
-                            rows: (g1 - r0).min(MR),
-                            ldc: NR,
-                            base: 0,
-                            runs: &runs,
-                        };
-                        let e = Epi {
-                            bias_row: std::ptr::null(),
-                            bias_col: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j0)),
+                        col_tile(
+                            ColTile {
+                                panel: panels.as_ptr().add(q * NR * c),
+                                a_rows: std::array::from_fn(|r| {
+                                    xi.as_ptr().add((r0 + r).min(p - 1))
+                                }),
+                                lda: p,
+                                k: c,
+                                rows: (g1 - r0).min(MR),
+                                cols,
+                                dst: sp.add((r0 - g0) * NR),
+                                ldc: NR,
+                                bias_col: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j0)),
+                            },
                             clamp,
-                            act: tile_act,
-                        };
-                        run_tile::<false>(&tile, &e);
+                            tile_act,
+                        );
                     }
                     let base = img * o * p + j0 * p + g0;
                     super::cpu::transpose_avx512(sp, NR, g1 - g0, cols, dst.get().add(base), p);

@@ -113,6 +113,23 @@ pub fn env_off(cell: &'static std::sync::OnceLock<bool>, var: &str) -> bool {
     *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == "0"))
 }
 
+/// Asks for the cache line holding `xs[at]` in L1 (no access is made; a no-op off x86-64
+/// or past the slice).
+#[inline(always)]
+pub(crate) fn prefetch(xs: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < xs.len() {
+        // SAFETY: a prefetch of an address inside the slice; it reads nothing.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                xs.as_ptr().add(at) as *const i8,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (xs, at);
+}
+
 /// A masked 16-float store, plain where every lane is stored: on the AMD EPYC (Zen 5) a
 /// masked 512-bit store of a full vector is several times slower than a plain one (a 1×1
 /// conv writing 38 MB: 3.12 ms with every store masked, 1.82 with full vectors stored
