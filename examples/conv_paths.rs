@@ -70,6 +70,9 @@ const POINTWISE: &[Shape] = &[
     (8, 512, 7, 2048, 1),
     // Batch 1 (EfficientNet-B0's expansions and projections).
     (1, 16, 112, 96, 1),
+    (1, 16, 112, 64, 1),
+    (1, 16, 112, 16, 1),
+    (1, 32, 112, 16, 1),
     (1, 112, 14, 672, 1),
     (1, 192, 7, 1152, 1),
     (1, 1152, 7, 192, 1),
@@ -143,6 +146,10 @@ const DEPTHWISE: &[Shape] = &[
     (1, 144, 56, 144, 2),
     (1, 96, 28, 96, 2),
     (1, 288, 14, 288, 2),
+    (1, 240, 28, 240, 2),
+    // Batch-1 28×28 and 14×14 maps at stride 1 (MobileNetV3-large, EfficientNet-B0).
+    (1, 120, 28, 120, 1),
+    (1, 480, 14, 480, 1),
     // Batch-1 small maps of MobileNetV2 (CIFAR).
     (1, 960, 4, 960, 1),
     (1, 384, 8, 384, 1),
