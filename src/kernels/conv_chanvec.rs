@@ -159,10 +159,10 @@ pub fn pack_flipped(g: &Geo, w: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Image `xn` (`C·H·W`) into its padded planes `d` (`C·plane`), border zeroed here.
+/// Image `xn` (`C·H·W`) into the interiors of its padded planes `d` (`C·plane`, border
+/// cells already zero: a fresh buffer, or one padded before for the same geometry).
 fn pad_image(g: &Geo, grid: &Grid, xn: &[f32], d: &mut [f32]) {
     let hw = g.h * g.w;
-    d.fill(0.0);
     for (c, dc) in d.chunks_exact_mut(grid.plane).enumerate() {
         pad_channel(g, grid, &xn[c * hw..(c + 1) * hw], dc);
     }
@@ -196,15 +196,18 @@ struct Layer<'a> {
     cb: usize,
 }
 
-/// A thread's padded input and partial-sum scratch.
+/// A thread's padded input (with the geometry its zero border was written for) and
+/// partial-sum scratch.
 struct Bufs {
     xp: Vec<f32>,
+    key: Option<[usize; 9]>,
     acc: Vec<f32>,
 }
 
 thread_local! {
-    static BUFS: std::cell::RefCell<Bufs> =
-        const { std::cell::RefCell::new(Bufs { xp: Vec::new(), acc: Vec::new() }) };
+    static BUFS: std::cell::RefCell<Bufs> = const {
+        std::cell::RefCell::new(Bufs { xp: Vec::new(), key: None, acc: Vec::new() })
+    };
 }
 
 impl Layer<'_> {
@@ -213,8 +216,14 @@ impl Layer<'_> {
         self.g.c * self.grid.plane
     }
 
-    /// Pads the images of `xs` (whole images) into `xp` (all of it written: the border
-    /// is zeroed here).
+    /// What decides which cells of a padded image are border (always zero).
+    fn key(&self) -> [usize; 9] {
+        let (g, grid) = (self.g, &self.grid);
+        [g.c, g.h, g.w, g.sh, g.sw, g.pt, g.pl, grid.rows, grid.cols]
+    }
+
+    /// Pads the images of `xs` (whole images) into `xp`, whose border cells are zero
+    /// (only the interiors are written).
     fn pad(&self, xs: &[f32], xp: &mut [f32]) {
         let img = self.g.c * self.g.h * self.g.w;
         for (xn, d) in xs
@@ -504,7 +513,12 @@ pub fn forward_epi(
         super::par::chunks_mut(&mut out[..g.n * img_out], imgs * img_out, |ti, o| {
             let (n0, m) = (ti * imgs, o.len() / img_out);
             BUFS.with(|b| {
-                let Bufs { xp, acc } = &mut *b.borrow_mut();
+                let Bufs { xp, key, acc } = &mut *b.borrow_mut();
+                // Zeroed once per geometry: the padding writes only the interiors.
+                if *key != Some(layer.key()) {
+                    xp.clear();
+                    *key = Some(layer.key());
+                }
                 xp.resize(m * img_len, 0.0);
                 layer.pad(&x[n0 * img_in..(n0 + m) * img_in], xp);
                 let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
@@ -518,8 +532,6 @@ pub fn forward_epi(
     // Fewer images than threads: padded once, shared out as (tile groups of channel
     // blocks × position ranges); position ranges too, or a 64-channel layer at batch 1
     // (one tile group) would run on one thread.
-    let mut xp = vec![0f32; g.n * img_len];
-    layer.pad(&x[..g.n * img_in], &mut xp);
     let groups = nb.div_ceil(RMAX);
     let csplits = (2 * threads).min(groups).max(1);
     let per = groups.div_ceil(csplits) * RMAX;
@@ -530,18 +542,21 @@ pub fn forward_epi(
         .max(1);
     let pper = total.div_ceil(psplits);
     let outp = OutPtr(out.as_mut_ptr());
-    let (xp, layer) = (&xp, &layer);
-    super::par::for_each(csplits * psplits, move |task| {
-        let (s, ps) = (task / psplits, task % psplits);
-        let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
-        let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
-        if b0 >= b1 || qa >= qb {
-            return;
-        }
-        BUFS.with(|b| {
-            let acc = &mut b.borrow_mut().acc;
-            // SAFETY: the tasks own disjoint (channel block, position) ranges.
-            unsafe { layer.blocks(xp, g.n, (b0, b1), (qa, qb), acc, outp, epi, res) };
+    let layer = &layer;
+    let len = g.n * img_len;
+    super::conv_tiles::with_shared_pad(g, &layer.grid, x, g.n, len, |xp| {
+        super::par::for_each(csplits * psplits, move |task| {
+            let (s, ps) = (task / psplits, task % psplits);
+            let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
+            let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
+            if b0 >= b1 || qa >= qb {
+                return;
+            }
+            BUFS.with(|b| {
+                let acc = &mut b.borrow_mut().acc;
+                // SAFETY: the tasks own disjoint (channel block, position) ranges.
+                unsafe { layer.blocks(xp, g.n, (b0, b1), (qa, qb), acc, outp, epi, res) };
+            })
         })
     });
 }
