@@ -15,6 +15,7 @@ mod node;
 mod plan;
 pub mod profile;
 mod sparse_pack;
+mod threads;
 
 pub use inputs::{AsInputs, Inputs};
 pub use mode::Mode;

@@ -73,6 +73,8 @@ pub struct Plan {
     detach: bool,
     /// Each resize's interpolation matrices `(A_h, A_wᵀ)` for the planned input shape.
     resize: HashMap<NodeId, (Tensor, Tensor)>,
+    /// Inference: passes on the pool or on the calling thread alone, by measurement.
+    threads: super::threads::Threads,
 }
 
 impl Plan {
@@ -128,6 +130,11 @@ impl Plan {
             linear,
             sparse,
             resize,
+            threads: if mode == Mode::Eval {
+                super::threads::Threads::on()
+            } else {
+                super::threads::Threads::default()
+            },
         })
     }
 
@@ -157,7 +164,7 @@ impl Plan {
             // An inference pass is many short layers back to back: its kernels' loops go
             // to the spinning pool (`kernels::par`); training keeps rayon throughout.
             if self.mode == super::Mode::Eval {
-                crate::kernels::par::engaged(|| self.run_in_pool(g, xs, f))
+                crate::kernels::par::engaged(|| self.threads.run(|| self.run_in_pool(g, xs, f)))
             } else {
                 self.run_in_pool(g, xs, f)
             }

@@ -60,7 +60,7 @@ pub fn sgemm(
         b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
         "gemm rhs too small"
     );
-    let par = if parallel {
+    let par = if parallel && !super::par::is_alone() {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None

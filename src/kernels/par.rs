@@ -31,6 +31,8 @@ thread_local! {
     static ENGAGED: Cell<bool> = const { Cell::new(false) };
     /// The thread is inside a task (its loops run inline).
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// The thread runs a node [`alone`].
+    static ALONE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Participants a job's tasks are split between (the caller and up to this many − 1
@@ -193,6 +195,29 @@ pub fn engaged<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(before);
     f()
+}
+
+/// Runs `f` with the calling thread's loops inline (no helper takes part; the GEMM crate
+/// runs single-threaded): the tasks are the same as on the pool, run one after another
+/// (`exec::threads` picks this per node where it measures faster).
+pub fn alone<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_TASK.with(|t| t.set(self.0));
+            ALONE.with(|a| a.set(self.1));
+        }
+    }
+    let _restore = Restore(
+        IN_TASK.with(|t| t.replace(true)),
+        ALONE.with(|a| a.replace(true)),
+    );
+    f()
+}
+
+/// Whether the calling thread runs [`alone`] now.
+pub fn is_alone() -> bool {
+    ALONE.with(|a| a.get())
 }
 
 /// Whether the calling thread's loops run on the spinning pool now (never with
