@@ -7,7 +7,8 @@
 //! the rules in `kernels/conv_tiles.rs` and `kernels/dw_flat.rs` (BENCHMARKS §19).
 
 use lopper::kernels::conv::{
-    conv_backward_input, conv_backward_weight, conv_forward, conv_forward_packed, PackedWeight,
+    conv_backward_input, conv_backward_weight, conv_forward, conv_forward_packed, Epilogue,
+    PackedWeight,
 };
 use lopper::kernels::conv_tiles::{set_mode, TileMode};
 use lopper::kernels::im2col::Geo;
@@ -252,6 +253,14 @@ fn paths() {
         set_mode(modes[0]);
         panel::set_enabled(true);
         let packed = PackedWeight::for_geo(&g, &w).filter(|_| prepacked);
+        // `CONV_PATHS_EPI=relu`: the first mode with a bias and ReLU epilogue (as a plan
+        // fuses them), through the packed entry point.
+        let epi = std::env::var("CONV_PATHS_EPI")
+            .is_ok_and(|v| v == "relu")
+            .then(|| Epilogue {
+                bias: vec![0.1; g.o],
+                act: Some(lopper::graph::ops::ActivationKind::Relu),
+            });
         for _ in 0..6 {
             for (i, mode) in modes.into_iter().enumerate() {
                 set_mode(mode);
@@ -260,8 +269,16 @@ fn paths() {
                 }
                 let t = Instant::now();
                 for _ in 0..reps {
-                    if i == 0 && packed.is_some() {
-                        conv_forward_packed(&g, &x, &w, packed.as_ref(), &mut out, None, None);
+                    if i == 0 && (packed.is_some() || epi.is_some()) {
+                        conv_forward_packed(
+                            &g,
+                            &x,
+                            &w,
+                            packed.as_ref(),
+                            &mut out,
+                            epi.as_ref(),
+                            None,
+                        );
                     } else {
                         conv_forward(&g, &x, &w, &mut out);
                     }

@@ -650,7 +650,10 @@ fn packed_weights(l: Isa) {
         (2, 40, 16, 16, 24),
         // Positions as rows (`panel::conv_rows`, 128 input channels or more): batch-1
         // 7×7, 4×4 and 14×14 maps, three 3×3 images, output channels off the multiple
-        // of 64, row groups split across tasks; and a 7×7 map with 64 (the panels).
+        // of 64 (three panels, the last short), row groups split across tasks; and a
+        // 7×7 map with 64 (the panels).
+        (1, 288, 7, 7, 160),
+        (1, 200, 7, 7, 150),
         (1, 64, 7, 7, 130),
         (1, 160, 4, 4, 96),
         (1, 136, 14, 14, 200),
