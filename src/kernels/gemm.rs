@@ -29,6 +29,9 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Multiply-adds under which a product inside an inference pass runs single-threaded.
+const SMALL_PRODUCT: usize = 1 << 22;
+
 /// `dst[m x n] (row-major) = (accumulate ? dst : 0) + a[m x k] * b[k x n]`.
 /// `parallel` lets gemm use the rayon pool (for a lone large product).
 #[allow(clippy::too_many_arguments)]
@@ -60,7 +63,12 @@ pub fn sgemm(
         b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
         "gemm rhs too small"
     );
-    let par = if parallel && !super::par::is_alone() {
+    // Inside an inference pass a small product stays on this thread: handing it to
+    // rayon woke rayon's idle worker, which then spun beside the pass's own helper on
+    // the other core (the pruned MLP's 640→10 output layer at batch 64: every pass of
+    // some processes ran at half speed, the helper starved, 0.46 against 0.23 ms).
+    let small = m * n * k < SMALL_PRODUCT && super::par::on_pool();
+    let par = if parallel && !small && !super::par::is_alone() {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None

@@ -5,7 +5,6 @@
 use super::cpu::{ce, slice, tensor, with_f32};
 use super::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PoolCfg {
@@ -169,41 +168,43 @@ impl CustomOp1 for PoolOp {
         // Planes per work item: a small map (a batch-1 digit CNN's 32×28×28) pays more in
         // thread hand-offs than its reductions cost, so it stays on fewer threads.
         let per_item = (1usize << 15).div_ceil((hw * self.cfg.kernel[0]).max(1));
-        out.par_chunks_mut(p)
-            .enumerate()
-            .with_min_len(per_item)
-            .for_each_init(
-                || vec![0f32; g.w],
-                |acc, (i, o)| {
-                    let xc = &x[i * hw..(i + 1) * hw];
+        // On the kernels' pool (inside an inference pass, rayon's idle worker woken here
+        // spun beside the pass's helper thread).
+        let plane = |acc: &mut Vec<f32>, i: usize, o: &mut [f32]| {
+            let xc = &x[i * hw..(i + 1) * hw];
+            if max {
+                return max_plane(xc, g.w, g.ow, &rows, &cols, pairs, acc, o);
+            }
+            for (oy, orow) in o.chunks_exact_mut(g.ow).enumerate() {
+                let (y0, y1) = rows[oy];
+                let init = if max { f32::NEG_INFINITY } else { 0.0 };
+                acc.fill(init);
+                for yy in y0..y1 {
+                    let row = &xc[yy * g.w..(yy + 1) * g.w];
                     if max {
-                        return max_plane(xc, g.w, g.ow, &rows, &cols, pairs, acc, o);
+                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a = a.max(v));
+                    } else {
+                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
                     }
-                    for (oy, orow) in o.chunks_exact_mut(g.ow).enumerate() {
-                        let (y0, y1) = rows[oy];
-                        let init = if max { f32::NEG_INFINITY } else { 0.0 };
-                        acc.fill(init);
-                        for yy in y0..y1 {
-                            let row = &xc[yy * g.w..(yy + 1) * g.w];
-                            if max {
-                                acc.iter_mut().zip(row).for_each(|(a, &v)| *a = a.max(v));
-                            } else {
-                                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-                            }
-                        }
-                        for (ox, v) in orow.iter_mut().enumerate() {
-                            let (x0, x1) = cols[ox];
-                            let win = &acc[x0..x1];
-                            *v = if max {
-                                win.iter().fold(init, |m, &a| m.max(a))
-                            } else {
-                                let div = cfg.window(&g, oy, ox).4;
-                                win.iter().sum::<f32>() / div
-                            };
-                        }
-                    }
-                },
-            );
+                }
+                for (ox, v) in orow.iter_mut().enumerate() {
+                    let (x0, x1) = cols[ox];
+                    let win = &acc[x0..x1];
+                    *v = if max {
+                        win.iter().fold(init, |m, &a| m.max(a))
+                    } else {
+                        let div = cfg.window(&g, oy, ox).4;
+                        win.iter().sum::<f32>() / div
+                    };
+                }
+            }
+        };
+        super::par::chunks_mut(&mut out[..], per_item * p.max(1), |t, o| {
+            let mut acc = vec![0f32; g.w];
+            for (j, op) in o.chunks_mut(p.max(1)).enumerate() {
+                plane(&mut acc, t * per_item + j, op);
+            }
+        });
         let d = l.dims();
         Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))))
     }
