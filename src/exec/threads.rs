@@ -4,7 +4,7 @@
 //! Splitting a layer across cores pays when the work saved exceeds the cost of moving
 //! its data between them, and that cost is not a constant of the CPU: on the 2-vCPU
 //! cloud machines of the benchmarks a round trip between the two cores measured 50 ns in
-//! some hours and 350–450 ns in others (the host placing them on one core complex or on
+//! some hours and 350–700 ns in others (the host placing them on one core complex or on
 //! two). In the slow hours ResNet-56 at batch 1 ran 1.7 ms on two threads against 1.2 on
 //! one, its 10–20 µs layers waiting on the other core's caches; in the quiet hours two
 //! threads ran it in 0.85. A fixed size rule is wrong in one of the two; the plan times
@@ -14,8 +14,8 @@
 //! the lower running average and tries the other once every [`PROBE`] passes, so a change
 //! of conditions is noticed within a few hundred passes. The choice is per pass, not per
 //! node: timed per node, a layer run alone paid for pulling the previous layer's output
-//! out of the other core's cache, and the per-node choices came out slower than either
-//! mode (MobileNetV3-small at batch 1: 0.68 ms against 0.63 on the pool). The kernels
+//! out of the other core's cache, and the per-node choices came out slower than the pool
+//! alone (MobileNetV3-small at batch 1: 0.68 ms against 0.63). The kernels
 //! split their work the same way in both modes (the thread count they see is unchanged;
 //! only who runs the tasks differs), so results are bit-identical either way.
 //! `LOPPER_TUNE=0` keeps every pass on the pool (A/B runs).
@@ -33,7 +33,7 @@ const WARM: u32 = 3;
 /// 23.5 ms on two threads, 36 on one), and a few passes in the slower mode would show
 /// in short benchmarks.
 const GATE_NS: u32 = 5_000_000;
-/// Once decided, one run in this many tries the other mode.
+/// Once decided, one pass in this many tries the other mode.
 const PROBE: u32 = 128;
 
 /// A plan's record: running averages of a pass's time (ns) in each mode, and the pass

@@ -36,7 +36,7 @@ thread_local! {
     static ENGAGED: Cell<bool> = const { Cell::new(false) };
     /// The thread is inside a task (its loops run inline).
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
-    /// The thread runs a node [`alone`].
+    /// The thread runs [`alone`].
     static ALONE: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -132,11 +132,9 @@ fn helper_main(h: usize) {
     let me = &pool.helpers[h];
     let mut idle_since = Instant::now();
     let mut spins = 0u32;
-    // The last job this helper entered, by its publication number: a job is published
-    // at the same stack address each time, and a helper that waited for the address to
-    // change missed the short gaps between back-to-back jobs and sat out whole passes
-    // (the caller ran every task alone: LeNet-5 at batch 64 in 0.37 ms instead of 0.19
-    // in some processes).
+    // The last job this helper entered, by its publication number: jobs are published
+    // at the same stack address each time, so a helper that waited for the address to
+    // change could miss the gap between back-to-back jobs and sit the next ones out.
     let mut last = 0;
     loop {
         let p = pool.slot.load(SeqCst);
@@ -210,7 +208,7 @@ pub fn engaged<R>(f: impl FnOnce() -> R) -> R {
 
 /// Runs `f` with the calling thread's loops inline (no helper takes part; the GEMM crate
 /// runs single-threaded): the tasks are the same as on the pool, run one after another
-/// (`exec::threads` picks this per node where it measures faster).
+/// (`exec::threads` picks this for whole passes where it measures faster).
 pub fn alone<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool, bool);
     impl Drop for Restore {
