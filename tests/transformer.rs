@@ -311,3 +311,44 @@ fn class_token_vit_runs_and_resizes() {
     let y = forward(&big, &input(&big, 2, 4), Mode::Eval).unwrap();
     assert_eq!(y.dims(), &[2, 10]);
 }
+
+/// An eval pass without gradients writes the class token and adds the position embedding
+/// in its own loops; with gradients they are candle's ops: the same bits either way (a
+/// class-token ViT at batch 3, random token and embedding).
+#[test]
+fn class_token_and_pos_embed_no_grad_paths_match() {
+    use lopper::exec::{Feeds, Plan, PlanOpts};
+    let g = zoo::build("vit:32-2-4-4-2-cls@3x16x16", 5).unwrap();
+    let mut rng = Pcg64::seed_from_u64(9);
+    let mut rand = |n: usize| {
+        (0..n)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect::<Vec<f32>>()
+    };
+    set(&g, "pos_embed.weight", rand(32 * 17));
+    let tok = g
+        .params()
+        .keys()
+        .find(|k| k.starts_with("class_token"))
+        .unwrap()
+        .clone();
+    let n = g.params()[&tok].as_tensor().elem_count();
+    set(&g, &tok, rand(n));
+    let x = input(&g, 3, 6);
+    let run = |grad: bool| {
+        let opts = PlanOpts {
+            grad,
+            ..Default::default()
+        };
+        let plan = Plan::new(&g, Mode::Eval, &opts).unwrap();
+        vals(&plan.run(&g, &x, &Feeds::default()).unwrap().outputs[0])
+    };
+    let (fast, reference) = (run(false), run(true));
+    assert_eq!(fast.len(), 30);
+    assert!(
+        fast.iter()
+            .zip(&reference)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{fast:?} vs {reference:?}"
+    );
+}

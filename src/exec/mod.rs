@@ -159,6 +159,7 @@ pub fn apply_node(g: &Graph, i: NodeId, ins: &[&Tensor], mode: Mode) -> Result<T
         update_stats: false,
         bn_momentum: None,
         weight_masks: None,
+        no_grad: false,
     };
     // Values computed on the host (methods' probes) go to the parameters' device.
     let dev = g.device();

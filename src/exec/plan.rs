@@ -179,6 +179,7 @@ impl Plan {
             update_stats: !f.frozen_stats,
             bn_momentum: f.bn_momentum,
             weight_masks: f.weight_masks,
+            no_grad: self.detach,
         };
         // Weight masks change the weights the kernels see: the compressed copies do not
         // apply then.
