@@ -514,12 +514,7 @@ pub fn forward_epi(
             let (n0, m) = (ti * imgs, o.len() / img_out);
             BUFS.with(|b| {
                 let Bufs { xp, key, acc } = &mut *b.borrow_mut();
-                // Zeroed once per geometry: the padding writes only the interiors.
-                if *key != Some(layer.key()) {
-                    xp.clear();
-                    *key = Some(layer.key());
-                }
-                xp.resize(m * img_len, 0.0);
+                let xp = super::conv_tiles::zeroed_for(layer.key(), key, xp, m * img_len);
                 layer.pad(&x[n0 * img_in..(n0 + m) * img_in], xp);
                 let rn = res.map(|r| &r[n0 * img_out..(n0 + m) * img_out]);
                 let outp = OutPtr(o.as_mut_ptr());

@@ -251,6 +251,26 @@ pub(super) fn pad_channel(g: &Geo, grid: &Grid, x: &[f32], dst: &mut [f32]) {
 }
 }
 
+/// The first `len` floats of `xp` with every cell outside the planes' interiors zero for
+/// the geometry `key`: zeroed when the key changes (the padding writes only interiors,
+/// so a buffer padded before for the same key keeps its zero border and slack), grown
+/// with zeros when short.
+pub(super) fn zeroed_for<'a, const K: usize>(
+    key: [usize; K],
+    have: &mut Option<[usize; K]>,
+    xp: &'a mut Vec<f32>,
+    len: usize,
+) -> &'a mut [f32] {
+    if *have != Some(key) {
+        xp.clear();
+        *have = Some(key);
+    }
+    if xp.len() < len {
+        xp.resize(len, 0.0);
+    }
+    &mut xp[..len]
+}
+
 thread_local! {
     /// The calling thread's padded image for calls whose tasks share it (fewer images
     /// than threads), with the key it was laid out for.
@@ -274,12 +294,8 @@ pub(super) fn with_shared_pad<R>(
     let key = [
         g.c, g.h, g.w, g.sh, g.sw, g.pt, g.pl, grid.rows, grid.cols, len,
     ];
-    let (mut have, mut xp) = SHARED.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if have != Some(key) || xp.len() != len {
-        xp.clear();
-        xp.resize(len, 0.0);
-        have = Some(key);
-    }
+    let (mut have, mut buf) = SHARED.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let xp = zeroed_for(key, &mut have, &mut buf, len);
     let (hw, pl) = (g.h * g.w, grid.plane);
     assert!(x.len() >= imgs * g.c * hw && len >= imgs * g.c * pl);
     // On the calling thread: shared out per channel it was no faster (ResNet-56 at
@@ -287,8 +303,8 @@ pub(super) fn with_shared_pad<R>(
     for (i, d) in xp[..imgs * g.c * pl].chunks_exact_mut(pl).enumerate() {
         pad_channel(g, grid, &x[i * hw..(i + 1) * hw], d)
     }
-    let r = f(&xp);
-    SHARED.with(|s| *s.borrow_mut() = (have, xp));
+    let r = f(xp);
+    SHARED.with(|s| *s.borrow_mut() = (have, buf));
     r
 }
 
@@ -865,13 +881,7 @@ pub fn forward_epi(
         super::par::chunks_mut(&mut out[..], img_out, |n, img| {
             BUFS.with(|b| {
                 let Bufs { xp, key, scratch } = &mut *b.borrow_mut();
-                if *key != Some(layer.key()) || xp.len() < plen {
-                    // A new geometry: zero the whole buffer once (border and slack).
-                    xp.clear();
-                    xp.resize(plen, 0.0);
-                    *key = Some(layer.key());
-                }
-                let xp = &mut xp[..plen];
+                let xp = zeroed_for(layer.key(), key, xp, plen);
                 layer.pad(&x[n * img_in..(n + 1) * img_in], xp);
                 let outp = OutPtr(img.as_mut_ptr());
                 let rn = res.map(|r| &r[n * img_out..(n + 1) * img_out]);
