@@ -237,6 +237,18 @@ fn sparse_direct(l: Isa) {
         ([2, 30, 2, 2], [7, 30, 1, 1], 1, [0, 0, 0, 0]),
         ([1, 11, 5, 7], [6, 11, 1, 1], 1, [0, 0, 0, 0]),
         ([2, 20, 16, 9], [5, 20, 1, 1], 1, [0, 0, 0, 0]),
+        // Maps of 1–4 vectors with several images: the same channel of a group of images
+        // per tile (`sparse_images`), in place, or packed where each input channel feeds
+        // ≥ 12 non-zeros (here ≥ 60 outputs); groups of 8, 4, 2 and 1 image, batches that
+        // leave a partial last group, partial last vectors (1×1, 3×3, 6×6, 7×7 maps).
+        ([3, 8, 4, 4], [70, 8, 1, 1], 1, [0, 0, 0, 0]),
+        ([9, 20, 4, 4], [80, 20, 1, 1], 1, [0, 0, 0, 0]),
+        ([5, 16, 7, 7], [64, 16, 1, 1], 1, [0, 0, 0, 0]),
+        ([3, 24, 6, 6], [10, 24, 1, 1], 1, [0, 0, 0, 0]),
+        ([4, 16, 1, 1], [70, 16, 1, 1], 1, [0, 0, 0, 0]),
+        ([2, 300, 8, 8], [70, 300, 1, 1], 1, [0, 0, 0, 0]),
+        ([9, 40, 3, 3], [9, 40, 1, 1], 1, [0, 0, 0, 0]),
+        ([6, 700, 4, 4], [80, 700, 1, 1], 1, [0, 0, 0, 0]),
     ];
     for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

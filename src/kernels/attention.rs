@@ -121,7 +121,7 @@ impl AttentionOp {
         let e = h * d;
         let mut out = vec![0f32; n * e * tl];
         if tl > 0 && d > 0 {
-            out.par_chunks_mut(d * tl).enumerate().for_each(|(i, o)| {
+            super::par::chunks_mut(&mut out, d * tl, |i, o| {
                 let (ni, hi) = (i / h, i % h);
                 let img = &x[ni * c * tl..(ni + 1) * c * tl];
                 let rows = |r: usize| &img[r * tl..(r + d) * tl];

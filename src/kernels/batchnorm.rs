@@ -107,10 +107,13 @@ impl CustomOp3 for BatchNormOp {
         let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
         let mut out = vec![0f32; x.len()];
         let relu = self.relu;
-        out.par_chunks_mut(s.max(1))
-            .zip(x.par_chunks(s.max(1)))
-            .enumerate()
-            .for_each(|(row, (o, xi))| {
+        // Whole (image, channel) rows per task, ≥ 16 K values each.
+        let s1 = s.max(1);
+        let rows = (16384 / s1).max(1);
+        super::par::chunks_mut(&mut out, rows * s1, |t, o| {
+            for (j, o) in o.chunks_mut(s1).enumerate() {
+                let row = t * rows + j;
+                let xi = &x[row * s1..row * s1 + o.len()];
                 let ci = row % c;
                 let (a, b) = (scale[ci], shift[ci]);
                 if relu {
@@ -120,7 +123,8 @@ impl CustomOp3 for BatchNormOp {
                 } else {
                     o.iter_mut().zip(xi).for_each(|(o, &v)| *o = v * a + b);
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -7,7 +7,6 @@
 //! ≈ 10× fewer multiply-adds. Rows are split across threads.
 
 use crate::graph::csr::CsrMatrix;
-use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// Index data derived for one geometry: `(geometry key, data)`.
@@ -66,10 +65,12 @@ impl CsrKernels for CsrMatrix {
             spmm_row(&self.values[a..z], &self.col_idx[a..z], b, n, o);
         };
         if self.nnz() * n >= 1 << 16 {
-            out.par_chunks_mut(n)
-                .enumerate()
-                .with_min_len(4)
-                .for_each(|(r, o)| row(r, o));
+            // Four rows per task.
+            super::par::chunks_mut(&mut out[..self.rows * n], 4 * n, |t, o| {
+                for (j, o) in o.chunks_mut(n).enumerate() {
+                    row(4 * t + j, o);
+                }
+            });
         } else {
             for (r, o) in out.chunks_mut(n).enumerate().take(self.rows) {
                 row(r, o);
@@ -90,7 +91,7 @@ impl CsrKernels for CsrMatrix {
             }
         };
         if m == 1 && self.nnz() >= 1 << 15 {
-            y.par_chunks_mut(64).enumerate().for_each(|(c, yc)| {
+            super::par::chunks_mut(&mut y[..self.rows], 64, |c, yc| {
                 let r0 = c * 64;
                 for (i, yr) in yc.iter_mut().enumerate() {
                     let r = r0 + i;
@@ -102,10 +103,9 @@ impl CsrKernels for CsrMatrix {
                 }
             });
         } else {
-            x.par_chunks(self.cols)
-                .zip(y.par_chunks_mut(self.rows))
-                .take(m)
-                .for_each(|(xb, yb)| one(xb, yb));
+            super::par::chunks_mut(&mut y[..m * self.rows], self.rows, |b, yb| {
+                one(&x[b * self.cols..(b + 1) * self.cols], yb)
+            });
         }
     }
 }

@@ -63,40 +63,128 @@ pub fn sgemm(
         b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
         "gemm rhs too small"
     );
-    // Inside an inference pass a small product stays on this thread: handing it to
-    // rayon woke rayon's idle worker, which then spun beside the pass's own helper on
-    // the other core (the pruned MLP's 640→10 output layer at batch 64: every pass of
-    // some processes ran at half speed, the helper starved, 0.46 against 0.23 ms).
-    let small = m * n * k < SMALL_PRODUCT && super::par::on_pool();
-    let par = if parallel && !small && !super::par::is_alone() {
+    // Inside an inference pass no product goes to rayon: its idle worker, woken, spun
+    // beside the pass's own helper on the other core (the pruned MLP's 640→10 output
+    // layer at batch 64: every pass of some processes ran at half speed, the helper
+    // starved, 0.46 against 0.23 ms). A small product stays on this thread, a large one
+    // is cut into blocks of rows (or columns) on the kernels' pool.
+    let on_pool = super::par::on_pool();
+    if parallel && on_pool && m * n * k >= SMALL_PRODUCT {
+        let parts = 4 * rayon::current_num_threads().max(1);
+        // SAFETY: bounds checked above; the blocks write disjoint parts of `dst`.
+        let d = Dst(dst.as_mut_ptr());
+        let d = &d;
+        if m >= 16 * parts || m >= n {
+            let rows = m.div_ceil(parts).next_multiple_of(8).min(m);
+            super::par::for_each(m.div_ceil(rows), |i| {
+                let r0 = i * rows;
+                let mb = rows.min(m - r0);
+                unsafe {
+                    raw(
+                        (mb, n, k),
+                        d.0.add(r0 * n),
+                        n,
+                        1,
+                        accumulate,
+                        a.data.as_ptr().add(r0 * a.rs),
+                        a,
+                        b.data.as_ptr(),
+                        b,
+                        Parallelism::None,
+                    )
+                }
+            });
+        } else {
+            let cols = n.div_ceil(parts).next_multiple_of(16).min(n);
+            super::par::for_each(n.div_ceil(cols), |j| {
+                let c0 = j * cols;
+                let nb = cols.min(n - c0);
+                unsafe {
+                    raw(
+                        (m, nb, k),
+                        d.0.add(c0),
+                        n,
+                        1,
+                        accumulate,
+                        a.data.as_ptr(),
+                        a,
+                        b.data.as_ptr().add(c0 * b.cs),
+                        b,
+                        Parallelism::None,
+                    )
+                }
+            });
+        }
+        return;
+    }
+    let par = if parallel && !on_pool && !super::par::is_alone() {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
     };
     // SAFETY: bounds checked above; dst does not alias a or b (distinct borrows).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        raw(
+            (m, n, k),
             dst.as_mut_ptr(),
+            n,
             1,
-            n as isize,
             accumulate,
             a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
+            a,
             b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+            b,
             par,
         )
     }
+}
+
+/// `dst`'s base pointer shared by blocks that write disjoint parts of it.
+struct Dst(*mut f32);
+// SAFETY: each block writes its own rows or columns only.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// The `gemm` crate's call for `dst[m x n]` (row stride `drs`, column stride `dcs`) from
+/// `a` and `b` at the given base pointers with their views' strides.
+///
+/// # Safety
+/// Every element addressed through the pointers and strides must be in bounds, `dst`
+/// must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    drs: usize,
+    dcs: usize,
+    accumulate: bool,
+    ap: *const f32,
+    a: Mat,
+    bp: *const f32,
+    b: Mat,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dcs as isize,
+        drs as isize,
+        accumulate,
+        ap,
+        a.cs as isize,
+        a.rs as isize,
+        bp,
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// Rows per thread when a product's `m` output rows are split into one single-threaded
@@ -107,4 +195,46 @@ pub fn row_blocks(m: usize) -> Option<usize> {
     let threads = rayon::current_num_threads();
     let rows = m.div_ceil(threads.max(1)).next_multiple_of(16);
     (threads >= 2 && rows < m && rows >= 32).then_some(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A large product inside an inference pass is cut into row blocks (tall) or column
+    /// blocks (wide) on the kernels' pool: the same result as one single-threaded call,
+    /// with strided and transposed operands and accumulation.
+    #[test]
+    fn pool_blocks_match_one_call() {
+        // (m, n, k): tall (rows), wide (columns), both with ragged blocks.
+        for (m, n, k) in [(517, 97, 111), (19, 2001, 130), (40, 900, 129)] {
+            assert!(m * n * k >= SMALL_PRODUCT);
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            let init: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+            for (accumulate, a_t) in [(false, false), (true, true)] {
+                // `a` as given, or its transpose read through strides.
+                let at: Vec<f32>;
+                let av = if a_t {
+                    at = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+                    Mat::rm_t(&at, m)
+                } else {
+                    Mat::rm(&a, k)
+                };
+                let mut want = init.clone();
+                sgemm(m, n, k, &mut want, av, Mat::rm(&b, n), accumulate, false);
+                let mut got = init.clone();
+                crate::util::on_pool(|| {
+                    crate::kernels::par::engaged(|| {
+                        sgemm(m, n, k, &mut got, av, Mat::rm(&b, n), accumulate, true)
+                    })
+                });
+                assert_eq!(got, want, "{m}×{n}×{k} accumulate {accumulate}");
+            }
+        }
+    }
 }

@@ -143,13 +143,12 @@ impl CustomOp3 for LayerNormOp {
         let (eps, rms) = (self.eps, self.rms);
         let mut y = vec![0f32; x.len()];
         if c * p > 0 {
-            y.par_chunks_mut(c * p)
-                .zip(x.par_chunks(c * p))
-                .for_each(|(yi, xi)| {
-                    let (mut mean, mut inv) = (vec![0f32; p], vec![0f32; p]);
-                    stats(xi, c, p, eps, rms, &mut mean, &mut inv);
-                    normalise(xi, p, &mean, &inv, g, b, yi);
-                });
+            super::par::chunks_mut(&mut y, c * p, |i, yi| {
+                let xi = &x[i * c * p..(i + 1) * c * p];
+                let (mut mean, mut inv) = (vec![0f32; p], vec![0f32; p]);
+                stats(xi, c, p, eps, rms, &mut mean, &mut inv);
+                normalise(xi, p, &mean, &inv, g, b, yi);
+            });
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

@@ -32,6 +32,7 @@ mod pool_ref;
 pub mod reduce;
 pub mod simd;
 pub mod sparse;
+mod sparse_images;
 
 pub use batchnorm::BatchStats;
 pub use conv::ConvCfg;

@@ -17,7 +17,6 @@ use crate::graph::csr::CsrMatrix;
 use crate::graph::ops::ActivationKind;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Per-output-channel affine (+ residual) and activation applied after the sparse product.
@@ -110,41 +109,53 @@ pub fn conv2d(
             if d.flat {
                 // Pointwise: whole runs of channels per call, the input read where it is.
                 let res_n = |n: usize, o0: usize| rs.map(|r| &r[n * img_out + o0 * p..]);
-                if g.n == 1 {
+                if super::sparse_images::applies(g.n, p) {
+                    // Small maps: the same channel of several images per tile.
+                    super::sparse_images::Batch {
+                        csr,
+                        x: xs,
+                        n: g.n,
+                        p,
+                        scale: epi.scale,
+                        bias: epi.bias,
+                        res: rs,
+                        act: epi.act,
+                    }
+                    .run(out);
+                } else if g.n == 1 {
                     // ~8 tasks per thread, each at least 16 K multiply-adds.
                     let work = csr.values.len() * p;
                     let tasks = (8 * rayon::current_num_threads()).min(work >> 14).max(1);
                     let per = g.o.div_ceil(tasks);
-                    out.par_chunks_mut(per * p).enumerate().for_each(|(i, oc)| {
+                    super::par::chunks_mut(out, per * p, |i, oc| {
                         d.flat_channels(&g, &xs[..img_in], i * per, oc, epi, res_n(0, i * per))
                     });
                 } else {
-                    out.par_chunks_mut(img_out)
-                        .enumerate()
-                        .for_each(|(n, out_n)| {
-                            let xn = &xs[n * img_in..(n + 1) * img_in];
-                            d.flat_channels(&g, xn, 0, out_n, epi, res_n(n, 0))
-                        });
+                    super::par::chunks_mut(out, img_out, |n, out_n| {
+                        let xn = &xs[n * img_in..(n + 1) * img_in];
+                        d.flat_channels(&g, xn, 0, out_n, epi, res_n(n, 0))
+                    });
                 }
                 return;
             }
             if g.n == 1 {
                 d.with_input(&g, &xs[..img_in], |xin| {
-                    out.par_chunks_mut(p)
-                        .enumerate()
-                        .with_min_len(2)
-                        .for_each(|(o, oc)| d.channel(&g, xin, o, oc, ce(epi, o, res_c(0, o))));
+                    // Pairs of channels per task.
+                    super::par::chunks_mut(out, 2 * p, |t, oc| {
+                        for (j, oc) in oc.chunks_mut(p).enumerate() {
+                            let o = 2 * t + j;
+                            d.channel(&g, xin, o, oc, ce(epi, o, res_c(0, o)));
+                        }
+                    });
                 });
             } else {
-                out.par_chunks_mut(img_out)
-                    .enumerate()
-                    .for_each(|(n, out_n)| {
-                        d.with_input(&g, &xs[n * img_in..(n + 1) * img_in], |xin| {
-                            for (o, oc) in out_n.chunks_mut(p).enumerate() {
-                                d.channel(&g, xin, o, oc, ce(epi, o, res_c(n, o)));
-                            }
-                        })
-                    });
+                super::par::chunks_mut(out, img_out, |n, out_n| {
+                    d.with_input(&g, &xs[n * img_in..(n + 1) * img_in], |xin| {
+                        for (o, oc) in out_n.chunks_mut(p).enumerate() {
+                            d.channel(&g, xin, o, oc, ce(epi, o, res_c(n, o)));
+                        }
+                    })
+                });
             }
         };
         with_f32(x, |xs| match residual {
@@ -187,9 +198,7 @@ pub fn conv2d(
                 }
             });
         } else {
-            out.par_chunks_mut(img_out)
-                .enumerate()
-                .for_each(|(n, o)| with_scratch(|buf| one(buf, n, o)));
+            super::par::chunks_mut(&mut out, img_out, |n, o| with_scratch(|buf| one(buf, n, o)));
         }
     })?;
     Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?)
