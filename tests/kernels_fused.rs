@@ -249,6 +249,16 @@ fn sparse_direct(l: Isa) {
         ([2, 300, 8, 8], [70, 300, 1, 1], 1, [0, 0, 0, 0]),
         ([9, 40, 3, 3], [9, 40, 1, 1], 1, [0, 0, 0, 0]),
         ([6, 700, 4, 4], [80, 700, 1, 1], 1, [0, 0, 0, 0]),
+        // k×k convs at stride 1 whose output rows are as wide as the input's, maps of
+        // 1–4 vectors, several images: read in place through per-tap masks (`Taps`):
+        // 8×8 and 7×7 3×3, 5×5 on 4×4, asymmetric padding (fewer output rows than
+        // input rows in one), a 1×3 kernel with groups of images and a partial group.
+        ([3, 6, 8, 8], [5, 6, 3, 3], 1, [1, 1, 1, 1]),
+        ([2, 5, 7, 7], [4, 5, 3, 3], 1, [1, 1, 1, 1]),
+        ([4, 4, 4, 4], [6, 4, 5, 5], 1, [2, 2, 2, 2]),
+        ([2, 3, 6, 5], [4, 3, 3, 3], 1, [0, 1, 2, 1]),
+        ([2, 4, 5, 4], [3, 4, 3, 3], 1, [0, 1, 0, 1]),
+        ([9, 3, 4, 6], [3, 3, 1, 3], 1, [0, 1, 0, 1]),
     ];
     for (ci, &(xd, wd, s, padding)) in convs.iter().enumerate() {
         let cfg = ConvCfg {

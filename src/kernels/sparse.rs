@@ -92,6 +92,37 @@ pub fn conv2d(
             );
         }
     }
+    // Small maps of several images, k×k convs read in place through masks.
+    let taps = (!g.is_pointwise() && super::sparse_images::applies(g.n, p))
+        .then(|| super::sparse_images::Taps::new(&g, &csr.col_idx))
+        .flatten();
+    if let Some(taps) = &taps {
+        let mut out = uninit(g.n * img_out);
+        let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [MaybeUninit<f32>]| {
+            super::sparse_images::Batch {
+                csr,
+                x: xs,
+                n: g.n,
+                p,
+                scale: epi.scale,
+                bias: epi.bias,
+                res: rs,
+                act: epi.act,
+                taps: Some(taps),
+            }
+            .run(out)
+        };
+        with_f32(x, |xs| match residual {
+            Some(r) => with_f32(r, |rs| run(xs, Some(rs), &mut out)),
+            None => {
+                run(xs, None, &mut out);
+                Ok(())
+            }
+        })??;
+        // SAFETY: `Batch::run` wrote every element.
+        let out = unsafe { assume_init(out) };
+        return Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?);
+    }
     if direct_ok(&g) {
         let d = Direct::new(&g, sw, epi.after());
         fn ce<'r>(epi: &SparseEpilogue, o: usize, res: Option<&'r [f32]>) -> ChanEpi<'r> {
@@ -120,6 +151,7 @@ pub fn conv2d(
                         bias: epi.bias,
                         res: rs,
                         act: epi.act,
+                        taps: None,
                     }
                     .run(out);
                 } else if g.n == 1 {

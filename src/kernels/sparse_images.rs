@@ -1,4 +1,5 @@
-//! Sparse pointwise convs on small maps, several images per tile (AVX-512).
+//! Sparse convs on small maps, several images per tile (AVX-512): pointwise convs, and
+//! stride-1 k×k convs read in place through per-tap masks ([`Taps`]).
 //!
 //! The per-image flat tiles ([`super::sparse`]) hold one channel's positions in 8 vector
 //! accumulators. A 4×4 map is one vector: the tile splits the channel's non-zeros into 8
@@ -30,8 +31,9 @@ thread_local! {
 /// Vectors (16 floats) a map may have for this kernel: 1–4 (maps of up to 64 positions).
 const MAX_VECS: usize = 4;
 
-/// Whether a pointwise conv of `n` images over maps of `p` positions runs here: AVX-512,
-/// at least two images, a map of 1–4 vectors.
+/// Whether a conv of `n` images with output maps of `p` positions may run here: AVX-512,
+/// at least two images (one image ran slower than on the per-image kernels: ResNet-20's
+/// 8×8 layers at batch 1), a map of 1–4 vectors; a k×k conv also needs [`Taps::new`].
 pub(super) fn applies(n: usize, p: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && super::simd::isa() == super::simd::Isa::Avx512
@@ -63,6 +65,88 @@ pub(super) struct Batch<'a> {
     pub res: Option<&'a [f32]>,
     /// The activation: a ReLU or ReLU6 as a clamp at the store, any other after.
     pub act: Option<ActivationKind>,
+    /// A k×k conv ([`Taps`]); `None` for a pointwise one.
+    pub taps: Option<&'a Taps>,
+}
+
+/// A stride-1 k×k conv whose output rows are as wide as its input rows ('same' padding
+/// across): output position `q` of the flattened map reads input position `q + δ` for
+/// tap `(ky, kx)`, `δ = (ky − pt)·W + (kx − pl)`, where the tap lands inside the image —
+/// so a non-zero is again whole vectors of the image read in place, the positions whose
+/// tap falls in the padding masked off. No padded copy of the input is made (the direct
+/// kernel's copy was a fifth of ResNet-20's sparse time at batch 64), and a 16-float
+/// register holds two rows of an 8×8 map (the direct kernel: one 8-float row each).
+pub(super) struct Taps {
+    /// Per non-zero, its input offset from an image's start (may be negative).
+    offs: Vec<isize>,
+    /// Per non-zero, its tap (an index into `masks`).
+    tap: Vec<u16>,
+    /// Per tap, each output vector's lanes that read inside the image.
+    masks: Vec<[u16; MAX_VECS]>,
+    /// Floats of one input image.
+    img_in: usize,
+}
+
+impl Taps {
+    /// The taps of a conv of geometry `g` with its CSR weight's columns (`c·kh·kw + ky·kw
+    /// + kx`), or `None` where they do not apply (see [`Taps`]).
+    pub fn new(g: &super::im2col::Geo, col_idx: &[u32]) -> Option<Taps> {
+        let p = g.oh * g.ow;
+        let ok = g.sh == 1
+            && g.sw == 1
+            && g.dh == 1
+            && g.dw == 1
+            && g.groups == 1
+            && g.ow == g.w
+            && p > 0
+            && p.div_ceil(16) <= MAX_VECS;
+        if !ok {
+            return None;
+        }
+        let (kh, kw, w, h) = (g.kh, g.kw, g.w as isize, g.h as isize);
+        let khw = kh * kw;
+        let masks = (0..khw)
+            .map(|t| {
+                let (dy, dx) = (
+                    (t / kw) as isize - g.pt as isize,
+                    (t % kw) as isize - g.pl as isize,
+                );
+                std::array::from_fn(|v| {
+                    let mut m = 0u16;
+                    for j in 0..16 {
+                        let q = v * 16 + j;
+                        if q >= p {
+                            break;
+                        }
+                        let (iy, ix) = ((q / g.ow) as isize + dy, (q % g.ow) as isize + dx);
+                        if (0..h).contains(&iy) && (0..w).contains(&ix) {
+                            m |= 1 << j;
+                        }
+                    }
+                    m
+                })
+            })
+            .collect();
+        let plane = (g.h * g.w) as isize;
+        let (offs, tap) = col_idx
+            .iter()
+            .map(|&k| {
+                let k = k as usize;
+                let (c, t) = (k / khw, k % khw);
+                let (dy, dx) = (
+                    (t / kw) as isize - g.pt as isize,
+                    (t % kw) as isize - g.pl as isize,
+                );
+                (c as isize * plane + dy * w + dx, t as u16)
+            })
+            .unzip();
+        Some(Taps {
+            offs,
+            tap,
+            masks,
+            img_in: g.c * g.h * g.w,
+        })
+    }
 }
 
 /// The output's base pointer shared by tasks that write disjoint (image, channel) blocks.
@@ -73,12 +157,14 @@ unsafe impl Sync for Out {}
 
 /// Where a tile reads its images' input planes.
 #[derive(Clone, Copy)]
-enum Src {
+enum Src<'a> {
     /// The batch itself: image `g`'s plane `c` at `x + (n0 + g)·C·P + c·P`.
     InPlace(*const f32),
     /// The group packed as `[C][G][V·16]`: plane `c` of every image one contiguous row,
     /// each map padded to whole vectors.
     Packed(*const f32),
+    /// The batch itself read through a k×k conv's taps.
+    Masked(*const f32, &'a Taps),
 }
 
 impl Batch<'_> {
@@ -87,17 +173,31 @@ impl Batch<'_> {
     /// block) pairs, image groups outer (a thread's run of tasks reads few groups).
     pub fn run(&self, out: &mut [MaybeUninit<f32>]) {
         let (n, p, o, c) = (self.n, self.p, self.csr.rows, self.csr.cols);
-        let img_in = c * p;
+        let img_in = self.taps.map_or(c * p, |t| t.img_in);
         let img_out = o * p;
         assert!(applies(n, p), "sparse image tiles: unsupported geometry");
-        assert_eq!(out.len(), n * img_out, "sparse image tiles: output size");
-        assert!(self.x.len() >= n * img_in, "sparse image tiles: input size");
-        assert!(self.res.is_none_or(|r| r.len() >= n * img_out));
-        // The bound every load relies on: a column names a plane of the image.
-        assert!(self.csr.col_idx.iter().all(|&k| (k as usize) < c));
+        if let Some(t) = self.taps {
+            assert_eq!(t.offs.len(), self.csr.values.len());
+            assert_eq!(t.tap.len(), self.csr.values.len());
+            // The bound every unmasked lane relies on: inside its image. Per tap, the
+            // first and last unmasked position; per non-zero, both shifted inside.
+            let span: Vec<Option<(isize, isize)>> = t
+                .masks
+                .iter()
+                .map(|m| {
+                    let mut lanes =
+                        (0..MAX_VECS * 16).filter(|&q| m[q / 16] & (1 << (q % 16)) != 0);
+                    let first = lanes.clone().next()? as isize;
+                    Some((first, lanes.next_back()? as isize))
+                })
+                .collect();
+            assert!(t.offs.iter().zip(&t.tap).all(|(&off, &tp)| {
+                span[tp as usize].is_none_or(|(a, z)| off + a >= 0 && off + z < img_in as isize)
+            }));
+        }
         let vecs = p.div_ceil(16);
         let pp = vecs * 16;
-        let packed = self.csr.values.len() >= PACK_REUSE * c;
+        let packed = self.taps.is_none() && self.csr.values.len() >= PACK_REUSE * c;
         let per_image = if packed { c * pp * 4 } else { img_in * 4 };
         // A power of two up to 8 vectors per tile, as the tiles' `G`.
         let fit = (GROUP_BYTES / per_image.max(1)).clamp(1, 8 / vecs).min(n);
@@ -166,6 +266,8 @@ impl Batch<'_> {
                     }
                     body(Src::Packed(xb.as_ptr()))
                 });
+            } else if let Some(t) = self.taps {
+                body(Src::Masked(self.x.as_ptr(), t));
             } else {
                 body(Src::InPlace(self.x.as_ptr()));
             }
@@ -229,7 +331,7 @@ unsafe fn tile<const G: usize, const V: usize, const S: usize>(
 ) {
     use std::arch::x86_64::*;
     let (n, p) = (b.n, b.p);
-    let img_in = b.csr.cols * p;
+    let img_in = b.taps.map_or(b.csr.cols * p, |t| t.img_in);
     let img_out = b.csr.rows * p;
     let last: u16 = match p % 16 {
         0 => u16::MAX,
@@ -242,9 +344,22 @@ unsafe fn tile<const G: usize, const V: usize, const S: usize>(
     // `col` is `P` floats at `x + img·C·P + col·P` (the last vector masked); packed,
     // plane `col` of the group is `G·V` whole vectors at `x + col·G·V·16`.
     let imgs: [usize; G] = std::array::from_fn(|g| (n0 + g).min(n - 1) * img_in);
-    let nz = |acc: &mut [[__m512; V]; G], col: usize, w: f32| unsafe {
-        let w = _mm512_set1_ps(w);
+    let nz = |acc: &mut [[__m512; V]; G], i: usize| unsafe {
+        let w = _mm512_set1_ps(*vals.get_unchecked(i));
+        let col = *cols.get_unchecked(i) as usize;
         match src {
+            Src::Masked(x, t) => {
+                let off = *t.offs.get_unchecked(i);
+                let m = t.masks.get_unchecked(*t.tap.get_unchecked(i) as usize);
+                for g in 0..G {
+                    // Masked lanes are never read: the address may lie outside the image.
+                    let at = x.wrapping_add(imgs[g]).wrapping_offset(off);
+                    for v in 0..V {
+                        let xv = _mm512_maskz_loadu_ps(m[v], at.wrapping_add(v * 16));
+                        acc[g][v] = _mm512_fmadd_ps(w, xv, acc[g][v]);
+                    }
+                }
+            }
             Src::Packed(x) => {
                 let row = x.add(col * (G * V * 16));
                 for g in 0..G {
@@ -275,20 +390,12 @@ unsafe fn tile<const G: usize, const V: usize, const S: usize>(
             let mut i = a;
             while i + S <= z {
                 for (s, acc) in part.iter_mut().enumerate() {
-                    nz(
-                        acc,
-                        *cols.get_unchecked(i + s) as usize,
-                        *vals.get_unchecked(i + s),
-                    );
+                    nz(acc, i + s);
                 }
                 i += S;
             }
             while i < z {
-                nz(
-                    &mut part[0],
-                    *cols.get_unchecked(i) as usize,
-                    *vals.get_unchecked(i),
-                );
+                nz(&mut part[0], i);
                 i += 1;
             }
             let mut acc = part[0];
