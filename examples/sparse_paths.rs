@@ -3,7 +3,7 @@
 //! pseudo-random weight zeroed), with the ReLU6 or no activation a plan fuses, best of six
 //! alternating rounds, engaged on the kernels' pool as a plan's forward is.
 //!
-//! `cargo run --release --example sparse_paths [b64|b1]` — the per-shape numbers behind
+//! `cargo run --release --example sparse_paths [b64|b8|b1]` — the per-shape numbers behind
 //! `kernels/sparse.rs` (BENCHMARKS §27). `SPARSE_PATHS_ONLY=i` runs the i-th shape only,
 //! `SPARSE_PATHS_DENSITY=0.2` another density.
 
@@ -52,10 +52,11 @@ fn main() {
 }
 
 fn run() {
-    let n: usize = match std::env::args().nth(1).as_deref() {
-        Some("b1") => 1,
-        _ => 64,
-    };
+    // `b<N>`: batch N (64 by default).
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.strip_prefix('b').and_then(|v| v.parse().ok()))
+        .unwrap_or(64);
     let only: Option<usize> = std::env::var("SPARSE_PATHS_ONLY")
         .ok()
         .and_then(|v| v.parse().ok());

@@ -37,9 +37,16 @@ const MAX_VECS: usize = 4;
 pub(super) fn applies(n: usize, p: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && super::simd::isa() == super::simd::Isa::Avx512
+        && !env_off()
         && n >= 2
         && p > 0
         && p.div_ceil(16) <= MAX_VECS
+}
+
+/// `LOPPER_SPARSE_IMAGES=0`: the per-image kernels instead (A/B runs).
+fn env_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LOPPER_SPARSE_IMAGES").is_ok_and(|v| v == "0"))
 }
 
 /// Non-zeros per input channel (per image) from which the group's input is packed first.
