@@ -74,47 +74,37 @@ pub fn sgemm(
         // SAFETY: bounds checked above; the blocks write disjoint parts of `dst`.
         let d = Dst(dst.as_mut_ptr());
         let d = &d;
-        if m >= 16 * parts || m >= n {
-            let rows = m.div_ceil(parts).next_multiple_of(8).min(m);
-            super::par::for_each(m.div_ceil(rows), |i| {
-                let r0 = i * rows;
-                let mb = rows.min(m - r0);
-                unsafe {
-                    raw(
-                        (mb, n, k),
-                        d.0.add(r0 * n),
-                        n,
-                        1,
-                        accumulate,
-                        a.data.as_ptr().add(r0 * a.rs),
-                        a,
-                        b.data.as_ptr(),
-                        b,
-                        Parallelism::None,
-                    )
-                }
-            });
+        // Blocks of whole rows (a tall product) or of columns (a wide one).
+        let by_rows = m >= 16 * parts || m >= n;
+        let size = if by_rows {
+            m.div_ceil(parts).next_multiple_of(8).min(m)
         } else {
-            let cols = n.div_ceil(parts).next_multiple_of(16).min(n);
-            super::par::for_each(n.div_ceil(cols), |j| {
-                let c0 = j * cols;
-                let nb = cols.min(n - c0);
-                unsafe {
-                    raw(
-                        (m, nb, k),
-                        d.0.add(c0),
-                        n,
-                        1,
-                        accumulate,
-                        a.data.as_ptr(),
-                        a,
-                        b.data.as_ptr().add(c0 * b.cs),
-                        b,
-                        Parallelism::None,
-                    )
-                }
-            });
-        }
+            n.div_ceil(parts).next_multiple_of(16).min(n)
+        };
+        super::par::for_each((if by_rows { m } else { n }).div_ceil(size), |i| {
+            let at = i * size;
+            // (rows, cols, offsets into dst, a, b) of block i.
+            let (bm, bn, d_at, a_at, b_at) = if by_rows {
+                (size.min(m - at), n, at * n, at * a.rs, 0)
+            } else {
+                (m, size.min(n - at), at, 0, at * b.cs)
+            };
+            // SAFETY: block i lies inside every operand (bounds checked above).
+            unsafe {
+                raw(
+                    (bm, bn, k),
+                    d.0.add(d_at),
+                    n,
+                    1,
+                    accumulate,
+                    a.data.as_ptr().add(a_at),
+                    a,
+                    b.data.as_ptr().add(b_at),
+                    b,
+                    Parallelism::None,
+                )
+            }
+        });
         return;
     }
     let par = if parallel && !on_pool && !super::par::is_alone() {

@@ -96,32 +96,30 @@ pub fn conv2d(
     let taps = (!g.is_pointwise() && super::sparse_images::applies(g.n, p))
         .then(|| super::sparse_images::Taps::new(&g, &csr.col_idx))
         .flatten();
+    // The grouped image tiles, for a k×k conv's taps or a pointwise conv (`None`).
+    let images = |xs: &[f32],
+                  rs: Option<&[f32]>,
+                  out: &mut [MaybeUninit<f32>],
+                  taps: Option<&super::sparse_images::Taps>| {
+        super::sparse_images::Batch {
+            csr,
+            x: xs,
+            n: g.n,
+            p,
+            scale: epi.scale,
+            bias: epi.bias,
+            res: rs,
+            act: epi.act,
+            taps,
+        }
+        .run(out)
+    };
     if let Some(taps) = &taps {
-        let mut out = uninit(g.n * img_out);
         let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [MaybeUninit<f32>]| {
-            super::sparse_images::Batch {
-                csr,
-                x: xs,
-                n: g.n,
-                p,
-                scale: epi.scale,
-                bias: epi.bias,
-                res: rs,
-                act: epi.act,
-                taps: Some(taps),
-            }
-            .run(out)
+            images(xs, rs, out, Some(taps))
         };
-        with_f32(x, |xs| match residual {
-            Some(r) => with_f32(r, |rs| run(xs, Some(rs), &mut out)),
-            None => {
-                run(xs, None, &mut out);
-                Ok(())
-            }
-        })??;
-        // SAFETY: `Batch::run` wrote every element.
-        let out = unsafe { assume_init(out) };
-        return Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?);
+        // SAFETY: `Batch::run` writes every element.
+        return unsafe { filled(&g, x, residual, run) };
     }
     if direct_ok(&g) {
         let d = Direct::new(&g, sw, epi.after());
@@ -133,8 +131,6 @@ pub fn conv2d(
                 res,
             }
         }
-        // Every element is written by `Direct::channel`: no zero-fill first.
-        let mut out = uninit(g.n * img_out);
         let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [MaybeUninit<f32>]| {
             let res_c = |n: usize, o: usize| rs.map(|r| &r[n * img_out + o * p..][..p]);
             if d.flat {
@@ -142,18 +138,7 @@ pub fn conv2d(
                 let res_n = |n: usize, o0: usize| rs.map(|r| &r[n * img_out + o0 * p..]);
                 if super::sparse_images::applies(g.n, p) {
                     // Small maps: the same channel of several images per tile.
-                    super::sparse_images::Batch {
-                        csr,
-                        x: xs,
-                        n: g.n,
-                        p,
-                        scale: epi.scale,
-                        bias: epi.bias,
-                        res: rs,
-                        act: epi.act,
-                        taps: None,
-                    }
-                    .run(out);
+                    images(xs, rs, out, None);
                 } else if g.n == 1 {
                     // ~8 tasks per thread, each at least 16 K multiply-adds.
                     let work = csr.values.len() * p;
@@ -190,16 +175,9 @@ pub fn conv2d(
                 });
             }
         };
-        with_f32(x, |xs| match residual {
-            Some(r) => with_f32(r, |rs| run(xs, Some(rs), &mut out)),
-            None => {
-                run(xs, None, &mut out);
-                Ok(())
-            }
-        })??;
-        // SAFETY: `Direct::channel` wrote every element of every channel of every image.
-        let out = unsafe { assume_init(out) };
-        return Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?);
+        // SAFETY: every element is written by `Direct::channel` or the image tiles (no
+        // zero-fill first).
+        return unsafe { filled(&g, x, residual, run) };
     }
     let mut out = vec![0f32; g.n * img_out];
     let res = residual.map(|r| with_f32(r, |v| v.to_vec())).transpose()?;
@@ -233,6 +211,30 @@ pub fn conv2d(
             super::par::chunks_mut(&mut out, img_out, |n, o| with_scratch(|buf| one(buf, n, o)));
         }
     })?;
+    Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?)
+}
+
+/// The conv's output tensor `[N, O, OH, OW]`, made by `run` from the input's and the
+/// residual's values into an uninitialised buffer.
+///
+/// # Safety
+/// `run` writes every element of the buffer it is given.
+unsafe fn filled(
+    g: &Geo,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    run: impl Fn(&[f32], Option<&[f32]>, &mut [MaybeUninit<f32>]),
+) -> Result<Tensor> {
+    let mut out = uninit(g.n * g.o * g.p());
+    with_f32(x, |xs| match residual {
+        Some(r) => with_f32(r, |rs| run(xs, Some(rs), &mut out)),
+        None => {
+            run(xs, None, &mut out);
+            Ok(())
+        }
+    })??;
+    // SAFETY: `run` wrote every element (the caller's contract).
+    let out = unsafe { assume_init(out) };
     Ok(Tensor::from_vec(out, (g.n, g.o, g.oh, g.ow), &Device::Cpu)?)
 }
 
