@@ -148,7 +148,9 @@ const DEPTHWISE: &[Shape] = &[
     (1, 96, 28, 96, 2),
     (1, 288, 14, 288, 2),
     (1, 240, 28, 240, 2),
-    // Batch-1 28×28 and 14×14 maps at stride 1 (MobileNetV3-large, EfficientNet-B0).
+    // Batch-1 56×56, 28×28 and 14×14 maps at stride 1 (MobileNetV3-large,
+    // EfficientNet-B0).
+    (1, 144, 56, 144, 1),
     (1, 120, 28, 120, 1),
     (1, 480, 14, 480, 1),
     // Batch-1 small maps of MobileNetV2 (CIFAR).
