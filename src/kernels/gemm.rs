@@ -72,7 +72,7 @@ pub fn sgemm(
     if parallel && on_pool && m * n * k >= SMALL_PRODUCT {
         let parts = 4 * rayon::current_num_threads().max(1);
         // SAFETY: bounds checked above; the blocks write disjoint parts of `dst`.
-        let d = Dst(dst.as_mut_ptr());
+        let d = super::conv_tiles::OutPtr(dst.as_mut_ptr());
         let d = &d;
         // Blocks of whole rows (a tall product) or of columns (a wide one).
         let by_rows = m >= 16 * parts || m >= n;
@@ -128,12 +128,6 @@ pub fn sgemm(
         )
     }
 }
-
-/// `dst`'s base pointer shared by blocks that write disjoint parts of it.
-struct Dst(*mut f32);
-// SAFETY: each block writes its own rows or columns only.
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
 
 /// The `gemm` crate's call for `dst[m x n]` (row stride `drs`, column stride `dcs`) from
 /// `a` and `b` at the given base pointers with their views' strides.

@@ -12,6 +12,7 @@
 //! images of a batch are just more columns of the same sparse product.
 
 use super::act;
+use super::conv_tiles::OutPtr;
 use crate::graph::csr::CsrMatrix;
 use crate::graph::ops::ActivationKind;
 use std::cell::RefCell;
@@ -46,7 +47,7 @@ pub(super) fn applies(n: usize, p: usize) -> bool {
 /// `LOPPER_SPARSE_IMAGES=0`: the per-image kernels instead (A/B runs).
 fn env_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("LOPPER_SPARSE_IMAGES").is_ok_and(|v| v == "0"))
+    super::simd::env_off(&OFF, "LOPPER_SPARSE_IMAGES")
 }
 
 /// Non-zeros per input channel (per image) from which the group's input is packed first.
@@ -156,12 +157,6 @@ impl Taps {
     }
 }
 
-/// The output's base pointer shared by tasks that write disjoint (image, channel) blocks.
-struct Out(*mut f32);
-// SAFETY: each task writes its own blocks only.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 /// Where a tile reads its images' input planes.
 #[derive(Clone, Copy)]
 enum Src<'a> {
@@ -221,7 +216,8 @@ impl Batch<'_> {
         let per = o.div_ceil(blocks);
         let blocks = o.div_ceil(per);
         let ((lo, hi), after) = super::planes::clamp_split(self.act);
-        let base = Out(out.as_mut_ptr() as *mut f32);
+        // Tasks write disjoint (image, channel) blocks.
+        let base = OutPtr(out.as_mut_ptr() as *mut f32);
         let base = &base;
         let call = CALLS.fetch_add(1, Ordering::Relaxed);
         super::par::for_each(groups * blocks, |t| {
