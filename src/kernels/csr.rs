@@ -9,16 +9,30 @@
 use crate::graph::csr::CsrMatrix;
 use std::sync::{Arc, Mutex};
 
-/// Index data derived for one geometry: `(geometry key, data)`.
-type Derived = (Vec<usize>, Arc<Vec<u32>>);
+/// Data derived for one geometry: `(geometry key, data)`.
+type Slot<T> = Mutex<Option<(Vec<usize>, Arc<T>)>>;
 
 /// A CSR weight as the kernels hold it: the matrix, plus kernel-specific index data
-/// derived from `col_idx` for one geometry (the direct conv's input offsets), computed on
-/// first use. Lives in an execution plan, never in the graph.
+/// derived from `col_idx` for one geometry (the direct conv's input offsets, the image
+/// tiles' taps), computed on first use. Lives in an execution plan, never in the graph.
 #[derive(Debug)]
 pub struct SparseWeight {
     pub csr: CsrMatrix,
-    derived: Mutex<Option<Derived>>,
+    derived: Slot<Vec<u32>>,
+    taps: Slot<Option<super::sparse_images::Taps>>,
+}
+
+/// The value of `slot` for `key`, computed by `f` and kept when the key changes.
+fn cached<T>(slot: &Slot<T>, key: &[usize], f: impl FnOnce() -> T) -> Arc<T> {
+    let mut d = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match &*d {
+        Some((k, v)) if k == key => v.clone(),
+        _ => {
+            let v = Arc::new(f());
+            *d = Some((key.to_vec(), v.clone()));
+            v
+        }
+    }
 }
 
 impl SparseWeight {
@@ -26,20 +40,24 @@ impl SparseWeight {
         SparseWeight {
             csr,
             derived: Mutex::new(None),
+            taps: Mutex::new(None),
         }
     }
 
     /// The derived index data for geometry `key`, computed by `f` once and cached.
     pub fn derived(&self, key: &[usize], f: impl FnOnce() -> Vec<u32>) -> Arc<Vec<u32>> {
-        let mut d = self.derived.lock().unwrap_or_else(|e| e.into_inner());
-        match &*d {
-            Some((k, v)) if k == key => v.clone(),
-            _ => {
-                let v = Arc::new(f());
-                *d = Some((key.to_vec(), v.clone()));
-                v
-            }
-        }
+        cached(&self.derived, key, f)
+    }
+
+    /// The image tiles' taps for geometry `key` (`None` where they do not apply),
+    /// computed by `f` once and cached: built and bound-checked once per plan, not per
+    /// forward.
+    pub(super) fn taps(
+        &self,
+        key: &[usize],
+        f: impl FnOnce() -> Option<super::sparse_images::Taps>,
+    ) -> Arc<Option<super::sparse_images::Taps>> {
+        cached(&self.taps, key, f)
     }
 }
 

@@ -93,9 +93,13 @@ pub fn conv2d(
         }
     }
     // Small maps of several images, k×k convs read in place through masks.
+    // (Keyed by the image's geometry: the batch does not change them.)
+    let key = [
+        g.c, g.h, g.w, g.kh, g.kw, g.oh, g.ow, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw,
+    ];
     let taps = (!g.is_pointwise() && super::sparse_images::applies(g.n, p))
-        .then(|| super::sparse_images::Taps::new(&g, &csr.col_idx))
-        .flatten();
+        .then(|| sw.taps(&key, || super::sparse_images::Taps::new(&g, &csr.col_idx)));
+    let taps = taps.as_deref().and_then(Option::as_ref);
     // The grouped image tiles, for a k×k conv's taps or a pointwise conv (`None`).
     let images = |xs: &[f32],
                   rs: Option<&[f32]>,
@@ -114,7 +118,7 @@ pub fn conv2d(
         }
         .run(out)
     };
-    if let Some(taps) = &taps {
+    if let Some(taps) = taps {
         let run = |xs: &[f32], rs: Option<&[f32]>, out: &mut [MaybeUninit<f32>]| {
             images(xs, rs, out, Some(taps))
         };

@@ -84,6 +84,7 @@ pub(super) struct Batch<'a> {
 /// tap falls in the padding masked off. No padded copy of the input is made (the direct
 /// kernel's copy was a fifth of ResNet-20's sparse time at batch 64), and a 16-float
 /// register holds two rows of an 8×8 map (the direct kernel: one 8-float row each).
+#[derive(Debug)]
 pub(super) struct Taps {
     /// Per non-zero, its input offset from an image's start (may be negative).
     offs: Vec<isize>,
@@ -148,11 +149,32 @@ impl Taps {
                 (c as isize * plane + dy * w + dx, t as u16)
             })
             .unzip();
-        Some(Taps {
+        let taps = Taps {
             offs,
             tap,
             masks,
             img_in: g.c * g.h * g.w,
+        };
+        // A column outside the weight's channels (a malformed matrix) would read outside
+        // the image: the other kernels check theirs.
+        taps.in_bounds().then_some(taps)
+    }
+
+    /// Every unmasked lane of every non-zero reads inside its image (what the tiles'
+    /// loads rely on): per tap, the first and last unmasked position; per non-zero, both
+    /// shifted inside. Checked once, when the taps are built (they never change).
+    fn in_bounds(&self) -> bool {
+        let span: Vec<Option<(isize, isize)>> = self
+            .masks
+            .iter()
+            .map(|m| {
+                let mut lanes = (0..MAX_VECS * 16).filter(|&q| m[q / 16] & (1 << (q % 16)) != 0);
+                let first = lanes.clone().next()? as isize;
+                Some((first, lanes.next_back()? as isize))
+            })
+            .collect();
+        self.offs.iter().zip(&self.tap).all(|(&off, &tp)| {
+            span[tp as usize].is_none_or(|(a, z)| off + a >= 0 && off + z < self.img_in as isize)
         })
     }
 }
@@ -178,24 +200,16 @@ impl Batch<'_> {
         let img_in = self.taps.map_or(c * p, |t| t.img_in);
         let img_out = o * p;
         assert!(applies(n, p), "sparse image tiles: unsupported geometry");
-        if let Some(t) = self.taps {
-            assert_eq!(t.offs.len(), self.csr.values.len());
-            assert_eq!(t.tap.len(), self.csr.values.len());
-            // The bound every unmasked lane relies on: inside its image. Per tap, the
-            // first and last unmasked position; per non-zero, both shifted inside.
-            let span: Vec<Option<(isize, isize)>> = t
-                .masks
-                .iter()
-                .map(|m| {
-                    let mut lanes =
-                        (0..MAX_VECS * 16).filter(|&q| m[q / 16] & (1 << (q % 16)) != 0);
-                    let first = lanes.clone().next()? as isize;
-                    Some((first, lanes.next_back()? as isize))
-                })
-                .collect();
-            assert!(t.offs.iter().zip(&t.tap).all(|(&off, &tp)| {
-                span[tp as usize].is_none_or(|(a, z)| off + a >= 0 && off + z < img_in as isize)
-            }));
+        assert_eq!(out.len(), n * img_out, "sparse image tiles: output size");
+        assert!(self.x.len() >= n * img_in, "sparse image tiles: input size");
+        assert!(self.res.is_none_or(|r| r.len() >= n * img_out));
+        match self.taps {
+            // Their offsets were bound-checked when built (`Taps::new`).
+            Some(t) => assert!(
+                t.offs.len() == self.csr.values.len() && t.tap.len() == self.csr.values.len()
+            ),
+            // The bound every in-place or packed load relies on: a column names a plane.
+            None => assert!(self.csr.col_idx.iter().all(|&k| (k as usize) < c)),
         }
         let vecs = p.div_ceil(16);
         let pp = vecs * 16;
