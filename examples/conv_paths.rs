@@ -48,6 +48,20 @@ const DENSE: &[Shape] = &[
     (64, 64, 14, 64, 1),
 ];
 
+/// Pruned widths (`--round-to 8`): output channels that fill part of a 16-lane block.
+const PRUNED: &[Shape] = &[
+    (1, 40, 56, 40, 1),
+    (8, 40, 56, 40, 1),
+    (1, 88, 28, 72, 1),
+    (1, 136, 14, 152, 1),
+    (64, 24, 32, 40, 1),
+    (64, 40, 16, 40, 1),
+    (64, 32, 8, 40, 1),
+    (64, 48, 8, 48, 1),
+    (64, 24, 32, 40, 2),
+    (8, 72, 56, 72, 2),
+];
+
 const THIN: &[Shape] = &[
     (1, 256, 4, 512, 1),
     (1, 512, 4, 512, 1),
@@ -195,6 +209,7 @@ fn paths() {
     let (shapes, depthwise) = match which.as_str() {
         "dense" => (DENSE, false),
         "thin" => (THIN, false),
+        "pruned" => (PRUNED, false),
         "depthwise" | "depthwise5" => (DEPTHWISE, true),
         "pointwise" => (POINTWISE, false),
         "stem" => (STEM, false),

@@ -590,6 +590,49 @@ fn pooling_matches_finite_differences_and_candle() {
             },
             [1, 3, 9, 10],
         ),
+        // Strided column windows from the row's stride phases: no padding on an even
+        // row; padding 2 (even) on an odd row; padding 1 (odd) with ceil mode reaching
+        // past the row; padding 3 with a window of four.
+        (
+            PoolCfg {
+                kernel: [3, 3],
+                stride: [2, 2],
+                padding: [0; 4],
+                ceil_mode: false,
+                count_include_pad: true,
+            },
+            [1, 2, 9, 10],
+        ),
+        (
+            PoolCfg {
+                kernel: [3, 5],
+                stride: [1, 2],
+                padding: [1, 2, 1, 2],
+                ceil_mode: false,
+                count_include_pad: true,
+            },
+            [1, 2, 6, 11],
+        ),
+        (
+            PoolCfg {
+                kernel: [2, 3],
+                stride: [2, 2],
+                padding: [0, 1, 0, 0],
+                ceil_mode: true,
+                count_include_pad: false,
+            },
+            [1, 2, 5, 8],
+        ),
+        (
+            PoolCfg {
+                kernel: [1, 4],
+                stride: [1, 3],
+                padding: [0, 3, 0, 1],
+                ceil_mode: false,
+                count_include_pad: true,
+            },
+            [1, 1, 3, 9],
+        ),
     ];
     for (cfg, dims) in cases {
         for max in [true, false] {

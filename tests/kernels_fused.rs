@@ -551,6 +551,11 @@ fn epilogues(l: Isa) {
         ([3, 16, 2, 2], [33, 16, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         // Batch 1 with one tile group of channel blocks: split by positions instead.
         ([1, 32, 8, 8], [40, 32, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        // Channel blocks not a multiple of four, split into near-equal groups (10 blocks
+        // as 4 + 3 + 3 across tasks at batch 1; 5 as 3 + 2 per image, the two-block
+        // tiles eight positions wide with a short last tile).
+        ([1, 24, 6, 7], [150, 24, 3, 3], [1, 1], [1, 1, 1, 1], 1),
+        ([2, 20, 5, 6], [72, 20, 3, 3], [1, 1], [1, 0, 1, 1], 1),
         // A weight gradient summed over more positions than one sweep takes.
         ([2, 8, 20, 20], [32, 8, 3, 3], [1, 1], [1, 1, 1, 1], 1),
         // 1×1 convs over 1×1 maps (squeeze-excitation) run as linear layers: batch 1
@@ -569,6 +574,9 @@ fn epilogues(l: Isa) {
         ([2, 40, 7, 7], [70, 40, 1, 1], [1, 1], [0, 0, 0, 0], 1),
         ([1, 64, 16, 17], [17, 64, 1, 1], [1, 1], [0, 0, 0, 0], 1),
         ([2, 300, 9, 9], [37, 300, 1, 1], [1, 1], [0, 0, 0, 0], 1),
+        // A strided 1×1 conv (a projection shortcut): the subsampled input (sides the
+        // stride covers: the reference's gradient, a transposed conv, has no output padding).
+        ([2, 12, 9, 7], [10, 12, 1, 1], [2, 2], [0, 0, 0, 0], 1),
     ];
     for (ci, &(xd, wd, stride, padding, groups)) in convs.iter().enumerate() {
         let cfg = ConvCfg {
@@ -664,23 +672,28 @@ fn packed_weights(l: Isa) {
     use lopper::kernels::im2col::Geo;
     use lopper::kernels::panel;
     let mut rng = Pcg64::seed_from_u64(11);
-    for (n, c, h, w, o) in [
-        (3, 20, 5, 5, 13),
-        (2, 33, 7, 7, 64),
-        (5, 96, 4, 4, 65),
-        (1, 130, 9, 11, 7),
-        (2, 40, 16, 16, 24),
+    for (n, c, h, w, o, st) in [
+        (3, 20, 5, 5, 13, [1, 1]),
+        (2, 33, 7, 7, 64, [1, 1]),
+        (5, 96, 4, 4, 65, [1, 1]),
+        (1, 130, 9, 11, 7, [1, 1]),
+        (2, 40, 16, 16, 24, [1, 1]),
         // Positions as rows (`panel::conv_rows`, 128 input channels or more): batch-1
         // 7×7, 4×4 and 14×14 maps, three 3×3 images, output channels off the multiple
         // of 64 (three panels, the last short), row groups split across tasks; and a
         // 7×7 map with 64 (the panels).
-        (1, 288, 7, 7, 160),
-        (1, 200, 7, 7, 150),
-        (1, 64, 7, 7, 130),
-        (1, 160, 4, 4, 96),
-        (1, 136, 14, 14, 200),
-        (1, 512, 7, 7, 70),
-        (3, 130, 3, 3, 40),
+        (1, 288, 7, 7, 160, [1, 1]),
+        (1, 200, 7, 7, 150, [1, 1]),
+        (1, 64, 7, 7, 130, [1, 1]),
+        (1, 160, 4, 4, 96, [1, 1]),
+        (1, 136, 14, 14, 200, [1, 1]),
+        (1, 512, 7, 7, 70, [1, 1]),
+        (3, 130, 3, 3, 40, [1, 1]),
+        // Strided 1×1 convs (projection shortcuts) as stride-1 convs of the subsampled
+        // input: the panels, positions as rows, stride 3 on sides it does not divide.
+        (1, 64, 11, 13, 40, [2, 2]),
+        (1, 130, 14, 14, 70, [2, 2]),
+        (2, 20, 9, 8, 13, [3, 3]),
     ] {
         let g = Geo {
             n,
@@ -690,10 +703,10 @@ fn packed_weights(l: Isa) {
             o,
             kh: 1,
             kw: 1,
-            oh: h,
-            ow: w,
-            sh: 1,
-            sw: 1,
+            oh: (h - 1) / st[0] + 1,
+            ow: (w - 1) / st[1] + 1,
+            sh: st[0],
+            sw: st[1],
             pt: 0,
             pl: 0,
             dh: 1,
@@ -703,7 +716,8 @@ fn packed_weights(l: Isa) {
         let xv = rand_vec(&mut rng, n * c * h * w, 1.0);
         let wv = rand_vec(&mut rng, o * c, 1.0);
         let bias = rand_vec(&mut rng, o, 1.0);
-        let res = rand_vec(&mut rng, n * o * h * w, 1.0);
+        let (oh, ow) = (g.oh, g.ow);
+        let res = rand_vec(&mut rng, n * o * oh * ow, 1.0);
         let packed = PackedWeight::for_geo(&g, &wv);
         if l == Isa::Avx512 {
             assert!(
@@ -715,7 +729,7 @@ fn packed_weights(l: Isa) {
             );
         }
         let cfg = ConvCfg {
-            stride: [1, 1],
+            stride: st,
             padding: [0, 0, 0, 0],
             dilation: [1, 1],
             groups: 1,
@@ -726,15 +740,15 @@ fn packed_weights(l: Isa) {
                     bias: bias.clone(),
                     act: k,
                 };
-                let mut ours = vec![f32::NAN; n * o * h * w];
+                let mut ours = vec![f32::NAN; n * o * oh * ow];
                 conv_forward_packed(&g, &xv, &wv, packed.as_ref(), &mut ours, Some(&epi), r);
                 kernels::use_reference_ops(true);
                 let (x, wt) = (t(&xv, &[n, c, h, w]), t(&wv, &[o, c, 1, 1]));
-                let rt = r.map(|r| t(r, &[n, o, h, w]));
+                let rt = r.map(|r| t(r, &[n, o, oh, ow]));
                 let theirs = kernels::conv2d_epilogue(&x, &wt, bias.clone(), k, rt.as_ref(), cfg);
                 kernels::use_reference_ops(false);
                 let what = format!(
-                    "packed 1x1 {n}x{c}x{h}x{w}->{o} {k:?} residual {} ({l:?})",
+                    "packed 1x1 {n}x{c}x{h}x{w}->{o} stride {st:?} {k:?} residual {} ({l:?})",
                     r.is_some()
                 );
                 assert_close(&ours, &vals(&theirs.unwrap()), 2e-5, &what);

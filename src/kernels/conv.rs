@@ -143,6 +143,7 @@ pub enum PackedWeight {
 impl PackedWeight {
     /// Whether the kernel that takes `g` runs on packed weights.
     pub fn wanted(g: &Geo) -> bool {
+        let g = &subsampled(g).unwrap_or(*g);
         pointwise_rows(g)
             || pointwise_panels(g)
             || conv_chanvec::applies_packed(g)
@@ -151,6 +152,7 @@ impl PackedWeight {
 
     /// The packed weights of `w` for the kernel that takes `g`, if that kernel uses any.
     pub fn for_geo(g: &Geo, w: &[f32]) -> Option<PackedWeight> {
+        let g = &subsampled(g).unwrap_or(*g);
         if pointwise_rows(g) {
             Some(PackedWeight::Columns(panel::pack_cols(w, g.o, g.c)))
         } else if pointwise_panels(g) {
@@ -173,6 +175,44 @@ impl PackedWeight {
             PackedWeight::Columns(v) => v.len() == panel::cols_len(g.o, g.c),
         }
     }
+}
+
+/// A strided 1×1 conv without padding (ResNets' projection shortcuts) as the stride-1
+/// conv of its subsampled input: the geometry of that conv. The subsample is a copy of
+/// `1/(sh·sw)` of the input; im2col + GEMM took ResNet-18's 64→128 at 56×56 stride 2, at
+/// batch 1, 0.085–0.095 ms where onnxruntime took 0.04–0.05.
+fn subsampled(g: &Geo) -> Option<Geo> {
+    let strided = g.kh == 1 && g.kw == 1 && g.sh * g.sw > 1;
+    (strided && g.pt == 0 && g.pl == 0 && g.groups == 1 && g.oh > 0 && g.ow > 0).then_some(Geo {
+        h: g.oh,
+        w: g.ow,
+        sh: 1,
+        sw: 1,
+        ..*g
+    })
+}
+
+/// `x` (`[N, C, H, W]`) at rows `oy·sh` and columns `ox·sw` of `g`: the input of
+/// [`subsampled`]`(g)`.
+fn subsample(g: &Geo, x: &[f32]) -> Vec<f32> {
+    let (hw, p) = (g.h * g.w, g.oh * g.ow);
+    assert!(x.len() >= g.n * g.c * hw);
+    assert!((g.oh - 1) * g.sh < g.h && (g.ow - 1) * g.sw < g.w);
+    // SAFETY: every plane's every row is written below.
+    let mut xs = unsafe { super::cpu::unfilled(g.n * g.c * p) };
+    let planes = (1usize << 14).div_ceil(p).max(1);
+    super::par::chunks_mut(&mut xs[..], planes * p, |t, d| {
+        for (j, dp) in d.chunks_exact_mut(p).enumerate() {
+            let src = &x[(t * planes + j) * hw..][..hw];
+            for (oy, row) in dp.chunks_exact_mut(g.ow).enumerate() {
+                let sr = &src[oy * g.sh * g.w..];
+                for (ox, v) in row.iter_mut().enumerate() {
+                    *v = sr[ox * g.sw];
+                }
+            }
+        }
+    });
+    xs
 }
 
 /// Whether a 1×1 conv runs with its positions as rows ([`panel::conv_rows`]): where
@@ -229,6 +269,10 @@ pub fn conv_forward_packed(
     epi: Option<&Epilogue>,
     res: Option<&[f32]>,
 ) {
+    if let Some(s) = subsampled(g) {
+        let xs = subsample(g, x);
+        return conv_forward_packed(&s, &xs, w, packed, out, epi, res);
+    }
     let img_out = g.o * g.p();
     let res_n = |n: usize| res.map(|r| &r[n * img_out..(n + 1) * img_out]);
     if g.is_pointwise() && g.p() == 1 && g.groups == 1 {

@@ -38,8 +38,27 @@ use crate::graph::ops::ActivationKind;
 const L: usize = 16;
 /// Channel blocks (registers of weights) per tile.
 const RMAX: usize = 4;
-/// Output positions (broadcasts) per tile.
+/// Output positions (broadcasts) per tile of [`RMAX`] channel blocks.
 const TMAX: usize = 6;
+
+/// Output positions per forward tile of `r` channel blocks: as many as 24 accumulators
+/// take (`r` weight registers and a broadcast beside them), so a narrow tile keeps the
+/// 4 × 6 tile's ratio of FMAs to loads. With 6 positions for every `r`, the one-block
+/// group of a 72-channel layer (5 blocks: 4 + 1) ran 6 FMAs per 7 loads, and the layer
+/// at 298 GFLOP/s where the position tiles ran 407.
+fn tmax(r: usize) -> usize {
+    match r {
+        1 | 2 => 8,
+        _ => TMAX,
+    }
+}
+
+/// The `i`-th of `parts` near-equal ranges of `0..n` (sizes differ by at most one).
+fn balanced(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    let (base, extra) = (n / parts, n % parts);
+    let lo = i * base + i.min(extra);
+    (lo, lo + base + usize::from(i < extra))
+}
 /// Output positions a task's tiles sweep with each block of weights: small maps run
 /// several images per task (a 2×2 map at batch 64 read the 9.4 MB of a 512-channel
 /// layer's weights once per image).
@@ -67,12 +86,19 @@ const MIN_REUSE: usize = 256;
 
 /// AVX-512, ungrouped, undilated; by rule, a window larger than 1×1 with at least 32
 /// output channels (two blocks) and 256 accumulation steps (so the final transpose is
-/// cheap), on a map the position tiles leave (too few lanes used), a stride-1 map of at
-/// most [`MAX_TILE_MAP`] positions, or strided with at least 128 input channels: per
-/// layer on an AMD EPYC at batch 8, 128→128 at 56×56 stride 2 ran at 379 GFLOP/s
-/// against 332 on the position tiles, 256→256 at 28×28 at 415 against 313 (their
-/// stride-phase planes make every tap a separate sub-plane), 64→128 even
-/// (`examples/conv_paths.rs`).
+/// cheap), on a map the position tiles leave (too few lanes used), where at least as
+/// large a share of this kernel's lanes (output channels) holds real outputs as of the
+/// position tiles' lanes (output positions), or strided with at least 128 input
+/// channels: per layer on an AMD EPYC at batch 8, 128→128 at 56×56 stride 2 ran at 379
+/// GFLOP/s against 332 on the position tiles, 256→256 at 28×28 at 415 against 313
+/// (their stride-phase planes make every tap a separate sub-plane), 64→128 even
+/// (`examples/conv_paths.rs`). The lane rule, per layer with the weights packed once:
+/// 64→64 at 56×56 at batch 1 0.511 ms against 0.587 on the position tiles (96.5 % of
+/// their lanes used), 32→32 at 16×16 at batch 64 0.70 against 0.74, 256→256 at 14×14
+/// at batch 1 0.50 against 0.63, 136→152 at 14×14 (95 % against 87.5 %) 0.170 against
+/// 0.185; pruned widths the other way: 40→40 at 56×56 (83 % against 96.5 %) 0.249
+/// against 0.209, 88→72 at 28×28 (90 % against 92.5 %) 0.240 against 0.219
+/// (`examples/conv_paths.rs dense|pruned`).
 /// `TileMode::ChanVec` forces it wherever it can run; `Off` and `Always` never.
 pub fn eligible(g: &Geo) -> bool {
     let supported = cfg!(target_arch = "x86_64")
@@ -95,17 +121,16 @@ pub fn eligible(g: &Geo) -> bool {
                     && !env_off()
                     && (!super::conv_tiles::applies(g)
                         || (g.sh * g.sw > 1 && g.c >= 128)
-                        || (g.sh * g.sw == 1 && g.p() <= MAX_TILE_MAP))
+                        || lane_use(g) >= super::conv_tiles::lane_use(g))
             }
         }
 }
 
-/// Stride-1 maps of at most this many positions (14×14) come here even where the
-/// position tiles could run: a padded 14-wide row fills 14 of 16 lanes there, all 16
-/// output channels here. Whole models on an AMD EPYC, alternated three times: the digit
-/// CNN at batch 64 5.64–5.81 → 5.48–5.61 ms, ResNet-18 at batch 8 68.4–68.8 → 66.6–66.9,
-/// ResNet-50 at batch 8 158.8–161.9 → 155.8–156.0; ResNet-20/56 and VGG-11 unchanged.
-const MAX_TILE_MAP: usize = 196;
+/// The share of this kernel's lanes that hold real output channels (the last block's
+/// missing channels are computed and dropped).
+fn lane_use(g: &Geo) -> f32 {
+    g.o as f32 / (g.o.div_ceil(L) * L) as f32
+}
 
 /// `LOPPER_CHANVEC=0` at start-up takes this kernel out of the rule (A/B runs against
 /// the other paths; `LOPPER_CONV_TILES=0` turns off every direct path).
@@ -265,12 +290,14 @@ impl Layer<'_> {
         let mut c0 = 0;
         while c0 < g.c {
             let cb = self.cb.min(g.c - c0);
-            let mut ob = b0;
-            while ob < b1 {
-                let r = RMAX.min(b1 - ob);
+            // Near-equal groups of at most RMAX blocks (5 blocks as 3 + 2, not 4 + 1).
+            let ngroups = (b1 - b0).div_ceil(RMAX);
+            for gi in 0..ngroups {
+                let (lo, hi) = balanced(b1 - b0, ngroups, gi);
+                let (ob, r) = (b0 + lo, hi - lo);
                 let mut q0 = qa;
                 while q0 < qb {
-                    let t = TMAX.min(qb - q0);
+                    let t = tmax(r).min(qb - q0);
                     let tile = Tile {
                         x: xp[c0 * self.grid.plane..].as_ptr(),
                         plane: self.grid.plane,
@@ -294,7 +321,6 @@ impl Layer<'_> {
                     };
                     q0 += t;
                 }
-                ob += r;
             }
             c0 += cb;
         }
@@ -448,11 +474,17 @@ macro_rules! exact {
 /// Dispatches a forward tile to its exact-size kernel.
 ///
 /// # Safety
-/// As [`tile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ TMAX`.
+/// As [`tile`]; `1 ≤ r ≤ RMAX`, `1 ≤ t ≤ tmax(r)`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn run(r: usize, t: usize, k: &Tile) {
     // SAFETY: the caller's contract.
-    unsafe { exact!(tile, r, t, k) }
+    unsafe {
+        exact!(@ tile, r, t, k;
+            1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 1,7; 1,8;
+            2,1; 2,2; 2,3; 2,4; 2,5; 2,6; 2,7; 2,8;
+            3,1; 3,2; 3,3; 3,4; 3,5; 3,6;
+            4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+    }
 }
 
 /// `out [N, O, OH, OW] = conv(x, w) + bias`, then the activation, with `res` added
@@ -529,7 +561,6 @@ pub fn forward_epi(
     // (one tile group) would run on one thread.
     let groups = nb.div_ceil(RMAX);
     let csplits = (2 * threads).min(groups).max(1);
-    let per = groups.div_ceil(csplits) * RMAX;
     let total = g.n * g.p();
     let psplits = (2 * threads)
         .div_ceil(csplits)
@@ -542,7 +573,7 @@ pub fn forward_epi(
     super::conv_tiles::with_shared_pad(g, &layer.grid, x, g.n, len, |xp| {
         super::par::for_each(csplits * psplits, move |task| {
             let (s, ps) = (task / psplits, task % psplits);
-            let (b0, b1) = (s * per, ((s + 1) * per).min(nb));
+            let (b0, b1) = balanced(nb, csplits, s);
             let (qa, qb) = (ps * pper, ((ps + 1) * pper).min(total));
             if b0 >= b1 || qa >= qb {
                 return;
@@ -562,8 +593,11 @@ pub fn forward_epi(
 /// batches of at most 8, where the GEMM's per-image reductions are short. Per layer on an
 /// AMD EPYC (`examples/conv_paths.rs`): 2×2 at batch 64, 512 channels, 308 GFLOP/s
 /// against 158; 4×4 370 against 247; 7×7 at batch 1 155 against 11; 56×56 at batch 8
-/// 329 against 202; but 16×16 at batch 64 with 128 channels 300 against 364, which stays
-/// on the GEMM. Follows the tile mode like the forward.
+/// 329 against 202. Stride-1 maps up to 28×28 at any batch since the thirteenth session's
+/// GEMM changes: at batch 64, 32→32 at 16×16 0.93 ms against 1.07 on the GEMM, 64→128
+/// at 16×16 5.56 against 5.77, 32→32 at 28×28 2.90 against 3.08, 40→40 at 16×16 1.25
+/// against 1.60; 24→40 at 32×32 4.12 against 3.87 stays on the GEMM. Follows the tile
+/// mode like the forward.
 pub fn weight_grad_applies(g: &Geo) -> bool {
     cfg!(target_arch = "x86_64")
         && super::simd::isa() == Isa::Avx512
@@ -576,9 +610,16 @@ pub fn weight_grad_applies(g: &Geo) -> bool {
         && match mode() {
             TileMode::Off | TileMode::Always => false,
             TileMode::ChanVec => true,
-            TileMode::Auto => !env_off() && (g.p() < 256 || g.n <= 8),
+            TileMode::Auto => {
+                !env_off() && (g.p() <= MAX_WGRAD_MAP || (g.sh * g.sw == 1 && g.p() <= 784))
+                    || g.n <= 8
+            }
         }
 }
+
+/// Strided maps up to this many positions take [`backward_weight`] at any batch (a
+/// 32×32 map at stride 2, 256 positions, at batch 64 ran 1.42 ms against 1.37 on the GEMM).
+const MAX_WGRAD_MAP: usize = 255;
 
 /// Positions of a weight-gradient sweep: one tile group's output-gradient rows for them
 /// (`RMAX·16` floats each, 128 KB) stay in L2 while every pair tile reads them.
@@ -738,4 +779,27 @@ unsafe fn wtile<const R: usize, const T: usize>(k: &WTile) {
 unsafe fn run_w(r: usize, t: usize, k: &WTile) {
     // SAFETY: the caller's contract.
     unsafe { exact!(wtile, r, t, k) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced;
+
+    /// The ranges cover `0..n` in order, without gaps or overlaps, sizes within one.
+    #[test]
+    fn balanced_ranges_partition() {
+        for n in 0..40 {
+            for parts in 1..9 {
+                let rs: Vec<_> = (0..parts).map(|i| balanced(n, parts, i)).collect();
+                assert_eq!(rs[0].0, 0);
+                assert_eq!(rs[parts - 1].1, n);
+                for w in rs.windows(2) {
+                    assert_eq!(w[0].1, w[1].0, "n {n} parts {parts}");
+                }
+                let sizes: Vec<_> = rs.iter().map(|r| r.1 - r.0).collect();
+                let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(hi - lo <= 1, "n {n} parts {parts}: {sizes:?}");
+            }
+        }
+    }
 }

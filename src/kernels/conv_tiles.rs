@@ -172,10 +172,16 @@ pub fn flip_transpose(g: &Geo, w: &[f32]) -> Vec<f32> {
 const MIN_LANE_USE: f32 = 0.85;
 
 fn dense_enough(g: &Geo) -> bool {
+    let used = lane_use(g);
+    used >= MIN_LANE_USE || g.og() < FEW_OUTPUTS && used >= MIN_LANE_USE_FEW
+}
+
+/// The share of the tiles' vector lanes that hold real outputs (the rest are the extra
+/// columns of the flattened, padded rows).
+pub(super) fn lane_use(g: &Geo) -> f32 {
     let (lanes, _, _) = shape(super::simd::isa());
     let vecs = Grid::new(g).q(g).div_ceil(lanes);
-    let used = g.p() as f32 / (vecs * lanes) as f32;
-    used >= MIN_LANE_USE || g.og() < FEW_OUTPUTS && used >= MIN_LANE_USE_FEW
+    g.p() as f32 / (vecs * lanes) as f32
 }
 
 /// With fewer output channels per group than this (no channel-vector tiles, and a GEMM
