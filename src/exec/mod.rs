@@ -8,6 +8,7 @@
 //! the plan is then one sweep over the nodes. [`forward`] and [`forward_with`] plan and run
 //! in one call, for passes that run once; loops over many batches build the plan once.
 
+mod chunks;
 mod fusion;
 mod inputs;
 mod mode;

@@ -75,6 +75,8 @@ pub struct Plan {
     resize: HashMap<NodeId, (Tensor, Tensor)>,
     /// Inference: passes on the pool or on the calling thread alone, by measurement.
     threads: super::threads::Threads,
+    /// Inference: the nodes on large maps, run a few images at a time on large batches.
+    prefix: Option<super::chunks::Prefix>,
 }
 
 impl Plan {
@@ -113,7 +115,11 @@ impl Plan {
         } else {
             vec![Vec::new(); g.nodes.len()]
         };
+        let prefix = (mode == Mode::Eval && rewrites && pinned.is_empty())
+            .then(|| super::chunks::prefix(g, &shapes, &consumers, &o.keep))
+            .flatten();
         Ok(Plan {
+            prefix,
             mode,
             inputs: g
                 .input_ids()
@@ -160,18 +166,48 @@ impl Plan {
 
     /// Runs the plan on one tensor per graph input, in the order of the Input nodes.
     pub fn run_inputs(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {
+        let chunk = match (self.prefix, xs.first()) {
+            (Some(p), Some(x)) => super::chunks::images(x.dim(0)?, &p),
+            _ => None,
+        };
+        self.run_chunked(g, xs, f, chunk)
+    }
+
+    /// [`Plan::run_inputs`] with the chunked prefix (if the plan has one) run `chunk`
+    /// images at a time, or the whole pass on the whole batch (`None`).
+    pub(crate) fn run_chunked(
+        &self,
+        g: &Graph,
+        xs: &[&Tensor],
+        f: &Feeds,
+        chunk: Option<usize>,
+    ) -> Result<ForwardOut> {
         super::in_pool(|| {
             // An inference pass is many short layers back to back: its kernels' loops go
             // to the spinning pool (`kernels::par`); training keeps rayon throughout.
             if self.mode == super::Mode::Eval {
-                crate::kernels::par::engaged(|| self.threads.run(|| self.run_in_pool(g, xs, f)))
+                crate::kernels::par::engaged(|| {
+                    self.threads.run(|| self.run_in_pool(g, xs, f, chunk))
+                })
             } else {
-                self.run_in_pool(g, xs, f)
+                self.run_in_pool(g, xs, f, chunk)
             }
         })
     }
 
-    fn run_in_pool(&self, g: &Graph, xs: &[&Tensor], f: &Feeds) -> Result<ForwardOut> {
+    /// The node the chunked prefix ends before, if the plan has one.
+    #[cfg(test)]
+    pub(crate) fn chunked_prefix(&self) -> Option<usize> {
+        self.prefix.map(|p| p.cut)
+    }
+
+    fn run_in_pool(
+        &self,
+        g: &Graph,
+        xs: &[&Tensor],
+        f: &Feeds,
+        chunk: Option<usize>,
+    ) -> Result<ForwardOut> {
         self.check(g, xs, f)?;
         let ctx = Ctx {
             mode: self.mode,
@@ -188,10 +224,71 @@ impl Plan {
         // Inputs go to the device of the parameters (a no-op on the CPU): callers batch
         // on the host, and one copy per input per pass is the only transfer a forward makes.
         let dev = g.device();
-        for (&(id, _), &x) in self.inputs.iter().zip(xs) {
-            vals[id] = Some(x.to_device(&dev)?);
-        }
-        for (i, n) in g.nodes.iter().enumerate() {
+        let batch = xs[0].dim(0)?;
+        let chunked = self
+            .prefix
+            .filter(|_| f.input_masks.is_none() && dev.is_cpu())
+            .and_then(|p| Some((p, chunk.filter(|&k| k > 0)?)));
+        let start =
+            match chunked {
+                Some((p, k)) => {
+                    // The prefix a chunk at a time; its one live value concatenated.
+                    let mut parts = Vec::with_capacity(batch.div_ceil(k));
+                    for s in (0..batch).step_by(k) {
+                        let len = k.min(batch - s);
+                        let mut cv: Vec<Option<Tensor>> = vec![None; g.nodes.len()];
+                        for (&(id, _), &x) in self.inputs.iter().zip(xs) {
+                            cv[id] = Some(x.narrow(0, s, len)?.contiguous()?);
+                        }
+                        let x0 = cv[self.inputs[0].0].clone().expect("input set");
+                        self.run_nodes(g, 0..p.cut, &mut cv, &x0, f, &ctx, sparse)?;
+                        parts.push(cv[p.live].take().ok_or_else(|| {
+                            anyhow!("internal: chunked value #{} missing", p.live)
+                        })?);
+                    }
+                    vals[p.live] = Some(Tensor::cat(&parts, 0)?);
+                    p.cut
+                }
+                None => {
+                    for (&(id, _), &x) in self.inputs.iter().zip(xs) {
+                        vals[id] = Some(x.to_device(&dev)?);
+                    }
+                    0
+                }
+            };
+        self.run_nodes(g, start..g.nodes.len(), &mut vals, xs[0], f, &ctx, sparse)?;
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|&o| {
+                vals[o]
+                    .clone()
+                    .ok_or_else(|| anyhow!("output #{o} missing"))
+            })
+            .collect::<Result<_>>()?;
+        let kept = self
+            .keep
+            .iter()
+            .filter_map(|&k| vals[k].clone().map(|v| (k, v)))
+            .collect();
+        Ok(ForwardOut { outputs, kept })
+    }
+
+    /// Runs nodes `range` on the values in `vals` (inputs and every earlier value still
+    /// read set), releasing each value after its last reader.
+    #[allow(clippy::too_many_arguments)]
+    fn run_nodes(
+        &self,
+        g: &Graph,
+        range: std::ops::Range<usize>,
+        vals: &mut [Option<Tensor>],
+        x: &Tensor,
+        f: &Feeds,
+        ctx: &Ctx,
+        sparse: Option<&SparsePack>,
+    ) -> Result<()> {
+        for i in range {
+            let n = &g.nodes[i];
             if vals[i].is_some() {
                 continue; // an input
             }
@@ -202,7 +299,7 @@ impl Plan {
             }
             let t = super::profile::enabled().then(std::time::Instant::now);
             let y = self
-                .run_node(g, i, &vals, xs[0], f, &ctx, sparse)
+                .run_node(g, i, vals, x, f, ctx, sparse)
                 .with_context(|| {
                     format!("forward failed at node '{}' ({})", n.name, n.op.kind())
                 })?;
@@ -220,21 +317,7 @@ impl Plan {
                 vals[j] = None;
             }
         }
-        let outputs = self
-            .outputs
-            .iter()
-            .map(|&o| {
-                vals[o]
-                    .clone()
-                    .ok_or_else(|| anyhow!("output #{o} missing"))
-            })
-            .collect::<Result<_>>()?;
-        let kept = self
-            .keep
-            .iter()
-            .filter_map(|&k| vals[k].clone().map(|v| (k, v)))
-            .collect();
-        Ok(ForwardOut { outputs, kept })
+        Ok(())
     }
 
     /// The inputs fit and the feeds match what the plan was built for.
