@@ -633,6 +633,17 @@ fn pooling_matches_finite_differences_and_candle() {
             },
             [1, 1, 3, 9],
         ),
+        // A 1×1 window at stride 2 (a strided subsample: option-A shortcuts) on odd sides.
+        (
+            PoolCfg {
+                kernel: [1, 1],
+                stride: [2, 2],
+                padding: [0; 4],
+                ceil_mode: false,
+                count_include_pad: true,
+            },
+            [2, 3, 7, 5],
+        ),
     ];
     for (cfg, dims) in cases {
         for max in [true, false] {

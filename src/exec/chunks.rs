@@ -52,10 +52,13 @@ pub fn prefix(
     keep: &[NodeId],
 ) -> Option<Prefix> {
     let n = g.nodes.len();
-    let small = std::env::var("LOPPER_CHUNK_KB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(SMALL_BYTES, |kb| kb << 10);
+    static SMALL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let small = *SMALL.get_or_init(|| {
+        std::env::var("LOPPER_CHUNK_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(SMALL_BYTES, |kb| kb << 10)
+    });
     let bytes = |i: NodeId| 4 * shapes[i].iter().product::<usize>();
     // The last node reading each value (graph outputs and kept values: past the end).
     let mut last: Vec<usize> = consumers

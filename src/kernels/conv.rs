@@ -195,23 +195,9 @@ fn subsampled(g: &Geo) -> Option<Geo> {
 /// `x` (`[N, C, H, W]`) at rows `oy·sh` and columns `ox·sw` of `g`: the input of
 /// [`subsampled`]`(g)`.
 fn subsample(g: &Geo, x: &[f32]) -> Vec<f32> {
-    let (hw, p) = (g.h * g.w, g.oh * g.ow);
-    assert!(x.len() >= g.n * g.c * hw);
-    assert!((g.oh - 1) * g.sh < g.h && (g.ow - 1) * g.sw < g.w);
-    // SAFETY: every plane's every row is written below.
-    let mut xs = unsafe { super::cpu::unfilled(g.n * g.c * p) };
-    let planes = (1usize << 14).div_ceil(p).max(1);
-    super::par::chunks_mut(&mut xs[..], planes * p, |t, d| {
-        for (j, dp) in d.chunks_exact_mut(p).enumerate() {
-            let src = &x[(t * planes + j) * hw..][..hw];
-            for (oy, row) in dp.chunks_exact_mut(g.ow).enumerate() {
-                let sr = &src[oy * g.sh * g.w..];
-                for (ox, v) in row.iter_mut().enumerate() {
-                    *v = sr[ox * g.sw];
-                }
-            }
-        }
-    });
+    // SAFETY: `subsample_planes` writes every plane's every value.
+    let mut xs = unsafe { super::cpu::unfilled(g.n * g.c * g.oh * g.ow) };
+    super::cpu::subsample_planes(x, (g.h, g.w), (g.oh, g.ow), (g.sh, g.sw), &mut xs);
     xs
 }
 

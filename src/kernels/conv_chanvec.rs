@@ -611,15 +611,20 @@ pub fn weight_grad_applies(g: &Geo) -> bool {
             TileMode::Off | TileMode::Always => false,
             TileMode::ChanVec => true,
             TileMode::Auto => {
-                !env_off() && (g.p() <= MAX_WGRAD_MAP || (g.sh * g.sw == 1 && g.p() <= 784))
-                    || g.n <= 8
+                !env_off()
+                    && (g.p() <= MAX_WGRAD_MAP
+                        || g.sh * g.sw == 1 && g.p() <= MAX_WGRAD_MAP_S1
+                        || g.n <= 8)
             }
         }
 }
 
-/// Strided maps up to this many positions take [`backward_weight`] at any batch (a
-/// 32×32 map at stride 2, 256 positions, at batch 64 ran 1.42 ms against 1.37 on the GEMM).
+/// Output maps up to this many positions take [`backward_weight`] at any batch and
+/// stride (a 32×32 input at stride 2, 256 output positions, at batch 64 ran 1.42 ms
+/// against 1.37 on the GEMM) ...
 const MAX_WGRAD_MAP: usize = 255;
+/// ... and stride-1 maps up to 28×28.
+const MAX_WGRAD_MAP_S1: usize = 784;
 
 /// Positions of a weight-gradient sweep: one tile group's output-gradient rows for them
 /// (`RMAX·16` floats each, 128 KB) stay in L2 while every pair tile reads them.

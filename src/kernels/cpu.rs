@@ -262,6 +262,39 @@ pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86
     out
 }
 
+/// Planes `[·, H, W]` of `x` at rows `oy·sh` and columns `ox·sw` into `out` (`OH·OW` per
+/// plane): a strided 1×1 window, as pools and strided 1×1 convs take it. Parallel over
+/// planes.
+pub fn subsample_planes(
+    x: &[f32],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    (sh, sw): (usize, usize),
+    out: &mut [f32],
+) {
+    let (hw, p) = (h * w, oh * ow);
+    if p == 0 {
+        return;
+    }
+    assert!(
+        (oh - 1) * sh < h && (ow - 1) * sw < w,
+        "subsample outside the planes"
+    );
+    assert!(x.len() >= out.len() / p * hw);
+    let planes = (1usize << 14).div_ceil(p).max(1);
+    super::par::chunks_mut(out, planes * p, |t, d| {
+        for (j, dp) in d.chunks_exact_mut(p).enumerate() {
+            let src = &x[(t * planes + j) * hw..][..hw];
+            for (oy, row) in dp.chunks_exact_mut(ow).enumerate() {
+                let sr = &src[oy * sh * w..];
+                for (ox, v) in row.iter_mut().enumerate() {
+                    *v = sr[ox * sw];
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,15 +121,7 @@ impl CustomOp1 for PoolOp {
             // A 1×1 window (a strided subsample: ResNet option-A shortcuts, strided
             // slices) is a gather, max and average alike.
             let [sh, sw] = self.cfg.stride;
-            super::par::chunks_mut(&mut out[..], p, |i, o| {
-                let xc = &x[i * hw..(i + 1) * hw];
-                for (oy, row) in o.chunks_exact_mut(g.ow).enumerate() {
-                    let src = &xc[oy * sh * g.w..];
-                    for (ox, v) in row.iter_mut().enumerate() {
-                        *v = src[ox * sw];
-                    }
-                }
-            });
+            super::cpu::subsample_planes(x, (g.h, g.w), (g.oh, g.ow), (sh, sw), &mut out);
             let d = l.dims();
             return Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], g.oh, g.ow))));
         }
