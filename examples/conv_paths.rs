@@ -3,7 +3,7 @@
 //! products, flattened depthwise) and with them off (im2col + GEMM, the per-row
 //! depthwise), alternately, best of six rounds; forward and input gradient.
 //!
-//! `cargo run --release --example conv_paths [dense|thin|depthwise]` — the numbers behind
+//! `cargo run --release --example conv_paths [dense|pruned|thin|depthwise|…]` — the numbers behind
 //! the rules in `kernels/conv_tiles.rs` and `kernels/dw_flat.rs` (BENCHMARKS §19).
 
 use lopper::kernels::conv::{
@@ -219,7 +219,7 @@ fn paths() {
         "stem" => (STEM, false),
         "stem3" => (STEM3, false),
         other => {
-            eprintln!("unknown shape set '{other}': dense, thin or depthwise");
+            eprintln!("unknown shape set '{other}': dense, pruned, thin, depthwise, depthwise5, pointwise, stem or stem3");
             std::process::exit(2);
         }
     };
