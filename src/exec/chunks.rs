@@ -19,13 +19,20 @@
 use crate::graph::{Graph, NodeId, Shape};
 
 /// Bytes of one image's value at or under which a node may run on the whole batch.
+/// MobileNetV2 (CIFAR) at batch 64 with its 16×16 stage (196 KB values) chunked too (128
+/// KB): in a quiet hour of the host dense 37.5–40.8 → 34.2–35.2 ms, 90 % sparse 20.2–22.1
+/// → 17.2–18.6 (alternated ×3), but in a slow one (cross-core round trips of 450 ns, one
+/// per layer and chunk) dense 44.1–44.8 → 47.0–47.5, sparse 29.5–30.8 → 31.3–32.0; at
+/// 256 KB only the 32×32 stages are chunked, which gained in both.
 const SMALL_BYTES: usize = 256 << 10;
 
 /// Bytes of one image's value above which the prefix is not chunked: an image's values
-/// must stay in a core's L2 (1 MB on the machines measured) for the chunks to pay. At
-/// 224×224 (ResNet-50, EfficientNet-B0, MobileNetV3 at batch 8, 3.2 MB a value) chunks
-/// of two images ran 5–8 % slower than the whole batch.
-const MAX_BYTES: usize = 1 << 20;
+/// must stay in a core's L2 (1 MB on the machines measured), with the layer's input beside
+/// them, for the chunks to pay. At 224×224 (ResNet-50, EfficientNet-B0, MobileNetV3 at
+/// batch 8, 3.2 MB a value) chunks of two images ran 5–8 % slower than the whole batch,
+/// MobileNetV3-small at batch 64 (903 KB values) 3–10 % slower; MobileNetV2 (CIFAR, 590
+/// KB) gains.
+const MAX_BYTES: usize = 768 << 10;
 
 /// Bytes of the whole batch's largest prefix value under which the pass is not chunked:
 /// that value stays in the last-level cache (32 MB on the machines measured) whole.
