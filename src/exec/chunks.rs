@@ -50,14 +50,9 @@ pub struct Prefix {
 
 /// The prefix of `g` worth chunking, if any: the first cut after which every value is
 /// small, where one small non-input value is all that crosses it (not a large map to be
-/// concatenated and read back from memory), with a large value before it.
-/// `keep`: values returned to the caller (never inside the prefix).
-pub fn prefix(
-    g: &Graph,
-    shapes: &[Shape],
-    consumers: &[Vec<NodeId>],
-    keep: &[NodeId],
-) -> Option<Prefix> {
+/// concatenated and read back from memory), with a large value before it. For plans
+/// that return no value but the graph's outputs (no kept or masked nodes).
+pub fn prefix(g: &Graph, shapes: &[Shape], consumers: &[Vec<NodeId>]) -> Option<Prefix> {
     let n = g.nodes.len();
     static SMALL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let small = *SMALL.get_or_init(|| {
@@ -67,13 +62,13 @@ pub fn prefix(
             .map_or(SMALL_BYTES, |kb| kb << 10)
     });
     let bytes = |i: NodeId| 4 * shapes[i].iter().product::<usize>();
-    // The last node reading each value (graph outputs and kept values: past the end).
+    // The last node reading each value (graph outputs: past the end).
     let mut last: Vec<usize> = consumers
         .iter()
         .enumerate()
         .map(|(v, c)| c.iter().copied().max().unwrap_or(v))
         .collect();
-    for &o in g.outputs.iter().chain(keep) {
+    for &o in &g.outputs {
         last[o] = n;
     }
     // Largest value at or after each node.
@@ -98,7 +93,7 @@ pub fn prefix(
         let (Some(v), None) = (live.next(), live.next()) else {
             continue;
         };
-        if bytes(v) > small || inputs.contains(&v) || keep.iter().any(|&k| k < cut) {
+        if bytes(v) > small || inputs.contains(&v) {
             continue;
         }
         return Some(Prefix { cut, live: v, head });
@@ -129,14 +124,14 @@ mod tests {
     fn prefix_ends_where_the_maps_get_small() {
         let g = crate::zoo::build("mobilenetv2@3x32x32#10", 3).unwrap();
         let shapes = g.shapes().unwrap();
-        let p = super::prefix(&g, &shapes, &g.consumers(), &[]).expect("a prefix");
+        let p = super::prefix(&g, &shapes, &g.consumers()).expect("a prefix");
         let bytes = |i: usize| 4 * shapes[i].iter().product::<usize>();
         assert!(bytes(p.live) <= super::SMALL_BYTES, "{p:?}");
         assert!((p.cut..g.nodes.len()).all(|i| bytes(i) <= super::SMALL_BYTES));
         assert!(p.head > super::SMALL_BYTES && p.head <= super::MAX_BYTES);
         let small = crate::zoo::build("mobilenetv2@3x8x8#10", 3).unwrap();
         let s = small.shapes().unwrap();
-        assert!(super::prefix(&small, &s, &small.consumers(), &[]).is_none());
+        assert!(super::prefix(&small, &s, &small.consumers()).is_none());
         let train = Plan::new(&g, Mode::Train, &PlanOpts::default()).unwrap();
         assert_eq!(train.chunked_prefix(), None);
     }

@@ -116,7 +116,7 @@ impl Plan {
             vec![Vec::new(); g.nodes.len()]
         };
         let prefix = (mode == Mode::Eval && rewrites && pinned.is_empty())
-            .then(|| super::chunks::prefix(g, &shapes, &consumers, &o.keep))
+            .then(|| super::chunks::prefix(g, &shapes, &consumers))
             .flatten();
         Ok(Plan {
             prefix,

@@ -157,10 +157,10 @@ impl CustomOp1 for PoolOp {
             .enumerate()
             .all(|(i, &c)| c == (2 * i, 2 * i + 2));
         let cfg = &self.cfg;
-        // Column windows of more than two, or strided other than as pairs (the 3×3/2
-        // pool after ResNets' stems): reduced from the row's stride phases with
+        // Max pools' column windows of more than two, or strided other than as pairs (the
+        // 3×3/2 pool after ResNets' stems): reduced from the row's stride phases with
         // contiguous, vectorised maxima instead of a fold per output.
-        let phases = (!pairs && self.cfg.kernel[1] > 1 && self.cfg.stride[1] > 0).then(|| {
+        let phases = (max && !pairs && self.cfg.kernel[1] > 1).then(|| {
             let (kw, sw) = (self.cfg.kernel[1], self.cfg.stride[1]);
             ColPhases {
                 kw,
