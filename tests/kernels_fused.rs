@@ -755,11 +755,14 @@ fn packed_weights(l: Isa) {
             }
         }
     }
-    // Depthwise convs with their weights packed once (16-channel vectors): channel counts
-    // off the multiple of 16, small maps, stride 2, asymmetric padding, 3×3 and 5×5.
+    // Depthwise convs with their weights packed once (16-channel vectors on AVX-512, 8 on
+    // AVX2): channel counts off the multiple of 16 and of 8, small maps, stride 2,
+    // asymmetric padding, 3×3, 5×5 and 7×7.
     for (n, c, h, w, k, s, pad) in [
         (1, 40, 4, 4, 3, 1, [1, 1, 1, 1]),
         (2, 17, 7, 7, 5, 1, [2, 2, 2, 2]),
+        (1, 13, 11, 10, 7, 1, [3, 3, 3, 3]),
+        (2, 21, 15, 13, 7, 2, [2, 3, 3, 2]),
         (1, 96, 8, 8, 3, 2, [0, 0, 1, 1]),
         (3, 33, 5, 9, 3, 1, [1, 0, 1, 2]),
         (1, 50, 14, 14, 5, 2, [1, 1, 2, 2]),
@@ -790,9 +793,9 @@ fn packed_weights(l: Isa) {
         let wv = rand_vec(&mut rng, c * k * k, 1.0);
         let bias = rand_vec(&mut rng, c, 1.0);
         let packed = PackedWeight::for_geo(&g, &wv);
-        if l == Isa::Avx512 {
+        if l >= Isa::Avx2 {
             assert!(
-                matches!(packed, Some(PackedWeight::Depthwise(_))),
+                matches!(packed, Some(PackedWeight::Depthwise { .. })),
                 "depthwise {n}x{c}x{h}x{w} k{k} s{s} not packed"
             );
         }

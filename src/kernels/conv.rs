@@ -134,8 +134,9 @@ pub enum PackedWeight {
     ChanVec(Vec<f32>),
     /// [`panel::pack_rows`]: the 1×1 conv's register-tile panels.
     Panels(Vec<f32>),
-    /// [`dw_chanvec::pack`]: a depthwise conv's 16-channel weight vectors.
-    Depthwise(Vec<f32>),
+    /// [`dw_chanvec::pack`]: a depthwise conv's weight vectors of `lanes` channels (the
+    /// ISA's: a level forced after packing must not read another layout).
+    Depthwise { lanes: usize, w: Vec<f32> },
     /// [`panel::pack_cols`]: a 1×1 conv on [`panel::conv_rows`] (positions as rows).
     Columns(Vec<f32>),
 }
@@ -160,7 +161,10 @@ impl PackedWeight {
         } else if conv_chanvec::applies_packed(g) {
             Some(PackedWeight::ChanVec(conv_chanvec::pack(g, w)))
         } else if is_depthwise(g) && dw_chanvec::applies(g) {
-            Some(PackedWeight::Depthwise(dw_chanvec::pack(g, w)))
+            Some(PackedWeight::Depthwise {
+                lanes: dw_chanvec::lanes(),
+                w: dw_chanvec::pack(g, w),
+            })
         } else {
             None
         }
@@ -171,7 +175,9 @@ impl PackedWeight {
         match self {
             PackedWeight::ChanVec(v) => v.len() == conv_chanvec::packed_len(g),
             PackedWeight::Panels(v) => v.len() == panel::rows_len(g.o, g.c),
-            PackedWeight::Depthwise(v) => v.len() == dw_chanvec::packed_len(g),
+            PackedWeight::Depthwise { lanes, w } => {
+                *lanes == dw_chanvec::lanes() && w.len() == dw_chanvec::packed_len(g, *lanes)
+            }
             PackedWeight::Columns(v) => v.len() == panel::cols_len(g.o, g.c),
         }
     }
@@ -297,7 +303,7 @@ pub fn conv_forward_packed(
         return;
     }
     let dw_packed = match packed {
-        Some(p @ PackedWeight::Depthwise(v)) if p.fits(g) => Some(&v[..]),
+        Some(p @ PackedWeight::Depthwise { w, .. }) if p.fits(g) => Some(&w[..]),
         _ => None,
     };
     let packed = match packed {

@@ -262,6 +262,35 @@ pub(super) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86
     out
 }
 
+/// The 8 × 8 transpose of `r` (row `i` lane `j` → row `j` lane `i`): pairs of rows
+/// interleaved by 32 bits, then 64, then the 128-bit halves exchanged.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4h + m], 128-bit half k: column 4k + m of rows 4h..4h + 4.
+    let mut b = [_mm256_setzero_ps(); 8];
+    for h in 0..2 {
+        let q = 4 * h;
+        b[q] = _mm256_shuffle_ps::<0x44>(a[q], a[q + 2]);
+        b[q + 1] = _mm256_shuffle_ps::<0xEE>(a[q], a[q + 2]);
+        b[q + 2] = _mm256_shuffle_ps::<0x44>(a[q + 1], a[q + 3]);
+        b[q + 3] = _mm256_shuffle_ps::<0xEE>(a[q + 1], a[q + 3]);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for m in 0..4 {
+        out[m] = _mm256_permute2f128_ps::<0x20>(b[m], b[4 + m]);
+        out[4 + m] = _mm256_permute2f128_ps::<0x31>(b[m], b[4 + m]);
+    }
+    out
+}
+
 /// Planes `[·, H, W]` of `x` at rows `oy·sh` and columns `ox·sw` into `out` (`OH·OW` per
 /// plane): a strided 1×1 window, as pools and strided 1×1 convs take it. Parallel over
 /// planes.

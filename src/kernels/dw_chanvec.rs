@@ -1,12 +1,12 @@
-//! Depthwise convolution with vectors along 16 channels (AVX-512), the layout
-//! onnxruntime's NCHWc depthwise kernel computes in.
+//! Depthwise convolution with vectors along channels — 16 on AVX-512, 8 on AVX2 — the
+//! layout onnxruntime's NCHWc depthwise kernel computes in.
 //!
 //! The plane kernels ([`super::depthwise`], [`super::dw_flat`]) put output positions in
 //! the vector lanes: a 7- or 14-wide row fills half a vector or needs masked loads, and
-//! each output costs `kh·kw` separate FMAs over short runs. Here a task takes 16 channels
-//! of one image, transposes their input rows into a zero-padded `[row][col][16]` grid (so
-//! padding, asymmetric included, and any map width cost nothing in the inner loop), and
-//! computes `T` adjacent outputs of a row per tile: for each filter row, the row's `kw`
+//! each output costs `kh·kw` separate FMAs over short runs. Here a task takes `L` channels
+//! of one image (`L` the vector's lanes), transposes their input rows into a zero-padded
+//! `[row][col][L]` grid (so padding, asymmetric included, and any map width cost nothing
+//! in the inner loop), and computes `T` adjacent outputs of a row per tile: for each filter row, the row's `kw`
 //! weight vectors stay in registers and each of the `(T − 1)·s + kw` input vectors under
 //! the tile is loaded once and multiplied into every output that uses it. The results
 //! (bias added in registers) are transposed back into the NCHW planes, where the
@@ -25,15 +25,21 @@ use super::im2col::Geo;
 use super::simd::Isa;
 use crate::graph::ops::ActivationKind;
 
-/// Channels per vector.
-const L: usize = 16;
+/// Channels per vector: 16 on AVX-512, 8 on AVX2 (the grid, the packed weights and the
+/// output scratch are laid out in vectors of this many channels).
+pub fn lanes() -> usize {
+    match super::simd::isa() {
+        Isa::Avx512 => 16,
+        _ => 8,
+    }
+}
 
 /// Whether this kernel takes depthwise conv `g` (the caller checked one filter per
-/// channel): AVX-512, undilated, a square 3×3, 5×5 or 7×7 window, stride 1 or 2, padding
-/// inside the window; not with the tile kernels off (A/B) or `LOPPER_DWCV=0`.
+/// channel): AVX-512 or AVX2, undilated, a square 3×3, 5×5 or 7×7 window, stride 1 or 2,
+/// padding inside the window; not with the tile kernels off (A/B) or `LOPPER_DWCV=0`.
 pub fn applies(g: &Geo) -> bool {
     cfg!(target_arch = "x86_64")
-        && super::simd::isa() == Isa::Avx512
+        && super::simd::isa() >= Isa::Avx2
         && super::conv_tiles::mode() != super::conv_tiles::TileMode::Off
         && !env_off()
         && g.dh == 1
@@ -45,7 +51,20 @@ pub fn applies(g: &Geo) -> bool {
         && g.pt < g.kh
         && g.pl < g.kw
         && g.p() > 0
-        && g.ow <= MAX_WIDTH
+        && g.ow <= max_width(g)
+}
+
+/// [`MAX_WIDTH`], but 14 for 5×5 and 7×7 windows at stride 2 on AVX2: there the grid holds
+/// four input positions per output, each transposed for ~6 FMAs, and the 8-lane kernel
+/// lost to the plane kernels at 28-wide rows (ms, `LOPPER_ISA=avx2 conv_paths
+/// depthwise5`: batch 8, 144 channels at 56×56 0.81 against 0.68; 14-wide rows won, 240
+/// channels at 28×28 0.37 against 0.43). On AVX-512 the two ran even at 28 (0.52 / 0.53).
+fn max_width(g: &Geo) -> usize {
+    if super::simd::isa() == Isa::Avx2 && g.sh == 2 && g.kh >= 5 {
+        14
+    } else {
+        MAX_WIDTH
+    }
 }
 
 /// Output rows wider than this stay on the plane kernels. Per layer on an AMD EPYC
@@ -95,28 +114,29 @@ thread_local! {
     static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
 }
 
-/// Floats of [`pack`]'s layout for `g`.
-pub fn packed_len(g: &Geo) -> usize {
-    g.c.div_ceil(L) * g.kh * g.kw * L
+/// Floats of [`pack`]'s layout for `g` in vectors of `l` channels.
+pub fn packed_len(g: &Geo, l: usize) -> usize {
+    g.c.div_ceil(l) * g.kh * g.kw * l
 }
 
-/// Weights `[C, kh·kw]` as `[C/16][kh·kw][16]` (missing channels zero): packed once by an
-/// eval plan ([`super::conv::PackedWeight`]); per call otherwise (at batch 1 on 4×4 maps
-/// the packing was a third of the layer).
+/// Weights `[C, kh·kw]` as `[C/L][kh·kw][L]` (missing channels zero, `L` = [`lanes`]):
+/// packed once by an eval plan ([`super::conv::PackedWeight`], which records `L`); per
+/// call otherwise (at batch 1 on 4×4 maps the packing was a third of the layer).
 pub fn pack(g: &Geo, w: &[f32]) -> Vec<f32> {
-    let k = g.kh * g.kw;
-    let mut wp = vec![0f32; packed_len(g)];
+    let (k, l) = (g.kh * g.kw, lanes());
+    let mut wp = vec![0f32; packed_len(g, l)];
     for c in 0..g.c {
-        let (b, l) = (c / L, c % L);
+        let (b, j) = (c / l, c % l);
         for t in 0..k {
-            wp[(b * k + t) * L + l] = w[c * k + t];
+            wp[(b * k + t) * l + j] = w[c * k + t];
         }
     }
     wp
 }
 
 /// `out [N, C, OH, OW] = depthwise(x, w) + bias`, then the activation, with the weights
-/// `packed` by [`pack`] if given. `out` needs no initialisation.
+/// `packed` by [`pack`] (at the current [`lanes`]) if given. `out` needs no
+/// initialisation.
 pub fn forward_epi(
     g: &Geo,
     x: &[f32],
@@ -126,6 +146,7 @@ pub fn forward_epi(
     epi: Option<(&[f32], Option<ActivationKind>)>,
 ) {
     assert!(applies(g));
+    let l = lanes();
     let (hw, p) = (g.h * g.w, g.p());
     assert!(x.len() >= g.n * g.c * hw && out.len() >= g.n * g.c * p);
     let own;
@@ -138,7 +159,7 @@ pub fn forward_epi(
     };
     assert_eq!(
         wp.len(),
-        packed_len(g),
+        packed_len(g, l),
         "depthwise packed weights for another shape"
     );
     let bias = epi.map(|e| e.0);
@@ -149,7 +170,7 @@ pub fn forward_epi(
         g,
         cols: (owt - 1) * g.sw + g.kw,
     };
-    let nb = g.c.div_ceil(L);
+    let nb = g.c.div_ceil(l);
     // Tasks: (image, channel block, run of output rows); rows split until there are
     // ~4 tasks per thread (batch 1 with few channels), each at least 2 rows.
     let threads = rayon::current_num_threads().max(1);
@@ -159,7 +180,7 @@ pub fn forward_epi(
         .max(1);
     // A task's grid and output rows stay in L2 (~160 KB): 112×112 maps in one task ran
     // 1.5× slower than the plane kernels, from memory.
-    let row_bytes = (g.sh + 1) * shape.cols * L * 4;
+    let row_bytes = (g.sh + 1) * shape.cols * l * 4;
     let per = g.oh.div_ceil(splits).min((160 << 10) / row_bytes).max(1);
     let splits = g.oh.div_ceil(per);
     let outp = OutPtr(out.as_mut_ptr());
@@ -168,28 +189,33 @@ pub fn forward_epi(
     super::par::for_each(g.n * nb * splits, move |task| {
         let (n, b, s) = (task / (nb * splits), task / splits % nb, task % splits);
         let (oy0, oy1) = (s * per, ((s + 1) * per).min(g.oh));
-        let (c0, cn) = (b * L, L.min(g.c - b * L));
+        let (c0, cn) = (b * l, l.min(g.c - b * l));
         BUFS.with(|bufs| {
             let Bufs { grid, acc } = &mut *bufs.borrow_mut();
             let xs = &x[(n * g.c + c0) * hw..];
-            fill_grid(shape, xs, cn, oy0, oy1, grid);
+            fill_grid(shape, l, xs, cn, oy0, oy1, grid);
             let rows = oy1 - oy0;
-            acc.resize(rows * owt * L, 0.0);
+            acc.resize(rows * owt * l, 0.0);
             let k = g.kh * g.kw;
+            // The block's bias, zero in missing channels: one vector load per task.
+            let mut bv = [0f32; 16];
+            if let Some(b) = bias {
+                bv[..cn].copy_from_slice(&b[c0..c0 + cn]);
+            }
             let tile = Tile {
                 grid: grid.as_ptr(),
                 cols: shape.cols,
-                w: wp[b * k * L..].as_ptr(),
-                bias: bias.map_or(std::ptr::null(), |b| b[c0..].as_ptr()),
-                bias_lanes: cn,
+                w: wp[b * k * l..].as_ptr(),
+                bias: bv.as_ptr(),
                 acc: acc.as_mut_ptr(),
             };
-            // SAFETY: the grid holds rows(oy0, oy1) rows of `cols` 16-channel columns,
+            // SAFETY: the grid holds rows(oy0, oy1) rows of `cols` l-channel columns,
             // which covers every tap of every tile of the rounded rows; acc holds
-            // rows × owt outputs; weights k vectors from the block's, the bias (if any) cn values.
+            // rows × owt outputs; weights k vectors from the block's, the bias l values;
+            // the ISA is the one `lanes` chose.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                run(g.kh, g.sh, t, &tile, rows, owt)
+                run(l, g.kh, g.sh, t, &tile, rows, owt)
             };
             // The activation over the task's outputs while they are in L1, in one pass
             // (per output plane, a 4×4 map's 16 values were a call each).
@@ -199,23 +225,38 @@ pub fn forward_epi(
             // Back into the NCHW planes: channels c0.., rows oy0..oy1 of image n, owned
             // by this task.
             let base = (n * g.c + c0) * p + oy0 * g.ow;
-            // SAFETY: AVX-512F (`applies`); acc holds rows × owt outputs; the cn planes'
-            // rows oy0..oy1 are this task's.
+            let dst = outp.get().wrapping_add(base);
+            // SAFETY: the ISA of `l`; acc holds rows × owt outputs; the cn planes' rows
+            // oy0..oy1 are this task's.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                from_acc(acc.as_ptr(), rows, owt, g.ow, outp.get().add(base), p, cn)
+                if l == 16 {
+                    from_acc_zmm(acc.as_ptr(), rows, owt, g.ow, dst, p, cn)
+                } else {
+                    from_acc_ymm(acc.as_ptr(), rows, owt, g.ow, dst, p, cn)
+                }
             };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = dst;
         })
     });
 }
 
 /// Transposes input rows of channels `cn` (planes `h·w` apart in `xs`) under output rows
-/// `oy0..oy1` into `grid` (`[row][col][16]`), zero outside the input and in missing
+/// `oy0..oy1` into `grid` (`[row][col][l]`), zero outside the input and in missing
 /// channels.
-fn fill_grid(s: &Shape, xs: &[f32], cn: usize, oy0: usize, oy1: usize, grid: &mut Vec<f32>) {
+fn fill_grid(
+    s: &Shape,
+    l: usize,
+    xs: &[f32],
+    cn: usize,
+    oy0: usize,
+    oy1: usize,
+    grid: &mut Vec<f32>,
+) {
     let g = s.g;
     let rows = s.rows(oy0, oy1);
-    let line = s.cols * L;
+    let line = s.cols * l;
     grid.clear();
     grid.resize(rows * line, 0.0);
     // The input rows inside the plane, as one run of flattened positions.
@@ -228,21 +269,21 @@ fn fill_grid(s: &Shape, xs: &[f32], cn: usize, oy0: usize, oy1: usize, grid: &mu
     let hw = g.h * g.w;
     assert!(xs.len() >= (cn - 1) * hw + iy1 * g.w);
     let wn = g.w.min(s.cols - g.pl);
+    let src = xs[iy0 * g.w..].as_ptr();
+    let dst = grid[(r0 * s.cols + g.pl) * l..].as_mut_ptr();
+    let len = (iy1 - iy0) * g.w;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F (`applies`); the source run lies inside each of the cn planes
+    // SAFETY: the ISA of `l`; the source run lies inside each of the cn planes
     // (asserted), and each position's column is stored only if it lies in the grid row.
     unsafe {
-        to_grid(
-            xs[iy0 * g.w..].as_ptr(),
-            hw,
-            cn,
-            (iy1 - iy0) * g.w,
-            g.w,
-            wn,
-            grid[(r0 * s.cols + g.pl) * L..].as_mut_ptr(),
-            s.cols,
-        )
+        if l == 16 {
+            to_grid_zmm(src, hw, cn, len, g.w, wn, dst, s.cols)
+        } else {
+            to_grid_ymm(src, hw, cn, len, g.w, wn, dst, s.cols)
+        }
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, dst, len, wn);
 }
 
 /// Positions `0..len` of `cn` planes (`sl` apart from `src`, rows `w` wide) into a grid of
@@ -256,7 +297,7 @@ fn fill_grid(s: &Shape, xs: &[f32], cn: usize, oy0: usize, oy1: usize, grid: &mu
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn to_grid(
+unsafe fn to_grid_zmm(
     src: *const f32,
     sl: usize,
     cn: usize,
@@ -267,6 +308,7 @@ unsafe fn to_grid(
     cols: usize,
 ) {
     use std::arch::x86_64::*;
+    const L: usize = 16;
     let (mut q0, mut y, mut x) = (0, 0, 0);
     while q0 < len {
         let n = (len - q0).min(L);
@@ -296,6 +338,52 @@ unsafe fn to_grid(
     }
 }
 
+/// [`to_grid_zmm`] in 8-float vectors: 8 positions of 8 planes at a time.
+///
+/// # Safety
+/// AVX2; `src` readable for `len` floats in each of `cn ≤ 8` planes; `dst` writable for
+/// `len / w` rows of `wn` vectors, `cols · 8` floats apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn to_grid_ymm(
+    src: *const f32,
+    sl: usize,
+    cn: usize,
+    len: usize,
+    w: usize,
+    wn: usize,
+    dst: *mut f32,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let (mut q0, mut y, mut x) = (0, 0, 0);
+    while q0 < len {
+        let n = (len - q0).min(L);
+        let mut r = [_mm256_setzero_ps(); L];
+        for (c, v) in r.iter_mut().enumerate().take(cn) {
+            // SAFETY: positions q0..q0 + n of plane c; the prefetch is a hint.
+            unsafe {
+                *v = super::simd::load8(src.add(c * sl + q0), n);
+                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 8 * L) as *const i8);
+            }
+        }
+        let t = super::cpu::transpose8(r);
+        for v in t.iter().take(n) {
+            if x < wn {
+                // SAFETY: row y, column x of the grid.
+                unsafe { _mm256_storeu_ps(dst.add((y * cols + x) * L), *v) };
+            }
+            x += 1;
+            if x == w {
+                (y, x) = (y + 1, 0);
+            }
+        }
+        q0 += n;
+    }
+}
+
 /// Output rows `rows` (`[row][owt][16]` in `acc`, the first `ow` of each row valid) into
 /// `cn` planes from `dst` (`p` apart; the rows' `rows · ow` positions contiguous): 16
 /// positions at a time, transposed in registers, stored as plane runs.
@@ -305,7 +393,7 @@ unsafe fn to_grid(
 /// `cn ≤ 16` planes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn from_acc(
+unsafe fn from_acc_zmm(
     acc: *const f32,
     rows: usize,
     owt: usize,
@@ -315,6 +403,7 @@ unsafe fn from_acc(
     cn: usize,
 ) {
     use std::arch::x86_64::*;
+    const L: usize = 16;
     let len = rows * ow;
     let (mut q0, mut y, mut x) = (0, 0, 0);
     while q0 < len {
@@ -338,77 +427,133 @@ unsafe fn from_acc(
     }
 }
 
-/// A task's operands: the grid (`cols` 16-channel columns per row), the block's packed
-/// weights and bias, and the output scratch (`[row][owt][16]`).
+/// [`from_acc_zmm`] in 8-float vectors (`acc` as `[row][owt][8]`).
+///
+/// # Safety
+/// AVX2; `acc` readable as described; `dst` writable for `rows · ow` floats in each of
+/// `cn ≤ 8` planes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn from_acc_ymm(
+    acc: *const f32,
+    rows: usize,
+    owt: usize,
+    ow: usize,
+    dst: *mut f32,
+    p: usize,
+    cn: usize,
+) {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let len = rows * ow;
+    let (mut q0, mut y, mut x) = (0, 0, 0);
+    while q0 < len {
+        let n = (len - q0).min(L);
+        let mut r = [_mm256_setzero_ps(); L];
+        for v in r.iter_mut().take(n) {
+            // SAFETY: output (y, x), inside the rows.
+            *v = unsafe { _mm256_loadu_ps(acc.add((y * owt + x) * L)) };
+            x += 1;
+            if x == ow {
+                (y, x) = (y + 1, 0);
+            }
+        }
+        let t = super::cpu::transpose8(r);
+        for (c, v) in t.iter().enumerate().take(cn) {
+            // SAFETY: positions q0..q0 + n of plane c.
+            unsafe { super::simd::store8(dst.add(c * p + q0), n, *v) };
+        }
+        q0 += n;
+    }
+}
+
+/// A task's operands: the grid (`cols` channel vectors per row), the block's packed
+/// weights and bias (a full vector, zero in missing channels), and the output scratch
+/// (`[row][owt][L]`).
 struct Tile {
     grid: *const f32,
     cols: usize,
     w: *const f32,
-    /// The block's first channel's bias (`bias_lanes` of them), or null.
     bias: *const f32,
-    bias_lanes: usize,
     acc: *mut f32,
 }
 
-/// Output rows `0..rows` (grid rows `S` apart) in tiles of `T` outputs, filter `K×K`.
-///
-/// # Safety
-/// AVX-512F; the operands as [`Tile`] describes, in bounds for `rows` rows of `owt`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::needless_range_loop)]
-unsafe fn rows_kst<const K: usize, const S: usize, const T: usize>(
-    k: &Tile,
-    rows: usize,
-    owt: usize,
-) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let bias = if k.bias.is_null() {
-            _mm512_setzero_ps()
-        } else {
-            _mm512_maskz_loadu_ps(((1u32 << k.bias_lanes) - 1) as u16, k.bias)
-        };
-        let line = k.cols * L;
-        for r in 0..rows {
-            for ox in (0..owt).step_by(T) {
-                let mut acc = [bias; T];
-                for ky in 0..K {
-                    let mut wv = [_mm512_setzero_ps(); K];
-                    for kx in 0..K {
-                        wv[kx] = _mm512_loadu_ps(k.w.add((ky * K + kx) * L));
-                    }
-                    let src = k.grid.add((r * S + ky) * line + ox * S * L);
-                    // Input column j serves output t under tap kx = j − t·S.
-                    for j in 0..(T - 1) * S + K {
-                        let xv = _mm512_loadu_ps(src.add(j * L));
-                        for t in 0..T {
-                            if j >= t * S && j - t * S < K {
-                                acc[t] = _mm512_fmadd_ps(xv, wv[j - t * S], acc[t]);
+/// Defines the tile kernel over one register type: output rows `0..rows` (grid rows `S`
+/// apart) in tiles of `T` outputs, filter `K×K`, `$lanes` channels a vector.
+macro_rules! rows_kst {
+    ($(#[$m:meta])* $name:ident, $features:literal, $lanes:literal, $zero:ident, $loadu:ident,
+     $storeu:ident, $fmadd:ident) => {
+        $(#[$m])*
+        /// # Safety
+        /// The CPU has these features; the operands as [`Tile`] describes, in bounds for
+        /// `rows` rows of `owt`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn $name<const K: usize, const S: usize, const T: usize>(
+            k: &Tile,
+            rows: usize,
+            owt: usize,
+        ) {
+            use std::arch::x86_64::*;
+            const L: usize = $lanes;
+            unsafe {
+                let bias = $loadu(k.bias);
+                let line = k.cols * L;
+                for r in 0..rows {
+                    for ox in (0..owt).step_by(T) {
+                        let mut acc = [bias; T];
+                        for ky in 0..K {
+                            let mut wv = [$zero(); K];
+                            for kx in 0..K {
+                                wv[kx] = $loadu(k.w.add((ky * K + kx) * L));
                             }
+                            let src = k.grid.add((r * S + ky) * line + ox * S * L);
+                            // Input column j serves output t under tap kx = j − t·S.
+                            for j in 0..(T - 1) * S + K {
+                                let xv = $loadu(src.add(j * L));
+                                for t in 0..T {
+                                    if j >= t * S && j - t * S < K {
+                                        acc[t] = $fmadd(xv, wv[j - t * S], acc[t]);
+                                    }
+                                }
+                            }
+                        }
+                        let dst = k.acc.add((r * owt + ox) * L);
+                        for t in 0..T {
+                            $storeu(dst.add(t * L), acc[t]);
                         }
                     }
                 }
-                let dst = k.acc.add((r * owt + ox) * L);
-                for t in 0..T {
-                    _mm512_storeu_ps(dst.add(t * L), acc[t]);
-                }
             }
         }
-    }
+    };
 }
 
-/// Calls [`rows_kst`] for the run-time window, stride and tile width.
+rows_kst!(
+    /// 16-channel (AVX-512) tiles.
+    rows_zmm, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+    _mm512_fmadd_ps
+);
+rows_kst!(
+    /// 8-channel (AVX2) tiles.
+    rows_ymm, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+    _mm256_fmadd_ps
+);
+
+/// Calls the tile kernel for the lanes, run-time window, stride and tile width.
 ///
 /// # Safety
-/// As [`rows_kst`]; `k` in 3, 5, 7, `s` in 1, 2, `t` in 4..=8.
+/// As the tile kernels; `l` is 16 (AVX-512) or 8 (AVX2), `k` in 3, 5, 7, `s` in 1, 2, `t`
+/// in 4..=8.
 #[cfg(target_arch = "x86_64")]
-unsafe fn run(kk: usize, s: usize, t: usize, k: &Tile, rows: usize, owt: usize) {
+unsafe fn run(l: usize, kk: usize, s: usize, t: usize, k: &Tile, rows: usize, owt: usize) {
     macro_rules! table {
         ($($a:literal, $b:literal, $c:literal);*) => {
-            match (kk, s, t) {
+            match (l == 16, kk, s, t) {
                 // SAFETY: the caller's contract.
-                $(($a, $b, $c) => unsafe { rows_kst::<$a, $b, $c>(k, rows, owt) },)*
+                $((true, $a, $b, $c) => unsafe { rows_zmm::<$a, $b, $c>(k, rows, owt) },
+                  (false, $a, $b, $c) => unsafe { rows_ymm::<$a, $b, $c>(k, rows, owt) },)*
                 other => unreachable!("depthwise tile {other:?} outside the dispatch table"),
             }
         };

@@ -168,3 +168,48 @@ pub(crate) unsafe fn load16(p: *const f32, m: u16) -> std::arch::x86_64::__m512 
         }
     }
 }
+
+/// The AVX2 mask of the first `n ≤ 8` lanes, for `maskload`/`maskstore`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn first8(n: usize) -> std::arch::x86_64::__m256i {
+    const ONES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    // SAFETY: 8 lanes from index 8 − n ≤ 8 of the 16-entry table.
+    unsafe { std::arch::x86_64::_mm256_loadu_si256(ONES[8 - n.min(8)..].as_ptr().cast()) }
+}
+
+/// [`store16`] for 8-float vectors: the first `n` lanes, plain where all 8 are stored.
+///
+/// # Safety
+/// `p..p + n` writable; AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn store8(p: *mut f32, n: usize, v: std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        if n >= 8 {
+            _mm256_storeu_ps(p, v)
+        } else {
+            _mm256_maskstore_ps(p, first8(n), v)
+        }
+    }
+}
+
+/// [`load16`] for 8-float vectors: the first `n` lanes (zeros in the others).
+///
+/// # Safety
+/// `p..p + n` readable; AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn load8(p: *const f32, n: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        if n >= 8 {
+            _mm256_loadu_ps(p)
+        } else {
+            _mm256_maskload_ps(p, first8(n))
+        }
+    }
+}
