@@ -678,14 +678,22 @@ fn pooling_matches_finite_differences_and_candle() {
         }
     }
     // Many planes: the flat 2×2/2 max pool in several parallel chunks whose boundaries
-    // fall inside planes (forward against the naive loop, gradient against the reference).
-    let (cfg, dims) = (cases[0].0, [4, 70, 24, 10]);
-    let x = rand_vec(&mut rng, dims.iter().product());
-    let (ours, theirs) = both_backends_or_ours(&x, &dims, cfg, true);
-    let yref = naive_pool(&x, dims[0] * dims[1], dims[2], dims[3], &cfg, true);
-    assert_close(&ours.0, &yref, 1e-6, "flat 2x2 max pool fwd");
-    let theirs = theirs.expect("reference run");
-    assert_close(&ours.1[0], &theirs.1[0], 1e-5, "flat 2x2 max pool grad");
+    // fall inside planes (forward against the naive loop, gradient against the reference);
+    // then rows of 25 and 32 outputs (a whole vector and a part; two whole vectors).
+    for dims in [[4, 70, 24, 10], [2, 3, 6, 50], [1, 2, 4, 64]] {
+        let cfg = cases[0].0;
+        let x = rand_vec(&mut rng, dims.iter().product());
+        let (ours, theirs) = both_backends_or_ours(&x, &dims, cfg, true);
+        let yref = naive_pool(&x, dims[0] * dims[1], dims[2], dims[3], &cfg, true);
+        assert_close(
+            &ours.0,
+            &yref,
+            1e-6,
+            &format!("flat 2x2 max pool fwd {dims:?}"),
+        );
+        let theirs = theirs.expect("reference run");
+        assert_close(&ours.1[0], &theirs.1[0], 1e-5, "flat 2x2 max pool grad");
+    }
 }
 
 type Run = (Vec<f64>, Vec<Vec<f64>>);

@@ -140,6 +140,13 @@ impl CustomOp1 for PoolOp {
             let rows_out = g.nc * g.oh;
             let per = (1usize << 14).div_ceil(g.ow.max(1)).max(1);
             super::par::chunks_mut(&mut out[..], per * g.ow, |t, o| {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::isa() == super::simd::Isa::Avx512 {
+                    assert!(x.len() >= 2 * (t * per) * g.w + 2 * o.len());
+                    // SAFETY: AVX-512F; input rows 2·r0.. of `o`'s rows lie in `x`
+                    // (asserted), `o` holds whole output rows.
+                    return unsafe { max2x2_rows_zmm(x.as_ptr(), g.w, t * per, o) };
+                }
                 max2x2_rows(x, g.w, t * per, o)
             });
             debug_assert_eq!(out.len(), rows_out * g.ow);
@@ -275,6 +282,56 @@ multiversion! {
             let b = &x[(2 * (r0 + r) + 1) * w..][..w];
             for ((v, pa), pb) in orow.iter_mut().zip(a.chunks_exact(2)).zip(b.chunks_exact(2)) {
                 *v = pa[0].max(pa[1]).max(pb[0].max(pb[1]));
+            }
+        }
+    }
+}
+
+/// [`max2x2_rows`] in explicit AVX-512: per 16 outputs, two vectors of each input row,
+/// their maxima, then the even and odd lanes of the pair gathered by two permutes and
+/// reduced. The compiled loop (scalar pairs, NaN-ignoring `f32::max`) ran the digit CNN's
+/// 32×28×28 pool at batch 64 in 0.11 ms, onnxruntime's in 0.05. A NaN in a window gives
+/// NaN or the window's other maximum (the hardware's `max`), not a fold that skips it.
+///
+/// # Safety
+/// AVX-512F; `x` readable for input rows `2·r0 .. 2·(r0 + o.len() / (w / 2))`, `w` even.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max2x2_rows_zmm(x: *const f32, w: usize, r0: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ow = w / 2;
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (r, orow) in o.chunks_exact_mut(ow).enumerate() {
+        // SAFETY (all): rows 2(r0 + r) and the next lie in `x` (the caller's contract);
+        // each load or store covers columns of those rows only (masked at the end).
+        unsafe {
+            let a = x.add(2 * (r0 + r) * w);
+            let b = a.add(w);
+            let d = orow.as_mut_ptr();
+            let mut j = 0;
+            while j < ow {
+                let n = (ow - j).min(16);
+                let (m0, m1) = if n == 16 {
+                    (u16::MAX, u16::MAX)
+                } else {
+                    let m = (1u32 << (2 * n)) - 1;
+                    (m as u16, (m >> 16) as u16)
+                };
+                let lo = _mm512_max_ps(
+                    super::simd::load16(a.add(2 * j), m0),
+                    super::simd::load16(b.add(2 * j), m0),
+                );
+                let hi = _mm512_max_ps(
+                    super::simd::load16(a.add(2 * j + 16), m1),
+                    super::simd::load16(b.add(2 * j + 16), m1),
+                );
+                let v = _mm512_max_ps(
+                    _mm512_permutex2var_ps(lo, evens, hi),
+                    _mm512_permutex2var_ps(lo, odds, hi),
+                );
+                super::simd::store16(d.add(j), ((1u32 << n) - 1) as u16, v);
+                j += n;
             }
         }
     }
