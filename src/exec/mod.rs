@@ -15,6 +15,7 @@ mod mode;
 mod node;
 mod plan;
 pub mod profile;
+mod pw_dw;
 mod sparse_pack;
 mod threads;
 

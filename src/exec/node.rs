@@ -166,7 +166,7 @@ fn param(g: &Graph, i: NodeId, name: &str) -> Result<Tensor> {
     Ok(g.param(i, name)?.as_tensor().clone())
 }
 
-fn conv_cfg(c: &Conv2d) -> ConvCfg {
+pub(crate) fn conv_cfg(c: &Conv2d) -> ConvCfg {
     ConvCfg {
         stride: c.stride,
         padding: c.padding,

@@ -77,6 +77,8 @@ pub struct Plan {
     threads: super::threads::Threads,
     /// Inference: the nodes on large maps, run a few images at a time on large batches.
     prefix: Option<super::chunks::Prefix>,
+    /// Inference: 1×1 expansions run with the depthwise conv that reads them.
+    pub(super) pairs: super::pw_dw::Pairs,
 }
 
 impl Plan {
@@ -118,8 +120,22 @@ impl Plan {
         let prefix = (mode == Mode::Eval && rewrites && pinned.is_empty())
             .then(|| super::chunks::prefix(g, &shapes, &consumers))
             .flatten();
+        let pairs = if mode == Mode::Eval && rewrites {
+            super::pw_dw::Pairs::plan(
+                g,
+                &fusion,
+                &folded,
+                &consumers,
+                &pinned,
+                |i| sparse.get(i).is_some(),
+                prefix.map(|p| p.cut),
+            )
+        } else {
+            super::pw_dw::Pairs::default()
+        };
         Ok(Plan {
             prefix,
+            pairs,
             mode,
             inputs: g
                 .input_ids()
@@ -287,6 +303,14 @@ impl Plan {
         ctx: &Ctx,
         sparse: Option<&SparsePack>,
     ) -> Result<()> {
+        // Pairs run fused only on the CPU kernels and unmasked weights (the expansion's
+        // step defers to the depthwise conv's, which releases what the expansion would).
+        let fuse = ctx.weight_masks.is_none()
+            && f.input_masks.is_none()
+            && g.device().is_cpu()
+            && !crate::kernels::reference_ops()
+            && super::pw_dw::batch_fuses(x.dim(0).unwrap_or(0));
+        let mut deferred = None;
         for i in range {
             let n = &g.nodes[i];
             if vals[i].is_some() {
@@ -297,12 +321,24 @@ impl Plan {
                 vals[i] = vals[src].take();
                 continue;
             }
+            if fuse && self.pairs.deferred(i) {
+                deferred = Some(i);
+                continue;
+            }
             let t = super::profile::enabled().then(std::time::Instant::now);
-            let y = self
-                .run_node(g, i, vals, x, f, ctx, sparse)
-                .with_context(|| {
-                    format!("forward failed at node '{}' ({})", n.name, n.op.kind())
-                })?;
+            let pair = self.pairs.get(i).filter(|p| deferred == Some(p.pw));
+            let y = match pair {
+                Some(p) => {
+                    let xa = g.nodes[p.pw]
+                        .inputs
+                        .first()
+                        .and_then(|&j| vals[j].as_ref())
+                        .ok_or_else(|| anyhow!("input of node #{} missing", p.pw))?;
+                    super::pw_dw::run(g, i, p, &self.folded, &self.fusion, xa)
+                }
+                None => self.run_node(g, i, vals, x, f, ctx, sparse),
+            }
+            .with_context(|| format!("forward failed at node '{}' ({})", n.name, n.op.kind()))?;
             if let Some(t) = t {
                 let sp = sparse.and_then(|p| p.get(i)).is_some();
                 let dims = super::profile::by_shape()
@@ -313,6 +349,12 @@ impl Plan {
                 super::profile::record(cat, t.elapsed());
             }
             vals[i] = Some(if self.detach { y.detach() } else { y });
+            if let Some(p) = pair {
+                for &j in &self.release[p.pw] {
+                    vals[j] = None;
+                }
+                deferred = None;
+            }
             for &j in &self.release[i] {
                 vals[j] = None;
             }

@@ -89,6 +89,7 @@ fn is_depthwise(g: &Geo) -> bool {
 
 /// A per-output-channel bias and optional activation applied to the conv output while it
 /// is still in cache (inference with batch norm folded into the weights).
+#[derive(Clone, Debug)]
 pub struct Epilogue {
     pub bias: Vec<f32>,
     pub act: Option<ActivationKind>,

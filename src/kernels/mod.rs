@@ -29,6 +29,7 @@ pub mod par;
 mod planes;
 pub mod pool;
 mod pool_ref;
+pub mod pw_dw;
 pub mod reduce;
 pub mod simd;
 pub mod sparse;

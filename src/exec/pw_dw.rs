@@ -1,0 +1,303 @@
+//! Eval plans: which 1×1 expansions run together with the depthwise conv that reads them
+//! ([`crate::kernels::pw_dw`]), and that fused step.
+//!
+//! A pair is an eval-mode 1×1 conv (stride 1, no padding, ungrouped, dense) whose epilogue
+//! has no residual add, whose output (after the batch norm and activation it absorbed)
+//! has the depthwise conv as its only reader, and which sits right before it in the
+//! schedule (only its absorbed nodes between them: nothing else may read or release a
+//! value in between). The expansion is then deferred to the depthwise conv's step.
+
+use super::fusion::Fusion;
+use super::node::{conv_cfg, Folded};
+use crate::graph::ops::param::WEIGHT;
+use crate::graph::ops::Op;
+use crate::graph::{Graph, NodeId};
+use crate::kernels::pw_dw::{Halves, PwDw};
+use anyhow::{anyhow, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+/// One planned pair, its kernel built at the first fused run (per block size).
+#[derive(Debug)]
+pub struct Pair {
+    /// The expansion.
+    pub pw: NodeId,
+    /// The kernel, with its weights packed (built at the first fused run).
+    built: OnceLock<Arc<PwDw>>,
+}
+
+/// The pairs of a plan, by depthwise node.
+#[derive(Debug, Default)]
+pub struct Pairs {
+    pub(super) by_dw: HashMap<NodeId, Pair>,
+    /// `deferred[i]`: node `i` is the expansion of a pair.
+    deferred: Vec<bool>,
+}
+
+/// `LOPPER_PWDW=0` runs the pairs node by node (A/B runs); read once.
+fn env_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    crate::kernels::simd::env_off(&OFF, "LOPPER_PWDW")
+}
+
+/// Whether a pass of `n` images runs its pairs fused: batches that give every thread ~8
+/// images (`LOPPER_PWDW_MIN_N` to override), each task one image. Alternated against the
+/// node-by-node pass on an AMD EPYC (ms): MobileNetV3-small at batch 64 41–44 against
+/// 47–57, MobileNetV2 at 64 39.5–46.7 against 41.5–47.3 (a slow phase of the host; in a
+/// quiet one 35.4–35.8 against 37.0–37.6). With channel blocks as tasks at small
+/// batches the fused pass lost: MobileNetV2 at batch 1 0.67–0.74 against 0.63–0.69,
+/// MobileNetV3-small at 8 4.9 against 4.6 (each block's sub-GEMM is short, and the
+/// expansion's input is read once per block).
+pub fn batch_fuses(n: usize) -> bool {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    let min = *MIN.get_or_init(|| {
+        std::env::var("LOPPER_PWDW_MIN_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8 * rayon::current_num_threads().max(1))
+    });
+    n >= min
+}
+
+impl Pairs {
+    /// Finds the pairs of an eval plan: `pinned` nodes (kept, masked) never pair, nor do
+    /// sparse convs (`sparse`), nor a pair the chunked prefix would cut (`cut`).
+    pub fn plan(
+        g: &Graph,
+        fusion: &Fusion,
+        folded: &HashMap<NodeId, Folded>,
+        consumers: &[Vec<NodeId>],
+        pinned: &[NodeId],
+        sparse: impl Fn(NodeId) -> bool,
+        cut: Option<NodeId>,
+    ) -> Pairs {
+        let n = g.nodes.len();
+        let mut p = Pairs {
+            by_dw: HashMap::new(),
+            deferred: vec![false; n],
+        };
+        if env_off() {
+            return p;
+        }
+        let free = |i: NodeId| !pinned.contains(&i) && !g.outputs.contains(&i);
+        for (a, node) in g.nodes.iter().enumerate() {
+            let Op::Conv2d(c) = &node.op else { continue };
+            let pointwise = c.kernel == [1, 1]
+                && c.stride == [1, 1]
+                && c.padding == [0; 4]
+                && c.dilation == [1, 1]
+                && c.groups == 1;
+            let Some(e) = fusion.epilogue[a] else {
+                continue;
+            };
+            if !pointwise || e.add.is_some() || !folded.contains_key(&a) || sparse(a) || !free(a) {
+                continue;
+            }
+            // The end of the chain the conv absorbed (batch norm, activation).
+            let mut end = a;
+            while let [j] = consumers[end][..] {
+                if fusion.alias[j] != Some(end) {
+                    break;
+                }
+                end = j;
+            }
+            let [b] = consumers[end][..] else { continue };
+            let Op::Conv2d(d) = &g.nodes[b].op else {
+                continue;
+            };
+            let depthwise = d.groups > 1
+                && d.groups == d.in_channels
+                && d.out_channels == d.in_channels
+                && d.in_channels == c.out_channels;
+            let adjacent = (a + 1..b).all(|j| fusion.alias[j].is_some() && j <= end);
+            let cut_inside = cut.is_some_and(|k| a < k && k <= b);
+            let epi_ok = fusion.epilogue[b].is_some_and(|e| e.add.is_none());
+            if depthwise
+                && adjacent
+                && !cut_inside
+                && epi_ok
+                && folded.contains_key(&b)
+                && !sparse(b)
+                && free(b)
+                && free(end)
+            {
+                p.deferred[a] = true;
+                p.by_dw.insert(
+                    b,
+                    Pair {
+                        pw: a,
+                        built: Default::default(),
+                    },
+                );
+            }
+        }
+        p
+    }
+
+    /// Whether node `i` is a pair's expansion.
+    pub fn deferred(&self, i: NodeId) -> bool {
+        self.deferred.get(i).copied().unwrap_or(false)
+    }
+
+    /// The pair whose depthwise conv is node `i`.
+    pub fn get(&self, i: NodeId) -> Option<&Pair> {
+        self.by_dw.get(&i)
+    }
+}
+
+/// The folded weight of conv `i` as floats (the batch-norm-scaled copy, or the weight).
+fn weight(g: &Graph, i: NodeId, f: &Folded) -> Result<(Vec<f32>, Vec<usize>)> {
+    let w = match &f.weight {
+        Some(w) => w.clone(),
+        None => g.param(i, WEIGHT)?.as_tensor().clone(),
+    };
+    Ok((w.flatten_all()?.to_vec1()?, w.dims().to_vec()))
+}
+
+/// Runs pair `p` (depthwise node `b`) on the expansion's input `x`: the depthwise conv's
+/// output.
+pub fn run(
+    g: &Graph,
+    b: NodeId,
+    p: &Pair,
+    folded: &HashMap<NodeId, Folded>,
+    fusion: &Fusion,
+    x: &Tensor,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n = dims.first().copied().unwrap_or(0);
+    let k = match p.built.get() {
+        Some(k) => k,
+        None => {
+            let k = build(g, p.pw, b, folded, fusion, &dims, n)?;
+            p.built.get_or_init(|| Arc::new(k))
+        }
+    };
+    #[cfg(test)]
+    tests::RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (c, oh, ow) = k.out_dims();
+    let x = x.contiguous()?;
+    let out = crate::kernels::cpu::with_f32(&x, |xv| {
+        // SAFETY: `forward` writes every element.
+        let mut out = unsafe { crate::kernels::cpu::unfilled(n * c * oh * ow) };
+        k.forward(xv, n, &mut out);
+        out
+    })?;
+    Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
+}
+
+/// The kernel of the pair for input dims `dims` and block sizes for batches of `n`.
+fn build(
+    g: &Graph,
+    a: NodeId,
+    b: NodeId,
+    folded: &HashMap<NodeId, Folded>,
+    fusion: &Fusion,
+    dims: &[usize],
+    n: usize,
+) -> Result<PwDw> {
+    let (Op::Conv2d(ca), Op::Conv2d(cb)) = (&g.nodes[a].op, &g.nodes[b].op) else {
+        return Err(anyhow!("internal: pw/dw pair of non-convs"));
+    };
+    let (fa, fb) = (
+        folded
+            .get(&a)
+            .ok_or_else(|| anyhow!("internal: pair without fold"))?,
+        folded
+            .get(&b)
+            .ok_or_else(|| anyhow!("internal: pair without fold"))?,
+    );
+    let (wa, da) = weight(g, a, fa)?;
+    let (wb, db) = weight(g, b, fb)?;
+    let ga = conv_cfg(ca).geo(dims, &da)?;
+    let gb = conv_cfg(cb).geo(&[dims[0], ga.o, ga.oh, ga.ow], &db)?;
+    if !PwDw::fits(&ga, &gb) {
+        return Err(anyhow!("geometries {ga:?} / {gb:?} do not pair"));
+    }
+    let act = |i: NodeId| fusion.epilogue[i].and_then(|e| e.act);
+    Ok(PwDw::new(
+        &ga,
+        Halves {
+            w: &wa,
+            bias: &fa.bias,
+            act: act(a),
+        },
+        &gb,
+        Halves {
+            w: &wb,
+            bias: &fb.bias,
+            act: act(b),
+        },
+        n,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::exec::{Feeds, Mode, Plan, PlanOpts};
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Fused pair runs (all tests of the binary).
+    pub(super) static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    /// The plan's output with the pairs fused, and node by node (an empty weight-mask map
+    /// turns the fusion off and changes nothing else).
+    fn both(g: &crate::graph::Graph, n: usize, side: usize) -> (Vec<f32>, Vec<f32>) {
+        let plan = Plan::new(g, Mode::Eval, &PlanOpts::default()).unwrap();
+        let xv: Vec<f32> = (0..n * 3 * side * side)
+            .map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let x = Tensor::from_vec(xv, (n, 3, side, side), &Device::Cpu).unwrap();
+        let none = HashMap::new();
+        let run = |f: &Feeds| {
+            let out = plan.run(g, &x, f).unwrap();
+            out.outputs[0]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let fused = run(&Feeds::default());
+        let plain = run(&Feeds {
+            weight_masks: Some(&none),
+            ..Feeds::default()
+        });
+        (fused, plain)
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * scale, "{what} [{i}]: {x} vs {y}");
+        }
+    }
+
+    /// MobileNetV2 (CIFAR) pairs every expansion with its depthwise conv (16 of its 17
+    /// blocks expand), and the fused pass gives the node-by-node outputs at a batch that
+    /// fuses, on 32×32 inputs (the pairs of the chunked prefix run node by node on its
+    /// chunks) and on 16×16 ones (every pair fused), and pruned to odd widths.
+    #[test]
+    fn fused_pairs_match_the_node_by_node_pass() {
+        let g = crate::zoo::build("mobilenetv2@3x32x32#10", 5).unwrap();
+        let plan = Plan::new(&g, Mode::Eval, &PlanOpts::default()).unwrap();
+        assert_eq!(plan.pairs.by_dw.len(), 16);
+        let n = 8 * rayon::current_num_threads().max(1);
+        let before = RUNS.load(Ordering::Relaxed);
+        let (f, p) = both(&g, n, 32);
+        assert_close(&f, &p, "mobilenetv2 32x32");
+        assert!(RUNS.load(Ordering::Relaxed) > before, "no pair ran fused");
+        let small = crate::zoo::build("mobilenetv2@3x16x16#10", 5).unwrap();
+        let (f, p) = both(&small, n + 1, 16);
+        assert_close(&f, &p, "mobilenetv2 16x16");
+        let pruned = crate::methods::dwr::ops::prune_width(&small, 0.7).unwrap();
+        let (f, p) = both(&pruned, n, 16);
+        assert_close(&f, &p, "pruned mobilenetv2");
+        // A training plan pairs nothing.
+        let train = Plan::new(&g, Mode::Train, &PlanOpts::default()).unwrap();
+        assert!(train.pairs.by_dw.is_empty());
+    }
+}
