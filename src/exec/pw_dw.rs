@@ -41,21 +41,22 @@ fn env_off() -> bool {
     crate::kernels::simd::env_off(&OFF, "LOPPER_PWDW")
 }
 
-/// Whether a pass of `n` images runs its pairs fused: batches that give every thread ~8
-/// images (`LOPPER_PWDW_MIN_N` to override), each task one image. Alternated against the
-/// node-by-node pass on an AMD EPYC (ms): MobileNetV3-small at batch 64 41–44 against
-/// 47–57, MobileNetV2 at 64 39.5–46.7 against 41.5–47.3 (a slow phase of the host; in a
-/// quiet one 35.4–35.8 against 37.0–37.6). With channel blocks as tasks at small
-/// batches the fused pass lost: MobileNetV2 at batch 1 0.67–0.74 against 0.63–0.69,
-/// MobileNetV3-small at 8 4.9 against 4.6 (each block's sub-GEMM is short, and the
-/// expansion's input is read once per block).
+/// Whether a pass of `n` images runs its pairs fused: at least 4 images per thread
+/// (`LOPPER_PWDW_MIN_N` to override), one task per image. Alternated against the
+/// node-by-node pass on an AMD EPYC (ms): MobileNetV2 at batch 64 34.0 against 36.0,
+/// MobileNetV3-small at 64 36.3 against 39.0, the L1-pruned MobileNetV2 at 64 18.3
+/// against 19.4, MobileNetV3-large at 8 13.9 against 15.1, EfficientNet-B0 at 8 30.3
+/// against 34.2 (noisy), MobileNetV3-small at 8 even. Channel blocks as tasks at smaller
+/// batches lost (MobileNetV2 at batch 1 0.67–0.74 against 0.63–0.69: each block's
+/// sub-GEMM is short and re-reads the expansion's input), and so did fusing the chunked
+/// prefix's pairs (two images a chunk: 33.8 against 33.0 at batch 64).
 pub fn batch_fuses(n: usize) -> bool {
     static MIN: OnceLock<usize> = OnceLock::new();
     let min = *MIN.get_or_init(|| {
         std::env::var("LOPPER_PWDW_MIN_N")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(8 * rayon::current_num_threads().max(1))
+            .unwrap_or(4 * rayon::current_num_threads().max(1))
     });
     n >= min
 }
@@ -170,7 +171,7 @@ pub fn run(
     let k = match p.built.get() {
         Some(k) => k,
         None => {
-            let k = build(g, p.pw, b, folded, fusion, &dims, n)?;
+            let k = build(g, p.pw, b, folded, fusion, &dims)?;
             p.built.get_or_init(|| Arc::new(k))
         }
     };
@@ -187,7 +188,7 @@ pub fn run(
     Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
 }
 
-/// The kernel of the pair for input dims `dims` and block sizes for batches of `n`.
+/// The kernel of the pair for input dims `dims`, one task per image.
 fn build(
     g: &Graph,
     a: NodeId,
@@ -195,7 +196,6 @@ fn build(
     folded: &HashMap<NodeId, Folded>,
     fusion: &Fusion,
     dims: &[usize],
-    n: usize,
 ) -> Result<PwDw> {
     let (Op::Conv2d(ca), Op::Conv2d(cb)) = (&g.nodes[a].op, &g.nodes[b].op) else {
         return Err(anyhow!("internal: pw/dw pair of non-convs"));
@@ -229,7 +229,7 @@ fn build(
             bias: &fb.bias,
             act: act(b),
         },
-        n,
+        1,
     ))
 }
 
@@ -285,7 +285,7 @@ mod tests {
         let g = crate::zoo::build("mobilenetv2@3x32x32#10", 5).unwrap();
         let plan = Plan::new(&g, Mode::Eval, &PlanOpts::default()).unwrap();
         assert_eq!(plan.pairs.by_dw.len(), 16);
-        let n = 8 * rayon::current_num_threads().max(1);
+        let n = 4 * rayon::current_num_threads().max(1);
         let before = RUNS.load(Ordering::Relaxed);
         let (f, p) = both(&g, n, 32);
         assert_close(&f, &p, "mobilenetv2 32x32");

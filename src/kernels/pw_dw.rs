@@ -78,9 +78,10 @@ impl PwDw {
             && pw.p() > 0
     }
 
-    /// The pair for batches of `n` images typical of the plan (`n` sets the block size:
-    /// enough tasks for the threads at small batches, whole images at large ones).
-    pub fn new(pw: &Geo, a: Halves, dw: &Geo, b: Halves, n: usize) -> PwDw {
+    /// The pair, each image's channels in `blocks` tasks (rounded to whole 16-channel
+    /// vectors; 1: one task per image, what the plans use — channel blocks as tasks lost
+    /// at small batches, see `exec::pw_dw::batch_fuses`).
+    pub fn new(pw: &Geo, a: Halves, dw: &Geo, b: Halves, blocks: usize) -> PwDw {
         assert!(
             Self::fits(pw, dw),
             "pw_dw: geometries {pw:?} / {dw:?} do not pair"
@@ -89,9 +90,7 @@ impl PwDw {
         assert!(b.w.len() == dw.c * dw.kh * dw.kw && b.bias.len() == dw.c);
         let (pw, dw) = (Geo { n: 1, ..*pw }, Geo { n: 1, ..*dw });
         let c = pw.o;
-        let threads = rayon::current_num_threads().max(1);
-        // About 8 tasks per thread.
-        let want = (8 * threads).div_ceil(n.max(1)).clamp(1, c.div_ceil(ALIGN));
+        let want = blocks.clamp(1, c.div_ceil(ALIGN));
         let per = c.div_ceil(want).div_ceil(ALIGN) * ALIGN;
         let k = dw.kh * dw.kw;
         let blocks = (0..c.div_ceil(per))
@@ -201,7 +200,7 @@ fn sub(pw: &Geo, dw: &Geo, cn: usize) -> (Geo, Geo) {
 mod tests {
     use super::*;
 
-    /// Channel blocks (40 channels at batch 1: 16 + 16 + 8) and whole images (batch 20)
+    /// Channel blocks (40 channels in three: 16 + 16 + 8, batch 1) and whole images (batch 20)
     /// give the two convs run one after the other, bias and activations applied.
     #[test]
     fn blocks_match_the_two_convs() {
@@ -262,7 +261,7 @@ mod tests {
                     bias: &bb,
                     act: None,
                 },
-                n,
+                if n == 1 { 3 } else { 1 },
             );
             if n == 1 {
                 assert!(
