@@ -341,11 +341,21 @@ impl Plan {
             .with_context(|| format!("forward failed at node '{}' ({})", n.name, n.op.kind()))?;
             if let Some(t) = t {
                 let sp = sparse.and_then(|p| p.get(i)).is_some();
+                // A pair is shown as one step, with the expansion's input.
+                let first = pair.map_or(i, |p| p.pw);
                 let dims = super::profile::by_shape()
-                    .then(|| n.inputs.first().and_then(|&j| vals[j].as_ref()))
+                    .then(|| {
+                        g.nodes[first]
+                            .inputs
+                            .first()
+                            .and_then(|&j| vals[j].as_ref())
+                    })
                     .flatten()
                     .map(|v| v.dims().to_vec());
-                let cat = super::profile::category(g, i, sp, dims.as_deref());
+                let mut cat = super::profile::category(g, i, sp, dims.as_deref());
+                if pair.is_some() {
+                    cat = format!("conv 1x1 + {cat}");
+                }
                 super::profile::record(cat, t.elapsed());
             }
             vals[i] = Some(if self.detach { y.detach() } else { y });
