@@ -355,7 +355,9 @@ def check_one(m, name, exporter, d, rng):
     except Exception as e:  # noqa: BLE001 — an exporter limitation, reported as such
         return dict(base, error="export: " + str(e).splitlines()[0][:160])
     shapes = input_shapes(m)
-    xs = [rng.standard_normal((4, *sh), dtype=np.float32) for sh in shapes]
+    # Eight samples: a batch that runs lopper's fused expansion + depthwise pairs
+    # (4 images per thread or more on two threads).
+    xs = [rng.standard_normal((8, *sh), dtype=np.float32) for sh in shapes]
     try:
         err_import = close(lopper_forward(dense, xs, d), ort_run(dense, xs))
         pruned_st = os.path.join(d, f"{name}-{exporter}-pruned.safetensors")
