@@ -23,6 +23,12 @@
 //! Narrower maps (output rows ≤ 28) stay on the channel-vector kernel
 //! ([`super::dw_chanvec`]).
 
+// The explicit-vector kernels are x86-64 only; elsewhere the callers never take this path.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_imports)
+)]
+
 use super::im2col::Geo;
 use super::planes::clamp_split;
 use super::simd::Isa;

@@ -25,6 +25,12 @@
 //! AVX-512 only (the tile is 24 accumulators of the 32 registers); elsewhere the callers
 //! keep the GEMM-crate paths. `LOPPER_PANEL=0` turns it off for A/B runs.
 
+// The explicit-vector kernels are x86-64 only; elsewhere the callers never take this path.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_imports)
+)]
+
 #[cfg(target_arch = "x86_64")]
 use super::simd::{load16 as load, store16 as store};
 use crate::graph::ops::ActivationKind as A;

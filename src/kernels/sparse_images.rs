@@ -11,6 +11,12 @@
 //! accumulator a whole output vector. The weights are the same for every image, so the
 //! images of a batch are just more columns of the same sparse product.
 
+// The explicit-vector kernels are x86-64 only; elsewhere the callers never take this path.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_variables, unused_imports)
+)]
+
 use super::act;
 use super::conv_tiles::OutPtr;
 use crate::graph::csr::CsrMatrix;
