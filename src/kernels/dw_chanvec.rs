@@ -286,186 +286,150 @@ fn fill_grid(
     let _ = (src, dst, len, wn);
 }
 
-/// Positions `0..len` of `cn` planes (`sl` apart from `src`, rows `w` wide) into a grid of
-/// rows `cols` positions wide from `dst` (columns `wn` and beyond of a row dropped): 16
-/// positions at a time, loaded from the 16 planes, transposed in registers, stored as
-/// 16-channel vectors.
-///
-/// # Safety
-/// AVX-512F; `src` readable for `len` floats in each of `cn ≤ 16` planes; `dst` writable
-/// for `len / w` rows of `wn` vectors, `cols · 16` floats apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn to_grid_zmm(
-    src: *const f32,
-    sl: usize,
-    cn: usize,
-    len: usize,
-    w: usize,
-    wn: usize,
-    dst: *mut f32,
-    cols: usize,
-) {
-    use std::arch::x86_64::*;
-    const L: usize = 16;
-    let (mut q0, mut y, mut x) = (0, 0, 0);
-    while q0 < len {
-        let n = (len - q0).min(L);
-        let m: __mmask16 = if n == L { 0xffff } else { (1u16 << n) - 1 };
-        let mut r = [_mm512_setzero_ps(); L];
-        for (c, v) in r.iter_mut().enumerate().take(cn) {
-            // SAFETY: positions q0..q0 + n of plane c; the prefetch (a hint, never a
-            // fault) a few lines ahead in the same plane: 16 planes read side by side
-            // are more streams than the hardware prefetcher follows.
-            unsafe {
-                *v = super::simd::load16(src.add(c * sl + q0), m);
-                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 4 * L) as *const i8);
+/// Defines the two transposes of one register type: `$to_grid` takes positions `0..len`
+/// of `cn ≤ L` planes (`sl` apart from `src`, rows `w` wide) into a grid of rows `cols`
+/// positions wide from `dst` (columns `wn` and beyond of a row dropped), `L` positions at
+/// a time loaded from the `L` planes, transposed in registers, stored as `L`-channel
+/// vectors; `$from_acc` takes output rows `rows` (`[row][owt][L]` in `acc`, the first
+/// `ow` of each row valid) into `cn` planes from `dst` (`p` apart; the rows' `rows · ow`
+/// positions contiguous) the same way back. `$load(ptr, n)` / `$store(ptr, n, v)` move
+/// the first `n` lanes.
+macro_rules! transposes {
+    ($to_grid:ident, $from_acc:ident, $features:literal, $lanes:literal, $zero:ident,
+     $loadu:ident, $storeu:ident, $load:path, $store:path, $transpose:path) => {
+        /// # Safety
+        /// The CPU has these features; `src` readable for `len` floats in each of
+        /// `cn ≤ L` planes; `dst` writable for `len / w` rows of `wn` vectors, `cols · L`
+        /// floats apart.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $to_grid(
+            src: *const f32,
+            sl: usize,
+            cn: usize,
+            len: usize,
+            w: usize,
+            wn: usize,
+            dst: *mut f32,
+            cols: usize,
+        ) {
+            use std::arch::x86_64::*;
+            const L: usize = $lanes;
+            let (mut q0, mut y, mut x) = (0, 0, 0);
+            while q0 < len {
+                let n = (len - q0).min(L);
+                let mut r = [$zero(); L];
+                for (c, v) in r.iter_mut().enumerate().take(cn) {
+                    // SAFETY: positions q0..q0 + n of plane c; the prefetch (a hint, never
+                    // a fault) 64 floats ahead in the same plane: L planes read side by
+                    // side are more streams than the hardware prefetcher follows.
+                    unsafe {
+                        *v = $load(src.add(c * sl + q0), n);
+                        _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 64) as *const i8);
+                    }
+                }
+                let t = $transpose(r);
+                for v in t.iter().take(n) {
+                    if x < wn {
+                        // SAFETY: row y, column x of the grid.
+                        unsafe { $storeu(dst.add((y * cols + x) * L), *v) };
+                    }
+                    x += 1;
+                    if x == w {
+                        (y, x) = (y + 1, 0);
+                    }
+                }
+                q0 += n;
             }
         }
-        let t = super::cpu::transpose16(r);
-        for v in t.iter().take(n) {
-            if x < wn {
-                // SAFETY: row y, column x of the grid.
-                unsafe { _mm512_storeu_ps(dst.add((y * cols + x) * L), *v) };
-            }
-            x += 1;
-            if x == w {
-                (y, x) = (y + 1, 0);
+
+        /// # Safety
+        /// The CPU has these features; `acc` readable as described; `dst` writable for
+        /// `rows · ow` floats in each of `cn ≤ L` planes.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $from_acc(
+            acc: *const f32,
+            rows: usize,
+            owt: usize,
+            ow: usize,
+            dst: *mut f32,
+            p: usize,
+            cn: usize,
+        ) {
+            use std::arch::x86_64::*;
+            const L: usize = $lanes;
+            let len = rows * ow;
+            let (mut q0, mut y, mut x) = (0, 0, 0);
+            while q0 < len {
+                let n = (len - q0).min(L);
+                let mut r = [$zero(); L];
+                for v in r.iter_mut().take(n) {
+                    // SAFETY: output (y, x), inside the rows.
+                    *v = unsafe { $loadu(acc.add((y * owt + x) * L)) };
+                    x += 1;
+                    if x == ow {
+                        (y, x) = (y + 1, 0);
+                    }
+                }
+                let t = $transpose(r);
+                for (c, v) in t.iter().enumerate().take(cn) {
+                    // SAFETY: positions q0..q0 + n of plane c.
+                    unsafe { $store(dst.add(c * p + q0), n, *v) };
+                }
+                q0 += n;
             }
         }
-        q0 += n;
-    }
+    };
 }
 
-/// [`to_grid_zmm`] in 8-float vectors: 8 positions of 8 planes at a time.
+/// The first `n ≤ 16` lanes at `p` (zeros in the others).
 ///
 /// # Safety
-/// AVX2; `src` readable for `len` floats in each of `cn ≤ 8` planes; `dst` writable for
-/// `len / w` rows of `wn` vectors, `cols · 8` floats apart.
+/// AVX-512F; `p..p + n` readable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn to_grid_ymm(
-    src: *const f32,
-    sl: usize,
-    cn: usize,
-    len: usize,
-    w: usize,
-    wn: usize,
-    dst: *mut f32,
-    cols: usize,
-) {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    let (mut q0, mut y, mut x) = (0, 0, 0);
-    while q0 < len {
-        let n = (len - q0).min(L);
-        let mut r = [_mm256_setzero_ps(); L];
-        for (c, v) in r.iter_mut().enumerate().take(cn) {
-            // SAFETY: positions q0..q0 + n of plane c; the prefetch is a hint.
-            unsafe {
-                *v = super::simd::load8(src.add(c * sl + q0), n);
-                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(c * sl + q0 + 8 * L) as *const i8);
-            }
-        }
-        let t = super::cpu::transpose8(r);
-        for v in t.iter().take(n) {
-            if x < wn {
-                // SAFETY: row y, column x of the grid.
-                unsafe { _mm256_storeu_ps(dst.add((y * cols + x) * L), *v) };
-            }
-            x += 1;
-            if x == w {
-                (y, x) = (y + 1, 0);
-            }
-        }
-        q0 += n;
-    }
+#[inline(always)]
+unsafe fn load_first16(p: *const f32, n: usize) -> std::arch::x86_64::__m512 {
+    // SAFETY: the caller's contract.
+    unsafe { super::simd::load16(p, if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }) }
 }
 
-/// Output rows `rows` (`[row][owt][16]` in `acc`, the first `ow` of each row valid) into
-/// `cn` planes from `dst` (`p` apart; the rows' `rows · ow` positions contiguous): 16
-/// positions at a time, transposed in registers, stored as plane runs.
+/// The first `n ≤ 16` lanes of `v` to `p`.
 ///
 /// # Safety
-/// AVX-512F; `acc` readable as described; `dst` writable for `rows · ow` floats in each of
-/// `cn ≤ 16` planes.
+/// AVX-512F; `p..p + n` writable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn from_acc_zmm(
-    acc: *const f32,
-    rows: usize,
-    owt: usize,
-    ow: usize,
-    dst: *mut f32,
-    p: usize,
-    cn: usize,
-) {
-    use std::arch::x86_64::*;
-    const L: usize = 16;
-    let len = rows * ow;
-    let (mut q0, mut y, mut x) = (0, 0, 0);
-    while q0 < len {
-        let n = (len - q0).min(L);
-        let m: __mmask16 = if n == L { 0xffff } else { (1u16 << n) - 1 };
-        let mut r = [_mm512_setzero_ps(); L];
-        for v in r.iter_mut().take(n) {
-            // SAFETY: output (y, x), inside the rows.
-            *v = unsafe { _mm512_loadu_ps(acc.add((y * owt + x) * L)) };
-            x += 1;
-            if x == ow {
-                (y, x) = (y + 1, 0);
-            }
-        }
-        let t = super::cpu::transpose16(r);
-        for (c, v) in t.iter().enumerate().take(cn) {
-            // SAFETY: positions q0..q0 + n of plane c.
-            unsafe { super::simd::store16(dst.add(c * p + q0), m, *v) };
-        }
-        q0 += n;
-    }
+#[inline(always)]
+unsafe fn store_first16(p: *mut f32, n: usize, v: std::arch::x86_64::__m512) {
+    // SAFETY: the caller's contract.
+    unsafe { super::simd::store16(p, if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }, v) }
 }
 
-/// [`from_acc_zmm`] in 8-float vectors (`acc` as `[row][owt][8]`).
-///
-/// # Safety
-/// AVX2; `acc` readable as described; `dst` writable for `rows · ow` floats in each of
-/// `cn ≤ 8` planes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn from_acc_ymm(
-    acc: *const f32,
-    rows: usize,
-    owt: usize,
-    ow: usize,
-    dst: *mut f32,
-    p: usize,
-    cn: usize,
-) {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    let len = rows * ow;
-    let (mut q0, mut y, mut x) = (0, 0, 0);
-    while q0 < len {
-        let n = (len - q0).min(L);
-        let mut r = [_mm256_setzero_ps(); L];
-        for v in r.iter_mut().take(n) {
-            // SAFETY: output (y, x), inside the rows.
-            *v = unsafe { _mm256_loadu_ps(acc.add((y * owt + x) * L)) };
-            x += 1;
-            if x == ow {
-                (y, x) = (y + 1, 0);
-            }
-        }
-        let t = super::cpu::transpose8(r);
-        for (c, v) in t.iter().enumerate().take(cn) {
-            // SAFETY: positions q0..q0 + n of plane c.
-            unsafe { super::simd::store8(dst.add(c * p + q0), n, *v) };
-        }
-        q0 += n;
-    }
-}
+transposes!(
+    to_grid_zmm,
+    from_acc_zmm,
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    load_first16,
+    store_first16,
+    super::cpu::transpose16
+);
+transposes!(
+    to_grid_ymm,
+    from_acc_ymm,
+    "avx2,fma",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    super::simd::load8,
+    super::simd::store8,
+    super::cpu::transpose8
+);
 
 /// A task's operands: the grid (`cols` channel vectors per row), the block's packed
 /// weights and bias (a full vector, zero in missing channels), and the output scratch
