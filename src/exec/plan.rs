@@ -322,7 +322,8 @@ impl Plan {
                 continue;
             }
             if fuse && self.pairs.deferred(i) {
-                deferred = Some(i);
+                // The expansion (and, with a projection, the depthwise conv after it).
+                deferred = deferred.or(Some(i));
                 continue;
             }
             let t = super::profile::enabled().then(std::time::Instant::now);
@@ -334,7 +335,15 @@ impl Plan {
                         .first()
                         .and_then(|&j| vals[j].as_ref())
                         .ok_or_else(|| anyhow!("input of node #{} missing", p.pw))?;
-                    super::pw_dw::run(g, i, p, &self.folded, &self.fusion, xa)
+                    let res = match self.fusion.epilogue[i].and_then(|e| e.add) {
+                        Some((_, other)) if p.proj == Some(i) => Some(
+                            vals[other]
+                                .as_ref()
+                                .ok_or_else(|| anyhow!("value of node #{other} missing"))?,
+                        ),
+                        _ => None,
+                    };
+                    super::pw_dw::run(g, p, &self.folded, &self.fusion, xa, res)
                 }
                 None => self.run_node(g, i, vals, x, f, ctx, sparse),
             }
@@ -360,7 +369,11 @@ impl Plan {
             }
             vals[i] = Some(if self.detach { y.detach() } else { y });
             if let Some(p) = pair {
-                for &j in &self.release[p.pw] {
+                let dw = p.proj.map(|_| p.dw);
+                for &j in self.release[p.pw]
+                    .iter()
+                    .chain(dw.iter().flat_map(|&d| &self.release[d]))
+                {
                     vals[j] = None;
                 }
                 deferred = None;

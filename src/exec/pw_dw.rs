@@ -5,33 +5,44 @@
 //! has no residual add, whose output (after the batch norm and activation it absorbed)
 //! has the depthwise conv as its only reader, and which sits right before it in the
 //! schedule (only its absorbed nodes between them: nothing else may read or release a
-//! value in between). The expansion is then deferred to the depthwise conv's step.
+//! value in between). The expansion is then deferred to the depthwise conv's step; where
+//! the depthwise conv's output (after its absorbed nodes) is read only by a 1×1 conv right
+//! after it — the block's projection, whose residual add reads a value from before the
+//! pair — both are deferred to the projection's step (`LOPPER_PWDW_PROJ=0`: pairs only).
 
 use super::fusion::Fusion;
 use super::node::{conv_cfg, Folded};
 use crate::graph::ops::param::WEIGHT;
-use crate::graph::ops::Op;
+use crate::graph::ops::{ActivationKind, Op};
 use crate::graph::{Graph, NodeId};
+use crate::kernels::im2col::Geo;
 use crate::kernels::pw_dw::{Halves, PwDw};
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-/// One planned pair, its kernel built at the first fused run (per block size).
+/// One planned pair, its kernel built at the first fused run.
 #[derive(Debug)]
 pub struct Pair {
     /// The expansion.
     pub pw: NodeId,
+    /// The depthwise conv.
+    pub dw: NodeId,
+    /// The 1×1 projection that reads the depthwise conv's output, if it runs in the same
+    /// step (the step is then the projection's, and the depthwise conv is deferred too).
+    pub proj: Option<NodeId>,
     /// The kernel, with its weights packed (built at the first fused run).
     built: OnceLock<Arc<PwDw>>,
 }
 
-/// The pairs of a plan, by depthwise node.
+/// The pairs of a plan, by the node whose step runs them (the depthwise conv, or the
+/// projection).
 #[derive(Debug, Default)]
 pub struct Pairs {
     pub(super) by_dw: HashMap<NodeId, Pair>,
-    /// `deferred[i]`: node `i` is the expansion of a pair.
+    /// `deferred[i]`: node `i` is a pair's expansion (or its depthwise conv, with a
+    /// projection).
     deferred: Vec<bool>,
 }
 
@@ -95,14 +106,7 @@ impl Pairs {
             if !pointwise || e.add.is_some() || !folded.contains_key(&a) || sparse(a) || !free(a) {
                 continue;
             }
-            // The end of the chain the conv absorbed (batch norm, activation).
-            let mut end = a;
-            while let [j] = consumers[end][..] {
-                if fusion.alias[j] != Some(end) {
-                    break;
-                }
-                end = j;
-            }
+            let end = chain_end(a, fusion, consumers);
             let [b] = consumers[end][..] else { continue };
             let Op::Conv2d(d) = &g.nodes[b].op else {
                 continue;
@@ -123,11 +127,21 @@ impl Pairs {
                 && free(b)
                 && free(end)
             {
+                let proj = projection(g, b, fusion, folded, consumers, &free, &sparse)
+                    .filter(|&(c, other)| {
+                        other.is_none_or(|o| o < a) && !cut.is_some_and(|k| b < k && k <= c)
+                    })
+                    .map(|(c, _)| c);
                 p.deferred[a] = true;
+                if proj.is_some() {
+                    p.deferred[b] = true;
+                }
                 p.by_dw.insert(
-                    b,
+                    proj.unwrap_or(b),
                     Pair {
                         pw: a,
+                        dw: b,
+                        proj,
                         built: Default::default(),
                     },
                 );
@@ -147,6 +161,90 @@ impl Pairs {
     }
 }
 
+/// The last node of the chain conv `i` absorbed (batch norm, residual add, activation).
+fn chain_end(i: NodeId, fusion: &Fusion, consumers: &[Vec<NodeId>]) -> NodeId {
+    let mut end = i;
+    while let [j] = consumers[end][..] {
+        if fusion.alias[j] != Some(end) {
+            break;
+        }
+        end = j;
+    }
+    end
+}
+
+/// The 1×1 projection that depthwise conv `b`'s output (after its absorbed nodes) feeds
+/// alone, right after it in the schedule, and the node its residual add reads (if it
+/// has one), unless `LOPPER_PWDW_PROJ=0`.
+#[allow(clippy::too_many_arguments)]
+fn projection(
+    g: &Graph,
+    b: NodeId,
+    fusion: &Fusion,
+    folded: &HashMap<NodeId, Folded>,
+    consumers: &[Vec<NodeId>],
+    free: &impl Fn(NodeId) -> bool,
+    sparse: &impl Fn(NodeId) -> bool,
+) -> Option<(NodeId, Option<NodeId>)> {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if crate::kernels::simd::env_off(&OFF, "LOPPER_PWDW_PROJ") {
+        return None;
+    }
+    let end = chain_end(b, fusion, consumers);
+    let [c] = consumers[end][..] else { return None };
+    let Op::Conv2d(k) = &g.nodes[c].op else {
+        return None;
+    };
+    let pointwise = k.kernel == [1, 1]
+        && k.stride == [1, 1]
+        && k.padding == [0; 4]
+        && k.dilation == [1, 1]
+        && k.groups == 1;
+    let adjacent = (b + 1..c).all(|j| fusion.alias[j].is_some() && j <= end);
+    let e = fusion.epilogue[c]?;
+    let ok = pointwise && adjacent && free(end) && free(c) && folded.contains_key(&c) && !sparse(c);
+    ok.then_some((c, e.add.map(|(_, other)| other)))
+}
+
+/// Runs pair `p` on the expansion's input `x` (and the projection's residual `res`):
+/// the value of its last node.
+pub fn run(
+    g: &Graph,
+    p: &Pair,
+    folded: &HashMap<NodeId, Folded>,
+    fusion: &Fusion,
+    x: &Tensor,
+    res: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n = dims.first().copied().unwrap_or(0);
+    let k = match p.built.get() {
+        Some(k) => k,
+        None => {
+            let k = build(g, p, folded, fusion, &dims)?;
+            p.built.get_or_init(|| Arc::new(k))
+        }
+    };
+    #[cfg(test)]
+    tests::RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (c, oh, ow) = k.out_dims();
+    let x = x.contiguous()?;
+    let res = res.map(|r| r.contiguous()).transpose()?;
+    let out = crate::kernels::cpu::with_f32(&x, |xv| {
+        let run = |rv: Option<&[f32]>| {
+            // SAFETY: `forward` writes every element.
+            let mut out = unsafe { crate::kernels::cpu::unfilled(n * c * oh * ow) };
+            k.forward(xv, n, &mut out, rv);
+            out
+        };
+        match &res {
+            Some(r) => crate::kernels::cpu::with_f32(r, |rv| run(Some(rv))),
+            None => Ok(run(None)),
+        }
+    })??;
+    Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
+}
+
 /// The folded weight of conv `i` as floats (the batch-norm-scaled copy, or the weight).
 fn weight(g: &Graph, i: NodeId, f: &Folded) -> Result<(Vec<f32>, Vec<usize>)> {
     let w = match &f.weight {
@@ -156,81 +254,56 @@ fn weight(g: &Graph, i: NodeId, f: &Folded) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((w.flatten_all()?.to_vec1()?, w.dims().to_vec()))
 }
 
-/// Runs pair `p` (depthwise node `b`) on the expansion's input `x`: the depthwise conv's
-/// output.
-pub fn run(
+/// A conv's geometry, folded weight, bias and fused activation.
+type Half = (Geo, Vec<f32>, Vec<f32>, Option<ActivationKind>);
+
+/// A conv's folded weight, bias and fused activation, with its geometry on input `dims`.
+fn half(
     g: &Graph,
-    b: NodeId,
-    p: &Pair,
+    i: NodeId,
     folded: &HashMap<NodeId, Folded>,
     fusion: &Fusion,
-    x: &Tensor,
-) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let n = dims.first().copied().unwrap_or(0);
-    let k = match p.built.get() {
-        Some(k) => k,
-        None => {
-            let k = build(g, p.pw, b, folded, fusion, &dims)?;
-            p.built.get_or_init(|| Arc::new(k))
-        }
+    dims: &[usize],
+) -> Result<Half> {
+    let Op::Conv2d(c) = &g.nodes[i].op else {
+        return Err(anyhow!("internal: pw/dw pair node #{i} is not a conv"));
     };
-    #[cfg(test)]
-    tests::RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (c, oh, ow) = k.out_dims();
-    let x = x.contiguous()?;
-    let out = crate::kernels::cpu::with_f32(&x, |xv| {
-        // SAFETY: `forward` writes every element.
-        let mut out = unsafe { crate::kernels::cpu::unfilled(n * c * oh * ow) };
-        k.forward(xv, n, &mut out);
-        out
-    })?;
-    Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
+    let f = folded
+        .get(&i)
+        .ok_or_else(|| anyhow!("internal: pair node #{i} without fold"))?;
+    let (w, wd) = weight(g, i, f)?;
+    let geo = conv_cfg(c).geo(dims, &wd)?;
+    Ok((
+        geo,
+        w,
+        f.bias.clone(),
+        fusion.epilogue[i].and_then(|e| e.act),
+    ))
 }
 
-/// The kernel of the pair for input dims `dims`, one task per image.
+/// The kernel of pair `p` for input dims `dims`, one task per image.
 fn build(
     g: &Graph,
-    a: NodeId,
-    b: NodeId,
+    p: &Pair,
     folded: &HashMap<NodeId, Folded>,
     fusion: &Fusion,
     dims: &[usize],
 ) -> Result<PwDw> {
-    let (Op::Conv2d(ca), Op::Conv2d(cb)) = (&g.nodes[a].op, &g.nodes[b].op) else {
-        return Err(anyhow!("internal: pw/dw pair of non-convs"));
-    };
-    let (fa, fb) = (
-        folded
-            .get(&a)
-            .ok_or_else(|| anyhow!("internal: pair without fold"))?,
-        folded
-            .get(&b)
-            .ok_or_else(|| anyhow!("internal: pair without fold"))?,
-    );
-    let (wa, da) = weight(g, a, fa)?;
-    let (wb, db) = weight(g, b, fb)?;
-    let ga = conv_cfg(ca).geo(dims, &da)?;
-    let gb = conv_cfg(cb).geo(&[dims[0], ga.o, ga.oh, ga.ow], &db)?;
+    let (ga, wa, ba, aa) = half(g, p.pw, folded, fusion, dims)?;
+    let (gb, wb, bb, ab) = half(g, p.dw, folded, fusion, &[dims[0], ga.o, ga.oh, ga.ow])?;
     if !PwDw::fits(&ga, &gb) {
         return Err(anyhow!("geometries {ga:?} / {gb:?} do not pair"));
     }
-    let act = |i: NodeId| fusion.epilogue[i].and_then(|e| e.act);
-    Ok(PwDw::new(
-        &ga,
-        Halves {
-            w: &wa,
-            bias: &fa.bias,
-            act: act(a),
-        },
-        &gb,
-        Halves {
-            w: &wb,
-            bias: &fb.bias,
-            act: act(b),
-        },
-        1,
-    ))
+    fn h<'a>(w: &'a [f32], bias: &'a [f32], act: Option<ActivationKind>) -> Halves<'a> {
+        Halves { w, bias, act }
+    }
+    let k = PwDw::new(&ga, h(&wa, &ba, aa), &gb, h(&wb, &bb, ab), 1);
+    let Some(c) = p.proj else { return Ok(k) };
+    let (gc, wc, bc, ac) = half(g, c, folded, fusion, &[dims[0], gb.o, gb.oh, gb.ow])?;
+    if !k.projects(&gc) {
+        return Err(anyhow!("projection {gc:?} does not fit the pair"));
+    }
+    Ok(k.with_projection(&gc, h(&wc, &bc, ac)))
 }
 
 #[cfg(test)]
@@ -276,8 +349,8 @@ mod tests {
         }
     }
 
-    /// MobileNetV2 (CIFAR) pairs every expansion with its depthwise conv (16 of its 17
-    /// blocks expand), and the fused pass gives the node-by-node outputs at a batch that
+    /// MobileNetV2 (CIFAR) pairs every expansion with its depthwise conv and projection
+    /// (16 of its 17 blocks expand), and the fused pass gives the node-by-node outputs at a batch that
     /// fuses, on 32×32 inputs (the pairs of the chunked prefix run node by node on its
     /// chunks) and on 16×16 ones (every pair fused), and pruned to odd widths.
     #[test]
@@ -285,6 +358,12 @@ mod tests {
         let g = crate::zoo::build("mobilenetv2@3x32x32#10", 5).unwrap();
         let plan = Plan::new(&g, Mode::Eval, &PlanOpts::default()).unwrap();
         assert_eq!(plan.pairs.by_dw.len(), 16);
+        // Each with its block's projection (a residual add in the blocks that keep the
+        // shape), except where the chunked prefix ends between the two.
+        let cut = plan.chunked_prefix().expect("a prefix");
+        for p in plan.pairs.by_dw.values() {
+            assert!(p.proj.is_some() || (p.dw < cut && cut - p.dw <= 3), "{p:?}");
+        }
         let n = 4 * rayon::current_num_threads().max(1);
         let before = RUNS.load(Ordering::Relaxed);
         let (f, p) = both(&g, n, 32);

@@ -9,9 +9,11 @@
 //! batches the tensor goes through L3 or memory. The depthwise conv needs only the
 //! channels it convolves, so the expansion of a channel block and its depthwise conv
 //! need no join between them: here they are one task, the block's channels never leave
-//! the core's L2, and one join per pair is saved. Both halves run the ordinary kernels
-//! ([`super::conv::conv_forward_packed`]) on the block's sub-geometry, with weights
-//! packed once per block.
+//! the core's L2, and one join per pair is saved. Where the depthwise output feeds the
+//! block's 1×1 projection alone, a task of a whole image runs that too (with its
+//! residual), and the block's two largest tensors never leave the core. Every conv runs
+//! the ordinary kernels ([`super::conv::conv_forward_packed`]) on the block's
+//! sub-geometry, with weights packed once per block.
 
 use super::conv::{conv_forward_packed, Epilogue, PackedWeight};
 use super::im2col::Geo;
@@ -32,6 +34,18 @@ pub struct PwDw {
     blocks: Vec<Block>,
     /// Channels per block (the last may have fewer).
     per: usize,
+    /// The 1×1 projection that reads the depthwise conv's output, if it runs here too.
+    proj: Option<Proj>,
+}
+
+/// A projection after the depthwise conv: a 1×1 conv over all its channels (one block per
+/// image), with the residual its epilogue adds.
+#[derive(Debug)]
+struct Proj {
+    g: Geo,
+    w: Vec<f32>,
+    packed: Option<PackedWeight>,
+    epi: Epilogue,
 }
 
 /// One channel block's packed weights and epilogues.
@@ -44,8 +58,10 @@ struct Block {
 }
 
 thread_local! {
-    /// The expanded channels of the block a task computes.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The expanded channels of the block a task computes, and (with a projection) the
+    /// depthwise conv's output.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The two halves' weights (each row-major, one row per output channel), biases and
@@ -118,27 +134,74 @@ impl PwDw {
             dw_w: b.w.to_vec(),
             blocks,
             per,
+            proj: None,
         }
+    }
+
+    /// Whether `proj` (one image) is a 1×1 conv at stride 1 without padding over the
+    /// depthwise conv's output.
+    pub fn projects(&self, proj: &Geo) -> bool {
+        proj.kh == 1
+            && proj.kw == 1
+            && proj.sh == 1
+            && proj.sw == 1
+            && proj.pt == 0
+            && proj.pl == 0
+            && proj.groups == 1
+            && proj.c == self.dw.o
+            && proj.h == self.dw.oh
+            && proj.w == self.dw.ow
+            && proj.oh == proj.h
+            && proj.ow == proj.w
+    }
+
+    /// The pair with the projection `proj` (weights `[O, C]`, bias, activation; the
+    /// residual is given to [`PwDw::forward`]) run in the same task: one block per image.
+    pub fn with_projection(mut self, proj: &Geo, h: Halves) -> PwDw {
+        assert!(
+            self.projects(proj),
+            "pw_dw: projection {proj:?} does not fit"
+        );
+        assert!(
+            self.blocks.len() == 1,
+            "pw_dw: a projection needs whole images"
+        );
+        assert!(h.w.len() == proj.o * proj.c && h.bias.len() == proj.o);
+        let g = Geo { n: 1, ..*proj };
+        self.proj = Some(Proj {
+            packed: PackedWeight::for_geo(&g, h.w),
+            w: h.w.to_vec(),
+            epi: Epilogue {
+                bias: h.bias.to_vec(),
+                act: h.act,
+            },
+            g,
+        });
+        self
     }
 
     /// The output's `(channels, rows, columns)` per image.
     pub fn out_dims(&self) -> (usize, usize, usize) {
-        (self.dw.o, self.dw.oh, self.dw.ow)
+        let c = self.proj.as_ref().map_or(self.dw.o, |p| p.g.o);
+        (c, self.dw.oh, self.dw.ow)
     }
 
     /// Floats of one image's input and output.
     pub fn image_sizes(&self) -> (usize, usize) {
-        (self.pw.c * self.pw.h * self.pw.w, self.dw.o * self.dw.p())
+        let (c, oh, ow) = self.out_dims();
+        (self.pw.c * self.pw.h * self.pw.w, c * oh * ow)
     }
 
-    /// `out [N, C, OH, OW] = dw(act(pw(x) + b₁)) + b₂`, activated, for `x [N, C_in, H, W]`;
-    /// every element of `out` written.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    /// `out [N, C, OH, OW] = dw(act(pw(x) + b₁)) + b₂`, activated, for `x [N, C_in, H, W]`
+    /// (then, with a projection, its 1×1 conv + bias + `res`, activated); every element of
+    /// `out` written.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], res: Option<&[f32]>) {
         let (img_in, img_out) = self.image_sizes();
         assert!(
             x.len() >= n * img_in && out.len() == n * img_out,
             "pw_dw: buffer sizes"
         );
+        assert!(res.is_none_or(|r| self.proj.is_some() && r.len() == out.len()));
         let nb = self.blocks.len();
         let outp = super::conv_tiles::OutPtr(out.as_mut_ptr());
         let k = self.dw.kh * self.dw.kw;
@@ -149,35 +212,56 @@ impl PwDw {
             let (c0, cn) = (bi * self.per, self.per.min(self.pw.o - bi * self.per));
             let (sp, sd) = sub(&self.pw, &self.dw, cn);
             let xi = &x[img * img_in..(img + 1) * img_in];
-            // SAFETY: this task alone writes channels c0..c0 + cn of image `img`, a
-            // contiguous run inside `out` (n·img_out floats).
+            // The task's output channels: c0..c0 + cn of the depthwise conv, or every
+            // channel of the projection (one block).
+            let len = if self.proj.is_some() {
+                img_out
+            } else {
+                cn * p_out
+            };
+            // SAFETY: this task alone writes these channels of image `img`, a contiguous
+            // run inside `out` (n·img_out floats).
             let o = unsafe {
-                std::slice::from_raw_parts_mut(
-                    outp.get().add(img * img_out + c0 * p_out),
-                    cn * p_out,
-                )
+                std::slice::from_raw_parts_mut(outp.get().add(img * img_out + c0 * p_out), len)
             };
             SCRATCH.with(|s| {
-                let mut s = s.borrow_mut();
+                let (s, mid) = &mut *s.borrow_mut();
                 s.resize(cn * p_in, 0.0);
                 conv_forward_packed(
                     &sp,
                     xi,
                     &self.pw_w[c0 * self.pw.c..(c0 + cn) * self.pw.c],
                     b.pw_packed.as_ref(),
-                    &mut s,
+                    s,
                     Some(&b.pw_epi),
                     None,
                 );
+                let dw_w = &self.dw_w[c0 * k..(c0 + cn) * k];
+                let Some(pj) = &self.proj else {
+                    conv_forward_packed(
+                        &sd,
+                        s,
+                        dw_w,
+                        b.dw_packed.as_ref(),
+                        o,
+                        Some(&b.dw_epi),
+                        None,
+                    );
+                    return;
+                };
+                // One block (asserted when the projection was added): all channels.
+                mid.resize(cn * p_out, 0.0);
                 conv_forward_packed(
                     &sd,
-                    &s,
-                    &self.dw_w[c0 * k..(c0 + cn) * k],
+                    s,
+                    dw_w,
                     b.dw_packed.as_ref(),
-                    o,
+                    mid,
                     Some(&b.dw_epi),
                     None,
                 );
+                let r = res.map(|r| &r[img * img_out..(img + 1) * img_out]);
+                conv_forward_packed(&pj.g, mid, &pj.w, pj.packed.as_ref(), o, Some(&pj.epi), r);
             });
         });
     }
@@ -201,7 +285,8 @@ mod tests {
     use super::*;
 
     /// Channel blocks (40 channels in three: 16 + 16 + 8, batch 1) and whole images (batch 20)
-    /// give the two convs run one after the other, bias and activations applied.
+    /// give the two convs run one after the other, bias and activations applied; with a
+    /// projection and its residual (whole images), the three.
     #[test]
     fn blocks_match_the_two_convs() {
         let (c_in, c, h, w) = (12, 40, 9, 7);
@@ -272,7 +357,7 @@ mod tests {
                 );
             }
             let mut fused = vec![f32::NAN; n * c * dw.p()];
-            k.forward(&x, n, &mut fused);
+            k.forward(&x, n, &mut fused, None);
             let mut mid = vec![0f32; n * c * h * w];
             let ea = Epilogue {
                 bias: ba.clone(),
@@ -287,6 +372,45 @@ mod tests {
             conv_forward_packed(&dw, &mid, &wb, None, &mut want, Some(&eb), None);
             for (i, (a, b)) in fused.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-4, "n {n} [{i}]: {a} vs {b}");
+            }
+            if n == 1 {
+                continue;
+            }
+            // With the projection (40 → 9 channels) and a residual, whole images.
+            let proj = Geo {
+                c,
+                o: 9,
+                h: dw.oh,
+                w: dw.ow,
+                kh: 1,
+                kw: 1,
+                oh: dw.oh,
+                ow: dw.ow,
+                sh: 1,
+                sw: 1,
+                pt: 0,
+                pl: 0,
+                groups: 1,
+                ..dw
+            };
+            let (wc, bc) = (v(9 * c, 19), v(9, 23));
+            let res = v(n * 9 * dw.p(), 29);
+            let act = Some(ActivationKind::Relu);
+            let k = k.with_projection(
+                &proj,
+                Halves {
+                    w: &wc,
+                    bias: &bc,
+                    act,
+                },
+            );
+            let mut fused = vec![f32::NAN; n * 9 * dw.p()];
+            k.forward(&x, n, &mut fused, Some(&res));
+            let ec = Epilogue { bias: bc, act };
+            let mut want_c = vec![0f32; n * 9 * dw.p()];
+            conv_forward_packed(&proj, &want, &wc, None, &mut want_c, Some(&ec), Some(&res));
+            for (i, (a, b)) in fused.iter().zip(&want_c).enumerate() {
+                assert!((a - b).abs() <= 1e-4, "projected n {n} [{i}]: {a} vs {b}");
             }
         }
     }
