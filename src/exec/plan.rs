@@ -350,7 +350,7 @@ impl Plan {
             .with_context(|| format!("forward failed at node '{}' ({})", n.name, n.op.kind()))?;
             if let Some(t) = t {
                 let sp = sparse.and_then(|p| p.get(i)).is_some();
-                // A pair is shown as one step, with the expansion's input.
+                // A fused step is shown as one, with the expansion's input.
                 let first = pair.map_or(i, |p| p.pw);
                 let dims = super::profile::by_shape()
                     .then(|| {
@@ -362,8 +362,10 @@ impl Plan {
                     .flatten()
                     .map(|v| v.dims().to_vec());
                 let mut cat = super::profile::category(g, i, sp, dims.as_deref());
-                if pair.is_some() {
-                    cat = format!("conv 1x1 + {cat}");
+                if let Some(p) = pair {
+                    let dw = super::profile::category(g, p.dw, false, dims.as_deref());
+                    let proj = if p.proj.is_some() { " + conv 1x1" } else { "" };
+                    cat = format!("conv 1x1 + {dw}{proj}");
                 }
                 super::profile::record(cat, t.elapsed());
             }

@@ -281,7 +281,7 @@ fn half(
     ))
 }
 
-/// The kernel of pair `p` for input dims `dims`, one task per image.
+/// The kernel of pair `p` for input dims `dims`.
 fn build(
     g: &Graph,
     p: &Pair,
@@ -297,7 +297,7 @@ fn build(
     fn h<'a>(w: &'a [f32], bias: &'a [f32], act: Option<ActivationKind>) -> Halves<'a> {
         Halves { w, bias, act }
     }
-    let k = PwDw::new(&ga, h(&wa, &ba, aa), &gb, h(&wb, &bb, ab), 1);
+    let k = PwDw::new(&ga, h(&wa, &ba, aa), &gb, h(&wb, &bb, ab));
     let Some(c) = p.proj else { return Ok(k) };
     let (gc, wc, bc, ac) = half(g, c, folded, fusion, &[dims[0], gb.o, gb.oh, gb.ow])?;
     if !k.projects(&gc) {
