@@ -95,11 +95,7 @@ impl Pairs {
         let free = |i: NodeId| !pinned.contains(&i) && !g.outputs.contains(&i);
         for (a, node) in g.nodes.iter().enumerate() {
             let Op::Conv2d(c) = &node.op else { continue };
-            let pointwise = c.kernel == [1, 1]
-                && c.stride == [1, 1]
-                && c.padding == [0; 4]
-                && c.dilation == [1, 1]
-                && c.groups == 1;
+            let pointwise = pointwise(c);
             let Some(e) = fusion.epilogue[a] else {
                 continue;
             };
@@ -161,6 +157,15 @@ impl Pairs {
     }
 }
 
+/// A dense 1×1 conv at stride 1 without padding (an expansion or a projection).
+fn pointwise(c: &crate::graph::ops::Conv2d) -> bool {
+    c.kernel == [1, 1]
+        && c.stride == [1, 1]
+        && c.padding == [0; 4]
+        && c.dilation == [1, 1]
+        && c.groups == 1
+}
+
 /// The last node of the chain conv `i` absorbed (batch norm, residual add, activation).
 fn chain_end(i: NodeId, fusion: &Fusion, consumers: &[Vec<NodeId>]) -> NodeId {
     let mut end = i;
@@ -195,11 +200,7 @@ fn projection(
     let Op::Conv2d(k) = &g.nodes[c].op else {
         return None;
     };
-    let pointwise = k.kernel == [1, 1]
-        && k.stride == [1, 1]
-        && k.padding == [0; 4]
-        && k.dilation == [1, 1]
-        && k.groups == 1;
+    let pointwise = pointwise(k);
     let adjacent = (b + 1..c).all(|j| fusion.alias[j].is_some() && j <= end);
     let e = fusion.epilogue[c]?;
     let ok = pointwise && adjacent && free(end) && free(c) && folded.contains_key(&c) && !sparse(c);

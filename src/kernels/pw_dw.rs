@@ -167,15 +167,7 @@ impl PwDw {
 
 /// A 1×1 conv at stride 1 without padding, ungrouped.
 fn pointwise(g: &Geo) -> bool {
-    g.kh == 1
-        && g.kw == 1
-        && g.sh == 1
-        && g.sw == 1
-        && g.pt == 0
-        && g.pl == 0
-        && g.groups == 1
-        && g.oh == g.h
-        && g.ow == g.w
+    g.is_pointwise() && g.groups == 1
 }
 
 #[cfg(test)]
