@@ -5,6 +5,10 @@ use lopper::graph::ops::ActivationKind as A;
 use lopper::kernels::act;
 use std::time::Instant;
 
+/// Activation buffers start on cache lines (`lopper::util::aligned`).
+#[global_allocator]
+static ALLOC: lopper::util::aligned::CacheAligned = lopper::util::aligned::CacheAligned;
+
 fn main() {
     let kinds = [
         ("relu", A::Relu),

@@ -15,6 +15,10 @@ use lopper::kernels::im2col::Geo;
 use lopper::kernels::panel;
 use std::time::Instant;
 
+/// Activation buffers start on cache lines (`lopper::util::aligned`).
+#[global_allocator]
+static ALLOC: lopper::util::aligned::CacheAligned = lopper::util::aligned::CacheAligned;
+
 /// `(batch, in channels, map side, out channels, stride)`.
 type Shape = (usize, usize, usize, usize, usize);
 

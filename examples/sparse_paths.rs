@@ -5,7 +5,11 @@
 //!
 //! `cargo run --release --example sparse_paths [b64|b8|b1]` — the per-shape numbers behind
 //! `kernels/sparse.rs` (BENCHMARKS §27). `SPARSE_PATHS_ONLY=i` runs the i-th shape only,
-//! `SPARSE_PATHS_DENSITY=0.2` another density.
+//! `SPARSE_PATHS_DENSITY=0.2` another density. `SPARSE_PATHS_FUSED=1`: each conv as it
+//! runs inside a fused inverted-residual step (`kernels::pw_dw`, maps of more than 16
+//! positions): one image per task, its input and output in the thread's own buffers
+//! (hot in L2, as the step's depthwise output and expanded tensor are), dense on the
+//! packed one-image kernels, sparse on `SparsePointwise`.
 
 use candle_core::{Device, Tensor};
 use lopper::graph::csr::CsrMatrix;
@@ -13,7 +17,13 @@ use lopper::graph::ops::ActivationKind;
 use lopper::kernels::conv::{conv_forward_packed, ConvCfg, Epilogue, PackedWeight};
 use lopper::kernels::csr::SparseWeight;
 use lopper::kernels::sparse::{conv2d, SparseEpilogue};
+use lopper::kernels::sparse_pw::SparsePointwise;
+use std::cell::RefCell;
 use std::time::Instant;
+
+/// Activation buffers start on cache lines (`lopper::util::aligned`).
+#[global_allocator]
+static ALLOC: lopper::util::aligned::CacheAligned = lopper::util::aligned::CacheAligned;
 
 /// `(in channels, map side, out channels, ReLU6)`: every 1×1 conv of MobileNetV2 (CIFAR).
 const SHAPES: &[(usize, usize, usize, bool)] = &[
@@ -64,7 +74,12 @@ fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.1);
-    println!("b{n}, density {density}: best of 6 alternating rounds, ms");
+    let how = if std::env::var_os("SPARSE_PATHS_FUSED").is_some() {
+        " (per image as in the fused steps on maps > 16 positions)"
+    } else {
+        ""
+    };
+    println!("b{n}, density {density}{how}: best of 6 alternating rounds, ms");
     println!(
         "{:>28} {:>9} {:>9} {:>7}",
         "shape", "dense", "sparse", "ratio"
@@ -78,6 +93,7 @@ fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1.0);
+    let fused = std::env::var_os("SPARSE_PATHS_FUSED").is_some();
     let mut junk = vec![0u8; if cold { 64 << 20 } else { 0 }];
     for (si, &(c, hw, o, relu6)) in SHAPES.iter().enumerate() {
         if only.is_some_and(|i| i != si) {
@@ -118,6 +134,30 @@ fn run() {
         };
         let mut out = vec![0f32; n * o * hw * hw];
         let macs = n * o * c * hw * hw;
+        // The fused step's way: per image, thread-local input and output.
+        let g1 = cfg.geo(&[1, c, hw, hw], &[o, c, 1, 1]).unwrap();
+        let packed1 = PackedWeight::for_geo(&g1, &w);
+        let sp1 = SparsePointwise::new(sw.csr.clone(), hw * hw, None, &bias, act);
+        thread_local! {
+            static BUF: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        let per_image = |sparse: bool| {
+            lopper::kernels::par::for_each(n, |_| {
+                BUF.with(|b| {
+                    let (xi, oi) = &mut *b.borrow_mut();
+                    if xi.len() != c * hw * hw || oi.len() != o * hw * hw {
+                        *xi = xs[..c * hw * hw].to_vec();
+                        *oi = vec![0.0; o * hw * hw];
+                    }
+                    if sparse {
+                        sp1.run(xi, oi, None);
+                    } else {
+                        conv_forward_packed(&g1, xi, &w, packed1.as_ref(), oi, Some(&epi), None);
+                    }
+                })
+            })
+        };
+        let fused = fused && hw * hw > 16;
         let reps = (scale * 1e9 / macs as f64).ceil() as usize;
         let mut best = [f64::MAX; 2];
         for _ in 0..6 {
@@ -125,7 +165,11 @@ fn run() {
             for _ in 0..reps {
                 flush(&mut junk);
                 let t0 = Instant::now();
-                conv_forward_packed(&g, &xs, &w, packed.as_ref(), &mut out, Some(&epi), None);
+                if fused {
+                    per_image(false);
+                } else {
+                    conv_forward_packed(&g, &xs, &w, packed.as_ref(), &mut out, Some(&epi), None);
+                }
                 t += t0.elapsed().as_secs_f64();
             }
             best[0] = best[0].min(t / reps as f64);
@@ -133,7 +177,11 @@ fn run() {
             for _ in 0..reps {
                 flush(&mut junk);
                 let t0 = Instant::now();
-                std::hint::black_box(conv2d(&x, &sw, &[o, c, 1, 1], cfg, &sepi, None).unwrap());
+                if fused {
+                    per_image(true);
+                } else {
+                    std::hint::black_box(conv2d(&x, &sw, &[o, c, 1, 1], cfg, &sepi, None).unwrap());
+                }
                 t += t0.elapsed().as_secs_f64();
             }
             best[1] = best[1].min(t / reps as f64);

@@ -5,6 +5,10 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
+/// Activation buffers start on cache lines (`lopper::util::aligned`).
+#[global_allocator]
+static ALLOC: lopper::util::aligned::CacheAligned = lopper::util::aligned::CacheAligned;
+
 #[derive(Parser)]
 #[command(
     name = "lopper",
@@ -69,6 +73,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
 }
 
 fn main() {
+    lopper::util::aligned::read_env();
     // Output piped into `head` (or a closed stderr) ends the process quietly, as for any
     // Unix tool, instead of a panic and exit code 101 from the failed write.
     #[cfg(unix)]

@@ -38,7 +38,9 @@ pub fn time_model(g: &Graph, label: &str, o: &ModelBench) -> Result<BenchRow> {
         let steps = if o.batch == 1 { o.steps * 5 } else { o.steps };
         // A GPU runs asynchronously: each timed step ends when the device is done.
         let dev = g.device();
-        return time(&name, o.warmup, steps, || {
+        // The warm-up covers the plan's choice between the pool and one thread.
+        let warmup = o.warmup.max(crate::exec::threads::SETTLE as usize);
+        return time(&name, warmup, steps, || {
             f(&xs)?;
             Ok(dev.synchronize()?)
         });

@@ -17,7 +17,7 @@ mod plan;
 pub mod profile;
 mod pw_dw;
 mod sparse_pack;
-mod threads;
+pub mod threads;
 
 pub use inputs::{AsInputs, Inputs};
 pub use mode::Mode;

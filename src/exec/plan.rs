@@ -65,7 +65,7 @@ pub struct Plan {
     folded: HashMap<NodeId, Folded>,
     /// Inference: each dense linear layer's weight, packed once (see [`LinearPack`]).
     linear: HashMap<NodeId, LinearPack>,
-    sparse: SparsePack,
+    pub(super) sparse: SparsePack,
     /// No gradient is taken through this pass: each value is detached from candle's op
     /// graph as it is made. (The weights are variables, so every output would otherwise
     /// record its inputs, and each intermediate would stay alive through its consumer's
@@ -121,15 +121,9 @@ impl Plan {
             .then(|| super::chunks::prefix(g, &shapes, &consumers))
             .flatten();
         let pairs = if mode == Mode::Eval && rewrites {
-            super::pw_dw::Pairs::plan(
-                g,
-                &fusion,
-                &folded,
-                &consumers,
-                &pinned,
-                |i| sparse.get(i).is_some(),
-                prefix.map(|p| p.cut),
-            )
+            super::pw_dw::Pairs::plan(g, &fusion, &folded, &consumers, &pinned, |i| {
+                sparse.get(i).is_some() && !super::pw_dw::sparse_pairs(&shapes[i])
+            })
         } else {
             super::pw_dw::Pairs::default()
         };
@@ -241,9 +235,13 @@ impl Plan {
         // on the host, and one copy per input per pass is the only transfer a forward makes.
         let dev = g.device();
         let batch = xs[0].dim(0)?;
+        // Fused pairs take the place of a chunked prefix they start in (`Pairs::start_before`).
+        let fuse = self.pairs_fuse(g, batch, f);
         let chunked = self
             .prefix
-            .filter(|_| f.input_masks.is_none() && dev.is_cpu())
+            .filter(|p| {
+                f.input_masks.is_none() && dev.is_cpu() && !(fuse && self.pairs.start_before(p.cut))
+            })
             .and_then(|p| Some((p, chunk.filter(|&k| k > 0)?)));
         let start =
             match chunked {
@@ -257,7 +255,7 @@ impl Plan {
                             cv[id] = Some(x.narrow(0, s, len)?.contiguous()?);
                         }
                         let x0 = cv[self.inputs[0].0].clone().expect("input set");
-                        self.run_nodes(g, 0..p.cut, &mut cv, &x0, f, &ctx, sparse)?;
+                        self.run_nodes(g, 0..p.cut, &mut cv, &x0, f, &ctx, sparse, false)?;
                         parts.push(cv[p.live].take().ok_or_else(|| {
                             anyhow!("internal: chunked value #{} missing", p.live)
                         })?);
@@ -272,7 +270,16 @@ impl Plan {
                     0
                 }
             };
-        self.run_nodes(g, start..g.nodes.len(), &mut vals, xs[0], f, &ctx, sparse)?;
+        self.run_nodes(
+            g,
+            start..g.nodes.len(),
+            &mut vals,
+            xs[0],
+            f,
+            &ctx,
+            sparse,
+            fuse,
+        )?;
         let outputs = self
             .outputs
             .iter()
@@ -290,8 +297,21 @@ impl Plan {
         Ok(ForwardOut { outputs, kept })
     }
 
+    /// Whether a pass of `n` images runs its pairs fused: only on the CPU kernels and
+    /// unmasked weights (the expansion's step defers to the depthwise conv's, which
+    /// releases what the expansion would), at a batch that fuses.
+    fn pairs_fuse(&self, g: &Graph, n: usize, f: &Feeds) -> bool {
+        !self.pairs.by_dw.is_empty()
+            && f.weight_masks.is_none()
+            && f.input_masks.is_none()
+            && g.device().is_cpu()
+            && !crate::kernels::reference_ops()
+            && super::pw_dw::batch_fuses(n)
+    }
+
     /// Runs nodes `range` on the values in `vals` (inputs and every earlier value still
-    /// read set), releasing each value after its last reader.
+    /// read set), releasing each value after its last reader; pairs fused if `fuse`
+    /// ([`Plan::pairs_fuse`]; never inside a chunked prefix).
     #[allow(clippy::too_many_arguments)]
     fn run_nodes(
         &self,
@@ -302,14 +322,8 @@ impl Plan {
         f: &Feeds,
         ctx: &Ctx,
         sparse: Option<&SparsePack>,
+        fuse: bool,
     ) -> Result<()> {
-        // Pairs run fused only on the CPU kernels and unmasked weights (the expansion's
-        // step defers to the depthwise conv's, which releases what the expansion would).
-        let fuse = ctx.weight_masks.is_none()
-            && f.input_masks.is_none()
-            && g.device().is_cpu()
-            && !crate::kernels::reference_ops()
-            && super::pw_dw::batch_fuses(x.dim(0).unwrap_or(0));
         let mut deferred = None;
         for i in range {
             let n = &g.nodes[i];
@@ -343,7 +357,7 @@ impl Plan {
                         ),
                         _ => None,
                     };
-                    super::pw_dw::run(g, p, &self.folded, &self.fusion, xa, res)
+                    super::pw_dw::run(g, p, &self.folded, &self.fusion, sparse, xa, res)
                 }
                 None => self.run_node(g, i, vals, x, f, ctx, sparse),
             }

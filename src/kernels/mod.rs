@@ -34,6 +34,7 @@ pub mod reduce;
 pub mod simd;
 pub mod sparse;
 mod sparse_images;
+pub mod sparse_pw;
 
 pub use batchnorm::BatchStats;
 pub use conv::ConvCfg;

@@ -10,12 +10,16 @@
 //! images: here they are one task, the image's intermediate tensors never leave the
 //! core's L2, and two joins per block go. Every conv runs the ordinary kernels
 //! ([`super::conv::conv_forward_packed`]) on the one-image geometry, with weights packed
-//! once. (Tasks of channel blocks, to feed the threads at small batches, lost: each
+//! once; a 1×1 conv with sparse weights runs [`super::sparse_pw`] instead (the
+//! expanded tensor of a sparse model is as large, its multiply-adds a tenth). (Tasks of
+//! channel blocks, to feed the threads at small batches, lost: each
 //! block's sub-GEMM is short and re-reads the expansion's input; see
 //! `exec::pw_dw::batch_fuses`.)
 
 use super::conv::{conv_forward_packed, Epilogue, PackedWeight};
 use super::im2col::Geo;
+use super::sparse_pw::SparsePointwise;
+use crate::graph::csr::CsrMatrix;
 use crate::graph::ops::ActivationKind;
 
 /// One conv of the step for one image: geometry, weights (as given and packed for the
@@ -28,12 +32,20 @@ struct Conv {
     epi: Epilogue,
 }
 
+/// A 1×1 conv of the step: dense (the ordinary kernels) or sparse.
+#[derive(Debug)]
+enum Pointwise {
+    Dense(Conv),
+    Sparse { g: Geo, k: SparsePointwise },
+}
+
 impl Conv {
-    fn new(g: &Geo, h: Halves) -> Conv {
+    /// A dense conv (`h.w` dense; the caller checked).
+    fn new(g: &Geo, h: &Halves, w: &[f32]) -> Conv {
         let g = Geo { n: 1, ..*g };
         Conv {
-            packed: PackedWeight::for_geo(&g, h.w),
-            w: h.w.to_vec(),
+            packed: PackedWeight::for_geo(&g, w),
+            w: w.to_vec(),
             epi: Epilogue {
                 bias: h.bias.to_vec(),
                 act: h.act,
@@ -56,13 +68,45 @@ impl Conv {
     }
 }
 
+impl Pointwise {
+    fn new(g: &Geo, h: Halves) -> Pointwise {
+        match h.w {
+            Weights::Dense(w) => Pointwise::Dense(Conv::new(g, &h, w)),
+            Weights::Sparse { csr, scale } => {
+                assert!(
+                    csr.rows == g.o && csr.cols == g.c,
+                    "pw_dw: sparse weight shape"
+                );
+                Pointwise::Sparse {
+                    g: Geo { n: 1, ..*g },
+                    k: SparsePointwise::new(csr.clone(), g.p(), scale, h.bias, h.act),
+                }
+            }
+        }
+    }
+
+    fn geo(&self) -> &Geo {
+        match self {
+            Pointwise::Dense(c) => &c.g,
+            Pointwise::Sparse { g, .. } => g,
+        }
+    }
+
+    fn run(&self, x: &[f32], out: &mut [f32], res: Option<&[f32]>) {
+        match self {
+            Pointwise::Dense(c) => c.run(x, out, res),
+            Pointwise::Sparse { k, .. } => k.run(x, out, res),
+        }
+    }
+}
+
 /// One fused step for one input geometry (per image; any batch).
 #[derive(Debug)]
 pub struct PwDw {
-    pw: Conv,
+    pw: Pointwise,
     dw: Conv,
     /// The 1×1 projection that reads the depthwise conv's output, if it runs here too.
-    proj: Option<Conv>,
+    proj: Option<Pointwise>,
 }
 
 thread_local! {
@@ -71,11 +115,33 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A conv's weights (row-major, one row per output channel), bias and activation.
+/// A conv's weights, bias and activation.
 pub struct Halves<'a> {
-    pub w: &'a [f32],
+    pub w: Weights<'a>,
     pub bias: &'a [f32],
     pub act: Option<ActivationKind>,
+}
+
+/// A conv's weights: dense (row-major, one row per output channel), or — for the 1×1
+/// convs — sparse, with the per-output-channel scale of a batch norm folded at run time.
+pub enum Weights<'a> {
+    Dense(&'a [f32]),
+    Sparse {
+        csr: &'a CsrMatrix,
+        scale: Option<&'a [f32]>,
+    },
+}
+
+impl Halves<'_> {
+    /// Dense weights of `len` floats, or a sparse `rows × cols` matrix.
+    fn fits(&self, len: usize, rows: usize, cols: usize) -> bool {
+        match self.w {
+            Weights::Dense(w) => w.len() == len,
+            Weights::Sparse { csr, scale } => {
+                csr.rows == rows && csr.cols == cols && scale.is_none_or(|s| s.len() == rows)
+            }
+        }
+    }
 }
 
 impl PwDw {
@@ -98,11 +164,14 @@ impl PwDw {
             Self::fits(pw, dw),
             "pw_dw: geometries {pw:?} / {dw:?} do not pair"
         );
-        assert!(a.w.len() == pw.o * pw.c && a.bias.len() == pw.o);
-        assert!(b.w.len() == dw.c * dw.kh * dw.kw && b.bias.len() == dw.c);
+        assert!(a.fits(pw.o * pw.c, pw.o, pw.c) && a.bias.len() == pw.o);
+        let Weights::Dense(wb) = b.w else {
+            panic!("pw_dw: a sparse depthwise weight");
+        };
+        assert!(wb.len() == dw.c * dw.kh * dw.kw && b.bias.len() == dw.c);
         PwDw {
-            pw: Conv::new(pw, a),
-            dw: Conv::new(dw, b),
+            pw: Pointwise::new(pw, a),
+            dw: Conv::new(dw, &b, wb),
             proj: None,
         }
     }
@@ -120,21 +189,22 @@ impl PwDw {
             self.projects(proj),
             "pw_dw: projection {proj:?} does not fit"
         );
-        assert!(h.w.len() == proj.o * proj.c && h.bias.len() == proj.o);
-        self.proj = Some(Conv::new(proj, h));
+        assert!(h.fits(proj.o * proj.c, proj.o, proj.c) && h.bias.len() == proj.o);
+        self.proj = Some(Pointwise::new(proj, h));
         self
     }
 
     /// The output's `(channels, rows, columns)` per image.
     pub fn out_dims(&self) -> (usize, usize, usize) {
         let dw = &self.dw.g;
-        (self.proj.as_ref().map_or(dw.o, |p| p.g.o), dw.oh, dw.ow)
+        (self.proj.as_ref().map_or(dw.o, |p| p.geo().o), dw.oh, dw.ow)
     }
 
     /// Floats of one image's input and output.
     pub fn image_sizes(&self) -> (usize, usize) {
         let (c, oh, ow) = self.out_dims();
-        (self.pw.g.c * self.pw.g.h * self.pw.g.w, c * oh * ow)
+        let pw = self.pw.geo();
+        (pw.c * pw.h * pw.w, c * oh * ow)
     }
 
     /// `out [N, C, OH, OW] = act(dw(act(pw(x) + b₁)) + b₂)` for `x [N, C_in, H, W]` (then,
@@ -147,7 +217,8 @@ impl PwDw {
             "pw_dw: buffer sizes"
         );
         assert!(res.is_none_or(|r| self.proj.is_some() && r.len() == out.len()));
-        let (mid_len, dw_len) = (self.pw.g.o * self.pw.g.p(), self.dw.g.o * self.dw.g.p());
+        let pw = self.pw.geo();
+        let (mid_len, dw_len) = (pw.o * pw.p(), self.dw.g.o * self.dw.g.p());
         super::par::chunks_mut(out, img_out, |img, o| {
             let xi = &x[img * img_in..(img + 1) * img_in];
             SCRATCH.with(|s| {
@@ -235,7 +306,11 @@ mod tests {
             let (ba, bb, bc) = (v(c, 3), v(c, 13), v(9, 23));
             let res = v(n * 9 * dw.p(), 29);
             let (relu6, relu) = (Some(ActivationKind::Relu6), Some(ActivationKind::Relu));
-            let hv = |w, bias, act| Halves { w, bias, act };
+            let hv = |w, bias, act| Halves {
+                w: Weights::Dense(w),
+                bias,
+                act,
+            };
             let k = PwDw::new(&pw, hv(&wa, &ba, relu6), &dw, hv(&wb, &bb, None));
             let mut fused = vec![f32::NAN; n * c * dw.p()];
             k.forward(&x, n, &mut fused, None);

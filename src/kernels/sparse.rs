@@ -40,7 +40,7 @@ impl SparseEpilogue<'_> {
     }
 }
 
-fn epilogue(e: &SparseEpilogue, out: &mut [f32], p: usize, res: Option<&[f32]>) {
+pub(super) fn epilogue(e: &SparseEpilogue, out: &mut [f32], p: usize, res: Option<&[f32]>) {
     let relu = e.relu();
     for (o, row) in out.chunks_exact_mut(p).enumerate() {
         let s = e.scale.map_or(1.0, |s| s[o]);
@@ -537,7 +537,7 @@ fn direct_ok(g: &Geo) -> bool {
 
 /// Whether a pointwise conv runs on flattened positions ([`flat_zmm`]): AVX-512 and
 /// an ungrouped 1×1 conv at stride 1 without padding, any map size.
-fn flat_ok(g: &Geo) -> bool {
+pub(super) fn flat_ok(g: &Geo) -> bool {
     cfg!(target_arch = "x86_64")
         && simd::isa() == Isa::Avx512
         && g.groups == 1
@@ -548,17 +548,17 @@ fn flat_ok(g: &Geo) -> bool {
 /// What every channel of a pointwise conv on flattened positions shares
 /// ([`Direct::flat_channels`]).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct Flat<'a> {
-    csr: &'a CsrMatrix,
-    offs: &'a [u32],
+pub(super) struct Flat<'a> {
+    pub(super) csr: &'a CsrMatrix,
+    pub(super) offs: &'a [u32],
     /// The image: `C` planes of `P` floats.
-    x: &'a [f32],
-    p: usize,
-    scale: Option<&'a [f32]>,
-    bias: Option<&'a [f32]>,
+    pub(super) x: &'a [f32],
+    pub(super) p: usize,
+    pub(super) scale: Option<&'a [f32]>,
+    pub(super) bias: Option<&'a [f32]>,
     /// The clamp applied at the store (ReLU, ReLU6 or none).
-    lo: f32,
-    hi: f32,
+    pub(super) lo: f32,
+    pub(super) hi: f32,
 }
 
 /// Output channels `o0..o0 + out.len() / P` of one image of a pointwise conv, positions
@@ -576,7 +576,12 @@ struct Flat<'a> {
 /// given) hold whole channels of `P` from channel `o0`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn flat_zmm(f: &Flat, o0: usize, out: &mut [MaybeUninit<f32>], res: Option<&[f32]>) {
+pub(super) unsafe fn flat_zmm(
+    f: &Flat,
+    o0: usize,
+    out: &mut [MaybeUninit<f32>],
+    res: Option<&[f32]>,
+) {
     let p = f.p;
     let vecs = p.div_ceil(16);
     let last: u16 = match p % 16 {

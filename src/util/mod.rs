@@ -1,5 +1,6 @@
 //! Small shared helpers: atomic file writes and raw CPU tensor access.
 
+pub mod aligned;
 pub mod progress;
 
 pub use progress::{Lines, Progress, Silent};
