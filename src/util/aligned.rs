@@ -52,31 +52,100 @@ fn adjust(l: Layout) -> Layout {
     }
 }
 
-// SAFETY: every call forwards to `System` with the adjusted layout, the same for a
-// block's allocation and its release; `realloc` across the size threshold moves the
-// block between the two alignments by allocating, copying and freeing.
+/// Whether `l` is a block this allocator aligns itself (on unix: `malloc` of 64 bytes
+/// more, the start rounded up, `malloc`'s pointer kept in the 8 bytes before it).
+///
+/// Not `posix_memalign`: glibc serves it from a chunk 80 bytes larger than the block and
+/// gives the block's exact size back when it is freed, so the next request of the same
+/// size never fits the hole it left; the heap grew with every pass (peak RSS of
+/// EfficientNet-B0 at b1 73 → 137 MB, of a MobileNetV2 training step 1.05 → 1.99 GB).
+fn large(l: Layout) -> bool {
+    l.size() >= MIN_SIZE && l.align() <= 16 && !OFF.load(Relaxed)
+}
+
+// SAFETY (unix): a large block is `malloc`'s (or `realloc`'s) block of `size + 64` bytes
+// with the returned pointer at its first 64-byte boundary past 8 bytes in, the `malloc`
+// pointer stored just before it ([`from_raw`], [`raw`]); every other block is
+// `System`'s (`malloc`, or `posix_memalign` for alignments above 16, released by `free`).
+// `large(l)` is a function of the layout alone, so a block is always released the way it
+// was allocated. Elsewhere every call forwards to `System` with the adjusted layout.
 unsafe impl GlobalAlloc for CacheAligned {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        #[cfg(unix)]
+        if large(l) {
+            // SAFETY: malloc of a non-zero size; `from_raw` bounds.
+            return unsafe { from_raw(libc::malloc(l.size() + ALIGN) as *mut u8) };
+        }
         // SAFETY: the caller's contract (non-zero size) holds for the adjusted layout.
         unsafe { System.alloc(adjust(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        #[cfg(unix)]
+        if large(l) {
+            // SAFETY: as `alloc`; calloc's block is zero throughout.
+            return unsafe { from_raw(libc::calloc(1, l.size() + ALIGN) as *mut u8) };
+        }
         // SAFETY: as `alloc`.
         unsafe { System.alloc_zeroed(adjust(l)) }
     }
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        #[cfg(unix)]
+        if large(l) {
+            // SAFETY: `p` came from `from_raw`.
+            return unsafe { libc::free(raw(p).cast()) };
+        }
         // SAFETY: `p` was allocated by this allocator with `l`, so by `System` with
         // `adjust(l)`.
         unsafe { System.dealloc(p, adjust(l)) }
     }
 
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        let old = adjust(l);
         // SAFETY: the caller guarantees `new_size`, rounded up to `l.align()`, is a valid
         // size.
-        let new = adjust(unsafe { Layout::from_size_align_unchecked(new_size, l.align()) });
+        let nl = unsafe { Layout::from_size_align_unchecked(new_size, l.align()) };
+        #[cfg(unix)]
+        if large(l) && large(nl) {
+            // In place where glibc can grow the block; the data moved to the new block's
+            // boundary if its offset from the start changed.
+            // SAFETY: `p` came from `from_raw`; the block holds `off + size` bytes before
+            // and `new_size + 64` after, so the move stays inside it.
+            unsafe {
+                let r = raw(p);
+                let off = p.offset_from(r) as usize;
+                let q = libc::realloc(r.cast(), new_size + ALIGN) as *mut u8;
+                if q.is_null() {
+                    return q;
+                }
+                // The data first (the new header's 8 bytes may lie inside it), then the
+                // header.
+                let a = boundary(q);
+                if a.offset_from(q) as usize != off {
+                    std::ptr::copy(q.add(off), a, l.size().min(new_size));
+                }
+                return from_raw(q);
+            }
+        }
+        #[cfg(unix)]
+        if large(l) || large(nl) {
+            // Across the threshold: a fresh block, the contents copied.
+            // SAFETY: both blocks hold the smaller size; `p` is released the way it came.
+            unsafe {
+                let q = if large(nl) {
+                    self.alloc(nl)
+                } else {
+                    System.alloc(adjust(nl))
+                };
+                if !q.is_null() {
+                    std::ptr::copy_nonoverlapping(p, q, l.size().min(new_size));
+                    self.dealloc(p, l);
+                }
+                return q;
+            }
+        }
+        let old = adjust(l);
+        let new = adjust(nl);
         if old.align() == new.align() {
             // SAFETY: `p` came from `System` with `old`; System keeps the alignment.
             return unsafe { System.realloc(p, old, new_size) };
@@ -92,6 +161,39 @@ unsafe impl GlobalAlloc for CacheAligned {
             q
         }
     }
+}
+
+/// The 64-byte boundary in `malloc`'s block `r` (of `size + 64` bytes) where the block
+/// handed out starts, with `r` stored in the 8 bytes before it; null for null.
+///
+/// # Safety
+/// `r` is null or a `malloc` block of at least 64 bytes more than will be used.
+#[cfg(unix)]
+unsafe fn from_raw(r: *mut u8) -> *mut u8 {
+    if r.is_null() {
+        return r;
+    }
+    let a = boundary(r);
+    // SAFETY: `a − 8 ≥ r + 8`, inside the block; unaligned write of a pointer.
+    unsafe { (a.sub(8) as *mut *mut u8).write_unaligned(r) };
+    a
+}
+
+/// The first 64-byte boundary at least 8 bytes into block `r` (malloc aligns to 16, so
+/// it lies 16–64 bytes in).
+#[cfg(unix)]
+fn boundary(r: *mut u8) -> *mut u8 {
+    r.wrapping_add(ALIGN - (r as usize & (ALIGN - 1)))
+}
+
+/// The `malloc` block behind a pointer from [`from_raw`].
+///
+/// # Safety
+/// `p` came from [`from_raw`] and its block is live.
+#[cfg(unix)]
+unsafe fn raw(p: *mut u8) -> *mut u8 {
+    // SAFETY: the caller's contract: the 8 bytes before `p` hold the block's pointer.
+    unsafe { (p.sub(8) as *const *mut u8).read_unaligned() }
 }
 
 #[cfg(test)]
@@ -125,6 +227,53 @@ mod tests {
             let z = a.alloc_zeroed(Layout::from_size_align(8192, 4).unwrap());
             assert!((z as usize).is_multiple_of(64) && (0..8192).all(|i| *z.add(i) == 0));
             a.dealloc(z, Layout::from_size_align(8192, 4).unwrap());
+        }
+    }
+
+    /// A block grown and shrunk through many sizes, other blocks allocated between so
+    /// that glibc moves it (and its offset from `malloc`'s start changes), keeps its
+    /// contents and its alignment.
+    #[test]
+    fn realloc_keeps_contents_when_blocks_move() {
+        let a = CacheAligned;
+        unsafe {
+            let mut size = 4096;
+            let mut l = Layout::from_size_align(size, 4).unwrap();
+            let mut p = a.alloc(l);
+            let fill = |p: *mut u8, from: usize, to: usize| {
+                for i in from..to {
+                    *p.add(i) = (i * 7 % 253) as u8;
+                }
+            };
+            fill(p, 0, size);
+            let mut others = Vec::new();
+            for step in 0..200 {
+                let new = if step % 5 == 4 {
+                    size / 2 + 4096
+                } else {
+                    size + 4096 + 48 * step
+                };
+                p = a.realloc(p, l, new);
+                assert!((p as usize).is_multiple_of(64), "step {step}");
+                let kept = size.min(new);
+                assert!(
+                    (0..kept).all(|i| *p.add(i) == (i * 7 % 253) as u8),
+                    "step {step}"
+                );
+                fill(p, kept, new);
+                size = new;
+                l = Layout::from_size_align(size, 4).unwrap();
+                let ol = Layout::from_size_align(4096 + 16 * step, 4).unwrap();
+                others.push((a.alloc(ol), ol));
+                if step % 3 == 0 {
+                    let (q, ol) = others.remove(0);
+                    a.dealloc(q, ol);
+                }
+            }
+            a.dealloc(p, l);
+            for (q, ol) in others {
+                a.dealloc(q, ol);
+            }
         }
     }
 }
