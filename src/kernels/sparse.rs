@@ -582,6 +582,34 @@ pub(super) unsafe fn flat_zmm(
     out: &mut [MaybeUninit<f32>],
     res: Option<&[f32]>,
 ) {
+    // Without a scale the sums start at the bias; without a clamp none is applied (the
+    // epilogue is most of a tile's work when a channel has two or three non-zeros).
+    // One loop per case, chosen once per call.
+    let affine = f.scale.is_some();
+    let clamp = f.lo > f32::NEG_INFINITY || f.hi < f32::INFINITY;
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (affine, clamp) {
+            (true, true) => flat_channels_zmm::<true, true>(f, o0, out, res),
+            (true, false) => flat_channels_zmm::<true, false>(f, o0, out, res),
+            (false, true) => flat_channels_zmm::<false, true>(f, o0, out, res),
+            (false, false) => flat_channels_zmm::<false, false>(f, o0, out, res),
+        }
+    }
+}
+
+/// [`flat_zmm`] with the scale applied (`A`) and the clamp (`C`) or not.
+///
+/// # Safety
+/// As [`flat_zmm`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn flat_channels_zmm<const A: bool, const C: bool>(
+    f: &Flat,
+    o0: usize,
+    out: &mut [MaybeUninit<f32>],
+    res: Option<&[f32]>,
+) {
     let p = f.p;
     let vecs = p.div_ceil(16);
     let last: u16 = match p % 16 {
@@ -616,10 +644,10 @@ pub(super) unsafe fn flat_zmm(
             // SAFETY: vectors v..v + t lie in the map; the caller's bounds.
             unsafe {
                 match t {
-                    8 => flat_tile::<8, 1>(f, &ch, v, vecs, last, oc),
-                    4 => flat_tile::<4, 2>(f, &ch, v, vecs, last, oc),
-                    2 => flat_tile::<2, 4>(f, &ch, v, vecs, last, oc),
-                    _ => flat_tile::<1, 8>(f, &ch, v, vecs, last, oc),
+                    8 => flat_tile::<8, 1, A, C>(f, &ch, v, vecs, last, oc),
+                    4 => flat_tile::<4, 2, A, C>(f, &ch, v, vecs, last, oc),
+                    2 => flat_tile::<2, 4, A, C>(f, &ch, v, vecs, last, oc),
+                    _ => flat_tile::<1, 8, A, C>(f, &ch, v, vecs, last, oc),
                 }
             }
             v += t;
@@ -636,7 +664,7 @@ pub(super) unsafe fn flat_zmm(
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::needless_range_loop)]
-unsafe fn flat_tile<const T: usize, const S: usize>(
+unsafe fn flat_tile<const T: usize, const S: usize, const A: bool, const C: bool>(
     f: &Flat,
     ch: &Tiles,
     v0: usize,
@@ -651,7 +679,12 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
     // SAFETY: every load is inside plane `off` (masked at the map's end); the stores and
     // residual loads inside the channel's `P` values.
     unsafe {
+        let (scale, bias) = (_mm512_set1_ps(ch.e.scale), _mm512_set1_ps(ch.e.bias));
         let mut acc = [[_mm512_setzero_ps(); T]; S];
+        if !A {
+            // No scale: the sums start at the bias.
+            acc[0] = [bias; T];
+        }
         let mut i = 0;
         while i + S <= nnz {
             for s in 0..S {
@@ -673,7 +706,6 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
             }
             i += 1;
         }
-        let (scale, bias) = (_mm512_set1_ps(ch.e.scale), _mm512_set1_ps(ch.e.bias));
         let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
         let o = out.as_mut_ptr() as *mut f32;
         for j in 0..T {
@@ -682,12 +714,18 @@ unsafe fn flat_tile<const T: usize, const S: usize>(
                 sum = _mm512_add_ps(sum, acc[s][j]);
             }
             let at = (v0 + j) * 16;
-            let mut y = _mm512_fmadd_ps(sum, scale, bias);
+            let mut y = if A {
+                _mm512_fmadd_ps(sum, scale, bias)
+            } else {
+                sum
+            };
             if let Some(r) = ch.e.res {
                 y = _mm512_add_ps(y, super::simd::load16(r.as_ptr().add(at), mask[j]));
             }
-            // Bound first, value second: a NaN passes through, as in the other kernels.
-            y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+            if C {
+                // Bound first, value second: a NaN passes through, as in the other kernels.
+                y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+            }
             super::simd::store16(o.add(at), mask[j], y);
         }
     }

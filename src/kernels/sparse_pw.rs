@@ -23,8 +23,6 @@ pub struct SparsePointwise {
     /// Per non-zero, its input plane's offset (`channel · p`).
     offs: Vec<u32>,
     p: usize,
-    /// Per output channel (a batch norm folded at run time), or none.
-    scale: Option<Vec<f32>>,
     bias: Vec<f32>,
     act: Option<ActivationKind>,
     /// The flattened-position tiles apply (AVX-512).
@@ -47,6 +45,14 @@ impl SparsePointwise {
             "sparse 1x1 conv: image too large"
         );
         let offs = csr.col_idx.iter().map(|&c| c * p as u32).collect();
+        // The scale folded into the values: the tiles' sums then start at the bias.
+        let mut csr = csr;
+        if let Some(s) = scale {
+            for (r, s) in s.iter().enumerate() {
+                let (a, z) = (csr.row_ptr[r] as usize, csr.row_ptr[r + 1] as usize);
+                csr.values[a..z].iter_mut().for_each(|v| *v *= s);
+            }
+        }
         let g = super::im2col::Geo {
             n: 1,
             c: csr.cols,
@@ -70,7 +76,6 @@ impl SparsePointwise {
             csr,
             offs,
             p,
-            scale: scale.map(<[f32]>::to_vec),
             bias: bias.to_vec(),
             act,
         }
@@ -90,7 +95,7 @@ impl SparsePointwise {
         );
         assert!(res.is_none_or(|r| r.len() == out.len()));
         let epi = SparseEpilogue {
-            scale: self.scale.as_deref(),
+            scale: None,
             bias: Some(&self.bias),
             act: self.act,
         };
