@@ -24,6 +24,29 @@ pub struct Geo {
 }
 
 impl Geo {
+    /// A 1×1 conv at stride 1 without padding, ungrouped: `n` images of `c` channels of
+    /// `h × w` to `o` channels.
+    pub fn pointwise(n: usize, c: usize, h: usize, w: usize, o: usize) -> Geo {
+        Geo {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh: 1,
+            kw: 1,
+            oh: h,
+            ow: w,
+            sh: 1,
+            sw: 1,
+            pt: 0,
+            pl: 0,
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        }
+    }
+
     /// Input channels per group.
     pub fn cg(&self) -> usize {
         self.c / self.groups

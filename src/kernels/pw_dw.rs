@@ -256,24 +256,7 @@ mod tests {
                 .collect()
         };
         for n in [1, 20] {
-            let pw = Geo {
-                n,
-                c: c_in,
-                h,
-                w,
-                o: c,
-                kh: 1,
-                kw: 1,
-                oh: h,
-                ow: w,
-                sh: 1,
-                sw: 1,
-                pt: 0,
-                pl: 0,
-                dh: 1,
-                dw: 1,
-                groups: 1,
-            };
+            let pw = Geo::pointwise(n, c_in, h, w, c);
             let dw = Geo {
                 c,
                 o: c,

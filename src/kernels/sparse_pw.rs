@@ -53,24 +53,7 @@ impl SparsePointwise {
                 csr.values[a..z].iter_mut().for_each(|v| *v *= s);
             }
         }
-        let g = super::im2col::Geo {
-            n: 1,
-            c: csr.cols,
-            h: 1,
-            w: p,
-            o: csr.rows,
-            kh: 1,
-            kw: 1,
-            oh: 1,
-            ow: p,
-            sh: 1,
-            sw: 1,
-            pt: 0,
-            pl: 0,
-            dh: 1,
-            dw: 1,
-            groups: 1,
-        };
+        let g = super::im2col::Geo::pointwise(1, csr.cols, 1, p, csr.rows);
         SparsePointwise {
             flat: super::sparse::flat_ok(&g),
             csr,
