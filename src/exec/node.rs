@@ -242,7 +242,7 @@ pub(crate) fn conv_folded(
     if let Some(sw) = sw {
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
         let epi = SparseEpilogue {
-            scale: f.scale.as_deref(),
+            scale: f.scale.as_deref().filter(|_| !sw.scale_folded()),
             bias: Some(&f.bias),
             act,
         };

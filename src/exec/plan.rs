@@ -91,7 +91,7 @@ impl Plan {
         let shapes = g.shapes()?;
         let fusion = plan_fusion(g, &pinned, &consumers, &shapes, rewrites);
         let resize = node::resize_matrices(g, &shapes)?;
-        let sparse = if rewrites && o.sparse.unwrap_or(g.sparse_kernels()) {
+        let mut sparse = if rewrites && o.sparse.unwrap_or(g.sparse_kernels()) {
             SparsePack::build(g)?
         } else {
             SparsePack::default()
@@ -103,6 +103,13 @@ impl Plan {
                 continue;
             }
             folded.insert(i, fold(g, i, e.bn, sparse.get(i).is_some())?);
+        }
+        // A sparse conv's batch-norm scale goes into its values once (the dense path,
+        // taken with weight masks, still scales its weights from `Folded::scale`).
+        for (i, f) in &folded {
+            if let (Some(sw), Some(scale)) = (sparse.layers.get_mut(i), &f.scale) {
+                sw.fold_scale(scale);
+            }
         }
         let linear = if rewrites {
             (0..g.nodes.len())

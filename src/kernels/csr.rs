@@ -18,6 +18,8 @@ type Slot<T> = Mutex<Option<(Vec<usize>, Arc<T>)>>;
 #[derive(Debug)]
 pub struct SparseWeight {
     pub csr: CsrMatrix,
+    /// The values carry the rows' scale (a batch norm folded at plan time).
+    scaled: bool,
     derived: Slot<Vec<u32>>,
     taps: Slot<Option<super::sparse_images::Taps>>,
 }
@@ -39,9 +41,33 @@ impl SparseWeight {
     pub fn new(csr: CsrMatrix) -> Self {
         SparseWeight {
             csr,
+            scaled: false,
             derived: Mutex::new(None),
             taps: Mutex::new(None),
         }
+    }
+
+    /// Multiplies row `r`'s values by `scale[r]` (once): the kernels' epilogue then needs
+    /// no scale, and the flattened-position tiles start their sums at the bias (one
+    /// multiply-add less per output vector). The cached index data stays valid.
+    pub fn fold_scale(&mut self, scale: &[f32]) {
+        assert!(
+            !self.scaled && scale.len() == self.csr.rows,
+            "sparse weight: row scale"
+        );
+        for (r, s) in scale.iter().enumerate() {
+            let (a, z) = (
+                self.csr.row_ptr[r] as usize,
+                self.csr.row_ptr[r + 1] as usize,
+            );
+            self.csr.values[a..z].iter_mut().for_each(|v| *v *= s);
+        }
+        self.scaled = true;
+    }
+
+    /// Whether [`SparseWeight::fold_scale`] was applied.
+    pub fn scale_folded(&self) -> bool {
+        self.scaled
     }
 
     /// The derived index data for geometry `key`, computed by `f` once and cached.
