@@ -245,41 +245,48 @@ fn pointwise(g: &Geo) -> bool {
 mod tests {
     use super::*;
 
+    /// The tests' block: 12 → 40 channels on a 9×7 map, a 3×3 depthwise conv at stride 2
+    /// padded on the left only, 40 → 9.
+    const C_IN: usize = 12;
+    const C: usize = 40;
+    const H: usize = 9;
+    const W: usize = 7;
+
+    /// Deterministic values in [−1, 1).
+    fn v(len: usize, s: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * s + 3) % 17) as f32 / 8.0 - 1.0)
+            .collect()
+    }
+
+    /// Expansion, depthwise conv and projection geometries at batch `n`.
+    fn geos(n: usize) -> (Geo, Geo, Geo) {
+        let pw = Geo::pointwise(n, C_IN, H, W, C);
+        let dw = Geo {
+            c: C,
+            o: C,
+            kh: 3,
+            kw: 3,
+            oh: (H + 1 - 3) / 2 + 1,
+            ow: (W + 2 - 3) / 2 + 1,
+            sh: 2,
+            sw: 2,
+            pt: 0,
+            pl: 1,
+            groups: C,
+            ..pw
+        };
+        let proj = Geo::pointwise(n, C, dw.oh, dw.ow, 9);
+        (pw, dw, proj)
+    }
+
     /// Batches of 1 and 20 images give the convs run one after the other (bias and
     /// activations applied); with a 40 → 9 projection and its residual, the three.
     #[test]
     fn fused_step_matches_the_convs() {
-        let (c_in, c, h, w) = (12, 40, 9, 7);
-        let v = |len: usize, s: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * s + 3) % 17) as f32 / 8.0 - 1.0)
-                .collect()
-        };
+        let (c_in, c, h, w) = (C_IN, C, H, W);
         for n in [1, 20] {
-            let pw = Geo::pointwise(n, c_in, h, w, c);
-            let dw = Geo {
-                c,
-                o: c,
-                kh: 3,
-                kw: 3,
-                oh: (h + 1 - 3) / 2 + 1,
-                ow: (w + 2 - 3) / 2 + 1,
-                sh: 2,
-                sw: 2,
-                pt: 0,
-                pl: 1,
-                groups: c,
-                ..pw
-            };
-            let proj = Geo {
-                c,
-                o: 9,
-                h: dw.oh,
-                w: dw.ow,
-                oh: dw.oh,
-                ow: dw.ow,
-                ..pw
-            };
+            let (pw, dw, proj) = geos(n);
             let (x, wa, wb, wc) = (
                 v(n * c_in * h * w, 7),
                 v(c * c_in, 5),
@@ -318,6 +325,89 @@ mod tests {
             let ec = e(&bc, relu);
             conv_forward_packed(&proj, &want, &wc, None, &mut want_c, Some(&ec), Some(&res));
             close(&fused, &want_c, "projected");
+        }
+    }
+
+    /// Sparse expansion (with a per-channel scale, as a batch norm folded at run time) and
+    /// sparse projection (with its residual) in the step give the dense convs on the same
+    /// weights: 12 → 40 channels on a 9×7 map, a stride-2 depthwise conv padded on the
+    /// left only, 40 → 9, batches of 1 and 6.
+    #[test]
+    fn sparse_convs_in_the_step_match_the_dense_ones() {
+        let (c_in, c, h, w) = (C_IN, C, H, W);
+        // Four in five weights zero.
+        let sparse = |w: Vec<f32>| -> Vec<f32> {
+            w.into_iter()
+                .enumerate()
+                .map(|(i, x)| if (i * 7) % 5 == 0 { x } else { 0.0 })
+                .collect()
+        };
+        for n in [1, 6] {
+            let (pw, dw, proj) = geos(n);
+            let (x, wa, wb, wc) = (
+                v(n * c_in * h * w, 7),
+                sparse(v(c * c_in, 5)),
+                v(c * 9, 11),
+                sparse(v(9 * c, 19)),
+            );
+            let (ba, bb, bc) = (v(c, 3), v(c, 13), v(9, 23));
+            let scale: Vec<f32> = (0..c).map(|i| 0.3 + i as f32 / 16.0).collect();
+            let res = v(n * 9 * dw.p(), 29);
+            let (csr_a, csr_c) = (
+                CsrMatrix::from_dense(&wa, c, c_in).unwrap(),
+                CsrMatrix::from_dense(&wc, 9, c).unwrap(),
+            );
+            let relu6 = Some(ActivationKind::Relu6);
+            let k = PwDw::new(
+                &pw,
+                Halves {
+                    w: Weights::Sparse {
+                        csr: &csr_a,
+                        scale: Some(&scale),
+                    },
+                    bias: &ba,
+                    act: relu6,
+                },
+                &dw,
+                Halves {
+                    w: Weights::Dense(&wb),
+                    bias: &bb,
+                    act: None,
+                },
+            )
+            .with_projection(
+                &proj,
+                Halves {
+                    w: Weights::Sparse {
+                        csr: &csr_c,
+                        scale: None,
+                    },
+                    bias: &bc,
+                    act: None,
+                },
+            );
+            let mut fused = vec![f32::NAN; n * 9 * dw.p()];
+            k.forward(&x, n, &mut fused, Some(&res));
+            // The dense convs, the scale applied to the expansion's rows.
+            let wa_s: Vec<f32> = wa
+                .chunks(c_in)
+                .zip(&scale)
+                .flat_map(|(row, s)| row.iter().map(move |x| x * s))
+                .collect();
+            let e = |bias: &[f32], act| Epilogue {
+                bias: bias.to_vec(),
+                act,
+            };
+            let mut mid = vec![0f32; n * c * h * w];
+            conv_forward_packed(&pw, &x, &wa_s, None, &mut mid, Some(&e(&ba, relu6)), None);
+            let mut d = vec![0f32; n * c * dw.p()];
+            conv_forward_packed(&dw, &mid, &wb, None, &mut d, Some(&e(&bb, None)), None);
+            let mut want = vec![0f32; n * 9 * dw.p()];
+            let ec = e(&bc, None);
+            conv_forward_packed(&proj, &d, &wc, None, &mut want, Some(&ec), Some(&res));
+            for (i, (p, q)) in fused.iter().zip(&want).enumerate() {
+                assert!((p - q).abs() <= 1e-4, "n {n} [{i}]: {p} vs {q}");
+            }
         }
     }
 }
