@@ -37,6 +37,14 @@ pub(crate) struct Folded {
     pub calls: std::sync::atomic::AtomicUsize,
 }
 
+impl Folded {
+    /// The scale the sparse kernels apply for this conv with weight `sw`: none once the
+    /// plan folded it into the values ([`SparseWeight::fold_scale`]).
+    pub fn sparse_scale(&self, sw: &SparseWeight) -> Option<&[f32]> {
+        self.scale.as_deref().filter(|_| !sw.scale_folded())
+    }
+}
+
 /// An eval-mode linear layer's weight packed for the register-tile panels, at the second
 /// call (as [`Folded::packed`]), kept for the plan's lifetime.
 #[derive(Debug, Default)]
@@ -242,7 +250,7 @@ pub(crate) fn conv_folded(
     if let Some(sw) = sw {
         let w_dims = g.param(i, WEIGHT)?.dims().to_vec();
         let epi = SparseEpilogue {
-            scale: f.scale.as_deref().filter(|_| !sw.scale_folded()),
+            scale: f.sparse_scale(sw),
             bias: Some(&f.bias),
             act,
         };

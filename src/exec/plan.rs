@@ -77,6 +77,9 @@ pub struct Plan {
     threads: super::threads::Threads,
     /// Inference: the nodes on large maps, run a few images at a time on large batches.
     prefix: Option<super::chunks::Prefix>,
+    /// A pair starts inside the chunked prefix: a pass whose pairs fuse runs unchunked
+    /// ([`super::pw_dw::Pairs::start_before`]; decided once here, not per pass).
+    prefix_paired: bool,
     /// Inference: 1×1 expansions run with the depthwise conv that reads them.
     pub(super) pairs: super::pw_dw::Pairs,
 }
@@ -135,6 +138,7 @@ impl Plan {
             super::pw_dw::Pairs::default()
         };
         Ok(Plan {
+            prefix_paired: prefix.is_some_and(|p| pairs.start_before(p.cut)),
             prefix,
             pairs,
             mode,
@@ -246,9 +250,7 @@ impl Plan {
         let fuse = self.pairs_fuse(g, batch, f);
         let chunked = self
             .prefix
-            .filter(|p| {
-                f.input_masks.is_none() && dev.is_cpu() && !(fuse && self.pairs.start_before(p.cut))
-            })
+            .filter(|_| f.input_masks.is_none() && dev.is_cpu() && !(fuse && self.prefix_paired))
             .and_then(|p| Some((p, chunk.filter(|&k| k > 0)?)));
         let start =
             match chunked {

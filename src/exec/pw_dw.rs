@@ -293,7 +293,7 @@ impl Half<'_> {
             w: match self.sparse {
                 Some(sw) => Weights::Sparse {
                     csr: &sw.csr,
-                    scale: self.f.scale.as_deref().filter(|_| !sw.scale_folded()),
+                    scale: self.f.sparse_scale(sw),
                 },
                 None => Weights::Dense(&self.dense),
             },

@@ -16,6 +16,15 @@ pub struct CsrMatrix {
 }
 
 impl CsrMatrix {
+    /// Multiplies row `r`'s values by `scale[r]` (a per-output-channel scale folded in).
+    pub fn scale_rows(&mut self, scale: &[f32]) {
+        assert_eq!(scale.len(), self.rows, "csr: one scale per row");
+        for (r, s) in scale.iter().enumerate() {
+            let (a, z) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+            self.values[a..z].iter_mut().for_each(|v| *v *= s);
+        }
+    }
+
     /// Compresses a row-major dense matrix (exact zeros are dropped).
     pub fn from_dense(w: &[f32], rows: usize, cols: usize) -> Result<CsrMatrix> {
         if w.len() != rows * cols {

@@ -51,17 +51,8 @@ impl SparseWeight {
     /// no scale, and the flattened-position tiles start their sums at the bias (one
     /// multiply-add less per output vector). The cached index data stays valid.
     pub fn fold_scale(&mut self, scale: &[f32]) {
-        assert!(
-            !self.scaled && scale.len() == self.csr.rows,
-            "sparse weight: row scale"
-        );
-        for (r, s) in scale.iter().enumerate() {
-            let (a, z) = (
-                self.csr.row_ptr[r] as usize,
-                self.csr.row_ptr[r + 1] as usize,
-            );
-            self.csr.values[a..z].iter_mut().for_each(|v| *v *= s);
-        }
+        assert!(!self.scaled, "sparse weight: scale folded twice");
+        self.csr.scale_rows(scale);
         self.scaled = true;
     }
 

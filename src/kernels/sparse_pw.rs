@@ -48,10 +48,7 @@ impl SparsePointwise {
         // The scale folded into the values: the tiles' sums then start at the bias.
         let mut csr = csr;
         if let Some(s) = scale {
-            for (r, s) in s.iter().enumerate() {
-                let (a, z) = (csr.row_ptr[r] as usize, csr.row_ptr[r + 1] as usize);
-                csr.values[a..z].iter_mut().for_each(|v| *v *= s);
-            }
+            csr.scale_rows(s);
         }
         let g = super::im2col::Geo::pointwise(1, csr.cols, 1, p, csr.rows);
         SparsePointwise {
@@ -62,11 +59,6 @@ impl SparsePointwise {
             bias: bias.to_vec(),
             act,
         }
-    }
-
-    /// Input and output channels.
-    pub fn channels(&self) -> (usize, usize) {
-        (self.csr.cols, self.csr.rows)
     }
 
     /// One image: `x` `[C, P]`, `out` `[O, P]` (every element written), `res` as `out`.
